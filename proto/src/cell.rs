@@ -1,0 +1,268 @@
+//! Fixed-size cells: the only thing a neighbor link carries after its handshake.
+//!
+//! ```text
+//! cell (plaintext, CELL_LEN = 4117 bytes):
+//!   circ_id  u32 BE   circuit id, local to the link (0 = the link itself: PADDING)
+//!   command  u8       see [`Command`]
+//!   payload  [4112]   command-specific, zero-filled after its fields
+//! on the wire (SEALED_CELL_LEN = 4133 bytes): AES-256-GCM(cell) || tag, nonce = per-direction counter
+//! ```
+//! Circuit ids: the side that dialed the link allocates ids with the top bit set, the side that accepted with
+//! it clear, so both ends can open circuits without coordination and ids never collide.
+
+use crate::crypto::TAG_LEN;
+use crate::error::{take_array, take_u16, ProtoError, Result};
+use crate::tc::TC_LEN;
+
+/// Bytes of payload in every cell.
+pub const CELL_PAYLOAD_LEN: usize = 4112;
+/// circ_id + command.
+pub const CELL_HEADER_LEN: usize = 5;
+/// A cell before link encryption.
+pub const CELL_LEN: usize = CELL_HEADER_LEN + CELL_PAYLOAD_LEN;
+/// A cell on the wire.
+pub const SEALED_CELL_LEN: usize = CELL_LEN + TAG_LEN;
+/// The top bit of a circuit id marks ids allocated by the link's dialer.
+pub const DIALER_CIRC_BIT: u32 = 0x8000_0000;
+
+/// A circuit id, local to one link.
+pub type CircId = u32;
+
+/// Cell commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Command {
+    /// Link-level filler, dropped on receipt; circ_id must be 0. Also the key-confirmation cell of a new link.
+    Padding = 0,
+    /// Open a circuit: payload = tracking code (TC_LEN bytes) + zero fill.
+    Open = 1,
+    /// The circuit reached its target and is ready; travels back to the requester.
+    Confirm = 2,
+    /// The circuit was refused: payload = [`DenyReason`] u8, has_tag u8, replay tag [16] of the refusing hop.
+    Deny = 3,
+    /// Onion-encrypted relay payload (CELL_PAYLOAD_LEN bytes).
+    Data = 4,
+    /// Tear the circuit down: payload = [`BreakReason`] u8.
+    Break = 5,
+    /// Confirms a BREAK; the circuit id may be reused afterwards.
+    AckBreak = 6,
+    /// Flow-control credit: payload = u16 BE number of DATA cells the receiver may send on.
+    Sendme = 7,
+}
+
+impl Command {
+    /// Decodes a command byte.
+    pub fn from_u8(b: u8) -> Result<Self> {
+        Ok(match b {
+            0 => Command::Padding,
+            1 => Command::Open,
+            2 => Command::Confirm,
+            3 => Command::Deny,
+            4 => Command::Data,
+            5 => Command::Break,
+            6 => Command::AckBreak,
+            7 => Command::Sendme,
+            _ => return Err(ProtoError::Invalid { what: "cell command", detail: b.to_string() }),
+        })
+    }
+}
+
+macro_rules! reason_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $n:expr => $s:expr),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vm])* $v,)*
+            /// A code this version does not know (kept, not an error).
+            Other(u8),
+        }
+        impl $name {
+            /// Wire code.
+            pub fn code(self) -> u8 { match self { $($name::$v => $n,)* $name::Other(c) => c } }
+            /// From a wire code.
+            pub fn from_code(c: u8) -> Self { match c { $($n => $name::$v,)* c => $name::Other(c) } }
+            /// A short stable label (for logs and metrics).
+            pub fn as_str(self) -> &'static str { match self { $($name::$v => $s,)* $name::Other(_) => "other" } }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match self { $name::Other(c) => write!(f, "other({c})"), r => f.write_str(r.as_str()) }
+            }
+        }
+    };
+}
+
+reason_enum!(
+    /// Why a hop refused an OPEN.
+    DenyReason {
+        /// The TC layer did not decrypt/authenticate under this hop's key.
+        BadTc = 1 => "bad-tc",
+        /// The TC has expired.
+        Expired = 2 => "expired",
+        /// The TC's replay tag was seen before.
+        Replayed = 3 => "replayed",
+        /// The hop is at its circuit limit.
+        CircuitLimit = 4 => "circuit-limit",
+        /// The OPEN arrived on a link other than the one the TC names.
+        WrongLink = 5 => "wrong-link",
+        /// The next NeighborID is not a live link of this hop.
+        NoSuchNeighbor = 6 => "no-such-neighbor",
+        /// The target does not serve the requested chain.
+        NoSuchChain = 7 => "no-such-chain",
+        /// The link is not (yet) an authenticated neighbor link.
+        NotNeighbor = 8 => "not-neighbor",
+        /// A later hop could not be reached in time.
+        Timeout = 9 => "timeout",
+        /// Malformed OPEN (e.g. on an id already in use).
+        Protocol = 10 => "protocol",
+    }
+);
+
+reason_enum!(
+    /// Why a circuit was broken.
+    BreakReason {
+        /// An endpoint closed it normally.
+        Finished = 1 => "finished",
+        /// A link on the path failed.
+        LinkFailed = 2 => "link-failed",
+        /// A peer violated the protocol (e.g. DATA beyond credit, bad e2e tag).
+        Protocol = 3 => "protocol",
+        /// Resource limits.
+        Resources = 4 => "resources",
+        /// The peer is shutting down.
+        Shutdown = 5 => "shutdown",
+        /// Data failed end-to-end authentication (tampering: SPEC.md "tagging").
+        Integrity = 6 => "integrity",
+        /// The chain service rejected the other end (invalid blocks etc.).
+        Misbehaving = 7 => "misbehaving",
+        /// A hop gave no sign of life in time.
+        Timeout = 8 => "timeout",
+    }
+);
+
+/// A decoded cell. DATA and OPEN payloads are kept as fixed arrays so the relay path never allocates.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Cell {
+    /// Circuit id on this link.
+    pub circ_id: CircId,
+    /// What this cell does.
+    pub command: Command,
+    /// Exactly CELL_PAYLOAD_LEN bytes.
+    pub payload: Box<[u8; CELL_PAYLOAD_LEN]>,
+}
+
+impl std::fmt::Debug for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cell({:#010x}, {:?})", self.circ_id, self.command)
+    }
+}
+
+impl Cell {
+    /// A cell with a zero payload.
+    pub fn new(circ_id: CircId, command: Command) -> Self {
+        Cell { circ_id, command, payload: Box::new([0u8; CELL_PAYLOAD_LEN]) }
+    }
+
+    /// PADDING on circuit 0.
+    pub fn padding() -> Self {
+        Cell::new(0, Command::Padding)
+    }
+
+    /// OPEN carrying `tc`.
+    pub fn open(circ_id: CircId, tc: &[u8; TC_LEN]) -> Self {
+        let mut c = Cell::new(circ_id, Command::Open);
+        c.payload[..TC_LEN].copy_from_slice(tc);
+        c
+    }
+
+    /// The TC of an OPEN cell.
+    pub fn open_tc(&self) -> Result<[u8; TC_LEN]> {
+        if self.command != Command::Open {
+            return Err(ProtoError::Unexpected("non-OPEN cell"));
+        }
+        let mut tc = [0u8; TC_LEN];
+        tc.copy_from_slice(&self.payload[..TC_LEN]);
+        Ok(tc)
+    }
+
+    /// DENY with a reason and optionally the refusing hop's replay tag (lets the tracker tell which hop refused).
+    pub fn deny(circ_id: CircId, reason: DenyReason, tag: Option<[u8; 16]>) -> Self {
+        let mut c = Cell::new(circ_id, Command::Deny);
+        c.payload[0] = reason.code();
+        if let Some(t) = tag {
+            c.payload[1] = 1;
+            c.payload[2..18].copy_from_slice(&t);
+        }
+        c
+    }
+
+    /// Fields of a DENY cell.
+    pub fn deny_fields(&self) -> Result<(DenyReason, Option<[u8; 16]>)> {
+        let p = &self.payload;
+        let tag = match p[1] {
+            0 => None,
+            1 => {
+                let mut t = [0u8; 16];
+                t.copy_from_slice(&p[2..18]);
+                Some(t)
+            }
+            b => return Err(ProtoError::Invalid { what: "DENY has_tag", detail: b.to_string() }),
+        };
+        Ok((DenyReason::from_code(p[0]), tag))
+    }
+
+    /// BREAK with a reason.
+    pub fn brk(circ_id: CircId, reason: BreakReason) -> Self {
+        let mut c = Cell::new(circ_id, Command::Break);
+        c.payload[0] = reason.code();
+        c
+    }
+
+    /// Reason of a BREAK cell.
+    pub fn break_reason(&self) -> BreakReason {
+        BreakReason::from_code(self.payload[0])
+    }
+
+    /// SENDME granting `credit` cells.
+    pub fn sendme(circ_id: CircId, credit: u16) -> Self {
+        let mut c = Cell::new(circ_id, Command::Sendme);
+        c.payload[..2].copy_from_slice(&credit.to_be_bytes());
+        c
+    }
+
+    /// Credit of a SENDME cell (at least 1).
+    pub fn sendme_credit(&self) -> Result<u16> {
+        let mut p: &[u8] = &self.payload[..];
+        let n = take_u16(&mut p, "SENDME credit")?;
+        if n == 0 {
+            return Err(ProtoError::Invalid { what: "SENDME credit", detail: "0".into() });
+        }
+        Ok(n)
+    }
+
+    /// Writes the plaintext cell into `out`.
+    pub fn encode_into(&self, out: &mut [u8; CELL_LEN]) {
+        out[..4].copy_from_slice(&self.circ_id.to_be_bytes());
+        out[4] = self.command as u8;
+        out[CELL_HEADER_LEN..].copy_from_slice(&self.payload[..]);
+    }
+
+    /// Decodes a plaintext cell. Checks the command and that PADDING is on circuit 0 and nothing else is.
+    pub fn decode(buf: &[u8]) -> Result<Self> {
+        if buf.len() != CELL_LEN {
+            return Err(ProtoError::BadLength { what: "cell", len: buf.len(), expected: CELL_LEN });
+        }
+        let mut p = buf;
+        let circ_id = u32::from_be_bytes(take_array(&mut p, "cell circ_id")?);
+        let command = Command::from_u8(take_array::<1>(&mut p, "cell command")?[0])?;
+        if (command == Command::Padding) != (circ_id == 0) {
+            return Err(ProtoError::Invalid {
+                what: "cell circ_id",
+                detail: format!("{command:?} on circuit {circ_id:#x}"),
+            });
+        }
+        let mut payload = Box::new([0u8; CELL_PAYLOAD_LEN]);
+        payload.copy_from_slice(p);
+        Ok(Cell { circ_id, command, payload })
+    }
+}

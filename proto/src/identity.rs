@@ -1,0 +1,275 @@
+//! Long-term RSA identities of peers and the tracker.
+//!
+//! * Key sizes: 2048 (default) or 3072 bits, public exponent 65537; anything else is refused on decode, because
+//!   tracking-code capacity (SPEC.md §4) is computed for those modulus sizes.
+//! * Fingerprint: SHA-256 of the SubjectPublicKeyInfo DER, shown as lowercase hex.
+//! * Encryption: RSA-OAEP with SHA-256 (label empty). Signatures: RSA-PSS with SHA-256, salt length 32.
+//! * Private-key operations use blinding (rsa's `decrypt_blinded` / randomized PSS signing).
+
+use rand::{CryptoRng, RngCore};
+use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use rsa::pss::{BlindedSigningKey, Signature, VerifyingKey};
+use rsa::signature::{RandomizedSigner, SignatureEncoding, Verifier};
+use rsa::traits::PublicKeyParts;
+use rsa::{BigUint, Oaep, RsaPrivateKey, RsaPublicKey};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::crypto::sha256;
+use crate::error::{ProtoError, Result};
+
+/// Default identity key size.
+pub const DEFAULT_KEY_BITS: usize = 2048;
+/// Key sizes we generate and accept.
+pub const ALLOWED_KEY_BITS: [usize; 2] = [2048, 3072];
+/// Largest RSA modulus (and so OAEP ciphertext / PSS signature) in bytes.
+pub const MAX_RSA_BYTES: usize = 384;
+/// Largest SubjectPublicKeyInfo DER we accept for an allowed key (3072-bit is 422 bytes).
+pub const MAX_SPKI_LEN: usize = 600;
+
+/// SHA-256 of a public key's SubjectPublicKeyInfo DER.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// Lowercase hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hex characters.
+    pub fn from_hex(s: &str) -> Result<Self> {
+        let v = hex::decode(s.trim()).map_err(|e| ProtoError::Invalid { what: "fingerprint", detail: e.to_string() })?;
+        let arr: [u8; 32] = v
+            .try_into()
+            .map_err(|v: Vec<u8>| ProtoError::BadLength { what: "fingerprint", len: v.len(), expected: 32 })?;
+        Ok(Fingerprint(arr))
+    }
+
+    /// First 8 hex characters, for logs.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..4])
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl std::fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Fingerprint({})", self.short())
+    }
+}
+
+/// A validated RSA public key together with its DER encoding and fingerprint.
+#[derive(Clone)]
+pub struct PublicKey {
+    key: RsaPublicKey,
+    der: Vec<u8>,
+    fp: Fingerprint,
+}
+
+impl PartialEq for PublicKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.der == other.der
+    }
+}
+impl Eq for PublicKey {}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({} bits, {})", self.bits(), self.fp.short())
+    }
+}
+
+fn check_key(key: &RsaPublicKey) -> Result<()> {
+    let bits = key.size() * 8;
+    if !ALLOWED_KEY_BITS.contains(&bits) {
+        return Err(ProtoError::BadKey(format!("modulus of {bits} bits (allowed: 2048, 3072)")));
+    }
+    if key.e() != &BigUint::from(65537u32) {
+        return Err(ProtoError::BadKey("public exponent is not 65537".into()));
+    }
+    Ok(())
+}
+
+impl PublicKey {
+    fn from_rsa(key: RsaPublicKey) -> Result<Self> {
+        check_key(&key)?;
+        let der = key.to_public_key_der().map_err(|e| ProtoError::BadKey(e.to_string()))?.into_vec();
+        let fp = Fingerprint(sha256(&[&der]));
+        Ok(PublicKey { key, der, fp })
+    }
+
+    /// Decodes SubjectPublicKeyInfo DER (what goes on the wire), refusing oversized input and disallowed keys.
+    pub fn from_der(der: &[u8]) -> Result<Self> {
+        if der.len() > MAX_SPKI_LEN {
+            return Err(ProtoError::TooLarge { what: "public key DER", len: der.len(), limit: MAX_SPKI_LEN });
+        }
+        let key = RsaPublicKey::from_public_key_der(der).map_err(|e| ProtoError::BadKey(e.to_string()))?;
+        let pk = Self::from_rsa(key)?;
+        if pk.der != der {
+            return Err(ProtoError::BadKey("non-canonical DER".into()));
+        }
+        Ok(pk)
+    }
+
+    /// SubjectPublicKeyInfo DER.
+    pub fn der(&self) -> &[u8] {
+        &self.der
+    }
+
+    /// SHA-256 of the DER.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fp
+    }
+
+    /// Modulus size in bytes (= OAEP ciphertext and signature size).
+    pub fn size(&self) -> usize {
+        self.key.size()
+    }
+
+    /// Modulus size in bits.
+    pub fn bits(&self) -> usize {
+        self.key.size() * 8
+    }
+
+    /// RSA-OAEP(SHA-256) encryption of a short message (≤ size − 66 bytes).
+    pub fn encrypt<R: RngCore + CryptoRng>(&self, rng: &mut R, msg: &[u8]) -> Result<Vec<u8>> {
+        self.key
+            .encrypt(rng, Oaep::new::<Sha256>(), msg)
+            .map_err(|e| ProtoError::Invalid { what: "OAEP plaintext", detail: e.to_string() })
+    }
+
+    /// Verifies an RSA-PSS(SHA-256) signature over `msg`.
+    pub fn verify(&self, msg: &[u8], sig: &[u8], what: &'static str) -> Result<()> {
+        if sig.len() != self.size() {
+            return Err(ProtoError::BadSignature(what));
+        }
+        let sig = Signature::try_from(sig).map_err(|_| ProtoError::BadSignature(what))?;
+        VerifyingKey::<Sha256>::new(self.key.clone()).verify(msg, &sig).map_err(|_| ProtoError::BadSignature(what))
+    }
+
+    /// PEM (SPKI) text.
+    pub fn to_pem(&self) -> Result<String> {
+        self.key.to_public_key_pem(LineEnding::LF).map_err(|e| ProtoError::KeyFile(e.to_string()))
+    }
+}
+
+/// A private identity: the RSA private key and its public half.
+#[derive(Clone)]
+pub struct Identity {
+    private: RsaPrivateKey,
+    public: PublicKey,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({:?})", self.public)
+    }
+}
+
+impl Identity {
+    /// Generates a fresh key of `bits` (2048 or 3072).
+    pub fn generate<R: RngCore + CryptoRng>(rng: &mut R, bits: usize) -> Result<Self> {
+        if !ALLOWED_KEY_BITS.contains(&bits) {
+            return Err(ProtoError::BadKey(format!("cannot generate {bits}-bit key (allowed: 2048, 3072)")));
+        }
+        let private = RsaPrivateKey::new(rng, bits).map_err(|e| ProtoError::BadKey(e.to_string()))?;
+        Self::from_private(private)
+    }
+
+    fn from_private(private: RsaPrivateKey) -> Result<Self> {
+        private.validate().map_err(|e| ProtoError::BadKey(e.to_string()))?;
+        let public = PublicKey::from_rsa(private.to_public_key())?;
+        Ok(Identity { private, public })
+    }
+
+    /// Parses a PKCS#8 PEM private key.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self> {
+        let private = RsaPrivateKey::from_pkcs8_pem(pem).map_err(|e| ProtoError::BadKey(e.to_string()))?;
+        Self::from_private(private)
+    }
+
+    /// PKCS#8 PEM text of the private key (a secret: write it with mode 0600).
+    pub fn to_pkcs8_pem(&self) -> Result<String> {
+        Ok(self
+            .private
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| ProtoError::KeyFile(e.to_string()))?
+            .to_string())
+    }
+
+    /// The public half.
+    pub fn public(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// Shorthand for `public().fingerprint()`.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.public.fp
+    }
+
+    /// RSA-OAEP(SHA-256) decryption with blinding. The ciphertext must be exactly the modulus size.
+    pub fn decrypt<R: RngCore + CryptoRng>(&self, rng: &mut R, ct: &[u8], what: &'static str) -> Result<Vec<u8>> {
+        if ct.len() != self.public.size() {
+            return Err(ProtoError::BadLength { what, len: ct.len(), expected: self.public.size() });
+        }
+        self.private.decrypt_blinded(rng, Oaep::new::<Sha256>(), ct).map_err(|_| ProtoError::RsaDecrypt(what))
+    }
+
+    /// RSA-PSS(SHA-256) signature over `msg` (randomized salt, blinded).
+    pub fn sign<R: RngCore + CryptoRng>(&self, rng: &mut R, msg: &[u8]) -> Vec<u8> {
+        BlindedSigningKey::<Sha256>::new(self.private.clone()).sign_with_rng(rng, msg).to_vec()
+    }
+}
+
+/// Reads a PKCS#8 PEM identity from `path`. On Unix, refuses a file readable by group or others: a private key
+/// that others could read must be treated as compromised, not silently used.
+pub fn load_identity(path: &std::path::Path) -> Result<Identity> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| ProtoError::KeyFile(format!("{}: {e}", path.display())))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(ProtoError::KeyFile(format!(
+                "{}: private key has mode {mode:03o}; it must not be readable by group or others (chmod 600)",
+                path.display()
+            )));
+        }
+    }
+    let pem = std::fs::read_to_string(path).map_err(|e| ProtoError::KeyFile(format!("{}: {e}", path.display())))?;
+    Identity::from_pkcs8_pem(&pem)
+}
+
+/// Writes `id` as PKCS#8 PEM to `path`, created with mode 0600 (fails if the file exists).
+pub fn save_identity(path: &std::path::Path, id: &Identity) -> Result<()> {
+    use std::io::Write;
+    let pem = id.to_pkcs8_pem()?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(|e| ProtoError::KeyFile(format!("{}: {e}", path.display())))?;
+    f.write_all(pem.as_bytes()).map_err(|e| ProtoError::KeyFile(format!("{}: {e}", path.display())))?;
+    f.sync_all().map_err(|e| ProtoError::KeyFile(format!("{}: {e}", path.display())))?;
+    Ok(())
+}
+
+/// Loads the identity at `path`, or generates one of `bits` and saves it there if the file does not exist.
+/// Returns the identity and whether it was created.
+pub fn load_or_create_identity(path: &std::path::Path, bits: usize) -> Result<(Identity, bool)> {
+    if path.exists() {
+        return Ok((load_identity(path)?, false));
+    }
+    let id = Identity::generate(&mut rand::rngs::OsRng, bits)?;
+    save_identity(path, &id)?;
+    Ok((id, true))
+}

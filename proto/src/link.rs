@@ -1,0 +1,391 @@
+//! Neighbor links: the handshake, the cell cipher, and the reachability probe that shares the listening port.
+//!
+//! ```text
+//! Dialer D                                                   Acceptor A
+//! HELLO       magic "ANOMOSL1" | ver u16 | X25519 e_D | n_D  ─────►                    (74 bytes)
+//!             ◄───── REPLY  magic "ANOMOSL1" | ver u16 | X25519 e_A | n_A             (74 bytes)
+//!   dh = X25519(e_D, e_A) (must be contributory); th1 = SHA256(HELLO || REPLY)
+//!   hs_D = HKDF(salt=th1, dh, "hs d2a"), hs_A = HKDF(salt=th1, dh, "hs a2d")
+//! AUTH        len u16 | GCM(hs_D, n=0)[ fp_D | sig_D("anomos link auth dialer v1" | th1 | fp_A) ]  ─────►
+//!   th2 = SHA256(th1 || AUTH)
+//!             ◄───── AUTH_REPLY  len u16 | GCM(hs_A, n=0)[ status u8 | sig_A("anomos link auth acceptor v1" | th2 | fp_D) ]
+//!   th3 = SHA256(th2 || AUTH_REPLY)
+//!   k_d2a = HKDF(salt=th3, dh || NeighborID, "link d2a"), k_a2d = HKDF(salt=th3, dh || NeighborID, "link a2d")
+//! then both send a PADDING cell first (key confirmation: it opens only if the peer knows the NeighborID).
+//! ```
+//! The NeighborID is never sent; each side's identity is sent only encrypted; the acceptor signs only after the
+//! dialer proved to be one of its neighbors; fresh ephemeral keys and nonces on both sides make a recorded
+//! handshake useless to replay, and give the link forward secrecy.
+
+use rand::{CryptoRng, RngCore};
+use x25519_dalek::{EphemeralSecret, PublicKey as XPublic};
+
+use crate::cell::{Cell, CELL_LEN, SEALED_CELL_LEN};
+use crate::crypto::{kdf, sha256, AeadCounter, Secret, TAG_LEN};
+use crate::error::{take, take_array, take_u16, ProtoError, Result};
+use crate::identity::{Fingerprint, Identity, PublicKey, MAX_RSA_BYTES, MAX_SPKI_LEN};
+use crate::ids::NeighborId;
+
+/// First bytes of a neighbor-link handshake.
+pub const LINK_MAGIC: [u8; 8] = *b"ANOMOSL1";
+/// First bytes of a tracker reachability probe.
+pub const PROBE_MAGIC: [u8; 8] = *b"ANOMOSP1";
+/// Link protocol version.
+pub const LINK_VERSION: u16 = 1;
+/// HELLO and REPLY size.
+pub const HELLO_LEN: usize = 8 + 2 + 32 + 32;
+/// Largest AUTH / AUTH_REPLY body (after its u16 length).
+pub const MAX_AUTH_LEN: usize = 32 + 2 + MAX_RSA_BYTES + TAG_LEN;
+
+const HS_SALT_INFO_D: &[u8] = b"anomos link hs d2a";
+const HS_SALT_INFO_A: &[u8] = b"anomos link hs a2d";
+const SIG_DIALER: &[u8] = b"anomos link auth dialer v1";
+const SIG_ACCEPTOR: &[u8] = b"anomos link auth acceptor v1";
+
+/// Acceptor's verdict on a dialer's AUTH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthStatus {
+    /// Authenticated; link keys follow.
+    Ok = 0,
+    /// The dialer's key is not one of the acceptor's current neighbors (yet): retry after the next announce.
+    UnknownNeighbor = 1,
+    /// The dialer's signature did not verify.
+    BadSignature = 2,
+    /// The acceptor has no room for another link.
+    Busy = 3,
+}
+
+impl AuthStatus {
+    fn from_u8(b: u8) -> Result<Self> {
+        Ok(match b {
+            0 => AuthStatus::Ok,
+            1 => AuthStatus::UnknownNeighbor,
+            2 => AuthStatus::BadSignature,
+            3 => AuthStatus::Busy,
+            _ => return Err(ProtoError::Invalid { what: "link auth status", detail: b.to_string() }),
+        })
+    }
+}
+
+fn encode_hello(eph: &XPublic, nonce: &[u8; 32]) -> [u8; HELLO_LEN] {
+    let mut m = [0u8; HELLO_LEN];
+    m[..8].copy_from_slice(&LINK_MAGIC);
+    m[8..10].copy_from_slice(&LINK_VERSION.to_be_bytes());
+    m[10..42].copy_from_slice(eph.as_bytes());
+    m[42..].copy_from_slice(nonce);
+    m
+}
+
+fn decode_hello(m: &[u8]) -> Result<XPublic> {
+    if m.len() != HELLO_LEN {
+        return Err(ProtoError::BadLength { what: "link hello", len: m.len(), expected: HELLO_LEN });
+    }
+    let mut p = m;
+    let magic: [u8; 8] = take_array(&mut p, "link magic")?;
+    if magic != LINK_MAGIC {
+        return Err(ProtoError::BadMagic(magic));
+    }
+    let ver = take_u16(&mut p, "link version")?;
+    if ver != LINK_VERSION {
+        return Err(ProtoError::BadVersion(ver));
+    }
+    let eph: [u8; 32] = take_array(&mut p, "link ephemeral key")?;
+    Ok(XPublic::from(eph))
+}
+
+fn shared(secret: EphemeralSecret, peer: &XPublic) -> Result<[u8; 32]> {
+    let ss = secret.diffie_hellman(peer);
+    if !ss.was_contributory() {
+        return Err(ProtoError::Invalid { what: "X25519 share", detail: "low-order point".into() });
+    }
+    Ok(*ss.as_bytes())
+}
+
+fn framed(sealed: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + sealed.len());
+    out.extend_from_slice(&(sealed.len() as u16).to_be_bytes());
+    out.extend_from_slice(&sealed);
+    out
+}
+
+/// Parses the u16 length that precedes AUTH and AUTH_REPLY, bounding it before anything is read.
+pub fn auth_frame_len(prefix: [u8; 2]) -> Result<usize> {
+    let len = u16::from_be_bytes(prefix) as usize;
+    if len > MAX_AUTH_LEN {
+        return Err(ProtoError::TooLarge { what: "link auth message", len, limit: MAX_AUTH_LEN });
+    }
+    if len < TAG_LEN + 1 {
+        return Err(ProtoError::Truncated { what: "link auth message", need: TAG_LEN + 1, have: len });
+    }
+    Ok(len)
+}
+
+fn link_keys(th3: &[u8; 32], dh: &[u8; 32], nid: NeighborId) -> (Secret, Secret) {
+    let nid = nid.0.to_be_bytes();
+    (kdf(th3, &[dh, &nid], b"anomos link d2a"), kdf(th3, &[dh, &nid], b"anomos link a2d"))
+}
+
+fn strip_frame<'a>(msg: &'a [u8], what: &'static str) -> Result<&'a [u8]> {
+    let mut p = msg;
+    let len = auth_frame_len(take_array(&mut p, what)?)?;
+    if p.len() != len {
+        return Err(ProtoError::BadLength { what, len: p.len(), expected: len });
+    }
+    Ok(p)
+}
+
+/// Dialer, after sending HELLO.
+pub struct Dialer {
+    eph: EphemeralSecret,
+    hello: [u8; HELLO_LEN],
+    acceptor: PublicKey,
+    nid: NeighborId,
+}
+
+/// Dialer, after sending AUTH.
+pub struct DialerAuthSent {
+    th2: [u8; 32],
+    dh: [u8; 32],
+    hs_a: Secret,
+    acceptor: PublicKey,
+    my_fp: Fingerprint,
+    nid: NeighborId,
+}
+
+impl Dialer {
+    /// Starts a handshake toward the neighbor with key `acceptor` over edge `nid`; returns HELLO to send.
+    pub fn start<R: RngCore + CryptoRng>(rng: &mut R, acceptor: PublicKey, nid: NeighborId) -> (Self, [u8; HELLO_LEN]) {
+        let eph = EphemeralSecret::random_from_rng(&mut *rng);
+        let mut nonce = [0u8; 32];
+        rng.fill_bytes(&mut nonce);
+        let hello = encode_hello(&XPublic::from(&eph), &nonce);
+        (Dialer { eph, hello, acceptor, nid }, hello)
+    }
+
+    /// Processes the acceptor's REPLY; returns AUTH to send (length-prefixed).
+    pub fn on_reply<R: RngCore + CryptoRng>(self, reply: &[u8], me: &Identity, rng: &mut R) -> Result<(DialerAuthSent, Vec<u8>)> {
+        let peer_eph = decode_hello(reply)?;
+        let dh = shared(self.eph, &peer_eph)?;
+        let th1 = sha256(&[&self.hello, reply]);
+        let hs_d = kdf(&th1, &[&dh], HS_SALT_INFO_D);
+        let hs_a = kdf(&th1, &[&dh], HS_SALT_INFO_A);
+        let afp = self.acceptor.fingerprint();
+        let sig = me.sign(rng, &[SIG_DIALER, &th1, &afp.0].concat());
+        let mut pt = Vec::with_capacity(34 + sig.len());
+        pt.extend_from_slice(&me.fingerprint().0);
+        pt.extend_from_slice(&(sig.len() as u16).to_be_bytes());
+        pt.extend_from_slice(&sig);
+        let auth = framed(AeadCounter::new(&hs_d).seal(b"", &pt)?);
+        let th2 = sha256(&[&th1, &auth]);
+        Ok((DialerAuthSent { th2, dh, hs_a, acceptor: self.acceptor, my_fp: me.fingerprint(), nid: self.nid }, auth))
+    }
+}
+
+impl DialerAuthSent {
+    /// Processes AUTH_REPLY (including its length prefix); on success the link keys.
+    pub fn on_auth_reply(self, msg: &[u8]) -> Result<LinkCipher> {
+        let body = strip_frame(msg, "link auth reply")?;
+        let pt = AeadCounter::new(&self.hs_a).open(b"", body, "link auth reply")?;
+        let mut p = pt.as_slice();
+        let status = AuthStatus::from_u8(take_array::<1>(&mut p, "auth status")?[0])?;
+        if status != AuthStatus::Ok {
+            return Err(ProtoError::Invalid { what: "link refused by acceptor", detail: format!("{status:?}") });
+        }
+        self.acceptor.verify(&[SIG_ACCEPTOR, &self.th2, &self.my_fp.0].concat(), p, "acceptor link auth")?;
+        let th3 = sha256(&[&self.th2, msg]);
+        let (d2a, a2d) = link_keys(&th3, &self.dh, self.nid);
+        Ok(LinkCipher::new(&d2a, &a2d, self.acceptor.fingerprint(), self.nid, true))
+    }
+}
+
+/// Acceptor, after sending REPLY.
+pub struct Acceptor {
+    th1: [u8; 32],
+    dh: [u8; 32],
+    hs_d: Secret,
+    hs_a: Secret,
+}
+
+/// What the acceptor concluded from AUTH.
+pub struct AcceptOutcome {
+    /// AUTH_REPLY to send (always: a refusal tells the dialer why).
+    pub reply: Vec<u8>,
+    /// The link cipher, when the dialer authenticated as a neighbor.
+    pub result: Result<LinkCipher>,
+    /// The dialer's claimed fingerprint, when AUTH decrypted.
+    pub peer: Option<Fingerprint>,
+}
+
+impl Acceptor {
+    /// Processes HELLO (74 bytes, magic included); returns REPLY.
+    pub fn start<R: RngCore + CryptoRng>(rng: &mut R, hello: &[u8]) -> Result<(Self, [u8; HELLO_LEN])> {
+        let peer_eph = decode_hello(hello)?;
+        let eph = EphemeralSecret::random_from_rng(&mut *rng);
+        let mut nonce = [0u8; 32];
+        rng.fill_bytes(&mut nonce);
+        let reply = encode_hello(&XPublic::from(&eph), &nonce);
+        let dh = shared(eph, &peer_eph)?;
+        let th1 = sha256(&[hello, &reply]);
+        let hs_d = kdf(&th1, &[&dh], HS_SALT_INFO_D);
+        let hs_a = kdf(&th1, &[&dh], HS_SALT_INFO_A);
+        Ok((Acceptor { th1, dh, hs_d, hs_a }, reply))
+    }
+
+    /// Processes AUTH (with its length prefix). `lookup` maps a fingerprint to that neighbor's key and edge,
+    /// or `None` if it is not a current neighbor; `busy` refuses even a valid neighbor.
+    /// Errors here are fatal garbage (no reply possible); refusals come back in [`AcceptOutcome`].
+    pub fn on_auth<R: RngCore + CryptoRng>(
+        self,
+        msg: &[u8],
+        me: &Identity,
+        rng: &mut R,
+        busy: bool,
+        lookup: impl FnOnce(&Fingerprint) -> Option<(PublicKey, NeighborId)>,
+    ) -> Result<AcceptOutcome> {
+        let body = strip_frame(msg, "link auth")?;
+        let pt = AeadCounter::new(&self.hs_d).open(b"", body, "link auth")?;
+        let mut p = pt.as_slice();
+        let fp = Fingerprint(take_array(&mut p, "auth fingerprint")?);
+        let sig_len = take_u16(&mut p, "auth signature length")? as usize;
+        let sig = take(&mut p, sig_len, "auth signature")?;
+        if !p.is_empty() {
+            return Err(ProtoError::Invalid { what: "link auth", detail: "trailing bytes".into() });
+        }
+        let th2 = sha256(&[&self.th1, msg]);
+        let (status, found) = match lookup(&fp) {
+            None => (AuthStatus::UnknownNeighbor, None),
+            Some((key, nid)) => {
+                if key.verify(&[SIG_DIALER, &self.th1, &me.fingerprint().0].concat(), sig, "dialer link auth").is_err() {
+                    (AuthStatus::BadSignature, None)
+                } else if busy {
+                    (AuthStatus::Busy, None)
+                } else {
+                    (AuthStatus::Ok, Some(nid))
+                }
+            }
+        };
+        let mut rp = vec![status as u8];
+        if status == AuthStatus::Ok {
+            rp.extend_from_slice(&me.sign(rng, &[SIG_ACCEPTOR, &th2, &fp.0].concat()));
+        }
+        let reply = framed(AeadCounter::new(&self.hs_a).seal(b"", &rp)?);
+        let result = match found {
+            Some(nid) => {
+                let th3 = sha256(&[&th2, &reply]);
+                let (d2a, a2d) = link_keys(&th3, &self.dh, nid);
+                Ok(LinkCipher::new(&a2d, &d2a, fp, nid, false))
+            }
+            None => Err(ProtoError::Invalid { what: "link auth", detail: format!("{status:?}") }),
+        };
+        Ok(AcceptOutcome { reply, result, peer: Some(fp) })
+    }
+}
+
+/// The established link: seals outgoing cells and opens incoming ones, each with its own counter nonce.
+pub struct LinkCipher {
+    send: AeadCounter,
+    recv: AeadCounter,
+    /// The neighbor's fingerprint.
+    pub peer: Fingerprint,
+    /// The edge this link is.
+    pub nid: NeighborId,
+    /// Whether this side dialed (it allocates circuit ids with the top bit set).
+    pub dialer: bool,
+}
+
+impl LinkCipher {
+    fn new(send: &Secret, recv: &Secret, peer: Fingerprint, nid: NeighborId, dialer: bool) -> Self {
+        LinkCipher { send: AeadCounter::new(send), recv: AeadCounter::new(recv), peer, nid, dialer }
+    }
+
+    /// Seals the plaintext cell in `buf[..CELL_LEN]` in place and writes the tag after it.
+    pub fn seal_in_place(&mut self, buf: &mut [u8; SEALED_CELL_LEN]) -> Result<()> {
+        let (cell, tag) = buf.split_at_mut(CELL_LEN);
+        let t = self.send.seal_in_place(b"", cell)?;
+        tag.copy_from_slice(&t);
+        Ok(())
+    }
+
+    /// Opens a sealed cell in place; on success `buf[..CELL_LEN]` holds the plaintext cell.
+    pub fn open_in_place(&mut self, buf: &mut [u8; SEALED_CELL_LEN]) -> Result<()> {
+        let (cell, tag) = buf.split_at_mut(CELL_LEN);
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag);
+        self.recv.open_in_place(b"", cell, &t, "link cell")
+    }
+
+    /// Encodes and seals `cell`.
+    pub fn seal_cell(&mut self, cell: &Cell) -> Result<Box<[u8; SEALED_CELL_LEN]>> {
+        let mut buf = Box::new([0u8; SEALED_CELL_LEN]);
+        let mut plain = [0u8; CELL_LEN];
+        cell.encode_into(&mut plain);
+        buf[..CELL_LEN].copy_from_slice(&plain);
+        self.seal_in_place(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Opens and decodes a sealed cell.
+    pub fn open_cell(&mut self, buf: &[u8; SEALED_CELL_LEN]) -> Result<Cell> {
+        let mut b = Box::new(*buf);
+        self.open_in_place(&mut b)?;
+        Cell::decode(&b[..CELL_LEN])
+    }
+}
+
+/// The tracker's probe: "who are you?", with a fresh nonce.
+pub fn encode_probe(nonce: &[u8; 32]) -> [u8; 42] {
+    let mut m = [0u8; 42];
+    m[..8].copy_from_slice(&PROBE_MAGIC);
+    m[8..10].copy_from_slice(&LINK_VERSION.to_be_bytes());
+    m[10..].copy_from_slice(nonce);
+    m
+}
+
+/// Peer side: parses the 34 bytes of a probe after its magic; returns the nonce.
+pub fn decode_probe_body(body: &[u8]) -> Result<[u8; 32]> {
+    let mut p = body;
+    let ver = take_u16(&mut p, "probe version")?;
+    if ver != LINK_VERSION {
+        return Err(ProtoError::BadVersion(ver));
+    }
+    let nonce = take_array(&mut p, "probe nonce")?;
+    if !p.is_empty() {
+        return Err(ProtoError::Invalid { what: "probe", detail: "trailing bytes".into() });
+    }
+    Ok(nonce)
+}
+
+const SIG_PROBE: &[u8] = b"anomos probe v1";
+
+/// Peer side: the answer to a probe: `der_len u16 | SPKI DER | sig_len u16 | PSS(label | nonce | der)`.
+pub fn answer_probe<R: RngCore + CryptoRng>(me: &Identity, nonce: &[u8; 32], rng: &mut R) -> Vec<u8> {
+    let der = me.public().der();
+    let sig = me.sign(rng, &[SIG_PROBE, nonce, der].concat());
+    let mut out = Vec::with_capacity(4 + der.len() + sig.len());
+    out.extend_from_slice(&(der.len() as u16).to_be_bytes());
+    out.extend_from_slice(der);
+    out.extend_from_slice(&(sig.len() as u16).to_be_bytes());
+    out.extend_from_slice(&sig);
+    out
+}
+
+/// Largest probe answer.
+pub const MAX_PROBE_ANSWER: usize = 4 + MAX_SPKI_LEN + MAX_RSA_BYTES;
+
+/// Tracker side: checks an answer; returns the key that answered.
+pub fn verify_probe_answer(nonce: &[u8; 32], answer: &[u8]) -> Result<PublicKey> {
+    if answer.len() > MAX_PROBE_ANSWER {
+        return Err(ProtoError::TooLarge { what: "probe answer", len: answer.len(), limit: MAX_PROBE_ANSWER });
+    }
+    let mut p = answer;
+    let der_len = take_u16(&mut p, "probe key length")? as usize;
+    let der = take(&mut p, der_len, "probe key")?;
+    let sig_len = take_u16(&mut p, "probe signature length")? as usize;
+    let sig = take(&mut p, sig_len, "probe signature")?;
+    if !p.is_empty() {
+        return Err(ProtoError::Invalid { what: "probe answer", detail: "trailing bytes".into() });
+    }
+    let key = PublicKey::from_der(der)?;
+    key.verify(&[SIG_PROBE, nonce, der].concat(), sig, "probe answer")?;
+    Ok(key)
+}
