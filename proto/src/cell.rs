@@ -42,7 +42,8 @@ pub enum Command {
     Deny = 3,
     /// Onion-encrypted relay payload (CELL_PAYLOAD_LEN bytes).
     Data = 4,
-    /// Tear the circuit down: payload = [`BreakReason`] u8.
+    /// Tear the circuit down: payload = [`BreakReason`] u8, has_tag u8, replay tag [16] of the hop that saw the
+    /// failure first (set by a relay whose other link failed; lets the tracker avoid the peer behind that link).
     Break = 5,
     /// Confirms a BREAK; the circuit id may be reused afterwards.
     AckBreak = 6,
@@ -185,10 +186,9 @@ impl Cell {
         Ok(tc)
     }
 
-    /// DENY with a reason and optionally the refusing hop's replay tag (lets the tracker tell which hop refused).
-    pub fn deny(circ_id: CircId, reason: DenyReason, tag: Option<[u8; 16]>) -> Self {
-        let mut c = Cell::new(circ_id, Command::Deny);
-        c.payload[0] = reason.code();
+    fn with_reason_tag(circ_id: CircId, command: Command, reason: u8, tag: Option<[u8; 16]>) -> Self {
+        let mut c = Cell::new(circ_id, command);
+        c.payload[0] = reason;
         if let Some(t) = tag {
             c.payload[1] = 1;
             c.payload[2..18].copy_from_slice(&t);
@@ -196,8 +196,7 @@ impl Cell {
         c
     }
 
-    /// Fields of a DENY cell.
-    pub fn deny_fields(&self) -> Result<(DenyReason, Option<[u8; 16]>)> {
+    fn reason_tag(&self) -> Result<(u8, Option<[u8; 16]>)> {
         let p = &self.payload;
         let tag = match p[1] {
             0 => None,
@@ -206,21 +205,31 @@ impl Cell {
                 t.copy_from_slice(&p[2..18]);
                 Some(t)
             }
-            b => return Err(ProtoError::Invalid { what: "DENY has_tag", detail: b.to_string() }),
+            b => return Err(ProtoError::Invalid { what: "has_tag", detail: b.to_string() }),
         };
-        Ok((DenyReason::from_code(p[0]), tag))
+        Ok((p[0], tag))
     }
 
-    /// BREAK with a reason.
-    pub fn brk(circ_id: CircId, reason: BreakReason) -> Self {
-        let mut c = Cell::new(circ_id, Command::Break);
-        c.payload[0] = reason.code();
-        c
+    /// DENY with a reason and optionally the refusing hop's replay tag (lets the tracker tell which hop refused).
+    pub fn deny(circ_id: CircId, reason: DenyReason, tag: Option<[u8; 16]>) -> Self {
+        Self::with_reason_tag(circ_id, Command::Deny, reason.code(), tag)
     }
 
-    /// Reason of a BREAK cell.
-    pub fn break_reason(&self) -> BreakReason {
-        BreakReason::from_code(self.payload[0])
+    /// Fields of a DENY cell.
+    pub fn deny_fields(&self) -> Result<(DenyReason, Option<[u8; 16]>)> {
+        let (r, t) = self.reason_tag()?;
+        Ok((DenyReason::from_code(r), t))
+    }
+
+    /// BREAK with a reason and optionally the replay tag of the hop that saw the failure.
+    pub fn brk(circ_id: CircId, reason: BreakReason, tag: Option<[u8; 16]>) -> Self {
+        Self::with_reason_tag(circ_id, Command::Break, reason.code(), tag)
+    }
+
+    /// Fields of a BREAK cell.
+    pub fn break_fields(&self) -> Result<(BreakReason, Option<[u8; 16]>)> {
+        let (r, t) = self.reason_tag()?;
+        Ok((BreakReason::from_code(r), t))
     }
 
     /// SENDME granting `credit` cells.
