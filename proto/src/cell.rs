@@ -38,11 +38,11 @@ pub enum Command {
     Open = 1,
     /// The circuit reached its target and is ready; travels back to the requester.
     Confirm = 2,
-    /// The circuit was refused: payload = [`DenyReason`] u8, has_tag u8, replay tag [16] of the refusing hop.
+    /// The circuit was refused: payload = [`DenyReason`] u8, has_tag u8, replay tag (16 bytes) of the refusing hop.
     Deny = 3,
     /// Onion-encrypted relay payload (CELL_PAYLOAD_LEN bytes).
     Data = 4,
-    /// Tear the circuit down: payload = [`BreakReason`] u8, has_tag u8, replay tag [16] of the hop that saw the
+    /// Tear the circuit down: payload = [`BreakReason`] u8, has_tag u8, replay tag (16 bytes) of the hop that saw the
     /// failure first (set by a relay whose other link failed; lets the tracker avoid the peer behind that link).
     Break = 5,
     /// Confirms a BREAK; the circuit id may be reused afterwards.

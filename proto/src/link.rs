@@ -314,6 +314,11 @@ impl LinkCipher {
         self.recv.open_in_place(b"", cell, &t, "link cell")
     }
 
+    /// Splits into the sending and the receiving direction (for a writer task and a reader task).
+    pub fn split(self) -> (CellSealer, CellOpener) {
+        (CellSealer { send: self.send }, CellOpener { recv: self.recv })
+    }
+
     /// Encodes and seals `cell`.
     pub fn seal_cell(&mut self, cell: &Cell) -> Result<Box<[u8; SEALED_CELL_LEN]>> {
         let mut buf = Box::new([0u8; SEALED_CELL_LEN]);
@@ -329,6 +334,42 @@ impl LinkCipher {
         let mut b = Box::new(*buf);
         self.open_in_place(&mut b)?;
         Cell::decode(&b[..CELL_LEN])
+    }
+}
+
+/// The sending half of a [`LinkCipher`].
+pub struct CellSealer {
+    send: AeadCounter,
+}
+
+impl CellSealer {
+    /// Seals the plaintext cell in `buf[..CELL_LEN]` in place and writes the tag after it.
+    pub fn seal_in_place(&mut self, buf: &mut [u8]) -> Result<()> {
+        if buf.len() != SEALED_CELL_LEN {
+            return Err(ProtoError::BadLength { what: "sealed cell buffer", len: buf.len(), expected: SEALED_CELL_LEN });
+        }
+        let (cell, tag) = buf.split_at_mut(CELL_LEN);
+        let t = self.send.seal_in_place(b"", cell)?;
+        tag.copy_from_slice(&t);
+        Ok(())
+    }
+}
+
+/// The receiving half of a [`LinkCipher`].
+pub struct CellOpener {
+    recv: AeadCounter,
+}
+
+impl CellOpener {
+    /// Opens a sealed cell in place; on success `buf[..CELL_LEN]` holds the plaintext cell.
+    pub fn open_in_place(&mut self, buf: &mut [u8]) -> Result<()> {
+        if buf.len() != SEALED_CELL_LEN {
+            return Err(ProtoError::BadLength { what: "sealed cell buffer", len: buf.len(), expected: SEALED_CELL_LEN });
+        }
+        let (cell, tag) = buf.split_at_mut(CELL_LEN);
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag);
+        self.recv.open_in_place(b"", cell, &t, "link cell")
     }
 }
 
