@@ -415,3 +415,37 @@ pub fn verify_hello(public_key: &[u8], signature: &[u8], tracker_fp: &Fingerprin
     key.verify(&hello_signed_bytes(tracker_fp, nonce), signature, "tracker hello")?;
     Ok(key)
 }
+
+/// First bytes of a key fetch: a peer that pins the tracker by fingerprint asks for the full public key
+/// (needed for OAEP), then checks it against the pin. The answer is `len u16 BE | SPKI DER`.
+pub const KEY_FETCH_MAGIC: [u8; 8] = *b"ANOMOSK1";
+
+/// Tracker side: the answer to a key fetch.
+pub fn encode_key_answer(key: &PublicKey) -> Vec<u8> {
+    let der = key.der();
+    let mut out = Vec::with_capacity(2 + der.len());
+    out.extend_from_slice(&(der.len() as u16).to_be_bytes());
+    out.extend_from_slice(der);
+    out
+}
+
+/// Peer side: checks the 2-byte length of a key answer before reading the DER.
+pub fn key_answer_len(prefix: [u8; 2]) -> Result<usize> {
+    let len = u16::from_be_bytes(prefix) as usize;
+    if len > MAX_SPKI_LEN {
+        return Err(ProtoError::TooLarge { what: "tracker key", len, limit: MAX_SPKI_LEN });
+    }
+    Ok(len)
+}
+
+/// Peer side: parses the fetched key and requires it to match the pinned fingerprint.
+pub fn check_fetched_key(der: &[u8], pinned: &Fingerprint) -> Result<PublicKey> {
+    let key = PublicKey::from_der(der)?;
+    if &key.fingerprint() != pinned {
+        return Err(ProtoError::Invalid {
+            what: "tracker key",
+            detail: format!("fingerprint {} does not match the pinned {}", key.fingerprint(), pinned),
+        });
+    }
+    Ok(key)
+}

@@ -1,0 +1,358 @@
+//! Circuit endpoints (the requester's and the target's end) and the message stream they offer upward.
+//!
+//! An endpoint owns the onion (all layers at the requester, its own layer at the target) and the end-to-end
+//! session. Outgoing messages are fragmented into records, sealed, onion-wrapped and queued on the link; the
+//! application can have at most `window` cells queued (it waits for the writer to drain them, which in turn
+//! waits for credit from the next hop). Incoming cells are unwrapped, opened, reassembled and delivered in
+//! order. Credit goes back to the sender only while the application keeps up: undelivered messages are capped
+//! at [`RECV_BUFFER`] bytes, after which the sender is made to wait.
+
+use std::sync::{Arc, Mutex};
+
+use anomos_proto::cell::{BreakReason, Cell, CircId, Command, CELL_PAYLOAD_LEN};
+use anomos_proto::circuit::{fragments, E2eHandshake, E2eSession, HopLayer, OnionStack, Reassembler, RecordType, Role, MAX_MESSAGE};
+use anomos_proto::crypto::Secret;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::error::PeerError;
+use crate::link::Link;
+use crate::node::CircuitGuard;
+
+/// Bytes of delivered-but-unread messages above which an endpoint stops returning credit.
+pub const RECV_BUFFER: usize = 4 * 1024 * 1024;
+
+enum Onion {
+    Requester(OnionStack),
+    Target(HopLayer),
+}
+
+impl Onion {
+    fn wrap_out(&mut self, p: &mut [u8]) {
+        match self {
+            Onion::Requester(s) => s.wrap_forward(p),
+            Onion::Target(h) => h.backward(p),
+        }
+    }
+    fn unwrap_in(&mut self, p: &mut [u8]) {
+        match self {
+            Onion::Requester(s) => s.unwrap_backward(p),
+            Onion::Target(h) => h.forward(p),
+        }
+    }
+    fn hops(&self) -> usize {
+        match self {
+            Onion::Requester(s) => s.len(),
+            Onion::Target(_) => 0,
+        }
+    }
+}
+
+struct State {
+    onion: Onion,
+    hs: Option<E2eHandshake>,
+    session: Option<E2eSession>,
+    reasm: Reassembler,
+    allow: u32,
+    unacked: u32,
+    buffered: usize,
+    opened: Option<oneshot::Sender<Result<(), PeerError>>>,
+    closed: bool,
+}
+
+/// What the application receives.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// One complete message.
+    Message(Vec<u8>),
+    /// The circuit ended.
+    Closed(BreakReason),
+}
+
+/// One end of a circuit.
+pub struct Endpoint {
+    /// The link the circuit leaves on.
+    pub link: Arc<Link>,
+    /// Its id there.
+    pub circ_id: CircId,
+    /// Requester or target.
+    pub role: Role,
+    st: Mutex<State>,
+    permits: Semaphore,
+    events: mpsc::UnboundedSender<StreamEvent>,
+    batch: u32,
+    window: u32,
+    /// The tracker's handle for this circuit (requester side), for failure reports.
+    pub grant: std::sync::OnceLock<u64>,
+    _guard: CircuitGuard,
+}
+
+/// Parts handed back when an endpoint is created.
+pub struct NewEndpoint {
+    /// The endpoint (install it as the circuit's route).
+    pub endpoint: Arc<Endpoint>,
+    /// Our sealed HELLO, to send as the first DATA once the circuit exists on the link.
+    pub hello: Box<[u8; CELL_PAYLOAD_LEN]>,
+    /// Resolves when the end-to-end session is up (requester) — or fails with DENY/BREAK.
+    pub opened: oneshot::Receiver<Result<(), PeerError>>,
+    /// Incoming messages.
+    pub events: mpsc::UnboundedReceiver<StreamEvent>,
+}
+
+impl Endpoint {
+    /// Creates an endpoint. For the requester `hop_secrets` are all layers; for the target, its own one.
+    pub fn new(link: Arc<Link>, circ_id: CircId, role: Role, hop_secrets: &[Secret], e2e_secret: &Secret, window: u32, batch: u32, guard: CircuitGuard) -> Result<NewEndpoint, PeerError> {
+        let onion = match role {
+            Role::Requester => Onion::Requester(OnionStack::new(hop_secrets)),
+            Role::Target => Onion::Target(HopLayer::new(hop_secrets.first().ok_or(PeerError::Config("no hop secret".into()))?)),
+        };
+        let mut hello = Box::new([0u8; CELL_PAYLOAD_LEN]);
+        let hs = E2eHandshake::start(role, e2e_secret, &mut rand::rngs::OsRng, &mut hello)?;
+        let (otx, orx) = oneshot::channel();
+        let (etx, erx) = mpsc::unbounded_channel();
+        let endpoint = Arc::new(Endpoint {
+            link,
+            circ_id,
+            role,
+            st: Mutex::new(State {
+                onion,
+                hs: Some(hs),
+                session: None,
+                reasm: Reassembler::new(MAX_MESSAGE),
+                allow: window,
+                unacked: 0,
+                buffered: 0,
+                opened: Some(otx),
+                closed: false,
+            }),
+            permits: Semaphore::new(window as usize),
+            events: etx,
+            batch,
+            window,
+            grant: std::sync::OnceLock::new(),
+            _guard: guard,
+        });
+        Ok(NewEndpoint { endpoint, hello, opened: orx, events: erx })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of onion layers (requester side).
+    pub fn hops(&self) -> usize {
+        self.lock().onion.hops()
+    }
+
+    /// Queues our HELLO (already sealed) as the circuit's first DATA.
+    pub fn send_hello(&self, mut hello: Box<[u8; CELL_PAYLOAD_LEN]>) -> Result<(), PeerError> {
+        if let Ok(p) = self.permits.try_acquire() {
+            p.forget();
+        }
+        let mut st = self.lock();
+        st.onion.wrap_out(&mut hello[..]);
+        let cell = Cell { circ_id: self.circ_id, command: Command::Data, payload: hello };
+        self.link.writer.push(cell).map_err(|_| PeerError::Broken(BreakReason::LinkFailed))
+    }
+
+    /// Sends one message (fragmenting it); waits while the window is full.
+    pub async fn send(&self, msg: &[u8]) -> Result<(), PeerError> {
+        if msg.len() > MAX_MESSAGE {
+            return Err(PeerError::Proto(anomos_proto::ProtoError::TooLarge { what: "circuit message", len: msg.len(), limit: MAX_MESSAGE }));
+        }
+        for (kind, data) in fragments(msg) {
+            self.send_record(kind, data).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_record(&self, kind: RecordType, data: &[u8]) -> Result<(), PeerError> {
+        let permit = self.permits.acquire().await.map_err(|_| PeerError::Broken(BreakReason::Finished))?;
+        permit.forget();
+        let mut st = self.lock();
+        if st.closed {
+            return Err(PeerError::Broken(BreakReason::Finished));
+        }
+        let session = st.session.as_mut().ok_or(PeerError::Broken(BreakReason::Protocol))?;
+        let mut cell = Cell::new(self.circ_id, Command::Data);
+        session.seal(kind, data, &mut cell.payload)?;
+        st.onion.wrap_out(&mut cell.payload[..]);
+        self.link.writer.push(cell).map_err(|_| PeerError::Broken(BreakReason::LinkFailed))
+    }
+
+    /// Called by the link writer when one of our DATA cells has been written.
+    pub fn drained(&self) {
+        self.permits.add_permits(1);
+    }
+
+    /// Handles an incoming DATA cell. An error means the circuit must be broken with that reason.
+    pub fn on_data(&self, mut cell: Cell) -> Result<(), BreakReason> {
+        let mut st = self.lock();
+        if st.closed {
+            return Ok(());
+        }
+        if st.allow == 0 {
+            return Err(BreakReason::Protocol);
+        }
+        st.allow -= 1;
+        st.unacked += 1;
+        st.onion.unwrap_in(&mut cell.payload[..]);
+        if let Some(hs) = st.hs.take() {
+            let session = hs.finish(&mut cell.payload).map_err(|_| BreakReason::Integrity)?;
+            st.session = Some(session);
+            if let Some(tx) = st.opened.take() {
+                let _ = tx.send(Ok(()));
+            }
+            self.grant(&mut st);
+            return Ok(());
+        }
+        let Some(session) = st.session.as_mut() else { return Err(BreakReason::Protocol) };
+        let (kind, data) = session.open(&mut cell.payload).map_err(|_| BreakReason::Integrity)?;
+        match kind {
+            RecordType::Close => {
+                st.closed = true;
+                let _ = self.events.send(StreamEvent::Closed(BreakReason::Finished));
+                return Ok(());
+            }
+            RecordType::Hello => return Err(BreakReason::Protocol),
+            RecordType::Part | RecordType::End => {
+                let data = data.to_vec();
+                if let Some(msg) = st.reasm.push(kind, &data).map_err(|_| BreakReason::Protocol)? {
+                    st.buffered += msg.len();
+                    let _ = self.events.send(StreamEvent::Message(msg));
+                }
+            }
+        }
+        self.grant(&mut st);
+        Ok(())
+    }
+
+    /// The application consumed a message of `len` bytes.
+    pub fn consumed(&self, len: usize) {
+        let mut st = self.lock();
+        st.buffered = st.buffered.saturating_sub(len);
+        self.grant(&mut st);
+    }
+
+    fn grant(&self, st: &mut State) {
+        while st.unacked >= self.batch && st.buffered <= RECV_BUFFER {
+            st.unacked -= self.batch;
+            st.allow += self.batch;
+            let _ = self.link.writer.push_control(Cell::sendme(self.circ_id, self.batch as u16));
+        }
+    }
+
+    /// The circuit was refused (requester, before it opened).
+    pub fn denied(&self, err: PeerError) {
+        let mut st = self.lock();
+        st.closed = true;
+        if let Some(tx) = st.opened.take() {
+            let _ = tx.send(Err(err));
+        }
+        self.permits.close();
+    }
+
+    /// The circuit ended (BREAK received, link failed, or local close).
+    pub fn closed(&self, reason: BreakReason) {
+        let mut st = self.lock();
+        st.closed = true;
+        if let Some(tx) = st.opened.take() {
+            let _ = tx.send(Err(PeerError::Broken(reason)));
+        }
+        let _ = self.events.send(StreamEvent::Closed(reason));
+        self.permits.close();
+    }
+
+    /// Sends a Close record, waits until everything queued has left, then tears the circuit down.
+    pub async fn finish(&self) {
+        let _ = self.send_record(RecordType::Close, &[]).await;
+        // All permits back = our queue on the link is empty.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.permits.acquire_many(self.window)).await;
+    }
+}
+
+/// The ordered, end-to-end encrypted message stream of one circuit, as the chain layer sees it.
+pub struct CircuitStream {
+    endpoint: Option<Arc<Endpoint>>,
+    events: mpsc::UnboundedReceiver<StreamEvent>,
+    sender: CircuitSender,
+    /// Onion layers between us and the other end (requester side; 0 at the target).
+    pub hops: usize,
+}
+
+/// The sending half of a [`CircuitStream`]; cheap to clone.
+#[derive(Clone)]
+pub struct CircuitSender {
+    inner: SenderInner,
+}
+
+#[derive(Clone)]
+enum SenderInner {
+    Circuit(Arc<Endpoint>),
+    Memory(mpsc::UnboundedSender<StreamEvent>),
+}
+
+impl CircuitSender {
+    /// Sends one message.
+    pub async fn send(&self, msg: Vec<u8>) -> Result<(), PeerError> {
+        match &self.inner {
+            SenderInner::Circuit(e) => e.send(&msg).await,
+            SenderInner::Memory(tx) => tx.send(StreamEvent::Message(msg)).map_err(|_| PeerError::Broken(BreakReason::Finished)),
+        }
+    }
+}
+
+impl CircuitStream {
+    pub(crate) fn from_endpoint(endpoint: Arc<Endpoint>, events: mpsc::UnboundedReceiver<StreamEvent>) -> Self {
+        let hops = endpoint.hops();
+        CircuitStream { sender: CircuitSender { inner: SenderInner::Circuit(endpoint.clone()) }, endpoint: Some(endpoint), events, hops }
+    }
+
+    /// Two streams joined in memory (for tests of the layers above circuits).
+    pub fn memory_pair() -> (CircuitStream, CircuitStream) {
+        let (atx, arx) = mpsc::unbounded_channel();
+        let (btx, brx) = mpsc::unbounded_channel();
+        (
+            CircuitStream { endpoint: None, events: arx, sender: CircuitSender { inner: SenderInner::Memory(btx) }, hops: 0 },
+            CircuitStream { endpoint: None, events: brx, sender: CircuitSender { inner: SenderInner::Memory(atx) }, hops: 0 },
+        )
+    }
+
+    /// A sending handle.
+    pub fn sender(&self) -> CircuitSender {
+        self.sender.clone()
+    }
+
+    /// Sends one message.
+    pub async fn send(&self, msg: Vec<u8>) -> Result<(), PeerError> {
+        self.sender.send(msg).await
+    }
+
+    /// Receives the next message; `Err(Broken(reason))` once the circuit has ended.
+    pub async fn recv(&mut self) -> Result<Vec<u8>, PeerError> {
+        match self.events.recv().await {
+            Some(StreamEvent::Message(m)) => {
+                if let Some(e) = &self.endpoint {
+                    e.consumed(m.len());
+                }
+                Ok(m)
+            }
+            Some(StreamEvent::Closed(r)) => Err(PeerError::Broken(r)),
+            None => Err(PeerError::Broken(BreakReason::Finished)),
+        }
+    }
+
+    /// Closes the circuit gracefully (Close record, then BREAK after our queue drained).
+    pub async fn close(mut self) {
+        if let Some(e) = self.endpoint.take() {
+            crate::circuit::close_endpoint(&e).await;
+        }
+    }
+}
+
+impl Drop for CircuitStream {
+    fn drop(&mut self) {
+        if let Some(e) = self.endpoint.take() {
+            crate::circuit::abort_endpoint(&e, BreakReason::Finished);
+        }
+    }
+}

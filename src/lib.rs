@@ -1,0 +1,19 @@
+//! # anomos — the peer
+//!
+//! One TCP port for everything: neighbor links (handshake, cells) and the tracker's reachability probe.
+//! * [`node`]: the peer's place in the overlay (announce loop, neighbor links) and shared state.
+//! * [`link`]: link handshakes over TCP, the reader loop, and the fair, flow-controlled writer.
+//! * [`circuit`]: routing of cells, OPEN admission, the Relayer, endpoints and the message stream.
+//! * [`tracker_client`]: the encrypted session with the tracker.
+
+pub mod circuit;
+pub mod config;
+pub mod error;
+pub mod link;
+pub mod node;
+pub mod tracker_client;
+
+pub use circuit::endpoint::{CircuitSender, CircuitStream};
+pub use config::PeerConfig;
+pub use error::PeerError;
+pub use node::{Node, Service};

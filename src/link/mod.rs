@@ -1,0 +1,218 @@
+//! Neighbor links: the handshake over TCP (dial and accept), and the reader loop that feeds cells to circuits.
+//!
+//! A link is up once the handshake authenticated the neighbor the tracker named *and* the first sealed cell
+//! (a PADDING) opened, which proves the other side derived the same keys, i.e. knows the NeighborID.
+//! One reader task and one writer task ([`writer::LinkWriter`]) per link.
+
+pub mod writer;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anomos_proto::cell::{Cell, CircId, Command, CELL_LEN, DIALER_CIRC_BIT, SEALED_CELL_LEN};
+use anomos_proto::identity::{Fingerprint, PublicKey};
+use anomos_proto::ids::NeighborId;
+use anomos_proto::link::{self as plink, Acceptor, AuthStatus, Dialer, LinkCipher, HELLO_LEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tracing::{debug, info, warn};
+
+use crate::circuit::Route;
+use crate::error::PeerError;
+use crate::node::Node;
+use writer::LinkWriter;
+
+/// How long each handshake step may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An established neighbor link.
+pub struct Link {
+    /// The edge.
+    pub nid: NeighborId,
+    /// The neighbor.
+    pub peer: Fingerprint,
+    /// Whether we dialed.
+    pub dialer: bool,
+    /// Sending side.
+    pub writer: Arc<LinkWriter>,
+    routes: Mutex<HashMap<CircId, Route>>,
+    next_id: AtomicU32,
+}
+
+impl Link {
+    fn new(nid: NeighborId, peer: Fingerprint, dialer: bool, writer: Arc<LinkWriter>) -> Self {
+        Link { nid, peer, dialer, writer, routes: Mutex::new(HashMap::new()), next_id: AtomicU32::new(1) }
+    }
+
+    /// Locks the route table.
+    pub fn routes_lock(&self) -> std::sync::MutexGuard<'_, HashMap<CircId, Route>> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The route of a circuit id.
+    pub fn route(&self, id: CircId) -> Option<Route> {
+        self.routes_lock().get(&id).cloned()
+    }
+
+    /// Sets a route.
+    pub fn set_route(&self, id: CircId, r: Route) {
+        self.routes_lock().insert(id, r);
+    }
+
+    /// Removes a route.
+    pub fn remove_route(&self, id: CircId) -> Option<Route> {
+        self.routes_lock().remove(&id)
+    }
+
+    /// Number of circuits on this link.
+    pub fn circuits(&self) -> usize {
+        self.routes_lock().len()
+    }
+
+    /// A fresh circuit id from our half of the id space. Ids advance monotonically (wrapping after 2^31), so an
+    /// id torn down with BREAK is not reused while late cells for it may still be in flight.
+    pub fn alloc_id(&self) -> CircId {
+        let routes = self.routes_lock();
+        loop {
+            let n = self.next_id.fetch_add(1, Ordering::Relaxed) & !DIALER_CIRC_BIT;
+            if n == 0 {
+                continue;
+            }
+            let id = if self.dialer { n | DIALER_CIRC_BIT } else { n };
+            if !routes.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Whether `id` belongs to the other side's half (the only ids it may OPEN).
+    pub fn is_remote_id(&self, id: CircId) -> bool {
+        id != 0 && ((id & DIALER_CIRC_BIT != 0) != self.dialer)
+    }
+}
+
+async fn read_exact_timeout(s: &mut TcpStream, buf: &mut [u8], what: &'static str) -> Result<(), PeerError> {
+    timeout(HANDSHAKE_TIMEOUT, s.read_exact(buf)).await.map_err(|_| PeerError::Timeout(what))??;
+    Ok(())
+}
+
+async fn read_auth(s: &mut TcpStream, what: &'static str) -> Result<Vec<u8>, PeerError> {
+    let mut prefix = [0u8; 2];
+    read_exact_timeout(s, &mut prefix, what).await?;
+    let len = plink::auth_frame_len(prefix)?;
+    let mut msg = vec![0u8; 2 + len];
+    msg[..2].copy_from_slice(&prefix);
+    read_exact_timeout(s, &mut msg[2..], what).await?;
+    Ok(msg)
+}
+
+/// Dials a neighbor and runs the link until it ends.
+pub async fn dial(node: Arc<Node>, nid: NeighborId, addr: std::net::SocketAddr, key: PublicKey) -> Result<(), PeerError> {
+    let mut s = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr)).await.map_err(|_| PeerError::Timeout("link connect"))??;
+    s.set_nodelay(true)?;
+    let peer = key.fingerprint();
+    let (dialer, hello) = Dialer::start(&mut rand::rngs::OsRng, key, nid);
+    s.write_all(&hello).await?;
+    let mut reply = [0u8; HELLO_LEN];
+    read_exact_timeout(&mut s, &mut reply, "link reply").await?;
+    let id = node.identity.clone();
+    let (dialer, auth) = tokio::task::spawn_blocking(move || dialer.on_reply(&reply, &id, &mut rand::rngs::OsRng))
+        .await
+        .map_err(|e| PeerError::Config(e.to_string()))??;
+    s.write_all(&auth).await?;
+    let msg = read_auth(&mut s, "link auth reply").await?;
+    let cipher = dialer.on_auth_reply(&msg)?;
+    run(node, s, cipher, peer).await;
+    Ok(())
+}
+
+/// Accepts a link on a connection whose first 8 bytes (the magic) were already read.
+pub async fn accept(node: Arc<Node>, mut s: TcpStream, remote: std::net::SocketAddr) -> Result<(), PeerError> {
+    let mut hello = [0u8; HELLO_LEN];
+    hello[..8].copy_from_slice(&plink::LINK_MAGIC);
+    read_exact_timeout(&mut s, &mut hello[8..], "link hello").await?;
+    let (acceptor, reply) = Acceptor::start(&mut rand::rngs::OsRng, &hello)?;
+    s.write_all(&reply).await?;
+    let auth = read_auth(&mut s, "link auth").await?;
+    let busy = node.link_count() >= node.cfg.max_links;
+    let me = node.identity.clone();
+    let n2 = node.clone();
+    let out = tokio::task::spawn_blocking(move || acceptor.on_auth(&auth, &me, &mut rand::rngs::OsRng, busy, |fp| n2.neighbor_by_fp(fp)))
+        .await
+        .map_err(|e| PeerError::Config(e.to_string()))??;
+    s.write_all(&out.reply).await?;
+    match out.result {
+        Ok(cipher) => {
+            let peer = cipher.peer;
+            run(node, s, cipher, peer).await;
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(fp) = out.peer {
+                if node.neighbor_by_fp(&fp).is_none() {
+                    // Possibly a neighbor the tracker assigned after our last announce: refresh soon.
+                    node.request_reannounce();
+                }
+                info!(%remote, peer = %fp.short(), "link refused: {e}");
+            }
+            Err(PeerError::Proto(e))
+        }
+    }
+}
+
+/// Whether a refusal means "try again later" (the acceptor doesn't know us as a neighbor yet).
+pub fn is_unknown_neighbor(e: &PeerError) -> bool {
+    matches!(e, PeerError::Proto(anomos_proto::ProtoError::Invalid { detail, .. }) if detail == &format!("{:?}", AuthStatus::UnknownNeighbor))
+}
+
+async fn run(node: Arc<Node>, s: TcpStream, cipher: LinkCipher, peer: Fingerprint) {
+    let nid = cipher.nid;
+    let dialer = cipher.dialer;
+    let (mut rd, wr) = s.into_split();
+    let (sealer, mut opener) = cipher.split();
+    let writer = LinkWriter::new(node.cfg.link_queue_cap, node.cfg.circuit_window * 2);
+    // Key confirmation: our first cell.
+    let _ = writer.push_control(Cell::padding());
+    let link = Arc::new(Link::new(nid, peer, dialer, writer.clone()));
+    let wtask = tokio::spawn(writer.clone().run(wr, sealer, node.cfg.keepalive));
+    let mut buf = vec![0u8; SEALED_CELL_LEN];
+    let mut first = true;
+    let reason: String = loop {
+        match timeout(node.cfg.link_idle_timeout, rd.read_exact(&mut buf)).await {
+            Err(_) => break "idle timeout (no cell or keepalive)".into(),
+            Ok(Err(e)) => break format!("read: {e}"),
+            Ok(Ok(_)) => {}
+        }
+        if let Err(e) = opener.open_in_place(&mut buf) {
+            break if first { format!("key confirmation failed (NeighborID mismatch?): {e}") } else { format!("bad cell: {e}") };
+        }
+        let cell = match Cell::decode(&buf[..CELL_LEN]) {
+            Ok(c) => c,
+            Err(e) => break format!("malformed cell: {e}"),
+        };
+        if first {
+            if cell.command != Command::Padding {
+                break "first cell was not the key-confirmation PADDING".into();
+            }
+            first = false;
+            info!(peer = %peer.short(), dialer, "link up");
+            node.install_link(link.clone());
+            continue;
+        }
+        if let Err(e) = node.handle_cell(&link, cell) {
+            break format!("protocol violation: {e}");
+        }
+    };
+    if first {
+        warn!(peer = %peer.short(), "link failed before it came up: {reason}");
+    } else {
+        info!(peer = %peer.short(), circuits = link.circuits(), "link down: {reason}");
+    }
+    writer.close();
+    wtask.abort();
+    node.link_down(&link);
+    debug!(peer = %peer.short(), "link tasks finished");
+}
