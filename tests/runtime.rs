@@ -143,3 +143,83 @@ async fn a_reader_that_stops_makes_the_sender_wait() {
     assert!(queued > 0);
     t.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_wrong_link_and_non_neighbor_opens_are_refused() {
+    use anomos::PeerError;
+    use anomos_proto::cell::DenyReason;
+    let o = overlay(6, 1, 128).await;
+    let a = &o.nodes[0];
+    let mut grant = None;
+    for _ in 0..50 {
+        let req = CircuitRequest { chain: ChainId::new("echo").unwrap(), count: 1, relays: 2 };
+        if let Ok(mut g) = a.request_grants(req).await {
+            if let Some(g) = g.pop() {
+                grant = Some(g);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let grant = grant.expect("grant");
+    let first = a.open_circuit(&grant).await.expect("first use of the TC opens");
+    // The same TC again: the first relay has seen its replay tag.
+    match a.open_circuit(&grant).await {
+        Err(PeerError::Denied(DenyReason::Replayed)) => {}
+        other => panic!("replay not refused: {:?}", other.map(|_| ())),
+    }
+    drop(first);
+
+    // Who is the first relay? (Only the test can tell: it holds every identity.)
+    let tc = grant.tc_array().unwrap();
+    let r1 = o
+        .nodes
+        .iter()
+        .find(|n| anomos_proto::tc::peel(&tc, &n.identity, &mut rand::rngs::OsRng).is_ok())
+        .expect("first relay");
+    // Another neighbor of the first relay presents A's TC over its own edge (the next hop always qualifies).
+    let mut g2 = a.request_grants(CircuitRequest { chain: ChainId::new("echo").unwrap(), count: 1, relays: 2 }).await.unwrap().pop().unwrap();
+    let tc2 = g2.tc_array().unwrap();
+    let r1b = o.nodes.iter().find(|n| anomos_proto::tc::peel(&tc2, &n.identity, &mut rand::rngs::OsRng).is_ok()).unwrap();
+    let b = o
+        .nodes
+        .iter()
+        .find(|n| n.fingerprint() != a.fingerprint() && n.fingerprint() != r1b.fingerprint() && n.neighbor_by_fp(&r1b.fingerprint()).is_some())
+        .expect("the first relay has a neighbor besides the requester");
+    let (_, nid) = b.neighbor_by_fp(&r1b.fingerprint()).unwrap();
+    g2.first_hop = nid;
+    match b.open_circuit(&g2).await {
+        Err(PeerError::Denied(DenyReason::WrongLink)) => {}
+        other => panic!("wrong-link TC not refused: {:?}", other.map(|_| ())),
+    }
+
+    // A peer that is not r1's neighbor (a key the tracker never placed next to it) cannot complete a link
+    // handshake with it.
+    {
+        use anomos_proto::link::{auth_frame_len, Dialer, HELLO_LEN};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stranger = Identity::generate(&mut rand::rngs::OsRng, 2048).unwrap();
+        let mut s = tokio::net::TcpStream::connect(r1.listen_addr).await.unwrap();
+        let (d, hello) = Dialer::start(&mut rand::rngs::OsRng, r1.identity.public().clone(), anomos_proto::ids::NeighborId(1));
+        s.write_all(&hello).await.unwrap();
+        let mut reply = [0u8; HELLO_LEN];
+        s.read_exact(&mut reply).await.unwrap();
+        let (d, auth) = d.on_reply(&reply, &stranger, &mut rand::rngs::OsRng).unwrap();
+        s.write_all(&auth).await.unwrap();
+        let mut p = [0u8; 2];
+        s.read_exact(&mut p).await.unwrap();
+        let mut msg = vec![0u8; 2 + auth_frame_len(p).unwrap()];
+        msg[..2].copy_from_slice(&p);
+        s.read_exact(&mut msg[2..]).await.unwrap();
+        let err = d.on_auth_reply(&msg).err().expect("stranger refused");
+        assert!(err.to_string().contains("UnknownNeighbor"), "{err}");
+        // And the connection is closed: an OPEN-sized write gets no answer.
+        let _ = s.write_all(&[0u8; anomos_proto::cell::SEALED_CELL_LEN]).await;
+        let mut buf = [0u8; 1];
+        assert!(matches!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_))));
+    }
+    // The overlay still works for everyone else.
+    let mut s = open(&o, 1, 2).await;
+    s.send(b"still here".to_vec()).await.unwrap();
+    assert_eq!(s.recv().await.unwrap(), b"still here");
+}
