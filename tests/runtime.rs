@@ -60,8 +60,7 @@ async fn overlay(peers: usize, servers: usize, window: u32) -> Overlay {
             None
         };
         let id = Identity::generate(&mut rand::rngs::OsRng, 2048).unwrap();
-        let key = anomos_proto::identity::load_identity(&dirs[0].path().join("tracker.key")).unwrap().public().clone();
-        assert_eq!(key.fingerprint(), ready.fingerprint);
+        let key = anomos::tracker_client::fetch_tracker_key(ready.listen, &ready.fingerprint).await.unwrap();
         let (node, l) = Node::bind(cfg, id, key, service).await.unwrap();
         node.start(l);
         nodes.push(node);

@@ -1,1 +1,27 @@
-pub fn x(){}
+//! # anomos-tracker
+//!
+//! The tracker of the anomos overlay. It knows every peer, keeps the random neighbor graph (each edge with its
+//! own secret [`NeighborId`](anomos_proto::ids::NeighborId)), and builds tracking codes for paths through it.
+//! All state is in memory and bounded.
+//!
+//! * [`config`]: the command-line arguments ([`TrackerArgs`]).
+//! * `server`: startup, accept loop, sessions and framing ([`run`], [`run_until`]); also answers the key fetch
+//!   (`ANOMOSK1`) that lets a peer pinning the tracker's fingerprint obtain its full public key.
+//! * `service`: what each request does (announce with reachability check, circuits, failure reports).
+//! * `graph`: the overlay graph and path finding — pure, synchronous, unit-tested.
+//! * `circuits`: tracking-code issuing and the memory of issued circuits.
+//! * `probe`: the reachability check.
+
+#![forbid(unsafe_code)]
+
+mod circuits;
+pub mod config;
+mod error;
+mod graph;
+mod probe;
+mod server;
+mod service;
+
+pub use config::TrackerArgs;
+pub use error::TrackerError;
+pub use server::{run, run_until, Ready, HELLO_TIMEOUT, IDLE_TIMEOUT};

@@ -1,1 +1,43 @@
-fn main(){}
+//! `anomos-tracker`: parse the arguments, set up logging, run the tracker.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// The anomos tracker: peer registry, neighbor graph and tracking-code issuer.
+#[derive(Parser, Debug)]
+#[command(name = "anomos-tracker", version, about)]
+struct Cli {
+    #[command(flatten)]
+    args: anomos_tracker::TrackerArgs,
+
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info` or `anomos_tracker=debug`); `RUST_LOG` overrides it.
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    log_level: String,
+
+    /// Log line format.
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr: stdout carries only the ready line.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    match anomos_tracker::run(cli.args, None).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "tracker stopped");
+            eprintln!("anomos-tracker: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

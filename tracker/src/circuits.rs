@@ -1,0 +1,292 @@
+//! Issuing circuits: turning paths into tracking codes and grants, and remembering what was issued so that a
+//! failure report can be traced back to the peer to avoid.
+//!
+//! Issuing is split in two so the graph lock is held only briefly: [`plan`] (under the lock: edges, keys,
+//! fresh secrets and handles) and [`Plan::build`] (no lock: the RSA-OAEP work of [`anomos_proto::tc::build`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use anomos_proto::crypto::Secret;
+use anomos_proto::identity::{Fingerprint, PublicKey};
+use anomos_proto::ids::{ChainId, NeighborId, SessionId};
+use anomos_proto::tc::{self, HopSpec, Layer, LayerKind};
+use anomos_proto::tracker::{CircuitGrant, FailureKind};
+use rand::{CryptoRng, RngCore};
+
+use crate::graph::Graph;
+
+/// How long a circuit is remembered after its tracking code expires (late failure reports still count).
+pub const REMEMBER_AFTER_EXPIRY: Duration = Duration::from_secs(600);
+
+/// What the tracker remembers about one issued circuit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitRecord {
+    /// Who asked for it (only that peer's reports about it count).
+    pub requester: Fingerprint,
+    /// The hops in path order: relays, then the target.
+    pub hops: Vec<Fingerprint>,
+    /// Each hop's replay tag, in the same order.
+    pub tags: Vec<[u8; 16]>,
+    /// When the record may be forgotten.
+    pub forget_at: Instant,
+}
+
+impl CircuitRecord {
+    /// The peer a circuit failure report blames, or why it blames nobody.
+    pub fn blame(&self, kind: FailureKind, hop_tag: Option<[u8; 16]>) -> Result<Fingerprint, &'static str> {
+        let tagged = || -> Result<usize, &'static str> {
+            let tag = hop_tag.ok_or("no hop tag")?;
+            self.tags.iter().position(|t| *t == tag).ok_or("hop tag not on this circuit")
+        };
+        match kind {
+            FailureKind::Misbehaving => self.hops.last().copied().ok_or("empty path"),
+            // The hop that refused.
+            FailureKind::CircuitDenied(_) => self.hops.get(tagged()?).copied().ok_or("hop tag not on this circuit"),
+            // The tagged hop saw its link to the next hop fail: blame the peer across that link.
+            FailureKind::CircuitBroken(_) => {
+                self.hops.get(tagged()? + 1).copied().ok_or("the target reported its own circuit broken")
+            }
+            FailureKind::NeighborUnreachable => Err("not a circuit failure"),
+        }
+    }
+}
+
+/// Issued circuits by handle, bounded: the oldest is forgotten first.
+#[derive(Debug)]
+pub struct CircuitBook {
+    max: usize,
+    records: HashMap<u64, CircuitRecord>,
+    /// Handles in issue order (so also in `forget_at` order).
+    order: VecDeque<u64>,
+}
+
+impl CircuitBook {
+    /// An empty book holding at most `max` circuits.
+    pub fn new(max: usize) -> Self {
+        CircuitBook { max: max.max(1), records: HashMap::new(), order: VecDeque::new() }
+    }
+
+    /// Number of remembered circuits.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// A random non-zero handle not in use.
+    pub fn fresh_handle(&self, rng: &mut impl RngCore, also_taken: &[u64]) -> u64 {
+        loop {
+            let h = rng.next_u64();
+            if h != 0 && !self.records.contains_key(&h) && !also_taken.contains(&h) {
+                return h;
+            }
+        }
+    }
+
+    /// Remembers a circuit, forgetting the oldest if full.
+    pub fn insert(&mut self, handle: u64, record: CircuitRecord) {
+        while self.records.len() >= self.max {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.records.remove(&old);
+                }
+                None => break,
+            }
+        }
+        if self.records.insert(handle, record).is_none() {
+            self.order.push_back(handle);
+        }
+    }
+
+    /// The record of `handle`.
+    pub fn get(&self, handle: u64) -> Option<&CircuitRecord> {
+        self.records.get(&handle)
+    }
+
+    /// Forgets records whose time is up; returns how many.
+    pub fn prune(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        while let Some(h) = self.order.front().copied() {
+            match self.records.get(&h) {
+                Some(r) if r.forget_at > now => break,
+                Some(_) => {
+                    self.records.remove(&h);
+                    n += 1;
+                }
+                None => {}
+            }
+            self.order.pop_front();
+        }
+        n
+    }
+}
+
+/// One circuit ready to be built.
+pub struct PlannedCircuit {
+    handle: u64,
+    first_hop: NeighborId,
+    hops: Vec<HopSpec>,
+    e2e_secret: Secret,
+    record: CircuitRecord,
+}
+
+/// The circuits of one request, ready to be built.
+pub struct Plan {
+    session: SessionId,
+    expires: u64,
+    circuits: Vec<PlannedCircuit>,
+}
+
+/// One circuit built: the grant for the requester and what to remember.
+pub struct Issued {
+    /// For the requester.
+    pub grant: CircuitGrant,
+    /// For the book.
+    pub record: CircuitRecord,
+}
+
+/// Turns paths `[requester, r1, …, target]` into planned circuits: every edge id, hop key, fresh hop secret,
+/// replay tag, end-to-end secret and handle. Paths whose edges or peers vanished are skipped.
+pub fn plan<R: RngCore + CryptoRng>(
+    graph: &Graph<PublicKey>,
+    book: &CircuitBook,
+    paths: &[Vec<Fingerprint>],
+    chain: &ChainId,
+    expires: u64,
+    forget_at: Instant,
+    rng: &mut R,
+) -> Plan {
+    let mut session = [0u8; 16];
+    rng.fill_bytes(&mut session);
+    let mut handles = Vec::new();
+    let mut circuits = Vec::new();
+    for path in paths {
+        let handle = book.fresh_handle(rng, &handles);
+        if let Some(c) = plan_one(graph, path, chain, session, expires, forget_at, handle, rng) {
+            handles.push(handle);
+            circuits.push(c);
+        }
+    }
+    Plan { session, expires, circuits }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_one<R: RngCore + CryptoRng>(
+    graph: &Graph<PublicKey>,
+    path: &[Fingerprint],
+    chain: &ChainId,
+    session: SessionId,
+    expires: u64,
+    forget_at: Instant,
+    handle: u64,
+    rng: &mut R,
+) -> Option<PlannedCircuit> {
+    let (requester, hops) = path.split_first()?;
+    if hops.is_empty() {
+        return None;
+    }
+    let e2e_secret = Secret::random(rng);
+    let mut specs = Vec::with_capacity(hops.len());
+    let mut tags = Vec::with_capacity(hops.len());
+    let mut prev_node = requester;
+    for (i, node) in hops.iter().enumerate() {
+        let prev = graph.edge(prev_node, node)?;
+        let kind = match hops.get(i + 1) {
+            Some(next_node) => LayerKind::Relay { next: graph.edge(node, next_node)? },
+            None => LayerKind::Target { chain: chain.clone(), session, e2e_secret: e2e_secret.clone() },
+        };
+        let mut replay_tag = [0u8; 16];
+        rng.fill_bytes(&mut replay_tag);
+        let layer = Layer { prev, kind, hop_secret: Secret::random(rng), expires, replay_tag };
+        specs.push(HopSpec { key: graph.get(node)?.key.clone(), layer });
+        tags.push(replay_tag);
+        prev_node = node;
+    }
+    Some(PlannedCircuit {
+        handle,
+        first_hop: graph.edge(requester, hops.first()?)?,
+        hops: specs,
+        e2e_secret,
+        record: CircuitRecord { requester: *requester, hops: hops.to_vec(), tags, forget_at },
+    })
+}
+
+impl Plan {
+    /// Total onion layers (the RSA encryptions [`Plan::build`] will do).
+    pub fn layers(&self) -> usize {
+        self.circuits.iter().map(|c| c.hops.len()).sum()
+    }
+
+    /// Builds every tracking code. A circuit whose TC cannot be built is dropped with a log line.
+    pub fn build<R: RngCore + CryptoRng>(self, rng: &mut R) -> Vec<Issued> {
+        let mut out = Vec::with_capacity(self.circuits.len());
+        for c in self.circuits {
+            let tc = match tc::build(&c.hops, rng) {
+                Ok(tc) => tc,
+                Err(e) => {
+                    tracing::warn!(hops = c.hops.len(), error = %e, "could not build a tracking code");
+                    continue;
+                }
+            };
+            let grant = CircuitGrant {
+                circuit: c.handle,
+                first_hop: c.first_hop,
+                tc: tc.to_vec(),
+                hop_secrets: c.hops.iter().map(|h| h.layer.hop_secret.0).collect(),
+                e2e_secret: c.e2e_secret.0,
+                session: self.session,
+                expires: self.expires,
+            };
+            out.push(Issued { grant, record: c.record });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(i: u8) -> Fingerprint {
+        Fingerprint([i; 32])
+    }
+
+    fn record(now: Instant, secs: u64) -> CircuitRecord {
+        CircuitRecord {
+            requester: fp(0),
+            hops: vec![fp(1), fp(2), fp(3)],
+            tags: vec![[1; 16], [2; 16], [3; 16]],
+            forget_at: now + Duration::from_secs(secs),
+        }
+    }
+
+    #[test]
+    fn blame_follows_the_tagged_hop() {
+        let r = record(Instant::now(), 1);
+        assert_eq!(r.blame(FailureKind::CircuitDenied(1), Some([2; 16])), Ok(fp(2)));
+        assert_eq!(r.blame(FailureKind::CircuitBroken(1), Some([1; 16])), Ok(fp(2)));
+        assert_eq!(r.blame(FailureKind::CircuitBroken(1), Some([2; 16])), Ok(fp(3)));
+        assert!(r.blame(FailureKind::CircuitBroken(1), Some([3; 16])).is_err());
+        assert!(r.blame(FailureKind::CircuitDenied(1), None).is_err());
+        assert!(r.blame(FailureKind::CircuitDenied(1), Some([9; 16])).is_err());
+        assert_eq!(r.blame(FailureKind::Misbehaving, None), Ok(fp(3)));
+        assert!(r.blame(FailureKind::NeighborUnreachable, Some([1; 16])).is_err());
+    }
+
+    #[test]
+    fn book_is_bounded_and_forgets_in_order() {
+        let now = Instant::now();
+        let mut b = CircuitBook::new(3);
+        for h in 1..=5u64 {
+            b.insert(h, record(now, h));
+        }
+        assert_eq!(b.len(), 3);
+        assert!(b.get(1).is_none() && b.get(2).is_none());
+        assert!(b.get(3).is_some() && b.get(5).is_some());
+        assert_eq!(b.prune(now + Duration::from_secs(4)), 2);
+        assert_eq!(b.len(), 1);
+        assert!(b.get(5).is_some());
+        let mut rng = rand::thread_rng();
+        let h = b.fresh_handle(&mut rng, &[]);
+        assert!(h != 0 && h != 5);
+    }
+}

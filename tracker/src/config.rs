@@ -1,0 +1,176 @@
+//! Command-line / embedding configuration of the tracker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::TrackerError;
+use crate::graph::GraphConfig;
+
+/// Largest `--neighbors`: the degree cap (target + 2) must fit an announce reply (`MAX_NEIGHBORS`).
+pub const MAX_TARGET_DEGREE: usize = anomos_proto::tracker::MAX_NEIGHBORS - 2;
+
+/// How many missed announce intervals make a peer expire.
+pub const EXPIRE_INTERVALS: u32 = 3;
+
+/// Everything the tracker is configured with. Embeddable in another clap command with `#[command(flatten)]`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrackerArgs {
+    /// Address to listen on for peers (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+
+    /// Directory holding the tracker's identity key `tracker.key` (created with mode 0700).
+    #[arg(long, value_name = "DIR", default_value = "./anomos-tracker-data")]
+    pub data_dir: PathBuf,
+
+    /// RSA modulus size in bits when a new identity key is created (2048 or 3072).
+    #[arg(long, value_name = "BITS", default_value_t = 2048, value_parser = parse_key_bits)]
+    pub key_bits: usize,
+
+    /// Target number of neighbors per peer (1..=30); a peer accepts up to this + 2.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_degree)]
+    pub neighbors: usize,
+
+    /// Announce interval handed to peers, in seconds; a peer silent for 3 intervals expires.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub interval: u32,
+
+    /// Allow peers on the same IP address to be neighbors (needed when everything runs on loopback).
+    #[arg(long)]
+    pub allow_same_ip: bool,
+
+    /// Most announced peers kept at once; new peers beyond it are refused with `Full`.
+    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = parse_positive)]
+    pub max_peers: usize,
+
+    /// Most issued circuits remembered for failure reports (the oldest is forgotten first).
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = parse_positive)]
+    pub max_pending_circuits: usize,
+
+    /// Most concurrent peer connections; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_positive)]
+    pub max_sessions: usize,
+
+    /// Lifetime of issued tracking codes, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub tc_ttl: u64,
+}
+
+fn parse_key_bits(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(b) if anomos_proto::identity::ALLOWED_KEY_BITS.contains(&b) => Ok(b),
+        _ => Err(format!("{s:?}: must be 2048 or 3072")),
+    }
+}
+
+fn parse_degree(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_TARGET_DEGREE).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: must be 1..={MAX_TARGET_DEGREE}")),
+    }
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?}: must be a positive integer")),
+    }
+}
+
+impl Default for TrackerArgs {
+    /// The same values as an empty command line.
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: TrackerArgs,
+        }
+        <Defaults as clap::Parser>::parse_from(["anomos-tracker"]).args
+    }
+}
+
+impl TrackerArgs {
+    /// Range checks (clap enforces them on the command line; this covers values set in code).
+    pub fn validate(&self) -> Result<(), TrackerError> {
+        let bad = |m: String| Err(TrackerError::Config(m));
+        if !anomos_proto::identity::ALLOWED_KEY_BITS.contains(&self.key_bits) {
+            return bad(format!("--key-bits {}: must be 2048 or 3072", self.key_bits));
+        }
+        if !(1..=MAX_TARGET_DEGREE).contains(&self.neighbors) {
+            return bad(format!("--neighbors {}: must be 1..={MAX_TARGET_DEGREE}", self.neighbors));
+        }
+        if self.interval == 0 || self.tc_ttl == 0 {
+            return bad("--interval and --tc-ttl must be positive".into());
+        }
+        if self.max_peers == 0 || self.max_pending_circuits == 0 || self.max_sessions == 0 {
+            return bad("--max-peers, --max-pending-circuits and --max-sessions must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Where the identity key lives.
+    pub fn key_path(&self) -> PathBuf {
+        self.data_dir.join("tracker.key")
+    }
+
+    /// How long a peer stays live after its last successful announce.
+    pub fn expire_after(&self) -> Duration {
+        Duration::from_secs(u64::from(self.interval) * u64::from(EXPIRE_INTERVALS))
+    }
+
+    pub(crate) fn graph_config(&self) -> GraphConfig {
+        GraphConfig {
+            target_degree: self.neighbors,
+            max_degree: self.neighbors + 2,
+            allow_same_ip: self.allow_same_ip,
+            max_peers: self.max_peers,
+            expire_after: self.expire_after(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrackerArgs,
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let a = TrackerArgs::default();
+        assert_eq!(a.listen, "127.0.0.1:7700".parse().unwrap());
+        assert_eq!(a.data_dir, PathBuf::from("./anomos-tracker-data"));
+        assert_eq!((a.key_bits, a.neighbors, a.interval, a.tc_ttl), (2048, 4, 30, 120));
+        assert_eq!((a.max_peers, a.max_pending_circuits, a.max_sessions), (10_000, 100_000, 1024));
+        assert!(!a.allow_same_ip);
+        a.validate().unwrap();
+        assert_eq!(a.key_path(), PathBuf::from("./anomos-tracker-data/tracker.key"));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        assert!(Cli::try_parse_from(["t", "--key-bits", "1024"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--neighbors", "0"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--neighbors", "31"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--interval", "0"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--max-sessions", "0"]).is_err());
+        let ok = Cli::try_parse_from(["t", "--key-bits", "3072", "--neighbors", "30", "--allow-same-ip"]).unwrap();
+        assert_eq!((ok.args.key_bits, ok.args.neighbors, ok.args.allow_same_ip), (3072, 30, true));
+        let a = TrackerArgs { neighbors: 40, ..TrackerArgs::default() };
+        assert!(a.validate().is_err());
+    }
+
+    #[test]
+    fn help_shows_defaults() {
+        let help = Cli::command().render_long_help().to_string();
+        for d in ["127.0.0.1:7700", "./anomos-tracker-data", "[default: 2048]", "[default: 10000]", "[default: 120]"] {
+            assert!(help.contains(d), "help lacks {d}: {help}");
+        }
+    }
+}

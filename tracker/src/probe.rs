@@ -1,0 +1,66 @@
+//! The reachability check: before a peer gets neighbors, the tracker dials the address it announced and asks
+//! "who are you?"; the answer must be signed by the key the peer authenticated with.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anomos_proto::identity::{Fingerprint, MAX_RSA_BYTES, MAX_SPKI_LEN};
+use anomos_proto::link::{encode_probe, verify_probe_answer, MAX_PROBE_ANSWER};
+use anomos_proto::ProtoError;
+use rand::RngCore;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long connecting, asking and reading the answer may take together.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a probe failed.
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    /// No complete answer within the timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Connecting, writing or reading failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The answer was malformed or its signature did not verify.
+    #[error("bad answer: {0}")]
+    Proto(#[from] ProtoError),
+    /// A valid answer, but from another key.
+    #[error("answered with another key ({0})")]
+    WrongKey(String),
+}
+
+/// Checks that `addr` answers a fresh probe with the key whose fingerprint is `expected`.
+pub async fn check(addr: SocketAddr, expected: &Fingerprint, timeout: Duration) -> Result<(), ProbeError> {
+    let mut nonce = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let answer =
+        tokio::time::timeout(timeout, exchange(addr, &nonce)).await.map_err(|_| ProbeError::Timeout(timeout))??;
+    let key = verify_probe_answer(&nonce, &answer)?;
+    if key.fingerprint() != *expected {
+        return Err(ProbeError::WrongKey(key.fingerprint().short()));
+    }
+    Ok(())
+}
+
+/// Sends the probe and reads `der_len u16 | der | sig_len u16 | sig`, bounding each length before reading.
+async fn exchange(addr: SocketAddr, nonce: &[u8; 32]) -> Result<Vec<u8>, ProbeError> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(&encode_probe(nonce)).await?;
+    let mut answer = Vec::with_capacity(MAX_PROBE_ANSWER);
+    for (what, limit) in [("probe key", MAX_SPKI_LEN), ("probe signature", MAX_RSA_BYTES)] {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await?;
+        let n = u16::from_be_bytes(len) as usize;
+        if n > limit {
+            return Err(ProtoError::TooLarge { what, len: n, limit }.into());
+        }
+        let start = answer.len();
+        answer.extend_from_slice(&len);
+        answer.resize(start + 2 + n, 0);
+        s.read_exact(&mut answer[start + 2..]).await?;
+    }
+    Ok(answer)
+}

@@ -1,0 +1,233 @@
+//! What the tracker does with each request, independent of how it arrived: announce (with its reachability
+//! check), circuit requests, failure reports, and periodic expiry.
+//!
+//! All state sits in one [`State`] behind a `std::sync::Mutex`; it is never held across an `.await` (the probe
+//! and the tracking-code RSA work happen outside it).
+
+use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anomos_proto::identity::{Fingerprint, PublicKey};
+use anomos_proto::tracker::{
+    Announce, AnnounceReply, CircuitReply, CircuitRequest, ErrorCode, FailureKind, FailureReport, FromTracker,
+    NeighborInfo, TrackerError as WireError, MAX_NEIGHBORS, MAX_TEXT,
+};
+use rand::rngs::{OsRng, StdRng};
+use rand::SeedableRng;
+use tracing::{debug, info, warn};
+
+use crate::circuits::{self, CircuitBook, REMEMBER_AFTER_EXPIRY};
+use crate::config::TrackerArgs;
+use crate::graph::{Graph, GraphError};
+use crate::probe::{self, PROBE_TIMEOUT};
+
+/// Requests with more onion layers than this build their tracking codes on the blocking pool.
+const INLINE_LAYERS: usize = 8;
+
+/// The tracker's mutable state.
+struct State {
+    graph: Graph<PublicKey>,
+    book: CircuitBook,
+    /// For graph choices and the secrets planned under the lock (a CSPRNG seeded from the OS).
+    rng: StdRng,
+}
+
+/// The request handlers, shared by every session.
+pub(crate) struct Service {
+    args: TrackerArgs,
+    state: Mutex<State>,
+}
+
+/// An error reply (message cut to what the protocol allows).
+pub(crate) fn error_reply(code: ErrorCode, message: impl Into<String>) -> FromTracker {
+    let mut message = message.into();
+    if message.len() > MAX_TEXT {
+        let mut cut = MAX_TEXT;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+    }
+    FromTracker::Error(WireError { code, message })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Addresses a peer can never be reached at.
+fn unusable_listen_ip(ip: IpAddr) -> bool {
+    ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+impl Service {
+    pub(crate) fn new(args: TrackerArgs) -> Self {
+        let state = State {
+            graph: Graph::new(args.graph_config()),
+            book: CircuitBook::new(args.max_pending_circuits),
+            rng: StdRng::from_rng(OsRng).unwrap_or_else(|_| StdRng::from_entropy()),
+        };
+        Service { args, state: Mutex::new(state) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; the state is still consistent enough to go on.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `Announce`: check reachability, record the peer, top it up, reply with its whole neighbor set.
+    pub(crate) async fn announce(&self, key: &PublicKey, ann: Announce) -> FromTracker {
+        let id = key.fingerprint();
+        let listen = ann.listen;
+        if unusable_listen_ip(listen.ip()) {
+            warn!(peer = %id.short(), %listen, "announce refused: unusable listen address");
+            return error_reply(ErrorCode::BadRequest, format!("cannot reach a peer at {listen}"));
+        }
+        {
+            let st = self.lock();
+            if st.graph.get(&id).is_none() && st.graph.len() >= self.args.max_peers {
+                warn!(peer = %id.short(), peers = st.graph.len(), "announce refused: tracker full");
+                return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
+            }
+        }
+        if let Err(e) = probe::check(listen, &id, PROBE_TIMEOUT).await {
+            warn!(peer = %id.short(), %listen, reason = %e, "announce refused: reachability check failed");
+            return error_reply(ErrorCode::Unreachable, format!("{listen} did not answer with your key: {e}"));
+        }
+
+        let mut st = self.lock();
+        let State { graph, rng, .. } = &mut *st;
+        let done = match graph.announce(id, key.clone(), listen, ann.chains, Instant::now(), rng) {
+            Ok(done) => done,
+            Err(_) => {
+                warn!(peer = %id.short(), "announce refused: tracker full");
+                return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
+            }
+        };
+        let neighbors: Vec<NeighborInfo> = graph
+            .neighbors(&id)
+            .into_iter()
+            .take(MAX_NEIGHBORS)
+            .map(|(nid, _, p)| NeighborInfo { id: nid, addr: p.addr, public_key: p.key.der().to_vec() })
+            .collect();
+        let peers = graph.len();
+        drop(st);
+
+        if done.is_new {
+            info!(peer = %id.short(), %listen, neighbors = done.degree, peers, "new peer announced");
+        } else if done.addr_changed || done.was_avoided || done.added > 0 {
+            info!(
+                peer = %id.short(), %listen, neighbors = done.degree, added = done.added,
+                moved = done.addr_changed, readmitted = done.was_avoided, "peer announced"
+            );
+        } else {
+            debug!(peer = %id.short(), neighbors = done.degree, "peer announced");
+        }
+        if done.added > 0 {
+            info!(peer = %id.short(), added = done.added, degree = done.degree, "neighbors assigned");
+        }
+        FromTracker::Announced(AnnounceReply { interval_secs: self.args.interval, neighbors })
+    }
+
+    /// `RequestCircuits`: find paths, build a tracking code per path, remember the circuits.
+    pub(crate) async fn request_circuits(&self, peer: Fingerprint, req: CircuitRequest) -> FromTracker {
+        let expires = unix_now().saturating_add(self.args.tc_ttl);
+        let forget_at = Instant::now() + Duration::from_secs(self.args.tc_ttl) + REMEMBER_AFTER_EXPIRY;
+        let relays = usize::from(req.relays);
+        let plan = {
+            let mut st = self.lock();
+            let State { graph, book, rng } = &mut *st;
+            let paths = match graph.find_paths(&peer, &req.chain, usize::from(req.count), relays, Instant::now(), rng) {
+                Ok(paths) => paths,
+                Err(GraphError::UnknownPeer) => {
+                    info!(peer = %peer.short(), "circuit request refused: peer not announced");
+                    return error_reply(ErrorCode::UnknownPeer, "announce first");
+                }
+                Err(_) => {
+                    info!(peer = %peer.short(), chain = %req.chain, relays, "circuit request: no path");
+                    return error_reply(ErrorCode::NoPath, format!("no path with {relays} relays to {}", req.chain));
+                }
+            };
+            circuits::plan(graph, book, &paths, &req.chain, expires, forget_at, rng)
+        };
+        let issued = if plan.layers() > INLINE_LAYERS {
+            match tokio::task::spawn_blocking(move || plan.build(&mut OsRng)).await {
+                Ok(issued) => issued,
+                Err(e) => {
+                    warn!(peer = %peer.short(), error = %e, "building tracking codes failed");
+                    Vec::new()
+                }
+            }
+        } else {
+            plan.build(&mut OsRng)
+        };
+        if issued.is_empty() {
+            return error_reply(ErrorCode::NoPath, "no circuit could be built");
+        }
+        let mut grants = Vec::with_capacity(issued.len());
+        {
+            let mut st = self.lock();
+            for i in issued {
+                st.book.insert(i.grant.circuit, i.record);
+                grants.push(i.grant);
+            }
+        }
+        info!(
+            peer = %peer.short(), chain = %req.chain, requested = req.count, issued = grants.len(),
+            hops = relays + 1, "circuits issued"
+        );
+        FromTracker::Circuits(CircuitReply { circuits: grants })
+    }
+
+    /// `Report`: mark the peer the report blames as avoided, if the reporter could know about it.
+    pub(crate) fn report(&self, reporter: Fingerprint, rep: FailureReport) -> FromTracker {
+        let mut st = self.lock();
+        let State { graph, book, .. } = &mut *st;
+        let kind = rep.kind;
+        let blamed = match kind {
+            FailureKind::NeighborUnreachable => match rep.neighbor {
+                Some(nid) => graph.other_end(&reporter, nid).ok_or("not one of the reporter's edges"),
+                None => Err("no neighbor named"),
+            },
+            _ => match rep.circuit.map(|h| (h, book.get(h))) {
+                None => Err("no circuit named"),
+                Some((_, None)) => Err("unknown or forgotten circuit"),
+                Some((_, Some(rec))) if rec.requester != reporter => Err("another peer's circuit"),
+                Some((_, Some(rec))) => rec.blame(kind, rep.hop_tag),
+            },
+        };
+        match blamed {
+            Ok(culprit) => {
+                let newly = graph.avoid(&culprit);
+                info!(
+                    reporter = %reporter.short(), ?kind, neighbor = ?rep.neighbor, circuit = ?rep.circuit,
+                    avoided = %culprit.short(), newly, "failure reported"
+                );
+            }
+            Err(why) => {
+                info!(
+                    reporter = %reporter.short(), ?kind, neighbor = ?rep.neighbor, circuit = ?rep.circuit,
+                    note = why, "failure reported (nobody marked)"
+                );
+            }
+        }
+        FromTracker::Ack
+    }
+
+    /// Expires silent peers and forgets old circuits.
+    pub(crate) fn housekeeping(&self) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let expired = st.graph.expire(now);
+        let forgotten = st.book.prune(now);
+        let (peers, edges, circuits) = (st.graph.len(), st.graph.edge_count(), st.book.len());
+        drop(st);
+        for e in &expired {
+            info!(peer = %e.id.short(), lost_edges = e.edges, peers, edges, "peer expired");
+        }
+        if forgotten > 0 {
+            debug!(forgotten, remembered = circuits, "old circuits forgotten");
+        }
+    }
+}

@@ -1,0 +1,690 @@
+//! The tracker over real sockets on 127.0.0.1: fake peers with real identities announce through the real
+//! channel, answer reachability probes, request circuits and peel the tracking codes hop by hop.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anomos_proto::identity::{save_identity, Fingerprint, Identity, PublicKey};
+use anomos_proto::ids::{ChainId, NeighborId};
+use anomos_proto::link::{answer_probe, decode_probe_body, PROBE_MAGIC};
+use anomos_proto::tc::{peel, LayerKind, TC_LEN};
+use anomos_proto::tracker::{
+    check_fetched_key, key_answer_len, make_hello, Announce, CircuitGrant, CircuitRequest, ErrorCode, FailureKind,
+    FailureReport, FromTracker, NeighborInfo, ToTracker, TrackerChannel, KEY_FETCH_MAGIC,
+};
+use anomos_tracker::{Ready, TrackerArgs};
+use rand::rngs::OsRng;
+use rand::SeedableRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Identity 0 is the tracker's; 1.. are peers. Generated once per test binary, in parallel, from fixed seeds.
+fn ids() -> &'static [Identity] {
+    static IDS: OnceLock<Vec<Identity>> = OnceLock::new();
+    IDS.get_or_init(|| {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..10u64)
+                .map(|i| {
+                    s.spawn(move || {
+                        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1000 + i);
+                        Identity::generate(&mut rng, 2048).expect("keygen")
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("keygen thread")).collect()
+        })
+    })
+}
+
+fn tracker_id() -> &'static Identity {
+    &ids()[0]
+}
+
+fn chain() -> ChainId {
+    ChainId::new("regtest").unwrap()
+}
+
+/// A tracker running in this process.
+struct Tracker {
+    _dir: tempfile::TempDir,
+    addr: SocketAddr,
+    key: PublicKey,
+    task: JoinHandle<Result<(), anomos_tracker::TrackerError>>,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start(tweak: impl FnOnce(&mut TrackerArgs)) -> Tracker {
+    // Tracker logs show up in the output of a failing test (RUST_LOG to change the level).
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "anomos_tracker=debug".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let dir = tempfile::tempdir().unwrap();
+    save_identity(&dir.path().join("tracker.key"), tracker_id()).unwrap();
+    let mut args = TrackerArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().to_path_buf(),
+        allow_same_ip: true,
+        ..TrackerArgs::default()
+    };
+    tweak(&mut args);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(anomos_tracker::run(args, Some(tx)));
+    let ready: Ready = tokio::time::timeout(TIMEOUT, rx).await.expect("tracker ready in time").expect("ready sent");
+    assert_eq!(ready.fingerprint, tracker_id().fingerprint());
+    assert_ne!(ready.listen.port(), 0);
+    Tracker { _dir: dir, addr: ready.listen, key: tracker_id().public().clone(), task }
+}
+
+/// A fake peer: answers reachability probes on `listen` with `id`'s key.
+struct FakePeer {
+    n: usize,
+    listen: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakePeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakePeer {
+    fn id(&self) -> &'static Identity {
+        &ids()[self.n]
+    }
+}
+
+async fn fake_peer(n: usize) -> FakePeer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listen = listener.local_addr().unwrap();
+    let task = tokio::spawn(probe_responder(listener, &ids()[n]));
+    FakePeer { n, listen, task }
+}
+
+async fn probe_responder(listener: TcpListener, id: &'static Identity) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut magic = [0u8; 8];
+            let mut body = [0u8; 34];
+            if s.read_exact(&mut magic).await.is_err() || magic != PROBE_MAGIC || s.read_exact(&mut body).await.is_err()
+            {
+                return;
+            }
+            if let Ok(nonce) = decode_probe_body(&body) {
+                let answer = answer_probe(id, &nonce, &mut OsRng);
+                let _ = s.write_all(&answer).await;
+            }
+        });
+    }
+}
+
+/// A peer's session with the tracker.
+struct Client {
+    stream: TcpStream,
+    chan: TrackerChannel,
+}
+
+/// Opens the channel (ClientHello) without authenticating.
+async fn open_channel(addr: SocketAddr, tracker: &PublicKey) -> Client {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let (hello, chan) = TrackerChannel::connect(&mut OsRng, tracker).unwrap();
+    stream.write_all(&hello).await.unwrap();
+    Client { stream, chan }
+}
+
+/// A fully authenticated session for identity `id`.
+async fn connect(t: &Tracker, id: &Identity) -> Client {
+    let mut c = open_channel(t.addr, &t.key).await;
+    let FromTracker::Challenge { nonce } = c.recv().await.unwrap() else { panic!("expected a challenge") };
+    c.send(&make_hello(id, &t.key.fingerprint(), &nonce, &mut OsRng)).await;
+    match c.recv().await.unwrap() {
+        FromTracker::Welcome { peer_id } => assert_eq!(peer_id, id.fingerprint()),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    c
+}
+
+impl Client {
+    async fn send(&mut self, msg: &ToTracker) {
+        let frame = self.chan.seal(msg).unwrap();
+        self.stream.write_all(&frame).await.unwrap();
+    }
+
+    /// Reads one reply; an error means the tracker closed the connection (or sent garbage).
+    async fn recv(&mut self) -> Result<FromTracker, String> {
+        let read = async {
+            let mut prefix = [0u8; 4];
+            self.stream.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
+            let len = TrackerChannel::frame_len(prefix).map_err(|e| e.to_string())?;
+            let mut body = vec![0u8; len];
+            self.stream.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+            let msg: FromTracker = self.chan.open(&body).map_err(|e| e.to_string())?;
+            msg.validate().map_err(|e| e.to_string())?;
+            Ok(msg)
+        };
+        tokio::time::timeout(TIMEOUT, read).await.map_err(|_| "timeout".to_string())?
+    }
+
+    async fn call(&mut self, msg: ToTracker) -> FromTracker {
+        self.send(&msg).await;
+        self.recv().await.expect("reply")
+    }
+
+    async fn announce(&mut self, listen: SocketAddr, chains: Vec<ChainId>) -> FromTracker {
+        self.call(ToTracker::Announce(Announce { listen, chains })).await
+    }
+
+    async fn announce_ok(&mut self, listen: SocketAddr) -> Vec<NeighborInfo> {
+        match self.announce(listen, vec![chain()]).await {
+            FromTracker::Announced(r) => r.neighbors,
+            other => panic!("announce refused: {other:?}"),
+        }
+    }
+
+    async fn circuits(&mut self, count: u8, relays: u8) -> FromTracker {
+        self.call(ToTracker::RequestCircuits(CircuitRequest { chain: chain(), count, relays })).await
+    }
+
+    async fn circuits_ok(&mut self, count: u8, relays: u8) -> Vec<CircuitGrant> {
+        match self.circuits(count, relays).await {
+            FromTracker::Circuits(r) => r.circuits,
+            other => panic!("circuit request refused: {other:?}"),
+        }
+    }
+
+    async fn report(
+        &mut self,
+        kind: FailureKind,
+        neighbor: Option<NeighborId>,
+        circuit: Option<u64>,
+        hop_tag: Option<[u8; 16]>,
+    ) {
+        let r = self.call(ToTracker::Report(FailureReport { kind, neighbor, circuit, hop_tag })).await;
+        assert_eq!(r, FromTracker::Ack);
+    }
+
+    /// True if the tracker closed this connection (EOF or reset) within the timeout.
+    async fn is_closed(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(15), self.stream.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue, // e.g. an error reply before the close
+            }
+        }
+    }
+}
+
+fn error_code(r: &FromTracker) -> Option<ErrorCode> {
+    match r {
+        FromTracker::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+/// A running overlay: the peers, their sessions and their latest neighbor tables.
+struct Overlay {
+    peers: Vec<FakePeer>,
+    clients: Vec<Client>,
+    tables: Vec<Vec<NeighborInfo>>,
+}
+
+impl Overlay {
+    async fn new(t: &Tracker, n: usize) -> Overlay {
+        let mut peers = Vec::new();
+        let mut clients = Vec::new();
+        for i in 1..=n {
+            let p = fake_peer(i).await;
+            clients.push(connect(t, p.id()).await);
+            peers.push(p);
+        }
+        let mut o = Overlay { peers, clients, tables: vec![Vec::new(); n] };
+        // Early announcers are topped up on their next announce; after that round nobody changes.
+        for _ in 0..3 {
+            o.announce_all().await;
+        }
+        o
+    }
+
+    async fn announce_all(&mut self) {
+        for i in 0..self.peers.len() {
+            self.tables[i] = self.clients[i].announce_ok(self.peers[i].listen).await;
+        }
+    }
+
+    /// Index of the peer with this SPKI DER.
+    fn by_der(&self, der: &[u8]) -> usize {
+        self.peers.iter().position(|p| p.id().public().der() == der).expect("known key")
+    }
+
+    /// The neighbor of `at` over edge `nid`, from `at`'s own table.
+    fn across(&self, at: usize, nid: NeighborId) -> usize {
+        let n = self.tables[at].iter().find(|n| n.id == nid).expect("edge in the hop's own table");
+        self.by_der(&n.public_key)
+    }
+
+    /// Peels `g` hop by hop with the hops' own keys, checking every layer against the edges the tracker gave
+    /// the peers. Returns the path (hop indices, requester excluded) and each hop's replay tag.
+    fn trace(&self, requester: usize, g: &CircuitGrant, relays: usize) -> (Vec<usize>, Vec<[u8; 16]>) {
+        let mut rng = OsRng;
+        let mut tc = g.tc_array().expect("TC_LEN bytes");
+        let mut prev = g.first_hop;
+        let mut at = self.across(requester, prev);
+        let mut path = Vec::new();
+        let mut tags = Vec::new();
+        loop {
+            path.push(at);
+            let k = path.len() - 1;
+            let peeled = peel(&tc, self.peers[at].id(), &mut rng).expect("hop can peel its layer");
+            let layer = peeled.layer;
+            assert_eq!(layer.prev, prev, "layer names the edge the OPEN arrives on");
+            assert_eq!(layer.hop_secret.0, g.hop_secrets[k]);
+            assert_eq!(layer.expires, g.expires);
+            tags.push(layer.replay_tag);
+            match layer.kind {
+                LayerKind::Relay { next } => {
+                    let nxt = self.across(at, next);
+                    assert_eq!(self.across(nxt, next), at, "edge ids symmetric");
+                    prev = next;
+                    at = nxt;
+                    tc = peeled.next.expect("relay layer has a next TC");
+                }
+                LayerKind::Target { chain: c, session, e2e_secret } => {
+                    assert!(peeled.next.is_none());
+                    assert_eq!(c, chain());
+                    assert_eq!(session, g.session);
+                    assert_eq!(e2e_secret.0, g.e2e_secret);
+                    break;
+                }
+            }
+        }
+        assert_eq!(path.len(), relays + 1, "exactly {relays} relays then the target");
+        assert_eq!(g.hop_secrets.len(), relays + 1);
+        let mut all = path.clone();
+        all.push(requester);
+        assert_eq!(all.iter().collect::<HashSet<_>>().len(), all.len(), "no peer twice in a path");
+        (path, tags)
+    }
+
+    /// Every peer used (as relay or target) by `count` circuits for `requester`, over `rounds` requests.
+    async fn used_by(&mut self, requester: usize, count: u8, relays: u8, rounds: usize) -> HashSet<usize> {
+        let mut used = HashSet::new();
+        for _ in 0..rounds {
+            let grants = self.clients[requester].circuits_ok(count, relays).await;
+            for g in &grants {
+                used.extend(self.trace(requester, g, relays as usize).0);
+            }
+        }
+        used
+    }
+
+    fn targets(&self, requester: usize, grants: &[CircuitGrant], relays: usize) -> Vec<usize> {
+        grants.iter().map(|g| *self.trace(requester, g, relays).0.last().unwrap()).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announce_assigns_symmetric_neighbors() {
+    let t = start(|a| a.neighbors = 3).await;
+    let mut o = Overlay::new(&t, 6).await;
+    let mut ids = HashSet::new();
+    for i in 0..6 {
+        assert!(o.tables[i].len() >= 3, "peer {i} has {} neighbors", o.tables[i].len());
+        assert!(o.tables[i].len() <= 5);
+        for n in &o.tables[i] {
+            let j = o.by_der(&n.public_key);
+            assert_ne!(i, j, "a peer is never its own neighbor");
+            assert_eq!(n.addr, o.peers[j].listen);
+            let back = o.tables[j].iter().find(|m| o.by_der(&m.public_key) == i).expect("edge is symmetric");
+            assert_eq!(back.id, n.id, "both ends know the same NeighborId");
+            ids.insert(n.id);
+        }
+    }
+    let edges: usize = o.tables.iter().map(Vec::len).sum::<usize>() / 2;
+    assert_eq!(ids.len(), edges, "NeighborIds are unique");
+
+    // Peer 0 moves: same edges, and its neighbors learn the new address on their next announce.
+    let moved = fake_peer(1).await;
+    let before: Vec<_> = o.tables[0].iter().map(|n| n.id).collect();
+    let after = o.clients[0].announce_ok(moved.listen).await;
+    assert_eq!(after.iter().map(|n| n.id).collect::<Vec<_>>(), before);
+    let j = o.by_der(&after[0].public_key);
+    let view = o.clients[j].announce_ok(o.peers[j].listen).await;
+    let me = view.iter().find(|n| n.public_key == o.peers[0].id().public().der()).unwrap();
+    assert_eq!(me.addr, moved.listen);
+
+    // The interval handed out is the configured one.
+    match o.clients[1].announce(o.peers[1].listen, vec![]).await {
+        FromTracker::Announced(r) => assert_eq!(r.interval_secs, 30),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuits_peel_along_the_path() {
+    let t = start(|a| a.neighbors = 3).await;
+    let mut o = Overlay::new(&t, 7).await;
+    for relays in 1..=3u8 {
+        let grants = o.clients[0].circuits_ok(3, relays).await;
+        assert!(!grants.is_empty());
+        let handles: HashSet<_> = grants.iter().map(|g| g.circuit).collect();
+        assert_eq!(handles.len(), grants.len(), "handles unique");
+        let session = grants[0].session;
+        for g in &grants {
+            assert_eq!(g.tc.len(), TC_LEN);
+            assert_eq!(g.session, session, "one session id per request");
+        }
+        let targets = o.targets(0, &grants, relays as usize);
+        assert_eq!(targets.iter().collect::<HashSet<_>>().len(), targets.len(), "distinct targets");
+        assert!(!targets.contains(&0), "never the requester");
+    }
+    // Asking for more circuits than there are targets: one per target, all distinct.
+    let grants = o.clients[3].circuits_ok(16, 1).await;
+    let targets = o.targets(3, &grants, 1);
+    assert!(targets.len() <= 6);
+    assert_eq!(targets.iter().collect::<HashSet<_>>().len(), targets.len());
+    // Another request gets another session id.
+    let again = o.clients[3].circuits_ok(1, 1).await;
+    assert_ne!(again[0].session, grants[0].session);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_announces_and_requests_are_refused() {
+    let t = start(|_| {}).await;
+    let p = fake_peer(1).await;
+    let mut c = connect(&t, p.id()).await;
+
+    // Circuits before announcing.
+    assert_eq!(error_code(&c.circuits(1, 1).await), Some(ErrorCode::UnknownPeer));
+    // A closed port.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    assert_eq!(error_code(&c.announce(closed, vec![]).await), Some(ErrorCode::Unreachable));
+    // An address answering with another key.
+    let impostor = fake_peer(2).await;
+    assert_eq!(error_code(&c.announce(impostor.listen, vec![]).await), Some(ErrorCode::Unreachable));
+    // A listener that accepts but never answers (5 s probe timeout).
+    let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    assert_eq!(error_code(&c.announce(mute.local_addr().unwrap(), vec![]).await), Some(ErrorCode::Unreachable));
+    // The unspecified address.
+    let any: SocketAddr = format!("0.0.0.0:{}", p.listen.port()).parse().unwrap();
+    assert_eq!(error_code(&c.announce(any, vec![]).await), Some(ErrorCode::BadRequest));
+    // Out-of-range requests are refused, and the session goes on.
+    assert_eq!(error_code(&c.circuits(0, 1).await), Some(ErrorCode::BadRequest));
+    assert_eq!(error_code(&c.circuits(1, 7).await), Some(ErrorCode::BadRequest));
+    // Announced but alone: no neighbors, no path.
+    assert!(c.announce_ok(p.listen).await.is_empty());
+    assert_eq!(error_code(&c.circuits(1, 1).await), Some(ErrorCode::NoPath));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracker_full_refuses_new_peers() {
+    let t = start(|a| a.max_peers = 2).await;
+    let mut o = Overlay::new(&t, 2).await;
+    let extra = fake_peer(3).await;
+    let mut c = connect(&t, extra.id()).await;
+    assert_eq!(error_code(&c.announce(extra.listen, vec![]).await), Some(ErrorCode::Full));
+    // Known peers can still refresh.
+    assert_eq!(o.clients[0].announce_ok(o.peers[0].listen).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_fetch_returns_the_tracker_key() {
+    let t = start(|_| {}).await;
+    let mut s = TcpStream::connect(t.addr).await.unwrap();
+    s.write_all(&KEY_FETCH_MAGIC).await.unwrap();
+    let mut prefix = [0u8; 2];
+    s.read_exact(&mut prefix).await.unwrap();
+    let mut der = vec![0u8; key_answer_len(prefix).unwrap()];
+    s.read_exact(&mut der).await.unwrap();
+    let key = check_fetched_key(&der, &tracker_id().fingerprint()).unwrap();
+    assert_eq!(&key, tracker_id().public());
+    // Then the tracker closes that connection; a pinned peer can go on with a session.
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    assert!(check_fetched_key(&der, &ids()[1].fingerprint()).is_err());
+    let mut c = connect(&t, &ids()[1]).await;
+    assert_eq!(error_code(&c.circuits(1, 1).await), Some(ErrorCode::UnknownPeer));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_hello_is_refused() {
+    let t = start(|_| {}).await;
+    let (a, b) = (&ids()[1], &ids()[2]);
+    let tfp = t.key.fingerprint();
+
+    // Signature over the wrong nonce.
+    let mut c = open_channel(t.addr, &t.key).await;
+    let FromTracker::Challenge { nonce } = c.recv().await.unwrap() else { panic!() };
+    let mut wrong = nonce;
+    wrong[0] ^= 1;
+    c.send(&make_hello(a, &tfp, &wrong, &mut OsRng)).await;
+    assert_eq!(error_code(&c.recv().await.unwrap()), Some(ErrorCode::Unauthenticated));
+    assert!(c.is_closed().await);
+
+    // A's key with B's signature.
+    let mut c = open_channel(t.addr, &t.key).await;
+    let FromTracker::Challenge { nonce } = c.recv().await.unwrap() else { panic!() };
+    let ToTracker::Hello { signature, .. } = make_hello(b, &tfp, &nonce, &mut OsRng) else { panic!() };
+    c.send(&ToTracker::Hello { public_key: a.public().der().to_vec(), signature }).await;
+    assert_eq!(error_code(&c.recv().await.unwrap()), Some(ErrorCode::Unauthenticated));
+    assert!(c.is_closed().await);
+
+    // A request instead of Hello.
+    let mut c = open_channel(t.addr, &t.key).await;
+    let FromTracker::Challenge { .. } = c.recv().await.unwrap() else { panic!() };
+    c.send(&ToTracker::RequestCircuits(CircuitRequest { chain: chain(), count: 1, relays: 1 })).await;
+    assert_eq!(error_code(&c.recv().await.unwrap()), Some(ErrorCode::Unauthenticated));
+    assert!(c.is_closed().await);
+
+    // A second Hello after authenticating is refused but harmless.
+    let mut c = connect(&t, a).await;
+    let again = c.call(make_hello(a, &tfp, &nonce, &mut OsRng)).await;
+    assert_eq!(error_code(&again), Some(ErrorCode::BadRequest));
+    assert_eq!(error_code(&c.circuits(1, 1).await), Some(ErrorCode::UnknownPeer));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_drops_only_that_connection() {
+    let t = start(|_| {}).await;
+    let p = fake_peer(1).await;
+    let mut good = connect(&t, p.id()).await;
+    good.announce_ok(p.listen).await;
+
+    // Plain garbage instead of a ClientHello.
+    let mut s = TcpStream::connect(t.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(TIMEOUT, s.read(&mut buf)).await.unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "garbage connection not closed");
+
+    // A ClientHello for another tracker key: the tracker cannot open it and sends nothing.
+    let mut c = open_channel(t.addr, ids()[3].public()).await;
+    assert!(c.recv().await.is_err(), "wrong tracker key must not get a challenge");
+
+    // An oversized frame, then a forged frame, on authenticated sessions.
+    let mut c = connect(&t, &ids()[2]).await;
+    c.stream.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    assert!(c.is_closed().await);
+    let mut c = connect(&t, &ids()[2]).await;
+    let mut frame = c.chan.seal(&ToTracker::Announce(Announce { listen: p.listen, chains: vec![] })).unwrap();
+    let last = frame.len() - 1;
+    frame[last] ^= 0x55;
+    c.stream.write_all(&frame).await.unwrap();
+    assert!(c.is_closed().await);
+    // A frame whose AEAD is fine but whose content is not a message.
+    let mut c = connect(&t, &ids()[2]).await;
+    let frame = c.chan.seal(&(250u8, [7u8; 32])).unwrap();
+    c.stream.write_all(&frame).await.unwrap();
+    assert!(c.is_closed().await);
+    // A truncated ClientHello then silence is cut off by the hello timeout (10 s) — not waited for here.
+
+    // The first session is unaffected, and new sessions work.
+    good.announce_ok(p.listen).await;
+    let mut fresh = connect(&t, p.id()).await;
+    fresh.announce_ok(p.listen).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_limit_closes_extra_connections() {
+    let t = start(|a| a.max_sessions = 1).await;
+    let first = connect(&t, &ids()[1]).await;
+    let mut second = open_channel(t.addr, &t.key).await;
+    assert!(second.recv().await.is_err(), "over the limit the connection is closed at once");
+    drop(first);
+    // The permit is released when the tracker notices the close.
+    for attempt in 0.. {
+        let mut c = open_channel(t.addr, &t.key).await;
+        if let Ok(FromTracker::Challenge { .. }) = c.recv().await {
+            break;
+        }
+        assert!(attempt < 50, "session slot never freed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_reports_avoid_peers_until_reannounce() {
+    // Five peers, everyone neighbors everyone: a one-relay request for 4 circuits reaches every other peer.
+    let t = start(|a| a.neighbors = 4).await;
+    let mut o = Overlay::new(&t, 5).await;
+    for table in &o.tables {
+        assert_eq!(table.len(), 4);
+    }
+    let all: HashSet<usize> = (1..5).collect();
+    assert_eq!(o.used_by(0, 4, 1, 1).await, all);
+
+    // NeighborUnreachable on peer 0's edge to peer 1: peer 1 is used in no new path, as relay or target.
+    let edge_to_1 = o.tables[0].iter().find(|n| o.by_der(&n.public_key) == 1).unwrap().id;
+    o.clients[0].report(FailureKind::NeighborUnreachable, Some(edge_to_1), None, None).await;
+    let used = o.used_by(0, 4, 1, 3).await;
+    assert!(!used.contains(&1), "avoided peer used");
+    let used = o.used_by(2, 4, 2, 3).await;
+    assert!(!used.contains(&1), "avoided peer used by another requester");
+    // Until it announces again (and passes the reachability check).
+    o.clients[1].announce_ok(o.peers[1].listen).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, all);
+
+    // A report about an edge that is not the reporter's is ignored.
+    let edge_2_3 = o.tables[2].iter().find(|n| o.by_der(&n.public_key) == 3).unwrap().id;
+    o.clients[0].report(FailureKind::NeighborUnreachable, Some(edge_2_3), None, None).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, all);
+
+    // CircuitDenied with a hop's tag: that hop is avoided.
+    let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
+    let (path, tags) = o.trace(0, &g, 2);
+    o.clients[0].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), Some(tags[0])).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[0]]));
+    o.clients[path[0]].announce_ok(o.peers[path[0]].listen).await;
+
+    // CircuitBroken with the first relay's tag: the peer after it (across the failed link) is avoided.
+    let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
+    let (path, tags) = o.trace(0, &g, 2);
+    // Someone else reporting peer 0's circuit is ignored.
+    o.clients[3].report(FailureKind::CircuitBroken(1), None, Some(g.circuit), Some(tags[0])).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, all);
+    o.clients[0].report(FailureKind::CircuitBroken(1), None, Some(g.circuit), Some(tags[0])).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[1]]));
+    o.clients[path[1]].announce_ok(o.peers[path[1]].listen).await;
+
+    // Without a tag: logged only.
+    o.clients[0].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), None).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, all);
+
+    // Misbehaving: the circuit's target is avoided.
+    let g = o.clients[0].circuits_ok(1, 1).await.remove(0);
+    let (path, _) = o.trace(0, &g, 1);
+    o.clients[0].report(FailureKind::Misbehaving, None, Some(g.circuit), None).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[1]]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_expire_and_neighbors_are_repaired() {
+    let t = start(|a| {
+        a.neighbors = 2;
+        a.interval = 1;
+    })
+    .await;
+    let mut o = Overlay::new(&t, 3).await;
+    assert!(o.tables.iter().all(|n| n.len() == 2));
+    // Peer 2 goes silent for more than 3 intervals while the others keep announcing.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for i in 0..2 {
+            o.tables[i] = o.clients[i].announce_ok(o.peers[i].listen).await;
+        }
+    }
+    for i in 0..2 {
+        assert_eq!(o.tables[i].len(), 1, "expired neighbor still listed");
+        assert_eq!(o.by_der(&o.tables[i][0].public_key), 1 - i);
+    }
+    assert_eq!(error_code(&o.clients[2].circuits(1, 1).await), Some(ErrorCode::UnknownPeer));
+    // It comes back as a new peer and is topped up again; the others get it on their next announce.
+    let back = o.clients[2].announce_ok(o.peers[2].listen).await;
+    assert_eq!(back.len(), 2);
+    for i in 0..2 {
+        assert_eq!(o.clients[i].announce_ok(o.peers[i].listen).await.len(), 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_prints_ready_line_and_creates_a_private_key() {
+    use std::os::unix::fs::PermissionsExt;
+    use tokio::io::AsyncBufReadExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_anomos-tracker"))
+        .args(["--listen", "127.0.0.1:0", "--log-level", "warn", "--data-dir"])
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    let mut lines = tokio::io::BufReader::new(stdout);
+    tokio::time::timeout(Duration::from_secs(120), lines.read_line(&mut line)).await.unwrap().unwrap();
+    let rest = line.trim_end().strip_prefix("anomos-tracker ready listen=").expect(&line);
+    let (addr, fp) = rest.split_once(" fingerprint=").unwrap();
+    let addr: SocketAddr = addr.parse().unwrap();
+    let fp = Fingerprint::from_hex(fp).unwrap();
+    assert_ne!(addr.port(), 0);
+
+    let key_path = data.join("tracker.key");
+    assert_eq!(std::fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777, 0o600);
+    let key = anomos_proto::identity::load_identity(&key_path).unwrap();
+    assert_eq!(key.fingerprint(), fp);
+
+    // A peer pinning that key gets through.
+    let t = Tracker {
+        _dir: tempfile::tempdir().unwrap(),
+        addr,
+        key: key.public().clone(),
+        task: tokio::spawn(async { Ok(()) }),
+    };
+    let _c = connect(&t, &ids()[1]).await;
+    child.kill().await.unwrap();
+
+    // A key readable by others is refused, not used.
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let args = TrackerArgs { listen: "127.0.0.1:0".parse().unwrap(), data_dir: data.clone(), ..TrackerArgs::default() };
+    let err = anomos_tracker::run(args, None).await.unwrap_err();
+    assert!(err.to_string().contains("mode 644"), "{err}");
+}
