@@ -42,6 +42,7 @@ struct Overlay {
 }
 
 async fn overlay(peers: usize, servers: usize, window: u32) -> Overlay {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
     let tdir = tempfile::tempdir().unwrap();
     let args = T::parse_from(["t", "--listen", "127.0.0.1:0", "--data-dir", tdir.path().to_str().unwrap(), "--allow-same-ip", "--interval", "1"]).a;
     let (tx, rx) = tokio::sync::oneshot::channel();

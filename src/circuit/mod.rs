@@ -432,7 +432,9 @@ impl Node {
         link.set_route(id, Route::Endpoint(ep.clone()));
         let tc = grant.tc_array()?;
         link.writer.push(Cell::open(id, &tc)).map_err(|_| PeerError::NoLink("link closed".into()))?;
-        ep.send_hello(ne.hello)?;
+        // Pipelined behind the OPEN. If the circuit was already refused (a DENY can come back before we get
+        // here) this push fails; the outcome then arrives on `opened`, which is what we report.
+        let _ = ep.send_hello(ne.hello);
         match tokio::time::timeout(self.cfg.open_timeout + Duration::from_secs(2), ne.opened).await {
             Ok(Ok(Ok(()))) => Ok(CircuitStream::from_endpoint(ep, ne.events)),
             Ok(Ok(Err(e))) => {
