@@ -7,14 +7,18 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use anomos_proto::cell::DenyReason;
 use anomos_proto::crypto::Secret;
 use anomos_proto::identity::{Fingerprint, PublicKey};
 use anomos_proto::ids::{ChainId, NeighborId, SessionId};
 use anomos_proto::tc::{self, HopSpec, Layer, LayerKind};
 use anomos_proto::tracker::{CircuitGrant, FailureKind};
-use rand::{CryptoRng, RngCore};
+use rand::{CryptoRng, Rng, RngCore};
 
 use crate::graph::Graph;
+
+/// Most seconds a layer's expiry is moved earlier than the nominal one (see `plan_one`).
+pub const EXPIRY_JITTER: u64 = 20;
 
 /// How long a circuit is remembered after its tracking code expires (late failure reports still count).
 pub const REMEMBER_AFTER_EXPIRY: Duration = Duration::from_secs(600);
@@ -41,6 +45,11 @@ impl CircuitRecord {
         };
         match kind {
             FailureKind::Misbehaving => self.hops.last().copied().ok_or("empty path"),
+            // A timeout is not attributable: every hop waits on the same downstream, and the hop nearest the
+            // requester always gives up first. Blaming it would let a stalling target get honest relays avoided.
+            FailureKind::CircuitDenied(code) if code == DenyReason::Timeout.code() => {
+                Err("timeouts are not attributable to a hop")
+            }
             // The hop that refused.
             FailureKind::CircuitDenied(_) => self.hops.get(tagged()?).copied().ok_or("hop tag not on this circuit"),
             // The tagged hop saw its link to the next hop fail: blame the peer across that link.
@@ -123,6 +132,7 @@ impl CircuitBook {
 /// One circuit ready to be built.
 pub struct PlannedCircuit {
     handle: u64,
+    session: SessionId,
     first_hop: NeighborId,
     hops: Vec<HopSpec>,
     e2e_secret: Secret,
@@ -131,8 +141,6 @@ pub struct PlannedCircuit {
 
 /// The circuits of one request, ready to be built.
 pub struct Plan {
-    session: SessionId,
-    expires: u64,
     circuits: Vec<PlannedCircuit>,
 }
 
@@ -155,18 +163,20 @@ pub fn plan<R: RngCore + CryptoRng>(
     forget_at: Instant,
     rng: &mut R,
 ) -> Plan {
-    let mut session = [0u8; 16];
-    rng.fill_bytes(&mut session);
     let mut handles = Vec::new();
     let mut circuits = Vec::new();
     for path in paths {
         let handle = book.fresh_handle(rng, &handles);
+        // A fresh session id per circuit: one shared by the circuits of a request would let colluding
+        // targets link them to one requester.
+        let mut session = [0u8; 16];
+        rng.fill_bytes(&mut session);
         if let Some(c) = plan_one(graph, path, chain, session, expires, forget_at, handle, rng) {
             handles.push(handle);
             circuits.push(c);
         }
     }
-    Plan { session, expires, circuits }
+    Plan { circuits }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -196,13 +206,17 @@ fn plan_one<R: RngCore + CryptoRng>(
         };
         let mut replay_tag = [0u8; 16];
         rng.fill_bytes(&mut replay_tag);
-        let layer = Layer { prev, kind, hop_secret: Secret::random(rng), expires, replay_tag };
+        // Each layer gets its own expiry, up to EXPIRY_JITTER earlier than the nominal one, so colluding hops
+        // cannot link the layers of one circuit (or the circuits of one request) by equal expiry times.
+        let layer_expires = expires.saturating_sub(rng.gen_range(0..=EXPIRY_JITTER));
+        let layer = Layer { prev, kind, hop_secret: Secret::random(rng), expires: layer_expires, replay_tag };
         specs.push(HopSpec { key: graph.get(node)?.key.clone(), layer });
         tags.push(replay_tag);
         prev_node = node;
     }
     Some(PlannedCircuit {
         handle,
+        session,
         first_hop: graph.edge(requester, hops.first()?)?,
         hops: specs,
         e2e_secret,
@@ -233,8 +247,8 @@ impl Plan {
                 tc: tc.to_vec(),
                 hop_secrets: c.hops.iter().map(|h| h.layer.hop_secret.0).collect(),
                 e2e_secret: c.e2e_secret.0,
-                session: self.session,
-                expires: self.expires,
+                session: c.session,
+                expires: c.hops.iter().map(|h| h.layer.expires).min().unwrap_or(0),
             };
             out.push(Issued { grant, record: c.record });
         }
@@ -267,6 +281,8 @@ mod tests {
         assert_eq!(r.blame(FailureKind::CircuitBroken(1), Some([2; 16])), Ok(fp(3)));
         assert!(r.blame(FailureKind::CircuitBroken(1), Some([3; 16])).is_err());
         assert!(r.blame(FailureKind::CircuitDenied(1), None).is_err());
+        // A timeout names the hop that gave up first, not the one that stalled: nobody is blamed.
+        assert!(r.blame(FailureKind::CircuitDenied(DenyReason::Timeout.code()), Some([1; 16])).is_err());
         assert!(r.blame(FailureKind::CircuitDenied(1), Some([9; 16])).is_err());
         assert_eq!(r.blame(FailureKind::Misbehaving, None), Ok(fp(3)));
         assert!(r.blame(FailureKind::NeighborUnreachable, Some([1; 16])).is_err());

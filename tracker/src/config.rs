@@ -40,6 +40,12 @@ pub struct TrackerArgs {
     #[arg(long)]
     pub allow_same_ip: bool,
 
+    /// Accept announces of a listen address other than the one the session comes from (e.g. peers behind
+    /// a NAT that announce their public address from a private one). Off by default: otherwise the
+    /// reachability probe could be pointed at third parties.
+    #[arg(long)]
+    pub allow_foreign_announce: bool,
+
     /// Most announced peers kept at once; new peers beyond it are refused with `Full`.
     #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = parse_positive)]
     pub max_peers: usize,
@@ -99,6 +105,9 @@ impl TrackerArgs {
         }
         if !(1..=MAX_TARGET_DEGREE).contains(&self.neighbors) {
             return bad(format!("--neighbors {}: must be 1..={MAX_TARGET_DEGREE}", self.neighbors));
+        }
+        if self.tc_ttl < 60 {
+            return bad(format!("--tc-ttl {}: at least 60 seconds (layer expiries are jittered by up to 20 s)", self.tc_ttl));
         }
         if self.interval == 0 || self.tc_ttl == 0 {
             return bad("--interval and --tc-ttl must be positive".into());

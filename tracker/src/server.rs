@@ -213,6 +213,7 @@ impl Conn {
 
 async fn session(service: Arc<Service>, identity: Arc<Identity>, stream: TcpStream) -> Result<(), SessionError> {
     let _ = stream.set_nodelay(true);
+    let remote_ip = stream.peer_addr().map(|a| a.ip()).ok();
     let Some((mut conn, key)) = tokio::time::timeout(HELLO_TIMEOUT, handshake(stream, &identity))
         .await
         .map_err(|_| SessionError::Timeout("hello"))??
@@ -232,7 +233,7 @@ async fn session(service: Arc<Service>, identity: Arc<Identity>, stream: TcpStre
             Err(e) => error_reply(ErrorCode::BadRequest, e.to_string()),
             Ok(()) => match msg {
                 ToTracker::Hello { .. } => error_reply(ErrorCode::BadRequest, "already authenticated"),
-                ToTracker::Announce(a) => service.announce(&key, a).await,
+                ToTracker::Announce(a) => service.announce(&key, a, remote_ip).await,
                 ToTracker::RequestCircuits(r) => service.request_circuits(peer, r).await,
                 ToTracker::Report(r) => service.report(peer, r),
             },

@@ -77,12 +77,21 @@ impl Service {
     }
 
     /// `Announce`: check reachability, record the peer, top it up, reply with its whole neighbor set.
-    pub(crate) async fn announce(&self, key: &PublicKey, ann: Announce) -> FromTracker {
+    /// `remote_ip` is where the session came from: the announced address must be on the same host, so the
+    /// reachability probe cannot be pointed at third parties (the tracker would be a reflector).
+    pub(crate) async fn announce(&self, key: &PublicKey, ann: Announce, remote_ip: Option<IpAddr>) -> FromTracker {
         let id = key.fingerprint();
         let listen = ann.listen;
         if unusable_listen_ip(listen.ip()) {
             warn!(peer = %id.short(), %listen, "announce refused: unusable listen address");
             return error_reply(ErrorCode::BadRequest, format!("cannot reach a peer at {listen}"));
+        }
+        if !self.args.allow_foreign_announce && remote_ip.is_some_and(|ip| ip != listen.ip()) {
+            warn!(peer = %id.short(), %listen, from = ?remote_ip, "announce refused: address is not the session's");
+            return error_reply(
+                ErrorCode::BadRequest,
+                format!("announced address {listen} is not the address this session comes from"),
+            );
         }
         {
             let st = self.lock();

@@ -290,7 +290,8 @@ impl Overlay {
             let layer = peeled.layer;
             assert_eq!(layer.prev, prev, "layer names the edge the OPEN arrives on");
             assert_eq!(layer.hop_secret.0, g.hop_secrets[k]);
-            assert_eq!(layer.expires, g.expires);
+            // Each layer's expiry is jittered; the grant names the earliest.
+            assert!(layer.expires >= g.expires && layer.expires <= g.expires + 20, "layer expiry within the jitter");
             tags.push(layer.replay_tag);
             match layer.kind {
                 LayerKind::Relay { next } => {
@@ -380,11 +381,11 @@ async fn circuits_peel_along_the_path() {
         assert!(!grants.is_empty());
         let handles: HashSet<_> = grants.iter().map(|g| g.circuit).collect();
         assert_eq!(handles.len(), grants.len(), "handles unique");
-        let session = grants[0].session;
         for g in &grants {
             assert_eq!(g.tc.len(), TC_LEN);
-            assert_eq!(g.session, session, "one session id per request");
         }
+        let sessions: HashSet<_> = grants.iter().map(|g| g.session).collect();
+        assert_eq!(sessions.len(), grants.len(), "a session id per circuit: targets cannot link a request's circuits");
         let targets = o.targets(0, &grants, relays as usize);
         assert_eq!(targets.iter().collect::<HashSet<_>>().len(), targets.len(), "distinct targets");
         assert!(!targets.contains(&0), "never the requester");
