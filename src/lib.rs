@@ -5,8 +5,12 @@
 //! * [`link`]: link handshakes over TCP, the reader loop, and the fair, flow-controlled writer.
 //! * [`circuit`]: routing of cells, OPEN admission, the Relayer, endpoints and the message stream.
 //! * [`tracker_client`]: the encrypted session with the tracker.
+//! * [`chain`]: the Bitcoin node on top of circuits (store, validation, serving, sync).
+//! * [`cmd`]: the command-line surface (`peer`, `fetch`, `demo`, `keygen`).
 
+pub mod chain;
 pub mod circuit;
+pub mod cmd;
 pub mod config;
 pub mod error;
 pub mod link;

@@ -1,1 +1,52 @@
-fn main(){}
+//! The `anomos` command: run a relay peer, fetch a chain over circuits, or run a whole local demo overlay.
+
+use std::process::ExitCode;
+
+use anomos::cmd::{demo, fetch, keygen, peer, LogArgs};
+use clap::{Parser, Subcommand};
+
+/// anomos — an anonymizing relay overlay that carries Bitcoin-wire traffic over onion circuits.
+#[derive(Parser)]
+#[command(name = "anomos", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a peer: relay circuits for the overlay and optionally serve a chain.
+    Peer(peer::PeerArgs),
+    /// Join the overlay and sync a chain over anonymous circuits.
+    Fetch(fetch::FetchArgs),
+    /// Start a local overlay (tracker, relays, a serving peer) as separate processes and fetch a chain over it.
+    Demo(demo::DemoArgs),
+    /// Generate an identity key (PKCS#8 PEM, mode 0600) and print its fingerprint.
+    Keygen(keygen::KeygenArgs),
+    /// Run the tracker (same as the `anomos-tracker` binary).
+    Tracker(anomos_tracker::TrackerArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli.log.init();
+    let result = match &cli.cmd {
+        Cmd::Peer(a) => peer::run(a).await,
+        Cmd::Fetch(a) => fetch::run(a).await,
+        Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Keygen(a) => keygen::run(a),
+        Cmd::Tracker(a) => {
+            anomos_tracker::run(a.clone(), None).await.map_err(|e| anomos::PeerError::Config(e.to_string()))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("anomos: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -11,7 +11,9 @@ use anomos_proto::cell::{BreakReason, DenyReason};
 use anomos_proto::identity::{Fingerprint, Identity, PublicKey};
 use anomos_proto::ids::NeighborId;
 use anomos_proto::link::{self as plink, LINK_MAGIC, PROBE_MAGIC};
-use anomos_proto::tracker::{Announce, CircuitGrant, CircuitRequest, FailureKind, FailureReport, FromTracker, ToTracker};
+use anomos_proto::tracker::{
+    Announce, CircuitGrant, CircuitRequest, FailureKind, FailureReport, FromTracker, ToTracker,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -78,7 +80,13 @@ impl Trace {
     pub(crate) fn record(&self, circ: u32, dir: Dir, before: &[u8], after: &[u8]) {
         use std::io::Write;
         let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(f, "{circ:08x} {} {} {}", if dir == Dir::Fwd { "fwd" } else { "bwd" }, hex::encode(before), hex::encode(after));
+        let _ = writeln!(
+            f,
+            "{circ:08x} {} {} {}",
+            if dir == Dir::Fwd { "fwd" } else { "bwd" },
+            hex::encode(before),
+            hex::encode(after)
+        );
         let _ = f.flush();
     }
 }
@@ -124,7 +132,12 @@ pub struct Node {
 
 impl Node {
     /// Binds the listening port and builds the node (nothing runs until [`Node::start`]).
-    pub async fn bind(cfg: PeerConfig, identity: Identity, tracker_key: PublicKey, service: Option<Arc<dyn Service>>) -> Result<(Arc<Self>, TcpListener), PeerError> {
+    pub async fn bind(
+        cfg: PeerConfig,
+        identity: Identity,
+        tracker_key: PublicKey,
+        service: Option<Arc<dyn Service>>,
+    ) -> Result<(Arc<Self>, TcpListener), PeerError> {
         let listener = TcpListener::bind(cfg.listen).await?;
         let listen_addr = listener.local_addr()?;
         let trace = match &cfg.cell_trace {
@@ -181,17 +194,26 @@ impl Node {
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, mut s: TcpStream, remote: SocketAddr, probes: Arc<tokio::sync::Semaphore>) -> Result<(), PeerError> {
+    async fn serve_connection(
+        self: Arc<Self>,
+        mut s: TcpStream,
+        remote: SocketAddr,
+        probes: Arc<tokio::sync::Semaphore>,
+    ) -> Result<(), PeerError> {
         let _ = s.set_nodelay(true);
         let mut magic = [0u8; 8];
-        tokio::time::timeout(link::HANDSHAKE_TIMEOUT, s.read_exact(&mut magic)).await.map_err(|_| PeerError::Timeout("first bytes"))??;
+        tokio::time::timeout(link::HANDSHAKE_TIMEOUT, s.read_exact(&mut magic))
+            .await
+            .map_err(|_| PeerError::Timeout("first bytes"))??;
         if magic == LINK_MAGIC {
             link::accept(self, s, remote).await
         } else if magic == PROBE_MAGIC {
             // Each probe costs us an RSA signature: serve at most a few at once.
             let _permit = probes.try_acquire().map_err(|_| PeerError::Config("too many probes at once".into()))?;
             let mut body = [0u8; 34];
-            tokio::time::timeout(link::HANDSHAKE_TIMEOUT, s.read_exact(&mut body)).await.map_err(|_| PeerError::Timeout("probe"))??;
+            tokio::time::timeout(link::HANDSHAKE_TIMEOUT, s.read_exact(&mut body))
+                .await
+                .map_err(|_| PeerError::Timeout("probe"))??;
             let nonce = plink::decode_probe_body(&body)?;
             let me = self.identity.clone();
             let answer = tokio::task::spawn_blocking(move || plink::answer_probe(&me, &nonce, &mut rand::rngs::OsRng))
@@ -288,7 +310,8 @@ impl Node {
     /// smaller fingerprint.
     fn reconcile_links(self: &Arc<Self>) {
         let me = self.fingerprint();
-        let neighbors: Vec<(Fingerprint, NeighborEntry)> = self.neighbors.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let neighbors: Vec<(Fingerprint, NeighborEntry)> =
+            self.neighbors.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
         for (fp, n) in neighbors {
             if fp <= me || self.link(n.nid).is_some() {
                 continue;
@@ -326,7 +349,12 @@ impl Node {
                     } else {
                         info!(peer = %fp.short(), "dial failed: {e}");
                         if failures == 3 {
-                            self.report(FailureReport { kind: FailureKind::NeighborUnreachable, neighbor: Some(n.nid), circuit: None, hop_tag: None });
+                            self.report(FailureReport {
+                                kind: FailureKind::NeighborUnreachable,
+                                neighbor: Some(n.nid),
+                                circuit: None,
+                                hop_tag: None,
+                            });
                         }
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -417,7 +445,8 @@ impl Node {
             return false;
         }
         if rc.seen.len() >= rc.cap {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             rc.seen.retain(|_, exp| *exp >= now);
             if rc.seen.len() >= rc.cap {
                 return false;
@@ -468,49 +497,48 @@ impl Node {
 
     pub(crate) fn report_denied(&self, ep: &Endpoint, reason: DenyReason, tag: Option<[u8; 16]>) {
         warn!(circ = ep.circ_id, %reason, "circuit denied");
-        self.report(FailureReport { kind: FailureKind::CircuitDenied(reason.code()), neighbor: None, circuit: ep.grant.get().copied(), hop_tag: tag });
+        self.report(FailureReport {
+            kind: FailureKind::CircuitDenied(reason.code()),
+            neighbor: None,
+            circuit: ep.grant.get().copied(),
+            hop_tag: tag,
+        });
     }
 
     pub(crate) fn report_broken(&self, ep: &Endpoint, reason: BreakReason, tag: Option<[u8; 16]>) {
-        self.report(FailureReport { kind: FailureKind::CircuitBroken(reason.code()), neighbor: None, circuit: ep.grant.get().copied(), hop_tag: tag });
+        self.report(FailureReport {
+            kind: FailureKind::CircuitBroken(reason.code()),
+            neighbor: None,
+            circuit: ep.grant.get().copied(),
+            hop_tag: tag,
+        });
     }
 }
 
-/// Runs futures concurrently and collects their outputs in order (tiny stand-in for `futures::join_all`).
-pub async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
-where
-    F::Output: Send,
-{
-    let mut out = Vec::new();
-    let futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    // Poll all concurrently by driving them with a simple select-less approach: spawn-free sequential await on
-    // already-started futures would serialise them, so use tokio's JoinSet-free `join!` emulation.
-    let mut pending: Vec<_> = futs.into_iter().map(Some).collect();
+/// Runs futures concurrently on the current task and collects their outputs in order (what
+/// `futures::join_all` does, without the dependency).
+pub async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<_> = futs.into_iter().map(|f| Some(Box::pin(f))).collect();
     let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
     std::future::poll_fn(|cx| {
-        let mut all = true;
-        for (i, f) in pending.iter_mut().enumerate() {
-            if let Some(fut) = f {
+        let mut all_done = true;
+        for (slot, result) in pending.iter_mut().zip(results.iter_mut()) {
+            if let Some(fut) = slot {
                 match fut.as_mut().poll(cx) {
                     std::task::Poll::Ready(v) => {
-                        results[i] = Some(v);
-                        *f = None;
+                        *result = Some(v);
+                        *slot = None;
                     }
-                    std::task::Poll::Pending => all = false,
+                    std::task::Poll::Pending => all_done = false,
                 }
             }
         }
-        if all {
+        if all_done {
             std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
         }
     })
     .await;
-    for r in results {
-        if let Some(v) = r {
-            out.push(v);
-        }
-    }
-    out
+    results.into_iter().flatten().collect()
 }

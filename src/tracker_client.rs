@@ -31,7 +31,9 @@ async fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>, PeerError> {
 impl TrackerSession {
     /// Connects, proves the channel to the pinned key, and authenticates with our identity.
     pub async fn connect(addr: SocketAddr, tracker_key: &PublicKey, me: &Identity) -> Result<Self, PeerError> {
-        let mut stream = timeout(IO_TIMEOUT, TcpStream::connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??;
+        let mut stream = timeout(IO_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| PeerError::Timeout("tracker connect"))??;
         stream.set_nodelay(true)?;
         let (hello, chan) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_key)?;
         stream.write_all(&hello).await?;
@@ -67,8 +69,12 @@ impl TrackerSession {
 }
 
 /// Fetches the tracker's public key and checks it against the pinned fingerprint.
-pub async fn fetch_tracker_key(addr: SocketAddr, pinned: &anomos_proto::identity::Fingerprint) -> Result<PublicKey, PeerError> {
-    let mut s = timeout(IO_TIMEOUT, TcpStream::connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??;
+pub async fn fetch_tracker_key(
+    addr: SocketAddr,
+    pinned: &anomos_proto::identity::Fingerprint,
+) -> Result<PublicKey, PeerError> {
+    let mut s =
+        timeout(IO_TIMEOUT, TcpStream::connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??;
     s.write_all(&tracker::KEY_FETCH_MAGIC).await?;
     let mut prefix = [0u8; 2];
     timeout(IO_TIMEOUT, s.read_exact(&mut prefix)).await.map_err(|_| PeerError::Timeout("tracker key"))??;

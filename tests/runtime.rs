@@ -42,9 +42,22 @@ struct Overlay {
 }
 
 async fn overlay(peers: usize, servers: usize, window: u32) -> Overlay {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let tdir = tempfile::tempdir().unwrap();
-    let args = T::parse_from(["t", "--listen", "127.0.0.1:0", "--data-dir", tdir.path().to_str().unwrap(), "--allow-same-ip", "--interval", "1"]).a;
+    let args = T::parse_from([
+        "t",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        tdir.path().to_str().unwrap(),
+        "--allow-same-ip",
+        "--interval",
+        "1",
+    ])
+    .a;
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(anomos_tracker::run_until(args, Some(tx), std::future::pending()));
     let ready = rx.await.unwrap();
@@ -52,7 +65,12 @@ async fn overlay(peers: usize, servers: usize, window: u32) -> Overlay {
     let mut dirs = vec![tdir];
     for i in 0..peers + servers {
         let d = tempfile::tempdir().unwrap();
-        let mut cfg = PeerConfig::new("127.0.0.1:0".parse().unwrap(), ready.listen, ready.fingerprint.to_hex(), d.path().to_path_buf());
+        let mut cfg = PeerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            ready.listen,
+            ready.fingerprint.to_hex(),
+            d.path().to_path_buf(),
+        );
         cfg.circuit_window = window;
         let service: Option<Arc<dyn Service>> = if i >= peers {
             cfg.serve = vec![ChainId::new("echo").unwrap()];
@@ -178,13 +196,23 @@ async fn replayed_wrong_link_and_non_neighbor_opens_are_refused() {
         .find(|n| anomos_proto::tc::peel(&tc, &n.identity, &mut rand::rngs::OsRng).is_ok())
         .expect("first relay");
     // Another neighbor of the first relay presents A's TC over its own edge (the next hop always qualifies).
-    let mut g2 = a.request_grants(CircuitRequest { chain: ChainId::new("echo").unwrap(), count: 1, relays: 2 }).await.unwrap().pop().unwrap();
+    let mut g2 = a
+        .request_grants(CircuitRequest { chain: ChainId::new("echo").unwrap(), count: 1, relays: 2 })
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
     let tc2 = g2.tc_array().unwrap();
-    let r1b = o.nodes.iter().find(|n| anomos_proto::tc::peel(&tc2, &n.identity, &mut rand::rngs::OsRng).is_ok()).unwrap();
+    let r1b =
+        o.nodes.iter().find(|n| anomos_proto::tc::peel(&tc2, &n.identity, &mut rand::rngs::OsRng).is_ok()).unwrap();
     let b = o
         .nodes
         .iter()
-        .find(|n| n.fingerprint() != a.fingerprint() && n.fingerprint() != r1b.fingerprint() && n.neighbor_by_fp(&r1b.fingerprint()).is_some())
+        .find(|n| {
+            n.fingerprint() != a.fingerprint()
+                && n.fingerprint() != r1b.fingerprint()
+                && n.neighbor_by_fp(&r1b.fingerprint()).is_some()
+        })
         .expect("the first relay has a neighbor besides the requester");
     let (_, nid) = b.neighbor_by_fp(&r1b.fingerprint()).unwrap();
     g2.first_hop = nid;
@@ -200,7 +228,8 @@ async fn replayed_wrong_link_and_non_neighbor_opens_are_refused() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let stranger = Identity::generate(&mut rand::rngs::OsRng, 2048).unwrap();
         let mut s = tokio::net::TcpStream::connect(r1.listen_addr).await.unwrap();
-        let (d, hello) = Dialer::start(&mut rand::rngs::OsRng, r1.identity.public().clone(), anomos_proto::ids::NeighborId(1));
+        let (d, hello) =
+            Dialer::start(&mut rand::rngs::OsRng, r1.identity.public().clone(), anomos_proto::ids::NeighborId(1));
         s.write_all(&hello).await.unwrap();
         let mut reply = [0u8; HELLO_LEN];
         s.read_exact(&mut reply).await.unwrap();
@@ -222,4 +251,19 @@ async fn replayed_wrong_link_and_non_neighbor_opens_are_refused() {
     let mut s = open(&o, 1, 2).await;
     s.send(b"still here".to_vec()).await.unwrap();
     assert_eq!(s.recv().await.unwrap(), b"still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, run by hand"]
+async fn echo_round_trip_latency() {
+    let o = overlay(6, 1, 128).await;
+    for relays in 1..=3u8 {
+        let mut s = open(&o, 0, relays).await;
+        let t = std::time::Instant::now();
+        for i in 0..200u32 {
+            s.send(i.to_be_bytes().to_vec()).await.unwrap();
+            s.recv().await.unwrap();
+        }
+        eprintln!("RTT over {} hops: {:.3} ms", relays + 1, t.elapsed().as_secs_f64() * 1000.0 / 200.0);
+    }
 }

@@ -10,7 +10,9 @@
 use std::sync::{Arc, Mutex};
 
 use anomos_proto::cell::{BreakReason, Cell, CircId, Command, CELL_PAYLOAD_LEN};
-use anomos_proto::circuit::{fragments, E2eHandshake, E2eSession, HopLayer, OnionStack, Reassembler, RecordType, Role, MAX_MESSAGE};
+use anomos_proto::circuit::{
+    fragments, E2eHandshake, E2eSession, HopLayer, OnionStack, Reassembler, RecordType, Role, MAX_MESSAGE,
+};
 use anomos_proto::crypto::Secret;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -23,7 +25,7 @@ pub const RECV_BUFFER: usize = 4 * 1024 * 1024;
 
 enum Onion {
     Requester(OnionStack),
-    Target(HopLayer),
+    Target(Box<HopLayer>),
 }
 
 impl Onion {
@@ -100,10 +102,22 @@ pub struct NewEndpoint {
 
 impl Endpoint {
     /// Creates an endpoint. For the requester `hop_secrets` are all layers; for the target, its own one.
-    pub fn new(link: Arc<Link>, circ_id: CircId, role: Role, hop_secrets: &[Secret], e2e_secret: &Secret, window: u32, batch: u32, guard: CircuitGuard) -> Result<NewEndpoint, PeerError> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        link: Arc<Link>,
+        circ_id: CircId,
+        role: Role,
+        hop_secrets: &[Secret],
+        e2e_secret: &Secret,
+        window: u32,
+        batch: u32,
+        guard: CircuitGuard,
+    ) -> Result<NewEndpoint, PeerError> {
         let onion = match role {
             Role::Requester => Onion::Requester(OnionStack::new(hop_secrets)),
-            Role::Target => Onion::Target(HopLayer::new(hop_secrets.first().ok_or(PeerError::Config("no hop secret".into()))?)),
+            Role::Target => Onion::Target(Box::new(HopLayer::new(
+                hop_secrets.first().ok_or(PeerError::Config("no hop secret".into()))?,
+            ))),
         };
         let mut hello = Box::new([0u8; CELL_PAYLOAD_LEN]);
         let hs = E2eHandshake::start(role, e2e_secret, &mut rand::rngs::OsRng, &mut hello)?;
@@ -157,7 +171,11 @@ impl Endpoint {
     /// Sends one message (fragmenting it); waits while the window is full.
     pub async fn send(&self, msg: &[u8]) -> Result<(), PeerError> {
         if msg.len() > MAX_MESSAGE {
-            return Err(PeerError::Proto(anomos_proto::ProtoError::TooLarge { what: "circuit message", len: msg.len(), limit: MAX_MESSAGE }));
+            return Err(PeerError::Proto(anomos_proto::ProtoError::TooLarge {
+                what: "circuit message",
+                len: msg.len(),
+                limit: MAX_MESSAGE,
+            }));
         }
         for (kind, data) in fragments(msg) {
             self.send_record(kind, data).await?;
@@ -296,7 +314,9 @@ impl CircuitSender {
     pub async fn send(&self, msg: Vec<u8>) -> Result<(), PeerError> {
         match &self.inner {
             SenderInner::Circuit(e) => e.send(&msg).await,
-            SenderInner::Memory(tx) => tx.send(StreamEvent::Message(msg)).map_err(|_| PeerError::Broken(BreakReason::Finished)),
+            SenderInner::Memory(tx) => {
+                tx.send(StreamEvent::Message(msg)).map_err(|_| PeerError::Broken(BreakReason::Finished))
+            }
         }
     }
 }
@@ -304,7 +324,12 @@ impl CircuitSender {
 impl CircuitStream {
     pub(crate) fn from_endpoint(endpoint: Arc<Endpoint>, events: mpsc::UnboundedReceiver<StreamEvent>) -> Self {
         let hops = endpoint.hops();
-        CircuitStream { sender: CircuitSender { inner: SenderInner::Circuit(endpoint.clone()) }, endpoint: Some(endpoint), events, hops }
+        CircuitStream {
+            sender: CircuitSender { inner: SenderInner::Circuit(endpoint.clone()) },
+            endpoint: Some(endpoint),
+            events,
+            hops,
+        }
     }
 
     /// Two streams joined in memory (for tests of the layers above circuits).
@@ -312,8 +337,18 @@ impl CircuitStream {
         let (atx, arx) = mpsc::unbounded_channel();
         let (btx, brx) = mpsc::unbounded_channel();
         (
-            CircuitStream { endpoint: None, events: arx, sender: CircuitSender { inner: SenderInner::Memory(btx) }, hops: 0 },
-            CircuitStream { endpoint: None, events: brx, sender: CircuitSender { inner: SenderInner::Memory(atx) }, hops: 0 },
+            CircuitStream {
+                endpoint: None,
+                events: arx,
+                sender: CircuitSender { inner: SenderInner::Memory(btx) },
+                hops: 0,
+            },
+            CircuitStream {
+                endpoint: None,
+                events: brx,
+                sender: CircuitSender { inner: SenderInner::Memory(atx) },
+                hops: 0,
+            },
         )
     }
 

@@ -6,6 +6,7 @@
 //!   requester pipelined behind the OPEN waits in a small buffer (at most one window).
 //! * `Relay`: relayed circuit; the route says whether this link is its in-link or its out-link.
 //! * `Endpoint`: we are the requester or the target.
+//!
 //! Cells for unknown ids (e.g. after a BREAK crossed them) are dropped.
 
 pub mod endpoint;
@@ -139,7 +140,13 @@ impl Node {
 
     /// Removes a relayed circuit and sends BREAK to the side(s) that did not send it. `from` is the direction
     /// of travel of the BREAK we received, if any.
-    pub(crate) fn teardown_relay(&self, rc: &Arc<RelayCircuit>, reason: BreakReason, tag: Option<[u8; 16]>, from: Option<Dir>) {
+    pub(crate) fn teardown_relay(
+        &self,
+        rc: &Arc<RelayCircuit>,
+        reason: BreakReason,
+        tag: Option<[u8; 16]>,
+        from: Option<Dir>,
+    ) {
         let in_removed = rc.in_link.remove_route(rc.in_id).is_some();
         let out_removed = rc.out_link.remove_route(rc.out_id).is_some();
         if !in_removed && !out_removed {
@@ -247,7 +254,8 @@ impl Node {
         let link = link.clone();
         tokio::spawn(async move {
             let id_key = node.identity.clone();
-            let peeled = tokio::task::spawn_blocking(move || tc::peel(&tc_bytes, &id_key, &mut rand::rngs::OsRng)).await;
+            let peeled =
+                tokio::task::spawn_blocking(move || tc::peel(&tc_bytes, &id_key, &mut rand::rngs::OsRng)).await;
             let peeled = match peeled {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {
@@ -364,9 +372,26 @@ impl Node {
         });
     }
 
-    fn open_target(self: &Arc<Self>, link: Arc<Link>, id: CircId, hop_secret: &Secret, e2e: &Secret, buf: Arc<Mutex<Vec<Cell>>>, guard: crate::node::CircuitGuard) {
+    fn open_target(
+        self: &Arc<Self>,
+        link: Arc<Link>,
+        id: CircId,
+        hop_secret: &Secret,
+        e2e: &Secret,
+        buf: Arc<Mutex<Vec<Cell>>>,
+        guard: crate::node::CircuitGuard,
+    ) {
         let w = self.cfg.circuit_window;
-        let ne = match Endpoint::new(link.clone(), id, Role::Target, std::slice::from_ref(hop_secret), e2e, w, self.cfg.sendme_batch(), guard) {
+        let ne = match Endpoint::create(
+            link.clone(),
+            id,
+            Role::Target,
+            std::slice::from_ref(hop_secret),
+            e2e,
+            w,
+            self.cfg.sendme_batch(),
+            guard,
+        ) {
             Ok(ne) => ne,
             Err(_) => {
                 self.deny(&link, id, DenyReason::Protocol, None);
@@ -425,7 +450,16 @@ impl Node {
         let id = link.alloc_id();
         let w = self.cfg.circuit_window;
         let e2e = Secret(grant.e2e_secret);
-        let ne = Endpoint::new(link.clone(), id, Role::Requester, &grant.secrets(), &e2e, w, self.cfg.sendme_batch(), guard)?;
+        let ne = Endpoint::create(
+            link.clone(),
+            id,
+            Role::Requester,
+            &grant.secrets(),
+            &e2e,
+            w,
+            self.cfg.sendme_batch(),
+            guard,
+        )?;
         let ep = ne.endpoint.clone();
         let _ = ep.grant.set(grant.circuit);
         link.writer.add_circuit(id, w, Drain::Endpoint(Arc::downgrade(&ep)));

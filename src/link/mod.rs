@@ -110,8 +110,15 @@ async fn read_auth(s: &mut TcpStream, what: &'static str) -> Result<Vec<u8>, Pee
 }
 
 /// Dials a neighbor and runs the link until it ends.
-pub async fn dial(node: Arc<Node>, nid: NeighborId, addr: std::net::SocketAddr, key: PublicKey) -> Result<(), PeerError> {
-    let mut s = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr)).await.map_err(|_| PeerError::Timeout("link connect"))??;
+pub async fn dial(
+    node: Arc<Node>,
+    nid: NeighborId,
+    addr: std::net::SocketAddr,
+    key: PublicKey,
+) -> Result<(), PeerError> {
+    let mut s = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| PeerError::Timeout("link connect"))??;
     s.set_nodelay(true)?;
     let peer = key.fingerprint();
     let (dialer, hello) = Dialer::start(&mut rand::rngs::OsRng, key, nid);
@@ -140,9 +147,11 @@ pub async fn accept(node: Arc<Node>, mut s: TcpStream, remote: std::net::SocketA
     let busy = node.link_count() >= node.cfg.max_links;
     let me = node.identity.clone();
     let n2 = node.clone();
-    let out = tokio::task::spawn_blocking(move || acceptor.on_auth(&auth, &me, &mut rand::rngs::OsRng, busy, |fp| n2.neighbor_by_fp(fp)))
-        .await
-        .map_err(|e| PeerError::Config(e.to_string()))??;
+    let out = tokio::task::spawn_blocking(move || {
+        acceptor.on_auth(&auth, &me, &mut rand::rngs::OsRng, busy, |fp| n2.neighbor_by_fp(fp))
+    })
+    .await
+    .map_err(|e| PeerError::Config(e.to_string()))??;
     s.write_all(&out.reply).await?;
     match out.result {
         Ok(cipher) => {
@@ -187,7 +196,11 @@ async fn run(node: Arc<Node>, s: TcpStream, cipher: LinkCipher, peer: Fingerprin
             Ok(Ok(_)) => {}
         }
         if let Err(e) = opener.open_in_place(&mut buf) {
-            break if first { format!("key confirmation failed (NeighborID mismatch?): {e}") } else { format!("bad cell: {e}") };
+            break if first {
+                format!("key confirmation failed (NeighborID mismatch?): {e}")
+            } else {
+                format!("bad cell: {e}")
+            };
         }
         let cell = match Cell::decode(&buf[..CELL_LEN]) {
             Ok(c) => c,

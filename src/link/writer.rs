@@ -15,8 +15,8 @@ use anomos_proto::link::CellSealer;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
-use crate::circuit::relay::{Dir, RelayCircuit};
 use crate::circuit::endpoint::Endpoint;
+use crate::circuit::relay::{Dir, RelayCircuit};
 
 /// Most cells sealed into one write.
 const BATCH: usize = 32;

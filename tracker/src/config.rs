@@ -107,7 +107,10 @@ impl TrackerArgs {
             return bad(format!("--neighbors {}: must be 1..={MAX_TARGET_DEGREE}", self.neighbors));
         }
         if self.tc_ttl < 60 {
-            return bad(format!("--tc-ttl {}: at least 60 seconds (layer expiries are jittered by up to 20 s)", self.tc_ttl));
+            return bad(format!(
+                "--tc-ttl {}: at least 60 seconds (layer expiries are jittered by up to 20 s)",
+                self.tc_ttl
+            ));
         }
         if self.interval == 0 || self.tc_ttl == 0 {
             return bad("--interval and --tc-ttl must be positive".into());

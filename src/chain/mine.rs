@@ -1,0 +1,210 @@
+//! Regtest block production, for tests and local networks.
+//!
+//! Blocks are consensus-shaped (they pass [`super::validate`]): version `0x20000000`, the
+//! parent's nBits (regtest's PoW limit `0x207fffff`, about two hashes per block), strictly
+//! increasing timestamps 10 minutes apart (never past our clock), a coinbase with the BIP 34
+//! height in its scriptSig paying the subsidy plus fees to `OP_TRUE`, and the right merkle
+//! root. Nothing carries witness data, so no witness commitment is needed.
+//!
+//! Optional extra transactions make blocks bigger: a chain in which the first spends the
+//! parent block's coinbase and each next one the previous, each with a 75-byte `OP_RETURN`
+//! (about 145 bytes per transaction). They are well-formed but not valid spends (the coinbase
+//! is immature); nothing here or in sync checks scripts or UTXOs.
+
+use anomos_proto::btc::NetParams;
+use bitcoin::absolute::LockTime;
+use bitcoin::block::{Header, Version};
+use bitcoin::hashes::Hash;
+use bitcoin::opcodes::all::OP_RETURN;
+use bitcoin::opcodes::OP_TRUE;
+use bitcoin::script::Builder;
+use bitcoin::transaction::Version as TxVersion;
+use bitcoin::{
+    Amount, Block, BlockHash, Network, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxMerkleNode, TxOut, Txid,
+    Witness,
+};
+
+use super::store::ChainStore;
+use super::validate::bip34_prefix;
+use super::ChainError;
+
+/// Fee each extra transaction pays.
+const FEE: Amount = Amount::from_sat(1_000);
+
+/// Blocks between subsidy halvings on regtest.
+const REGTEST_HALVING: u32 = 150;
+
+/// Mines `n` blocks on the store's best tip, each with `txs_per_block` extra transactions, and
+/// stores them. Returns their hashes, oldest first. Regtest stores only.
+pub fn mine_regtest(store: &mut ChainStore, n: u32, txs_per_block: usize) -> Result<Vec<BlockHash>, ChainError> {
+    let mut hashes = Vec::with_capacity(n.min(100_000) as usize);
+    for _ in 0..n {
+        let (tip, _) = store.best_tip();
+        hashes.push(mine_on(store, tip, txs_per_block)?.block_hash());
+    }
+    Ok(hashes)
+}
+
+/// Mines one block on any known header `parent` (forks too) and stores it.
+pub fn mine_on(store: &mut ChainStore, parent: BlockHash, txs_per_block: usize) -> Result<Block, ChainError> {
+    check_regtest(store.params())?;
+    let prev =
+        *store.entry(&parent).ok_or_else(|| ChainError::Params(format!("cannot mine on unknown header {parent}")))?;
+    let height = prev.height.checked_add(1).ok_or_else(|| ChainError::Params("height overflow".into()))?;
+
+    // The parent's coinbase funds the extra transactions (a made-up outpoint without a body).
+    let mut funding = (OutPoint { txid: Txid::all_zeros(), vout: 0 }, Amount::from_sat(50 * 100_000_000));
+    if txs_per_block > 0 {
+        if let Some(cb) = store.block(&parent)?.and_then(|b| b.txdata.into_iter().next()) {
+            let value = cb.output.first().map_or(Amount::ZERO, |o| o.value);
+            funding = (OutPoint { txid: cb.compute_txid(), vout: 0 }, value);
+        }
+    }
+    let mut extra = Vec::with_capacity(txs_per_block);
+    for i in 0..txs_per_block {
+        let tx = spend(funding.0, funding.1, i);
+        funding = (OutPoint { txid: tx.compute_txid(), vout: 0 }, tx.output.first().map_or(Amount::ZERO, |o| o.value));
+        extra.push(tx);
+    }
+
+    // Unique per block in this store (two blocks on one parent must differ).
+    let extra_nonce = store.header_count() as u64;
+    let fees = FEE * txs_per_block as u64;
+    let mut txdata = vec![coinbase(height, subsidy(height) + fees, extra_nonce)];
+    txdata.extend(extra);
+
+    let now = unix_now();
+    let time = match prev.header.time.checked_add(600) {
+        Some(t) if u64::from(t) <= now => t,
+        _ => prev.header.time.saturating_add(1),
+    };
+    let mut block = Block {
+        header: Header {
+            version: Version::from_consensus(0x2000_0000),
+            prev_blockhash: parent,
+            merkle_root: TxMerkleNode::all_zeros(),
+            time,
+            bits: prev.header.bits,
+            nonce: 0,
+        },
+        txdata,
+    };
+    block.header.merkle_root =
+        block.compute_merkle_root().ok_or_else(|| ChainError::Params("block without transactions".into()))?;
+    solve(&mut block.header);
+    store.insert_block(&block)?;
+    Ok(block)
+}
+
+fn check_regtest(params: &NetParams) -> Result<(), ChainError> {
+    if params.network != Some(Network::Regtest) {
+        return Err(ChainError::Params(format!("mining is for regtest only, not {}", params.name)));
+    }
+    Ok(())
+}
+
+/// Searches nonces (and, should they run out, timestamps) until the hash meets the target.
+fn solve(header: &mut Header) {
+    let target = header.target();
+    loop {
+        if header.validate_pow(target).is_ok() {
+            return;
+        }
+        match header.nonce.checked_add(1) {
+            Some(n) => header.nonce = n,
+            None => {
+                header.nonce = 0;
+                header.time = header.time.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// Block subsidy at `height` on regtest.
+fn subsidy(height: u32) -> Amount {
+    let halvings = height / REGTEST_HALVING;
+    if halvings >= 64 {
+        return Amount::ZERO;
+    }
+    Amount::from_sat((50 * 100_000_000u64) >> halvings)
+}
+
+fn coinbase(height: u32, value: Amount, extra_nonce: u64) -> Transaction {
+    let mut script = bip34_prefix(height).into_bytes();
+    // Keeps the script at 2..=100 bytes (heights 1..=16 encode as a single opcode) and unique.
+    script.extend_from_slice(Builder::new().push_slice(extra_nonce.to_le_bytes()).as_bytes());
+    Transaction {
+        version: TxVersion::TWO,
+        lock_time: LockTime::ZERO,
+        input: vec![TxIn {
+            previous_output: OutPoint::null(),
+            script_sig: ScriptBuf::from_bytes(script),
+            sequence: Sequence::MAX,
+            witness: Witness::new(),
+        }],
+        output: vec![TxOut { value, script_pubkey: op_true() }],
+    }
+}
+
+fn spend(prev: OutPoint, value: Amount, index: usize) -> Transaction {
+    let mut pad = [0u8; 75];
+    for (dst, src) in pad.iter_mut().zip((index as u64).to_le_bytes()) {
+        *dst = src;
+    }
+    Transaction {
+        version: TxVersion::TWO,
+        lock_time: LockTime::ZERO,
+        input: vec![TxIn {
+            previous_output: prev,
+            script_sig: ScriptBuf::new(),
+            sequence: Sequence::MAX,
+            witness: Witness::new(),
+        }],
+        output: vec![
+            TxOut { value: value.checked_sub(FEE).unwrap_or(Amount::ZERO), script_pubkey: op_true() },
+            TxOut {
+                value: Amount::ZERO,
+                script_pubkey: Builder::new().push_opcode(OP_RETURN).push_slice(pad).into_script(),
+            },
+        ],
+    }
+}
+
+fn op_true() -> ScriptBuf {
+    Builder::new().push_opcode(OP_TRUE).into_script()
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::validate::{check_block_in_context, check_header};
+
+    #[test]
+    fn mined_blocks_pass_validation() {
+        let params = NetParams::regtest();
+        let mut store = ChainStore::new(params.clone()).unwrap();
+        let mut check = ChainStore::new(params.clone()).unwrap();
+        let hashes = mine_regtest(&mut store, 40, 3).unwrap();
+        for (i, hash) in hashes.iter().enumerate() {
+            let block = store.block(hash).unwrap().unwrap();
+            assert_eq!(block.txdata.len(), 4);
+            let height = check_header(&check, &params, &block.header, unix_now()).unwrap();
+            assert_eq!(height as usize, i + 1);
+            check_block_in_context(&block, &params, height).unwrap();
+            check.insert_block(&block).unwrap();
+        }
+        assert_eq!(check.best_tip(), store.best_tip());
+        assert!(mine_regtest(&mut ChainStore::new(NetParams::mainnet()).unwrap(), 1, 0).is_err());
+    }
+
+    #[test]
+    fn subsidy_halves() {
+        assert_eq!(subsidy(1), Amount::from_btc(50.0).unwrap());
+        assert_eq!(subsidy(150), Amount::from_btc(25.0).unwrap());
+        assert_eq!(subsidy(150 * 64), Amount::ZERO);
+    }
+}

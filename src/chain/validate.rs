@@ -1,0 +1,260 @@
+//! Contextual consensus checks: the rules that need the chain a header or block builds on.
+//!
+//! The wire layer ([`anomos_proto::btc::validate`]) checks what a header or block says about
+//! itself (proof of work against its own nBits, merkle root, coinbase shape, sizes, witness
+//! commitment). Here, with the [`ChainStore`], we check what depends on its ancestors:
+//!
+//! * nBits is the difficulty the network requires at that height (no-retarget networks such as
+//!   regtest: the parent's bits or the PoW limit; retargeting networks without min-difficulty
+//!   blocks (mainnet, signet): the parent's bits, recomputed every 2016 blocks; testnet3/4 and
+//!   custom chains: not checked beyond the PoW limit);
+//! * the timestamp is after the median of the previous 11 and at most 2 hours in our future;
+//! * the version is not below what BIP 34/66/65 require at that height;
+//! * a block's coinbase starts with its height (BIP 34).
+//!
+//! Not checked (no UTXO set): scripts, amounts, sigops, lock times, signet signatures.
+
+use anomos_proto::btc::{check_block, check_header_pow, check_linkage, NetParams};
+use bitcoin::block::{Header, Version};
+use bitcoin::params::Params;
+use bitcoin::pow::CompactTarget;
+use bitcoin::script::Builder;
+use bitcoin::{Block, Network};
+
+use super::store::{ChainStore, HeaderEntry};
+use super::{ChainError, Invalid};
+
+/// Number of blocks whose median time a new block must exceed.
+pub const MEDIAN_TIME_SPAN: usize = 11;
+
+/// How far in the future (seconds, against our clock) a header's time may be.
+pub const MAX_FUTURE_BLOCK_TIME: u64 = 2 * 60 * 60;
+
+/// Heights from which BIP 34 (version ≥ 2, height in coinbase), BIP 66 (version ≥ 3) and
+/// BIP 65 (version ≥ 4) apply; `None` for custom chains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deployments {
+    /// BIP 34 height.
+    pub bip34: u32,
+    /// BIP 66 height.
+    pub bip66: u32,
+    /// BIP 65 height.
+    pub bip65: u32,
+}
+
+/// The soft-fork heights of a known network. Regtest uses Bitcoin Core's defaults (all active
+/// from height 1), not the `bitcoin` crate's "never".
+pub fn deployments(params: &NetParams) -> Option<Deployments> {
+    match params.network? {
+        Network::Regtest => Some(Deployments { bip34: 1, bip66: 1, bip65: 1 }),
+        n => {
+            let p = Params::new(n);
+            Some(Deployments { bip34: p.bip34_height, bip66: p.bip66_height, bip65: p.bip65_height })
+        }
+    }
+}
+
+/// Checks a header that builds on a header in `store` (any branch), before it is inserted;
+/// `now` is our clock in Unix seconds. Returns its height.
+pub fn check_header(store: &ChainStore, params: &NetParams, header: &Header, now: u64) -> Result<u32, ChainError> {
+    let hash = header.block_hash();
+    let bad = |reason: Invalid| ChainError::invalid_header(hash, reason);
+    let parent = store.entry(&header.prev_blockhash).ok_or_else(|| {
+        bad(Invalid::Context(format!("does not connect to any known header (prev {})", header.prev_blockhash)))
+    })?;
+    check_linkage(&parent.header, header).map_err(|e| bad(e.into()))?;
+    check_header_pow(header, params).map_err(|e| bad(e.into()))?;
+    let height = parent.height.saturating_add(1);
+
+    if let Some(expected) = expected_bits(store, params, parent, header) {
+        if !expected.contains(&header.bits) {
+            return Err(bad(Invalid::Context(format!(
+                "nBits {:#010x} is not the required difficulty {:#010x} at height {height}",
+                header.bits.to_consensus(),
+                expected.first().map_or(0, |b| b.to_consensus())
+            ))));
+        }
+    }
+
+    let mtp = store.median_time_past(&header.prev_blockhash).unwrap_or(0);
+    if header.time <= mtp {
+        return Err(bad(Invalid::Context(format!(
+            "timestamp {} is not after the median time past {mtp}",
+            header.time
+        ))));
+    }
+    if u64::from(header.time) > now.saturating_add(MAX_FUTURE_BLOCK_TIME) {
+        return Err(bad(Invalid::Context(format!(
+            "timestamp {} is more than 2 hours after our clock ({now})",
+            header.time
+        ))));
+    }
+
+    if let Some(d) = deployments(params) {
+        let version = header.version.to_consensus();
+        let required = if height >= d.bip65 {
+            4
+        } else if height >= d.bip66 {
+            3
+        } else if height >= d.bip34 {
+            2
+        } else {
+            i32::MIN
+        };
+        if version < required {
+            return Err(bad(Invalid::Context(format!(
+                "version {version} is below {required}, required at height {height}"
+            ))));
+        }
+    }
+    Ok(height)
+}
+
+/// The nBits values acceptable for a child of `parent`, or `None` where we do not check.
+fn expected_bits(
+    store: &ChainStore,
+    params: &NetParams,
+    parent: &HeaderEntry,
+    header: &Header,
+) -> Option<Vec<CompactTarget>> {
+    let network = params.network?;
+    let height = parent.height.saturating_add(1);
+    if !params.retarget {
+        // Core's GetNextWorkRequired without retargeting: the last bits; with min-difficulty
+        // blocks allowed, the PoW limit is always acceptable too.
+        let mut ok = vec![parent.header.bits];
+        if params.allow_min_difficulty {
+            ok.push(params.pow_limit.to_compact_lossy());
+        }
+        return Some(ok);
+    }
+    if params.allow_min_difficulty {
+        // testnet3/testnet4: min-difficulty blocks and their retarget quirks are not modeled.
+        return None;
+    }
+    let cp = Params::new(network);
+    let interval = u32::try_from(cp.difficulty_adjustment_interval()).ok()?;
+    if height.checked_rem(interval) != Some(0) {
+        return Some(vec![parent.header.bits]);
+    }
+    let parent_hash = header.prev_blockhash;
+    let first = store.ancestor(&parent_hash, height.checked_sub(interval)?)?;
+    let first_time = store.header(&first)?.time;
+    let timespan = parent.header.time.saturating_sub(first_time);
+    Some(vec![CompactTarget::from_next_work_required(parent.header.bits, u64::from(timespan), &cp)])
+}
+
+/// Checks a downloaded block whose header is in `store` at `height`: the context-free block
+/// rules, then BIP 34 (the coinbase script starts with the height, as Bitcoin Core's
+/// `CScript() << nHeight` encodes it).
+pub fn check_block_in_context(block: &Block, params: &NetParams, height: u32) -> Result<(), ChainError> {
+    let hash = block.block_hash();
+    let bad = |reason: Invalid| ChainError::invalid_block(hash, reason);
+    check_block(block).map_err(|e| bad(e.into()))?;
+    if let Some(d) = deployments(params) {
+        if height >= d.bip34 && block.header.version >= Version::TWO {
+            let expected = bip34_prefix(height);
+            let script = block
+                .txdata
+                .first()
+                .and_then(|cb| cb.input.first())
+                .map(|i| i.script_sig.as_bytes())
+                .unwrap_or_default();
+            if !script.starts_with(expected.as_bytes()) {
+                return Err(bad(Invalid::Context(format!(
+                    "coinbase does not start with its height {height} (BIP 34)"
+                ))));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The script prefix BIP 34 requires in the coinbase of the block at `height`.
+pub fn bip34_prefix(height: u32) -> bitcoin::ScriptBuf {
+    Builder::new().push_int(i64::from(height)).into_script()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::mine::{mine_regtest, unix_now};
+    use bitcoin::pow::CompactTarget;
+
+    /// A store with 20 blocks and a valid child header of its tip.
+    fn setup() -> (ChainStore, Block) {
+        let mut store = ChainStore::new(NetParams::regtest()).unwrap();
+        let hashes = mine_regtest(&mut store, 21, 0).unwrap();
+        let next = store.block(&hashes[20]).unwrap().unwrap();
+        // Make a fresh store that lacks the last block, so `next` is a valid child of its tip.
+        let mut fresh = ChainStore::new(NetParams::regtest()).unwrap();
+        for h in &hashes[..20] {
+            fresh.insert_block(&store.block(h).unwrap().unwrap()).unwrap();
+        }
+        (fresh, next)
+    }
+
+    fn remine(header: &mut Header) {
+        while header.validate_pow(header.target()).is_err() {
+            header.nonce = header.nonce.wrapping_add(1);
+        }
+    }
+
+    fn context_err(store: &ChainStore, header: &Header) -> String {
+        match check_header(store, &NetParams::regtest(), header, unix_now()) {
+            Err(ChainError::InvalidHeader { reason, .. }) => match *reason {
+                Invalid::Context(s) => s,
+                other => panic!("not a context error: {other}"),
+            },
+            other => panic!("expected an invalid header, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn contextual_header_rules() {
+        let (store, next) = setup();
+        let params = NetParams::regtest();
+        assert_eq!(check_header(&store, &params, &next.header, unix_now()).unwrap(), 21);
+
+        let mtp = store.median_time_past(&next.header.prev_blockhash).unwrap();
+        let mut h = next.header;
+        h.time = mtp;
+        remine(&mut h);
+        assert!(context_err(&store, &h).contains("median time past"));
+
+        let mut h = next.header;
+        h.time = u32::try_from(unix_now() + MAX_FUTURE_BLOCK_TIME + 60).unwrap();
+        remine(&mut h);
+        assert!(context_err(&store, &h).contains("2 hours"));
+
+        let mut h = next.header;
+        h.bits = CompactTarget::from_consensus(0x207f_0000);
+        remine(&mut h);
+        assert!(context_err(&store, &h).contains("nBits"));
+
+        let mut h = next.header;
+        h.version = Version::ONE;
+        remine(&mut h);
+        assert!(context_err(&store, &h).contains("version 1"));
+
+        let mut h = next.header;
+        h.prev_blockhash = h.merkle_root.to_raw_hash().into();
+        assert!(context_err(&store, &h).contains("does not connect"));
+    }
+
+    #[test]
+    fn bip34_height_is_required() {
+        let (_, mut next) = setup();
+        let params = NetParams::regtest();
+        check_block_in_context(&next, &params, 21).unwrap();
+        let err = check_block_in_context(&next, &params, 22).unwrap_err();
+        assert!(matches!(err.invalid(), Some((_, Invalid::Context(s))) if s.contains("BIP 34")));
+        // Strip the height push: the merkle root changes too, so fix that first.
+        next.txdata[0].input[0].script_sig = bitcoin::ScriptBuf::from_bytes(vec![0x01, 0x00, 0x51]);
+        next.header.merkle_root = next.compute_merkle_root().unwrap();
+        let err = check_block_in_context(&next, &params, 21).unwrap_err();
+        assert!(err.to_string().contains("BIP 34"), "{err}");
+        assert_eq!(bip34_prefix(1).as_bytes(), &[0x51]);
+        assert_eq!(bip34_prefix(300).as_bytes(), &[0x02, 0x2c, 0x01]);
+    }
+}

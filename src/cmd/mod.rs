@@ -1,0 +1,156 @@
+//! The command-line surface: one module per subcommand, plus what they share (node flags, start-up).
+
+pub mod demo;
+pub mod fetch;
+pub mod keygen;
+pub mod peer;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anomos_proto::identity::{self, Fingerprint};
+use clap::Args;
+use tracing::{info, warn};
+
+use crate::config::PeerConfig;
+use crate::error::PeerError;
+use crate::node::{Node, Service};
+use crate::tracker_client::fetch_tracker_key;
+
+/// Flags every command that runs a peer shares.
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// The one TCP address this peer listens on (links and the tracker's reachability probe).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8633")]
+    pub listen: SocketAddr,
+    /// Address to announce instead of the bound one (e.g. behind port forwarding).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<SocketAddr>,
+    /// Tracker address.
+    #[arg(long, value_name = "ADDR", env = "ANOMOS_TRACKER")]
+    pub tracker: SocketAddr,
+    /// Pinned tracker key fingerprint (hex SHA-256 of its SubjectPublicKeyInfo; printed by the tracker at start).
+    #[arg(long, value_name = "HEX", env = "ANOMOS_TRACKER_FP")]
+    pub tracker_fp: String,
+    /// Data directory (identity key `peer.key`, state); created with mode 0700.
+    #[arg(long, value_name = "DIR", default_value = "./anomos-data")]
+    pub data_dir: PathBuf,
+    /// Size of a newly generated identity key.
+    #[arg(long, default_value_t = 2048, value_parser = crate::cmd::parse_key_bits)]
+    pub key_bits: usize,
+    /// Most circuits (relayed and endpoints) at once; further OPENs are denied.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_circuits: usize,
+    /// Most neighbor links at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_links: usize,
+    /// Flow-control window in cells per circuit and direction (each hop buffers at most this many).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(4..=4096))]
+    pub circuit_window: u32,
+    /// Most cells queued on one link in total.
+    #[arg(long, default_value_t = 65_536)]
+    pub link_queue_cap: usize,
+    /// Debug: append every relayed DATA payload (before/after this hop's layer) to FILE.
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub cell_trace: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    /// The peer configuration these flags describe.
+    pub fn config(&self) -> PeerConfig {
+        let mut c = PeerConfig::new(self.listen, self.tracker, self.tracker_fp.clone(), self.data_dir.clone());
+        c.advertise = self.advertise;
+        c.key_bits = self.key_bits;
+        c.max_circuits = self.max_circuits;
+        c.max_links = self.max_links;
+        c.circuit_window = self.circuit_window;
+        c.link_queue_cap = self.link_queue_cap;
+        c.cell_trace = self.cell_trace.clone();
+        c
+    }
+}
+
+/// Parses an identity key size (2048 or 3072).
+pub fn parse_key_bits(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(b) if identity::ALLOWED_KEY_BITS.contains(&b) => Ok(b),
+        _ => Err(format!("{s}: key size must be 2048 or 3072")),
+    }
+}
+
+/// Creates `dir` (and parents) with mode 0700 if missing.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), PeerError> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads or creates the identity, fetches and checks the tracker key, binds and starts the node, and prints
+/// the `anomos peer ready …` line on stdout.
+pub async fn launch(cfg: PeerConfig, service: Option<Arc<dyn Service>>) -> Result<Arc<Node>, PeerError> {
+    let pinned = Fingerprint::from_hex(&cfg.tracker_fp).map_err(|e| PeerError::Config(format!("--tracker-fp: {e}")))?;
+    ensure_private_dir(&cfg.data_dir)?;
+    let key_path = cfg.data_dir.join("peer.key");
+    let bits = cfg.key_bits;
+    let (id, created) = tokio::task::spawn_blocking(move || identity::load_or_create_identity(&key_path, bits))
+        .await
+        .map_err(|e| PeerError::Config(e.to_string()))??;
+    if created {
+        info!(fingerprint = %id.fingerprint(), "created a new identity key");
+    }
+    // The tracker may not be up yet: keep trying, with backoff. A key that does not match the pin is fatal.
+    let mut backoff = Duration::from_millis(200);
+    let tracker_key = loop {
+        match fetch_tracker_key(cfg.tracker, &pinned).await {
+            Ok(k) => break k,
+            Err(PeerError::Proto(e)) => {
+                return Err(PeerError::Config(format!("refusing the tracker at {}: {e}", cfg.tracker)))
+            }
+            Err(e) => {
+                warn!("tracker {} not reachable yet ({e}); retrying in {:.1}s", cfg.tracker, backoff.as_secs_f64());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    let (node, listener) = Node::bind(cfg, id, tracker_key, service).await?;
+    node.start(listener);
+    info!(listen = %node.listen_addr, fingerprint = %node.fingerprint(), "peer started");
+    println!("anomos peer ready listen={} fingerprint={}", node.listen_addr, node.fingerprint());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    Ok(node)
+}
+
+/// Logging flags shared by every binary.
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log level (overridden by RUST_LOG).
+    #[arg(long, global = true, default_value = "info", env = "ANOMOS_LOG_LEVEL")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl LogArgs {
+    /// Installs the tracing subscriber (logs go to stderr; stdout is for results).
+    pub fn init(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&self.log_level));
+        let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        if self.log_format == "json" {
+            b.json().init();
+        } else {
+            b.init();
+        }
+    }
+}
