@@ -397,6 +397,29 @@ impl Node {
             }
         }
         self.link_change.notify_waiters();
+        // If the neighbor does not come back soon, tell the tracker (whichever side dialed), so new paths
+        // avoid it until it announces again.
+        let node = self.clone();
+        let nid = link.nid;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let still_neighbor =
+                node.neighbors.lock().unwrap_or_else(|e| e.into_inner()).values().any(|n| n.nid == nid);
+            if still_neighbor && node.link(nid).is_none() {
+                info!(neighbor = ?nid, "neighbor did not come back; reporting it");
+                node.report(FailureReport {
+                    kind: FailureKind::NeighborUnreachable,
+                    neighbor: Some(nid),
+                    circuit: None,
+                    hop_tag: None,
+                });
+            }
+        });
+    }
+
+    /// DATA and control cells queued on all links (what this peer is buffering).
+    pub fn queued_cells(&self) -> usize {
+        self.links.lock().unwrap_or_else(|e| e.into_inner()).values().map(|l| l.writer.total_queued()).sum()
     }
 
     /// The live link over an edge.
