@@ -25,6 +25,9 @@ pub const SEALED_CELL_LEN: usize = CELL_LEN + TAG_LEN;
 /// The top bit of a circuit id marks ids allocated by the link's dialer.
 pub const DIALER_CIRC_BIT: u32 = 0x8000_0000;
 
+/// Smallest receive window a link may announce.
+pub const MIN_WINDOW: u16 = 4;
+
 /// A circuit id, local to one link.
 pub type CircId = u32;
 
@@ -164,9 +167,30 @@ impl Cell {
         Cell { circ_id, command, payload: Box::new([0u8; CELL_PAYLOAD_LEN]) }
     }
 
-    /// PADDING on circuit 0.
+    /// PADDING on circuit 0 (keepalive: all-zero payload).
     pub fn padding() -> Self {
         Cell::new(0, Command::Padding)
+    }
+
+    /// The first cell each side sends on a new link (key confirmation): PADDING whose payload starts with the
+    /// sender's receive window, u16 BE — how many DATA cells per circuit it lets the other side send before
+    /// a SENDME. The other side starts every circuit on this link with that much credit.
+    pub fn link_params(window: u16) -> Self {
+        let mut c = Cell::padding();
+        c.payload[..2].copy_from_slice(&window.to_be_bytes());
+        c
+    }
+
+    /// The receive window announced by a key-confirmation PADDING (at least [`MIN_WINDOW`]).
+    pub fn link_params_window(&self) -> Result<u16> {
+        if self.command != Command::Padding {
+            return Err(ProtoError::Unexpected("first link cell other than PADDING"));
+        }
+        let w = u16::from_be_bytes([self.payload[0], self.payload[1]]);
+        if w < MIN_WINDOW {
+            return Err(ProtoError::Invalid { what: "link receive window", detail: format!("{w} (min {MIN_WINDOW})") });
+        }
+        Ok(w)
     }
 
     /// OPEN carrying `tc`.

@@ -82,6 +82,7 @@ pub struct Endpoint {
     permits: Semaphore,
     events: mpsc::UnboundedSender<StreamEvent>,
     batch: u32,
+    /// Cells we may have queued toward the next hop (the neighbor's announced window).
     window: u32,
     /// The tracker's handle for this circuit (requester side), for failure reports.
     pub grant: std::sync::OnceLock<u64>,
@@ -113,6 +114,9 @@ impl Endpoint {
         batch: u32,
         guard: CircuitGuard,
     ) -> Result<NewEndpoint, PeerError> {
+        // We let the other side send `window` cells (our announced receive window); we may send as many as
+        // the link's neighbor announced.
+        let send_window = link.send_window();
         let onion = match role {
             Role::Requester => Onion::Requester(OnionStack::new(hop_secrets)),
             Role::Target => Onion::Target(Box::new(HopLayer::new(
@@ -138,10 +142,10 @@ impl Endpoint {
                 opened: Some(otx),
                 closed: false,
             }),
-            permits: Semaphore::new(window as usize),
+            permits: Semaphore::new(send_window as usize),
             events: etx,
             batch,
-            window,
+            window: send_window,
             grant: std::sync::OnceLock::new(),
             _guard: guard,
         });

@@ -338,9 +338,9 @@ impl Node {
             if !matches!(routes.get(&in_id), Some(Route::Opening(b)) if Arc::ptr_eq(b, &buf)) {
                 return; // broken while we were peeling
             }
-            out_link.writer.add_circuit(out_id, w, Drain::Relay(Arc::downgrade(&rc), Dir::Fwd));
+            out_link.writer.add_circuit(out_id, out_link.send_window(), Drain::Relay(Arc::downgrade(&rc), Dir::Fwd));
             out_link.set_route(out_id, Route::Relay(rc.clone(), Dir::Bwd));
-            in_link.writer.add_circuit(in_id, w, Drain::Relay(Arc::downgrade(&rc), Dir::Bwd));
+            in_link.writer.add_circuit(in_id, in_link.send_window(), Drain::Relay(Arc::downgrade(&rc), Dir::Bwd));
             if out_link.writer.push(Cell::open(out_id, &next_tc)).is_err() {
                 drop(routes);
                 out_link.remove_route(out_id);
@@ -404,7 +404,7 @@ impl Node {
             if !matches!(routes.get(&id), Some(Route::Opening(b)) if Arc::ptr_eq(b, &buf)) {
                 return;
             }
-            link.writer.add_circuit(id, w, Drain::Endpoint(Arc::downgrade(&ep)));
+            link.writer.add_circuit(id, link.send_window(), Drain::Endpoint(Arc::downgrade(&ep)));
             let _ = link.writer.push(Cell::new(id, Command::Confirm));
             if ep.send_hello(ne.hello).is_err() {
                 return;
@@ -462,7 +462,7 @@ impl Node {
         )?;
         let ep = ne.endpoint.clone();
         let _ = ep.grant.set(grant.circuit);
-        link.writer.add_circuit(id, w, Drain::Endpoint(Arc::downgrade(&ep)));
+        link.writer.add_circuit(id, link.send_window(), Drain::Endpoint(Arc::downgrade(&ep)));
         link.set_route(id, Route::Endpoint(ep.clone()));
         let tc = grant.tc_array()?;
         link.writer.push(Cell::open(id, &tc)).map_err(|_| PeerError::NoLink("link closed".into()))?;

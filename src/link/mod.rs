@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anomos_proto::cell::{Cell, CircId, Command, CELL_LEN, DIALER_CIRC_BIT, SEALED_CELL_LEN};
+use anomos_proto::cell::{Cell, CircId, CELL_LEN, DIALER_CIRC_BIT, SEALED_CELL_LEN};
 use anomos_proto::identity::{Fingerprint, PublicKey};
 use anomos_proto::ids::NeighborId;
 use anomos_proto::link::{self as plink, Acceptor, AuthStatus, Dialer, LinkCipher, HELLO_LEN};
@@ -40,11 +40,26 @@ pub struct Link {
     pub writer: Arc<LinkWriter>,
     routes: Mutex<HashMap<CircId, Route>>,
     next_id: AtomicU32,
+    peer_window: AtomicU32,
 }
 
 impl Link {
     fn new(nid: NeighborId, peer: Fingerprint, dialer: bool, writer: Arc<LinkWriter>) -> Self {
-        Link { nid, peer, dialer, writer, routes: Mutex::new(HashMap::new()), next_id: AtomicU32::new(1) }
+        Link {
+            nid,
+            peer,
+            dialer,
+            writer,
+            routes: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            peer_window: AtomicU32::new(u32::from(anomos_proto::cell::MIN_WINDOW)),
+        }
+    }
+
+    /// Credit each new circuit on this link starts with: the receive window the neighbor announced in its
+    /// first cell (it enforces that, not ours).
+    pub fn send_window(&self) -> u32 {
+        self.peer_window.load(Ordering::Relaxed)
     }
 
     /// Locks the route table.
@@ -182,9 +197,9 @@ async fn run(node: Arc<Node>, s: TcpStream, cipher: LinkCipher, peer: Fingerprin
     let dialer = cipher.dialer;
     let (mut rd, wr) = s.into_split();
     let (sealer, mut opener) = cipher.split();
-    let writer = LinkWriter::new(node.cfg.link_queue_cap, node.cfg.circuit_window * 2);
-    // Key confirmation: our first cell.
-    let _ = writer.push_control(Cell::padding());
+    let writer = LinkWriter::new(node.cfg.link_queue_cap);
+    // Key confirmation and link parameters: our first cell announces our receive window.
+    let _ = writer.push_control(Cell::link_params(node.cfg.circuit_window.min(u32::from(u16::MAX)) as u16));
     let link = Arc::new(Link::new(nid, peer, dialer, writer.clone()));
     let wtask = tokio::spawn(writer.clone().run(wr, sealer, node.cfg.keepalive));
     let mut buf = vec![0u8; SEALED_CELL_LEN];
@@ -207,8 +222,9 @@ async fn run(node: Arc<Node>, s: TcpStream, cipher: LinkCipher, peer: Fingerprin
             Err(e) => break format!("malformed cell: {e}"),
         };
         if first {
-            if cell.command != Command::Padding {
-                break "first cell was not the key-confirmation PADDING".into();
+            match cell.link_params_window() {
+                Ok(w) => link.peer_window.store(u32::from(w), Ordering::Relaxed),
+                Err(e) => break format!("bad key-confirmation cell: {e}"),
             }
             first = false;
             info!(peer = %peer.short(), dialer, "link up");

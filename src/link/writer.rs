@@ -35,6 +35,8 @@ pub enum Drain {
 struct CircQueue {
     cells: VecDeque<Cell>,
     credit: u32,
+    /// Credit above this is a peer granting more than its window allows; it is clamped.
+    max_credit: u32,
     drain: Drain,
     in_ready: bool,
 }
@@ -64,13 +66,12 @@ pub struct LinkWriter {
     st: Mutex<State>,
     wake: Notify,
     cap: usize,
-    max_credit: u32,
 }
 
 impl LinkWriter {
-    /// A writer whose queues hold at most `cap` cells in total; credit per circuit is capped at `max_credit`.
-    pub fn new(cap: usize, max_credit: u32) -> Arc<Self> {
-        Arc::new(LinkWriter { st: Mutex::new(State::default()), wake: Notify::new(), cap, max_credit })
+    /// A writer whose queues hold at most `cap` cells in total.
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(LinkWriter { st: Mutex::new(State::default()), wake: Notify::new(), cap })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -82,7 +83,8 @@ impl LinkWriter {
     /// Creates the queue for a circuit with its initial send credit.
     pub fn add_circuit(&self, id: CircId, credit: u32, drain: Drain) {
         let mut st = self.lock();
-        st.queues.insert(id, CircQueue { cells: VecDeque::new(), credit, drain, in_ready: false });
+        let max_credit = credit.max(1).saturating_mul(2);
+        st.queues.insert(id, CircQueue { cells: VecDeque::new(), credit, max_credit, drain, in_ready: false });
     }
 
     /// Removes a circuit's queue, dropping what it still held; returns how many cells were dropped.
@@ -138,9 +140,8 @@ impl LinkWriter {
     /// Adds send credit to a circuit (from a SENDME).
     pub fn add_credit(&self, id: CircId, n: u32) {
         let mut st = self.lock();
-        let max = self.max_credit;
         let Some(q) = st.queues.get_mut(&id) else { return };
-        q.credit = q.credit.saturating_add(n).min(max);
+        q.credit = q.credit.saturating_add(n).min(q.max_credit);
         let newly_ready = !q.in_ready && sendable(q);
         if newly_ready {
             q.in_ready = true;
