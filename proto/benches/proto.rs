@@ -1,1 +1,246 @@
-fn main(){}
+//! Criterion benchmarks of anomos-proto's cryptographic hot paths:
+//!
+//! * `tc_peel/{2048,3072}`: one hop peeling its tracking-code layer (RSA-OAEP decrypt + AES-GCM over ~4 KiB);
+//! * `tc_build/4hop_*`: the tracker building a TC for 3 relays + target;
+//! * `link_cell/*`: sealing and opening one link cell (SEALED_CELL_LEN bytes on the wire), in place and through
+//!   `seal_cell`/`open_cell`, next to raw AES-256-GCM (the `aes_gcm` crate used directly) sealing and opening the
+//!   same number of bytes with a counter nonce: the difference is the link layer's own overhead;
+//! * `onion/hop_layer_forward`: one relay stripping its AES-256-CTR layer from a DATA payload;
+//! * `rsa_oaep_decrypt/{2048,3072}`: the RSA private-key operation alone.
+//!
+//! After criterion's report it prints one `SUMMARY ...` line computed from its own `Instant`-timed loops (not
+//! from criterion's statistics); MB/s there is 10^6 bytes per second. The identities are the committed vector
+//! keys, so no key generation is timed or needed.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use anomos_proto::cell::{Cell, Command, CELL_LEN, CELL_PAYLOAD_LEN, SEALED_CELL_LEN};
+use anomos_proto::circuit::HopLayer;
+use anomos_proto::crypto::{counter_nonce, Secret};
+use anomos_proto::identity::Identity;
+use anomos_proto::ids::{ChainId, NeighborId};
+use anomos_proto::link::{Acceptor, Dialer, LinkCipher};
+use anomos_proto::tc::{self, HopSpec, Layer, LayerKind, TC_LEN};
+use criterion::{BenchmarkId, Criterion, Throughput};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+struct Ids {
+    k2048: [Identity; 3],
+    k3072: Identity,
+}
+
+fn ids() -> Ids {
+    let load = |pem: &str| Identity::from_pkcs8_pem(pem).expect("committed vector key");
+    Ids {
+        k2048: [
+            load(include_str!("../tests/vectors/keys/id0_2048.pem")),
+            load(include_str!("../tests/vectors/keys/id1_2048.pem")),
+            load(include_str!("../tests/vectors/keys/id2_2048.pem")),
+        ],
+        k3072: load(include_str!("../tests/vectors/keys/id3_3072.pem")),
+    }
+}
+
+fn rng(seed: u64) -> ChaCha20Rng {
+    ChaCha20Rng::seed_from_u64(seed)
+}
+
+/// Hop specs for `keys` (relays, then the target).
+fn path(keys: &[&Identity]) -> Vec<HopSpec> {
+    let n = keys.len();
+    keys.iter()
+        .enumerate()
+        .map(|(i, id)| HopSpec {
+            key: id.public().clone(),
+            layer: Layer {
+                prev: NeighborId(10 + i as u64),
+                kind: if i + 1 == n {
+                    LayerKind::Target {
+                        chain: ChainId::new("regtest").expect("chain"),
+                        session: [1; 16],
+                        e2e_secret: Secret([2; 32]),
+                    }
+                } else {
+                    LayerKind::Relay { next: NeighborId(11 + i as u64) }
+                },
+                hop_secret: Secret([i as u8; 32]),
+                expires: u64::MAX,
+                replay_tag: [i as u8; 16],
+            },
+        })
+        .collect()
+}
+
+fn link_pair(ids: &Ids) -> (LinkCipher, LinkCipher) {
+    let (d, a) = (&ids.k2048[0], &ids.k2048[1]);
+    let nid = NeighborId(7);
+    let (dialer, hello) = Dialer::start(&mut rng(1), a.public().clone(), nid);
+    let (acceptor, reply) = Acceptor::start(&mut rng(2), &hello).expect("start");
+    let (dialer, auth) = dialer.on_reply(&reply, d, &mut rng(3)).expect("reply");
+    let out = acceptor.on_auth(&auth, a, &mut rng(4), false, |_| Some((d.public().clone(), nid))).expect("auth");
+    let acc = out.result.expect("accepted");
+    (dialer.on_auth_reply(&out.reply).expect("auth reply"), acc)
+}
+
+/// Seal then open one cell in place on a link (dialer -> acceptor); the buffer ends as it started.
+fn cell_round(d: &mut LinkCipher, a: &mut LinkCipher, buf: &mut [u8; SEALED_CELL_LEN]) {
+    d.seal_in_place(buf).expect("seal");
+    a.open_in_place(buf).expect("open");
+}
+
+/// The same work with `aes_gcm` directly: CELL_LEN bytes sealed and opened under a counter nonce.
+struct RawGcm {
+    cipher: Aes256Gcm,
+    n: u64,
+}
+
+impl RawGcm {
+    fn new() -> Self {
+        RawGcm { cipher: Aes256Gcm::new((&[9u8; 32]).into()), n: 0 }
+    }
+    fn round(&mut self, buf: &mut [u8; SEALED_CELL_LEN]) {
+        let nonce = counter_nonce(self.n);
+        self.n += 1;
+        let (body, tag_out) = buf.split_at_mut(CELL_LEN);
+        let tag = self.cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), b"", body).expect("seal");
+        tag_out.copy_from_slice(&tag);
+        self.cipher.decrypt_in_place_detached(Nonce::from_slice(&nonce), b"", body, &tag).expect("open");
+    }
+}
+
+fn sample_cell() -> Cell {
+    let mut c = Cell::new(0x8000_0001, Command::Data);
+    for (i, b) in c.payload.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    c
+}
+
+fn benches(c: &mut Criterion, ids: &Ids) {
+    let mut r = rng(100);
+
+    let mut g = c.benchmark_group("tc_peel");
+    for (bits, first) in [(2048, &ids.k2048[0]), (3072, &ids.k3072)] {
+        let tc = tc::build(&path(&[first, &ids.k2048[1], &ids.k2048[2], &ids.k2048[0]]), &mut rng(5)).expect("tc");
+        g.bench_with_input(BenchmarkId::from_parameter(bits), &tc, |b, tc| {
+            b.iter(|| tc::peel(black_box(tc), first, &mut r).expect("peel"))
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("tc_build");
+    let p2048 = path(&[&ids.k2048[0], &ids.k2048[1], &ids.k2048[2], &ids.k2048[0]]);
+    g.bench_function("4hop_2048", |b| b.iter(|| tc::build(black_box(&p2048), &mut r).expect("build")));
+    let mixed = path(&[&ids.k2048[0], &ids.k3072, &ids.k2048[1], &ids.k2048[2]]);
+    g.bench_function("4hop_mixed_3072", |b| b.iter(|| tc::build(black_box(&mixed), &mut r).expect("build")));
+    g.finish();
+
+    let mut g = c.benchmark_group("link_cell");
+    g.throughput(Throughput::Bytes(SEALED_CELL_LEN as u64));
+    let (mut d, mut a) = link_pair(ids);
+    let mut buf = Box::new([0u8; SEALED_CELL_LEN]);
+    sample_cell().encode_into((&mut buf[..CELL_LEN]).try_into().expect("len"));
+    g.bench_function("seal_open_in_place", |b| b.iter(|| cell_round(&mut d, &mut a, black_box(&mut buf))));
+    let cell = sample_cell();
+    g.bench_function("seal_cell_open_cell", |b| {
+        b.iter(|| {
+            let s = d.seal_cell(black_box(&cell)).expect("seal");
+            a.open_cell(&s).expect("open")
+        })
+    });
+    let mut raw = RawGcm::new();
+    g.bench_function("raw_aes256gcm_seal_open", |b| b.iter(|| raw.round(black_box(&mut buf))));
+    g.finish();
+
+    let mut g = c.benchmark_group("onion");
+    g.throughput(Throughput::Bytes(CELL_PAYLOAD_LEN as u64));
+    let mut hop = HopLayer::new(&Secret([5; 32]));
+    let mut payload = [0u8; CELL_PAYLOAD_LEN];
+    g.bench_function("hop_layer_forward", |b| b.iter(|| hop.forward(black_box(&mut payload))));
+    g.finish();
+
+    let mut g = c.benchmark_group("rsa_oaep_decrypt");
+    for (bits, id) in [(2048, &ids.k2048[0]), (3072, &ids.k3072)] {
+        let ct = id.public().encrypt(&mut rng(6), &[7; 32]).expect("encrypt");
+        g.bench_with_input(BenchmarkId::from_parameter(bits), &ct, |b, ct| {
+            b.iter(|| id.decrypt(&mut r, black_box(ct), "bench").expect("decrypt"))
+        });
+    }
+    g.finish();
+}
+
+/// Mean seconds per call of `f`, timed over at least `budget` after a short warm-up.
+fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
+    let warm = Instant::now();
+    while warm.elapsed() < budget / 10 {
+        f();
+    }
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < budget {
+        for _ in 0..8 {
+            f();
+        }
+        n += 8;
+    }
+    start.elapsed().as_secs_f64() / n as f64
+}
+
+fn summary(ids: &Ids, budget: Duration) {
+    let mut r = rng(200);
+    let mbps = |secs: f64, bytes: usize| bytes as f64 / secs / 1e6;
+    let tc2048 = tc::build(&path(&[&ids.k2048[0], &ids.k2048[1], &ids.k2048[2]]), &mut rng(7)).expect("tc");
+    let tc3072 = tc::build(&path(&[&ids.k3072, &ids.k2048[1], &ids.k2048[2]]), &mut rng(8)).expect("tc");
+    let peel2048 = time(budget, || {
+        black_box(tc::peel(&tc2048, &ids.k2048[0], &mut r).expect("peel"));
+    });
+    let peel3072 = time(budget, || {
+        black_box(tc::peel(&tc3072, &ids.k3072, &mut r).expect("peel"));
+    });
+    let p4 = path(&[&ids.k2048[0], &ids.k2048[1], &ids.k2048[2], &ids.k2048[0]]);
+    let build = time(budget, || {
+        black_box(tc::build(&p4, &mut r).expect("build"));
+    });
+    let ct = ids.k2048[0].public().encrypt(&mut rng(9), &[7; 32]).expect("encrypt");
+    let oaep = time(budget, || {
+        black_box(ids.k2048[0].decrypt(&mut r, &ct, "bench").expect("decrypt"));
+    });
+    let (mut d, mut a) = link_pair(ids);
+    let mut buf = Box::new([0u8; SEALED_CELL_LEN]);
+    sample_cell().encode_into((&mut buf[..CELL_LEN]).try_into().expect("len"));
+    let cell = time(budget, || cell_round(&mut d, &mut a, black_box(&mut buf)));
+    let mut raw = RawGcm::new();
+    let gcm = time(budget, || raw.round(black_box(&mut buf)));
+    let mut hop = HopLayer::new(&Secret([5; 32]));
+    let mut payload = [0u8; CELL_PAYLOAD_LEN];
+    let fwd = time(budget, || hop.forward(black_box(&mut payload)));
+    let (cell_mbps, gcm_mbps) = (mbps(cell, SEALED_CELL_LEN), mbps(gcm, SEALED_CELL_LEN));
+    println!(
+        "SUMMARY tc_peel_2048_ms={:.3} tc_peel_3072_ms={:.3} tc_build_4hop_ms={:.3} rsa_oaep_decrypt_2048_ms={:.3} \
+         cell_seal_open_MBps={:.1} raw_gcm_seal_open_MBps={:.1} ratio={:.3} hop_forward_MBps={:.1} tc_len={}",
+        peel2048 * 1e3,
+        peel3072 * 1e3,
+        build * 1e3,
+        oaep * 1e3,
+        cell_mbps,
+        gcm_mbps,
+        cell_mbps / gcm_mbps,
+        mbps(fwd, CELL_PAYLOAD_LEN),
+        TC_LEN,
+    );
+}
+
+fn main() {
+    let ids = ids();
+    let mut c = Criterion::default().configure_from_args();
+    benches(&mut c, &ids);
+    c.final_summary();
+    // Without `--bench` (e.g. `cargo test --benches`) criterion runs each benchmark once as a test: keep the
+    // summary loops short then too.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    summary(&ids, if quick { Duration::from_millis(20) } else { Duration::from_secs(2) });
+}

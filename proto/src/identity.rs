@@ -86,7 +86,8 @@ impl std::fmt::Debug for PublicKey {
 }
 
 fn check_key(key: &RsaPublicKey) -> Result<()> {
-    let bits = key.size() * 8;
+    // The modulus' exact bit length: `size()` rounds up to whole bytes and would pass a 2041-bit key as 2048.
+    let bits = key.n().bits();
     if !ALLOWED_KEY_BITS.contains(&bits) {
         return Err(ProtoError::BadKey(format!("modulus of {bits} bits (allowed: 2048, 3072)")));
     }
