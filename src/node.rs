@@ -344,7 +344,7 @@ impl Node {
                 }
                 Err(e) => {
                     failures += 1;
-                    if link::is_unknown_neighbor(&e) {
+                    if link::is_refused(&e) {
                         debug!(peer = %fp.short(), "neighbor does not know us yet; retrying");
                     } else {
                         info!(peer = %fp.short(), "dial failed: {e}");

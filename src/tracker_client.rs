@@ -35,8 +35,11 @@ impl TrackerSession {
             .await
             .map_err(|_| PeerError::Timeout("tracker connect"))??;
         stream.set_nodelay(true)?;
-        let (hello, chan) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_key)?;
+        let (hello, handshake) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_key)?;
         stream.write_all(&hello).await?;
+        let mut reply = [0u8; tracker::EPHEMERAL_LEN];
+        timeout(IO_TIMEOUT, stream.read_exact(&mut reply)).await.map_err(|_| PeerError::Timeout("tracker hello"))??;
+        let chan = handshake.finish(&reply)?;
         let mut s = TrackerSession { stream, chan };
         let nonce = match s.recv().await? {
             FromTracker::Challenge { nonce } => nonce,

@@ -81,7 +81,7 @@ fn link_pair(ids: &Ids) -> (LinkCipher, LinkCipher) {
     let (dialer, hello) = Dialer::start(&mut rng(1), a.public().clone(), nid);
     let (acceptor, reply) = Acceptor::start(&mut rng(2), &hello).expect("start");
     let (dialer, auth) = dialer.on_reply(&reply, d, &mut rng(3)).expect("reply");
-    let out = acceptor.on_auth(&auth, a, &mut rng(4), false, |_| Some((d.public().clone(), nid))).expect("auth");
+    let out = acceptor.on_auth(&auth, a, &mut rng(4), |_| Some((d.public().clone(), nid)), |_| false).expect("auth");
     let acc = out.result.expect("accepted");
     (dialer.on_auth_reply(&out.reply).expect("auth reply"), acc)
 }

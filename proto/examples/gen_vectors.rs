@@ -27,6 +27,7 @@ use anomos_proto::link::{self, Acceptor, Dialer, HELLO_LEN};
 use anomos_proto::tc::{self, HopSpec, Layer, LayerKind, LAYER_HEADER_LEN, TC_LEN};
 use anomos_proto::tracker::{
     self, Announce, AnnounceReply, FromTracker, NeighborInfo, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER,
+    EPHEMERAL_LEN,
 };
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -348,7 +349,13 @@ fn link_vector(out: &Path, ids: &[Identity], tc0: &[u8; TC_LEN]) -> LinkVector {
     let (acceptor, reply) = Acceptor::start(&mut arng, &hello).expect("acceptor start");
     let (dialer, auth) = dialer.on_reply(&reply, d_id, &mut drng).expect("on_reply");
     let outcome = acceptor
-        .on_auth(&auth, a_id, &mut arng, false, |fp| (fp == &d_id.fingerprint()).then(|| (d_id.public().clone(), nid)))
+        .on_auth(
+            &auth,
+            a_id,
+            &mut arng,
+            |fp| (fp == &d_id.fingerprint()).then(|| (d_id.public().clone(), nid)),
+            |_| false,
+        )
         .expect("on_auth");
     let mut acc = outcome.result.expect("acceptor link");
     let auth_reply = outcome.reply;
@@ -560,15 +567,30 @@ fn tracker_vector(out: &Path, ids: &[Identity]) -> TrackerVector {
     let (t_id, p_id) = (&ids[2], &ids[0]);
     let mut prng = rng(TRACKER_PEER_SEED);
     let mut trng = rng(TRACKER_SEED);
-    let mut s = [0u8; 32];
-    prng.clone().fill_bytes(&mut s);
-    let (client_hello, mut peer) = TrackerChannel::connect(&mut prng, t_id.public()).expect("connect");
+    // The peer's rng yields its X25519 secret first, then the channel secret; the tracker's its X25519 secret.
+    let (mut e_p_secret, mut s, mut e_t_secret) = ([0u8; 32], [0u8; 32], [0u8; 32]);
+    {
+        let mut p = prng.clone();
+        p.fill_bytes(&mut e_p_secret);
+        p.fill_bytes(&mut s);
+        trng.clone().fill_bytes(&mut e_t_secret);
+    }
+    let (client_hello, handshake) = TrackerChannel::connect(&mut prng, t_id.public()).expect("connect");
     let ct_len = TrackerChannel::hello_ct_len(&client_hello[..CLIENT_HELLO_HEADER]).expect("hello header");
-    let mut trk =
-        TrackerChannel::accept(&mut trng, t_id, &client_hello[CLIENT_HELLO_HEADER..][..ct_len]).expect("accept");
+    assert_eq!(client_hello.len(), CLIENT_HELLO_HEADER + ct_len + EPHEMERAL_LEN);
+    let (server_hello, mut trk) =
+        TrackerChannel::accept(&mut trng, t_id, &client_hello[CLIENT_HELLO_HEADER..]).expect("accept");
+    let mut peer = handshake.finish(&server_hello).expect("finish");
     let tfp = t_id.fingerprint();
-    let k_p2t = kdf(b"anomos tracker v1", &[&s, &tfp.0], b"p2t");
-    let k_t2p = kdf(b"anomos tracker v1", &[&s, &tfp.0], b"t2p");
+    let e_p = *x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(e_p_secret)).as_bytes();
+    let e_t = *x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(e_t_secret)).as_bytes();
+    assert_eq!(&client_hello[CLIENT_HELLO_HEADER + ct_len..], &e_p, "peer ephemeral key");
+    assert_eq!(server_hello, e_t, "tracker ephemeral key");
+    let dh =
+        *x25519_dalek::StaticSecret::from(e_p_secret).diffie_hellman(&x25519_dalek::PublicKey::from(e_t)).as_bytes();
+    let salt = anomos_proto::crypto::sha256(&[b"anomos tracker v1", &e_p, &e_t]);
+    let k_p2t = kdf(&salt, &[&s, &tfp.0, &dh], b"p2t");
+    let k_t2p = kdf(&salt, &[&s, &tfp.0, &dh], b"t2p");
 
     let mut nonce = [0u8; 32];
     trng.fill_bytes(&mut nonce);
@@ -599,9 +621,14 @@ fn tracker_vector(out: &Path, ids: &[Identity]) -> TrackerVector {
         "anomos-proto known-answer vectors: a tracker channel transcript.
 Tracker = ../keys/id2_2048.pem, peer = ../keys/id0_2048.pem. Each side uses ONE rng, in protocol order
 (peer: TrackerChannel::connect, then make_hello; tracker: TrackerChannel::accept, then 32 bytes of nonce).
-client_hello        \"ANOMOST1\" | version u16 BE | ct_len u16 BE | RSA-OAEP-SHA256(tracker key, channel_secret)
-channel_secret      s: the first 32 bytes of the peer's rng
-k_p2t, k_t2p        HKDF-SHA256(salt=\"anomos tracker v1\", ikm=s || tracker fingerprint, info=\"p2t\" / \"t2p\")
+client_hello        \"ANOMOST1\" | version u16 BE | ct_len u16 BE | RSA-OAEP-SHA256(tracker key, channel_secret) | e_p
+peer_x25519_secret  the first 32 bytes of the peer's rng; e_p = X25519(secret, 9)
+channel_secret      s: the next 32 bytes of the peer's rng
+server_hello        e_t, the tracker's X25519 public key (sent in clear); its secret = first 32 bytes of the
+                    tracker's rng
+dh                  X25519(peer secret, e_t)
+k_p2t, k_t2p        HKDF-SHA256(salt=SHA256(\"anomos tracker v1\" || e_p || e_t), ikm=s || tracker fingerprint || dh,
+                    info=\"p2t\" / \"t2p\")
 frame.N.dir         p2t (peer to tracker) or t2p
 frame.N.type        the message variant (ToTracker::* for p2t, FromTracker::* for t2p)
 frame.N.plain       bincode 1.3 DefaultOptions (varint, little endian) encoding of the message
@@ -621,7 +648,11 @@ frame.4: Announced.interval_secs, Announced.neighbor.I.{{id (u64 hex), addr, pub
     doc.rng_seed("peer.rng_seed", TRACKER_PEER_SEED);
     doc.rng_seed("tracker.rng_seed", TRACKER_SEED);
     doc.hex("client_hello", &client_hello);
+    doc.hex("peer_x25519_secret", &e_p_secret);
     doc.hex("channel_secret", &s);
+    doc.hex("server_hello", &server_hello);
+    doc.hex("tracker_x25519_secret", &e_t_secret);
+    doc.hex("dh", &dh);
     doc.hex("k_p2t", &k_p2t.0);
     doc.hex("k_t2p", &k_t2p.0);
     doc.blank();

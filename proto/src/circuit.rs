@@ -186,7 +186,12 @@ pub struct E2eHandshake {
 
 impl E2eHandshake {
     /// Starts the handshake; writes our sealed HELLO record into `out` (the DATA payload before onion layers).
-    pub fn start<R: RngCore + CryptoRng>(role: Role, e2e_secret: &Secret, rng: &mut R, out: &mut [u8; CELL_PAYLOAD_LEN]) -> Result<Self> {
+    pub fn start<R: RngCore + CryptoRng>(
+        role: Role,
+        e2e_secret: &Secret,
+        rng: &mut R,
+        out: &mut [u8; CELL_PAYLOAD_LEN],
+    ) -> Result<Self> {
         let eph = EphemeralSecret::random_from_rng(&mut *rng);
         let my_pub = *XPublic::from(&eph).as_bytes();
         let mut ch = AeadCounter::new(&hello_key(e2e_secret, role));
@@ -284,7 +289,11 @@ impl Reassembler {
         match kind {
             RecordType::Part | RecordType::End => {
                 if self.buf.len() + data.len() > self.limit {
-                    return Err(ProtoError::TooLarge { what: "circuit message", len: self.buf.len() + data.len(), limit: self.limit });
+                    return Err(ProtoError::TooLarge {
+                        what: "circuit message",
+                        len: self.buf.len() + data.len(),
+                        limit: self.limit,
+                    });
                 }
                 self.buf.extend_from_slice(data);
                 if kind == RecordType::End {

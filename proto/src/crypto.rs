@@ -156,13 +156,17 @@ impl AeadCounter {
 pub(crate) fn gcm_seal_once(key: &Secret, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
     let cipher = Aes256Gcm::new((&key.0).into());
     // Only fails for plaintexts over 64 GiB; TC bodies are 4 KiB.
-    cipher
-        .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf)
-        .map(Into::into)
-        .unwrap_or([0u8; TAG_LEN])
+    cipher.encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf).map(Into::into).unwrap_or([0u8; TAG_LEN])
 }
 
-pub(crate) fn gcm_open_once(key: &Secret, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8], tag: &[u8; TAG_LEN], what: &'static str) -> Result<()> {
+pub(crate) fn gcm_open_once(
+    key: &Secret,
+    nonce: &[u8; 12],
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+    what: &'static str,
+) -> Result<()> {
     let cipher = Aes256Gcm::new((&key.0).into());
     cipher
         .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag))

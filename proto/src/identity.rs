@@ -39,10 +39,13 @@ impl Fingerprint {
 
     /// Parses 64 hex characters.
     pub fn from_hex(s: &str) -> Result<Self> {
-        let v = hex::decode(s.trim()).map_err(|e| ProtoError::Invalid { what: "fingerprint", detail: e.to_string() })?;
-        let arr: [u8; 32] = v
-            .try_into()
-            .map_err(|v: Vec<u8>| ProtoError::BadLength { what: "fingerprint", len: v.len(), expected: 32 })?;
+        let v =
+            hex::decode(s.trim()).map_err(|e| ProtoError::Invalid { what: "fingerprint", detail: e.to_string() })?;
+        let arr: [u8; 32] = v.try_into().map_err(|v: Vec<u8>| ProtoError::BadLength {
+            what: "fingerprint",
+            len: v.len(),
+            expected: 32,
+        })?;
         Ok(Fingerprint(arr))
     }
 
@@ -197,11 +200,7 @@ impl Identity {
 
     /// PKCS#8 PEM text of the private key (a secret: write it with mode 0600).
     pub fn to_pkcs8_pem(&self) -> Result<String> {
-        Ok(self
-            .private
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| ProtoError::KeyFile(e.to_string()))?
-            .to_string())
+        Ok(self.private.to_pkcs8_pem(LineEnding::LF).map_err(|e| ProtoError::KeyFile(e.to_string()))?.to_string())
     }
 
     /// The public half.

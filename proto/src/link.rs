@@ -43,14 +43,16 @@ const SIG_DIALER: &[u8] = b"anomos link auth dialer v1";
 const SIG_ACCEPTOR: &[u8] = b"anomos link auth acceptor v1";
 
 /// Acceptor's verdict on a dialer's AUTH.
+///
+/// "Not one of my neighbors" and "bad signature" are one status on purpose: distinguishing them would let
+/// anyone who claims a fingerprint learn whether that key is the acceptor's neighbor, i.e. map the graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthStatus {
     /// Authenticated; link keys follow.
     Ok = 0,
-    /// The dialer's key is not one of the acceptor's current neighbors (yet): retry after the next announce.
-    UnknownNeighbor = 1,
-    /// The dialer's signature did not verify.
-    BadSignature = 2,
+    /// Not authenticated as a current neighbor (unknown key, or a signature that does not verify). A real
+    /// neighbor gets this when the acceptor has not yet learned of the edge: retry after the next announce.
+    Refused = 1,
     /// The acceptor has no room for another link.
     Busy = 3,
 }
@@ -59,8 +61,7 @@ impl AuthStatus {
     fn from_u8(b: u8) -> Result<Self> {
         Ok(match b {
             0 => AuthStatus::Ok,
-            1 => AuthStatus::UnknownNeighbor,
-            2 => AuthStatus::BadSignature,
+            1 => AuthStatus::Refused,
             3 => AuthStatus::Busy,
             _ => return Err(ProtoError::Invalid { what: "link auth status", detail: b.to_string() }),
         })
@@ -163,7 +164,12 @@ impl Dialer {
     }
 
     /// Processes the acceptor's REPLY; returns AUTH to send (length-prefixed).
-    pub fn on_reply<R: RngCore + CryptoRng>(self, reply: &[u8], me: &Identity, rng: &mut R) -> Result<(DialerAuthSent, Vec<u8>)> {
+    pub fn on_reply<R: RngCore + CryptoRng>(
+        self,
+        reply: &[u8],
+        me: &Identity,
+        rng: &mut R,
+    ) -> Result<(DialerAuthSent, Vec<u8>)> {
         let peer_eph = decode_hello(reply)?;
         let dh = shared(self.eph, &peer_eph)?;
         let th1 = sha256(&[&self.hello, reply]);
@@ -232,15 +238,16 @@ impl Acceptor {
     }
 
     /// Processes AUTH (with its length prefix). `lookup` maps a fingerprint to that neighbor's key and edge,
-    /// or `None` if it is not a current neighbor; `busy` refuses even a valid neighbor.
-    /// Errors here are fatal garbage (no reply possible); refusals come back in [`AcceptOutcome`].
+    /// or `None` if it is not a current neighbor; `busy` (asked only for an authenticated neighbor) refuses it
+    /// for lack of room. Errors here are fatal garbage (no reply possible); refusals come back in
+    /// [`AcceptOutcome`].
     pub fn on_auth<R: RngCore + CryptoRng>(
         self,
         msg: &[u8],
         me: &Identity,
         rng: &mut R,
-        busy: bool,
         lookup: impl FnOnce(&Fingerprint) -> Option<(PublicKey, NeighborId)>,
+        busy: impl FnOnce(NeighborId) -> bool,
     ) -> Result<AcceptOutcome> {
         let body = strip_frame(msg, "link auth")?;
         let pt = AeadCounter::new(&self.hs_d).open(b"", body, "link auth")?;
@@ -253,11 +260,12 @@ impl Acceptor {
         }
         let th2 = sha256(&[&self.th1, msg]);
         let (status, found) = match lookup(&fp) {
-            None => (AuthStatus::UnknownNeighbor, None),
+            None => (AuthStatus::Refused, None),
             Some((key, nid)) => {
-                if key.verify(&[SIG_DIALER, &self.th1, &me.fingerprint().0].concat(), sig, "dialer link auth").is_err() {
-                    (AuthStatus::BadSignature, None)
-                } else if busy {
+                if key.verify(&[SIG_DIALER, &self.th1, &me.fingerprint().0].concat(), sig, "dialer link auth").is_err()
+                {
+                    (AuthStatus::Refused, None)
+                } else if busy(nid) {
                     (AuthStatus::Busy, None)
                 } else {
                     (AuthStatus::Ok, Some(nid))
@@ -346,7 +354,11 @@ impl CellSealer {
     /// Seals the plaintext cell in `buf[..CELL_LEN]` in place and writes the tag after it.
     pub fn seal_in_place(&mut self, buf: &mut [u8]) -> Result<()> {
         if buf.len() != SEALED_CELL_LEN {
-            return Err(ProtoError::BadLength { what: "sealed cell buffer", len: buf.len(), expected: SEALED_CELL_LEN });
+            return Err(ProtoError::BadLength {
+                what: "sealed cell buffer",
+                len: buf.len(),
+                expected: SEALED_CELL_LEN,
+            });
         }
         let (cell, tag) = buf.split_at_mut(CELL_LEN);
         let t = self.send.seal_in_place(b"", cell)?;
@@ -364,7 +376,11 @@ impl CellOpener {
     /// Opens a sealed cell in place; on success `buf[..CELL_LEN]` holds the plaintext cell.
     pub fn open_in_place(&mut self, buf: &mut [u8]) -> Result<()> {
         if buf.len() != SEALED_CELL_LEN {
-            return Err(ProtoError::BadLength { what: "sealed cell buffer", len: buf.len(), expected: SEALED_CELL_LEN });
+            return Err(ProtoError::BadLength {
+                what: "sealed cell buffer",
+                len: buf.len(),
+                expected: SEALED_CELL_LEN,
+            });
         }
         let (cell, tag) = buf.split_at_mut(CELL_LEN);
         let mut t = [0u8; TAG_LEN];

@@ -185,10 +185,11 @@ fn body_len(k: usize) -> usize {
 pub fn peel<R: RngCore + CryptoRng>(tc: &[u8; TC_LEN], id: &Identity, rng: &mut R) -> Result<Peeled> {
     let k = id.public().size();
     let seed_vec = id.decrypt(rng, &tc[..k], "tracking code layer")?;
-    let seed: [u8; SEED_LEN] = seed_vec
-        .as_slice()
-        .try_into()
-        .map_err(|_| ProtoError::BadLength { what: "TC seed", len: seed_vec.len(), expected: SEED_LEN })?;
+    let seed: [u8; SEED_LEN] = seed_vec.as_slice().try_into().map_err(|_| ProtoError::BadLength {
+        what: "TC seed",
+        len: seed_vec.len(),
+        expected: SEED_LEN,
+    })?;
     let keys = layer_keys(&seed, k)?;
     let mut tag = [0u8; TAG_LEN];
     tag.copy_from_slice(&tc[k..k + TAG_LEN]);

@@ -1,10 +1,14 @@
 //! The tracker protocol: messages between peers and the tracker, and the confidential channel carrying them.
 //!
-//! **Channel.** The peer opens TCP to the tracker and sends `ClientHello = "ANOMOST1" | ver u16 | len u16 |
-//! RSA-OAEP-SHA256(tracker key, s[32])` with a fresh secret `s`. Both sides derive
-//! `k_p2t = HKDF(salt="anomos tracker v1", s | tracker_fp, "p2t")` and `k_t2p = …"t2p"`; every later message is a
-//! frame `len u32 BE | AES-256-GCM(k, nonce = counter, bincode(message)) | tag`, counters per direction from 0.
-//! Only the holder of the pinned tracker key can read the peer's frames or produce valid replies.
+//! **Channel.** The peer opens TCP to the tracker and sends
+//! `ClientHello = "ANOMOST1" | ver u16 | len u16 | RSA-OAEP-SHA256(tracker key, s[32]) | X25519 e_P[32]` with a
+//! fresh secret `s` and ephemeral key `e_P`. The tracker answers with its own ephemeral key `e_T[32]` in clear.
+//! Both sides derive, with `dh = X25519(e_P, e_T)` and `salt = SHA256("anomos tracker v1" | e_P | e_T)`:
+//! `k_p2t = HKDF(salt, s | tracker_fp | dh, "p2t")` and `k_t2p = …"t2p"`. Every later message is a frame
+//! `len u32 BE | AES-256-GCM(k, nonce = counter, bincode(message)) | tag`, counters per direction from 0.
+//! Only the holder of the pinned tracker key learns `s`, so only it can read the peer's frames or produce
+//! valid replies; the tracker's fresh `e_T` makes every session's keys new even if a ClientHello is replayed
+//! (no key/nonce pair ever repeats), and `dh` gives forward secrecy.
 //!
 //! **Session.** The tracker's first frame is `Challenge{nonce}`; the peer's first is `Hello{public_key, signature}`
 //! with an RSA-PSS signature over `"anomos tracker hello v1" | tracker_fp | nonce` (proof of key possession, bound
@@ -33,6 +37,8 @@ pub const TRACKER_VERSION: u16 = 1;
 pub const MAX_FRAME: usize = 256 * 1024;
 /// Fixed part of ClientHello before the OAEP ciphertext.
 pub const CLIENT_HELLO_HEADER: usize = 12;
+/// The peer's ephemeral X25519 key after the OAEP ciphertext, and the tracker's reply: 32 bytes each.
+pub const EPHEMERAL_LEN: usize = 32;
 /// Most neighbors in one announce reply.
 pub const MAX_NEIGHBORS: usize = 32;
 /// Most chains one peer announces.
@@ -315,27 +321,75 @@ pub struct TrackerChannel {
     recv: AeadCounter,
 }
 
-fn channel_keys(s: &[u8; 32], tracker_fp: &Fingerprint) -> (Secret, Secret) {
-    let salt = b"anomos tracker v1";
-    (kdf(salt, &[s, &tracker_fp.0], b"p2t"), kdf(salt, &[s, &tracker_fp.0], b"t2p"))
+fn channel_keys(
+    s: &[u8; 32],
+    tracker_fp: &Fingerprint,
+    e_p: &[u8; 32],
+    e_t: &[u8; 32],
+    dh: &[u8; 32],
+) -> (Secret, Secret) {
+    let salt = crate::crypto::sha256(&[b"anomos tracker v1", e_p, e_t]);
+    (kdf(&salt, &[s, &tracker_fp.0, dh], b"p2t"), kdf(&salt, &[s, &tracker_fp.0, dh], b"t2p"))
+}
+
+/// An X25519 secret from the first 32 bytes the rng yields (drawn before anything else, so a seeded rng
+/// makes the known-answer vectors reproducible whatever the RSA code does with its randomness).
+fn x25519_secret(rng: &mut (impl RngCore + CryptoRng)) -> x25519_dalek::StaticSecret {
+    let mut b = [0u8; 32];
+    rng.fill_bytes(&mut b);
+    x25519_dalek::StaticSecret::from(b)
+}
+
+fn x25519(secret: x25519_dalek::StaticSecret, peer: &[u8; 32]) -> Result<[u8; 32]> {
+    let ss = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*peer));
+    if !ss.was_contributory() {
+        return Err(ProtoError::Invalid { what: "X25519 share", detail: "low-order point".into() });
+    }
+    Ok(*ss.as_bytes())
+}
+
+/// The peer's side of the channel set-up, between sending ClientHello and reading the tracker's key.
+pub struct ClientHandshake {
+    s: [u8; 32],
+    eph: x25519_dalek::StaticSecret,
+    e_p: [u8; 32],
+    tracker_fp: Fingerprint,
+}
+
+impl ClientHandshake {
+    /// Completes the channel with the tracker's 32-byte ephemeral key.
+    pub fn finish(self, server_hello: &[u8]) -> Result<TrackerChannel> {
+        let e_t: [u8; 32] = server_hello.try_into().map_err(|_| ProtoError::BadLength {
+            what: "tracker ephemeral key",
+            len: server_hello.len(),
+            expected: EPHEMERAL_LEN,
+        })?;
+        let dh = x25519(self.eph, &e_t)?;
+        let (p2t, t2p) = channel_keys(&self.s, &self.tracker_fp, &self.e_p, &e_t, &dh);
+        Ok(TrackerChannel { send: AeadCounter::new(&p2t), recv: AeadCounter::new(&t2p) })
+    }
 }
 
 impl TrackerChannel {
-    /// Peer side: the ClientHello to send and the channel.
-    pub fn connect<R: RngCore + CryptoRng>(rng: &mut R, tracker: &PublicKey) -> Result<(Vec<u8>, Self)> {
+    /// Peer side: the ClientHello to send, and the handshake to finish with the tracker's reply.
+    pub fn connect<R: RngCore + CryptoRng>(rng: &mut R, tracker: &PublicKey) -> Result<(Vec<u8>, ClientHandshake)> {
+        // Randomness order: ephemeral secret (32 bytes), channel secret (32 bytes), then OAEP.
+        let eph = x25519_secret(rng);
+        let e_p = *x25519_dalek::PublicKey::from(&eph).as_bytes();
         let mut s = [0u8; 32];
         rng.fill_bytes(&mut s);
         let ct = tracker.encrypt(rng, &s)?;
-        let mut hello = Vec::with_capacity(CLIENT_HELLO_HEADER + ct.len());
+        let mut hello = Vec::with_capacity(CLIENT_HELLO_HEADER + ct.len() + EPHEMERAL_LEN);
         hello.extend_from_slice(&TRACKER_MAGIC);
         hello.extend_from_slice(&TRACKER_VERSION.to_be_bytes());
         hello.extend_from_slice(&(ct.len() as u16).to_be_bytes());
         hello.extend_from_slice(&ct);
-        let (p2t, t2p) = channel_keys(&s, &tracker.fingerprint());
-        Ok((hello, TrackerChannel { send: AeadCounter::new(&p2t), recv: AeadCounter::new(&t2p) }))
+        hello.extend_from_slice(&e_p);
+        Ok((hello, ClientHandshake { s, eph, e_p, tracker_fp: tracker.fingerprint() }))
     }
 
-    /// Tracker side: parses the 12-byte ClientHello header; returns the ciphertext length to read next.
+    /// Tracker side: parses the 12-byte ClientHello header; returns the length of the OAEP ciphertext. The
+    /// rest of the ClientHello is that many bytes plus [`EPHEMERAL_LEN`].
     pub fn hello_ct_len(header: &[u8]) -> Result<usize> {
         let mut p = header;
         let magic: [u8; 8] = take_array(&mut p, "tracker hello magic")?;
@@ -353,15 +407,27 @@ impl TrackerChannel {
         Ok(len)
     }
 
-    /// Tracker side: opens the ClientHello's ciphertext.
-    pub fn accept<R: RngCore + CryptoRng>(rng: &mut R, tracker: &Identity, ct: &[u8]) -> Result<Self> {
+    /// Tracker side: opens the rest of a ClientHello (OAEP ciphertext, then the peer's ephemeral key).
+    /// Returns the 32-byte reply to send (our ephemeral key) and the channel.
+    pub fn accept<R: RngCore + CryptoRng>(rng: &mut R, tracker: &Identity, rest: &[u8]) -> Result<([u8; 32], Self)> {
+        if rest.len() < EPHEMERAL_LEN {
+            return Err(ProtoError::Truncated { what: "tracker hello", need: EPHEMERAL_LEN, have: rest.len() });
+        }
+        let (ct, e_p) = rest.split_at(rest.len() - EPHEMERAL_LEN);
+        let mut e_p_arr = [0u8; 32];
+        e_p_arr.copy_from_slice(e_p);
+        // Randomness order: our ephemeral secret (32 bytes) first, then RSA blinding.
+        let eph = x25519_secret(rng);
         let s = tracker.decrypt(rng, ct, "tracker hello")?;
-        let s: [u8; 32] = s
-            .as_slice()
-            .try_into()
-            .map_err(|_| ProtoError::BadLength { what: "tracker hello secret", len: s.len(), expected: 32 })?;
-        let (p2t, t2p) = channel_keys(&s, &tracker.fingerprint());
-        Ok(TrackerChannel { send: AeadCounter::new(&t2p), recv: AeadCounter::new(&p2t) })
+        let s: [u8; 32] = s.as_slice().try_into().map_err(|_| ProtoError::BadLength {
+            what: "tracker hello secret",
+            len: s.len(),
+            expected: 32,
+        })?;
+        let e_t = *x25519_dalek::PublicKey::from(&eph).as_bytes();
+        let dh = x25519(eph, &e_p_arr)?;
+        let (p2t, t2p) = channel_keys(&s, &tracker.fingerprint(), &e_p_arr, &e_t, &dh);
+        Ok((e_t, TrackerChannel { send: AeadCounter::new(&t2p), recv: AeadCounter::new(&p2t) }))
     }
 
     /// Seals a message into a complete frame (length prefix included).
@@ -402,7 +468,12 @@ pub fn hello_signed_bytes(tracker_fp: &Fingerprint, nonce: &[u8; 32]) -> Vec<u8>
 }
 
 /// Peer side: builds Hello for a challenge.
-pub fn make_hello<R: RngCore + CryptoRng>(me: &Identity, tracker_fp: &Fingerprint, nonce: &[u8; 32], rng: &mut R) -> ToTracker {
+pub fn make_hello<R: RngCore + CryptoRng>(
+    me: &Identity,
+    tracker_fp: &Fingerprint,
+    nonce: &[u8; 32],
+    rng: &mut R,
+) -> ToTracker {
     ToTracker::Hello {
         public_key: me.public().der().to_vec(),
         signature: me.sign(rng, &hello_signed_bytes(tracker_fp, nonce)),
@@ -410,7 +481,12 @@ pub fn make_hello<R: RngCore + CryptoRng>(me: &Identity, tracker_fp: &Fingerprin
 }
 
 /// Tracker side: verifies a Hello; returns the peer's key.
-pub fn verify_hello(public_key: &[u8], signature: &[u8], tracker_fp: &Fingerprint, nonce: &[u8; 32]) -> Result<PublicKey> {
+pub fn verify_hello(
+    public_key: &[u8],
+    signature: &[u8],
+    tracker_fp: &Fingerprint,
+    nonce: &[u8; 32],
+) -> Result<PublicKey> {
     let key = PublicKey::from_der(public_key)?;
     key.verify(&hello_signed_bytes(tracker_fp, nonce), signature, "tracker hello")?;
     Ok(key)

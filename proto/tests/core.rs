@@ -23,7 +23,11 @@ fn path(hop_ids: &[usize], expires: u64) -> Vec<HopSpec> {
             layer: Layer {
                 prev: NeighborId(100 + i as u64),
                 kind: if i + 1 == n {
-                    LayerKind::Target { chain: ChainId::new("regtest").unwrap(), session: [7; 16], e2e_secret: Secret([5; 32]) }
+                    LayerKind::Target {
+                        chain: ChainId::new("regtest").unwrap(),
+                        session: [7; 16],
+                        e2e_secret: Secret([5; 32]),
+                    }
                 } else {
                     LayerKind::Relay { next: NeighborId(101 + i as u64) }
                 },
@@ -85,14 +89,21 @@ fn tc_build_is_deterministic_under_a_seeded_rng() {
     assert_eq!(tc::build(&hops, &mut rng(10)).unwrap(), tc::build(&hops, &mut rng(10)).unwrap());
 }
 
-fn handshake(nid_d: NeighborId, nid_a: NeighborId) -> Result<(anomos_proto::link::LinkCipher, anomos_proto::link::LinkCipher), ProtoError> {
+fn handshake(
+    nid_d: NeighborId,
+    nid_a: NeighborId,
+) -> Result<(anomos_proto::link::LinkCipher, anomos_proto::link::LinkCipher), ProtoError> {
     let (d_id, a_id) = (&ids()[0], &ids()[1]);
     let (dialer, hello) = Dialer::start(&mut rng(20), a_id.public().clone(), nid_d);
     let (acceptor, reply) = Acceptor::start(&mut rng(21), &hello)?;
     let (dialer, auth) = dialer.on_reply(&reply, d_id, &mut rng(22))?;
-    let out = acceptor.on_auth(&auth, a_id, &mut rng(23), false, |fp| {
-        (fp == &d_id.fingerprint()).then(|| (d_id.public().clone(), nid_a))
-    })?;
+    let out = acceptor.on_auth(
+        &auth,
+        a_id,
+        &mut rng(23),
+        |fp| (fp == &d_id.fingerprint()).then(|| (d_id.public().clone(), nid_a)),
+        |_| false,
+    )?;
     let a = out.result?;
     let d = dialer.on_auth_reply(&out.reply)?;
     Ok((d, a))
@@ -129,10 +140,10 @@ fn link_refuses_non_neighbors_and_garbage() {
     let (dialer, hello) = Dialer::start(&mut rng(30), a_id.public().clone(), NeighborId(1));
     let (acceptor, reply) = Acceptor::start(&mut rng(31), &hello).unwrap();
     let (dialer, auth) = dialer.on_reply(&reply, d_id, &mut rng(32)).unwrap();
-    let out = acceptor.on_auth(&auth, a_id, &mut rng(33), false, |_| None).unwrap();
+    let out = acceptor.on_auth(&auth, a_id, &mut rng(33), |_| None, |_| false).unwrap();
     assert!(out.result.is_err());
     let err = dialer.on_auth_reply(&out.reply).err().unwrap();
-    assert!(err.to_string().contains("UnknownNeighbor"), "{err}");
+    assert!(err.to_string().contains("Refused"), "{err}");
     let mut bad = hello;
     bad[0] = b'X';
     assert!(matches!(Acceptor::start(&mut rng(34), &bad), Err(ProtoError::BadMagic(_))));
@@ -192,9 +203,21 @@ fn circuit_layers_differ_per_hop_and_e2e_round_trips() {
 #[test]
 fn tracker_channel_round_trip_and_limits() {
     let t = &ids()[3];
-    let (hello, mut peer) = TrackerChannel::connect(&mut rng(50), t.public()).unwrap();
+    let (hello, hs) = TrackerChannel::connect(&mut rng(50), t.public()).unwrap();
     let ct_len = TrackerChannel::hello_ct_len(&hello[..12]).unwrap();
-    let mut tracker = TrackerChannel::accept(&mut rng(51), t, &hello[12..12 + ct_len]).unwrap();
+    assert_eq!(hello.len(), 12 + ct_len + 32);
+    let (reply, mut tracker) = TrackerChannel::accept(&mut rng(51), t, &hello[12..]).unwrap();
+    let mut peer = hs.finish(&reply).unwrap();
+    // A replayed ClientHello gets a fresh tracker key: the session keys differ, so no (key, nonce) repeats.
+    let (_, mut replayed) = TrackerChannel::accept(&mut rng(52), t, &hello[12..]).unwrap();
+    let a = tracker.seal(&FromTracker::Ack).unwrap();
+    let b = replayed.seal(&FromTracker::Ack).unwrap();
+    assert_ne!(a, b, "a replayed ClientHello must not reuse the session keys");
+    let mut tracker = {
+        let (reply2, t2) = TrackerChannel::accept(&mut rng(51), t, &hello[12..]).unwrap();
+        assert_eq!(reply2, reply);
+        t2
+    };
     let frame = tracker.seal(&FromTracker::Challenge { nonce: [3; 32] }).unwrap();
     let len = TrackerChannel::frame_len(frame[..4].try_into().unwrap()).unwrap();
     let msg: FromTracker = peer.open(&frame[4..4 + len]).unwrap();

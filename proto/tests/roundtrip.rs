@@ -71,7 +71,7 @@ fn link_pair(seed: u64) -> (LinkCipher, LinkCipher) {
     let (dialer, hello) = Dialer::start(&mut rng(seed), a.public().clone(), nid);
     let (acceptor, reply) = Acceptor::start(&mut rng(seed + 1), &hello).unwrap();
     let (dialer, auth) = dialer.on_reply(&reply, d, &mut rng(seed + 2)).unwrap();
-    let out = acceptor.on_auth(&auth, a, &mut rng(seed + 3), false, |_| Some((d.public().clone(), nid))).unwrap();
+    let out = acceptor.on_auth(&auth, a, &mut rng(seed + 3), |_| Some((d.public().clone(), nid)), |_| false).unwrap();
     let acc = out.result.unwrap();
     (dialer.on_auth_reply(&out.reply).unwrap(), acc)
 }
@@ -818,10 +818,10 @@ proptest! {
         let (acceptor, _) = Acceptor::start(&mut rng(seed), &well_formed_hello(eph, [1; 32])).unwrap();
         let msg = if framed { [&(msg.len() as u16).to_be_bytes()[..], &msg].concat() } else { msg };
         let mut called = false;
-        let r = acceptor.on_auth(&msg, &ids()[1], &mut rng(seed), false, |_| {
+        let r = acceptor.on_auth(&msg, &ids()[1], &mut rng(seed), |_| {
             called = true;
             None
-        });
+        }, |_| false);
         prop_assert!(r.is_err());
         prop_assert!(!called, "lookup must not run before AUTH authenticates");
     }
@@ -890,9 +890,9 @@ proptest! {
         if which == 0 {
             let i = pos.index(auth.len());
             auth[i] ^= 1 << bit;
-            prop_assert!(acceptor.on_auth(&auth, a, &mut rng(seed), false, |_| Some((d.public().clone(), nid))).is_err());
+            prop_assert!(acceptor.on_auth(&auth, a, &mut rng(seed), |_| Some((d.public().clone(), nid)), |_| false).is_err());
         } else {
-            let out = acceptor.on_auth(&auth, a, &mut rng(seed + 3), false, |_| Some((d.public().clone(), nid))).unwrap();
+            let out = acceptor.on_auth(&auth, a, &mut rng(seed + 3), |_| Some((d.public().clone(), nid)), |_| false).unwrap();
             let mut r = out.reply;
             let i = pos.index(r.len());
             r[i] ^= 1 << bit;
@@ -983,8 +983,9 @@ proptest! {
     #[test]
     fn tracker_channel_refuses_garbage_and_tampered_frames(msg in to_tracker(), garbage in bytes(300), pos in any::<prop::sample::Index>(), bit in 0u8..8, seed in any::<u64>()) {
         let t = &ids()[2];
-        let (hello, mut peer) = TrackerChannel::connect(&mut rng(seed), t.public()).unwrap();
-        let mut trk = TrackerChannel::accept(&mut rng(seed + 1), t, &hello[12..]).unwrap();
+        let (hello, hs) = TrackerChannel::connect(&mut rng(seed), t.public()).unwrap();
+        let (reply, mut trk) = TrackerChannel::accept(&mut rng(seed + 1), t, &hello[12..]).unwrap();
+        let mut peer = hs.finish(&reply).unwrap();
         prop_assert!(trk.open::<ToTracker>(&garbage).is_err());
         let frame = peer.seal(&msg).unwrap();
         let len = TrackerChannel::frame_len(frame[..4].try_into().unwrap()).unwrap();
@@ -1007,17 +1008,24 @@ proptest! {
 fn tracker_accept_refuses_bad_ciphertexts() {
     let t = &ids()[2];
     let (hello, _) = TrackerChannel::connect(&mut rng(1), t.public()).unwrap();
-    let ct = &hello[12..];
-    assert!(TrackerChannel::accept(&mut rng(2), t, &ct[..ct.len() - 1]).is_err());
+    let rest = &hello[12..];
+    assert!(TrackerChannel::accept(&mut rng(2), t, &rest[..rest.len() - 1]).is_err());
     assert!(TrackerChannel::accept(&mut rng(2), t, &[]).is_err());
-    let mut bad = ct.to_vec();
+    assert!(TrackerChannel::accept(&mut rng(2), t, &rest[..31]).is_err());
+    let mut bad = rest.to_vec();
     bad[100] ^= 4;
     assert!(TrackerChannel::accept(&mut rng(2), t, &bad).is_err());
     // A 3072-bit tracker and a 2048-bit ciphertext.
-    assert!(TrackerChannel::accept(&mut rng(2), &ids()[3], ct).is_err());
+    assert!(TrackerChannel::accept(&mut rng(2), &ids()[3], rest).is_err());
     // An OAEP plaintext that is not 32 bytes.
-    let ct31 = t.public().encrypt(&mut rng(3), &[0; 31]).unwrap();
+    let mut ct31 = t.public().encrypt(&mut rng(3), &[0; 31]).unwrap();
+    ct31.extend_from_slice(&rest[rest.len() - 32..]);
     assert!(matches!(TrackerChannel::accept(&mut rng(2), t, &ct31), Err(ProtoError::BadLength { .. })));
+    // A low-order ephemeral key from the peer is refused.
+    let mut low = rest.to_vec();
+    let n = low.len();
+    low[n - 32..].fill(0);
+    assert!(TrackerChannel::accept(&mut rng(2), t, &low).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ use anomos_proto::identity::{Fingerprint, Identity, PublicKey};
 use anomos_proto::ids::{ChainId, NeighborId};
 use anomos_proto::link::{self, Acceptor, Dialer};
 use anomos_proto::tc::{self, HopSpec, Layer, LayerKind, LAYER_HEADER_LEN, TC_LEN};
-use anomos_proto::tracker::{self, FromTracker, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER};
+use anomos_proto::tracker::{self, FromTracker, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER, EPHEMERAL_LEN};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -264,8 +264,9 @@ fn link_transcript_replays_into_the_state_machines_and_opens_committed_cells() {
     assert_eq!(auth, v.hex("auth"), "AUTH");
     let d_fp = d_id.fingerprint();
     let d_pub = d_id.public().clone();
-    let out =
-        acceptor.on_auth(&v.hex("auth"), &a_id, &mut arng, false, |fp| (fp == &d_fp).then_some((d_pub, nid))).unwrap();
+    let out = acceptor
+        .on_auth(&v.hex("auth"), &a_id, &mut arng, |fp| (fp == &d_fp).then_some((d_pub, nid)), |_| false)
+        .unwrap();
     assert_eq!(out.reply, v.hex("auth_reply"), "AUTH_REPLY");
     assert_eq!(out.peer, Some(d_id.fingerprint()));
     let mut acc = out.result.unwrap();
@@ -409,19 +410,37 @@ fn committed_tracker_frames_open_and_decode_on_both_ends() {
     let tfp = t_id.fingerprint();
     let mut prng = v.rng("peer.rng_seed");
     let mut trng = v.rng("tracker.rng_seed");
-    let mut s = [0u8; 32];
-    prng.clone().fill_bytes(&mut s);
+    // Documented randomness order: the peer's X25519 secret, then the channel secret; the tracker's X25519 secret.
+    let (mut e_p_secret, mut s, mut e_t_secret) = ([0u8; 32], [0u8; 32], [0u8; 32]);
+    {
+        let mut p = prng.clone();
+        p.fill_bytes(&mut e_p_secret);
+        p.fill_bytes(&mut s);
+        trng.clone().fill_bytes(&mut e_t_secret);
+    }
     assert_eq!(s, v.arr::<32>("channel_secret"));
+    assert_eq!(e_p_secret, v.arr::<32>("peer_x25519_secret"));
+    assert_eq!(e_t_secret, v.arr::<32>("tracker_x25519_secret"));
 
     // Peer side rebuilds the ClientHello; tracker side accepts the committed one.
-    let (hello, mut peer) = TrackerChannel::connect(&mut prng, t_id.public()).unwrap();
+    let (hello, handshake) = TrackerChannel::connect(&mut prng, t_id.public()).unwrap();
     let committed_hello = v.hex("client_hello");
     assert_eq!(hello, committed_hello, "ClientHello");
     let ct_len = TrackerChannel::hello_ct_len(&committed_hello[..CLIENT_HELLO_HEADER]).unwrap();
-    assert_eq!(CLIENT_HELLO_HEADER + ct_len, committed_hello.len());
-    let mut trk = TrackerChannel::accept(&mut trng, &t_id, &committed_hello[CLIENT_HELLO_HEADER..]).unwrap();
-    let k_p2t = kdf(b"anomos tracker v1", &[&s, &tfp.0], b"p2t");
-    let k_t2p = kdf(b"anomos tracker v1", &[&s, &tfp.0], b"t2p");
+    assert_eq!(CLIENT_HELLO_HEADER + ct_len + EPHEMERAL_LEN, committed_hello.len());
+    let (server_hello, mut trk) =
+        TrackerChannel::accept(&mut trng, &t_id, &committed_hello[CLIENT_HELLO_HEADER..]).unwrap();
+    assert_eq!(server_hello.to_vec(), v.hex("server_hello"), "tracker's hello");
+    let mut peer = handshake.finish(&server_hello).unwrap();
+    // The key schedule, recomputed from the documented formula.
+    let e_p = &committed_hello[CLIENT_HELLO_HEADER + ct_len..];
+    let dh = *x25519_dalek::StaticSecret::from(e_p_secret)
+        .diffie_hellman(&x25519_dalek::PublicKey::from(server_hello))
+        .as_bytes();
+    assert_eq!(dh, v.arr::<32>("dh"));
+    let salt = anomos_proto::crypto::sha256(&[b"anomos tracker v1", e_p, &server_hello]);
+    let k_p2t = kdf(&salt, &[&s, &tfp.0, &dh], b"p2t");
+    let k_t2p = kdf(&salt, &[&s, &tfp.0, &dh], b"t2p");
     assert_eq!((k_p2t.0, k_t2p.0), (v.arr("k_p2t"), v.arr("k_t2p")));
     let (mut spec_p2t, mut spec_t2p) = (AeadCounter::new(&k_p2t), AeadCounter::new(&k_t2p));
     let mut nonce = [0u8; 32];

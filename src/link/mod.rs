@@ -159,11 +159,18 @@ pub async fn accept(node: Arc<Node>, mut s: TcpStream, remote: std::net::SocketA
     let (acceptor, reply) = Acceptor::start(&mut rand::rngs::OsRng, &hello)?;
     s.write_all(&reply).await?;
     let auth = read_auth(&mut s, "link auth").await?;
-    let busy = node.link_count() >= node.cfg.max_links;
     let me = node.identity.clone();
     let n2 = node.clone();
+    let n3 = node.clone();
     let out = tokio::task::spawn_blocking(move || {
-        acceptor.on_auth(&auth, &me, &mut rand::rngs::OsRng, busy, |fp| n2.neighbor_by_fp(fp))
+        acceptor.on_auth(
+            &auth,
+            &me,
+            &mut rand::rngs::OsRng,
+            |fp| n2.neighbor_by_fp(fp),
+            // A neighbor that restarted replaces its old link, so it does not need a free slot.
+            |nid| n3.link_count() >= n3.cfg.max_links && n3.link(nid).is_none(),
+        )
     })
     .await
     .map_err(|e| PeerError::Config(e.to_string()))??;
@@ -187,9 +194,9 @@ pub async fn accept(node: Arc<Node>, mut s: TcpStream, remote: std::net::SocketA
     }
 }
 
-/// Whether a refusal means "try again later" (the acceptor doesn't know us as a neighbor yet).
-pub fn is_unknown_neighbor(e: &PeerError) -> bool {
-    matches!(e, PeerError::Proto(anomos_proto::ProtoError::Invalid { detail, .. }) if detail == &format!("{:?}", AuthStatus::UnknownNeighbor))
+/// Whether the acceptor refused us (most often: it has not learned of our edge yet; retry later).
+pub fn is_refused(e: &PeerError) -> bool {
+    matches!(e, PeerError::Proto(anomos_proto::ProtoError::Invalid { detail, .. }) if detail == &format!("{:?}", AuthStatus::Refused))
 }
 
 async fn run(node: Arc<Node>, s: TcpStream, cipher: LinkCipher, peer: Fingerprint) {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anomos_proto::identity::{load_or_create_identity, Fingerprint, Identity, PublicKey};
 use anomos_proto::tracker::{
     encode_key_answer, verify_hello, ErrorCode, FromTracker, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER,
-    KEY_FETCH_MAGIC,
+    EPHEMERAL_LEN, KEY_FETCH_MAGIC,
 };
 use anomos_proto::ProtoError;
 use rand::rngs::OsRng;
@@ -258,13 +258,16 @@ async fn handshake(mut stream: TcpStream, identity: &Arc<Identity>) -> Result<Op
     }
     stream.read_exact(&mut header[magic_len..]).await?;
     let ct_len = TrackerChannel::hello_ct_len(&header)?;
-    let mut ct = vec![0u8; ct_len];
-    stream.read_exact(&mut ct).await?;
+    let mut rest = vec![0u8; ct_len + EPHEMERAL_LEN];
+    stream.read_exact(&mut rest).await?;
     // RSA decryption takes a few milliseconds: keep it off the async workers.
     let id = Arc::clone(identity);
-    let chan = tokio::task::spawn_blocking(move || TrackerChannel::accept(&mut OsRng, &id, &ct))
+    let (reply, chan) = tokio::task::spawn_blocking(move || TrackerChannel::accept(&mut OsRng, &id, &rest))
         .await
         .map_err(|_| SessionError::Refused("channel setup task failed"))??;
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&reply))
+        .await
+        .map_err(|_| SessionError::Timeout("the peer to read our hello"))??;
     let mut conn = Conn { stream, chan };
 
     let mut nonce = [0u8; 32];

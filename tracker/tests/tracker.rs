@@ -135,16 +135,22 @@ struct Client {
 }
 
 /// Opens the channel (ClientHello) without authenticating.
-async fn open_channel(addr: SocketAddr, tracker: &PublicKey) -> Client {
+async fn open_channel(addr: SocketAddr, tracker: &PublicKey) -> Result<Client, String> {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let (hello, chan) = TrackerChannel::connect(&mut OsRng, tracker).unwrap();
+    let (hello, handshake) = TrackerChannel::connect(&mut OsRng, tracker).unwrap();
     stream.write_all(&hello).await.unwrap();
-    Client { stream, chan }
+    let mut reply = [0u8; anomos_proto::tracker::EPHEMERAL_LEN];
+    tokio::time::timeout(TIMEOUT, stream.read_exact(&mut reply))
+        .await
+        .map_err(|_| "no tracker hello in time".to_string())?
+        .map_err(|e| e.to_string())?;
+    let chan = handshake.finish(&reply).map_err(|e| e.to_string())?;
+    Ok(Client { stream, chan })
 }
 
 /// A fully authenticated session for identity `id`.
 async fn connect(t: &Tracker, id: &Identity) -> Client {
-    let mut c = open_channel(t.addr, &t.key).await;
+    let mut c = open_channel(t.addr, &t.key).await.unwrap();
     let FromTracker::Challenge { nonce } = c.recv().await.unwrap() else { panic!("expected a challenge") };
     c.send(&make_hello(id, &t.key.fingerprint(), &nonce, &mut OsRng)).await;
     match c.recv().await.unwrap() {
@@ -469,7 +475,7 @@ async fn bad_hello_is_refused() {
     let tfp = t.key.fingerprint();
 
     // Signature over the wrong nonce.
-    let mut c = open_channel(t.addr, &t.key).await;
+    let mut c = open_channel(t.addr, &t.key).await.unwrap();
     let FromTracker::Challenge { nonce } = c.recv().await.unwrap() else { panic!() };
     let mut wrong = nonce;
     wrong[0] ^= 1;
@@ -478,7 +484,7 @@ async fn bad_hello_is_refused() {
     assert!(c.is_closed().await);
 
     // A's key with B's signature.
-    let mut c = open_channel(t.addr, &t.key).await;
+    let mut c = open_channel(t.addr, &t.key).await.unwrap();
     let FromTracker::Challenge { nonce } = c.recv().await.unwrap() else { panic!() };
     let ToTracker::Hello { signature, .. } = make_hello(b, &tfp, &nonce, &mut OsRng) else { panic!() };
     c.send(&ToTracker::Hello { public_key: a.public().der().to_vec(), signature }).await;
@@ -486,7 +492,7 @@ async fn bad_hello_is_refused() {
     assert!(c.is_closed().await);
 
     // A request instead of Hello.
-    let mut c = open_channel(t.addr, &t.key).await;
+    let mut c = open_channel(t.addr, &t.key).await.unwrap();
     let FromTracker::Challenge { .. } = c.recv().await.unwrap() else { panic!() };
     c.send(&ToTracker::RequestCircuits(CircuitRequest { chain: chain(), count: 1, relays: 1 })).await;
     assert_eq!(error_code(&c.recv().await.unwrap()), Some(ErrorCode::Unauthenticated));
@@ -513,9 +519,8 @@ async fn garbage_drops_only_that_connection() {
     let n = tokio::time::timeout(TIMEOUT, s.read(&mut buf)).await.unwrap();
     assert!(matches!(n, Ok(0) | Err(_)), "garbage connection not closed");
 
-    // A ClientHello for another tracker key: the tracker cannot open it and sends nothing.
-    let mut c = open_channel(t.addr, ids()[3].public()).await;
-    assert!(c.recv().await.is_err(), "wrong tracker key must not get a challenge");
+    // A ClientHello for another tracker key: the tracker cannot open it, answers nothing and closes.
+    assert!(open_channel(t.addr, ids()[3].public()).await.is_err(), "wrong tracker key must not get a hello");
 
     // An oversized frame, then a forged frame, on authenticated sessions.
     let mut c = connect(&t, &ids()[2]).await;
@@ -544,14 +549,15 @@ async fn garbage_drops_only_that_connection() {
 async fn session_limit_closes_extra_connections() {
     let t = start(|a| a.max_sessions = 1).await;
     let first = connect(&t, &ids()[1]).await;
-    let mut second = open_channel(t.addr, &t.key).await;
-    assert!(second.recv().await.is_err(), "over the limit the connection is closed at once");
+    // Over the limit the connection is closed at once: not even the tracker's hello comes back.
+    assert!(open_channel(t.addr, &t.key).await.is_err(), "over the limit the connection is closed at once");
     drop(first);
     // The permit is released when the tracker notices the close.
     for attempt in 0.. {
-        let mut c = open_channel(t.addr, &t.key).await;
-        if let Ok(FromTracker::Challenge { .. }) = c.recv().await {
-            break;
+        if let Ok(mut c) = open_channel(t.addr, &t.key).await {
+            if let Ok(FromTracker::Challenge { .. }) = c.recv().await {
+                break;
+            }
         }
         assert!(attempt < 50, "session slot never freed");
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -36,7 +36,7 @@ fn link() -> &'static Mutex<Link> {
         let (dialer, hello) = Dialer::start(&mut dr, a.public().clone(), nid);
         let (acceptor, reply) = Acceptor::start(&mut ar, &hello).expect("start");
         let (dialer, auth) = dialer.on_reply(&reply, d, &mut dr).expect("reply");
-        let out = acceptor.on_auth(&auth, a, &mut ar, false, |_| Some((d.public().clone(), nid))).expect("auth");
+        let out = acceptor.on_auth(&auth, a, &mut ar, |_| Some((d.public().clone(), nid)), |_| false).expect("auth");
         let acceptor = out.result.expect("accepted");
         let dialer = dialer.on_auth_reply(&out.reply).expect("auth reply");
         Mutex::new(Link { dialer, acceptor })

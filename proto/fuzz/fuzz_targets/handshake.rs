@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
             if let Ok((acc, reply)) = Acceptor::start(&mut r, hello) {
                 assert_eq!(hello.len(), HELLO_LEN);
                 assert_eq!(&reply[..8], b"ANOMOSL1");
-                let _ = acc.on_auth(auth, a_id, &mut r, busy, lookup);
+                let _ = acc.on_auth(auth, a_id, &mut r, lookup, |_| busy);
             }
         }
         1 => {
@@ -93,7 +93,7 @@ fuzz_target!(|data: &[u8]| {
             let mut r = rng(ACCEPTOR_SEED);
             let (acc, _) = Acceptor::start(&mut r, &t.hello).expect("vector hello");
             let auth = frame(&t.hs_d, rest);
-            let Ok(out) = acc.on_auth(&auth, a_id, &mut r, busy, lookup) else { return };
+            let Ok(out) = acc.on_auth(&auth, a_id, &mut r, lookup, |_| busy) else { return };
             // A decrypted AUTH always names a peer and gets a reply the dialer can open.
             assert_eq!(out.peer.map(|f| f.0.to_vec()), Some(rest[..32].to_vec()));
             let reply = AeadCounter::new(&t.hs_a).open(b"", &out.reply[2..], "reply").expect("reply opens");

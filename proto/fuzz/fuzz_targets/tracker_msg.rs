@@ -42,13 +42,24 @@ fn channel() -> &'static Mutex<Channel> {
     C.get_or_init(|| {
         let t = &ids()[2];
         let mut pr = rng(4001);
-        let mut s = [0u8; 32];
-        pr.clone().fill_bytes(&mut s);
-        let (hello, peer) = TrackerChannel::connect(&mut pr, t.public()).expect("connect");
-        let tracker = TrackerChannel::accept(&mut rng(4002), t, &hello[CLIENT_HELLO_HEADER..]).expect("accept");
+        // SPEC §3: the peer's rng yields its X25519 secret, then the channel secret.
+        let (mut e_p_secret, mut s) = ([0u8; 32], [0u8; 32]);
+        {
+            let mut p = pr.clone();
+            p.fill_bytes(&mut e_p_secret);
+            p.fill_bytes(&mut s);
+        }
+        let (hello, handshake) = TrackerChannel::connect(&mut pr, t.public()).expect("connect");
+        let (reply, tracker) = TrackerChannel::accept(&mut rng(4002), t, &hello[CLIENT_HELLO_HEADER..]).expect("accept");
+        let peer = handshake.finish(&reply).expect("finish");
         let fp = t.fingerprint();
-        let p2t = AeadCounter::new(&kdf(b"anomos tracker v1", &[&s, &fp.0], b"p2t"));
-        let t2p = AeadCounter::new(&kdf(b"anomos tracker v1", &[&s, &fp.0], b"t2p"));
+        let e_p = &hello[hello.len() - 32..];
+        let dh = *x25519_dalek::StaticSecret::from(e_p_secret)
+            .diffie_hellman(&x25519_dalek::PublicKey::from(reply))
+            .as_bytes();
+        let salt = anomos_proto::crypto::sha256(&[b"anomos tracker v1", e_p, &reply]);
+        let p2t = AeadCounter::new(&kdf(&salt, &[&s, &fp.0, &dh], b"p2t"));
+        let t2p = AeadCounter::new(&kdf(&salt, &[&s, &fp.0, &dh], b"t2p"));
         Mutex::new(Channel { tracker, peer, p2t, t2p })
     })
 }

@@ -60,8 +60,7 @@ pub fn decode_command(raw: &[u8; COMMAND_LEN]) -> Result<String, BtcError> {
         return Err(BtcError::BadCommand(raw.escape_ascii().to_string()));
     }
     // All bytes are ASCII, so this never fails; map instead of unwrapping anyway.
-    String::from_utf8(text.to_vec())
-        .map_err(|_| BtcError::BadCommand(raw.escape_ascii().to_string()))
+    String::from_utf8(text.to_vec()).map_err(|_| BtcError::BadCommand(raw.escape_ascii().to_string()))
 }
 
 /// A decoded envelope header.
@@ -85,26 +84,16 @@ impl EnvelopeHeader {
     /// before anything is allocated), [`BtcError::BadCommand`] for bad command bytes.
     /// The magic is not checked here; [`Envelope::decode`] does that.
     pub fn decode(buf: &[u8]) -> Result<EnvelopeHeader, BtcError> {
-        let truncated = BtcError::Truncated {
-            need: HEADER_LEN,
-            have: buf.len(),
-        };
+        let truncated = BtcError::Truncated { need: HEADER_LEN, have: buf.len() };
         let (magic, rest) = buf.split_first_chunk::<4>().ok_or(truncated.clone())?;
-        let (command, rest) = rest
-            .split_first_chunk::<COMMAND_LEN>()
-            .ok_or(truncated.clone())?;
+        let (command, rest) = rest.split_first_chunk::<COMMAND_LEN>().ok_or(truncated.clone())?;
         let (length, rest) = rest.split_first_chunk::<4>().ok_or(truncated.clone())?;
         let (checksum, _) = rest.split_first_chunk::<4>().ok_or(truncated)?;
         let length = u32::from_le_bytes(*length);
         if length as usize > MAX_PAYLOAD {
             return Err(BtcError::PayloadTooLarge(length));
         }
-        Ok(EnvelopeHeader {
-            magic: *magic,
-            command: decode_command(command)?,
-            length,
-            checksum: *checksum,
-        })
+        Ok(EnvelopeHeader { magic: *magic, command: decode_command(command)?, length, checksum: *checksum })
     }
 
     /// Encodes the header (validating the command and length).
@@ -114,12 +103,7 @@ impl EnvelopeHeader {
         }
         let command = encode_command(&self.command)?;
         let mut out = [0u8; HEADER_LEN];
-        let fields = self
-            .magic
-            .into_iter()
-            .chain(command)
-            .chain(self.length.to_le_bytes())
-            .chain(self.checksum);
+        let fields = self.magic.into_iter().chain(command).chain(self.length.to_le_bytes()).chain(self.checksum);
         for (dst, src) in out.iter_mut().zip(fields) {
             *dst = src;
         }
@@ -140,16 +124,8 @@ pub struct Envelope {
 
 impl Envelope {
     /// Builds an envelope, checking the command and payload size.
-    pub fn new(
-        magic: [u8; 4],
-        command: impl Into<String>,
-        payload: Vec<u8>,
-    ) -> Result<Envelope, BtcError> {
-        let env = Envelope {
-            magic,
-            command: command.into(),
-            payload,
-        };
+    pub fn new(magic: [u8; 4], command: impl Into<String>, payload: Vec<u8>) -> Result<Envelope, BtcError> {
+        let env = Envelope { magic, command: command.into(), payload };
         env.validate()?;
         Ok(env)
     }
@@ -204,16 +180,10 @@ impl Envelope {
     /// `Ok(Some((envelope, consumed)))` once a whole envelope is there, and an error for a
     /// wrong magic (checked as soon as 4 bytes are there), bad command bytes, an oversized
     /// length field (before waiting for or allocating the payload) or a bad checksum.
-    pub fn decode(
-        buf: &[u8],
-        expected_magic: [u8; 4],
-    ) -> Result<Option<(Envelope, usize)>, BtcError> {
+    pub fn decode(buf: &[u8], expected_magic: [u8; 4]) -> Result<Option<(Envelope, usize)>, BtcError> {
         if let Some(got) = buf.first_chunk::<4>() {
             if *got != expected_magic {
-                return Err(BtcError::BadMagic {
-                    expected: expected_magic,
-                    got: *got,
-                });
+                return Err(BtcError::BadMagic { expected: expected_magic, got: *got });
             }
         }
         if buf.len() < HEADER_LEN {
@@ -226,17 +196,9 @@ impl Envelope {
         };
         let computed = checksum(payload);
         if computed != header.checksum {
-            return Err(BtcError::BadChecksum {
-                command: header.command,
-                header: header.checksum,
-                computed,
-            });
+            return Err(BtcError::BadChecksum { command: header.command, header: header.checksum, computed });
         }
-        let env = Envelope {
-            magic: header.magic,
-            command: header.command,
-            payload: payload.to_vec(),
-        };
+        let env = Envelope { magic: header.magic, command: header.command, payload: payload.to_vec() };
         Ok(Some((env, total)))
     }
 }
@@ -288,11 +250,7 @@ impl EnvelopeReader {
 
     /// A reader for envelopes of the network with this magic.
     pub fn new(magic: [u8; 4]) -> EnvelopeReader {
-        EnvelopeReader {
-            magic,
-            buf: Vec::new(),
-            start: 0,
-        }
+        EnvelopeReader { magic, buf: Vec::new(), start: 0 }
     }
 
     /// The magic this reader expects.
@@ -320,17 +278,13 @@ impl EnvelopeReader {
         }
         let (take, _) = data.split_at(n);
         // Compact when the dead prefix would push us past the cap, or is the larger half.
-        if self.start > 0
-            && (self.buf.len() + n > Self::CAPACITY || self.start >= self.buf.len() / 2)
-        {
+        if self.start > 0 && (self.buf.len() + n > Self::CAPACITY || self.start >= self.buf.len() / 2) {
             self.buf.drain(..self.start);
             self.start = 0;
         }
         let needed = self.buf.len() + n;
         if needed > self.buf.capacity() {
-            let target = needed
-                .max(self.buf.capacity().saturating_mul(2))
-                .min(Self::CAPACITY);
+            let target = needed.max(self.buf.capacity().saturating_mul(2)).min(Self::CAPACITY);
             self.buf.reserve_exact(target - self.buf.len());
         }
         self.buf.extend_from_slice(take);
@@ -369,10 +323,7 @@ mod tests {
     #[test]
     fn verack_vector() {
         let wire = Envelope::new(REGTEST, "verack", vec![]).unwrap().encode();
-        assert_eq!(
-            hex::encode(&wire),
-            "fabfb5da76657261636b000000000000000000005df6e0e2"
-        );
+        assert_eq!(hex::encode(&wire), "fabfb5da76657261636b000000000000000000005df6e0e2");
     }
 
     #[test]
@@ -390,9 +341,7 @@ mod tests {
 
     #[test]
     fn reader_bounds_and_compaction() {
-        let big = Envelope::new(REGTEST, "block", vec![7; MAX_PAYLOAD])
-            .unwrap()
-            .encode();
+        let big = Envelope::new(REGTEST, "block", vec![7; MAX_PAYLOAD]).unwrap().encode();
         let small = Envelope::new(REGTEST, "ping", vec![1; 8]).unwrap().encode();
         let mut stream = small.clone();
         stream.extend_from_slice(&big);

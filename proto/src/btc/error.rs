@@ -24,11 +24,7 @@ pub enum BtcError {
     PayloadTooLarge(u32),
 
     /// The envelope starts with another network's magic bytes.
-    #[error(
-        "bad network magic: expected {}, got {}",
-        hex::encode(expected),
-        hex::encode(got)
-    )]
+    #[error("bad network magic: expected {}, got {}", hex::encode(expected), hex::encode(got))]
     BadMagic {
         /// The magic of the network we speak.
         expected: [u8; 4],
@@ -82,9 +78,7 @@ pub enum BtcError {
     },
 
     /// The header's merkle root does not commit to the block's transactions.
-    #[error(
-        "bad merkle root in block {block}: header has {header}, transactions give {computed:?}"
-    )]
+    #[error("bad merkle root in block {block}: header has {header}, transactions give {computed:?}")]
     BadMerkleRoot {
         /// Hash of the offending block.
         block: BlockHash,

@@ -82,27 +82,15 @@ impl Reject {
 
     fn decode(payload: &[u8]) -> Result<Reject, BtcError> {
         let (message, rest) = decode_prefix::<String>("reject", payload)?;
-        let (&ccode, rest) = rest
-            .split_first()
-            .ok_or_else(|| decode_err("reject", "missing reject code"))?;
+        let (&ccode, rest) = rest.split_first().ok_or_else(|| decode_err("reject", "missing reject code"))?;
         let (reason, rest) = decode_prefix::<String>("reject", rest)?;
         let hash = match rest.split_first_chunk::<32>() {
             None if rest.is_empty() => None,
             None => return Err(decode_err("reject", "truncated hash")),
             Some((hash, [])) => Some(*hash),
-            Some((_, extra)) => {
-                return Err(BtcError::TrailingBytes {
-                    command: "reject".into(),
-                    extra: extra.len(),
-                })
-            }
+            Some((_, extra)) => return Err(BtcError::TrailingBytes { command: "reject".into(), extra: extra.len() }),
         };
-        Ok(Reject {
-            message,
-            ccode,
-            reason,
-            hash,
-        })
+        Ok(Reject { message, ccode, reason, hash })
     }
 }
 
@@ -193,9 +181,7 @@ impl Message {
     pub fn encode_payload(&self) -> Vec<u8> {
         match self {
             Message::Version(v) => serialize(v),
-            Message::Verack | Message::GetAddr | Message::MemPool | Message::SendHeaders => {
-                Vec::new()
-            }
+            Message::Verack | Message::GetAddr | Message::MemPool | Message::SendHeaders => Vec::new(),
             Message::Ping(n) | Message::Pong(n) => n.to_le_bytes().to_vec(),
             Message::Addr(a) => serialize(a),
             Message::Inv(v) | Message::GetData(v) | Message::NotFound(v) => serialize(v),
@@ -227,9 +213,7 @@ impl Message {
     pub fn decode_payload(command: &str, payload: &[u8]) -> Result<Message, BtcError> {
         validate_command(command)?;
         if payload.len() > MAX_PAYLOAD {
-            return Err(BtcError::PayloadTooLarge(
-                u32::try_from(payload.len()).unwrap_or(u32::MAX),
-            ));
+            return Err(BtcError::PayloadTooLarge(u32::try_from(payload.len()).unwrap_or(u32::MAX)));
         }
         let msg = match command {
             "version" => Message::Version(decode_exact(command, payload)?),
@@ -265,10 +249,7 @@ impl Message {
             "sendheaders" => empty(command, payload, Message::SendHeaders)?,
             "feefilter" => Message::FeeFilter(i64::from_le_bytes(fixed(command, payload)?)),
             "reject" => Message::Reject(Reject::decode(payload)?),
-            _ => Message::Unknown {
-                command: command.to_owned(),
-                payload: payload.to_vec(),
-            },
+            _ => Message::Unknown { command: command.to_owned(), payload: payload.to_vec() },
         };
         Ok(msg)
     }
@@ -280,11 +261,7 @@ impl Message {
     /// or by encoding to more than [`MAX_PAYLOAD`] bytes (beyond protocol limits, e.g. more
     /// than 49,000 headers; a consensus-valid block always fits).
     pub fn to_envelope(&self, magic: [u8; 4]) -> Envelope {
-        Envelope {
-            magic,
-            command: self.command().to_owned(),
-            payload: self.encode_payload(),
-        }
+        Envelope { magic, command: self.command().to_owned(), payload: self.encode_payload() }
     }
 }
 
@@ -321,10 +298,7 @@ fn decode_err(command: &str, what: impl std::fmt::Display) -> BtcError {
 }
 
 /// Decodes a `T` from the start of `buf`, returning it and the rest.
-fn decode_prefix<'a, T: Decodable>(
-    command: &str,
-    buf: &'a [u8],
-) -> Result<(T, &'a [u8]), BtcError> {
+fn decode_prefix<'a, T: Decodable>(command: &str, buf: &'a [u8]) -> Result<(T, &'a [u8]), BtcError> {
     let (value, used) = deserialize_partial::<T>(buf).map_err(|e| decode_err(command, e))?;
     Ok((value, buf.get(used..).unwrap_or_default()))
 }
@@ -333,10 +307,7 @@ fn decode_prefix<'a, T: Decodable>(
 fn decode_exact<T: Decodable>(command: &str, payload: &[u8]) -> Result<T, BtcError> {
     let (value, rest) = decode_prefix::<T>(command, payload)?;
     if !rest.is_empty() {
-        return Err(BtcError::TrailingBytes {
-            command: command.to_owned(),
-            extra: rest.len(),
-        });
+        return Err(BtcError::TrailingBytes { command: command.to_owned(), extra: rest.len() });
     }
     Ok(value)
 }
@@ -344,15 +315,9 @@ fn decode_exact<T: Decodable>(command: &str, payload: &[u8]) -> Result<T, BtcErr
 /// A payload that must be exactly `N` bytes.
 fn fixed<const N: usize>(command: &str, payload: &[u8]) -> Result<[u8; N], BtcError> {
     match payload.split_first_chunk::<N>() {
-        None => Err(decode_err(
-            command,
-            format_args!("expected {N} bytes, got {}", payload.len()),
-        )),
+        None => Err(decode_err(command, format_args!("expected {N} bytes, got {}", payload.len()))),
         Some((value, [])) => Ok(*value),
-        Some((_, extra)) => Err(BtcError::TrailingBytes {
-            command: command.to_owned(),
-            extra: extra.len(),
-        }),
+        Some((_, extra)) => Err(BtcError::TrailingBytes { command: command.to_owned(), extra: extra.len() }),
     }
 }
 
@@ -361,32 +326,20 @@ fn empty(command: &str, payload: &[u8], msg: Message) -> Result<Message, BtcErro
     if payload.is_empty() {
         Ok(msg)
     } else {
-        Err(BtcError::TrailingBytes {
-            command: command.to_owned(),
-            extra: payload.len(),
-        })
+        Err(BtcError::TrailingBytes { command: command.to_owned(), extra: payload.len() })
     }
 }
 
 /// Rejects a `[prefix][varint count][count * item][tail]` payload whose count cannot fit in
 /// its length, before the decoder sizes any allocation by that count.
-fn check_count(
-    command: &str,
-    payload: &[u8],
-    prefix: usize,
-    item: usize,
-    tail: usize,
-) -> Result<(), BtcError> {
+fn check_count(command: &str, payload: &[u8], prefix: usize, item: usize, tail: usize) -> Result<(), BtcError> {
     let Some(after_prefix) = payload.get(prefix..) else {
         return Err(decode_err(command, "truncated"));
     };
     let (VarInt(count), rest) = decode_prefix::<VarInt>(command, after_prefix)?;
     let room = rest.len().saturating_sub(tail) / item;
     if count > room as u64 {
-        return Err(decode_err(
-            command,
-            format_args!("{count} entries cannot fit in {} bytes", rest.len()),
-        ));
+        return Err(decode_err(command, format_args!("{count} entries cannot fit in {} bytes", rest.len())));
     }
     Ok(())
 }
@@ -398,33 +351,21 @@ fn decode_headers(payload: &[u8]) -> Result<Vec<Header>, BtcError> {
     let available = rest.len() / HEADERS_ENTRY;
     let count = match usize::try_from(count) {
         Ok(c) if c <= available => c,
-        _ => {
-            return Err(decode_err(
-                CMD,
-                format_args!("{count} headers cannot fit in {} bytes", rest.len()),
-            ))
-        }
+        _ => return Err(decode_err(CMD, format_args!("{count} headers cannot fit in {} bytes", rest.len()))),
     };
     let mut headers = Vec::with_capacity(count);
     let mut entries = rest.chunks_exact(HEADERS_ENTRY);
     for (i, entry) in entries.by_ref().take(count).enumerate() {
         let (raw, tx_count) = entry.split_at(Header::SIZE);
-        let header =
-            bitcoin::consensus::deserialize::<Header>(raw).map_err(|e| decode_err(CMD, e))?;
+        let header = bitcoin::consensus::deserialize::<Header>(raw).map_err(|e| decode_err(CMD, e))?;
         if tx_count != [0] {
-            return Err(decode_err(
-                CMD,
-                format_args!("header #{i} has a non-zero tx count"),
-            ));
+            return Err(decode_err(CMD, format_args!("header #{i} has a non-zero tx count")));
         }
         headers.push(header);
     }
     let extra = rest.len() - count * HEADERS_ENTRY;
     if extra != 0 {
-        return Err(BtcError::TrailingBytes {
-            command: CMD.to_owned(),
-            extra,
-        });
+        return Err(BtcError::TrailingBytes { command: CMD.to_owned(), extra });
     }
     Ok(headers)
 }
@@ -447,10 +388,7 @@ mod tests {
             let m = Message::decode_payload(cmd, &[]).unwrap();
             assert_eq!(m.command(), cmd);
             assert!(m.encode_payload().is_empty());
-            assert!(matches!(
-                Message::decode_payload(cmd, &[0]),
-                Err(BtcError::TrailingBytes { extra: 1, .. })
-            ));
+            assert!(matches!(Message::decode_payload(cmd, &[0]), Err(BtcError::TrailingBytes { extra: 1, .. })));
         }
     }
 
@@ -459,17 +397,11 @@ mod tests {
         // Count 2^64-1 with no entries.
         let payload = [0xff; 9];
         for cmd in ["addr", "inv", "getdata", "notfound", "headers"] {
-            assert!(matches!(
-                Message::decode_payload(cmd, &payload),
-                Err(BtcError::Decode(_))
-            ));
+            assert!(matches!(Message::decode_payload(cmd, &payload), Err(BtcError::Decode(_))));
         }
         let mut gh = vec![0x80, 0x11, 0x01, 0x00];
         gh.extend_from_slice(&[0xff; 9]);
-        assert!(matches!(
-            Message::decode_payload("getheaders", &gh),
-            Err(BtcError::Decode(_))
-        ));
+        assert!(matches!(Message::decode_payload("getheaders", &gh), Err(BtcError::Decode(_))));
     }
 
     #[test]
@@ -478,25 +410,14 @@ mod tests {
         let mut p = Message::Headers(vec![h]).encode_payload();
         assert_eq!(p.len(), 1 + HEADERS_ENTRY);
         *p.last_mut().unwrap() = 1;
-        assert!(matches!(
-            Message::decode_payload("headers", &p),
-            Err(BtcError::Decode(_))
-        ));
+        assert!(matches!(Message::decode_payload("headers", &p), Err(BtcError::Decode(_))));
     }
 
     #[test]
     fn reject_shapes() {
-        let r = Reject {
-            message: "version".into(),
-            ccode: 0x11,
-            reason: "old".into(),
-            hash: None,
-        };
+        let r = Reject { message: "version".into(), ccode: 0x11, reason: "old".into(), hash: None };
         let p = Message::Reject(r.clone()).encode_payload();
-        assert_eq!(
-            Message::decode_payload("reject", &p).unwrap(),
-            Message::Reject(r)
-        );
+        assert_eq!(Message::decode_payload("reject", &p).unwrap(), Message::Reject(r));
         let mut with_hash = p.clone();
         with_hash.extend_from_slice(&[9; 32]);
         assert!(matches!(
@@ -505,15 +426,9 @@ mod tests {
         ));
         let mut short = p.clone();
         short.extend_from_slice(&[9; 31]);
-        assert!(matches!(
-            Message::decode_payload("reject", &short),
-            Err(BtcError::Decode(_))
-        ));
+        assert!(matches!(Message::decode_payload("reject", &short), Err(BtcError::Decode(_))));
         let mut long = p;
         long.extend_from_slice(&[9; 33]);
-        assert!(matches!(
-            Message::decode_payload("reject", &long),
-            Err(BtcError::TrailingBytes { extra: 1, .. })
-        ));
+        assert!(matches!(Message::decode_payload("reject", &long), Err(BtcError::TrailingBytes { extra: 1, .. })));
     }
 }

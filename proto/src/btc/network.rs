@@ -117,12 +117,7 @@ impl NetParams {
     /// `allow_min_difficulty` are false and `network` is `None`; `no_pow_check` is false
     /// (the SHA-256d hash must still meet nBits). Set the public fields for anything better
     /// known, e.g. `no_pow_check = true` for a chain with a different PoW hash function.
-    pub fn custom(
-        name: impl Into<String>,
-        magic: [u8; 4],
-        genesis_hash: BlockHash,
-        port: u16,
-    ) -> NetParams {
+    pub fn custom(name: impl Into<String>, magic: [u8; 4], genesis_hash: BlockHash, port: u16) -> NetParams {
         NetParams {
             name: name.into(),
             magic,
@@ -138,8 +133,7 @@ impl NetParams {
 
     /// The genesis block of a known network; `None` for custom chains.
     pub fn genesis_block(&self) -> Option<Block> {
-        self.network
-            .map(|n| bitcoin::constants::genesis_block(Params::new(n)))
+        self.network.map(|n| bitcoin::constants::genesis_block(Params::new(n)))
     }
 
     /// The `bitcoin` crate's consensus parameters, for known networks.
@@ -181,10 +175,7 @@ mod tests {
             ("regtest", "regtest"),
             ("RegTest", "regtest"),
         ] {
-            assert_eq!(
-                NetParams::by_name(alias).map(|p| p.name),
-                Some(name.to_owned())
-            );
+            assert_eq!(NetParams::by_name(alias).map(|p| p.name), Some(name.to_owned()));
         }
         assert!(NetParams::by_name("litecoin").is_none());
     }

@@ -24,22 +24,14 @@ pub const MAX_BLOCK_WEIGHT: u64 = 4_000_000;
 /// zero or more-than-256-bit target is [`BtcError::BadPow`].
 pub fn header_target(header: &Header) -> Result<Target, BtcError> {
     let bits = header.bits.to_consensus();
-    target_from_bits(bits).map_err(|reason| BtcError::BadPow {
-        hash: header.block_hash(),
-        bits,
-        reason,
-    })
+    target_from_bits(bits).map_err(|reason| BtcError::BadPow { hash: header.block_hash(), bits, reason })
 }
 
 fn target_from_bits(bits: u32) -> Result<Target, &'static str> {
     let size = bits >> 24;
     let mantissa = bits & 0x007f_ffff;
     // Core tests the sign and overflow on the mantissa after the small-size shift.
-    let word = if size <= 3 {
-        mantissa >> (8 * (3 - size))
-    } else {
-        mantissa
-    };
+    let word = if size <= 3 { mantissa >> (8 * (3 - size)) } else { mantissa };
     if word != 0 && bits & 0x0080_0000 != 0 {
         return Err("nBits encodes a negative target");
     }
@@ -61,15 +53,9 @@ fn target_from_bits(bits: u32) -> Result<Target, &'static str> {
 /// Whether nBits is the *right* difficulty for its height is the chain layer's business.
 pub fn check_header_pow(header: &Header, params: &NetParams) -> Result<(), BtcError> {
     let target = header_target(header)?;
-    let bad = |reason| BtcError::BadPow {
-        hash: header.block_hash(),
-        bits: header.bits.to_consensus(),
-        reason,
-    };
+    let bad = |reason| BtcError::BadPow { hash: header.block_hash(), bits: header.bits.to_consensus(), reason };
     if target > params.pow_limit {
-        return Err(bad(
-            "target is easier than the network's proof-of-work limit",
-        ));
+        return Err(bad("target is easier than the network's proof-of-work limit"));
     }
     if !params.no_pow_check && !target.is_met_by(header.block_hash()) {
         return Err(bad("block hash does not meet the target"));
@@ -81,11 +67,7 @@ pub fn check_header_pow(header: &Header, params: &NetParams) -> Result<(), BtcEr
 pub fn check_linkage(prev: &Header, next: &Header) -> Result<(), BtcError> {
     let expected = prev.block_hash();
     if next.prev_blockhash != expected {
-        return Err(BtcError::BadLinkage {
-            expected,
-            got: next.prev_blockhash,
-            next: next.block_hash(),
-        });
+        return Err(BtcError::BadLinkage { expected, got: next.prev_blockhash, next: next.block_hash() });
     }
     Ok(())
 }
@@ -106,36 +88,23 @@ pub fn check_linkage(prev: &Header, next: &Header) -> Result<(), BtcError> {
 /// Proof of work is separate: [`check_header_pow`].
 pub fn check_block(block: &Block) -> Result<(), BtcError> {
     let hash = block.block_hash();
-    let coinbase_err = |index, reason| BtcError::BadCoinbase {
-        block: hash,
-        index,
-        reason,
-    };
+    let coinbase_err = |index, reason| BtcError::BadCoinbase { block: hash, index, reason };
 
     let Some((coinbase, rest)) = block.txdata.split_first() else {
         return Err(coinbase_err(0, "block has no transactions"));
     };
 
     let txids: Vec<Txid> = block.txdata.iter().map(|tx| tx.compute_txid()).collect();
-    let computed = bitcoin::merkle_tree::calculate_root(txids.iter().map(|t| t.to_raw_hash()))
-        .map(TxMerkleNode::from_raw_hash);
+    let computed =
+        bitcoin::merkle_tree::calculate_root(txids.iter().map(|t| t.to_raw_hash())).map(TxMerkleNode::from_raw_hash);
     if computed != Some(block.header.merkle_root) {
-        return Err(BtcError::BadMerkleRoot {
-            block: hash,
-            header: block.header.merkle_root,
-            computed,
-        });
+        return Err(BtcError::BadMerkleRoot { block: hash, header: block.header.merkle_root, computed });
     }
 
     let mut seen: HashMap<Txid, usize> = HashMap::with_capacity(txids.len());
     for (i, txid) in txids.iter().enumerate() {
         if let Some(&first) = seen.get(txid) {
-            return Err(BtcError::DuplicateTx {
-                block: hash,
-                txid: *txid,
-                first,
-                second: i,
-            });
+            return Err(BtcError::DuplicateTx { block: hash, txid: *txid, first, second: i });
         }
         seen.insert(*txid, i);
     }
@@ -151,12 +120,7 @@ pub fn check_block(block: &Block) -> Result<(), BtcError> {
     }
     let weight = block.weight().to_wu();
     if weight > MAX_BLOCK_WEIGHT {
-        return Err(BtcError::Oversize {
-            block: hash,
-            what: "weight",
-            actual: weight,
-            limit: MAX_BLOCK_WEIGHT,
-        });
+        return Err(BtcError::Oversize { block: hash, what: "weight", actual: weight, limit: MAX_BLOCK_WEIGHT });
     }
 
     if !coinbase.is_coinbase() {
@@ -184,42 +148,15 @@ mod tests {
     fn compact_rules_match_core() {
         // Values from Bitcoin Core's arith_uint256 SetCompact tests.
         assert_eq!(target_from_bits(0), Err("nBits encodes a zero target"));
-        assert_eq!(
-            target_from_bits(0x0012_3456),
-            Err("nBits encodes a zero target")
-        );
-        assert_eq!(
-            target_from_bits(0x0100_3456),
-            Err("nBits encodes a zero target")
-        );
-        assert_eq!(
-            target_from_bits(0x0400_0000),
-            Err("nBits encodes a zero target")
-        );
-        assert_eq!(
-            target_from_bits(0x0080_0000),
-            Err("nBits encodes a zero target")
-        );
-        assert_eq!(
-            target_from_bits(0x0180_0000),
-            Err("nBits encodes a zero target")
-        );
-        assert_eq!(
-            target_from_bits(0x0492_3456),
-            Err("nBits encodes a negative target")
-        );
-        assert_eq!(
-            target_from_bits(0x01fe_dcba),
-            Err("nBits encodes a negative target")
-        );
-        assert_eq!(
-            target_from_bits(0xff12_3456),
-            Err("nBits overflows 256 bits")
-        );
-        assert_eq!(
-            target_from_bits(0x2301_0000),
-            Err("nBits overflows 256 bits")
-        );
+        assert_eq!(target_from_bits(0x0012_3456), Err("nBits encodes a zero target"));
+        assert_eq!(target_from_bits(0x0100_3456), Err("nBits encodes a zero target"));
+        assert_eq!(target_from_bits(0x0400_0000), Err("nBits encodes a zero target"));
+        assert_eq!(target_from_bits(0x0080_0000), Err("nBits encodes a zero target"));
+        assert_eq!(target_from_bits(0x0180_0000), Err("nBits encodes a zero target"));
+        assert_eq!(target_from_bits(0x0492_3456), Err("nBits encodes a negative target"));
+        assert_eq!(target_from_bits(0x01fe_dcba), Err("nBits encodes a negative target"));
+        assert_eq!(target_from_bits(0xff12_3456), Err("nBits overflows 256 bits"));
+        assert_eq!(target_from_bits(0x2301_0000), Err("nBits overflows 256 bits"));
         let t = target_from_bits(0x0112_3456).unwrap();
         assert_eq!(
             t,
@@ -229,18 +166,9 @@ mod tests {
                 b
             })
         );
-        assert_eq!(
-            target_from_bits(0x1d00_ffff).unwrap(),
-            Target::MAX_ATTAINABLE_MAINNET
-        );
-        assert_eq!(
-            target_from_bits(0x0180_3456),
-            Err("nBits encodes a zero target")
-        );
-        assert_eq!(
-            target_from_bits(0x2200_ffff),
-            Err("nBits overflows 256 bits")
-        );
+        assert_eq!(target_from_bits(0x1d00_ffff).unwrap(), Target::MAX_ATTAINABLE_MAINNET);
+        assert_eq!(target_from_bits(0x0180_3456), Err("nBits encodes a zero target"));
+        assert_eq!(target_from_bits(0x2200_ffff), Err("nBits overflows 256 bits"));
         assert!(target_from_bits(0x2100_ffff).is_ok());
         assert!(target_from_bits(0x2200_00ff).is_ok());
         assert!(target_from_bits(0x207f_ffff).unwrap() == Target::MAX_ATTAINABLE_REGTEST);
