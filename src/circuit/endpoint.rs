@@ -297,6 +297,8 @@ pub struct CircuitStream {
     endpoint: Option<Arc<Endpoint>>,
     events: mpsc::UnboundedReceiver<StreamEvent>,
     sender: CircuitSender,
+    /// Requester side: the node, to report a misbehaving target.
+    node: Option<std::sync::Weak<crate::node::Node>>,
     /// Onion layers between us and the other end (requester side; 0 at the target).
     pub hops: usize,
 }
@@ -326,13 +328,41 @@ impl CircuitSender {
 }
 
 impl CircuitStream {
-    pub(crate) fn from_endpoint(endpoint: Arc<Endpoint>, events: mpsc::UnboundedReceiver<StreamEvent>) -> Self {
+    pub(crate) fn from_endpoint(
+        endpoint: Arc<Endpoint>,
+        events: mpsc::UnboundedReceiver<StreamEvent>,
+        node: Option<std::sync::Weak<crate::node::Node>>,
+    ) -> Self {
         let hops = endpoint.hops();
         CircuitStream {
             sender: CircuitSender { inner: SenderInner::Circuit(endpoint.clone()) },
             endpoint: Some(endpoint),
             events,
+            node,
             hops,
+        }
+    }
+
+    /// The tracker's handle of this circuit (requester side).
+    pub fn circuit_ref(&self) -> Option<u64> {
+        self.endpoint.as_ref().and_then(|e| e.grant.get().copied())
+    }
+
+    /// Breaks the circuit with `reason`. With [`BreakReason::Misbehaving`] on the requester side (the target
+    /// sent invalid data), the target is also reported to the tracker, which stops routing to it.
+    pub fn abort(mut self, reason: BreakReason) {
+        if let Some(e) = self.endpoint.take() {
+            crate::circuit::abort_endpoint(&e, reason);
+            if reason == BreakReason::Misbehaving {
+                if let (Some(node), Some(circuit)) = (self.node.as_ref().and_then(|n| n.upgrade()), e.grant.get()) {
+                    node.report(anomos_proto::tracker::FailureReport {
+                        kind: anomos_proto::tracker::FailureKind::Misbehaving,
+                        neighbor: None,
+                        circuit: Some(*circuit),
+                        hop_tag: None,
+                    });
+                }
+            }
         }
     }
 
@@ -345,12 +375,14 @@ impl CircuitStream {
                 endpoint: None,
                 events: arx,
                 sender: CircuitSender { inner: SenderInner::Memory(btx) },
+                node: None,
                 hops: 0,
             },
             CircuitStream {
                 endpoint: None,
                 events: brx,
                 sender: CircuitSender { inner: SenderInner::Memory(atx) },
+                node: None,
                 hops: 0,
             },
         )

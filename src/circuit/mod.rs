@@ -428,7 +428,7 @@ impl Node {
             match tokio::time::timeout(node.cfg.open_timeout, ne.opened).await {
                 Ok(Ok(Ok(()))) => {
                     if let Some(svc) = &node.service {
-                        svc.accept(CircuitStream::from_endpoint(ep, ne.events));
+                        svc.accept(CircuitStream::from_endpoint(ep, ne.events, None));
                     }
                 }
                 _ => {
@@ -470,7 +470,7 @@ impl Node {
         // here) this push fails; the outcome then arrives on `opened`, which is what we report.
         let _ = ep.send_hello(ne.hello);
         match tokio::time::timeout(self.cfg.open_timeout + Duration::from_secs(2), ne.opened).await {
-            Ok(Ok(Ok(()))) => Ok(CircuitStream::from_endpoint(ep, ne.events)),
+            Ok(Ok(Ok(()))) => Ok(CircuitStream::from_endpoint(ep, ne.events, Some(Arc::downgrade(self)))),
             Ok(Ok(Err(e))) => {
                 self.remove_endpoint(&ep, None);
                 Err(e)
