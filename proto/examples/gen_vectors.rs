@@ -404,7 +404,8 @@ k_d2a, k_a2d         HKDF-SHA256(salt=th3, ikm=dh || neighbor_id (u64 BE), info=
 d2a.N.plain          N-th plaintext cell dialer -> acceptor ({CELL_LEN} bytes: circ_id u32 BE | command u8 | payload)
 d2a.N.sealed         the same cell on the wire: AES-256-GCM(k_d2a, nonce = 0^4 || N u64 BE, aad=\"\") || tag
 a2d.N.plain/sealed   likewise acceptor -> dialer under k_a2d
-                     N=0 PADDING (key confirmation); N=1 OPEN carrying ../tc/tc_3hop.txt hop.0.tc (dialer on
+                     N=0 PADDING (key confirmation) whose payload starts with the sender's receive window, u16 BE:
+                     128 for d2a, 64 for a2d; N=1 OPEN carrying ../tc/tc_3hop.txt hop.0.tc (dialer on
                      circuit 0x80000001, acceptor on 0x00000001); N=2 DATA with a payload from data.*.rng_seed
 probe.nonce          a tracker reachability probe's nonce
 probe.request        \"ANOMOSP1\" | version u16 BE | nonce
@@ -443,7 +444,9 @@ probe.answer         id0's answer: der_len u16 | SPKI DER | sig_len u16 | RSA-PS
         doc.rng_seed(&format!("data.{dir}.rng_seed"), data_seed);
         let mut data = Cell::new(circ, Command::Data);
         data.payload = random_payload(data_seed);
-        let cells = [Cell::padding(), Cell::open(circ, tc0), data];
+        // The first cell each way announces the sender's receive window (SPEC §5.6): 128 dialer, 64 acceptor.
+        let window = if dir == "d2a" { 128 } else { 64 };
+        let cells = [Cell::link_params(window), Cell::open(circ, tc0), data];
         let mut check = AeadCounter::new(key);
         for (n, c) in cells.iter().enumerate() {
             let (tx, rx) = if dir == "d2a" { (&mut dia, &mut acc) } else { (&mut acc, &mut dia) };
@@ -496,6 +499,7 @@ fn cells_vector(out: &Path, tc0: &[u8; TC_LEN]) {
         "anomos-proto known-answer vectors: encoded plaintext cells, one or more per command.
 cell.N.name      label
 cell.N.circ_id   circuit id (u32, 8 hex digits)
+cell.N.window    PADDING only: the receive window in the payload's first two bytes (0 = keepalive)
 cell.N.command   command byte (0 PADDING, 1 OPEN, 2 CONFIRM, 3 DENY, 4 DATA, 5 BREAK, 6 ACK_BREAK, 7 SENDME)
 cell.N.reason    DENY/BREAK: reason code (u8)
 cell.N.tag       DENY/BREAK: replay tag (16 bytes) or `none`
@@ -513,6 +517,7 @@ cell.N.hex       the {CELL_LEN}-byte plaintext cell: circ_id u32 BE | command u8
     let tag: [u8; 16] = core::array::from_fn(|i| 0xa0 + i as u8);
     let cells: Vec<(&str, Cell)> = vec![
         ("padding", Cell::padding()),
+        ("link_params", Cell::link_params(128)),
         ("open", Cell::open(0x8000_0001, tc0)),
         ("confirm", Cell::new(0x8000_0001, Command::Confirm)),
         ("deny_with_tag", Cell::deny(0x0000_0002, DenyReason::Replayed, Some(tag))),
@@ -543,6 +548,7 @@ cell.N.hex       the {CELL_LEN}-byte plaintext cell: circ_id u32 BE | command u8
             Command::Sendme => doc.kv(&format!("{p}.credit"), c.sendme_credit().expect("credit")),
             Command::Open => doc.hex(&format!("{p}.tc"), &c.open_tc().expect("tc")),
             Command::Data => doc.hex(&format!("{p}.payload"), &c.payload[..]),
+            Command::Padding => doc.kv(&format!("{p}.window"), u16::from_be_bytes([c.payload[0], c.payload[1]])),
             _ => {}
         }
         let mut buf = [0u8; CELL_LEN];

@@ -321,6 +321,10 @@ fn link_transcript_replays_into_the_state_machines_and_opens_committed_cells() {
             if want == Command::Open {
                 assert_eq!(cell.open_tc().unwrap().to_vec(), tc0, "OPEN carries the committed TC");
             }
+            if n == 0 {
+                let window = if dir == "d2a" { 128 } else { 64 };
+                assert_eq!(cell.link_params_window().unwrap(), window, "{dir}: the first cell announces the window");
+            }
         }
     }
     // Replaying a committed cell on the live link fails (its counter has moved on).
@@ -357,7 +361,10 @@ fn committed_cells_rebuild_and_decode_for_every_command() {
             }
         };
         let built = match command {
-            Command::Padding => Cell::padding(),
+            Command::Padding => match v.num::<u16>(&format!("{p}.window")) {
+                0 => Cell::padding(),
+                w => Cell::link_params(w),
+            },
             Command::Open => {
                 assert_eq!(v.tc(&format!("{p}.tc")), tc0);
                 Cell::open(circ, &tc0)
