@@ -32,14 +32,33 @@ pub struct PeerConfig {
     pub circuit_window: u32,
     /// Most cells queued on one link (all circuits); circuits that would exceed it are broken.
     pub link_queue_cap: usize,
+    /// Most cells queued on all links together (the node's buffer budget, ≈ 4.2 KB per cell); circuits that
+    /// would exceed it are broken with `resources`.
+    pub max_queued_cells: usize,
     /// How long a hop waits for CONFIRM/DENY from downstream.
     pub open_timeout: Duration,
-    /// A link that received nothing for this long is dead.
+    /// A link that received nothing for this long is dead; so is one whose writes make no progress for this
+    /// long (the neighbor stopped reading).
     pub link_idle_timeout: Duration,
     /// PADDING is sent after this long without other traffic.
     pub keepalive: Duration,
+    /// Time an incoming connection has to finish its handshake (link: until AUTH is answered; probe: until
+    /// its request arrived). Slow or silent connections are closed after it.
+    pub handshake_timeout: Duration,
+    /// Most incoming connections (handshaking, links, probes) at once on the listening port.
+    pub max_conns: usize,
+    /// Most incoming connections at once from one IP address.
+    pub max_conns_per_ip: usize,
+    /// OPENs per second one link may send (each costs us an RSA decryption); excess OPENs are denied with
+    /// `circuit-limit` without being peeled.
+    pub open_rate: u32,
+    /// Burst of OPENs a link may send above `open_rate`. A link that keeps sending OPENs after it was
+    /// refused for rate (another burst's worth) is closed.
+    pub open_burst: u32,
     /// Tolerated clock skew for TC expiry.
     pub clock_skew: Duration,
+    /// Log a `stats` line (links, circuits, queued cells, counters) this often; zero = never.
+    pub stats_interval: Duration,
     /// Debug: append every relayed DATA payload (in and out) to this file, for anonymity tests.
     pub cell_trace: Option<PathBuf>,
 }
@@ -59,10 +78,17 @@ impl PeerConfig {
             max_links: 64,
             circuit_window: 128,
             link_queue_cap: 65_536,
+            max_queued_cells: 131_072,
             open_timeout: Duration::from_secs(10),
             link_idle_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            max_conns: 512,
+            max_conns_per_ip: 32,
+            open_rate: 200,
+            open_burst: 400,
             clock_skew: Duration::from_secs(60),
+            stats_interval: Duration::from_secs(60),
             cell_trace: None,
         }
     }
@@ -70,5 +96,50 @@ impl PeerConfig {
     /// SENDME batch: credit is returned in steps of a quarter window.
     pub fn sendme_batch(&self) -> u32 {
         (self.circuit_window / 4).max(1)
+    }
+
+    /// Checks values that only make sense together (the command line checks each range).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.keepalive.is_zero() || self.keepalive >= self.link_idle_timeout {
+            return Err(format!(
+                "--keepalive ({:?}) must be positive and shorter than --link-idle-timeout ({:?}), or idle links die",
+                self.keepalive, self.link_idle_timeout
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err("--handshake-timeout must be positive".into());
+        }
+        if self.max_conns == 0 || self.max_conns_per_ip == 0 {
+            return Err("--max-conns and --max-conns-per-ip must be positive".into());
+        }
+        if self.open_rate == 0 || self.open_burst == 0 {
+            return Err("--open-rate and --open-burst must be positive".into());
+        }
+        if self.max_queued_cells == 0 || self.link_queue_cap == 0 {
+            return Err("--max-queued-cells and --link-queue-cap must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_consistent() {
+        let c = PeerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap(),
+            String::new(),
+            PathBuf::from("."),
+        );
+        c.validate().unwrap();
+        let mut bad = c.clone();
+        bad.keepalive = bad.link_idle_timeout;
+        assert!(bad.validate().is_err());
+        let mut bad = c;
+        bad.open_rate = 0;
+        assert!(bad.validate().is_err());
     }
 }

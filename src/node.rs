@@ -2,7 +2,7 @@
 //! state every circuit shares (links, replay cache, circuit count, statistics).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use crate::circuit::relay::Dir;
 use crate::circuit::Route;
 use crate::config::PeerConfig;
 use crate::error::PeerError;
+use crate::link::writer::Budget;
 use crate::link::{self, Link};
 use crate::tracker_client::TrackerSession;
 
@@ -64,6 +65,21 @@ impl Stats {
     }
 }
 
+/// A snapshot of what a node holds (for the `stats` log line, tests and monitoring).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gauges {
+    /// Live neighbor links.
+    pub links: usize,
+    /// Circuits alive here (relayed and endpoints).
+    pub circuits: usize,
+    /// Cells queued on all links (bounded by `max_queued_cells`).
+    pub queued_cells: usize,
+    /// Cells queued on the fullest link.
+    pub max_link_queue: usize,
+    /// Incoming connections open (handshaking, links, probes).
+    pub conns: usize,
+}
+
 /// Counts a circuit against the limit while alive.
 pub struct CircuitGuard(Arc<AtomicUsize>);
 
@@ -98,6 +114,32 @@ struct NeighborEntry {
     key: PublicKey,
 }
 
+/// Incoming connections open now, in total and per source IP (the listening port's limits).
+#[derive(Default)]
+struct ConnTable {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Holds one slot of the connection limits while an incoming connection lives.
+struct ConnSlot {
+    node: Arc<Node>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut t = self.node.conns.lock().unwrap_or_else(|e| e.into_inner());
+        t.total -= 1;
+        if let Some(n) = t.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Replay tags seen, with their expiry; bounded.
 struct ReplayCache {
     seen: HashMap<[u8; 16], u64>,
@@ -123,11 +165,16 @@ pub struct Node {
     links: Mutex<HashMap<NeighborId, Arc<Link>>>,
     dialing: Mutex<std::collections::HashSet<NeighborId>>,
     link_change: Notify,
+    /// Notified whenever an announce replaced the neighbor table.
+    table_change: Notify,
     replay: Mutex<ReplayCache>,
     circuits: Arc<AtomicUsize>,
     reannounce: Notify,
     announced: Notify,
     last_reannounce: Mutex<Option<Instant>>,
+    conns: Mutex<ConnTable>,
+    /// The node-wide budget of queued cells, shared by every link.
+    pub(crate) budget: Arc<Budget>,
 }
 
 impl Node {
@@ -138,6 +185,7 @@ impl Node {
         tracker_key: PublicKey,
         service: Option<Arc<dyn Service>>,
     ) -> Result<(Arc<Self>, TcpListener), PeerError> {
+        cfg.validate().map_err(PeerError::Config)?;
         let listener = TcpListener::bind(cfg.listen).await?;
         let listen_addr = listener.local_addr()?;
         let trace = match &cfg.cell_trace {
@@ -146,6 +194,7 @@ impl Node {
             ))))),
             None => None,
         };
+        let cfg_budget = cfg.max_queued_cells;
         let node = Arc::new(Node {
             cfg,
             identity: Arc::new(identity),
@@ -158,19 +207,75 @@ impl Node {
             links: Mutex::new(HashMap::new()),
             dialing: Mutex::new(Default::default()),
             link_change: Notify::new(),
+            table_change: Notify::new(),
             replay: Mutex::new(ReplayCache { seen: HashMap::new(), cap: 1_000_000 }),
             circuits: Arc::new(AtomicUsize::new(0)),
             reannounce: Notify::new(),
             announced: Notify::new(),
             last_reannounce: Mutex::new(None),
+            conns: Mutex::new(ConnTable::default()),
+            budget: Budget::new(cfg_budget),
         });
         Ok((node, listener))
     }
 
-    /// Starts the accept loop and the announce loop.
+    /// Starts the accept loop, the announce loop and (if configured) the stats log.
     pub fn start(self: &Arc<Self>, listener: TcpListener) {
         tokio::spawn(self.clone().accept_loop(listener));
         tokio::spawn(self.clone().announce_loop());
+        if !self.cfg.stats_interval.is_zero() {
+            tokio::spawn(self.clone().stats_loop());
+        }
+    }
+
+    async fn stats_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.cfg.stats_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let g = self.gauges();
+            info!(
+                links = g.links,
+                circuits = g.circuits,
+                queued_cells = g.queued_cells,
+                max_link_queue = g.max_link_queue,
+                conns = g.conns,
+                relayed_cells = self.stats.cells_relayed.load(Ordering::Relaxed),
+                relay_opened = self.stats.relay_opened.load(Ordering::Relaxed),
+                target_opened = self.stats.target_opened.load(Ordering::Relaxed),
+                denied = self.stats.denied.load(Ordering::Relaxed),
+                "stats"
+            );
+        }
+    }
+
+    /// Current gauges (what the `stats` log line shows).
+    pub fn gauges(&self) -> Gauges {
+        let links: Vec<Arc<Link>> = self.links.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let per_link: Vec<usize> = links.iter().map(|l| l.writer.total_queued() + l.writer.control_queued()).collect();
+        Gauges {
+            links: links.len(),
+            circuits: self.circuit_count(),
+            queued_cells: self.budget.used(),
+            max_link_queue: per_link.into_iter().max().unwrap_or(0),
+            conns: self.conns.lock().unwrap_or_else(|e| e.into_inner()).total,
+        }
+    }
+
+    /// Takes a slot of the incoming-connection limits for `ip`, or says which limit is reached.
+    fn take_conn_slot(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, &'static str> {
+        let mut t = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if t.total >= self.cfg.max_conns {
+            return Err("too many connections (--max-conns)");
+        }
+        let n = t.per_ip.entry(ip).or_insert(0);
+        if *n >= self.cfg.max_conns_per_ip {
+            return Err("too many connections from this address (--max-conns-per-ip)");
+        }
+        *n += 1;
+        t.total += 1;
+        Ok(ConnSlot { node: self.clone(), ip })
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
@@ -179,14 +284,24 @@ impl Node {
             let (s, remote) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
                     warn!("accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let slot = match self.take_conn_slot(remote.ip()) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    warn!(%remote, "connection refused: {why}");
+                    drop(s);
                     continue;
                 }
             };
             let node = self.clone();
             let probes = probes.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = node.serve_connection(s, remote, probes).await {
                     info!(%remote, "connection dropped: {e}");
                 }
@@ -201,25 +316,30 @@ impl Node {
         probes: Arc<tokio::sync::Semaphore>,
     ) -> Result<(), PeerError> {
         let _ = s.set_nodelay(true);
+        // Everything before a link is up (magic, handshake) or a probe is answered shares one deadline, so a
+        // slow or silent connection (slowloris) holds its slot only that long.
+        let deadline = tokio::time::Instant::now() + self.cfg.handshake_timeout;
         let mut magic = [0u8; 8];
-        tokio::time::timeout(link::HANDSHAKE_TIMEOUT, s.read_exact(&mut magic))
+        tokio::time::timeout_at(deadline, s.read_exact(&mut magic))
             .await
-            .map_err(|_| PeerError::Timeout("first bytes"))??;
+            .map_err(|_| PeerError::Timeout("the first bytes (handshake too slow)"))??;
         if magic == LINK_MAGIC {
-            link::accept(self, s, remote).await
+            link::accept(self, s, remote, deadline).await
         } else if magic == PROBE_MAGIC {
             // Each probe costs us an RSA signature: serve at most a few at once.
             let _permit = probes.try_acquire().map_err(|_| PeerError::Config("too many probes at once".into()))?;
             let mut body = [0u8; 34];
-            tokio::time::timeout(link::HANDSHAKE_TIMEOUT, s.read_exact(&mut body))
+            tokio::time::timeout_at(deadline, s.read_exact(&mut body))
                 .await
-                .map_err(|_| PeerError::Timeout("probe"))??;
+                .map_err(|_| PeerError::Timeout("probe (too slow)"))??;
             let nonce = plink::decode_probe_body(&body)?;
             let me = self.identity.clone();
             let answer = tokio::task::spawn_blocking(move || plink::answer_probe(&me, &nonce, &mut rand::rngs::OsRng))
                 .await
                 .map_err(|e| PeerError::Config(e.to_string()))?;
-            s.write_all(&answer).await?;
+            tokio::time::timeout(self.cfg.handshake_timeout, s.write_all(&answer))
+                .await
+                .map_err(|_| PeerError::Timeout("the prober to read the answer"))??;
             debug!(%remote, "answered reachability probe");
             Ok(())
         } else {
@@ -277,7 +397,9 @@ impl Node {
         }
         let count = table.len();
         *self.neighbors.lock().unwrap_or_else(|e| e.into_inner()) = table;
+        self.table_change.notify_waiters();
         debug!(neighbors = count, "announced");
+        self.retire_stale_links();
         self.reconcile_links();
         Ok(Duration::from_secs(a.interval_secs.clamp(1, 3600) as u64))
     }
@@ -306,6 +428,19 @@ impl Node {
         self.neighbors.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// Closes links over edges that are no longer in our neighbor table (the tracker dropped or renumbered
+    /// the edge, e.g. after it restarted) once they carry no circuits. Circuits on them finish undisturbed;
+    /// new circuits never use them (TCs name current edges).
+    fn retire_stale_links(&self) {
+        let current: std::collections::HashSet<NeighborId> =
+            self.neighbors.lock().unwrap_or_else(|e| e.into_inner()).values().map(|n| n.nid).collect();
+        let links: Vec<Arc<Link>> = self.links.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for l in links.into_iter().filter(|l| !current.contains(&l.nid) && l.circuits() == 0) {
+            info!(peer = %l.peer.short(), "retiring a link whose edge the tracker no longer lists");
+            l.close("edge no longer current");
+        }
+    }
+
     /// Dials the neighbors we are responsible for: exactly one link per pair, dialed by the side with the
     /// smaller fingerprint.
     fn reconcile_links(self: &Arc<Self>) {
@@ -331,13 +466,22 @@ impl Node {
     async fn dial_loop(self: &Arc<Self>, fp: Fingerprint, n: NeighborEntry) {
         let mut backoff = Duration::from_millis(250);
         let mut failures = 0u32;
+        let mut addr = n.addr;
         loop {
-            // Still a neighbor over the same edge?
-            let current = self.neighbors.lock().unwrap_or_else(|e| e.into_inner()).get(&fp).map(|e| e.nid);
-            if current != Some(n.nid) {
-                return;
+            // Still a neighbor over the same edge? At the address the tracker gave last (a neighbor that
+            // restarted on another port keeps its edge but moves).
+            let current = self.neighbors.lock().unwrap_or_else(|e| e.into_inner()).get(&fp).map(|e| (e.nid, e.addr));
+            match current {
+                Some((nid, now)) if nid == n.nid => {
+                    if now != addr {
+                        debug!(peer = %fp.short(), "neighbor moved; dialing its new address");
+                        addr = now;
+                        backoff = Duration::from_millis(250);
+                    }
+                }
+                _ => return,
             }
-            match link::dial(self.clone(), n.nid, n.addr, n.key.clone()).await {
+            match link::dial(self.clone(), n.nid, addr, n.key.clone()).await {
                 // The link ran and ended; dial again (the neighbor may have restarted).
                 Ok(()) => {
                     backoff = Duration::from_millis(250);
@@ -360,7 +504,16 @@ impl Node {
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
-            tokio::time::sleep(backoff).await;
+            // Wait out the backoff, but dial at once if an announce tells us the neighbor moved.
+            let deadline = tokio::time::Instant::now() + backoff;
+            loop {
+                let changed = self.table_change.notified();
+                let moved =
+                    self.neighbors.lock().unwrap_or_else(|e| e.into_inner()).get(&fp).is_none_or(|e| e.addr != addr);
+                if moved || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                    break;
+                }
+            }
         }
     }
 
@@ -370,7 +523,7 @@ impl Node {
         let old = self.links.lock().unwrap_or_else(|e| e.into_inner()).insert(link.nid, link);
         if let Some(old) = old {
             // A neighbor that restarted dials again; the new link replaces the old one.
-            old.writer.close();
+            old.close("replaced by a newer link to the same neighbor");
         }
         self.link_change.notify_waiters();
     }
@@ -386,8 +539,12 @@ impl Node {
         let routes: Vec<(u32, Route)> = link.routes_lock().drain().collect();
         for (_, route) in routes {
             match route {
-                Route::Relay(rc, _) => self.teardown_relay(&rc, BreakReason::LinkFailed, Some(rc.tag), None),
+                Route::Relay(rc, _) => {
+                    debug!(circ = rc.in_id, reason = %BreakReason::LinkFailed, "relayed circuit broken: a link failed");
+                    self.teardown_relay(&rc, BreakReason::LinkFailed, Some(rc.tag), None)
+                }
                 Route::Endpoint(ep) => {
+                    info!(circ = ep.circ_id, role = ?ep.role, reason = %BreakReason::LinkFailed, "circuit broken: its link failed");
                     ep.closed(BreakReason::LinkFailed);
                     if ep.role == anomos_proto::circuit::Role::Requester {
                         self.report_broken(&ep, BreakReason::LinkFailed, None);

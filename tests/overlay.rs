@@ -1,12 +1,13 @@
 //! The overlay as real processes on 127.0.0.1: a tracker, relay peers and serving peers, each an `anomos`
-//! process; the requester is `anomos fetch`.
+//! process; the requester is `anomos fetch`. (Faults — relays, servers and the tracker killed mid-sync —
+//! are in `tests/faults.rs`.)
 
 mod common;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{spawn, unix_ms, Overlay};
+use common::Overlay;
 
 /// Parses a `--cell-trace` file: (circuit, direction, payload in, payload out) per relayed cell.
 fn trace(path: &std::path::Path) -> Vec<(String, String, Vec<u8>, Vec<u8>)> {
@@ -39,7 +40,9 @@ fn fetch_500_blocks_over_three_hop_circuits_and_relays_never_forward_what_they_r
     );
     assert!(out.contains("headers=500 blocks=500"), "{out}");
     assert!(out.contains("height=500"), "{out}");
-    assert!(out.contains("hops=[3]"), "{out}");
+    // Every circuit (fetch may use several) has 3 hops.
+    let hops = out.split("hops=[").nth(1).and_then(|r| r.split(']').next()).expect("hops in the summary");
+    assert!(!hops.is_empty() && hops.split(", ").all(|h| h == "3"), "{out}");
 
     // At the link of every relay on the path: no 16-byte window of a DATA payload it received appears in
     // any payload it sent (the per-hop onion layer changes every byte).
@@ -68,56 +71,4 @@ fn fetch_500_blocks_over_three_hop_circuits_and_relays_never_forward_what_they_r
         assert!(cells.iter().any(|(_, d, _, _)| d == "fwd") && cells.iter().any(|(_, d, _, _)| d == "bwd"));
     }
     assert!(relays_on_path >= 2, "a 3-hop circuit crosses two relays; traces found on {relays_on_path}");
-}
-
-#[test]
-fn killing_a_relay_mid_fetch_breaks_within_a_second_and_the_fetch_completes_on_fresh_circuits() {
-    let mut o = Overlay::new();
-    let traces: Vec<_> = (0..6).map(|i| o.dir.path().join(format!("relay{i}.trace"))).collect();
-    for (i, t) in traces.iter().enumerate() {
-        o.add_peer(&format!("relay{i}"), &["--cell-trace", t.to_str().unwrap()]);
-    }
-    o.add_peer("server", &["--serve", "regtest", "--mine", "1500", "--mine-txs", "10"]);
-    let mut args: Vec<String> = vec!["fetch".into()];
-    args.extend(o.peer_args("requester"));
-    args.extend(["--chain", "regtest", "--relays", "2", "--timeout", "240"].map(String::from));
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let fetch = spawn("requester", &a, o.dir.path());
-
-    // Wait until blocks are flowing, then kill a relay that carries the circuit.
-    let mut killed_at = None;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut lines = Vec::new();
-    while Instant::now() < deadline {
-        let Ok(line) = fetch.stdout.recv_timeout(Duration::from_secs(30)) else { break };
-        lines.push(line.clone());
-        if killed_at.is_none() && line.starts_with("progress blocks=") {
-            let on_path: Vec<usize> =
-                (0..6).filter(|&i| std::fs::metadata(&traces[i]).map(|m| m.len() > 0).unwrap_or(false)).collect();
-            let victim = *on_path.first().expect("a relay on the path");
-            o.peers[victim].kill();
-            killed_at = Some(unix_ms());
-            eprintln!("killed relay{victim} at {}", killed_at.unwrap());
-        }
-        if line.starts_with("event circuit-failed") {
-            let at: u128 = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("unix_ms="))
-                .and_then(|v| v.parse().ok())
-                .expect("timestamp");
-            let killed = killed_at.expect("a failure only after the kill");
-            eprintln!("requester saw the break {} ms after the kill: {line}", at.saturating_sub(killed));
-            assert!(at.saturating_sub(killed) < 1000, "break noticed after {} ms", at - killed);
-        }
-        if line.starts_with("fetched") {
-            break;
-        }
-    }
-    assert!(killed_at.is_some(), "never saw blocks flowing: {lines:?}\n{}", fetch.log_text());
-    assert!(lines.iter().any(|l| l.starts_with("event circuit-failed")), "no break seen: {lines:?}");
-    let done = lines
-        .iter()
-        .find(|l| l.starts_with("fetched"))
-        .unwrap_or_else(|| panic!("fetch did not finish: {lines:?}\n{}", fetch.log_text()));
-    assert!(done.contains("blocks=1500") && done.contains("height=1500"), "{done}");
 }

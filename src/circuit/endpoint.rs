@@ -213,6 +213,7 @@ impl Endpoint {
             return Ok(());
         }
         if st.allow == 0 {
+            tracing::warn!(circ = self.circ_id, role = ?self.role, "DATA beyond credit");
             return Err(BreakReason::Protocol);
         }
         st.allow -= 1;

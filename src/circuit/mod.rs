@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::PeerError;
 use crate::link::writer::Drain;
-use crate::link::Link;
+use crate::link::{Link, OpenAdmission};
 use crate::node::Node;
 use endpoint::{CircuitStream, Endpoint};
 use relay::{Dir, RelayCircuit};
@@ -73,6 +73,7 @@ impl Node {
                         let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
                         if b.len() >= self.cfg.circuit_window as usize {
                             drop(b);
+                            warn!(link = %link.peer.short(), circ = id, "circuit broken: DATA beyond credit while opening");
                             link.remove_route(id);
                             self.send_break(link, id, BreakReason::Protocol, None);
                         } else {
@@ -177,7 +178,7 @@ impl Node {
         match cmd {
             Command::Data => {
                 if let Err(reason) = ep.on_data(cell) {
-                    warn!(circ = ep.circ_id, %reason, "end-to-end check failed; breaking circuit");
+                    warn!(circ = ep.circ_id, role = ?ep.role, %reason, "circuit broken: bad DATA from the other side");
                     ep.closed(reason);
                     self.remove_endpoint(ep, Some(reason));
                 }
@@ -239,6 +240,23 @@ impl Node {
             warn!(link = %link.peer.short(), circ = id, "OPEN on an id that is not the sender's to use");
             let _ = link.writer.push_control(Cell::deny(id, DenyReason::Protocol, None));
             return;
+        }
+        // Each OPEN costs an RSA decryption: a link gets `open_rate` per second (with a burst); beyond that
+        // OPENs are refused unpeeled, and a link that keeps flooding is closed.
+        match link.admit_open() {
+            OpenAdmission::Admit => {}
+            OpenAdmission::Deny => {
+                self.stats.denied(DenyReason::CircuitLimit);
+                debug!(link = %link.peer.short(), circ = id, "OPEN over the link's rate; denied unpeeled");
+                let _ = link.writer.push_control(Cell::deny(id, DenyReason::CircuitLimit, None));
+                return;
+            }
+            OpenAdmission::Abuse => {
+                warn!(link = %link.peer.short(), rate = self.cfg.open_rate, burst = self.cfg.open_burst,
+                    "closing link: OPEN flood (far over the per-link OPEN rate)");
+                link.close("OPEN flood");
+                return;
+            }
         }
         let Some(guard) = self.try_circuit() else {
             self.deny(link, id, DenyReason::CircuitLimit, None);

@@ -99,6 +99,8 @@ impl RelayCircuit {
         {
             let mut c = self.credit(dir);
             if c.allow == 0 {
+                let (from, _) = self.prev_hop(dir);
+                tracing::warn!(circ = self.in_id, ?dir, from = %from.peer.short(), "DATA beyond credit");
                 return Err(BreakReason::Protocol);
             }
             c.allow -= 1;

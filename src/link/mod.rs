@@ -9,7 +9,7 @@ pub mod writer;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anomos_proto::cell::{Cell, CircId, CELL_LEN, DIALER_CIRC_BIT, SEALED_CELL_LEN};
 use anomos_proto::identity::{Fingerprint, PublicKey};
@@ -25,8 +25,74 @@ use crate::error::PeerError;
 use crate::node::Node;
 use writer::LinkWriter;
 
-/// How long each handshake step may take.
+/// How long each step of a handshake we dial may take (incoming handshakes have the node's
+/// `handshake_timeout` for all their steps together).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A token bucket: `rate` tokens per second, at most `burst` stored.
+#[derive(Debug)]
+pub struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        TokenBucket { tokens: burst, rate: f64::from(rate.max(1)), burst, last: Instant::now() }
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What to do with an OPEN that arrived on a link, by rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenAdmission {
+    /// Within the link's rate: peel it.
+    Admit,
+    /// Over the rate: deny it without peeling.
+    Deny,
+    /// Far over the rate (a further burst's worth of OPENs after being refused): close the link.
+    Abuse,
+}
+
+/// Per-link admission of OPENs: a bucket of `rate`/s with `burst`, and a second bucket of the same size
+/// that only refused OPENs drain; when that one is empty too, the neighbor is flooding.
+#[derive(Debug)]
+struct OpenLimiter {
+    admit: TokenBucket,
+    refused: TokenBucket,
+}
+
+impl OpenLimiter {
+    fn new(rate: u32, burst: u32) -> Self {
+        OpenLimiter { admit: TokenBucket::new(rate, burst), refused: TokenBucket::new(rate, burst) }
+    }
+
+    fn admit(&mut self) -> OpenAdmission {
+        if self.admit.take() {
+            OpenAdmission::Admit
+        } else if self.refused.take() {
+            OpenAdmission::Deny
+        } else {
+            OpenAdmission::Abuse
+        }
+    }
+}
 
 /// An established neighbor link.
 pub struct Link {
@@ -41,10 +107,19 @@ pub struct Link {
     routes: Mutex<HashMap<CircId, Route>>,
     next_id: AtomicU32,
     peer_window: AtomicU32,
+    opens: Mutex<OpenLimiter>,
+    close_reason: Mutex<Option<&'static str>>,
 }
 
 impl Link {
-    fn new(nid: NeighborId, peer: Fingerprint, dialer: bool, writer: Arc<LinkWriter>) -> Self {
+    fn new(
+        nid: NeighborId,
+        peer: Fingerprint,
+        dialer: bool,
+        writer: Arc<LinkWriter>,
+        open_rate: u32,
+        open_burst: u32,
+    ) -> Self {
         Link {
             nid,
             peer,
@@ -53,7 +128,25 @@ impl Link {
             routes: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             peer_window: AtomicU32::new(u32::from(anomos_proto::cell::MIN_WINDOW)),
+            opens: Mutex::new(OpenLimiter::new(open_rate, open_burst)),
+            close_reason: Mutex::new(None),
         }
+    }
+
+    /// Closes the link (its reader and writer end, its circuits break) and records why.
+    pub fn close(&self, why: &'static str) {
+        self.close_reason.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(why);
+        self.writer.close();
+    }
+
+    /// Why [`close`](Self::close) was called, if it was.
+    pub fn close_reason(&self) -> Option<&'static str> {
+        *self.close_reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rate admission of one OPEN received on this link.
+    pub fn admit_open(&self) -> OpenAdmission {
+        self.opens.lock().unwrap_or_else(|e| e.into_inner()).admit()
     }
 
     /// Credit each new circuit on this link starts with: the receive window the neighbor announced in its
@@ -151,8 +244,27 @@ pub async fn dial(
     Ok(())
 }
 
-/// Accepts a link on a connection whose first 8 bytes (the magic) were already read.
-pub async fn accept(node: Arc<Node>, mut s: TcpStream, remote: std::net::SocketAddr) -> Result<(), PeerError> {
+/// Accepts a link on a connection whose first 8 bytes (the magic) were already read. The whole handshake (up
+/// to our AUTH_REPLY) must finish by `deadline`; a slow or silent dialer is dropped then.
+pub async fn accept(
+    node: Arc<Node>,
+    s: TcpStream,
+    remote: std::net::SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Result<(), PeerError> {
+    let (s, cipher) = tokio::time::timeout_at(deadline, accept_handshake(&node, s, remote))
+        .await
+        .map_err(|_| PeerError::Timeout("link handshake (too slow)"))??;
+    let peer = cipher.peer;
+    run(node, s, cipher, peer).await;
+    Ok(())
+}
+
+async fn accept_handshake(
+    node: &Arc<Node>,
+    mut s: TcpStream,
+    remote: std::net::SocketAddr,
+) -> Result<(TcpStream, LinkCipher), PeerError> {
     let mut hello = [0u8; HELLO_LEN];
     hello[..8].copy_from_slice(&plink::LINK_MAGIC);
     read_exact_timeout(&mut s, &mut hello[8..], "link hello").await?;
@@ -176,11 +288,7 @@ pub async fn accept(node: Arc<Node>, mut s: TcpStream, remote: std::net::SocketA
     .map_err(|e| PeerError::Config(e.to_string()))??;
     s.write_all(&out.reply).await?;
     match out.result {
-        Ok(cipher) => {
-            let peer = cipher.peer;
-            run(node, s, cipher, peer).await;
-            Ok(())
-        }
+        Ok(cipher) => Ok((s, cipher)),
         Err(e) => {
             if let Some(fp) = out.peer {
                 if node.neighbor_by_fp(&fp).is_none() {
@@ -204,43 +312,54 @@ async fn run(node: Arc<Node>, s: TcpStream, cipher: LinkCipher, peer: Fingerprin
     let dialer = cipher.dialer;
     let (mut rd, wr) = s.into_split();
     let (sealer, mut opener) = cipher.split();
-    let writer = LinkWriter::new(node.cfg.link_queue_cap);
+    let writer = LinkWriter::new(node.cfg.link_queue_cap, node.budget.clone());
     // Key confirmation and link parameters: our first cell announces our receive window.
     let _ = writer.push_control(Cell::link_params(node.cfg.circuit_window.min(u32::from(u16::MAX)) as u16));
-    let link = Arc::new(Link::new(nid, peer, dialer, writer.clone()));
-    let wtask = tokio::spawn(writer.clone().run(wr, sealer, node.cfg.keepalive));
+    let link = Arc::new(Link::new(nid, peer, dialer, writer.clone(), node.cfg.open_rate, node.cfg.open_burst));
+    let wtask = tokio::spawn(writer.clone().run(wr, sealer, node.cfg.keepalive, node.cfg.link_idle_timeout));
     let mut buf = vec![0u8; SEALED_CELL_LEN];
     let mut first = true;
-    let reason: String = loop {
-        match timeout(node.cfg.link_idle_timeout, rd.read_exact(&mut buf)).await {
-            Err(_) => break "idle timeout (no cell or keepalive)".into(),
-            Ok(Err(e)) => break format!("read: {e}"),
-            Ok(Ok(_)) => {}
-        }
-        if let Err(e) = opener.open_in_place(&mut buf) {
-            break if first {
-                format!("key confirmation failed (NeighborID mismatch?): {e}")
-            } else {
-                format!("bad cell: {e}")
-            };
-        }
-        let cell = match Cell::decode(&buf[..CELL_LEN]) {
-            Ok(c) => c,
-            Err(e) => break format!("malformed cell: {e}"),
-        };
-        if first {
-            match cell.link_params_window() {
-                Ok(w) => link.peer_window.store(u32::from(w), Ordering::Relaxed),
-                Err(e) => break format!("bad key-confirmation cell: {e}"),
+    let reader = async {
+        loop {
+            match timeout(node.cfg.link_idle_timeout, rd.read_exact(&mut buf)).await {
+                Err(_) => break format!("idle timeout (no cell or keepalive for {:?})", node.cfg.link_idle_timeout),
+                Ok(Err(e)) => break format!("read: {e}"),
+                Ok(Ok(_)) => {}
             }
-            first = false;
-            info!(peer = %peer.short(), dialer, "link up");
-            node.install_link(link.clone());
-            continue;
+            if let Err(e) = opener.open_in_place(&mut buf) {
+                break if first {
+                    format!("key confirmation failed (NeighborID mismatch?): {e}")
+                } else {
+                    format!("bad cell (authentication failed): {e}")
+                };
+            }
+            let cell = match Cell::decode(&buf[..CELL_LEN]) {
+                Ok(c) => c,
+                Err(e) => break format!("malformed cell: {e}"),
+            };
+            if first {
+                match cell.link_params_window() {
+                    Ok(w) => link.peer_window.store(u32::from(w), Ordering::Relaxed),
+                    Err(e) => break format!("bad key-confirmation cell: {e}"),
+                }
+                first = false;
+                info!(peer = %peer.short(), dialer, "link up");
+                node.install_link(link.clone());
+                continue;
+            }
+            if let Err(e) = node.handle_cell(&link, cell) {
+                break format!("protocol violation: {e}");
+            }
         }
-        if let Err(e) = node.handle_cell(&link, cell) {
-            break format!("protocol violation: {e}");
-        }
+    };
+    // The link ends when the reader does, or when the writer gives up (write stall, control-queue overflow,
+    // socket error) or the link is closed from elsewhere (replaced by a newer link, retired, OPEN flood).
+    let reason: String = tokio::select! {
+        r = reader => r,
+        why = writer.wait_closed() => match why {
+            Some(w) => w.to_string(),
+            None => link.close_reason().unwrap_or("closed").to_string(),
+        },
     };
     if first {
         warn!(peer = %peer.short(), "link failed before it came up: {reason}");
@@ -251,4 +370,21 @@ async fn run(node: Arc<Node>, s: TcpStream, cipher: LinkCipher, peer: Fingerprin
     wtask.abort();
     node.link_down(&link);
     debug!(peer = %peer.short(), "link tasks finished");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_admission_denies_over_the_rate_and_flags_a_flood() {
+        let mut l = OpenLimiter::new(10, 5);
+        let seen: Vec<OpenAdmission> = (0..11).map(|_| l.admit()).collect();
+        assert_eq!(&seen[..5], &[OpenAdmission::Admit; 5]);
+        assert_eq!(&seen[5..10], &[OpenAdmission::Deny; 5]);
+        assert_eq!(seen[10], OpenAdmission::Abuse);
+        // The bucket refills at the rate.
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!((l.admit(), l.admit()), (OpenAdmission::Admit, OpenAdmission::Admit));
+    }
 }

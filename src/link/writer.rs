@@ -6,8 +6,14 @@
 //! (SENDME, PADDING) go first. Cells are sealed into one buffer per batch and written with a single syscall.
 //! When a DATA cell has actually been written, the queue's [`Drain`] hook runs: a relay then returns credit
 //! to its upstream, an endpoint lets its application send one more cell.
+//!
+//! Memory is bounded three ways: per circuit by flow control (at most one window of DATA), per link by
+//! `cap`, and per node by a shared [`Budget`] that every link's queues (ordered and control) count against.
+//! A write that makes no progress for the stall timeout (the neighbor stopped reading without closing)
+//! ends the writer, which takes the link down.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use anomos_proto::cell::{Cell, CircId, Command, CELL_LEN, SEALED_CELL_LEN};
@@ -20,6 +26,42 @@ use crate::circuit::relay::{Dir, RelayCircuit};
 
 /// Most cells sealed into one write.
 const BATCH: usize = 32;
+
+/// The node-wide count of queued cells and its limit, shared by every link's writer.
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicUsize,
+    cap: usize,
+}
+
+impl Budget {
+    /// A budget of `cap` cells.
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Budget { used: AtomicUsize::new(0), cap })
+    }
+
+    /// Cells queued on all links now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The limit.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    fn full(&self) -> bool {
+        self.used() >= self.cap
+    }
+
+    fn add(&self, n: usize) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
 
 /// What happens when a DATA cell of a queue has left for the wire.
 #[derive(Clone)]
@@ -46,8 +88,11 @@ struct State {
     control: VecDeque<Cell>,
     queues: HashMap<CircId, CircQueue>,
     ready: VecDeque<CircId>,
+    /// Cells in `queues` (not counting `control`).
     queued: usize,
     closed: bool,
+    /// Why the writer gave up, if it did on its own (control queue overflow, write stall).
+    failure: Option<&'static str>,
 }
 
 /// Why a push was refused.
@@ -57,7 +102,7 @@ pub enum PushError {
     Closed,
     /// No queue for this circuit (already torn down).
     NoCircuit,
-    /// The link's queue cap was reached.
+    /// The link's queue cap, or the node's budget, was reached.
     Full,
 }
 
@@ -65,13 +110,22 @@ pub enum PushError {
 pub struct LinkWriter {
     st: Mutex<State>,
     wake: Notify,
+    /// Signalled once when the link is closed (by anyone) so the reader can stop too.
+    closed: Notify,
     cap: usize,
+    budget: Arc<Budget>,
 }
 
 impl LinkWriter {
-    /// A writer whose queues hold at most `cap` cells in total.
-    pub fn new(cap: usize) -> Arc<Self> {
-        Arc::new(LinkWriter { st: Mutex::new(State::default()), wake: Notify::new(), cap })
+    /// A writer whose queues hold at most `cap` cells in total, counted against the node's `budget` too.
+    pub fn new(cap: usize, budget: Arc<Budget>) -> Arc<Self> {
+        Arc::new(LinkWriter {
+            st: Mutex::new(State::default()),
+            wake: Notify::new(),
+            closed: Notify::new(),
+            cap,
+            budget,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -84,7 +138,13 @@ impl LinkWriter {
     pub fn add_circuit(&self, id: CircId, credit: u32, drain: Drain) {
         let mut st = self.lock();
         let max_credit = credit.max(1).saturating_mul(2);
-        st.queues.insert(id, CircQueue { cells: VecDeque::new(), credit, max_credit, drain, in_ready: false });
+        let old =
+            st.queues.insert(id, CircQueue { cells: VecDeque::new(), credit, max_credit, drain, in_ready: false });
+        // An id reused while its old queue still held cells (e.g. an ordered BREAK not yet sent): forget them.
+        if let Some(old) = old {
+            st.queued -= old.cells.len();
+            self.budget.sub(old.cells.len());
+        }
     }
 
     /// Removes a circuit's queue, dropping what it still held; returns how many cells were dropped.
@@ -92,6 +152,7 @@ impl LinkWriter {
         let mut st = self.lock();
         let n = st.queues.remove(&id).map(|q| q.cells.len()).unwrap_or(0);
         st.queued -= n;
+        self.budget.sub(n);
         n
     }
 
@@ -101,7 +162,7 @@ impl LinkWriter {
         if st.closed {
             return Err(PushError::Closed);
         }
-        if st.queued >= self.cap {
+        if st.queued >= self.cap || self.budget.full() {
             return Err(PushError::Full);
         }
         let id = cell.circ_id;
@@ -112,6 +173,7 @@ impl LinkWriter {
             q.in_ready = true;
         }
         st.queued += 1;
+        self.budget.add(1);
         if newly_ready {
             st.ready.push_back(id);
             drop(st);
@@ -126,12 +188,16 @@ impl LinkWriter {
         if st.closed {
             return Err(PushError::Closed);
         }
-        // Control cells are few (one SENDME per quarter window per circuit); a peer that makes us queue
-        // more than the cap of them is stalling the link, which then gets closed.
-        if st.control.len() >= self.cap {
+        // Control cells are few (one SENDME per quarter window per circuit, one DENY/BREAK per circuit); a
+        // neighbor that makes us queue more than the cap of them (or the node's budget) is flooding us while
+        // not reading: the link is closed.
+        if st.control.len() >= self.cap || self.budget.full() {
+            drop(st);
+            self.fail("control queue overflow (neighbor sends but does not read)");
             return Err(PushError::Full);
         }
         st.control.push_back(cell);
+        self.budget.add(1);
         drop(st);
         self.wake.notify_one();
         Ok(())
@@ -161,21 +227,52 @@ impl LinkWriter {
         self.lock().queued
     }
 
+    /// Cells in the control queue (for tests/metrics).
+    pub fn control_queued(&self) -> usize {
+        self.lock().control.len()
+    }
+
     /// Marks the link closed; queued cells are dropped and the writer task ends.
     pub fn close(&self) {
         let mut st = self.lock();
+        if st.closed {
+            return;
+        }
         st.closed = true;
         st.queues.clear();
+        self.budget.sub(st.queued + st.control.len());
         st.control.clear();
         st.ready.clear();
         st.queued = 0;
         drop(st);
         self.wake.notify_one();
+        self.closed.notify_waiters();
+        self.closed.notify_one();
+    }
+
+    /// Closes the link because of a problem the writer detected itself.
+    fn fail(&self, why: &'static str) {
+        self.lock().failure.get_or_insert(why);
+        self.close();
     }
 
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.lock().closed
+    }
+
+    /// Resolves once the link is closed; returns why, when the writer closed it on its own.
+    pub async fn wait_closed(&self) -> Option<&'static str> {
+        loop {
+            let notified = self.closed.notified();
+            {
+                let st = self.lock();
+                if st.closed {
+                    return st.failure;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Takes the next batch: control cells first, then one cell per ready circuit in turn.
@@ -186,11 +283,13 @@ impl LinkWriter {
         }
         while out.len() < BATCH {
             if let Some(c) = st.control.pop_front() {
+                self.budget.sub(1);
                 out.push((c, Drain::None));
                 continue;
             }
             let Some(id) = st.ready.pop_front() else { break };
             let State { queues, ready, queued, .. } = &mut *st;
+            let budget = &self.budget;
             let Some(q) = queues.get_mut(&id) else { continue };
             q.in_ready = false;
             if !sendable(q) {
@@ -198,6 +297,7 @@ impl LinkWriter {
             }
             let Some(cell) = q.cells.pop_front() else { continue };
             *queued -= 1;
+            budget.sub(1);
             let drain = if cell.command == Command::Data {
                 q.credit -= 1;
                 q.drain.clone()
@@ -209,6 +309,7 @@ impl LinkWriter {
                 let rest = q.cells.len();
                 queues.remove(&id);
                 *queued -= rest;
+                budget.sub(rest);
             } else if sendable(q) {
                 q.in_ready = true;
                 ready.push_back(id);
@@ -219,12 +320,30 @@ impl LinkWriter {
     }
 
     /// The writer task: runs until the link closes or the socket fails. `keepalive` PADDING keeps an idle
-    /// link visibly alive for the other side's idle timeout.
+    /// link visibly alive for the other side's idle timeout; a write that makes no progress for `stall`
+    /// (the neighbor stopped reading) fails the link. Whatever ends it, the link is closed on return.
     pub async fn run<W: AsyncWriteExt + Unpin>(
+        self: Arc<Self>,
+        sock: W,
+        sealer: CellSealer,
+        keepalive: std::time::Duration,
+        stall: std::time::Duration,
+    ) -> std::io::Result<()> {
+        let r = self.clone().write_loop(sock, sealer, keepalive, stall).await;
+        match &r {
+            Ok(()) => self.close(),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => self.fail("write stalled (neighbor stopped reading)"),
+            Err(_) => self.fail("write failed"),
+        }
+        r
+    }
+
+    async fn write_loop<W: AsyncWriteExt + Unpin>(
         self: Arc<Self>,
         mut sock: W,
         mut sealer: CellSealer,
         keepalive: std::time::Duration,
+        stall: std::time::Duration,
     ) -> std::io::Result<()> {
         let mut batch: Vec<(Cell, Drain)> = Vec::with_capacity(BATCH);
         let mut buf = vec![0u8; BATCH * SEALED_CELL_LEN];
@@ -248,7 +367,9 @@ impl LinkWriter {
                 cell.encode_into(plain);
                 sealer.seal_in_place(slot).map_err(std::io::Error::other)?;
             }
-            sock.write_all(&buf[..batch.len() * SEALED_CELL_LEN]).await?;
+            tokio::time::timeout(stall, sock.write_all(&buf[..batch.len() * SEALED_CELL_LEN]))
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
             for (_, drain) in batch.drain(..) {
                 match drain {
                     Drain::None => {}
@@ -272,5 +393,90 @@ fn sendable(q: &CircQueue) -> bool {
     match q.cells.front() {
         None => false,
         Some(c) => c.command != Command::Data || q.credit > 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(id: CircId) -> Cell {
+        Cell::new(id, Command::Data)
+    }
+
+    /// The dialer's cipher of a real (in-memory) handshake.
+    fn link_cipher() -> anomos_proto::link::LinkCipher {
+        use anomos_proto::identity::Identity;
+        use anomos_proto::link::{Acceptor, Dialer};
+        let rng = &mut rand::rngs::OsRng;
+        let (d_id, a_id) = (Identity::generate(rng, 2048).unwrap(), Identity::generate(rng, 2048).unwrap());
+        let nid = anomos_proto::ids::NeighborId(7);
+        let (d, hello) = Dialer::start(rng, a_id.public().clone(), nid);
+        let (a, reply) = Acceptor::start(rng, &hello).unwrap();
+        let (d, auth) = d.on_reply(&reply, &d_id, rng).unwrap();
+        let out = a.on_auth(&auth, &a_id, rng, |_| Some((d_id.public().clone(), nid)), |_| false).unwrap();
+        d.on_auth_reply(&out.reply).unwrap()
+    }
+
+    #[test]
+    fn the_node_budget_counts_every_queue_and_refuses_beyond_it() {
+        let budget = Budget::new(10);
+        let a = LinkWriter::new(100, budget.clone());
+        let b = LinkWriter::new(100, budget.clone());
+        a.add_circuit(1, 0, Drain::None);
+        b.add_circuit(2, 0, Drain::None);
+        for _ in 0..4 {
+            a.push(data(1)).unwrap();
+            b.push(data(2)).unwrap();
+        }
+        a.push_control(Cell::padding()).unwrap();
+        b.push_control(Cell::padding()).unwrap();
+        assert_eq!(budget.used(), 10);
+        // Full: an ordered cell is refused (the circuit will be broken with `resources`) ...
+        assert_eq!(a.push(data(1)), Err(PushError::Full));
+        // ... and a control cell closes that link (its neighbor makes us queue without reading).
+        assert_eq!(b.push_control(Cell::padding()), Err(PushError::Full));
+        assert!(b.is_closed());
+        assert_eq!(budget.used(), 5, "a closed link gives its cells back");
+        assert_eq!(a.remove_circuit(1), 4);
+        assert_eq!(budget.used(), 1);
+        a.close();
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_link_closes_itself_when_its_control_queue_overflows() {
+        let w = LinkWriter::new(3, Budget::new(1000));
+        for _ in 0..3 {
+            w.push_control(Cell::padding()).unwrap();
+        }
+        assert_eq!(w.push_control(Cell::padding()), Err(PushError::Full));
+        assert!(w.is_closed());
+        let why = tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(w.wait_closed());
+        assert_eq!(why, Some("control queue overflow (neighbor sends but does not read)"));
+    }
+
+    #[test]
+    fn a_write_that_makes_no_progress_fails_the_link() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            // A socket whose peer never reads: a 4 KiB pipe fills at once.
+            let (ours, _theirs) = tokio::io::duplex(4096);
+            let (sealer, _) = link_cipher().split();
+            let w = LinkWriter::new(100, Budget::new(100));
+            w.add_circuit(1, 10, Drain::None);
+            for _ in 0..5 {
+                w.push(data(1)).unwrap();
+            }
+            let stall = std::time::Duration::from_millis(200);
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                w.clone().run(ours, sealer, std::time::Duration::from_secs(60), stall),
+            )
+            .await
+            .expect("the writer gives up");
+            assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+            assert_eq!(w.wait_closed().await, Some("write stalled (neighbor stopped reading)"));
+        });
     }
 }

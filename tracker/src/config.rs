@@ -58,6 +58,28 @@ pub struct TrackerArgs {
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_positive)]
     pub max_sessions: usize,
 
+    /// Most concurrent connections from one IP address; more are closed at once (a single-host test overlay
+    /// needs about 4 per peer).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_positive)]
+    pub max_sessions_per_ip: usize,
+
+    /// Channel set-ups (each costs an RSA decryption) per second allowed from one IP address; connections
+    /// beyond it (and --hello-burst) are closed before any RSA work.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hello_rate: u32,
+
+    /// Burst of channel set-ups allowed from one IP address above --hello-rate.
+    #[arg(long, value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub hello_burst: u32,
+
+    /// Seconds a connection has from connecting to a verified Hello (slow or silent ones are closed).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub hello_timeout: u64,
+
+    /// Seconds an authenticated session may sit without a request.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout: u64,
+
     /// Lifetime of issued tracking codes, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub tc_ttl: u64,
@@ -118,6 +140,12 @@ impl TrackerArgs {
         if self.max_peers == 0 || self.max_pending_circuits == 0 || self.max_sessions == 0 {
             return bad("--max-peers, --max-pending-circuits and --max-sessions must be positive".into());
         }
+        if self.max_sessions_per_ip == 0 || self.hello_rate == 0 || self.hello_burst == 0 {
+            return bad("--max-sessions-per-ip, --hello-rate and --hello-burst must be positive".into());
+        }
+        if self.hello_timeout == 0 || self.idle_timeout == 0 {
+            return bad("--hello-timeout and --idle-timeout must be positive".into());
+        }
         Ok(())
     }
 
@@ -160,6 +188,8 @@ mod tests {
         assert_eq!(a.data_dir, PathBuf::from("./anomos-tracker-data"));
         assert_eq!((a.key_bits, a.neighbors, a.interval, a.tc_ttl), (2048, 4, 30, 120));
         assert_eq!((a.max_peers, a.max_pending_circuits, a.max_sessions), (10_000, 100_000, 1024));
+        assert_eq!((a.max_sessions_per_ip, a.hello_rate, a.hello_burst), (64, 100, 200));
+        assert_eq!((a.hello_timeout, a.idle_timeout), (10, 60));
         assert!(!a.allow_same_ip);
         a.validate().unwrap();
         assert_eq!(a.key_path(), PathBuf::from("./anomos-tracker-data/tracker.key"));

@@ -4,13 +4,15 @@
 //! its RSA ciphertext, opens the channel, sends `Challenge`, requires a valid `Hello` (all within
 //! [`HELLO_TIMEOUT`]) and replies `Welcome`; then it answers requests one by one, closing after [`IDLE_TIMEOUT`]
 //! without a request. Anything malformed drops that connection only, with one warning naming the peer address
-//! and the reason.
+//! and the reason. Per source address, concurrent connections and the rate of ClientHellos (each an RSA
+//! decryption) are limited.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anomos_proto::identity::{load_or_create_identity, Fingerprint, Identity, PublicKey};
 use anomos_proto::tracker::{
@@ -31,9 +33,9 @@ use crate::config::TrackerArgs;
 use crate::error::TrackerError;
 use crate::service::{error_reply, Service};
 
-/// Time allowed from connecting to a verified `Hello`.
+/// Default time allowed from connecting to a verified `Hello` (`--hello-timeout`).
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a session may sit without a request.
+/// Default time a session may sit without a request (`--idle-timeout`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed to write one reply.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +44,102 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_REQUEST_FRAME: usize = 16 * 1024;
 /// How often silent peers are expired and old circuits forgotten.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+/// Most source addresses whose ClientHello rate is tracked individually; beyond it new addresses share one
+/// bucket (so an attacker with many addresses cannot grow the table).
+const MAX_RATE_ENTRIES: usize = 65_536;
+
+/// A token bucket.
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// Per-source-address limits: concurrent connections, and the rate of channel set-ups (RSA decryptions).
+pub(crate) struct Limits {
+    per_ip_max: usize,
+    rate: f64,
+    burst: f64,
+    st: Mutex<LimitState>,
+}
+
+#[derive(Default)]
+struct LimitState {
+    conns: HashMap<IpAddr, usize>,
+    hellos: HashMap<IpAddr, Bucket>,
+    overflow: Option<Bucket>,
+}
+
+/// One connection slot of an address, released on drop.
+struct ConnSlot {
+    limits: Arc<Limits>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut st = self.limits.lock();
+        if let Some(n) = st.conns.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                st.conns.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Limits {
+    fn new(args: &TrackerArgs) -> Arc<Self> {
+        Arc::new(Limits {
+            per_ip_max: args.max_sessions_per_ip,
+            rate: f64::from(args.hello_rate),
+            burst: f64::from(args.hello_burst),
+            st: Mutex::new(LimitState::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LimitState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn conn(self: &Arc<Self>, ip: IpAddr) -> Option<ConnSlot> {
+        let mut st = self.lock();
+        let n = st.conns.entry(ip).or_insert(0);
+        if *n >= self.per_ip_max {
+            return None;
+        }
+        *n += 1;
+        Some(ConnSlot { limits: Arc::clone(self), ip })
+    }
+
+    /// Takes one channel set-up token for `ip`; false if it is over its rate.
+    fn hello(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let (rate, burst) = (self.rate, self.burst);
+        let mut st = self.lock();
+        let fresh = || Bucket { tokens: burst, last: now };
+        let LimitState { hellos, overflow, .. } = &mut *st;
+        let b = if hellos.contains_key(&ip) || hellos.len() < MAX_RATE_ENTRIES {
+            hellos.entry(ip).or_insert_with(fresh)
+        } else {
+            overflow.get_or_insert_with(fresh)
+        };
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets buckets that have refilled (they hold no information).
+    fn prune(&self) {
+        let now = Instant::now();
+        let (rate, burst) = (self.rate, self.burst);
+        self.lock().hellos.retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
+    }
+}
 
 /// Sent once the tracker is listening.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,16 +188,21 @@ pub async fn run_until(
     }
 
     let max_sessions = args.max_sessions;
+    let timeouts =
+        Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: Duration::from_secs(args.idle_timeout) };
+    let limits = Limits::new(&args);
     let service = Arc::new(Service::new(args));
     let sessions = Arc::new(Semaphore::new(max_sessions));
     let mut tasks = JoinSet::new();
     let hk = Arc::clone(&service);
+    let hk_limits = Arc::clone(&limits);
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             hk.housekeeping();
+            hk_limits.prune();
         }
     });
 
@@ -121,10 +224,16 @@ pub async fn run_until(
                     drop(stream);
                     continue;
                 };
-                let (service, identity) = (Arc::clone(&service), Arc::clone(&identity));
+                let Some(slot) = limits.conn(addr.ip()) else {
+                    warn!(%addr, limit = limits.per_ip_max, "connection dropped: too many sessions from this address");
+                    drop(stream);
+                    continue;
+                };
+                let (service, identity, limits) = (Arc::clone(&service), Arc::clone(&identity), Arc::clone(&limits));
                 tasks.spawn(async move {
                     let _permit = permit;
-                    match session(service, identity, stream).await {
+                    let _slot = slot;
+                    match session(service, identity, limits, timeouts, stream).await {
                         Ok(()) => debug!(%addr, "session closed"),
                         Err(e) => warn!(%addr, reason = %e, "connection dropped"),
                     }
@@ -211,10 +320,23 @@ impl Conn {
     }
 }
 
-async fn session(service: Arc<Service>, identity: Arc<Identity>, stream: TcpStream) -> Result<(), SessionError> {
+/// The session timers (from the configuration).
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    hello: Duration,
+    idle: Duration,
+}
+
+async fn session(
+    service: Arc<Service>,
+    identity: Arc<Identity>,
+    limits: Arc<Limits>,
+    timeouts: Timeouts,
+    stream: TcpStream,
+) -> Result<(), SessionError> {
     let _ = stream.set_nodelay(true);
     let remote_ip = stream.peer_addr().map(|a| a.ip()).ok();
-    let Some((mut conn, key)) = tokio::time::timeout(HELLO_TIMEOUT, handshake(stream, &identity))
+    let Some((mut conn, key)) = tokio::time::timeout(timeouts.hello, handshake(stream, &identity, &limits, remote_ip))
         .await
         .map_err(|_| SessionError::Timeout("hello"))??
     else {
@@ -223,7 +345,7 @@ async fn session(service: Arc<Service>, identity: Arc<Identity>, stream: TcpStre
     let peer = key.fingerprint();
     debug!(peer = %peer.short(), "session authenticated");
     loop {
-        let msg = match tokio::time::timeout(IDLE_TIMEOUT, conn.recv()).await {
+        let msg = match tokio::time::timeout(timeouts.idle, conn.recv()).await {
             Err(_) => return Err(SessionError::Timeout("a request (idle)")),
             Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(msg))) => msg,
@@ -244,7 +366,12 @@ async fn session(service: Arc<Service>, identity: Arc<Identity>, stream: TcpStre
 
 /// Channel setup and authentication; returns the connection and the peer's verified key, or `None` after
 /// answering a key fetch (`"ANOMOSK1"`: a peer that pins our fingerprint asks for the full public key).
-async fn handshake(mut stream: TcpStream, identity: &Arc<Identity>) -> Result<Option<(Conn, PublicKey)>, SessionError> {
+async fn handshake(
+    mut stream: TcpStream,
+    identity: &Arc<Identity>,
+    limits: &Limits,
+    remote_ip: Option<IpAddr>,
+) -> Result<Option<(Conn, PublicKey)>, SessionError> {
     let mut header = [0u8; CLIENT_HELLO_HEADER];
     let magic_len = KEY_FETCH_MAGIC.len();
     stream.read_exact(&mut header[..magic_len]).await?;
@@ -258,6 +385,10 @@ async fn handshake(mut stream: TcpStream, identity: &Arc<Identity>) -> Result<Op
     }
     stream.read_exact(&mut header[magic_len..]).await?;
     let ct_len = TrackerChannel::hello_ct_len(&header)?;
+    // Every ClientHello costs an RSA decryption: refuse an address over its rate before doing any.
+    if remote_ip.is_some_and(|ip| !limits.hello(ip)) {
+        return Err(SessionError::Refused("ClientHello rate exceeded (--hello-rate)"));
+    }
     let mut rest = vec![0u8; ct_len + EPHEMERAL_LEN];
     stream.read_exact(&mut rest).await?;
     // RSA decryption takes a few milliseconds: keep it off the async workers.
@@ -291,5 +422,42 @@ async fn handshake(mut stream: TcpStream, identity: &Arc<Identity>) -> Result<Op
             let _ = conn.send(&error_reply(ErrorCode::Unauthenticated, e.to_string())).await;
             Err(e.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_ip: usize, rate: u32, burst: u32) -> Arc<Limits> {
+        let args =
+            TrackerArgs { max_sessions_per_ip: per_ip, hello_rate: rate, hello_burst: burst, ..TrackerArgs::default() };
+        Limits::new(&args)
+    }
+
+    #[test]
+    fn connection_slots_are_per_address_and_released_on_drop() {
+        let l = limits(2, 10, 10);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let s1 = l.conn(a).unwrap();
+        let _s2 = l.conn(a).unwrap();
+        assert!(l.conn(a).is_none(), "a third connection from one address");
+        assert!(l.conn(b).is_some(), "another address is not affected");
+        drop(s1);
+        assert!(l.conn(a).is_some(), "a slot comes back when its connection ends");
+    }
+
+    #[test]
+    fn client_hellos_are_rate_limited_per_address_and_refill() {
+        let l = limits(10, 20, 3);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert_eq!((0..5).filter(|_| l.hello(a)).count(), 3, "the burst, then refused");
+        assert!(l.hello(b), "another address has its own bucket");
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(l.hello(a), "refilled at the rate");
+        // Full buckets carry no information and are forgotten.
+        std::thread::sleep(Duration::from_millis(300));
+        l.prune();
+        assert!(l.lock().hellos.is_empty());
     }
 }
