@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anomos::cmd::{demo, fetch, keygen, peer, LogArgs};
+use anomos::cmd::{bench, chain, demo, fetch, keygen, peer, send_tx, LogArgs};
 use clap::{Parser, Subcommand};
 
 /// anomos — an anonymizing relay overlay that carries Bitcoin-wire traffic over onion circuits.
@@ -21,8 +21,14 @@ enum Cmd {
     Peer(peer::PeerArgs),
     /// Join the overlay and sync a chain over anonymous circuits.
     Fetch(fetch::FetchArgs),
+    /// Broadcast a transaction anonymously to a peer serving its chain.
+    SendTx(send_tx::SendTxArgs),
+    /// Work on a chain store offline: import real blocks, print what it holds.
+    Chain(chain::ChainArgs),
     /// Start a local overlay (tracker, relays, a serving peer) as separate processes and fetch a chain over it.
     Demo(demo::DemoArgs),
+    /// Measure throughput, latency, CPU and memory on a local overlay against the performance targets.
+    Bench(bench::BenchArgs),
     /// Generate an identity key (PKCS#8 PEM, mode 0600) and print its fingerprint.
     Keygen(keygen::KeygenArgs),
     /// Run the tracker (same as the `anomos-tracker` binary).
@@ -36,7 +42,10 @@ async fn main() -> ExitCode {
     let result = match &cli.cmd {
         Cmd::Peer(a) => peer::run(a).await,
         Cmd::Fetch(a) => fetch::run(a).await,
+        Cmd::SendTx(a) => send_tx::run(a).await,
+        Cmd::Chain(a) => chain::run(a),
         Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Bench(a) => bench::run(a).await,
         Cmd::Keygen(a) => keygen::run(a),
         Cmd::Tracker(a) => {
             anomos_tracker::run(a.clone(), None).await.map_err(|e| anomos::PeerError::Config(e.to_string()))

@@ -158,7 +158,7 @@ async fn responder(stream: CircuitStream, chain: SharedStore, evil: Evil) -> Opt
             Message::Version(v) => {
                 theirs = Some(v);
                 let height = tip(&chain).1;
-                send!(peer.send(&Message::Version(chain::wire::version_message(ServiceFlags::NETWORK, height))));
+                send!(peer.send(&Message::Version(chain::wire::version_message(ServiceFlags::NETWORK, height, false))));
                 send!(peer.send(&Message::Verack));
             }
             Message::GetHeaders(req) => {
@@ -328,7 +328,7 @@ async fn a_failing_circuit_hands_its_work_to_the_others() {
 
 /// Handshake with a `ChainService` by hand; returns its `version`.
 async fn handshake_by_hand(peer: &mut BtcPeer) -> VersionMessage {
-    peer.send(&Message::Version(chain::wire::version_message(ServiceFlags::NONE, 0))).await.unwrap();
+    peer.send(&Message::Version(chain::wire::version_message(ServiceFlags::NONE, 0, false))).await.unwrap();
     let Message::Version(v) = peer.recv().await.unwrap() else { panic!("expected version") };
     assert_eq!(peer.recv().await.unwrap(), Message::Verack);
     peer.send(&Message::Verack).await.unwrap();
@@ -474,5 +474,225 @@ async fn a_silent_circuit_does_not_hold_up_the_sync() {
     assert!(t.elapsed() < Duration::from_secs(5), "waited for the silent circuit: {:?}", t.elapsed());
     assert_eq!(report.blocks, 50);
     assert!(report.peer_errors.is_empty());
+    assert_same_chain(&server, &client);
+}
+
+// ---- the sync engine: replacement, wrong answers, following, reorgs, custom networks, restarts ----
+
+/// A source that hands out the given circuits, one request at a time, and counts requests.
+fn source_of(streams: Vec<CircuitStream>) -> (chain::CircuitSource, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let pool = std::sync::Arc::new(std::sync::Mutex::new(streams));
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a = asked.clone();
+    let src: chain::CircuitSource = Box::new(move |n| {
+        a.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut p = pool.lock().unwrap();
+        let k = n.min(p.len());
+        let got: Vec<CircuitStream> = p.drain(..k).collect();
+        Box::pin(async move { got })
+    });
+    (src, asked)
+}
+
+/// Waits for an event line containing `what`.
+async fn expect(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: String) -> Result<String, ()> {
+    let fut = async move {
+        loop {
+            let e = rx.recv().await.expect("engine ended");
+            if e.contains(&what) {
+                return e;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, fut).await.map_err(|_| ())
+}
+
+/// A serving end that shakes hands and answers headers but never sends a block.
+async fn staller(stream: CircuitStream, chain: SharedStore) {
+    let mut peer = BtcPeer::new(stream, regtest().magic);
+    while let Ok(msg) = peer.recv().await {
+        match msg {
+            Message::Version(_) => {
+                let _ =
+                    peer.send(&Message::Version(chain::wire::version_message(ServiceFlags::NETWORK, 0, false))).await;
+                let _ = peer.send(&Message::Verack).await;
+            }
+            Message::GetHeaders(req) => {
+                let headers = chain.read().unwrap().headers_after(&req.locator_hashes, &req.stop_hash, 2000);
+                let _ = peer.send(&Message::Headers(headers)).await;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_circuit_loses_its_blocks_and_is_replaced() {
+    let (server, _) = mined(120, 2);
+    let (stalled, stalled_end) = CircuitStream::memory_pair();
+    tokio::spawn(staller(stalled_end, server.clone()));
+    let (fresh, fresh_end) = CircuitStream::memory_pair();
+    ChainService::new(server.clone()).accept(fresh_end);
+    let (source, asked) = source_of(vec![fresh]);
+    let client = empty_store();
+    let opts = SyncOptions { stall_timeout: Duration::from_secs(1), circuits: 1, ..SyncOptions::default() };
+    let t = Instant::now();
+    let mut failed = Vec::new();
+    let report = chain::run_sync(vec![stalled], &regtest(), &client, &opts, Some(source), |e| {
+        if let chain::SyncEvent::CircuitFailed { circuit, misbehaving, .. } = e {
+            failed.push((circuit, misbehaving));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.blocks, 120);
+    assert_eq!(report.replaced, 1);
+    assert_eq!(failed, vec![(0, false)], "the staller is dropped, not reported as misbehaving");
+    assert!(matches!(report.peer_errors[0].1, ChainError::Timeout(_)), "{:?}", report.peer_errors);
+    assert!(asked.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert_same_chain(&server, &client);
+}
+
+#[tokio::test]
+async fn wrong_blocks_and_lies_are_misbehaving_and_the_honest_circuit_finishes() {
+    let (server, _) = mined(150, 3);
+    let mut ends = Vec::new();
+    for m in
+        [None, Some(chain::Misbehave::WrongBlock), Some(chain::Misbehave::BadMerkle), Some(chain::Misbehave::BadPow)]
+    {
+        let (c, s) = CircuitStream::memory_pair();
+        ChainService::new(server.clone()).with_misbehave(m).accept(s);
+        ends.push(c);
+    }
+    let client = empty_store();
+    let opts = SyncOptions { window: 4, ..SyncOptions::default() };
+    let report = sync_with(ends, &regtest(), &client, &opts, |_| {}).await.unwrap();
+    assert_eq!(report.blocks, 150);
+    assert_same_chain(&server, &client);
+    let errs: std::collections::HashMap<usize, String> =
+        report.peer_errors.iter().map(|(i, e)| (*i, e.to_string())).collect();
+    assert!(!errs.contains_key(&0), "{errs:?}");
+    assert!(errs[&1].contains("did not ask"), "{errs:?}");
+    assert!(errs[&2].contains("merkle"), "{errs:?}");
+    assert!(matches!(
+        report.peer_errors.iter().find(|(i, _)| *i == 3).map(|(_, e)| e),
+        Some(ChainError::InvalidHeader { .. })
+    ));
+}
+
+#[tokio::test]
+async fn following_fetches_announced_blocks_follows_reorgs_and_hears_transactions() {
+    let (server, _) = mined(30, 1);
+    let service = ChainService::new(server.clone());
+    let (client_end, server_end) = CircuitStream::memory_pair();
+    service.accept(server_end);
+    let client = empty_store();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let opts = SyncOptions { follow: true, ..SyncOptions::default() };
+    let c2 = client.clone();
+    let task = tokio::spawn(async move {
+        chain::run_sync(vec![client_end], &regtest(), &c2, &opts, None, |e| {
+            let line = match e {
+                chain::SyncEvent::Synced { .. } => "synced".to_string(),
+                chain::SyncEvent::NewTip { height, hash } => format!("tip {height} {hash}"),
+                chain::SyncEvent::Tx(t) => format!("tx {t}"),
+                other => format!("{other:?}"),
+            };
+            let _ = tx.send(line);
+        })
+        .await
+    });
+    expect(&mut rx, "synced".into()).await.unwrap();
+
+    // A new block, announced: fetched and reported as the new tip.
+    let b31 = chain::mine_regtest(&mut server.write().unwrap(), 1, 2).unwrap()[0];
+    service.announce_block(b31);
+    expect(&mut rx, format!("tip 31 {b31}")).await.unwrap();
+
+    // A longer branch from height 29 (reorg): announced by its tip only.
+    let fork = server.read().unwrap().hash_at(29).unwrap();
+    let mut side = fork;
+    for _ in 0..4 {
+        side = chain::mine_on(&mut server.write().unwrap(), side, 1).unwrap().block_hash();
+    }
+    assert_eq!(tip(&server), (side, 33));
+    service.announce_block(side);
+    expect(&mut rx, format!("tip 33 {side}")).await.unwrap();
+    assert_eq!(tip(&client), (side, 33));
+    assert!(client.read().unwrap().has_block(&b31), "the old branch's block stays stored");
+
+    // A transaction another requester sends is announced to us (we asked for relay).
+    let (sender, sender_end) = CircuitStream::memory_pair();
+    service.accept(sender_end);
+    let mut peer = BtcPeer::new(sender, regtest().magic);
+    handshake_by_hand(&mut peer).await;
+    let mut t = server.read().unwrap().block(&side).unwrap().unwrap().txdata[1].clone();
+    t.input[0].previous_output.vout = 9;
+    peer.send(&Message::Tx(t.clone())).await.unwrap();
+    expect(&mut rx, format!("tx {}", t.compute_txid())).await.unwrap();
+    assert!(server.read().unwrap().has_pool_tx(&t.compute_txid()));
+    // The sender can ask for it back; an invalid one is rejected with a reason.
+    peer.send(&Message::GetData(vec![Inventory::WitnessTransaction(t.compute_txid())])).await.unwrap();
+    assert_eq!(peer.recv().await.unwrap(), Message::Tx(t.clone()));
+    let mut coinbase = t.clone();
+    coinbase.input[0].previous_output = bitcoin::OutPoint::null();
+    peer.send(&Message::Tx(coinbase)).await.unwrap();
+    let Message::Reject(r) = peer.recv().await.unwrap() else { panic!("expected reject") };
+    assert_eq!(r.ccode, 0x10);
+    peer.send(&Message::MemPool).await.unwrap();
+    assert_eq!(peer.recv().await.unwrap(), Message::Inv(vec![Inventory::Transaction(t.compute_txid())]));
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_custom_network_store_learns_its_genesis_from_the_peer() {
+    let (regtest_chain, _) = mined(40, 1);
+    let custom = NetParams::custom("mynet", [0xf0, 0x0d, 0xba, 0xbe], regtest().genesis_hash, 0);
+    let genesis = regtest().genesis_block().unwrap();
+    let mut server =
+        ChainStore::open_with_genesis(custom.clone(), genesis, Box::new(chain::MemoryBackend::default())).unwrap();
+    {
+        let r = regtest_chain.read().unwrap();
+        for h in 1..=40 {
+            server.insert_block(&r.block(&r.hash_at(h).unwrap()).unwrap().unwrap()).unwrap();
+        }
+    }
+    let server = chain::shared(server);
+    let (client_end, server_end) = CircuitStream::memory_pair();
+    ChainService::new(server.clone()).accept(server_end);
+    let client = chain::shared(ChainStore::open(custom.clone(), Box::new(chain::MemoryBackend::default())).unwrap());
+    assert!(!client.read().unwrap().is_rooted());
+    let report = sync(client_end, &custom, &client, |_| {}).await.unwrap();
+    assert_eq!((report.headers, report.blocks, report.height), (41, 41, 40));
+    assert_same_chain(&server, &client);
+}
+
+#[tokio::test]
+async fn a_persistent_store_resumes_without_fetching_stored_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = regtest();
+    let (server, _) = mined(150, 2);
+    // The first run sees a server with only 100 blocks.
+    let partial = empty_store();
+    {
+        let s = server.read().unwrap();
+        for h in 1..=100 {
+            partial.write().unwrap().insert_block(&s.block(&s.hash_at(h).unwrap()).unwrap().unwrap()).unwrap();
+        }
+    }
+    let client = chain::shared(chain::open_store(dir.path(), &params).unwrap());
+    let (c, s) = CircuitStream::memory_pair();
+    ChainService::new(partial).accept(s);
+    let first = sync(c, &params, &client, |_| {}).await.unwrap();
+    assert_eq!((first.blocks, first.requested), (100, 100));
+    drop(client);
+
+    let client = chain::shared(chain::open_store(dir.path(), &params).unwrap());
+    assert_eq!(client.read().unwrap().block_count(), 101);
+    let (c, s) = CircuitStream::memory_pair();
+    ChainService::new(server.clone()).accept(s);
+    let second = sync(c, &params, &client, |_| {}).await.unwrap();
+    assert_eq!((second.headers, second.blocks, second.requested, second.refetched), (50, 50, 50, 0));
     assert_same_chain(&server, &client);
 }

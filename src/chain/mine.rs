@@ -4,12 +4,17 @@
 //! parent's nBits (regtest's PoW limit `0x207fffff`, about two hashes per block), strictly
 //! increasing timestamps 10 minutes apart (never past our clock), a coinbase with the BIP 34
 //! height in its scriptSig paying the subsidy plus fees to `OP_TRUE`, and the right merkle
-//! root. Nothing carries witness data, so no witness commitment is needed.
+//! root.
 //!
-//! Optional extra transactions make blocks bigger: a chain in which the first spends the
-//! parent block's coinbase and each next one the previous, each with a 75-byte `OP_RETURN`
-//! (about 145 bytes per transaction). They are well-formed but not valid spends (the coinbase
-//! is immature); nothing here or in sync checks scripts or UTXOs.
+//! Optional extra transactions make blocks realistic in size and shape: a chain of 1-input,
+//! 2-output P2WPKH-shaped spends (the first spends the parent block's coinbase, each next one
+//! the previous one's change), each with a witness of a 71-byte signature and a 33-byte public
+//! key: 222 bytes, 141 vbytes each, so 100 of them make a block of about 22 KB. They are
+//! well-formed but not valid spends (made-up keys; the coinbase is immature); nothing here or
+//! in sync checks scripts or UTXOs. Blocks with witness data carry the BIP 141 witness
+//! commitment in the coinbase (an `OP_RETURN aa21a9ed…` output, reserved value in the
+//! coinbase witness), which validation checks. Pool transactions can be mined too
+//! ([`mine_block`]).
 
 use anomos_proto::btc::NetParams;
 use bitcoin::absolute::LockTime;
@@ -47,6 +52,17 @@ pub fn mine_regtest(store: &mut ChainStore, n: u32, txs_per_block: usize) -> Res
 
 /// Mines one block on any known header `parent` (forks too) and stores it.
 pub fn mine_on(store: &mut ChainStore, parent: BlockHash, txs_per_block: usize) -> Result<Block, ChainError> {
+    mine_block(store, parent, txs_per_block, Vec::new())
+}
+
+/// Mines one block on `parent` with `txs_per_block` made-up spends followed by `include`
+/// (e.g. pool transactions), and stores it.
+pub fn mine_block(
+    store: &mut ChainStore,
+    parent: BlockHash,
+    txs_per_block: usize,
+    include: Vec<Transaction>,
+) -> Result<Block, ChainError> {
     check_regtest(store.params())?;
     let prev =
         *store.entry(&parent).ok_or_else(|| ChainError::Params(format!("cannot mine on unknown header {parent}")))?;
@@ -72,6 +88,7 @@ pub fn mine_on(store: &mut ChainStore, parent: BlockHash, txs_per_block: usize) 
     let fees = FEE * txs_per_block as u64;
     let mut txdata = vec![coinbase(height, subsidy(height) + fees, extra_nonce)];
     txdata.extend(extra);
+    txdata.extend(include);
 
     let now = unix_now();
     let time = match prev.header.time.checked_add(600) {
@@ -89,11 +106,35 @@ pub fn mine_on(store: &mut ChainStore, parent: BlockHash, txs_per_block: usize) 
         },
         txdata,
     };
+    commit_witness(&mut block);
     block.header.merkle_root =
         block.compute_merkle_root().ok_or_else(|| ChainError::Params("block without transactions".into()))?;
     solve(&mut block.header);
     store.insert_block(&block)?;
     Ok(block)
+}
+
+/// If any transaction has witness data: puts the reserved value into the coinbase's witness
+/// and the BIP 141 commitment to the witness merkle root into a coinbase output.
+pub fn commit_witness(block: &mut Block) {
+    if block.txdata.iter().all(|t| t.input.iter().all(|i| i.witness.is_empty())) {
+        return;
+    }
+    let reserved = [0u8; 32];
+    let Some(root) = block.witness_root() else { return };
+    let commitment = Block::compute_witness_commitment(&root, &reserved);
+    let mut data = [0u8; 36];
+    data[..4].copy_from_slice(&[0xaa, 0x21, 0xa9, 0xed]);
+    data[4..].copy_from_slice(commitment.as_byte_array());
+    if let Some(cb) = block.txdata.first_mut() {
+        if let Some(input) = cb.input.first_mut() {
+            input.witness = Witness::from_slice(&[reserved]);
+        }
+        cb.output.push(TxOut {
+            value: Amount::ZERO,
+            script_pubkey: Builder::new().push_opcode(OP_RETURN).push_slice(data).into_script(),
+        });
+    }
 }
 
 fn check_regtest(params: &NetParams) -> Result<(), ChainError> {
@@ -146,11 +187,21 @@ fn coinbase(height: u32, value: Amount, extra_nonce: u64) -> Transaction {
     }
 }
 
+/// A 1-input, 2-output P2WPKH-shaped spend of `prev` (change back, a payment out), with a
+/// signature-and-key witness.
 fn spend(prev: OutPoint, value: Amount, index: usize) -> Transaction {
-    let mut pad = [0u8; 75];
-    for (dst, src) in pad.iter_mut().zip((index as u64).to_le_bytes()) {
-        *dst = src;
+    let tag = (index as u64).to_le_bytes();
+    let mut key = [0x02u8; 33];
+    let mut sig = [0x30u8; 71];
+    let mut payee = [0u8; 20];
+    for (i, b) in tag.iter().enumerate() {
+        key[1 + i] = *b;
+        sig[4 + i] = *b ^ prev.txid.as_byte_array()[i];
+        payee[i] = *b;
     }
+    sig[70] = 0x01; // SIGHASH_ALL
+    let pay = Amount::from_sat(10_000).min(value.checked_sub(FEE).unwrap_or(Amount::ZERO));
+    let change = value.checked_sub(FEE + pay).unwrap_or(Amount::ZERO);
     Transaction {
         version: TxVersion::TWO,
         lock_time: LockTime::ZERO,
@@ -158,16 +209,21 @@ fn spend(prev: OutPoint, value: Amount, index: usize) -> Transaction {
             previous_output: prev,
             script_sig: ScriptBuf::new(),
             sequence: Sequence::MAX,
-            witness: Witness::new(),
+            witness: Witness::from_slice(&[&sig[..], &key[..]]),
         }],
         output: vec![
-            TxOut { value: value.checked_sub(FEE).unwrap_or(Amount::ZERO), script_pubkey: op_true() },
-            TxOut {
-                value: Amount::ZERO,
-                script_pubkey: Builder::new().push_opcode(OP_RETURN).push_slice(pad).into_script(),
-            },
+            TxOut { value: change, script_pubkey: p2wpkh(&key[1..21]) },
+            TxOut { value: pay, script_pubkey: p2wpkh(&payee) },
         ],
     }
+}
+
+fn p2wpkh(hash: &[u8]) -> ScriptBuf {
+    let mut h = [0u8; 20];
+    for (d, s) in h.iter_mut().zip(hash) {
+        *d = *s;
+    }
+    ScriptBuf::new_p2wpkh(&bitcoin::WPubkeyHash::from_byte_array(h))
 }
 
 fn op_true() -> ScriptBuf {
@@ -199,6 +255,27 @@ mod tests {
         }
         assert_eq!(check.best_tip(), store.best_tip());
         assert!(mine_regtest(&mut ChainStore::new(NetParams::mainnet()).unwrap(), 1, 0).is_err());
+    }
+
+    #[test]
+    fn realistic_blocks_commit_their_witnesses() {
+        let params = NetParams::regtest();
+        let mut store = ChainStore::new(params.clone()).unwrap();
+        let hashes = mine_regtest(&mut store, 3, 100).unwrap();
+        let block = store.block(&hashes[2]).unwrap().unwrap();
+        let tx = &block.txdata[1];
+        assert_eq!((tx.input.len(), tx.output.len()), (1, 2));
+        assert!(tx.output.iter().all(|o| o.script_pubkey.is_p2wpkh()));
+        assert_eq!(tx.total_size(), 222);
+        assert_eq!(tx.vsize(), 141);
+        let size = block.total_size();
+        assert!((20_000..30_000).contains(&size), "block of {size} bytes");
+        assert!(block.check_witness_commitment());
+        check_block_in_context(&block, &params, 3).unwrap();
+        // Tampering with a witness breaks the commitment (the merkle root does not see it).
+        let mut bad = block.clone();
+        bad.txdata[5].input[0].witness = Witness::from_slice(&[[1u8; 71]]);
+        assert!(check_block_in_context(&bad, &params, 3).is_err());
     }
 
     #[test]

@@ -5,16 +5,18 @@
 //! message is exactly one Bitcoin envelope (24-byte header + payload, the network's magic).
 //!
 //! * [`store`]: [`ChainStore`], the header tree (cumulative work, best chain, locators,
-//!   `getheaders` answers) and block bodies behind a small [`store::ChainBackend`] trait
-//!   (in memory now; a persistent backend slots in later).
+//!   `getheaders` answers), block bodies and the transaction pool behind a small
+//!   [`store::ChainBackend`] trait: [`MemoryBackend`] for tests, [`db::RedbBackend`] (a redb
+//!   file in the data directory, crash-safe) for peers.
 //! * [`validate`]: the contextual checks that need the store (difficulty, median time past,
 //!   future timestamps, header versions, BIP 34 heights), on top of the context-free ones in
 //!   [`anomos_proto::btc::validate`].
 //! * [`wire`]: [`wire::BtcPeer`], one Bitcoin conversation over one [`CircuitStream`]
 //!   (framing, byte counts, timeouts) and our anonymous `version` message.
-//! * [`serve`]: [`ChainService`], the [`crate::node::Service`] that answers requesters.
-//! * [`sync`](mod@sync): the requester side: handshake, headers-first, then block download from a shared
-//!   work queue by one downloader per circuit.
+//! * [`serve`]: [`ChainService`], the [`crate::node::Service`] that answers requesters and
+//!   announces new blocks and transactions.
+//! * [`sync`](mod@sync): the requester side: handshake, headers-first, blocks in parallel over
+//!   several circuits with stall detection and replacement, live following.
 //! * [`mine`]: regtest block production for tests and local networks.
 //!
 //! Anonymity: we never tell a peer an address. Our `version` carries the unspecified address
@@ -23,6 +25,7 @@
 //!
 //! [`CircuitStream`]: crate::CircuitStream
 
+pub mod db;
 pub mod mine;
 pub mod serve;
 pub mod store;
@@ -38,10 +41,11 @@ use thiserror::Error;
 
 use crate::error::PeerError;
 
-pub use mine::{mine_on, mine_regtest};
-pub use serve::{serve_stream, ChainService};
-pub use store::{ChainBackend, ChainStore, HeaderEntry, MemoryBackend};
-pub use sync::{sync, sync_with, SyncOptions, SyncPhase, SyncProgress, SyncReport};
+pub use db::{open_store, store_path, RedbBackend};
+pub use mine::{mine_block, mine_on, mine_regtest};
+pub use serve::{serve_stream, Announcement, ChainService, Misbehave};
+pub use store::{BestChainUpdate, ChainBackend, ChainStore, HeaderEntry, MemoryBackend, PoolTx};
+pub use sync::{run_sync, sync, sync_with, CircuitSource, SyncEvent, SyncOptions, SyncPhase, SyncProgress, SyncReport};
 
 /// Most headers in one `headers` message (Bitcoin Core's `MAX_HEADERS_RESULTS`).
 pub const MAX_HEADERS: usize = 2000;

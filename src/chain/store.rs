@@ -1,4 +1,5 @@
-//! The chain store: a header tree with cumulative work, the best chain, and block bodies.
+//! The chain store: a header tree with cumulative work, the best chain, block bodies and the
+//! transaction pool.
 //!
 //! [`ChainStore`] keeps every known header in memory (about 150 bytes each, as Bitcoin Core's
 //! block index does) together with its height, the chain's cumulative [`Work`] up to it and
@@ -6,54 +7,111 @@
 //! wins ties) and is kept as a height-indexed vector, so "hash at height" and "is on the best
 //! chain" are O(1); a header with more work than the tip re-points the vector (reorg).
 //!
-//! What must survive a restart goes through a [`ChainBackend`]: headers in insertion order
-//! (parents before children) and raw block bodies. [`MemoryBackend`] keeps them in memory; a
-//! persistent backend (redb) implements the same five methods and [`ChainStore::open`] rebuilds
-//! the index from it.
+//! What must survive a restart goes through a [`ChainBackend`]: header entries (with height and
+//! cumulative work) together with the change they make to the best-chain index, in one atomic
+//! write per batch; each block body in its own atomic write; pool transactions. [`MemoryBackend`]
+//! keeps them in memory; [`super::db::RedbBackend`] in a redb file. [`ChainStore::open`] rebuilds
+//! the index from whatever the backend holds.
 //!
 //! The store checks structure only (a header's parent must be known). Consensus checks are the
 //! caller's job (see [`super::validate`]), before inserting.
+//!
+//! A store for a custom network whose genesis block we do not have starts *unrooted*: its
+//! first inserted header must be the genesis header (hash = `params.genesis_hash`), which
+//! becomes height 0; sync asks a peer for it (see [`ChainStore::is_rooted`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anomos_proto::btc::NetParams;
 use bitcoin::block::Header;
 use bitcoin::hashes::Hash;
-use bitcoin::{Block, BlockHash, Work};
+use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid, Work};
 
 use super::ChainError;
 
-/// Where headers and block bodies are kept.
+/// A change of the best-chain index: heights `from..from + hashes.len()` now hold `hashes`;
+/// heights from `from + hashes.len()` up to `old_len - 1` are no longer on it.
+#[derive(Debug, Clone, Copy)]
+pub struct BestChainUpdate<'a> {
+    /// First height rewritten.
+    pub from: u32,
+    /// The new hashes from `from` up.
+    pub hashes: &'a [BlockHash],
+    /// Length of the best chain before (tip height + 1).
+    pub old_len: u32,
+}
+
+/// A transaction in the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolTx {
+    /// Its txid.
+    pub txid: Txid,
+    /// Its serialization (witness included).
+    pub raw: Vec<u8>,
+    /// When it entered the pool (Unix seconds).
+    pub added: u64,
+}
+
+/// Where headers, block bodies and pool transactions are kept.
 ///
-/// Implementations store what they are given and hand it back; they do not validate. Errors are
-/// I/O or corruption ([`ChainError::Store`]).
+/// Implementations store what they are given and hand it back; they do not validate. Each
+/// `put_*`/`remove_*` call is atomic: after a crash either all of it is there or none. Errors
+/// are I/O or corruption ([`ChainError::Store`]).
 pub trait ChainBackend: Send + Sync {
-    /// Persists headers (already indexed by the store), in this order.
-    fn put_headers(&mut self, headers: &[Header]) -> Result<(), ChainError>;
-    /// All persisted headers, parents before children (insertion order does that).
-    fn load_headers(&self) -> Result<Vec<Header>, ChainError>;
+    /// Persists header entries (already indexed by the store; parents before children) and,
+    /// atomically with them, the change they made to the best chain.
+    fn put_headers(&mut self, entries: &[HeaderEntry], best: Option<BestChainUpdate<'_>>) -> Result<(), ChainError>;
+    /// All persisted header entries, parents before children (e.g. by height).
+    fn load_headers(&self) -> Result<Vec<HeaderEntry>, ChainError>;
+    /// The persisted best-chain index as (height, hash), by height.
+    fn load_best_chain(&self) -> Result<Vec<(u32, BlockHash)>, ChainError>;
     /// Persists a block body (consensus serialization, witness included).
     fn put_block(&mut self, hash: &BlockHash, raw: &[u8]) -> Result<(), ChainError>;
+    /// Persists several block bodies in one atomic write (each is whole or absent after a crash).
+    fn put_blocks(&mut self, blocks: &[(BlockHash, Vec<u8>)]) -> Result<(), ChainError> {
+        blocks.iter().try_for_each(|(h, raw)| self.put_block(h, raw))
+    }
+    /// With `false`, writes stay atomic but need not be durable until [`flush`](Self::flush)
+    /// (bulk loads). Backends without the distinction ignore it.
+    fn set_durable(&mut self, _durable: bool) {}
+    /// Makes all earlier writes durable.
+    fn flush(&mut self) -> Result<(), ChainError> {
+        Ok(())
+    }
     /// A stored block body.
     fn block_bytes(&self, hash: &BlockHash) -> Result<Option<Vec<u8>>, ChainError>;
     /// Hashes of all stored block bodies.
     fn block_hashes(&self) -> Result<Vec<BlockHash>, ChainError>;
+    /// Persists a pool transaction.
+    fn put_tx(&mut self, tx: &PoolTx) -> Result<(), ChainError>;
+    /// Removes pool transactions (unknown ones are ignored).
+    fn remove_txs(&mut self, txids: &[Txid]) -> Result<(), ChainError>;
+    /// All persisted pool transactions.
+    fn load_txs(&self) -> Result<Vec<PoolTx>, ChainError>;
 }
 
 /// A backend that keeps everything in memory (tests, short-lived nodes).
 #[derive(Debug, Default)]
 pub struct MemoryBackend {
-    headers: Vec<Header>,
+    headers: Vec<HeaderEntry>,
+    best: std::collections::BTreeMap<u32, BlockHash>,
     blocks: HashMap<BlockHash, Vec<u8>>,
+    txs: HashMap<Txid, PoolTx>,
 }
 
 impl ChainBackend for MemoryBackend {
-    fn put_headers(&mut self, headers: &[Header]) -> Result<(), ChainError> {
-        self.headers.extend_from_slice(headers);
+    fn put_headers(&mut self, entries: &[HeaderEntry], best: Option<BestChainUpdate<'_>>) -> Result<(), ChainError> {
+        self.headers.extend_from_slice(entries);
+        if let Some(b) = best {
+            apply_best_update(&mut self.best, b);
+        }
         Ok(())
     }
-    fn load_headers(&self) -> Result<Vec<Header>, ChainError> {
+    fn load_headers(&self) -> Result<Vec<HeaderEntry>, ChainError> {
         Ok(self.headers.clone())
+    }
+    fn load_best_chain(&self) -> Result<Vec<(u32, BlockHash)>, ChainError> {
+        Ok(self.best.iter().map(|(h, b)| (*h, *b)).collect())
     }
     fn put_block(&mut self, hash: &BlockHash, raw: &[u8]) -> Result<(), ChainError> {
         self.blocks.insert(*hash, raw.to_vec());
@@ -64,6 +122,60 @@ impl ChainBackend for MemoryBackend {
     }
     fn block_hashes(&self) -> Result<Vec<BlockHash>, ChainError> {
         Ok(self.blocks.keys().copied().collect())
+    }
+    fn put_tx(&mut self, tx: &PoolTx) -> Result<(), ChainError> {
+        self.txs.insert(tx.txid, tx.clone());
+        Ok(())
+    }
+    fn remove_txs(&mut self, txids: &[Txid]) -> Result<(), ChainError> {
+        for t in txids {
+            self.txs.remove(t);
+        }
+        Ok(())
+    }
+    fn load_txs(&self) -> Result<Vec<PoolTx>, ChainError> {
+        Ok(self.txs.values().cloned().collect())
+    }
+}
+
+/// Applies a best-chain change to a height → hash map.
+pub fn apply_best_update(map: &mut std::collections::BTreeMap<u32, BlockHash>, b: BestChainUpdate<'_>) {
+    let mut h = b.from;
+    for hash in b.hashes {
+        map.insert(h, *hash);
+        h = h.saturating_add(1);
+    }
+    while h < b.old_len {
+        map.remove(&h);
+        h += 1;
+    }
+}
+
+/// Most bytes of transactions the pool holds (Bitcoin Core's default `-maxmempool` is 300 MB;
+/// a peer on a circuit needs far less).
+pub const MAX_POOL_BYTES: usize = 64 * 1024 * 1024;
+
+/// How long a transaction stays in the pool unconfirmed (Bitcoin Core's `-mempoolexpiry`).
+pub const POOL_EXPIRY_SECS: u64 = 14 * 24 * 60 * 60;
+
+/// Why the pool did not take a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolReject {
+    /// Already in the pool.
+    Duplicate,
+    /// An input is already spent by the pool transaction named.
+    Conflict(Txid),
+    /// The pool is full.
+    Full,
+}
+
+impl std::fmt::Display for PoolReject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolReject::Duplicate => write!(f, "already in the pool"),
+            PoolReject::Conflict(t) => write!(f, "spends an input that pool transaction {t} spends"),
+            PoolReject::Full => write!(f, "the pool is full"),
+        }
     }
 }
 
@@ -88,6 +200,12 @@ pub struct ChainStore {
     active: Vec<BlockHash>,
     blocks: usize,
     backend: Box<dyn ChainBackend>,
+    pool: HashMap<Txid, PoolTx>,
+    /// Outpoints spent by pool transactions.
+    pool_spent: HashMap<OutPoint, Txid>,
+    /// Pool transactions in arrival order (for mining and `mempool` answers).
+    pool_order: Vec<Txid>,
+    pool_bytes: usize,
 }
 
 impl std::fmt::Debug for ChainStore {
@@ -99,6 +217,7 @@ impl std::fmt::Debug for ChainStore {
             .field("blocks", &self.blocks)
             .field("tip", &tip)
             .field("height", &height)
+            .field("pool", &self.pool.len())
             .finish()
     }
 }
@@ -109,12 +228,14 @@ impl ChainStore {
         Self::open(params, Box::new(MemoryBackend::default()))
     }
 
-    /// Opens a store over `backend`, reloading whatever it holds (known networks only).
+    /// Opens a store over `backend`, reloading whatever it holds. Known networks start from
+    /// their genesis block; custom networks from the genesis header stored in `backend`, or
+    /// unrooted until it is inserted (see [`ChainStore::is_rooted`]).
     pub fn open(params: NetParams, backend: Box<dyn ChainBackend>) -> Result<ChainStore, ChainError> {
-        let genesis = params.genesis_block().ok_or_else(|| {
-            ChainError::Params(format!("no genesis block known for {}; use open_with_genesis", params.name))
-        })?;
-        Self::open_with_genesis(params, genesis, backend)
+        match params.genesis_block() {
+            Some(genesis) => Self::open_with_genesis(params, genesis, backend),
+            None => Self::load(params, None, backend),
+        }
     }
 
     /// Opens a store over `backend` with an explicit genesis block (custom networks).
@@ -130,14 +251,39 @@ impl ChainStore {
                 params.name, params.genesis_hash
             )));
         }
-        let mut store = ChainStore { params, index: HashMap::new(), active: vec![hash], blocks: 0, backend };
-        store.index.insert(
-            hash,
-            HeaderEntry { header: genesis.header, height: 0, chain_work: genesis.header.work(), has_block: false },
-        );
-        for header in store.backend.load_headers()? {
-            if !store.index.contains_key(&header.block_hash()) {
-                store.index_header(header)?;
+        Self::load(params, Some(genesis), backend)
+    }
+
+    fn load(
+        params: NetParams,
+        genesis: Option<Block>,
+        backend: Box<dyn ChainBackend>,
+    ) -> Result<ChainStore, ChainError> {
+        let mut store = ChainStore {
+            params,
+            index: HashMap::new(),
+            active: Vec::new(),
+            blocks: 0,
+            backend,
+            pool: HashMap::new(),
+            pool_spent: HashMap::new(),
+            pool_order: Vec::new(),
+            pool_bytes: 0,
+        };
+        if let Some(g) = &genesis {
+            store.index_header(g.header)?;
+        }
+        for entry in store.backend.load_headers()? {
+            if !store.index.contains_key(&entry.header.block_hash()) {
+                store.index_header(entry.header)?;
+            }
+        }
+        // Ties in work: the persisted best chain (first seen) wins over the rebuilt one.
+        if let Some((_, stored_tip)) = store.backend.load_best_chain()?.last().copied() {
+            if let Some(e) = store.index.get(&stored_tip) {
+                if e.chain_work >= store.tip_work() && store.best_tip().0 != stored_tip {
+                    store.set_tip(stored_tip)?;
+                }
             }
         }
         for hash in store.backend.block_hashes()? {
@@ -148,8 +294,17 @@ impl ChainStore {
                 }
             }
         }
-        if !store.has_block(&hash) {
-            store.insert_block(&genesis)?;
+        if let Some(g) = &genesis {
+            if !store.has_block(&g.block_hash()) {
+                store.insert_block(g)?;
+            }
+        }
+        let mut txs = store.backend.load_txs()?;
+        txs.sort_by_key(|t| t.added);
+        for t in txs {
+            if let Ok(tx) = bitcoin::consensus::deserialize::<Transaction>(&t.raw) {
+                store.pool_index(&tx, t);
+            }
         }
         Ok(store)
     }
@@ -159,39 +314,74 @@ impl ChainStore {
         &self.params
     }
 
+    /// False for a custom-network store that does not know its genesis header yet: the first
+    /// header inserted must be it.
+    pub fn is_rooted(&self) -> bool {
+        !self.active.is_empty()
+    }
+
     /// Adds a header whose parent is known. Returns false if it was already known.
     pub fn insert_header(&mut self, header: Header) -> Result<bool, ChainError> {
-        if self.index.contains_key(&header.block_hash()) {
-            return Ok(false);
-        }
-        self.index_header(header)?;
-        self.backend.put_headers(&[header])?;
-        Ok(true)
+        Ok(self.insert_headers(&[header])? == 1)
     }
 
     /// Adds headers in order (each one's parent must be known by the time it comes). Returns how
-    /// many were new. On error, the headers before the failing one stay inserted.
+    /// many were new. On error, the headers before the failing one stay inserted. The new
+    /// headers and the best-chain change they cause are persisted in one atomic write.
     pub fn insert_headers(&mut self, headers: &[Header]) -> Result<usize, ChainError> {
+        self.insert_headers_checked(headers, |_, _| Ok(()))
+    }
+
+    /// [`insert_headers`](Self::insert_headers), calling `check` on each new header (with the
+    /// store as it is after the headers before it) before indexing it; stops at the first
+    /// error, keeping (and persisting, in one write) the headers before it.
+    pub fn insert_headers_checked(
+        &mut self,
+        headers: &[Header],
+        mut check: impl FnMut(&ChainStore, &Header) -> Result<(), ChainError>,
+    ) -> Result<usize, ChainError> {
+        let old_len = self.active.len();
+        let mut fork: Option<usize> = None;
         let mut added = Vec::new();
         let mut result = Ok(());
         for header in headers {
-            if self.index.contains_key(&header.block_hash()) {
+            let hash = header.block_hash();
+            if self.index.contains_key(&hash) {
                 continue;
             }
-            if let Err(e) = self.index_header(*header) {
+            if let Err(e) = check(self, header) {
                 result = Err(e);
                 break;
             }
-            added.push(*header);
+            match self.index_header(*header) {
+                Ok(f) => {
+                    if let Some(f) = f {
+                        fork = Some(fork.map_or(f, |x| x.min(f)));
+                    }
+                    if let Some(e) = self.index.get(&hash) {
+                        added.push(*e);
+                    }
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
         }
         if !added.is_empty() {
-            self.backend.put_headers(&added)?;
+            let best = fork.map(|from| BestChainUpdate {
+                from: u32::try_from(from).unwrap_or(u32::MAX),
+                hashes: self.active.get(from..).unwrap_or_default(),
+                old_len: u32::try_from(old_len).unwrap_or(u32::MAX),
+            });
+            self.backend.put_headers(&added, best)?;
         }
         result.map(|()| added.len())
     }
 
     /// Stores a block body, adding its header first if needed (its parent must be known).
-    /// Returns false if the body was already stored. Nothing is validated here.
+    /// Returns false if the body was already stored. Nothing is validated here. A block on the
+    /// best chain takes its transactions out of the pool.
     pub fn insert_block(&mut self, block: &Block) -> Result<bool, ChainError> {
         let hash = block.block_hash();
         if !self.index.contains_key(&hash) {
@@ -206,7 +396,53 @@ impl ChainStore {
             e.has_block = true;
             self.blocks += 1;
         }
+        if !self.pool.is_empty() && self.is_active(&hash) {
+            self.remove_confirmed(block)?;
+        }
         Ok(true)
+    }
+
+    /// Stores several block bodies whose headers are known, in one atomic write. Returns how
+    /// many were new.
+    pub fn insert_blocks(&mut self, blocks: &[Block]) -> Result<usize, ChainError> {
+        let mut raws = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            let hash = b.block_hash();
+            if !self.index.contains_key(&hash) {
+                return Err(ChainError::Store(format!("block {hash} has no header")));
+            }
+            if !self.has_block(&hash) && !raws.iter().any(|(h, _)| *h == hash) {
+                raws.push((hash, bitcoin::consensus::serialize(b)));
+            }
+        }
+        if raws.is_empty() {
+            return Ok(0);
+        }
+        self.backend.put_blocks(&raws)?;
+        for (hash, _) in &raws {
+            if let Some(e) = self.index.get_mut(hash) {
+                e.has_block = true;
+                self.blocks += 1;
+            }
+        }
+        if !self.pool.is_empty() {
+            for b in blocks {
+                if self.is_active(&b.block_hash()) {
+                    self.remove_confirmed(b)?;
+                }
+            }
+        }
+        Ok(raws.len())
+    }
+
+    /// See [`ChainBackend::set_durable`].
+    pub fn set_durable(&mut self, durable: bool) {
+        self.backend.set_durable(durable);
+    }
+
+    /// See [`ChainBackend::flush`].
+    pub fn flush(&mut self) -> Result<(), ChainError> {
+        self.backend.flush()
     }
 
     /// Whether the body of `hash` is stored.
@@ -390,44 +626,163 @@ impl ChainStore {
     /// Best-chain blocks (from `from_height` up) whose bodies are missing, oldest first, at most
     /// `limit`.
     pub fn missing_blocks(&self, from_height: u32, limit: usize) -> Vec<BlockHash> {
-        self.active.iter().skip(from_height as usize).filter(|h| !self.has_block(h)).take(limit).copied().collect()
+        self.missing_from(from_height).take(limit).map(|(_, h)| h).collect()
     }
 
-    /// Puts a header into the index (parent must be known) and moves the best chain if it now
-    /// has the most work.
-    fn index_header(&mut self, header: Header) -> Result<(), ChainError> {
+    /// Best-chain blocks from `from_height` up whose bodies are missing, as (height, hash),
+    /// oldest first.
+    pub fn missing_from(&self, from_height: u32) -> impl Iterator<Item = (u32, BlockHash)> + '_ {
+        self.active
+            .iter()
+            .enumerate()
+            .skip(from_height as usize)
+            .filter(|(_, h)| !self.has_block(h))
+            .map(|(i, h)| (u32::try_from(i).unwrap_or(u32::MAX), *h))
+    }
+
+    /// Puts a header into the index (parent must be known; or, in an empty index, the network's
+    /// genesis header) and moves the best chain if it now has the most work. Returns the first
+    /// best-chain height that changed, if any.
+    fn index_header(&mut self, header: Header) -> Result<Option<usize>, ChainError> {
         let hash = header.block_hash();
-        let parent = self
-            .index
-            .get(&header.prev_blockhash)
-            .ok_or(ChainError::UnknownParent { hash, prev: header.prev_blockhash })?;
-        let height = parent.height.checked_add(1).ok_or_else(|| ChainError::Store("height overflow".into()))?;
-        let chain_work = parent.chain_work + header.work();
+        let (height, chain_work) = if self.index.is_empty() {
+            if hash != self.params.genesis_hash {
+                return Err(ChainError::UnknownParent { hash, prev: header.prev_blockhash });
+            }
+            (0, header.work())
+        } else {
+            let parent = self
+                .index
+                .get(&header.prev_blockhash)
+                .ok_or(ChainError::UnknownParent { hash, prev: header.prev_blockhash })?;
+            let height = parent.height.checked_add(1).ok_or_else(|| ChainError::Store("height overflow".into()))?;
+            (height, parent.chain_work + header.work())
+        };
         self.index.insert(hash, HeaderEntry { header, height, chain_work, has_block: false });
-        if chain_work > self.tip_work() {
-            self.set_tip(hash)?;
+        if self.active.is_empty() || chain_work > self.tip_work() {
+            return self.set_tip(hash).map(Some);
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// Makes `new_tip` the end of the best chain.
-    fn set_tip(&mut self, new_tip: BlockHash) -> Result<(), ChainError> {
+    /// Makes `new_tip` the end of the best chain; returns the first height that changed.
+    fn set_tip(&mut self, new_tip: BlockHash) -> Result<usize, ChainError> {
         let mut path = Vec::new();
         let mut cur = new_tip;
-        let fork_height = loop {
+        let keep = loop {
             let e = self.index.get(&cur).ok_or_else(|| ChainError::Store(format!("index lost header {cur}")))?;
             if self.active.get(e.height as usize) == Some(&cur) {
-                break e.height;
-            }
-            if e.height == 0 {
-                return Err(ChainError::Store(format!("header {new_tip} descends from a foreign genesis")));
+                break e.height as usize + 1;
             }
             path.push(cur);
+            if e.height == 0 {
+                if !self.active.is_empty() {
+                    return Err(ChainError::Store(format!("header {new_tip} descends from a foreign genesis")));
+                }
+                break 0;
+            }
             cur = e.header.prev_blockhash;
         };
-        self.active.truncate(fork_height as usize + 1);
+        self.active.truncate(keep);
         self.active.extend(path.into_iter().rev());
+        Ok(keep)
+    }
+
+    // ---- the transaction pool ----
+
+    /// Adds a transaction (already checked by the caller, see
+    /// [`super::validate::check_pool_tx`]) to the pool and persists it.
+    pub fn add_pool_tx(&mut self, tx: &Transaction, now: u64) -> Result<Result<Txid, PoolReject>, ChainError> {
+        let txid = tx.compute_txid();
+        if self.pool.contains_key(&txid) {
+            return Ok(Err(PoolReject::Duplicate));
+        }
+        if let Some(other) = tx.input.iter().find_map(|i| self.pool_spent.get(&i.previous_output)) {
+            return Ok(Err(PoolReject::Conflict(*other)));
+        }
+        let raw = bitcoin::consensus::serialize(tx);
+        if self.pool_bytes + raw.len() > MAX_POOL_BYTES {
+            self.expire_pool(now)?;
+            if self.pool_bytes + raw.len() > MAX_POOL_BYTES {
+                return Ok(Err(PoolReject::Full));
+            }
+        }
+        let entry = PoolTx { txid, raw, added: now };
+        self.backend.put_tx(&entry)?;
+        self.pool_index(tx, entry);
+        Ok(Ok(txid))
+    }
+
+    fn pool_index(&mut self, tx: &Transaction, entry: PoolTx) {
+        for i in &tx.input {
+            self.pool_spent.insert(i.previous_output, entry.txid);
+        }
+        self.pool_bytes += entry.raw.len();
+        self.pool_order.push(entry.txid);
+        self.pool.insert(entry.txid, entry);
+    }
+
+    /// Removes transactions from the pool (and the backend).
+    pub fn remove_pool_txs(&mut self, txids: &[Txid]) -> Result<usize, ChainError> {
+        let gone: HashSet<Txid> = txids.iter().filter(|t| self.pool.contains_key(*t)).copied().collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let list: Vec<Txid> = gone.iter().copied().collect();
+        self.backend.remove_txs(&list)?;
+        for t in &list {
+            if let Some(e) = self.pool.remove(t) {
+                self.pool_bytes = self.pool_bytes.saturating_sub(e.raw.len());
+            }
+        }
+        self.pool_spent.retain(|_, t| !gone.contains(t));
+        self.pool_order.retain(|t| !gone.contains(t));
+        Ok(list.len())
+    }
+
+    /// Drops pool transactions older than [`POOL_EXPIRY_SECS`]; returns how many.
+    pub fn expire_pool(&mut self, now: u64) -> Result<usize, ChainError> {
+        let old: Vec<Txid> =
+            self.pool.values().filter(|e| e.added.saturating_add(POOL_EXPIRY_SECS) < now).map(|e| e.txid).collect();
+        self.remove_pool_txs(&old)
+    }
+
+    fn remove_confirmed(&mut self, block: &Block) -> Result<(), ChainError> {
+        let txids: Vec<Txid> = block.txdata.iter().map(|t| t.compute_txid()).collect();
+        self.remove_pool_txs(&txids)?;
+        // Pool transactions that conflict with the block's spends can never confirm.
+        let spent: Vec<Txid> = block
+            .txdata
+            .iter()
+            .flat_map(|t| t.input.iter().filter_map(|i| self.pool_spent.get(&i.previous_output).copied()))
+            .collect();
+        self.remove_pool_txs(&spent)?;
         Ok(())
+    }
+
+    /// Whether `txid` is in the pool.
+    pub fn has_pool_tx(&self, txid: &Txid) -> bool {
+        self.pool.contains_key(txid)
+    }
+
+    /// A pool transaction's serialization.
+    pub fn pool_tx_bytes(&self, txid: &Txid) -> Option<&[u8]> {
+        self.pool.get(txid).map(|e| e.raw.as_slice())
+    }
+
+    /// A pool transaction.
+    pub fn pool_tx(&self, txid: &Txid) -> Option<Transaction> {
+        self.pool_tx_bytes(txid).and_then(|raw| bitcoin::consensus::deserialize(raw).ok())
+    }
+
+    /// Pool txids in arrival order.
+    pub fn pool_txids(&self) -> Vec<Txid> {
+        self.pool_order.clone()
+    }
+
+    /// Number of pool transactions and their total size in bytes.
+    pub fn pool_size(&self) -> (usize, usize) {
+        (self.pool.len(), self.pool_bytes)
     }
 }
 
@@ -579,7 +934,8 @@ mod tests {
 
         // Reopening a backend rebuilds the index.
         let mut backend = MemoryBackend::default();
-        backend.put_headers(&headers).unwrap();
+        let entries: Vec<HeaderEntry> = hashes[1..].iter().map(|h| *store.entry(h).unwrap()).collect();
+        backend.put_headers(&entries, None).unwrap();
         let b2 = store.block_bytes(&hashes[2]).unwrap().unwrap();
         backend.put_block(&hashes[2], &b2).unwrap();
         let reopened = ChainStore::open(NetParams::regtest(), Box::new(backend)).unwrap();

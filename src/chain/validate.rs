@@ -148,9 +148,15 @@ fn expected_bits(
 /// rules, then BIP 34 (the coinbase script starts with the height, as Bitcoin Core's
 /// `CScript() << nHeight` encodes it).
 pub fn check_block_in_context(block: &Block, params: &NetParams, height: u32) -> Result<(), ChainError> {
+    check_block(block).map_err(|e| ChainError::invalid_block(block.block_hash(), e))?;
+    check_block_contextual(block, params, height)
+}
+
+/// The contextual part of [`check_block_in_context`] alone (BIP 34), for a block whose
+/// context-free checks already passed.
+pub fn check_block_contextual(block: &Block, params: &NetParams, height: u32) -> Result<(), ChainError> {
     let hash = block.block_hash();
     let bad = |reason: Invalid| ChainError::invalid_block(hash, reason);
-    check_block(block).map_err(|e| bad(e.into()))?;
     if let Some(d) = deployments(params) {
         if height >= d.bip34 && block.header.version >= Version::TWO {
             let expected = bip34_prefix(height);
@@ -168,6 +174,63 @@ pub fn check_block_in_context(block: &Block, params: &NetParams, height: u32) ->
         }
     }
     Ok(())
+}
+
+/// Largest standard transaction weight (Bitcoin Core's `MAX_STANDARD_TX_WEIGHT`: 100 kvB).
+pub const MAX_STANDARD_TX_WEIGHT: u64 = 400_000;
+
+/// Most satoshis there can ever be (Bitcoin Core's `MAX_MONEY`).
+pub const MAX_MONEY: u64 = 21_000_000 * 100_000_000;
+
+/// Checks a loose transaction before it enters the pool: the context-free rules of Bitcoin
+/// Core's `CheckTransaction` (inputs and outputs non-empty, no input spent twice, output values
+/// within `MAX_MONEY`), not a coinbase, and standard size (weight ≤ 400,000, i.e. 100 kvB).
+/// Scripts and inputs' existence are not checked (there is no UTXO set).
+pub fn check_pool_tx(tx: &bitcoin::Transaction) -> Result<(), String> {
+    if tx.input.is_empty() {
+        return Err("no inputs".into());
+    }
+    if tx.output.is_empty() {
+        return Err("no outputs".into());
+    }
+    if tx.is_coinbase() {
+        return Err("a coinbase is only valid in a block".into());
+    }
+    let weight = tx.weight().to_wu();
+    if weight > MAX_STANDARD_TX_WEIGHT {
+        return Err(format!("weight {weight} is above the standard limit {MAX_STANDARD_TX_WEIGHT}"));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(tx.input.len());
+    for i in &tx.input {
+        if i.previous_output.is_null() {
+            return Err("an input spends the null outpoint".into());
+        }
+        if !seen.insert(i.previous_output) {
+            return Err(format!("input {} is spent twice", i.previous_output));
+        }
+    }
+    let mut total = 0u64;
+    for o in &tx.output {
+        let v = o.value.to_sat();
+        total = total.saturating_add(v);
+        if v > MAX_MONEY || total > MAX_MONEY {
+            return Err("output value above the money supply".into());
+        }
+    }
+    Ok(())
+}
+
+/// Checks the genesis header of a custom network learned from a peer: it must hash to the
+/// network's genesis hash and carry valid proof of work.
+pub fn check_genesis_header(params: &NetParams, header: &Header) -> Result<(), ChainError> {
+    let hash = header.block_hash();
+    if hash != params.genesis_hash {
+        return Err(ChainError::invalid_header(
+            hash,
+            Invalid::Context(format!("is not the genesis {} of {}", params.genesis_hash, params.name)),
+        ));
+    }
+    check_header_pow(header, params).map_err(|e| ChainError::invalid_header(hash, e))
 }
 
 /// The script prefix BIP 34 requires in the coinbase of the block at `height`.
@@ -240,6 +303,28 @@ mod tests {
         let mut h = next.header;
         h.prev_blockhash = h.merkle_root.to_raw_hash().into();
         assert!(context_err(&store, &h).contains("does not connect"));
+    }
+
+    #[test]
+    fn pool_rules() {
+        let (_, next) = setup();
+        let coinbase = next.txdata[0].clone();
+        assert!(check_pool_tx(&coinbase).unwrap_err().contains("coinbase"));
+        let mut tx = coinbase.clone();
+        tx.input[0].previous_output = bitcoin::OutPoint { txid: coinbase.compute_txid(), vout: 0 };
+        check_pool_tx(&tx).unwrap();
+        let mut twice = tx.clone();
+        twice.input.push(tx.input[0].clone());
+        assert!(check_pool_tx(&twice).unwrap_err().contains("twice"));
+        let mut empty = tx.clone();
+        empty.output.clear();
+        assert!(check_pool_tx(&empty).unwrap_err().contains("no outputs"));
+        let mut big = tx.clone();
+        big.output[0].script_pubkey = bitcoin::ScriptBuf::from_bytes(vec![0x51; 100_001]);
+        assert!(check_pool_tx(&big).unwrap_err().contains("weight"));
+        let mut rich = tx;
+        rich.output[0].value = bitcoin::Amount::from_sat(MAX_MONEY + 1);
+        assert!(check_pool_tx(&rich).is_err());
     }
 
     #[test]

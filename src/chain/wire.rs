@@ -34,9 +34,9 @@ pub fn unspecified_address() -> Address {
     Address::new(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), ServiceFlags::NONE)
 }
 
-/// Our `version`: no addresses, the shared user agent, `relay = false` (we do not want
-/// transaction announcements), a random nonce.
-pub fn version_message(services: ServiceFlags, start_height: u32) -> VersionMessage {
+/// Our `version`: no addresses, the shared user agent, a random nonce; `relay` says whether we
+/// want transaction announcements (a following requester does; nothing else).
+pub fn version_message(services: ServiceFlags, start_height: u32, relay: bool) -> VersionMessage {
     let now = super::mine::unix_now();
     let timestamp = i64::try_from(now - now % 60).unwrap_or(0);
     let mut v = VersionMessage::new(
@@ -49,7 +49,7 @@ pub fn version_message(services: ServiceFlags, start_height: u32) -> VersionMess
         i32::try_from(start_height).unwrap_or(i32::MAX),
     );
     v.version = PROTOCOL_VERSION;
-    v.relay = false;
+    v.relay = relay;
     v
 }
 

@@ -156,10 +156,9 @@ pub async fn run(args: &DemoArgs) -> Result<(), PeerError> {
         root.path.join("requester"),
     );
     let opts = FetchOptions {
-        chain: "regtest".into(),
         circuits: args.circuits,
         relays: args.circuit_relays,
-        deadline: Duration::from_secs(300),
+        ..FetchOptions::new(anomos_proto::btc::NetParams::regtest())
     };
     let report = fetch::fetch(node_cfg, &opts).await?;
     report.print();

@@ -1,52 +1,94 @@
 //! `anomos fetch`: join the overlay as a peer, ask the tracker for circuits to peers serving a chain, and sync
-//! that chain over them (headers first, then blocks in parallel), validating everything. A circuit that fails
-//! is reported to the tracker and replaced with fresh ones; what was already stored is kept.
+//! that chain over them (headers first, then blocks in parallel), validating everything, into the store in
+//! `<data-dir>/chain-<name>.redb`. A circuit that sends something invalid is broken and its target reported;
+//! one that stalls is broken; either is replaced with a fresh circuit from the tracker while the others go on.
+//! What was stored survives a crash: a rerun resumes and never downloads a stored block again. With
+//! `--follow`, the circuits stay open after the sync: each new block announced is fetched, validated and
+//! printed as a `tip …` line, each transaction announced as a `tx …` line.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anomos_proto::btc::NetParams;
 use anomos_proto::ids::ChainId;
 use anomos_proto::tracker::CircuitRequest;
 use clap::Args;
-use tracing::{info, warn};
+use tracing::info;
 
+use super::chain::NetArgs;
 use super::{launch, NodeArgs};
-use crate::chain::sync::{sync_with, SyncOptions, SyncPhase, SyncProgress};
-use crate::chain::{self, ChainStore};
+use crate::chain::sync::{run_sync, CircuitSource, SyncEvent, SyncOptions, SyncPhase};
+use crate::chain::{self, SharedStore};
+use crate::circuit::endpoint::CircuitStream;
 use crate::config::PeerConfig;
 use crate::error::PeerError;
+use crate::node::Node;
 
 /// Flags of `anomos fetch`.
 #[derive(Args, Debug, Clone)]
 pub struct FetchArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Chain to fetch.
+    /// Chain to fetch (mainnet, testnet3, testnet4, signet, regtest, or a custom network's name with
+    /// --network-magic and --genesis).
     #[arg(long, default_value = "regtest")]
     pub chain: String,
-    /// Circuits to sync over in parallel, to distinct serving peers.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Circuits to sync over in parallel, to distinct serving peers (as many as the tracker finds, up to this).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
     pub circuits: u8,
     /// Relays per circuit (hops = relays + 1).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=6))]
     pub relays: u8,
-    /// Give up after this many seconds.
+    /// Blocks requested and not yet received, per circuit.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub window: u16,
+    /// A circuit with requests outstanding that delivers no block for this many seconds is replaced.
+    #[arg(long, default_value_t = 10.0)]
+    pub stall_timeout: f64,
+    /// Give up if the initial sync is not done after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Keep the circuits open after the sync and follow new blocks and announced transactions.
+    #[arg(long)]
+    pub follow: bool,
 }
 
 /// What to fetch and how.
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
-    /// Chain name.
-    pub chain: String,
+    /// The network.
+    pub params: NetParams,
     /// Parallel circuits.
     pub circuits: u8,
     /// Relays per circuit.
     pub relays: u8,
-    /// Overall deadline.
+    /// Deadline of the initial sync.
     pub deadline: Duration,
+    /// Blocks in flight per circuit.
+    pub window: usize,
+    /// Stall timeout.
+    pub stall_timeout: Duration,
+    /// Follow after the initial sync (never returns then).
+    pub follow: bool,
+}
+
+impl FetchOptions {
+    /// Defaults for `params`: 4 circuits of 2 relays, 300 s, window 16, 10 s stall timeout.
+    pub fn new(params: NetParams) -> FetchOptions {
+        FetchOptions {
+            params,
+            circuits: 4,
+            relays: 2,
+            deadline: Duration::from_secs(300),
+            window: 16,
+            stall_timeout: Duration::from_secs(10),
+            follow: false,
+        }
+    }
 }
 
 /// What a fetch did.
@@ -54,14 +96,20 @@ pub struct FetchOptions {
 pub struct FetchReport {
     /// Chain name.
     pub chain: String,
-    /// Hops of each circuit used (of the last, successful attempt).
+    /// Hops of each circuit used.
     pub hops: Vec<usize>,
-    /// Circuits that failed and were replaced.
+    /// Circuits added after the start (replacing ones that failed or stalled).
     pub replaced: usize,
     /// Headers stored.
     pub headers: u64,
-    /// Blocks stored and validated.
+    /// Blocks downloaded, validated and stored by this run.
     pub blocks: u64,
+    /// Blocks in the store before this run (genesis not counted).
+    pub stored_before: u64,
+    /// Blocks requested by this run.
+    pub requested: u64,
+    /// Blocks received that were already stored.
+    pub refetched: u64,
     /// Bytes received (Bitcoin envelopes).
     pub bytes: u64,
     /// Best height.
@@ -70,13 +118,16 @@ pub struct FetchReport {
     pub tip: String,
     /// Wall time from start to done.
     pub elapsed: Duration,
+    /// Time of the sync itself (circuits open to done).
+    pub sync_time: Duration,
 }
 
 impl FetchReport {
     /// Prints the summary.
     pub fn print(&self) {
         println!(
-            "fetched chain={} headers={} blocks={} bytes={} height={} tip={} circuits={} hops={:?} replaced={} time={:.2}s",
+            "fetched chain={} headers={} blocks={} bytes={} height={} tip={} circuits={} hops={:?} replaced={} \
+             stored_before={} requested={} refetched={} sync_time={:.2}s time={:.2}s",
             self.chain,
             self.headers,
             self.blocks,
@@ -86,58 +137,163 @@ impl FetchReport {
             self.hops.len(),
             self.hops,
             self.replaced,
+            self.stored_before,
+            self.requested,
+            self.refetched,
+            self.sync_time.as_secs_f64(),
             self.elapsed.as_secs_f64()
         );
         println!(
-            "validated: header linkage, proof of work, difficulty, timestamps, merkle roots, witness commitments, BIP34 heights"
+            "validated: header linkage, proof of work, difficulty, timestamps, merkle roots, witness commitments, \
+             sizes, duplicate txs, BIP34 heights"
         );
+        flush();
     }
+}
+
+fn flush() {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
 }
 
 fn unix_ms() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
 
-/// Runs a fetch with a fresh peer started from `cfg`.
-pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, PeerError> {
+/// Opens circuits: waits for the node's links, asks the tracker, retries until some open or `deadline`. While
+/// the overlay is still forming the tracker may find fewer serving peers than asked for: fewer are taken only
+/// after [`FILL_WAIT`] of asking. Returns the circuits that opened and how many the tracker issued (distinct
+/// serving peers it found): the sync keeps that many open, replacing any that did not open or fail later.
+async fn initial_circuits(
+    node: &Arc<Node>,
+    req: &CircuitRequest,
+    deadline: Instant,
+) -> Result<(Vec<CircuitStream>, usize), PeerError> {
+    let mut best: Vec<CircuitStream> = Vec::new();
+    let mut issued_max = 0;
+    let mut first_success: Option<Instant> = None;
     let started = Instant::now();
-    let params =
-        NetParams::by_name(&opts.chain).ok_or_else(|| PeerError::Config(format!("unknown chain {:?}", opts.chain)))?;
-    let chain_id = ChainId::new(&params.name).map_err(|e| PeerError::Config(e.to_string()))?;
-    let store = chain::shared(ChainStore::new(params.clone())?);
-    let node = launch(cfg, None).await?;
-    let deadline = started + opts.deadline;
-    let tty = std::io::stdout().is_terminal();
-    let mut replaced = 0usize;
-    let mut totals = (0u64, 0u64, 0u64);
+    let (mut last_links, mut links_changed) = (0, Instant::now());
     loop {
         if Instant::now() > deadline {
             return Err(PeerError::Timeout("fetch deadline"));
         }
-        // Circuits need the requester's own links up; the tracker needs a serving peer announced.
-        if node.link_count() == 0 {
+        // Circuits need the requester's own links up: all of them, or as many as came up until no new one did
+        // for a while (a restarted peer's neighbors reconnect one by one; a dead neighbor never does). The
+        // tracker needs a serving peer announced.
+        let links = node.link_count();
+        if links != last_links {
+            (last_links, links_changed) = (links, Instant::now());
+        }
+        let settled = links >= node.neighbor_count() || links_changed.elapsed() >= LINKS_SETTLE;
+        if links == 0 || (!settled && started.elapsed() < LINK_WAIT) {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        let req = CircuitRequest { chain: chain_id.clone(), count: opts.circuits, relays: opts.relays };
-        let streams = match node.request_circuits(req).await {
-            Ok(s) if !s.is_empty() => s,
-            Ok(_) => {
-                info!("no circuit could be opened yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
+        match node.request_grants(req.clone()).await {
+            Ok(grants) if !grants.is_empty() => {
+                issued_max = issued_max.max(grants.len());
+                let opened = crate::node::futures_join_all(grants.iter().map(|g| node.open_circuit(g))).await;
+                let mut streams = Vec::new();
+                for r in opened {
+                    match r {
+                        Ok(s) => streams.push(s),
+                        Err(e) => info!("circuit did not open: {e}"),
+                    }
+                }
+                if !streams.is_empty() {
+                    first_success.get_or_insert_with(Instant::now);
+                }
+                if streams.len() > best.len() {
+                    best = streams;
+                }
             }
-            Err(e) => {
-                info!("circuit request failed ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
+            Ok(_) => info!("no circuit issued yet; retrying"),
+            Err(e) => info!("circuit request failed ({e}); retrying"),
+        }
+        let waited = first_success.is_some_and(|t| t.elapsed() >= FILL_WAIT);
+        if best.len() >= usize::from(req.count) || (waited && !best.is_empty()) {
+            return Ok((best, issued_max));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How long to keep asking for the full number of circuits once some opened.
+pub const FILL_WAIT: Duration = Duration::from_secs(3);
+
+/// How long to wait for links to all our neighbors before asking for circuits anyway.
+pub const LINK_WAIT: Duration = Duration::from_secs(10);
+
+/// Links count as settled when no new one came up for this long.
+pub const LINKS_SETTLE: Duration = Duration::from_secs(2);
+
+/// A [`CircuitSource`] asking the tracker (through `node`) for replacement circuits.
+pub fn circuit_source(node: Arc<Node>, chain: ChainId, relays: u8) -> CircuitSource {
+    Box::new(move |n| {
+        let (node, chain) = (node.clone(), chain.clone());
+        Box::pin(async move {
+            let count = u8::try_from(n).unwrap_or(u8::MAX).max(1);
+            match node.request_circuits(CircuitRequest { chain, count, relays }).await {
+                Ok(s) => s,
+                Err(e) => {
+                    info!("replacement circuit request failed: {e}");
+                    Vec::new()
+                }
             }
-        };
-        let hops: Vec<usize> = streams.iter().map(|s| s.hops).collect();
-        info!(circuits = streams.len(), ?hops, "circuits open; syncing");
-        let mut last_print = Instant::now();
-        let progress = |p: SyncProgress| {
-            if last_print.elapsed() >= Duration::from_millis(if tty { 100 } else { 1000 }) {
+        })
+    })
+}
+
+/// Runs a fetch with a fresh peer started from `cfg`, into the store in its data directory.
+pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, PeerError> {
+    let started = Instant::now();
+    let params = opts.params.clone();
+    let chain_id = ChainId::new(&params.name).map_err(|e| PeerError::Config(e.to_string()))?;
+    super::ensure_private_dir(&cfg.data_dir)?;
+    let store: SharedStore = chain::shared(chain::open_store(&cfg.data_dir, &params)?);
+    let stored_before = {
+        let s = chain::read(&store);
+        let (tip, height) = s.best_tip();
+        let blocks = s.block_count().saturating_sub(1) as u64;
+        println!(
+            "store chain={} path={} headers={} blocks={blocks} height={height} tip={tip}",
+            params.name,
+            chain::store_path(&cfg.data_dir, &params).display(),
+            s.header_count().saturating_sub(1)
+        );
+        blocks
+    };
+    let node = launch(cfg, None).await?;
+    let deadline = started + opts.deadline;
+    let req = CircuitRequest { chain: chain_id.clone(), count: opts.circuits, relays: opts.relays };
+    let (streams, issued) = initial_circuits(&node, &req, deadline).await?;
+    let sync_started = Instant::now();
+    let mut hops: Vec<usize> = streams.iter().map(|s| s.hops).collect();
+    info!(circuits = streams.len(), ?hops, "circuits open; syncing");
+    let sync_opts = SyncOptions {
+        window: opts.window,
+        stall_timeout: opts.stall_timeout,
+        follow: opts.follow,
+        // As many circuits as the tracker found distinct serving peers; lost ones are replaced.
+        circuits: issued.max(streams.len()),
+        ..SyncOptions::default()
+    };
+    let tty = std::io::stdout().is_terminal();
+    let mut last_print = Instant::now();
+    let synced = Arc::new(AtomicBool::new(false));
+    let synced_flag = synced.clone();
+    let follow = opts.follow;
+    let name = params.name.clone();
+    let mut added_hops = Vec::new();
+    // The first stored block is reported at once (then at most once a second, or 10/s on a terminal), so a
+    // watcher knows blocks are flowing even when a sync takes under a second.
+    let mut first_block_reported = false;
+    let on_event = |e: SyncEvent| match e {
+        SyncEvent::Progress(p) => {
+            let first_block = !first_block_reported && p.phase == SyncPhase::Blocks && p.blocks_done > 0;
+            if first_block || last_print.elapsed() >= Duration::from_millis(if tty { 100 } else { 1000 }) {
+                first_block_reported |= first_block;
                 last_print = Instant::now();
                 match p.phase {
                     SyncPhase::Headers => println!("progress headers height={}", p.header_height),
@@ -145,54 +301,81 @@ pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, 
                         println!("progress blocks={}/{} bytes={}", p.blocks_done, p.blocks_total, p.bytes)
                     }
                 }
-            }
-        };
-        let opts_sync = SyncOptions::default();
-        match sync_with(streams, &params, &store, &opts_sync, progress).await {
-            Ok(report) => {
-                totals.0 += report.headers;
-                totals.1 += report.blocks;
-                totals.2 += report.bytes;
-                replaced += report.peer_errors.len();
-                for (i, e) in &report.peer_errors {
-                    println!("event circuit-failed unix_ms={} circuit={i} error={e}", unix_ms());
-                }
-                return Ok(FetchReport {
-                    chain: params.name.clone(),
-                    hops,
-                    replaced,
-                    headers: totals.0,
-                    blocks: totals.1,
-                    bytes: totals.2,
-                    height: report.height,
-                    tip: report.tip.to_string(),
-                    elapsed: started.elapsed(),
-                });
-            }
-            Err(e) => {
-                // Everything stored so far stays; fresh circuits (the tracker now avoids what was reported)
-                // continue from there.
-                println!("event circuit-failed unix_ms={} error={e}", unix_ms());
-                warn!("sync over these circuits failed: {e}; requesting fresh circuits");
-                replaced += hops.len();
-                {
-                    let s = chain::read(&store);
-                    totals.1 = s.block_count().saturating_sub(1) as u64;
-                    totals.0 = s.header_count().saturating_sub(1) as u64;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                flush();
             }
         }
-    }
+        SyncEvent::CircuitFailed { circuit, error, misbehaving } => {
+            println!(
+                "event circuit-failed unix_ms={} circuit={circuit} misbehaving={misbehaving} error={error}",
+                unix_ms()
+            );
+            flush();
+        }
+        SyncEvent::CircuitAdded { circuit, hops } => {
+            added_hops.push(hops);
+            println!("event circuit-added unix_ms={} circuit={circuit} hops={hops}", unix_ms());
+            flush();
+        }
+        SyncEvent::Synced { height, tip, blocks } => {
+            synced_flag.store(true, Ordering::Relaxed);
+            if follow {
+                println!(
+                    "synced chain={name} height={height} tip={tip} blocks={blocks} time={:.2}s; following",
+                    sync_started.elapsed().as_secs_f64()
+                );
+                flush();
+            }
+        }
+        SyncEvent::NewTip { height, hash } => {
+            println!("tip height={height} hash={hash} unix_ms={}", unix_ms());
+            flush();
+        }
+        SyncEvent::Tx(txid) => {
+            println!("tx txid={txid} unix_ms={}", unix_ms());
+            flush();
+        }
+    };
+    let source = circuit_source(node.clone(), chain_id, opts.relays);
+    let sync = run_sync(streams, &params, &store, &sync_opts, Some(source), on_event);
+    // The deadline applies to the initial sync only.
+    let watchdog = async {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+        if synced.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
+    let report = tokio::select! {
+        r = sync => r?,
+        () = watchdog => return Err(PeerError::Timeout("fetch deadline")),
+    };
+    hops.extend(added_hops);
+    Ok(FetchReport {
+        chain: params.name.clone(),
+        hops,
+        replaced: report.replaced,
+        headers: report.headers,
+        blocks: report.blocks,
+        stored_before,
+        requested: report.requested,
+        refetched: report.refetched,
+        bytes: report.bytes,
+        height: report.height,
+        tip: report.tip.to_string(),
+        elapsed: started.elapsed(),
+        sync_time: sync_started.elapsed(),
+    })
 }
 
 /// Runs `anomos fetch`.
 pub async fn run(args: &FetchArgs) -> Result<(), PeerError> {
     let opts = FetchOptions {
-        chain: args.chain.clone(),
+        params: args.net.params(&args.chain)?,
         circuits: args.circuits,
         relays: args.relays,
         deadline: Duration::from_secs(args.timeout),
+        window: usize::from(args.window),
+        stall_timeout: Duration::from_secs_f64(args.stall_timeout.clamp(0.5, 3600.0)),
+        follow: args.follow,
     };
     let report = fetch(args.node.config(), &opts).await?;
     report.print();

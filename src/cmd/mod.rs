@@ -1,9 +1,12 @@
 //! The command-line surface: one module per subcommand, plus what they share (node flags, start-up).
 
+pub mod bench;
+pub mod chain;
 pub mod demo;
 pub mod fetch;
 pub mod keygen;
 pub mod peer;
+pub mod send_tx;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +55,38 @@ pub struct NodeArgs {
     /// Most cells queued on one link in total.
     #[arg(long, default_value_t = 65_536)]
     pub link_queue_cap: usize,
+    /// Most cells queued on all links together: the node's buffer budget (about 4.2 KB per cell). Circuits
+    /// whose cells would exceed it are broken with `resources`.
+    #[arg(long, value_name = "CELLS", default_value_t = 131_072)]
+    pub max_queued_cells: usize,
+    /// Seconds without any cell from a neighbor (or without progress writing to it) after which its link is
+    /// considered dead and its circuits are broken.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = crate::cmd::parse_secs)]
+    pub link_idle_timeout: Duration,
+    /// Seconds of silence on a link after which we send PADDING (must be below --link-idle-timeout).
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = crate::cmd::parse_secs)]
+    pub keepalive: Duration,
+    /// Seconds an incoming connection has to complete its handshake (or probe) before it is closed.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = crate::cmd::parse_secs)]
+    pub handshake_timeout: Duration,
+    /// Most incoming connections at once on the listening port (handshakes, links, probes).
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub max_conns: usize,
+    /// Most incoming connections at once from one IP address (on a single-host test overlay, at least the
+    /// number of peers).
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub max_conns_per_ip: usize,
+    /// OPENs per second a neighbor may send on its link (each costs an RSA decryption); more are denied
+    /// with `circuit-limit` without being peeled.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub open_rate: u32,
+    /// Burst of OPENs allowed above --open-rate. A neighbor that keeps sending OPENs after being refused
+    /// for rate (another burst's worth) has its link closed.
+    #[arg(long, value_name = "N", default_value_t = 400)]
+    pub open_burst: u32,
+    /// Seconds between `stats` log lines (links, circuits, queued cells, counters); 0 = never.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = crate::cmd::parse_secs_or_zero)]
+    pub stats_interval: Duration,
     /// Debug: append every relayed DATA payload (before/after this hop's layer) to FILE.
     #[arg(long, value_name = "FILE", hide = true)]
     pub cell_trace: Option<PathBuf>,
@@ -67,6 +102,15 @@ impl NodeArgs {
         c.max_links = self.max_links;
         c.circuit_window = self.circuit_window;
         c.link_queue_cap = self.link_queue_cap;
+        c.max_queued_cells = self.max_queued_cells;
+        c.link_idle_timeout = self.link_idle_timeout;
+        c.keepalive = self.keepalive;
+        c.handshake_timeout = self.handshake_timeout;
+        c.max_conns = self.max_conns;
+        c.max_conns_per_ip = self.max_conns_per_ip;
+        c.open_rate = self.open_rate;
+        c.open_burst = self.open_burst;
+        c.stats_interval = self.stats_interval;
         c.cell_trace = self.cell_trace.clone();
         c
     }
@@ -77,6 +121,22 @@ pub fn parse_key_bits(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(b) if identity::ALLOWED_KEY_BITS.contains(&b) => Ok(b),
         _ => Err(format!("{s}: key size must be 2048 or 3072")),
+    }
+}
+
+/// Parses a positive number of seconds (fractions allowed, e.g. `0.5`).
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    match parse_secs_or_zero(s)? {
+        d if d.is_zero() => Err(format!("{s}: must be more than 0 seconds")),
+        d => Ok(d),
+    }
+}
+
+/// Parses a number of seconds, zero allowed (fractions allowed; at most one day).
+pub fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!("{s}: a number of seconds (0..=86400) expected")),
     }
 }
 
@@ -96,6 +156,7 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), PeerError> {
 /// Loads or creates the identity, fetches and checks the tracker key, binds and starts the node, and prints
 /// the `anomos peer ready …` line on stdout.
 pub async fn launch(cfg: PeerConfig, service: Option<Arc<dyn Service>>) -> Result<Arc<Node>, PeerError> {
+    cfg.validate().map_err(PeerError::Config)?;
     let pinned = Fingerprint::from_hex(&cfg.tracker_fp).map_err(|e| PeerError::Config(format!("--tracker-fp: {e}")))?;
     ensure_private_dir(&cfg.data_dir)?;
     let key_path = cfg.data_dir.join("peer.key");

@@ -1,14 +1,21 @@
 //! `anomos peer`: relay for the overlay and, with `--serve`, serve a chain to circuits that end here.
+//!
+//! A served chain lives in `<data-dir>/chain-<name>.redb` (see [`crate::chain::db`]): blocks
+//! imported with `anomos chain import` or mined here survive restarts. On regtest the peer can
+//! mine at start (`--mine N`: up to height N) and then every `--mine-interval` seconds,
+//! announcing each new block on every open circuit; mined blocks also take the pool's
+//! transactions.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use anomos_proto::btc::NetParams;
 use anomos_proto::ids::ChainId;
 use clap::Args;
-use tracing::info;
+use tracing::{info, warn};
 
+use super::chain::NetArgs;
 use super::{launch, NodeArgs};
-use crate::chain::{self, ChainService, ChainStore};
+use crate::chain::{self, ChainService, Misbehave, SharedStore};
 use crate::error::PeerError;
 use crate::node::Service;
 
@@ -17,56 +24,169 @@ use crate::node::Service;
 pub struct PeerArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// Serve this chain to circuits that end here (mainnet, testnet3, testnet4, signet, regtest).
+    /// Serve this chain to circuits that end here (mainnet, testnet3, testnet4, signet, regtest, or a custom
+    /// network's name with --network-magic and --genesis). Stored in <data-dir>/chain-<name>.redb.
     #[arg(long, value_name = "CHAIN")]
     pub serve: Option<String>,
-    /// Mine this many regtest blocks at start (needs `--serve regtest`).
+    #[command(flatten)]
+    pub net: NetArgs,
+    /// Mine regtest blocks at start until the chain is this high (needs `--serve regtest`).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub mine: u32,
-    /// Extra transactions in each mined block (makes blocks bigger).
+    /// Extra transactions in each mined block (1-in-2-out P2WPKH-shaped, 222 bytes each: 100 make ~22 KB blocks).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub mine_txs: usize,
+    /// Mine a new regtest block every SECS seconds and announce it on every open circuit.
+    #[arg(long, value_name = "SECS")]
+    pub mine_interval: Option<f64>,
+    /// FOR TESTS ONLY: serve lies (bad-merkle, bad-pow, wrong-block) so requesters' detection can be tested.
+    #[arg(long, value_name = "MODE", hide = true)]
+    pub misbehave: Option<Misbehave>,
+    /// Serve `--serve CHAIN` from a Bitcoin node's P2P port instead of our own store: each incoming circuit is
+    /// joined to a new connection to HOST:PORT, messages relayed unchanged (but see --bridge-scrub-version).
+    #[arg(long, value_name = "HOST:PORT", requires = "serve")]
+    pub upstream: Option<String>,
+    /// Open a local port for unmodified Bitcoin-P2P clients: each connection is carried over a new circuit to a
+    /// peer serving --bridge-chain.
+    #[arg(long, value_name = "ADDR")]
+    pub bridge: Option<std::net::SocketAddr>,
+    /// Chain the bridge's clients speak.
+    #[arg(long, value_name = "CHAIN", default_value = "regtest")]
+    pub bridge_chain: String,
+    /// Relays per bridge circuit (hops = relays + 1).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=6))]
+    pub bridge_relays: u8,
+    /// Clear the addresses in `version` messages crossing a bridge (an unmodified node may put a routable
+    /// address there). `false` relays every message byte for byte.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub bridge_scrub_version: bool,
 }
 
 /// The chain a peer serves and the service that serves it.
-pub type Served = (ChainId, Arc<dyn Service>);
+pub type Served = (ChainId, ChainService);
 
-/// Builds the chain service `--serve`/`--mine` ask for.
+/// Opens the store and builds the chain service `--serve`/`--mine` ask for.
 pub fn service(args: &PeerArgs) -> Result<Option<Served>, PeerError> {
     let Some(name) = &args.serve else {
-        if args.mine > 0 {
-            return Err(PeerError::Config("--mine needs --serve regtest".into()));
+        if args.mine > 0 || args.mine_interval.is_some() {
+            return Err(PeerError::Config("--mine and --mine-interval need --serve regtest".into()));
         }
         return Ok(None);
     };
-    let params =
-        NetParams::by_name(name).ok_or_else(|| PeerError::Config(format!("--serve: unknown chain {name:?}")))?;
+    let params = args.net.params(name)?;
     let chain = ChainId::new(&params.name).map_err(|e| PeerError::Config(format!("--serve: {e}")))?;
-    let mut store = ChainStore::new(params.clone())?;
-    if args.mine > 0 {
-        if params.name != "regtest" {
-            return Err(PeerError::Config("--mine works only with --serve regtest".into()));
-        }
-        let t = std::time::Instant::now();
-        chain::mine::mine_regtest(&mut store, args.mine, args.mine_txs)?;
-        let (tip, height) = store.best_tip();
-        info!(blocks = args.mine, height, %tip, ms = t.elapsed().as_millis() as u64, "mined regtest blocks");
+    let regtest = params.network == Some(bitcoin::Network::Regtest);
+    if (args.mine > 0 || args.mine_interval.is_some()) && !regtest {
+        return Err(PeerError::Config("--mine and --mine-interval work only with --serve regtest".into()));
     }
-    Ok(Some((chain, Arc::new(ChainService::new(chain::shared(store))))))
+    let path = chain::store_path(&args.node.data_dir, &params);
+    super::ensure_private_dir(&args.node.data_dir)?;
+    let mut store = chain::open_store(&args.node.data_dir, &params)?;
+    let have = store.best_tip().1;
+    if args.mine > have {
+        let t = std::time::Instant::now();
+        store.set_durable(false);
+        chain::mine::mine_regtest(&mut store, args.mine - have, args.mine_txs)?;
+        store.set_durable(true);
+        store.flush()?;
+        let (tip, height) = store.best_tip();
+        info!(blocks = args.mine - have, height, %tip, ms = t.elapsed().as_millis() as u64, "mined regtest blocks");
+    }
+    let (tip, height) = store.best_tip();
+    println!(
+        "serving chain={} height={height} tip={tip} blocks={} store={}",
+        params.name,
+        store.block_count().saturating_sub(1),
+        path.display()
+    );
+    let svc = ChainService::new(chain::shared(store)).with_misbehave(args.misbehave);
+    if let Some(m) = args.misbehave {
+        warn!(mode = ?m, "TEST MODE: this peer serves invalid data on purpose");
+    }
+    Ok(Some((chain, svc)))
+}
+
+/// Mines a regtest block (with pool transactions) on the tip every `interval` and announces it.
+pub fn spawn_miner(svc: ChainService, interval: Duration, txs_per_block: usize) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            tick.tick().await;
+            let store: SharedStore = svc.store().clone();
+            let mined = tokio::task::spawn_blocking(move || {
+                let mut s = chain::write(&store);
+                let pool: Vec<bitcoin::Transaction> =
+                    s.pool_txids().iter().take(2000).filter_map(|t| s.pool_tx(t)).collect();
+                let n = pool.len();
+                let tip = s.best_tip().0;
+                chain::mine_block(&mut s, tip, txs_per_block, pool).map(|b| (b, n, s.best_tip().1))
+            })
+            .await;
+            match mined {
+                Ok(Ok((block, pool_txs, height))) => {
+                    let hash = block.block_hash();
+                    println!(
+                        "mined height={height} hash={hash} txs={} pool_txs={pool_txs} size={}",
+                        block.txdata.len(),
+                        block.total_size()
+                    );
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                    svc.announce_block(hash);
+                }
+                Ok(Err(e)) => warn!("mining failed: {e}"),
+                Err(e) => warn!("mining task failed: {e}"),
+            }
+        }
+    });
 }
 
 /// Runs `anomos peer` until interrupted.
 pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
     let mut cfg = args.node.config();
-    let svc = service(args)?;
-    let svc = match svc {
-        Some((chain, s)) => {
-            cfg.serve = vec![chain];
-            Some(s)
+    let bridge_opts = crate::bridge::BridgeOptions { scrub_version: args.bridge_scrub_version, ..Default::default() };
+    let upstream = match (&args.upstream, &args.serve) {
+        (Some(up), Some(name)) => {
+            if args.mine > 0 || args.mine_interval.is_some() {
+                return Err(PeerError::Config("--mine cannot be used with --upstream".into()));
+            }
+            let params = args.net.params(name)?;
+            cfg.serve = vec![ChainId::new(&params.name).map_err(|e| PeerError::Config(format!("--serve: {e}")))?];
+            let svc = crate::bridge::UpstreamService::with_options(up.clone(), params, bridge_opts.clone());
+            Some(Arc::new(svc) as Arc<dyn Service>)
         }
-        None => None,
+        _ => None,
     };
-    let _node = launch(cfg, svc).await?;
+    let svc = if upstream.is_some() {
+        upstream
+    } else {
+        match service(args)? {
+            Some((chain, s)) => {
+                cfg.serve = vec![chain];
+                if let Some(secs) = args.mine_interval {
+                    if !(0.05..=86_400.0).contains(&secs) {
+                        return Err(PeerError::Config("--mine-interval must be between 0.05 and 86400 seconds".into()));
+                    }
+                    spawn_miner(s.clone(), Duration::from_secs_f64(secs), args.mine_txs);
+                }
+                Some(Arc::new(s) as Arc<dyn Service>)
+            }
+            None => None,
+        }
+    };
+    let node = launch(cfg, svc).await?;
+    if let Some(listen) = args.bridge {
+        let params = args.net.params(&args.bridge_chain)?;
+        let b =
+            crate::bridge::ClientBridge::bind(node.clone(), listen, params.clone(), args.bridge_relays, bridge_opts)
+                .await?;
+        println!("anomos bridge ready listen={} chain={}", b.local_addr(), params.name);
+        tokio::spawn(async move {
+            if let Err(e) = b.run().await {
+                tracing::warn!("bridge stopped: {e}");
+            }
+        });
+    }
     wait_for_shutdown().await;
     info!("shutting down");
     Ok(())

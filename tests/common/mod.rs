@@ -188,3 +188,102 @@ impl Overlay {
 pub fn unix_ms() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
 }
+
+/// Runs `anomos <args>` to completion (stderr to `<dir>/<name>.log`); returns (success, stdout, log).
+pub fn run(name: &str, args: &[&str], dir: &Path, timeout: Duration) -> (bool, String, String) {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = Command::new(exe())
+        .args(args)
+        .env("RUST_LOG", std::env::var("ANOMOS_TEST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            s.push_str(&l);
+            s.push('\n');
+        }
+        s
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = reader.join().unwrap_or_default();
+    (status.is_some_and(|s| s.success()), stdout, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// Waits up to `timeout` for a stdout line of `p` that satisfies `pred`; every line seen is appended to
+/// `seen`.
+pub fn wait_line(p: &Proc, seen: &mut Vec<String>, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        match p.stdout.recv_timeout(left) {
+            Ok(l) => {
+                seen.push(l.clone());
+                if pred(&l) {
+                    return Some(l);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => return None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
+
+/// The value of `key=` in a `key=value …` line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let k = format!("{key}=");
+    line.split_whitespace().find_map(|w| w.strip_prefix(k.as_str()))
+}
+
+impl Overlay {
+    /// Starts `anomos fetch` with extra flags as a background process (it prints a ready line first).
+    pub fn spawn_fetch(&self, name: &str, extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = vec!["fetch".into()];
+        args.extend(self.peer_args(name));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        spawn(name, &a, self.dir.path())
+    }
+
+    /// Runs `anomos fetch` with extra flags to completion, listening on `listen` (e.g. the address of an earlier
+    /// run with the same data dir, as a restarted peer with a fixed port would); returns (success, stdout, log).
+    pub fn fetch_at(&self, name: &str, listen: &str, extra: &[&str], timeout: Duration) -> (bool, String, String) {
+        let mut args: Vec<String> = vec!["fetch".into()];
+        args.extend(self.peer_args(name).into_iter().map(|a| if a == "127.0.0.1:0" { listen.to_string() } else { a }));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(name, &a, self.dir.path(), timeout)
+    }
+
+    /// Runs another `anomos` command that joins the overlay (`send-tx`) to completion.
+    pub fn run_peer_cmd(&self, cmd: &str, name: &str, extra: &[&str], timeout: Duration) -> (bool, String, String) {
+        let mut args: Vec<String> = vec![cmd.into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(self.peer_args(name));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(name, &a, self.dir.path(), timeout)
+    }
+
+    /// The data directory of peer `name`.
+    pub fn data_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
