@@ -8,6 +8,7 @@
 //! * [`chain`]: the Bitcoin node on top of circuits (store, validation, serving, sync).
 //! * [`cmd`]: the command-line surface (`peer`, `fetch`, `demo`, `keygen`).
 
+pub mod bridge;
 pub mod chain;
 pub mod circuit;
 pub mod cmd;

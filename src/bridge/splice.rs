@@ -1,0 +1,242 @@
+//! Joining one TCP connection to one circuit, envelope by envelope, both ways.
+
+use std::fmt;
+
+use anomos_proto::btc::envelope::checksum;
+use anomos_proto::btc::{BtcError, Envelope, EnvelopeHeader, EnvelopeReader, HEADER_LEN};
+use anomos_proto::cell::BreakReason;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::scrub::scrub_version_payload;
+use super::BridgeStats;
+use crate::circuit::endpoint::{CircuitSender, CircuitStream};
+use crate::error::PeerError;
+
+/// Bytes asked of the socket per read (the envelope reader bounds what is buffered in total).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a bridged connection ended.
+#[derive(Debug)]
+pub enum End {
+    /// The TCP side closed its connection.
+    TcpClosed,
+    /// Reading from or writing to TCP failed.
+    TcpError(std::io::Error),
+    /// The TCP side sent bytes that are not a valid envelope of our network (bad magic, command, length or
+    /// checksum).
+    BadTcpData(BtcError),
+    /// The circuit ended (the other end closed it, or it broke).
+    CircuitClosed(BreakReason),
+    /// The circuit failed otherwise.
+    CircuitError(String),
+    /// The circuit delivered a message that is not exactly one valid envelope of our network.
+    BadCircuitData(String),
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            End::TcpClosed => write!(f, "tcp side closed"),
+            End::TcpError(e) => write!(f, "tcp error: {e}"),
+            End::BadTcpData(e) => write!(f, "tcp side sent an invalid envelope: {e}"),
+            End::CircuitClosed(r) => write!(f, "circuit ended: {r}"),
+            End::CircuitError(e) => write!(f, "circuit error: {e}"),
+            End::BadCircuitData(e) => write!(f, "circuit delivered an invalid envelope: {e}"),
+        }
+    }
+}
+
+fn circuit_end(e: PeerError) -> End {
+    match e {
+        PeerError::Broken(r) => End::CircuitClosed(r),
+        other => End::CircuitError(other.to_string()),
+    }
+}
+
+/// Checks that a circuit message is exactly one envelope of the network with `magic`: magic, command bytes,
+/// length field (at most [`MAX_PAYLOAD`](anomos_proto::btc::MAX_PAYLOAD), equal to what follows the header)
+/// and checksum. Does not copy the payload.
+pub fn check_circuit_envelope(msg: &[u8], magic: [u8; 4]) -> Result<(), String> {
+    let header = EnvelopeHeader::decode(msg).map_err(|e| e.to_string())?;
+    if header.magic != magic {
+        return Err(BtcError::BadMagic { expected: magic, got: header.magic }.to_string());
+    }
+    let payload = msg.get(HEADER_LEN..).unwrap_or_default();
+    if payload.len() != header.length as usize {
+        return Err(format!(
+            "'{}' envelope of {} payload bytes claims {}",
+            header.command.escape_default(),
+            payload.len(),
+            header.length
+        ));
+    }
+    let computed = checksum(payload);
+    if computed != header.checksum {
+        return Err(BtcError::BadChecksum { command: header.command, header: header.checksum, computed }.to_string());
+    }
+    Ok(())
+}
+
+/// Which bridge a splice runs in (for logs and for how a bad circuit message is blamed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// The client bridge: the circuit's other end is a serving peer.
+    Client,
+    /// The upstream service: the circuit's other end is a requester.
+    Upstream,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Client => "client bridge",
+            Side::Upstream => "upstream",
+        }
+    }
+
+    /// How to break a circuit that delivered garbage. A serving peer forwards only envelopes it validated
+    /// itself, so garbage from it is misbehaviour (reported to the tracker); a requester's garbage is a
+    /// protocol error.
+    fn blame(self) -> BreakReason {
+        match self {
+            Side::Client => BreakReason::Misbehaving,
+            Side::Upstream => BreakReason::Protocol,
+        }
+    }
+}
+
+/// How a splice runs.
+pub(crate) struct SpliceCtx<'a> {
+    pub side: Side,
+    pub magic: [u8; 4],
+    pub scrub_version: bool,
+    pub stats: &'a BridgeStats,
+    /// For log lines: the TCP peer.
+    pub label: String,
+}
+
+/// The wire bytes to send into the circuit for an envelope read from TCP: the bytes received (a decoded
+/// envelope re-encodes exactly), with the `version` address fields cleared if asked.
+pub(crate) fn outgoing(mut env: Envelope, ctx: &SpliceCtx<'_>) -> Result<Vec<u8>, End> {
+    if ctx.scrub_version && env.command == "version" && scrub_version_payload(&mut env.payload) {
+        BridgeStats::bump(&ctx.stats.versions_scrubbed, 1);
+        debug!(side = ctx.side.name(), "cleared the address fields of a 'version'");
+    }
+    // Cannot fail for a decoded envelope; mapped rather than unwrapped all the same.
+    env.try_encode().map_err(End::BadTcpData)
+}
+
+/// Sends one envelope read from TCP into the circuit (waiting for credit).
+pub(crate) async fn forward(sender: &CircuitSender, env: Envelope, ctx: &SpliceCtx<'_>) -> Result<(), End> {
+    let bytes = outgoing(env, ctx)?;
+    let len = bytes.len() as u64;
+    sender.send(bytes).await.map_err(circuit_end)?;
+    BridgeStats::bump(&ctx.stats.messages_to_circuit, 1);
+    BridgeStats::bump(&ctx.stats.bytes_to_circuit, len);
+    Ok(())
+}
+
+/// Reads from TCP until the reader holds a complete envelope, or the connection ends. `Ok(None)` is a clean
+/// EOF between envelopes.
+pub(crate) async fn read_envelope<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    reader: &mut EnvelopeReader,
+    buf: &mut [u8],
+) -> Result<Option<Envelope>, End> {
+    loop {
+        if let Some(env) = reader.next().map_err(End::BadTcpData)? {
+            return Ok(Some(env));
+        }
+        // A full reader always holds a complete envelope or an error, so there is room here.
+        let room = reader.remaining_capacity().min(buf.len());
+        let Some(chunk) = buf.get_mut(..room).filter(|c| !c.is_empty()) else {
+            return Err(End::TcpError(std::io::Error::other("envelope reader full")));
+        };
+        let n = rd.read(chunk).await.map_err(End::TcpError)?;
+        if n == 0 {
+            return if reader.buffered() == 0 {
+                Ok(None)
+            } else {
+                Err(End::TcpError(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("closed in the middle of an envelope ({} bytes pending)", reader.buffered()),
+                )))
+            };
+        }
+        let took = reader.push(chunk.get(..n).unwrap_or_default());
+        debug_assert_eq!(took, n, "read no more than the reader's free room");
+    }
+}
+
+/// Relays between `tcp` and `stream` until either side ends, then closes the other; returns why it ended.
+/// `reader` may already hold bytes read from `tcp` (the client bridge reads the first envelope before it
+/// opens the circuit).
+pub(crate) async fn splice(
+    mut tcp: TcpStream,
+    mut stream: CircuitStream,
+    mut reader: EnvelopeReader,
+    ctx: &SpliceCtx<'_>,
+) -> End {
+    let sender = stream.sender();
+    let magic = ctx.magic;
+    let end = {
+        let (mut rd, mut wr) = tcp.split();
+        let to_circuit = async {
+            let mut buf = vec![0u8; READ_CHUNK];
+            loop {
+                match read_envelope(&mut rd, &mut reader, &mut buf).await {
+                    Ok(Some(env)) => {
+                        if let Err(e) = forward(&sender, env, ctx).await {
+                            return e;
+                        }
+                    }
+                    Ok(None) => return End::TcpClosed,
+                    Err(e) => return e,
+                }
+            }
+        };
+        let to_tcp = async {
+            loop {
+                let msg = match stream.recv().await {
+                    Ok(m) => m,
+                    Err(e) => return circuit_end(e),
+                };
+                if let Err(why) = check_circuit_envelope(&msg, magic) {
+                    return End::BadCircuitData(why);
+                }
+                if let Err(e) = wr.write_all(&msg).await {
+                    return End::TcpError(e);
+                }
+                BridgeStats::bump(&ctx.stats.messages_to_tcp, 1);
+                BridgeStats::bump(&ctx.stats.bytes_to_tcp, msg.len() as u64);
+            }
+        };
+        tokio::select! {
+            e = to_circuit => e,
+            e = to_tcp => e,
+        }
+    };
+    match &end {
+        End::TcpClosed => {
+            debug!(side = ctx.side.name(), peer = %ctx.label, "tcp closed; closing the circuit");
+            stream.close().await;
+        }
+        End::BadTcpData(e) => {
+            BridgeStats::bump(&ctx.stats.bad_tcp_data, 1);
+            warn!(side = ctx.side.name(), peer = %ctx.label, "closing connection: invalid envelope: {e}");
+            drop(stream);
+        }
+        End::BadCircuitData(why) => {
+            BridgeStats::bump(&ctx.stats.bad_circuit_data, 1);
+            warn!(side = ctx.side.name(), peer = %ctx.label, "breaking circuit: invalid envelope from it: {why}");
+            stream.abort(ctx.side.blame());
+        }
+        End::TcpError(_) | End::CircuitClosed(_) | End::CircuitError(_) => drop(stream),
+    }
+    // FIN after everything the circuit delivered was written; then the socket is closed on drop.
+    let _ = tcp.shutdown().await;
+    info!(side = ctx.side.name(), peer = %ctx.label, "bridged connection ended: {end}");
+    end
+}

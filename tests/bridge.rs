@@ -1,0 +1,732 @@
+//! Bridges (src/bridge): unmodified Bitcoin P2P software on both ends of a circuit, in one process over real
+//! sockets on 127.0.0.1 (tracker, relays, requester and serving peers as in tests/runtime.rs).
+//!
+//! * A raw P2P client on the bridge port of requester A syncs headers and blocks from serving peer B's
+//!   `ChainService`, one new circuit per connection; TCP close tears the circuit down to B; a circuit that
+//!   B breaks closes the TCP connection.
+//! * Garbage (bad magic, bad checksum, oversized length) closes only the connection that sent it.
+//! * Both bridges: B serves with `UpstreamService` pointing at a TCP "Bitcoin node" U; a downstream node D
+//!   (our chain code behind a TCP adapter, like U) syncs U's chain through the overlay. Both adapters put
+//!   real addresses into `version` (as an unmodified node may); neither end ever sees the other's.
+//! * python-bitcoinlib (a client we did not write) through the bridge, if installed.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anomos::bridge::{BridgeOptions, BridgeStats, ClientBridge, UpstreamService};
+use anomos::chain::wire::USER_AGENT;
+use anomos::chain::{self, mine_regtest, ChainService, ChainStore, SharedStore};
+use anomos::{CircuitStream, Node, PeerConfig, Service};
+use anomos_proto::btc::{
+    check_block, check_header_pow, check_linkage, encode_message, Address, Envelope, EnvelopeReader, GetHeadersMessage,
+    Inventory, Message, NetParams, ServiceFlags, VersionMessage,
+};
+use anomos_proto::identity::Identity;
+use anomos_proto::ids::ChainId;
+use anomos_tracker::TrackerArgs;
+use bitcoin::block::Header;
+use bitcoin::hashes::Hash;
+use bitcoin::BlockHash;
+use clap::Parser;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Longest wait for any single step.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn regtest() -> NetParams {
+    NetParams::regtest()
+}
+
+// ---- the overlay ----
+
+#[derive(Parser)]
+struct T {
+    #[command(flatten)]
+    a: TrackerArgs,
+}
+
+struct Overlay {
+    /// The requester (runs the client bridge).
+    a: Arc<Node>,
+    /// The serving peer.
+    b: Arc<Node>,
+    nodes: Vec<Arc<Node>>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// A tracker, `peers` peers without a service (the first is the requester A) and one peer B serving regtest
+/// with `service`, all on 127.0.0.1.
+async fn overlay(peers: usize, service: Arc<dyn Service>) -> Overlay {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let tdir = tempfile::tempdir().unwrap();
+    let args = T::parse_from([
+        "t",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        tdir.path().to_str().unwrap(),
+        "--allow-same-ip",
+        "--interval",
+        "1",
+    ])
+    .a;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(anomos_tracker::run_until(args, Some(tx), std::future::pending()));
+    let ready = rx.await.unwrap();
+    let mut nodes = Vec::new();
+    let mut dirs = vec![tdir];
+    for i in 0..=peers {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = PeerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            ready.listen,
+            ready.fingerprint.to_hex(),
+            d.path().to_path_buf(),
+        );
+        let svc = if i == peers {
+            cfg.serve = vec![ChainId::new("regtest").unwrap()];
+            Some(service.clone())
+        } else {
+            None
+        };
+        let id = Identity::generate(&mut rand::rngs::OsRng, 2048).unwrap();
+        let key = anomos::tracker_client::fetch_tracker_key(ready.listen, &ready.fingerprint).await.unwrap();
+        let (node, l) = Node::bind(cfg, id, key, svc).await.unwrap();
+        node.start(l);
+        nodes.push(node);
+        dirs.push(d);
+    }
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if nodes.iter().all(|n| n.link_count() >= 2.min(n.neighbor_count()) && n.neighbor_count() >= 2) {
+            break;
+        }
+    }
+    Overlay { a: nodes[0].clone(), b: nodes[peers].clone(), nodes, _dirs: dirs }
+}
+
+/// A client bridge on requester A, on 127.0.0.1 with an ephemeral port, 2 relays per circuit.
+async fn start_bridge(o: &Overlay, opts: BridgeOptions) -> (SocketAddr, Arc<BridgeStats>) {
+    let bridge = ClientBridge::bind(o.a.clone(), "127.0.0.1:0".parse().unwrap(), regtest(), 2, opts).await.unwrap();
+    let (addr, stats) = (bridge.local_addr(), bridge.stats());
+    tokio::spawn(bridge.run());
+    (addr, stats)
+}
+
+fn mined(n: u32, txs: usize) -> SharedStore {
+    let mut store = ChainStore::new(regtest()).unwrap();
+    mine_regtest(&mut store, n, txs).unwrap();
+    chain::shared(store)
+}
+
+fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
+    BridgeStats::get(c)
+}
+
+async fn eventually(what: &str, limit: Duration, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- a raw Bitcoin P2P client ----
+
+/// What an unmodified node may send: a `version` with real addresses in it.
+fn revealing_version(recv: SocketAddr, from: SocketAddr, height: i32) -> VersionMessage {
+    let services = ServiceFlags::NETWORK | ServiceFlags::WITNESS;
+    let mut v = VersionMessage::new(
+        services,
+        1_700_000_123,
+        Address::new(&recv, ServiceFlags::NONE),
+        Address::new(&from, services),
+        rand::random(),
+        "/Satoshi:27.0.0/".into(),
+        height,
+    );
+    v.version = 70016;
+    v.relay = true;
+    v
+}
+
+struct RawPeer {
+    tcp: TcpStream,
+    reader: EnvelopeReader,
+    magic: [u8; 4],
+}
+
+impl RawPeer {
+    async fn connect(addr: SocketAddr) -> RawPeer {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        RawPeer { tcp, reader: EnvelopeReader::new(regtest().magic), magic: regtest().magic }
+    }
+
+    async fn send(&mut self, m: &Message) {
+        self.tcp.write_all(&encode_message(self.magic, m)).await.unwrap();
+    }
+
+    /// The next envelope; `None` once the bridge closed the connection.
+    async fn recv(&mut self) -> Option<Envelope> {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            if let Some(env) = self.reader.next().unwrap() {
+                return Some(env);
+            }
+            let room = self.reader.remaining_capacity().min(buf.len());
+            let n = tokio::time::timeout(WAIT, self.tcp.read(&mut buf[..room])).await.expect("bridge went silent");
+            match n {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => assert_eq!(self.reader.push(&buf[..n]), n),
+            }
+        }
+    }
+
+    /// The next message with command `cmd` (others are skipped).
+    async fn expect(&mut self, cmd: &str) -> Message {
+        loop {
+            let env = self.recv().await.unwrap_or_else(|| panic!("connection closed while waiting for '{cmd}'"));
+            if env.command == cmd {
+                return env.message().unwrap();
+            }
+        }
+    }
+
+    /// version/verack both ways; returns the other side's `version`.
+    async fn handshake(&mut self, v: VersionMessage) -> VersionMessage {
+        self.send(&Message::Version(v)).await;
+        let (mut theirs, mut verack) = (None, false);
+        while theirs.is_none() || !verack {
+            let env = self.recv().await.expect("closed during the handshake");
+            match env.message().unwrap() {
+                Message::Version(v) => theirs = Some(v),
+                Message::Verack => verack = true,
+                _ => {}
+            }
+        }
+        self.send(&Message::Verack).await;
+        theirs.unwrap()
+    }
+
+    /// True if the bridge closes the connection within `limit` (anything it sends before is skipped).
+    async fn closed_within(&mut self, limit: Duration) -> bool {
+        let mut buf = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, self.tcp.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// Headers from genesis, checked: linkage, proof of work.
+fn check_headers(headers: &[Header], params: &NetParams) {
+    let genesis = params.genesis_block().unwrap().header;
+    let mut prev = genesis;
+    for h in headers {
+        check_linkage(&prev, h).unwrap();
+        check_header_pow(h, params).unwrap();
+        prev = *h;
+    }
+}
+
+/// Syncs headers and two blocks (tip plain, first as witness) over `c`; returns the header count.
+async fn headers_and_blocks(c: &mut RawPeer, store: &SharedStore) -> usize {
+    let params = regtest();
+    c.send(&Message::GetHeaders(GetHeadersMessage::new(vec![params.genesis_hash], BlockHash::all_zeros()))).await;
+    let Message::Headers(headers) = c.expect("headers").await else { unreachable!() };
+    check_headers(&headers, &params);
+    let (tip, height) = store.read().unwrap().best_tip();
+    assert_eq!(headers.len() as u32, height);
+    assert_eq!(headers.last().unwrap().block_hash(), tip);
+    let first = headers[0].block_hash();
+    c.send(&Message::GetData(vec![Inventory::Block(tip), Inventory::WitnessBlock(first)])).await;
+    for (want, header) in [(tip, headers.last().unwrap()), (first, &headers[0])] {
+        let Message::Block(block) = c.expect("block").await else { unreachable!() };
+        assert_eq!(block.block_hash(), want, "the block asked for");
+        assert_eq!(block.header, *header);
+        // Merkle root, coinbase, sizes, witness commitment.
+        check_block(&block).unwrap();
+        assert!(block.check_merkle_root());
+        let stored = store.read().unwrap().block_bytes(&want).unwrap().unwrap();
+        assert_eq!(bitcoin::consensus::serialize(&block), stored);
+    }
+    headers.len()
+}
+
+// ---- a Bitcoin node on a TCP port, built from our chain code ----
+
+/// Every envelope a TCP adapter received and sent, raw.
+#[derive(Default)]
+struct Transcript {
+    inbound: Vec<Vec<u8>>,
+    outbound: Vec<Vec<u8>>,
+}
+
+/// Joins a TCP connection to `mem` (one end of a memory pair whose other end runs our chain code): a
+/// Bitcoin node on a TCP port. With `reveal = Some((recv, from))`, our outgoing `version` is rewritten to
+/// carry those addresses, as an unmodified node's may.
+fn tcp_adapter(
+    tcp: TcpStream,
+    mut mem: CircuitStream,
+    reveal: Option<(SocketAddr, SocketAddr)>,
+    log: Arc<Mutex<Transcript>>,
+) -> JoinHandle<()> {
+    let magic = regtest().magic;
+    tokio::spawn(async move {
+        let (mut rd, mut wr) = tcp.into_split();
+        let mut reader = EnvelopeReader::new(magic);
+        let mut buf = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                n = rd.read(&mut buf) => {
+                    let n = match n { Ok(0) | Err(_) => return, Ok(n) => n };
+                    assert_eq!(reader.push(&buf[..n]), n);
+                    while let Some(env) = reader.next().unwrap() {
+                        let bytes = env.encode();
+                        log.lock().unwrap().inbound.push(bytes.clone());
+                        if mem.send(bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                m = mem.recv() => {
+                    let Ok(mut bytes) = m else { return };
+                    if let (Some((recv, from)), Ok(Some((Message::Version(mut v), _)))) =
+                        (reveal, anomos_proto::btc::decode_message(&bytes, magic))
+                    {
+                        v.receiver = Address::new(&recv, ServiceFlags::NONE);
+                        v.sender = Address::new(&from, v.services);
+                        bytes = encode_message(magic, &Message::Version(v));
+                    }
+                    log.lock().unwrap().outbound.push(bytes.clone());
+                    if wr.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// One connection U accepted: remote address, transcript, adapter task (ends with the connection).
+type UpstreamConn = (SocketAddr, Arc<Mutex<Transcript>>, JoinHandle<()>);
+
+/// The upstream node U: a `ChainService` on a TCP port of its own loopback address, telling each peer its
+/// own address and the peer's (as Bitcoin Core does for routable peers, and more).
+struct Upstream {
+    addr: SocketAddr,
+    /// Remote address and transcript of every connection; the handle ends with the connection.
+    conns: Arc<Mutex<Vec<UpstreamConn>>>,
+}
+
+async fn upstream_node(ip: &str, store: SharedStore) -> Upstream {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns: Arc<Mutex<Vec<UpstreamConn>>> = Arc::default();
+    let service = ChainService::new(store);
+    let c = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = listener.accept().await.unwrap();
+            let (mine, theirs) = CircuitStream::memory_pair();
+            service.accept(theirs);
+            let log: Arc<Mutex<Transcript>> = Arc::default();
+            let h = tcp_adapter(tcp, mine, Some((remote, addr)), log.clone());
+            c.lock().unwrap().push((remote, log, h));
+        }
+    });
+    Upstream { addr, conns }
+}
+
+/// Checks that `sent` arrived as `got`: byte for byte, except the address fields (and checksum) of
+/// `version`, which must arrive cleared to `[::]:0`.
+fn assert_relayed(sent: &[Vec<u8>], got: &[Vec<u8>], what: &str) {
+    assert_eq!(sent.len(), got.len(), "{what}: message count");
+    let magic = regtest().magic;
+    for (i, (s, g)) in sent.iter().zip(got).enumerate() {
+        assert_eq!(s.len(), g.len(), "{what}: message {i} length");
+        if s[4..11] == *b"version" {
+            let Ok(Some((Message::Version(v), _))) = anomos_proto::btc::decode_message(g, magic) else { panic!() };
+            for a in [&v.receiver, &v.sender] {
+                assert_eq!((a.address, a.port), ([0u16; 8], 0), "{what}: version {i} still carries {a:?}");
+            }
+            let differing: Vec<usize> = (0..s.len()).filter(|&j| s[j] != g[j]).collect();
+            // Checksum (20..24), then IP and port of addr_recv and addr_from (payload offsets 28..46, 54..72).
+            assert!(
+                differing.iter().all(|&j| (20..24).contains(&j) || (52..70).contains(&j) || (78..96).contains(&j)),
+                "{what}: version {i} changed at {differing:?}"
+            );
+        } else {
+            assert!(s == g, "{what}: message {i} ('{}') changed", String::from_utf8_lossy(&s[4..16]));
+        }
+    }
+}
+
+/// True if `ip` (IPv4-mapped, as in Bitcoin addresses) appears anywhere in `msgs`.
+fn mentions(msgs: &[Vec<u8>], ip: [u8; 4]) -> bool {
+    let needle = [0xff, 0xff, ip[0], ip[1], ip[2], ip[3]];
+    msgs.iter().any(|m| m.windows(6).any(|w| w == needle))
+}
+
+// ---- the tests ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_p2p_client_syncs_from_a_chain_service_over_new_circuits() {
+    let t0 = Instant::now();
+    let store = mined(50, 0);
+    let o = overlay(5, Arc::new(ChainService::new(store.clone()))).await;
+    let (baddr, stats) = start_bridge(&o, BridgeOptions::default()).await;
+    let t = Instant::now();
+
+    // One client: handshake, headers, blocks, ping.
+    let mut c = RawPeer::connect(baddr).await;
+    let v = c.handshake(revealing_version(baddr, "203.0.113.9:18444".parse().unwrap(), 0)).await;
+    assert_eq!(v.user_agent, USER_AGENT);
+    assert_eq!(v.start_height, 50);
+    let n = headers_and_blocks(&mut c, &store).await;
+    c.send(&Message::Ping(0xfeed)).await;
+    assert_eq!(c.expect("pong").await, Message::Pong(0xfeed));
+    eprintln!("raw client: handshake + {n} headers + 2 blocks + ping in {:.2}s", t.elapsed().as_secs_f64());
+    assert_eq!(count(&stats.versions_scrubbed), 1, "the client's version was scrubbed");
+
+    // A second client at the same time gets a circuit of its own.
+    let mut c2 = RawPeer::connect(baddr).await;
+    c2.handshake(revealing_version(baddr, "[::]:0".parse().unwrap(), 0)).await;
+    assert_eq!(count(&stats.joined), 2);
+    assert_eq!(count(&stats.active), 2);
+    assert_eq!(o.b.stats.target_opened.load(std::sync::atomic::Ordering::Relaxed), 2, "one circuit per connection");
+    assert_eq!(o.b.circuit_count(), 2);
+    assert_eq!(headers_and_blocks(&mut c2, &store).await, 50);
+
+    // TCP close tears the circuit down, all the way to B.
+    drop(c);
+    eventually("first circuit closed at B", WAIT, || o.b.circuit_count() == 1).await;
+    c2.send(&Message::Ping(7)).await;
+    assert_eq!(c2.expect("pong").await, Message::Pong(7), "the other connection is unaffected");
+    drop(c2);
+    eventually("both circuits closed at B", WAIT, || o.b.circuit_count() == 0).await;
+    eventually("bridge connections finished", WAIT, || count(&stats.active) == 0).await;
+
+    // A circuit that B breaks (a conversation not starting with `version`) closes the TCP connection.
+    let mut c3 = RawPeer::connect(baddr).await;
+    c3.send(&Message::Ping(1)).await;
+    assert!(c3.closed_within(WAIT).await, "the bridge did not close the connection when the circuit broke");
+    eprintln!("stats: {stats:?}");
+    eprintln!("test took {:.2}s", t0.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_closes_only_the_connection_that_sent_it() {
+    let t0 = Instant::now();
+    let store = mined(20, 0);
+    let o = overlay(5, Arc::new(ChainService::new(store.clone()))).await;
+    let (baddr, stats) = start_bridge(&o, BridgeOptions::default()).await;
+    let me: SocketAddr = "[::]:0".parse().unwrap();
+
+    let mut good = RawPeer::connect(baddr).await;
+    good.handshake(revealing_version(baddr, me, 0)).await;
+    let magic = regtest().magic;
+
+    // 1. Not Bitcoin at all (bad magic), before any envelope: closed, and no circuit is spent on it.
+    let mut g = RawPeer::connect(baddr).await;
+    g.tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert!(g.closed_within(WAIT).await, "bad magic: connection not closed");
+    assert_eq!(count(&stats.joined), 1, "a circuit was opened for garbage");
+
+    // 2. Bad checksum in the middle of a conversation.
+    let mut g = RawPeer::connect(baddr).await;
+    g.handshake(revealing_version(baddr, me, 0)).await;
+    let mut ping = encode_message(magic, &Message::Ping(5));
+    ping[20] ^= 0xff;
+    g.tcp.write_all(&ping).await.unwrap();
+    assert!(g.closed_within(WAIT).await, "bad checksum: connection not closed");
+    assert_eq!(count(&stats.bad_tcp_data), 1);
+
+    // 3. An oversized length field: closed on the header alone, nothing allocated or awaited.
+    let mut g = RawPeer::connect(baddr).await;
+    g.handshake(revealing_version(baddr, me, 0)).await;
+    let mut header = Vec::new();
+    header.extend_from_slice(&magic);
+    header.extend_from_slice(b"block\0\0\0\0\0\0\0");
+    header.extend_from_slice(&4_000_001u32.to_le_bytes());
+    header.extend_from_slice(&[0, 0, 0, 0]);
+    g.tcp.write_all(&header).await.unwrap();
+    assert!(g.closed_within(WAIT).await, "oversized length: connection not closed");
+    assert_eq!(count(&stats.bad_tcp_data), 2);
+
+    // 4. Another network's magic mid-conversation.
+    let mut g = RawPeer::connect(baddr).await;
+    g.handshake(revealing_version(baddr, me, 0)).await;
+    g.tcp.write_all(&encode_message(NetParams::mainnet().magic, &Message::Ping(9))).await.unwrap();
+    assert!(g.closed_within(WAIT).await, "wrong magic: connection not closed");
+    assert_eq!(count(&stats.bad_tcp_data), 3);
+
+    // 5. A header cut off by close: just a closed connection.
+    let mut g = RawPeer::connect(baddr).await;
+    g.handshake(revealing_version(baddr, me, 0)).await;
+    g.tcp.write_all(&encode_message(magic, &Message::Ping(9))[..10]).await.unwrap();
+    g.tcp.shutdown().await.unwrap();
+    assert!(g.closed_within(WAIT).await);
+
+    // The bridge still serves: the first connection goes on, and a new one works.
+    good.send(&Message::Ping(42)).await;
+    assert_eq!(good.expect("pong").await, Message::Pong(42));
+    assert_eq!(headers_and_blocks(&mut good, &store).await, 20);
+    let mut late = RawPeer::connect(baddr).await;
+    late.handshake(revealing_version(baddr, me, 0)).await;
+    assert_eq!(headers_and_blocks(&mut late, &store).await, 20);
+    // The garbage connections' circuits are gone; the two good ones remain.
+    eventually("garbage circuits closed at B", WAIT, || o.b.circuit_count() == 2).await;
+    assert_eq!(count(&stats.refused), 1);
+    eprintln!("stats: {stats:?}");
+    eprintln!("test took {:.2}s", t0.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_unmodified_nodes_sync_through_both_bridges_without_learning_each_others_address() {
+    let t0 = Instant::now();
+    // U: the upstream node, on 127.0.0.9, with a chain of 200 blocks (3 extra transactions each).
+    const U_IP: [u8; 4] = [127, 0, 0, 9];
+    const D_IP: [u8; 4] = [127, 0, 0, 5];
+    let u_store = mined(200, 3);
+    let u = upstream_node("127.0.0.9", u_store.clone()).await;
+    let upstream = Arc::new(UpstreamService::new(u.addr.to_string(), regtest()));
+    let up_stats = upstream.stats();
+    let o = overlay(5, upstream).await;
+    let (baddr, stats) = start_bridge(&o, BridgeOptions::default()).await;
+
+    // D: the downstream node, an empty store that syncs over a TCP connection from 127.0.0.5 to the bridge,
+    // telling it its own address (127.0.0.5:18444).
+    let t = Instant::now();
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.5:0".parse().unwrap()).unwrap();
+    let tcp = sock.connect(baddr).await.unwrap();
+    let (mine, theirs) = CircuitStream::memory_pair();
+    let d_log: Arc<Mutex<Transcript>> = Arc::default();
+    let d_adapter = tcp_adapter(tcp, mine, Some((baddr, "127.0.0.5:18444".parse().unwrap())), d_log.clone());
+    let d_store = chain::shared(ChainStore::new(regtest()).unwrap());
+    let report = chain::sync(theirs, &regtest(), &d_store, |_| {}).await.unwrap();
+    let took = t.elapsed();
+    assert_eq!((report.headers, report.blocks, report.height), (200, 200, 200));
+    {
+        let (a, b) = (u_store.read().unwrap(), d_store.read().unwrap());
+        assert_eq!(a.best_tip(), b.best_tip());
+        for h in 1..=200 {
+            let hash = a.hash_at(h).unwrap();
+            assert_eq!(a.block_bytes(&hash).unwrap(), b.block_bytes(&hash).unwrap(), "block {h}");
+        }
+    }
+    eprintln!("D synced 200 blocks ({} bytes) from U through both bridges in {:.2}s", report.bytes, took.as_secs_f64());
+
+    // D is done: its connection closes, and so do the circuit and B's connection to U.
+    tokio::time::timeout(WAIT, d_adapter).await.unwrap().unwrap();
+    let (remote, u_log, u_adapter) = {
+        let mut conns = u.conns.lock().unwrap();
+        assert_eq!(conns.len(), 1, "one connection to U");
+        conns.pop().unwrap()
+    };
+    tokio::time::timeout(WAIT, u_adapter).await.expect("B did not close its connection to U").unwrap();
+
+    // U saw one connection, from the serving peer's side of loopback; never D's address.
+    assert_eq!(remote.ip().to_string(), "127.0.0.1", "U was connected from {remote}");
+    {
+        let (d, u_t) = (d_log.lock().unwrap(), u_log.lock().unwrap());
+        assert!(mentions(&d.outbound, D_IP), "D did tell its address");
+        assert!(!mentions(&u_t.inbound, D_IP), "D's address reached U");
+        assert!(mentions(&u_t.outbound, U_IP), "U did tell its address");
+        assert!(!mentions(&d.inbound, U_IP), "U's address reached D");
+        // Everything else arrived byte for byte, both ways.
+        assert_relayed(&d.outbound, &u_t.inbound, "D to U");
+        assert_relayed(&u_t.outbound, &d.inbound, "U to D");
+        let blocks = d.inbound.iter().filter(|m| m[4..9] == *b"block").count();
+        assert_eq!(blocks, 200);
+        assert_eq!(count(&stats.versions_scrubbed), 1);
+        assert_eq!(count(&up_stats.versions_scrubbed), 1);
+    }
+
+    // Unknown commands pass unchanged too; and when U ends the conversation (a `ping` before `version`),
+    // both bridges close: U's connection, the circuit, the client's connection.
+    let mut c = RawPeer::connect(baddr).await;
+    let odd = Message::Unknown { command: "anomos-x".into(), payload: (0..=255u8).collect() };
+    c.send(&odd).await;
+    c.send(&Message::Ping(3)).await;
+    assert!(c.closed_within(WAIT).await, "client connection not closed after U hung up");
+    let log = u.conns.lock().unwrap().last().unwrap().1.clone();
+    assert_eq!(log.lock().unwrap().inbound[0], encode_message(regtest().magic, &odd));
+
+    // With the scrub off (a second bridge on A), `version` too arrives byte for byte, addresses and all.
+    let raw_opts = BridgeOptions { scrub_version: false, ..BridgeOptions::default() };
+    let (raw_addr, raw_stats) = start_bridge(&o, raw_opts).await;
+    let mut c = RawPeer::connect(raw_addr).await;
+    let v = revealing_version(raw_addr, "127.0.0.5:18444".parse().unwrap(), 0);
+    let sent = encode_message(regtest().magic, &Message::Version(v.clone()));
+    c.handshake(v).await;
+    let log = u.conns.lock().unwrap().last().unwrap().1.clone();
+    assert_eq!(log.lock().unwrap().inbound[0], sent, "version changed with the scrub off");
+    assert_eq!(count(&raw_stats.versions_scrubbed), 0);
+    eprintln!("bridge: {stats:?}\nupstream: {up_stats:?}");
+    eprintln!("test took {:.2}s", t0.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_bitcoinlib_client_through_the_bridge() {
+    let probe = std::process::Command::new("python3").args(["-c", "import bitcoin.messages"]).output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        _ => {
+            eprintln!(
+                "skipped: python-bitcoinlib not installed (pip install python-bitcoinlib==0.12.2), or no python3"
+            );
+            return;
+        }
+    }
+    let t0 = Instant::now();
+    let store = mined(30, 2);
+    let o = overlay(5, Arc::new(ChainService::new(store.clone()))).await;
+    let (baddr, stats) = start_bridge(&o, BridgeOptions::default()).await;
+    let (tip, height) = store.read().unwrap().best_tip();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/bridge_client.py");
+    let t = Instant::now();
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("python3")
+            .args([script, "--port", &baddr.port().to_string(), "--height", &height.to_string()])
+            .args(["--tip", &tip.to_string()])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("python client timed out")
+    .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("python client ({:.2}s): {stdout}{stderr}", t.elapsed().as_secs_f64());
+    assert!(out.status.success(), "python client failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("bridge_client ok"), "{stdout}");
+    assert_eq!(count(&stats.joined), 1);
+    eprintln!("test took {:.2}s", t0.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_holds_the_serving_peer_back() {
+    let t0 = Instant::now();
+    // One big block (about 0.44 MB), asked for 128 times: about 56 MB the client will not read for a while.
+    let store = mined(1, 3000);
+    let (tip, _) = store.read().unwrap().best_tip();
+    let block_len = store.read().unwrap().block_bytes(&tip).unwrap().unwrap().len();
+    let o = overlay(5, Arc::new(ChainService::new(store.clone()))).await;
+    let (baddr, stats) = start_bridge(&o, BridgeOptions::default()).await;
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut c = RawPeer {
+        tcp: sock.connect(baddr).await.unwrap(),
+        reader: EnvelopeReader::new(regtest().magic),
+        magic: regtest().magic,
+    };
+    c.handshake(revealing_version(baddr, "[::]:0".parse().unwrap(), 0)).await;
+    const N: usize = 128;
+    let asked = N * block_len;
+    c.send(&Message::GetData(vec![Inventory::WitnessBlock(tip); N])).await;
+
+    // The client reads nothing: flow stops everywhere once the buffers on the way are full.
+    let relayed = || o.nodes.iter().map(|n| n.stats.bytes_relayed.load(std::sync::atomic::Ordering::Relaxed)).max();
+    let mut last = (relayed(), count(&stats.bytes_to_tcp));
+    loop {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let now = (relayed(), count(&stats.bytes_to_tcp));
+        if now == last {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "flow never stopped");
+        last = now;
+    }
+    let (relayed_max, to_tcp) = (last.0.unwrap_or(0) as usize, last.1 as usize);
+    eprintln!(
+        "stalled: {asked} bytes asked, bridge wrote {to_tcp} to TCP, busiest relay carried {relayed_max} (cell payloads)"
+    );
+    // Held back: the bridge wrote at most what the sockets hold, and the relays carried far less than asked
+    // (the bridge's circuit receive buffer, 4 MiB, plus a window per hop and the sockets).
+    assert!(to_tcp < asked / 4, "the bridge kept writing: {to_tcp} of {asked}");
+    assert!(relayed_max < asked / 2, "the serving peer was not held back: {relayed_max} of {asked}");
+
+    // Reading again: everything arrives, intact.
+    for i in 0..N {
+        let Message::Block(b) = c.expect("block").await else { unreachable!() };
+        assert_eq!(b.block_hash(), tip, "block {i}");
+    }
+    assert!(count(&stats.bytes_to_tcp) as usize >= asked);
+    eprintln!("test took {:.2}s", t0.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_stops_reading_holds_the_client_back() {
+    let t0 = Instant::now();
+    // U accepts connections and never reads from them.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let u_addr = listener.local_addr().unwrap();
+    let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let h = held.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            h.lock().unwrap().push(tcp);
+        }
+    });
+    let upstream = Arc::new(UpstreamService::new(u_addr.to_string(), regtest()));
+    let up_stats = upstream.stats();
+    let o = overlay(5, upstream).await;
+    let (baddr, stats) = start_bridge(&o, BridgeOptions::default()).await;
+
+    // The client writes 64 envelopes of 1 MB as fast as the bridge takes them.
+    const N: usize = 64;
+    let junk = encode_message(regtest().magic, &Message::Unknown { command: "junk".into(), payload: vec![7; 1 << 20] });
+    let asked = N * junk.len();
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = written.clone();
+    let mut c = RawPeer::connect(baddr).await;
+    let writer = tokio::spawn(async move {
+        for _ in 0..N {
+            if c.tcp.write_all(&junk).await.is_err() {
+                return;
+            }
+            w.fetch_add(junk.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let progress = || {
+        (
+            written.load(std::sync::atomic::Ordering::Relaxed),
+            count(&stats.bytes_to_circuit),
+            count(&up_stats.bytes_to_tcp),
+        )
+    };
+    let mut last = progress();
+    loop {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let now = progress();
+        if now == last && now.2 > 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "flow never stopped");
+        last = now;
+    }
+    let (client_wrote, into_circuit, to_u) = last;
+    eprintln!(
+        "stalled: client asked to write {asked}, wrote {client_wrote}; bridge sent {into_circuit} into the circuit; \
+         B wrote {to_u} to U"
+    );
+    assert!(!writer.is_finished(), "the client was never held back");
+    assert!(client_wrote < asked / 2, "the client wrote {client_wrote} of {asked}");
+    assert!((into_circuit as usize) < asked / 2, "the bridge read on: {into_circuit} of {asked}");
+    assert_eq!(held.lock().unwrap().len(), 1);
+    writer.abort();
+    eprintln!("test took {:.2}s", t0.elapsed().as_secs_f64());
+}
