@@ -6,6 +6,12 @@
 //!   `seal_cell`/`open_cell`, next to raw AES-256-GCM (the `aes_gcm` crate used directly) sealing and opening the
 //!   same number of bytes with a counter nonce: the difference is the link layer's own overhead;
 //! * `onion/hop_layer_forward`: one relay stripping its AES-256-CTR layer from a DATA payload;
+//! * `relay_cell/*`: a relay's whole per-cell user-space work on one DATA cell, without sockets: open the sealed
+//!   cell from the in-link, decode it (`Cell::decode`: a new boxed payload), strip the hop layer, encode it into
+//!   the out-link's batch buffer and seal it (`alloc`); and the same with the payload copied into a reused box
+//!   instead of a fresh allocation (`reuse`). In this tight loop malloc hands back the same chunk every time, so
+//!   the difference is only the zeroing and bookkeeping; in a relay the payload is freed on another task after
+//!   the write, and glibc's heap trimming then makes the allocation cost page faults (docs/PERFORMANCE.md);
 //! * `rsa_oaep_decrypt/{2048,3072}`: the RSA private-key operation alone.
 //!
 //! After criterion's report it prints one `SUMMARY ...` line computed from its own `Instant`-timed loops (not
@@ -24,7 +30,7 @@ use anomos_proto::identity::Identity;
 use anomos_proto::ids::{ChainId, NeighborId};
 use anomos_proto::link::{Acceptor, Dialer, LinkCipher};
 use anomos_proto::tc::{self, HopSpec, Layer, LayerKind, TC_LEN};
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -112,6 +118,68 @@ impl RawGcm {
     }
 }
 
+/// A relay between two links: cells arrive sealed from the in-link (opened with `open`), get the hop layer,
+/// and leave sealed for the out-link (`seal`). Only the relay's own work is timed; the sender that seals the
+/// inbound cells (`Inbound`) runs in criterion's untimed setup.
+struct RelayPath {
+    open: LinkCipher,
+    seal: LinkCipher,
+    hop: HopLayer,
+    out: Box<[u8; SEALED_CELL_LEN]>,
+    reused: Option<Box<[u8; CELL_PAYLOAD_LEN]>>,
+}
+
+/// The in-link's sender.
+struct Inbound(LinkCipher);
+
+impl Inbound {
+    fn next(&mut self) -> Box<[u8; SEALED_CELL_LEN]> {
+        let mut w = Box::new([0u8; SEALED_CELL_LEN]);
+        sample_cell().encode_into((&mut w[..CELL_LEN]).try_into().expect("len"));
+        self.0.seal_in_place(&mut w).expect("seal");
+        w
+    }
+}
+
+impl RelayPath {
+    fn new(ids: &Ids) -> (Inbound, Self) {
+        let (send, open) = link_pair(ids);
+        let (seal, _far_end) = link_pair(ids);
+        let relay = RelayPath {
+            open,
+            seal,
+            hop: HopLayer::new(&Secret([5; 32])),
+            out: Box::new([0u8; SEALED_CELL_LEN]),
+            reused: Some(Box::new([0u8; CELL_PAYLOAD_LEN])),
+        };
+        (Inbound(send), relay)
+    }
+
+    /// One cell through the relay: open, decode (a fresh payload box, or the payload copied into a reused one),
+    /// hop layer, encode into the out-link buffer, seal.
+    fn cell(&mut self, wire: &mut [u8; SEALED_CELL_LEN], reuse: bool) {
+        self.open.open_in_place(wire).expect("open");
+        let mut cell = match (reuse, self.reused.take()) {
+            (true, Some(mut payload)) => {
+                payload.copy_from_slice(&wire[5..CELL_LEN]);
+                let circ_id = u32::from_be_bytes(wire[..4].try_into().expect("4 bytes"));
+                Cell { circ_id, command: Command::Data, payload }
+            }
+            (_, kept) => {
+                self.reused = kept;
+                Cell::decode(&wire[..CELL_LEN]).expect("decode")
+            }
+        };
+        self.hop.forward(&mut cell.payload[..]);
+        cell.encode_into((&mut self.out[..CELL_LEN]).try_into().expect("len"));
+        self.seal.seal_in_place(&mut self.out).expect("seal");
+        if reuse {
+            self.reused = Some(cell.payload);
+        }
+        black_box(&self.out);
+    }
+}
+
 fn sample_cell() -> Cell {
     let mut c = Cell::new(0x8000_0001, Command::Data);
     for (i, b) in c.payload.iter_mut().enumerate() {
@@ -161,6 +229,16 @@ fn benches(c: &mut Criterion, ids: &Ids) {
     let mut hop = HopLayer::new(&Secret([5; 32]));
     let mut payload = [0u8; CELL_PAYLOAD_LEN];
     g.bench_function("hop_layer_forward", |b| b.iter(|| hop.forward(black_box(&mut payload))));
+    g.finish();
+
+    let mut g = c.benchmark_group("relay_cell");
+    g.throughput(Throughput::Bytes(SEALED_CELL_LEN as u64));
+    for (name, reuse) in [("alloc", false), ("reuse", true)] {
+        let (mut inbound, mut relay) = RelayPath::new(ids);
+        g.bench_function(name, |b| {
+            b.iter_batched_ref(|| inbound.next(), |w| relay.cell(w, reuse), BatchSize::SmallInput)
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group("rsa_oaep_decrypt");
@@ -219,9 +297,27 @@ fn summary(ids: &Ids, budget: Duration) {
     let mut payload = [0u8; CELL_PAYLOAD_LEN];
     let fwd = time(budget, || hop.forward(black_box(&mut payload)));
     let (cell_mbps, gcm_mbps) = (mbps(cell, SEALED_CELL_LEN), mbps(gcm, SEALED_CELL_LEN));
+    let relay_cell = |reuse: bool| {
+        let (mut inbound, mut relay) = RelayPath::new(ids);
+        let mut spent = Duration::ZERO;
+        let mut n = 0u64;
+        let start = Instant::now();
+        while start.elapsed() < budget {
+            let mut batch: Vec<_> = (0..64).map(|_| inbound.next()).collect();
+            let t = Instant::now();
+            for w in batch.iter_mut() {
+                relay.cell(w, reuse);
+            }
+            spent += t.elapsed();
+            n += 64;
+        }
+        spent.as_secs_f64() / n as f64
+    };
+    let (relay_alloc, relay_reuse) = (relay_cell(false), relay_cell(true));
     println!(
         "SUMMARY tc_peel_2048_ms={:.3} tc_peel_3072_ms={:.3} tc_build_4hop_ms={:.3} rsa_oaep_decrypt_2048_ms={:.3} \
-         cell_seal_open_MBps={:.1} raw_gcm_seal_open_MBps={:.1} ratio={:.3} hop_forward_MBps={:.1} tc_len={}",
+         cell_seal_open_MBps={:.1} raw_gcm_seal_open_MBps={:.1} ratio={:.3} hop_forward_MBps={:.1} tc_len={} \
+         relay_cell_us={:.3} relay_cell_reuse_us={:.3} relay_cell_ms_per_MB={:.3}",
         peel2048 * 1e3,
         peel3072 * 1e3,
         build * 1e3,
@@ -231,6 +327,10 @@ fn summary(ids: &Ids, budget: Duration) {
         cell_mbps / gcm_mbps,
         mbps(fwd, CELL_PAYLOAD_LEN),
         TC_LEN,
+        relay_alloc * 1e6,
+        relay_reuse * 1e6,
+        // Per MB (10^6 bytes) of record data: a cell carries RECORD_DATA_MAX = 4093 bytes.
+        relay_alloc * 1e3 * 1e6 / 4093.0,
     );
 }
 
