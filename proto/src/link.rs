@@ -291,8 +291,8 @@ impl Acceptor {
 
 /// The established link: seals outgoing cells and opens incoming ones, each with its own counter nonce.
 pub struct LinkCipher {
-    send: AeadCounter,
-    recv: AeadCounter,
+    sealer: CellSealer,
+    opener: CellOpener,
     /// The neighbor's fingerprint.
     pub peer: Fingerprint,
     /// The edge this link is.
@@ -303,36 +303,36 @@ pub struct LinkCipher {
 
 impl LinkCipher {
     fn new(send: &Secret, recv: &Secret, peer: Fingerprint, nid: NeighborId, dialer: bool) -> Self {
-        LinkCipher { send: AeadCounter::new(send), recv: AeadCounter::new(recv), peer, nid, dialer }
+        LinkCipher {
+            sealer: CellSealer { send: AeadCounter::new(send) },
+            opener: CellOpener { recv: AeadCounter::new(recv) },
+            peer,
+            nid,
+            dialer,
+        }
     }
 
     /// Seals the plaintext cell in `buf[..CELL_LEN]` in place and writes the tag after it.
     pub fn seal_in_place(&mut self, buf: &mut [u8; SEALED_CELL_LEN]) -> Result<()> {
-        let (cell, tag) = buf.split_at_mut(CELL_LEN);
-        let t = self.send.seal_in_place(b"", cell)?;
-        tag.copy_from_slice(&t);
-        Ok(())
+        self.sealer.seal_in_place(buf)
     }
 
     /// Opens a sealed cell in place; on success `buf[..CELL_LEN]` holds the plaintext cell.
     pub fn open_in_place(&mut self, buf: &mut [u8; SEALED_CELL_LEN]) -> Result<()> {
-        let (cell, tag) = buf.split_at_mut(CELL_LEN);
-        let mut t = [0u8; TAG_LEN];
-        t.copy_from_slice(tag);
-        self.recv.open_in_place(b"", cell, &t, "link cell")
+        self.opener.open_in_place(buf)
     }
 
     /// Splits into the sending and the receiving direction (for a writer task and a reader task).
     pub fn split(self) -> (CellSealer, CellOpener) {
-        (CellSealer { send: self.send }, CellOpener { recv: self.recv })
+        (self.sealer, self.opener)
     }
 
     /// Encodes and seals `cell`.
     pub fn seal_cell(&mut self, cell: &Cell) -> Result<Box<[u8; SEALED_CELL_LEN]>> {
         let mut buf = Box::new([0u8; SEALED_CELL_LEN]);
-        let mut plain = [0u8; CELL_LEN];
-        cell.encode_into(&mut plain);
-        buf[..CELL_LEN].copy_from_slice(&plain);
+        let plain: &mut [u8; CELL_LEN] =
+            (&mut buf[..CELL_LEN]).try_into().map_err(|_| ProtoError::Unexpected("cell buffer size"))?;
+        cell.encode_into(plain);
         self.seal_in_place(&mut buf)?;
         Ok(buf)
     }
@@ -345,6 +345,14 @@ impl LinkCipher {
     }
 }
 
+/// Splits a sealed-cell buffer into the cell and its tag, checking its size.
+fn cell_and_tag(buf: &mut [u8]) -> Result<(&mut [u8], &mut [u8])> {
+    if buf.len() != SEALED_CELL_LEN {
+        return Err(ProtoError::BadLength { what: "sealed cell buffer", len: buf.len(), expected: SEALED_CELL_LEN });
+    }
+    Ok(buf.split_at_mut(CELL_LEN))
+}
+
 /// The sending half of a [`LinkCipher`].
 pub struct CellSealer {
     send: AeadCounter,
@@ -353,14 +361,7 @@ pub struct CellSealer {
 impl CellSealer {
     /// Seals the plaintext cell in `buf[..CELL_LEN]` in place and writes the tag after it.
     pub fn seal_in_place(&mut self, buf: &mut [u8]) -> Result<()> {
-        if buf.len() != SEALED_CELL_LEN {
-            return Err(ProtoError::BadLength {
-                what: "sealed cell buffer",
-                len: buf.len(),
-                expected: SEALED_CELL_LEN,
-            });
-        }
-        let (cell, tag) = buf.split_at_mut(CELL_LEN);
+        let (cell, tag) = cell_and_tag(buf)?;
         let t = self.send.seal_in_place(b"", cell)?;
         tag.copy_from_slice(&t);
         Ok(())
@@ -375,14 +376,7 @@ pub struct CellOpener {
 impl CellOpener {
     /// Opens a sealed cell in place; on success `buf[..CELL_LEN]` holds the plaintext cell.
     pub fn open_in_place(&mut self, buf: &mut [u8]) -> Result<()> {
-        if buf.len() != SEALED_CELL_LEN {
-            return Err(ProtoError::BadLength {
-                what: "sealed cell buffer",
-                len: buf.len(),
-                expected: SEALED_CELL_LEN,
-            });
-        }
-        let (cell, tag) = buf.split_at_mut(CELL_LEN);
+        let (cell, tag) = cell_and_tag(buf)?;
         let mut t = [0u8; TAG_LEN];
         t.copy_from_slice(tag);
         self.recv.open_in_place(b"", cell, &t, "link cell")

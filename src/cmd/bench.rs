@@ -26,7 +26,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,10 +40,11 @@ use anomos_proto::ids::{ChainId, NeighborId};
 use anomos_proto::tc::{self, HopSpec, Layer, LayerKind};
 use anomos_proto::tracker::{CircuitGrant, CircuitRequest, FromTracker, ToTracker};
 use clap::Args;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
+use super::procs::{spawn_ready, Proc, TempRoot};
 use crate::chain::{self, ChainService, ChainStore, SyncOptions};
 use crate::circuit::endpoint::CircuitStream;
 use crate::config::PeerConfig;
@@ -321,37 +322,6 @@ fn progress(quiet: bool, msg: impl std::fmt::Display) {
 // ---------------------------------------------------------------------------------------------------------
 // Processes and overlays
 
-/// A child process that is killed when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-/// The bench's temporary directory, removed when dropped (unless kept).
-struct TempRoot {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempRoot {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// Which optional flags this executable's subcommands know (they are passed only if present).
 async fn help_text(sub: &str) -> String {
     let Ok(exe) = std::env::current_exe() else { return String::new() };
@@ -359,37 +329,6 @@ async fn help_text(sub: &str) -> String {
         Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
         Err(_) => String::new(),
     }
-}
-
-/// Starts `anomos <args>` with stderr to `log`, and waits for its `… ready listen=ADDR fingerprint=HEX` line.
-async fn spawn_ready(name: &str, args: &[String], log: &Path) -> Result<(Proc, String, String), PeerError> {
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(log)?))
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or(PeerError::Config("no stdout".into()))?;
-    let proc = Proc { child };
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(120), async {
-        while let Ok(Some(l)) = lines.next_line().await {
-            if l.contains(" ready ") {
-                return Some(l);
-            }
-        }
-        None
-    })
-    .await
-    .map_err(|_| PeerError::Timeout("child process start"))?
-    .ok_or_else(|| PeerError::Config(format!("{name} exited before it was ready; see {}", log.display())))?;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
-    let listen = field("listen=").ok_or_else(|| PeerError::Config(format!("bad ready line: {line}")))?;
-    let fp = field("fingerprint=").ok_or_else(|| PeerError::Config(format!("bad ready line: {line}")))?;
-    Ok((proc, listen, fp))
 }
 
 /// Sends `count` bytes of records on request: a message `bulk <bytes> <chunk>` is answered with `bytes`

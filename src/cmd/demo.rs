@@ -2,14 +2,11 @@
 //! processes (ephemeral ports, temporary data dirs, the tracker's fingerprint wired in) — then a fetch of a
 //! regtest chain over multi-hop circuits from this process, a summary, and clean-up.
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
+use super::procs::{spawn_ready, TempRoot};
 use crate::cmd::fetch::{self, FetchOptions};
 use crate::error::PeerError;
 
@@ -31,64 +28,6 @@ pub struct DemoArgs {
     /// Keep the temporary directory (logs, keys) instead of deleting it.
     #[arg(long)]
     pub keep: bool,
-}
-
-/// A child process that is killed when dropped.
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-/// Removes the demo directory when dropped (unless kept).
-struct TempRoot {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempRoot {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-/// Starts `anomos <args>` with stderr to `log`, and waits for its `… ready listen=ADDR fingerprint=HEX` line.
-async fn spawn_ready(name: &str, args: &[String], log: &Path) -> Result<(Proc, String, String), PeerError> {
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(log)?))
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or(PeerError::Config("no stdout".into()))?;
-    let proc = Proc { name: name.to_string(), child };
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Ok(Some(l)) = lines.next_line().await {
-            if l.contains(" ready ") {
-                return Some(l);
-            }
-        }
-        None
-    })
-    .await
-    .map_err(|_| PeerError::Timeout("child process start"))?
-    .ok_or_else(|| PeerError::Config(format!("{name} exited before it was ready; see {}", log.display())))?;
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
-    let listen = field("listen=").ok_or_else(|| PeerError::Config(format!("bad ready line: {line}")))?;
-    let fp = field("fingerprint=").ok_or_else(|| PeerError::Config(format!("bad ready line: {line}")))?;
-    Ok((proc, listen, fp))
 }
 
 /// Runs the demo.

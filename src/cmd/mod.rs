@@ -6,6 +6,7 @@ pub mod demo;
 pub mod fetch;
 pub mod keygen;
 pub mod peer;
+mod procs;
 pub mod send_tx;
 
 use std::net::SocketAddr;

@@ -1,0 +1,77 @@
+//! Child processes and temporary directories for the commands that run a whole overlay on this machine
+//! (`demo`, `bench`).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::error::PeerError;
+
+/// A child process that is killed when dropped.
+pub(crate) struct Proc {
+    pub(crate) name: String,
+    pub(crate) child: Child,
+}
+
+impl Proc {
+    /// Its process id (0 once it has exited).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A temporary directory removed when dropped (unless kept).
+pub(crate) struct TempRoot {
+    pub(crate) path: PathBuf,
+    pub(crate) keep: bool,
+}
+
+impl Drop for TempRoot {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Starts `anomos <args>` (this executable) with stderr to `log`, and waits for its
+/// `… ready listen=ADDR fingerprint=HEX` line; returns the process, ADDR and HEX.
+pub(crate) async fn spawn_ready(name: &str, args: &[String], log: &Path) -> Result<(Proc, String, String), PeerError> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(log)?))
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or(PeerError::Config("no stdout".into()))?;
+    let proc = Proc { name: name.to_string(), child };
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains(" ready ") {
+                return Some(l);
+            }
+        }
+        None
+    })
+    .await
+    .map_err(|_| PeerError::Timeout("child process start"))?
+    .ok_or_else(|| PeerError::Config(format!("{name} exited before it was ready; see {}", log.display())))?;
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
+    let listen = field("listen=").ok_or_else(|| PeerError::Config(format!("bad ready line: {line}")))?;
+    let fp = field("fingerprint=").ok_or_else(|| PeerError::Config(format!("bad ready line: {line}")))?;
+    Ok((proc, listen, fp))
+}
