@@ -208,7 +208,12 @@ impl LogArgs {
     pub fn init(&self) {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&self.log_level));
-        let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        // Colours only on a terminal: log files stay plain text.
+        use std::io::IsTerminal;
+        let b = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
         if self.log_format == "json" {
             b.json().init();
         } else {
