@@ -404,10 +404,12 @@ impl Node {
         Ok(Duration::from_secs(a.interval_secs.clamp(1, 3600) as u64))
     }
 
-    /// Asks the announce loop to refresh now (rate-limited to once per second).
+    /// Asks the announce loop to refresh now (rate-limited to once per 5 s).
     pub fn request_reannounce(&self) {
+        // Anyone can trigger this by claiming an unknown fingerprint, and every announce costs the tracker RSA
+        // work: at most one early announce per 5 s (the regular interval still applies).
         let mut last = self.last_reannounce.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
             *last = Some(Instant::now());
             self.reannounce.notify_one();
         }

@@ -86,7 +86,10 @@ impl Service {
             warn!(peer = %id.short(), %listen, "announce refused: unusable listen address");
             return error_reply(ErrorCode::BadRequest, format!("cannot reach a peer at {listen}"));
         }
-        if !self.args.allow_foreign_announce && remote_ip.is_some_and(|ip| ip != listen.ip()) {
+        // Compared canonically: on a dual-stack socket an IPv4 peer's source reads as ::ffff:a.b.c.d.
+        if !self.args.allow_foreign_announce
+            && remote_ip.is_some_and(|ip| ip.to_canonical() != listen.ip().to_canonical())
+        {
             warn!(peer = %id.short(), %listen, from = ?remote_ip, "announce refused: address is not the session's");
             return error_reply(
                 ErrorCode::BadRequest,
