@@ -10,6 +10,8 @@
 //!   real addresses into `version` (as an unmodified node may); neither end ever sees the other's.
 //! * python-bitcoinlib (a client we did not write) through the bridge, if installed.
 
+mod inproc;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,18 +19,14 @@ use std::time::{Duration, Instant};
 use anomos::bridge::{BridgeOptions, BridgeStats, ClientBridge, UpstreamService};
 use anomos::chain::wire::USER_AGENT;
 use anomos::chain::{self, mine_regtest, ChainService, ChainStore, SharedStore};
-use anomos::{CircuitStream, Node, PeerConfig, Service};
+use anomos::{CircuitStream, Node, Service};
 use anomos_proto::btc::{
     check_block, check_header_pow, check_linkage, encode_message, Address, Envelope, EnvelopeReader, GetHeadersMessage,
     Inventory, Message, NetParams, ServiceFlags, VersionMessage,
 };
-use anomos_proto::identity::Identity;
-use anomos_proto::ids::ChainId;
-use anomos_tracker::TrackerArgs;
 use bitcoin::block::Header;
 use bitcoin::hashes::Hash;
 use bitcoin::BlockHash;
-use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
@@ -42,73 +40,21 @@ fn regtest() -> NetParams {
 
 // ---- the overlay ----
 
-#[derive(Parser)]
-struct T {
-    #[command(flatten)]
-    a: TrackerArgs,
-}
-
 struct Overlay {
     /// The requester (runs the client bridge).
     a: Arc<Node>,
     /// The serving peer.
     b: Arc<Node>,
-    nodes: Vec<Arc<Node>>,
-    _dirs: Vec<tempfile::TempDir>,
+    o: inproc::InProc,
 }
 
 /// A tracker, `peers` peers without a service (the first is the requester A) and one peer B serving regtest
 /// with `service`, all on 127.0.0.1.
 async fn overlay(peers: usize, service: Arc<dyn Service>) -> Overlay {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let tdir = tempfile::tempdir().unwrap();
-    let args = T::parse_from([
-        "t",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        tdir.path().to_str().unwrap(),
-        "--allow-same-ip",
-        "--interval",
-        "1",
-    ])
-    .a;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(anomos_tracker::run_until(args, Some(tx), std::future::pending()));
-    let ready = rx.await.unwrap();
-    let mut nodes = Vec::new();
-    let mut dirs = vec![tdir];
-    for i in 0..=peers {
-        let d = tempfile::tempdir().unwrap();
-        let mut cfg = PeerConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            ready.listen,
-            ready.fingerprint.to_hex(),
-            d.path().to_path_buf(),
-        );
-        let svc = if i == peers {
-            cfg.serve = vec![ChainId::new("regtest").unwrap()];
-            Some(service.clone())
-        } else {
-            None
-        };
-        let id = Identity::generate(&mut rand::rngs::OsRng, 2048).unwrap();
-        let key = anomos::tracker_client::fetch_tracker_key(ready.listen, &ready.fingerprint).await.unwrap();
-        let (node, l) = Node::bind(cfg, id, key, svc).await.unwrap();
-        node.start(l);
-        nodes.push(node);
-        dirs.push(d);
-    }
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if nodes.iter().all(|n| n.link_count() >= 2.min(n.neighbor_count()) && n.neighbor_count() >= 2) {
-            break;
-        }
-    }
-    Overlay { a: nodes[0].clone(), b: nodes[peers].clone(), nodes, _dirs: dirs }
+    let mut specs: Vec<inproc::NodeSpec> = (0..peers).map(|_| inproc::relay()).collect();
+    specs.push(inproc::NodeSpec { window: 128, serve: Some(("regtest", service)) });
+    let o = inproc::overlay(specs).await;
+    Overlay { a: o.nodes[0].clone(), b: o.nodes[peers].clone(), o }
 }
 
 /// A client bridge on requester A, on 127.0.0.1 with an ephemeral port, 2 relays per circuit.
@@ -638,7 +584,7 @@ async fn a_client_that_stops_reading_holds_the_serving_peer_back() {
     c.send(&Message::GetData(vec![Inventory::WitnessBlock(tip); N])).await;
 
     // The client reads nothing: flow stops everywhere once the buffers on the way are full.
-    let relayed = || o.nodes.iter().map(|n| n.stats.bytes_relayed.load(std::sync::atomic::Ordering::Relaxed)).max();
+    let relayed = || o.o.nodes.iter().map(|n| n.stats.bytes_relayed.load(std::sync::atomic::Ordering::Relaxed)).max();
     let mut last = (relayed(), count(&stats.bytes_to_tcp));
     loop {
         tokio::time::sleep(Duration::from_millis(700)).await;

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anomos::{CircuitStream, Node, PeerConfig, Service};
+mod inproc;
+
+use anomos::{CircuitStream, Service};
 use anomos_proto::identity::Identity;
 use anomos_proto::ids::ChainId;
 use anomos_proto::tracker::CircuitRequest;
-use anomos_tracker::TrackerArgs;
-use clap::Parser;
 
 /// Echoes every message back.
 struct Echo;
@@ -30,74 +30,21 @@ impl Service for Echo {
     }
 }
 
-#[derive(Parser)]
-struct T {
-    #[command(flatten)]
-    a: TrackerArgs,
-}
-
-struct Overlay {
-    nodes: Vec<Arc<Node>>,
-    _dirs: Vec<tempfile::TempDir>,
-}
+type Overlay = inproc::InProc;
 
 async fn overlay(peers: usize, servers: usize, window: u32) -> Overlay {
     overlay_with(peers, servers, |_| window).await
 }
 
-/// An overlay whose node `i` uses receive window `window(i)`.
+/// An overlay of `peers` relays and `servers` echo targets, whose node `i` uses receive window `window(i)`.
 async fn overlay_with(peers: usize, servers: usize, window: impl Fn(usize) -> u32) -> Overlay {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let tdir = tempfile::tempdir().unwrap();
-    let args = T::parse_from([
-        "t",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        tdir.path().to_str().unwrap(),
-        "--allow-same-ip",
-        "--interval",
-        "1",
-    ])
-    .a;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(anomos_tracker::run_until(args, Some(tx), std::future::pending()));
-    let ready = rx.await.unwrap();
-    let mut nodes = Vec::new();
-    let mut dirs = vec![tdir];
-    for i in 0..peers + servers {
-        let d = tempfile::tempdir().unwrap();
-        let mut cfg = PeerConfig::new(
-            "127.0.0.1:0".parse().unwrap(),
-            ready.listen,
-            ready.fingerprint.to_hex(),
-            d.path().to_path_buf(),
-        );
-        cfg.circuit_window = window(i);
-        let service: Option<Arc<dyn Service>> = if i >= peers {
-            cfg.serve = vec![ChainId::new("echo").unwrap()];
-            Some(Arc::new(Echo))
-        } else {
-            None
-        };
-        let id = Identity::generate(&mut rand::rngs::OsRng, 2048).unwrap();
-        let key = anomos::tracker_client::fetch_tracker_key(ready.listen, &ready.fingerprint).await.unwrap();
-        let (node, l) = Node::bind(cfg, id, key, service).await.unwrap();
-        node.start(l);
-        nodes.push(node);
-        dirs.push(d);
-    }
-    // Let the graph form and links come up.
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        if nodes.iter().all(|n| n.link_count() >= 2.min(n.neighbor_count()) && n.neighbor_count() >= 2) {
-            break;
-        }
-    }
-    Overlay { nodes, _dirs: dirs }
+    let specs = (0..peers + servers)
+        .map(|i| inproc::NodeSpec {
+            window: window(i),
+            serve: (i >= peers).then(|| ("echo", Arc::new(Echo) as Arc<dyn Service>)),
+        })
+        .collect();
+    inproc::overlay(specs).await
 }
 
 async fn open(o: &Overlay, requester: usize, relays: u8) -> CircuitStream {
