@@ -149,38 +149,8 @@ impl Overlay {
         let mut args: Vec<String> = vec!["fetch".into()];
         args.extend(self.peer_args(name));
         args.extend(extra.iter().map(|s| s.to_string()));
-        let log = self.dir.path().join(format!("{name}.log"));
-        let mut child = Command::new(exe())
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut s = String::new();
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                s.push_str(&l);
-                s.push('\n');
-            }
-            s
-        });
-        let deadline = std::time::Instant::now() + timeout;
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break Some(st);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let stdout = reader.join().unwrap_or_default();
-        (status.is_some_and(|s| s.success()), stdout, std::fs::read_to_string(&log).unwrap_or_default())
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(name, &a, self.dir.path(), timeout)
     }
 }
 
