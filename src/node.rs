@@ -26,7 +26,7 @@ use crate::config::PeerConfig;
 use crate::error::PeerError;
 use crate::link::writer::Budget;
 use crate::link::{self, Link};
-use crate::tracker_client::TrackerSession;
+use crate::tracker_client::TrackerClient;
 
 /// What serves circuits that end here (the chain node).
 pub trait Service: Send + Sync + 'static {
@@ -175,6 +175,8 @@ pub struct Node {
     conns: Mutex<ConnTable>,
     /// The node-wide budget of queued cells, shared by every link.
     pub(crate) budget: Arc<Budget>,
+    /// Our session with the tracker (announces, circuit requests, reports).
+    tracker: Arc<TrackerClient>,
 }
 
 impl Node {
@@ -195,9 +197,11 @@ impl Node {
             None => None,
         };
         let cfg_budget = cfg.max_queued_cells;
+        let identity = Arc::new(identity);
+        let tracker = Arc::new(TrackerClient::new(cfg.tracker, tracker_key.clone(), identity.clone()));
         let node = Arc::new(Node {
             cfg,
-            identity: Arc::new(identity),
+            identity,
             tracker_key,
             listen_addr,
             service,
@@ -215,6 +219,7 @@ impl Node {
             last_reannounce: Mutex::new(None),
             conns: Mutex::new(ConnTable::default()),
             budget: Budget::new(cfg_budget),
+            tracker,
         });
         Ok((node, listener))
     }
@@ -380,9 +385,8 @@ impl Node {
     }
 
     async fn announce_once(self: &Arc<Self>) -> Result<Duration, PeerError> {
-        let mut s = TrackerSession::connect(self.cfg.tracker, &self.tracker_key, &self.identity).await?;
         let listen = self.cfg.advertise.unwrap_or(self.listen_addr);
-        let reply = s.request(&ToTracker::Announce(Announce { listen, chains: self.cfg.serve.clone() })).await?;
+        let reply = self.tracker.request(&ToTracker::Announce(Announce { listen, chains: self.cfg.serve.clone() })).await?;
         let FromTracker::Announced(a) = reply else {
             return Err(PeerError::Tracker(format!("unexpected reply {reply:?}")));
         };
@@ -655,8 +659,7 @@ impl Node {
 
     /// Asks the tracker for circuit grants.
     pub async fn request_grants(&self, req: CircuitRequest) -> Result<Vec<CircuitGrant>, PeerError> {
-        let mut s = TrackerSession::connect(self.cfg.tracker, &self.tracker_key, &self.identity).await?;
-        match s.request(&ToTracker::RequestCircuits(req)).await? {
+        match self.tracker.request(&ToTracker::RequestCircuits(req)).await? {
             FromTracker::Circuits(c) => Ok(c.circuits),
             other => Err(PeerError::Tracker(format!("unexpected reply {other:?}"))),
         }
@@ -664,14 +667,9 @@ impl Node {
 
     /// Sends a failure report in the background.
     pub fn report(&self, report: FailureReport) {
-        let (addr, key, id) = (self.cfg.tracker, self.tracker_key.clone(), self.identity.clone());
+        let tracker = self.tracker.clone();
         tokio::spawn(async move {
-            let r = async {
-                let mut s = TrackerSession::connect(addr, &key, &id).await?;
-                s.request(&ToTracker::Report(report)).await
-            }
-            .await;
-            if let Err(e) = r {
+            if let Err(e) = tracker.request(&ToTracker::Report(report)).await {
                 debug!("failure report not delivered: {e}");
             }
         });

@@ -1,7 +1,8 @@
-//! Talking to the tracker: one encrypted, authenticated session per exchange (SPEC.md §3).
+//! Talking to the tracker: an encrypted, authenticated session (SPEC.md §3), kept open between requests.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anomos_proto::identity::{Identity, PublicKey};
 use anomos_proto::tracker::{self, FromTracker, ToTracker, TrackerChannel};
@@ -12,6 +13,10 @@ use tokio::time::timeout;
 use crate::error::PeerError;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// A kept session older than this (since its last request) is replaced instead of reused: the tracker closes
+/// sessions idle for its `--idle-timeout` (60 s by default), and writing into one it already closed costs a
+/// round trip to find out.
+const REUSE_IDLE: Duration = Duration::from_secs(30);
 
 /// An open session with the tracker, after Hello/Welcome.
 pub struct TrackerSession {
@@ -69,6 +74,57 @@ impl TrackerSession {
             reply => Ok(reply),
         }
     }
+}
+
+/// The node's tracker client: one session, opened on first use and reused by later requests (each new session
+/// costs the tracker an RSA decryption and a signature check, and the requester two round trips). Requests
+/// are serialized over it; a session the tracker has closed is replaced once, transparently.
+///
+/// Reuse links nothing new: every session is authenticated with the peer's identity anyway (SPEC.md §3).
+pub struct TrackerClient {
+    addr: SocketAddr,
+    key: PublicKey,
+    me: Arc<Identity>,
+    session: tokio::sync::Mutex<Option<(TrackerSession, Instant)>>,
+}
+
+impl TrackerClient {
+    /// A client for the tracker at `addr` pinned to `key`; connects on the first request.
+    pub fn new(addr: SocketAddr, key: PublicKey, me: Arc<Identity>) -> Self {
+        TrackerClient { addr, key, me, session: tokio::sync::Mutex::new(None) }
+    }
+
+    /// Sends one request and reads its reply, over the kept session if there is a fresh one.
+    pub async fn request(&self, msg: &ToTracker) -> Result<FromTracker, PeerError> {
+        let mut slot = self.session.lock().await;
+        if let Some((mut s, used)) = slot.take() {
+            if used.elapsed() < REUSE_IDLE {
+                match s.request(msg).await {
+                    // Only a closed connection is retried: the tracker never saw the request. A timeout or a
+                    // tracker error is the answer.
+                    Err(PeerError::Io(e)) => tracing::debug!("kept tracker session closed ({e}); reconnecting"),
+                    r => {
+                        if keeps_session(&r) {
+                            *slot = Some((s, Instant::now()));
+                        }
+                        return r;
+                    }
+                }
+            }
+        }
+        let mut s = TrackerSession::connect(self.addr, &self.key, &self.me).await?;
+        let r = s.request(msg).await;
+        if keeps_session(&r) {
+            *slot = Some((s, Instant::now()));
+        }
+        r
+    }
+}
+
+/// Whether a session is still usable after a request ended with `r`: it is after a reply, including a tracker
+/// error reply; after a timeout or an I/O or decoding error its framing state is unknown.
+fn keeps_session(r: &Result<FromTracker, PeerError>) -> bool {
+    matches!(r, Ok(_) | Err(PeerError::Tracker(_)))
 }
 
 /// Fetches the tracker's public key and checks it against the pinned fingerprint.
