@@ -3,15 +3,17 @@
 //! * `tc_peel/{2048,3072}`: one hop peeling its tracking-code layer (RSA-OAEP decrypt + AES-GCM over ~4 KiB);
 //! * `tc_build/4hop_*`: the tracker building a TC for 3 relays + target;
 //! * `link_cell/*`: sealing and opening one link cell (SEALED_CELL_LEN bytes on the wire), in place and through
-//!   `seal_cell`/`open_cell`, next to raw AES-256-GCM (the `aes_gcm` crate used directly) sealing and opening the
-//!   same number of bytes with a counter nonce: the difference is the link layer's own overhead;
+//!   `seal_cell`/`open_cell`, next to raw AES-256-GCM sealing and opening the same number of bytes with a
+//!   counter nonce: `ring` used directly (what `AeadCounter` runs on; the difference is the link layer's own
+//!   overhead), and the RustCrypto `aes_gcm` crate it replaced, for comparison;
 //! * `onion/hop_layer_forward`: one relay stripping its AES-256-CTR layer from a DATA payload;
 //! * `relay_cell/*`: a relay's whole per-cell user-space work on one DATA cell, without sockets: open the sealed
 //!   cell from the in-link, decode it (`Cell::decode`: a new boxed payload), strip the hop layer, encode it into
-//!   the out-link's batch buffer and seal it (`alloc`); and the same with the payload copied into a reused box
-//!   instead of a fresh allocation (`reuse`). In this tight loop malloc hands back the same chunk every time, so
-//!   the difference is only the zeroing and bookkeeping; in a relay the payload is freed on another task after
-//!   the write, and glibc's heap trimming then makes the allocation cost page faults (docs/PERFORMANCE.md);
+//!   the out-link's batch buffer and seal it (`alloc`); and the same decoding into a reused box
+//!   (`Cell::decode_reusing`, what the node's link reader does with its payload pool: `reuse`). In this tight
+//!   loop malloc hands back the same chunk every time, so the difference is only the zeroing and bookkeeping;
+//!   in a relay without the pool the payload is freed on another task after the write, and glibc's heap
+//!   trimming then makes the allocation cost page faults (docs/PERFORMANCE.md);
 //! * `rsa_oaep_decrypt/{2048,3072}`: the RSA private-key operation alone.
 //!
 //! After criterion's report it prints one `SUMMARY ...` line computed from its own `Instant`-timed loops (not
@@ -98,15 +100,43 @@ fn cell_round(d: &mut LinkCipher, a: &mut LinkCipher, buf: &mut [u8; SEALED_CELL
     a.open_in_place(buf).expect("open");
 }
 
-/// The same work with `aes_gcm` directly: CELL_LEN bytes sealed and opened under a counter nonce.
+/// The same work with `ring` directly (the implementation behind `AeadCounter`): CELL_LEN bytes sealed and
+/// opened under a counter nonce.
 struct RawGcm {
-    cipher: Aes256Gcm,
+    cipher: ring::aead::LessSafeKey,
     n: u64,
 }
 
 impl RawGcm {
     fn new() -> Self {
-        RawGcm { cipher: Aes256Gcm::new((&[9u8; 32]).into()), n: 0 }
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[9u8; 32]).expect("key");
+        RawGcm { cipher: ring::aead::LessSafeKey::new(key), n: 0 }
+    }
+    fn round(&mut self, buf: &mut [u8; SEALED_CELL_LEN]) {
+        use ring::aead::{Aad, Nonce};
+        let nonce = counter_nonce(self.n);
+        self.n += 1;
+        let (body, tag_out) = buf.split_at_mut(CELL_LEN);
+        let tag = self
+            .cipher
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), body)
+            .expect("seal");
+        tag_out.copy_from_slice(tag.as_ref());
+        self.cipher
+            .open_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), tag, body, 0..)
+            .expect("open");
+    }
+}
+
+/// The same with the RustCrypto `aes_gcm` crate, which `AeadCounter` used before (for comparison).
+struct RustCryptoGcm {
+    cipher: Aes256Gcm,
+    n: u64,
+}
+
+impl RustCryptoGcm {
+    fn new() -> Self {
+        RustCryptoGcm { cipher: Aes256Gcm::new((&[9u8; 32]).into()), n: 0 }
     }
     fn round(&mut self, buf: &mut [u8; SEALED_CELL_LEN]) {
         let nonce = counter_nonce(self.n);
@@ -160,11 +190,7 @@ impl RelayPath {
     fn cell(&mut self, wire: &mut [u8; SEALED_CELL_LEN], reuse: bool) {
         self.open.open_in_place(wire).expect("open");
         let mut cell = match (reuse, self.reused.take()) {
-            (true, Some(mut payload)) => {
-                payload.copy_from_slice(&wire[5..CELL_LEN]);
-                let circ_id = u32::from_be_bytes(wire[..4].try_into().expect("4 bytes"));
-                Cell { circ_id, command: Command::Data, payload }
-            }
+            (true, Some(payload)) => Cell::decode_reusing(&wire[..CELL_LEN], payload).expect("decode"),
             (_, kept) => {
                 self.reused = kept;
                 Cell::decode(&wire[..CELL_LEN]).expect("decode")
@@ -221,7 +247,9 @@ fn benches(c: &mut Criterion, ids: &Ids) {
         })
     });
     let mut raw = RawGcm::new();
-    g.bench_function("raw_aes256gcm_seal_open", |b| b.iter(|| raw.round(black_box(&mut buf))));
+    g.bench_function("raw_ring_aes256gcm_seal_open", |b| b.iter(|| raw.round(black_box(&mut buf))));
+    let mut rc = RustCryptoGcm::new();
+    g.bench_function("raw_rustcrypto_aes256gcm_seal_open", |b| b.iter(|| rc.round(black_box(&mut buf))));
     g.finish();
 
     let mut g = c.benchmark_group("onion");
@@ -293,6 +321,8 @@ fn summary(ids: &Ids, budget: Duration) {
     let cell = time(budget, || cell_round(&mut d, &mut a, black_box(&mut buf)));
     let mut raw = RawGcm::new();
     let gcm = time(budget, || raw.round(black_box(&mut buf)));
+    let mut rc = RustCryptoGcm::new();
+    let rc_gcm = time(budget, || rc.round(black_box(&mut buf)));
     let mut hop = HopLayer::new(&Secret([5; 32]));
     let mut payload = [0u8; CELL_PAYLOAD_LEN];
     let fwd = time(budget, || hop.forward(black_box(&mut payload)));
@@ -316,8 +346,9 @@ fn summary(ids: &Ids, budget: Duration) {
     let (relay_alloc, relay_reuse) = (relay_cell(false), relay_cell(true));
     println!(
         "SUMMARY tc_peel_2048_ms={:.3} tc_peel_3072_ms={:.3} tc_build_4hop_ms={:.3} rsa_oaep_decrypt_2048_ms={:.3} \
-         cell_seal_open_MBps={:.1} raw_gcm_seal_open_MBps={:.1} ratio={:.3} hop_forward_MBps={:.1} tc_len={} \
-         relay_cell_us={:.3} relay_cell_reuse_us={:.3} relay_cell_ms_per_MB={:.3}",
+         cell_seal_open_MBps={:.1} raw_gcm_seal_open_MBps={:.1} ratio={:.3} rustcrypto_gcm_seal_open_MBps={:.1} \
+         hop_forward_MBps={:.1} tc_len={} relay_cell_us={:.3} relay_cell_reuse_us={:.3} relay_cell_ms_per_MB={:.3} \
+         relay_cell_reuse_ms_per_MB={:.3}",
         peel2048 * 1e3,
         peel3072 * 1e3,
         build * 1e3,
@@ -325,12 +356,14 @@ fn summary(ids: &Ids, budget: Duration) {
         cell_mbps,
         gcm_mbps,
         cell_mbps / gcm_mbps,
+        mbps(rc_gcm, SEALED_CELL_LEN),
         mbps(fwd, CELL_PAYLOAD_LEN),
         TC_LEN,
         relay_alloc * 1e6,
         relay_reuse * 1e6,
         // Per MB (10^6 bytes) of record data: a cell carries RECORD_DATA_MAX = 4093 bytes.
         relay_alloc * 1e3 * 1e6 / 4093.0,
+        relay_reuse * 1e3 * 1e6 / 4093.0,
     );
 }
 

@@ -282,6 +282,13 @@ impl Cell {
 
     /// Decodes a plaintext cell. Checks the command and that PADDING is on circuit 0 and nothing else is.
     pub fn decode(buf: &[u8]) -> Result<Self> {
+        Self::decode_reusing(buf, Box::new([0u8; CELL_PAYLOAD_LEN]))
+    }
+
+    /// [`decode`](Self::decode) into a payload buffer the caller already has (e.g. one that an earlier cell
+    /// used): a relay moves every cell through here, and a fresh zeroed allocation per cell costs more than the
+    /// copy. Every byte of `payload` is overwritten.
+    pub fn decode_reusing(buf: &[u8], mut payload: Box<[u8; CELL_PAYLOAD_LEN]>) -> Result<Self> {
         if buf.len() != CELL_LEN {
             return Err(ProtoError::BadLength { what: "cell", len: buf.len(), expected: CELL_LEN });
         }
@@ -294,8 +301,27 @@ impl Cell {
                 detail: format!("{command:?} on circuit {circ_id:#x}"),
             });
         }
-        let mut payload = Box::new([0u8; CELL_PAYLOAD_LEN]);
         payload.copy_from_slice(p);
         Ok(Cell { circ_id, command, payload })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_reusing_overwrites_a_dirty_buffer_and_checks_like_decode() {
+        let mut c = Cell::new(0x8000_0002, Command::Data);
+        c.payload[..3].copy_from_slice(b"abc");
+        let mut plain = [0u8; CELL_LEN];
+        c.encode_into(&mut plain);
+        let dirty = Box::new([0xffu8; CELL_PAYLOAD_LEN]);
+        assert_eq!(Cell::decode_reusing(&plain, dirty).unwrap(), c);
+        assert_eq!(Cell::decode(&plain).unwrap(), c);
+        // The same checks as `decode`: DATA on circuit 0 is refused, and so is a short buffer.
+        plain[..4].copy_from_slice(&0u32.to_be_bytes());
+        assert!(Cell::decode_reusing(&plain, Box::new([0u8; CELL_PAYLOAD_LEN])).is_err());
+        assert!(Cell::decode_reusing(&plain[1..], Box::new([0u8; CELL_PAYLOAD_LEN])).is_err());
     }
 }

@@ -276,12 +276,19 @@ pub fn fragments(msg: &[u8]) -> impl Iterator<Item = (RecordType, &[u8])> {
 pub struct Reassembler {
     buf: Vec<u8>,
     limit: usize,
+    /// Length of the last message: the next one is reserved this much up front (capped at [`RESERVE_MAX`]),
+    /// instead of growing by doubling, which copies and page-faults a large message several times over.
+    last: usize,
 }
+
+/// Most bytes reserved up front for a message (a bulk stream of large messages reserves this much, once per
+/// message; an idle circuit reserves nothing).
+const RESERVE_MAX: usize = 1 << 20;
 
 impl Reassembler {
     /// A reassembler for messages of at most `limit` bytes.
     pub fn new(limit: usize) -> Self {
-        Reassembler { buf: Vec::new(), limit }
+        Reassembler { buf: Vec::new(), limit, last: 0 }
     }
 
     /// Adds a fragment; returns a complete message on `End`.
@@ -295,8 +302,12 @@ impl Reassembler {
                         limit: self.limit,
                     });
                 }
+                if self.buf.capacity() == 0 && kind == RecordType::Part {
+                    self.buf.reserve(self.last.min(RESERVE_MAX).max(data.len()));
+                }
                 self.buf.extend_from_slice(data);
                 if kind == RecordType::End {
+                    self.last = self.buf.len();
                     return Ok(Some(std::mem::take(&mut self.buf)));
                 }
                 Ok(None)

@@ -1,11 +1,14 @@
 //! Symmetric primitives shared by every layer: HKDF-SHA256, AES-256-GCM with counter nonces, AES-256-CTR
 //! keystreams for onion layers. All keys are 32 bytes; all nonces are derived from counters, never random,
 //! and a counter never repeats under one key (see SPEC.md "Key schedule").
+//!
+//! AES-256-GCM is `ring`'s (AES-NI/VAES and CLMUL assembly with aggregated GHASH, about 6x the `aes-gcm`
+//! crate's speed per core here; docs/PERFORMANCE.md). It is standard GCM, so the bytes on the wire are the same
+//! whichever implementation produced them (the known-answer vectors in `tests/vectors` pin them).
 
-use aes::cipher::{KeyIvInit, StreamCipher};
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use aes::cipher::{KeyInit, KeyIvInit, StreamCipher};
 use hkdf::Hkdf;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroize;
 
@@ -82,14 +85,51 @@ pub fn counter_nonce(n: u64) -> [u8; 12] {
 /// One direction of an AES-256-GCM channel with a counter nonce. Sealing and opening each advance the counter,
 /// so the same state type serves both ends; a failed open does not advance it (the channel is dead anyway).
 pub struct AeadCounter {
-    cipher: Aes256Gcm,
+    cipher: LessSafeKey,
     next: u64,
+}
+
+/// The AES-256-GCM key for `key`.
+fn gcm_key(key: &Secret) -> LessSafeKey {
+    // `UnboundKey::new` fails only for a key of the wrong length; `Secret` is always 32 bytes.
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key.0).expect("AES-256 key is 32 bytes"))
+}
+
+/// Seals `buf` in place under `nonce`; fails only for plaintexts beyond GCM's limit (64 GiB).
+fn gcm_seal(cipher: &LessSafeKey, nonce: [u8; 12], aad: &[u8], buf: &mut [u8]) -> Result<[u8; TAG_LEN]> {
+    let tag = cipher
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
+        .map_err(|_| ProtoError::TooLarge { what: "AEAD plaintext", len: buf.len(), limit: 1 << 36 })?;
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(tag.as_ref());
+    Ok(out)
+}
+
+/// Opens `buf` in place under `nonce` if `tag` verifies (constant-time comparison inside ring).
+fn gcm_open(
+    cipher: &LessSafeKey,
+    nonce: [u8; 12],
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+    what: &'static str,
+) -> Result<()> {
+    cipher
+        .open_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            ring::aead::Tag::from(*tag),
+            buf,
+            0..,
+        )
+        .map(|_| ())
+        .map_err(|_| ProtoError::BadTag(what))
 }
 
 impl AeadCounter {
     /// A channel direction keyed with `key`, counter starting at 0.
     pub fn new(key: &Secret) -> Self {
-        AeadCounter { cipher: Aes256Gcm::new((&key.0).into()), next: 0 }
+        AeadCounter { cipher: gcm_key(key), next: 0 }
     }
 
     /// The counter the next seal/open will use.
@@ -109,11 +149,7 @@ impl AeadCounter {
     /// Encrypts `buf` in place with `aad` and returns the tag.
     pub fn seal_in_place(&mut self, aad: &[u8], buf: &mut [u8]) -> Result<[u8; TAG_LEN]> {
         let nonce = self.take_nonce()?;
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, buf)
-            .map_err(|_| ProtoError::TooLarge { what: "AEAD plaintext", len: buf.len(), limit: 1 << 36 })?;
-        Ok(tag.into())
+        gcm_seal(&self.cipher, nonce, aad, buf)
     }
 
     /// Decrypts `buf` in place if `tag` verifies; the counter advances only on success.
@@ -121,10 +157,7 @@ impl AeadCounter {
         if self.next == u64::MAX {
             return Err(ProtoError::NonceExhausted);
         }
-        let nonce = counter_nonce(self.next);
-        self.cipher
-            .decrypt_in_place_detached(Nonce::from_slice(&nonce), aad, buf, Tag::from_slice(tag))
-            .map_err(|_| ProtoError::BadTag(what))?;
+        gcm_open(&self.cipher, counter_nonce(self.next), aad, buf, tag, what)?;
         self.next += 1;
         Ok(())
     }
@@ -154,9 +187,8 @@ impl AeadCounter {
 
 /// One-shot AES-256-GCM with an explicit key and nonce, for single-use keys (tracking-code layers).
 pub(crate) fn gcm_seal_once(key: &Secret, nonce: &[u8; 12], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
-    let cipher = Aes256Gcm::new((&key.0).into());
     // Only fails for plaintexts over 64 GiB; TC bodies are 4 KiB.
-    cipher.encrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf).map(Into::into).unwrap_or([0u8; TAG_LEN])
+    gcm_seal(&gcm_key(key), *nonce, aad, buf).unwrap_or([0u8; TAG_LEN])
 }
 
 pub(crate) fn gcm_open_once(
@@ -167,13 +199,12 @@ pub(crate) fn gcm_open_once(
     tag: &[u8; TAG_LEN],
     what: &'static str,
 ) -> Result<()> {
-    let cipher = Aes256Gcm::new((&key.0).into());
-    cipher
-        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag))
-        .map_err(|_| ProtoError::BadTag(what))
+    gcm_open(&gcm_key(key), *nonce, aad, buf, tag, what)
 }
 
-type Aes256Ctr = ctr::Ctr64BE<aes::Aes256>;
+/// CTR needs only the encryption key schedule (`Aes256Enc`): setting up a layer skips the decryption round keys.
+/// (It is no smaller in memory: the autodetecting type's size is that of its software fallback either way.)
+type Aes256Ctr = ctr::Ctr64BE<aes::Aes256Enc>;
 
 /// XORs `buf` with the AES-256-CTR keystream of `key` for cell index `index`: the 128-bit counter block is
 /// `index (u64 BE) || block number within the cell (u64 BE)`, so distinct cells never share keystream.
@@ -187,13 +218,13 @@ pub fn ctr_apply(key: &Secret, index: u64, buf: &mut [u8]) {
 /// A precomputed AES-256 key schedule for a CTR layer that is applied to many cells.
 #[derive(Clone)]
 pub struct CtrLayer {
-    cipher: aes::Aes256,
+    cipher: aes::Aes256Enc,
 }
 
 impl CtrLayer {
     /// Expands `key` once.
     pub fn new(key: &Secret) -> Self {
-        CtrLayer { cipher: aes::Aes256::new((&key.0).into()) }
+        CtrLayer { cipher: aes::Aes256Enc::new((&key.0).into()) }
     }
 
     /// XORs `buf` with this layer's keystream for cell `index` (same stream as [`ctr_apply`]).
@@ -201,7 +232,8 @@ impl CtrLayer {
         use ctr::cipher::InnerIvInit;
         let mut iv = [0u8; 16];
         iv[..8].copy_from_slice(&index.to_be_bytes());
-        let core = ctr::CtrCore::<aes::Aes256, ctr::flavors::Ctr64BE>::inner_iv_init(self.cipher.clone(), (&iv).into());
+        let core =
+            ctr::CtrCore::<aes::Aes256Enc, ctr::flavors::Ctr64BE>::inner_iv_init(self.cipher.clone(), (&iv).into());
         let mut c = Aes256Ctr::from_core(core);
         c.apply_keystream(buf);
     }

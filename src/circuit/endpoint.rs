@@ -17,6 +17,7 @@ use anomos_proto::crypto::Secret;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::PeerError;
+use crate::link::writer::{payload_box, recycle_payloads, Payload};
 use crate::link::Link;
 use crate::node::CircuitGuard;
 
@@ -195,7 +196,8 @@ impl Endpoint {
             return Err(PeerError::Broken(BreakReason::Finished));
         }
         let session = st.session.as_mut().ok_or(PeerError::Broken(BreakReason::Protocol))?;
-        let mut cell = Cell::new(self.circ_id, Command::Data);
+        // `seal` writes the whole payload, so a recycled buffer needs no zeroing.
+        let mut cell = Cell { circ_id: self.circ_id, command: Command::Data, payload: payload_box() };
         session.seal(kind, data, &mut cell.payload)?;
         st.onion.wrap_out(&mut cell.payload[..]);
         self.link.writer.push(cell).map_err(|_| PeerError::Broken(BreakReason::LinkFailed))
@@ -208,6 +210,12 @@ impl Endpoint {
 
     /// Handles an incoming DATA cell. An error means the circuit must be broken with that reason.
     pub fn on_data(&self, mut cell: Cell) -> Result<(), BreakReason> {
+        let r = self.on_payload(&mut cell.payload);
+        recycle_payloads([cell.payload]);
+        r
+    }
+
+    fn on_payload(&self, payload: &mut Payload) -> Result<(), BreakReason> {
         let mut st = self.lock();
         if st.closed {
             return Ok(());
@@ -218,9 +226,9 @@ impl Endpoint {
         }
         st.allow -= 1;
         st.unacked += 1;
-        st.onion.unwrap_in(&mut cell.payload[..]);
+        st.onion.unwrap_in(&mut payload[..]);
         if let Some(hs) = st.hs.take() {
-            let session = hs.finish(&mut cell.payload).map_err(|_| BreakReason::Integrity)?;
+            let session = hs.finish(payload).map_err(|_| BreakReason::Integrity)?;
             st.session = Some(session);
             if let Some(tx) = st.opened.take() {
                 let _ = tx.send(Ok(()));
@@ -229,7 +237,7 @@ impl Endpoint {
             return Ok(());
         }
         let Some(session) = st.session.as_mut() else { return Err(BreakReason::Protocol) };
-        let (kind, data) = session.open(&mut cell.payload).map_err(|_| BreakReason::Integrity)?;
+        let (kind, data) = session.open(payload).map_err(|_| BreakReason::Integrity)?;
         match kind {
             RecordType::Close => {
                 st.closed = true;
@@ -238,8 +246,7 @@ impl Endpoint {
             }
             RecordType::Hello => return Err(BreakReason::Protocol),
             RecordType::Part | RecordType::End => {
-                let data = data.to_vec();
-                if let Some(msg) = st.reasm.push(kind, &data).map_err(|_| BreakReason::Protocol)? {
+                if let Some(msg) = st.reasm.push(kind, data).map_err(|_| BreakReason::Protocol)? {
                     st.buffered += msg.len();
                     let _ = self.events.send(StreamEvent::Message(msg));
                 }

@@ -11,12 +11,18 @@
 //! `cap`, and per node by a shared [`Budget`] that every link's queues (ordered and control) count against.
 //! A write that makes no progress for the stall timeout (the neighbor stopped reading without closing)
 //! ends the writer, which takes the link down.
+//!
+//! Cell payloads (4 KiB boxes) circulate through a small process-wide pool ([`payload_box`] /
+//! [`recycle_payloads`]): the link reader decodes into a box from it and the writer gives the box back once the
+//! cell is on the wire, so relaying allocates nothing per cell. (Allocated on one task and freed on another,
+//! 32 at a time, fresh boxes made glibc trim and regrow its heap constantly: 17 % of a relay's CPU in page
+//! faults; docs/PERFORMANCE.md.)
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use anomos_proto::cell::{Cell, CircId, Command, CELL_LEN, SEALED_CELL_LEN};
+use anomos_proto::cell::{Cell, CircId, Command, CELL_LEN, CELL_PAYLOAD_LEN, SEALED_CELL_LEN};
 use anomos_proto::link::CellSealer;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
@@ -26,6 +32,35 @@ use crate::circuit::relay::{Dir, RelayCircuit};
 
 /// Most cells sealed into one write.
 const BATCH: usize = 32;
+
+/// A cell payload buffer.
+pub type Payload = Box<[u8; CELL_PAYLOAD_LEN]>;
+
+/// Most payload buffers the pool keeps (4 MiB): enough for the cells in flight through a busy relay, small
+/// enough not to matter next to the node's cell budget.
+const POOL_MAX: usize = 1024;
+
+static POOL: Mutex<Vec<Payload>> = Mutex::new(Vec::new());
+
+fn pool() -> std::sync::MutexGuard<'static, Vec<Payload>> {
+    POOL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A payload buffer from the pool, or a new one. Its contents are arbitrary (a previous cell's): the caller
+/// overwrites all of it (e.g. [`Cell::decode_reusing`]).
+pub fn payload_box() -> Payload {
+    pool().pop().unwrap_or_else(|| Box::new([0u8; CELL_PAYLOAD_LEN]))
+}
+
+/// Gives payload buffers back to the pool (beyond its size they are freed).
+pub fn recycle_payloads(bufs: impl IntoIterator<Item = Payload>) {
+    let mut p = pool();
+    for b in bufs {
+        if p.len() < POOL_MAX {
+            p.push(b);
+        }
+    }
+}
 
 /// The node-wide count of queued cells and its limit, shared by every link's writer.
 #[derive(Debug)]
@@ -346,6 +381,7 @@ impl LinkWriter {
         stall: std::time::Duration,
     ) -> std::io::Result<()> {
         let mut batch: Vec<(Cell, Drain)> = Vec::with_capacity(BATCH);
+        let (mut spent, mut drains) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
         let mut buf = vec![0u8; BATCH * SEALED_CELL_LEN];
         loop {
             batch.clear();
@@ -370,7 +406,12 @@ impl LinkWriter {
             tokio::time::timeout(stall, sock.write_all(&buf[..batch.len() * SEALED_CELL_LEN]))
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-            for (_, drain) in batch.drain(..) {
+            for (cell, drain) in batch.drain(..) {
+                spent.push(cell.payload);
+                drains.push(drain);
+            }
+            recycle_payloads(spent.drain(..));
+            for drain in drains.drain(..) {
                 match drain {
                     Drain::None => {}
                     Drain::Relay(c, dir) => {
