@@ -87,9 +87,10 @@ fn sync_2000_blocks_over_4_circuits_survives_kill_9_and_resumes_without_refetchi
     }
     let flags = ["--chain", "regtest", "--circuits", "4", "--relays", "2", "--timeout", "300", "--stall-timeout", "30"];
 
-    // First run: killed with SIGKILL once a quarter of the blocks are in.
+    // First run: killed with SIGKILL once a quarter of the blocks are in (a progress line per block: the whole
+    // sync can take under 2 s).
     let t = Instant::now();
-    let mut first = o.spawn_fetch("requester", &flags);
+    let mut first = o.spawn_fetch("requester", &[&flags[..], &["--progress-interval", "0"]].concat());
     let mut seen = Vec::new();
     let progress = wait_line(&first, &mut seen, Duration::from_secs(600), |l| {
         l.starts_with("progress blocks=")
@@ -191,18 +192,30 @@ fn lying_serving_peers_are_broken_and_reported_while_the_sync_completes_from_an_
     let _g = serial();
     let mut o = Overlay::new();
     let seed = seed_chain(o.dir.path(), 600, 10);
+    // Join order matters: the tracker tops a newcomer up to 4 neighbors only among peers below the degree cap
+    // (6) and not avoided, and never rebalances. Eight peers announce up to 22 edges, so the last to join find
+    // the early ones at the cap: were a liar or the honest peer among them, it could end up with a single
+    // neighbor (the requester, say) and no path with two relays to it. So the servers join first, the plain
+    // relays last (the requester, joining after them, gets relays as neighbors).
+    // At first only liars serve the chain, so the requester's circuits all go to them.
+    // Each peer is in the graph before the next starts, so they join in this order.
+    let joined = |o: &Overlay, n: usize| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while o.tracker.log_text().matches("new peer announced").count() < n {
+            assert!(std::time::Instant::now() < deadline, "not all peers announced:\n{}", o.tracker.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    for (i, mode) in ["bad-merkle", "bad-pow", "wrong-block"].into_iter().enumerate() {
+        add_server(&mut o, mode, &seed, &["--misbehave", mode]);
+        joined(&o, i + 1);
+    }
+    // The honest peer joins now as a relay only, and starts serving later (restarted on its identity).
+    o.add_peer("honest", &[]);
+    joined(&o, 4);
     for i in 0..4 {
         o.add_peer(&format!("relay{i}"), &[]);
-    }
-    // At first only liars serve the chain, so the requester's circuits all go to them.
-    for mode in ["bad-merkle", "bad-pow", "wrong-block"] {
-        add_server(&mut o, mode, &seed, &["--misbehave", mode]);
-    }
-    // Every liar must be in the overlay before the requester asks for circuits, or one may never be on a path.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while o.tracker.log_text().matches("new peer announced").count() < 7 {
-        assert!(std::time::Instant::now() < deadline, "not all peers announced:\n{}", o.tracker.log_text());
-        std::thread::sleep(Duration::from_millis(100));
+        joined(&o, 5 + i);
     }
     std::thread::sleep(Duration::from_secs(1)); // their links come up right after the announce
     let fetch =
@@ -223,10 +236,23 @@ fn lying_serving_peers_are_broken_and_reported_while_the_sync_completes_from_an_
     for l in seen.iter().filter(|l| l.contains("circuit-failed")) {
         eprintln!("{l}");
     }
-    // Then an honest peer joins: replacement circuits reach it and the sync completes.
+    // Then the honest peer starts serving: restarted at once with the chain, it announces again before it
+    // expires (3 announce intervals), so it keeps its edges; replacement circuits reach it and the sync completes.
+    let i = o.peers.iter().position(|p| p.name == "honest").unwrap();
+    o.peers.remove(i).kill();
     add_server(&mut o, "honest", &seed, &[]);
     let done = wait_line(&fetch, &mut seen, Duration::from_secs(240), |l| l.starts_with("fetched"));
-    let done = done.unwrap_or_else(|| panic!("the sync did not complete: {seen:#?}\n{}", fetch.log_text()));
+    let done = done.unwrap_or_else(|| {
+        let honest = o.peers.iter().rev().find(|p| p.name == "honest").map(|p| p.log_text()).unwrap_or_default();
+        let tail =
+            |s: String| s.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        panic!(
+            "the sync did not complete: {seen:#?}\n{}\n--- tracker (tail) ---\n{}\n--- honest (tail) ---\n{}",
+            fetch.log_text(),
+            tail(o.tracker.log_text()),
+            tail(honest)
+        )
+    });
     eprintln!("{done}");
     assert!(done.contains("blocks=600") && done.contains("height=600"), "{done}");
     // Each liar was reported to the tracker, which stopped routing to it (until it announced again).

@@ -789,5 +789,91 @@ fn fuzz_corpus(dir: &Path, tcv: &TcVector, lv: &LinkVector, tv: &TrackerVector, 
             }
         }
     }
+    btc_seeds(&put, vectors);
     println!("wrote fuzz seed corpora under {}", dir.display());
+}
+
+/// btc_envelope seeds for every modeled command (the captures cover only some), and chain_import seeds: block
+/// files in both formats built from the committed block vectors.
+fn btc_seeds(put: &dyn Fn(&str, &str, &[u8]), vectors: &Path) {
+    use anomos_proto::btc::import::{write_blk, write_hex_lines};
+    use anomos_proto::btc::{
+        Address, GetBlocksMessage, GetHeadersMessage, Inventory, Message, NetParams, Reject, ServiceFlags,
+        VersionMessage, MODELED_COMMANDS,
+    };
+    use bitcoin::Block;
+
+    let pre = |mode: u8, rest: &[u8]| [&[mode][..], rest].concat();
+    let block = |name: &str| -> Block {
+        let text = std::fs::read_to_string(vectors.join("bitcoin").join(name)).expect("block vector");
+        bitcoin::consensus::deserialize(&hex::decode(text.trim()).expect("hex")).expect("block")
+    };
+    let genesis = block("mainnet_genesis.hex");
+    let b1 = block("mainnet_block1.hex");
+    let b2 = block("mainnet_block2.hex");
+    let b170 = block("mainnet_block170.hex");
+    let segwit = block("testnet3_block_4497b_segwit.hex");
+
+    let magic = NetParams::regtest().magic;
+    let addr = Address::new(&"127.0.0.1:18444".parse().expect("addr"), ServiceFlags::NETWORK);
+    let inv = vec![Inventory::Block(b1.block_hash()), Inventory::Transaction(b170.txdata[1].compute_txid())];
+    let locator = vec![b2.block_hash(), genesis.block_hash()];
+    let messages = vec![
+        Message::Version(VersionMessage::new(
+            ServiceFlags::NONE,
+            1_700_000_000,
+            addr.clone(),
+            addr.clone(),
+            7,
+            "/anomos:seed/".into(),
+            0,
+        )),
+        Message::Verack,
+        Message::Ping(1),
+        Message::Pong(2),
+        Message::GetAddr,
+        Message::Addr(vec![(1_700_000_000, addr)]),
+        Message::Inv(inv.clone()),
+        Message::GetData(inv.clone()),
+        Message::NotFound(inv),
+        Message::GetHeaders(GetHeadersMessage::new(
+            locator.clone(),
+            <bitcoin::BlockHash as bitcoin::hashes::Hash>::all_zeros(),
+        )),
+        Message::Headers(vec![b1.header, b2.header]),
+        Message::GetBlocks(GetBlocksMessage::new(locator, b2.block_hash())),
+        Message::Block(b170.clone()),
+        Message::Tx(segwit.txdata[1].clone()),
+        Message::MemPool,
+        Message::SendHeaders,
+        Message::FeeFilter(1000),
+        Message::Reject(Reject { message: "tx".into(), ccode: 0x10, reason: "bad-txns".into(), hash: Some([7; 32]) }),
+    ];
+    let mut stream = Vec::new();
+    for msg in &messages {
+        let command = msg.command();
+        let ix = MODELED_COMMANDS.iter().position(|c| *c == command).expect("modeled command");
+        let payload = msg.encode_payload();
+        put("btc_envelope", &format!("gen_payload_{command}"), &pre(1, &[&[ix as u8][..], &payload].concat()));
+        let wire = msg.to_envelope(magic).encode();
+        put("btc_envelope", &format!("gen_env_{command}"), &pre(0, &wire));
+        if payload.len() < 512 {
+            stream.extend_from_slice(&wire);
+        }
+    }
+    assert!(messages.len() == MODELED_COMMANDS.len(), "one seed message per modeled command");
+    // EnvelopeReader: several envelopes pushed in 13-byte chunks.
+    put("btc_envelope", "gen_reader_stream", &pre(2, &[&[12u8][..], &stream].concat()));
+
+    // chain_import: 0 = parse_blocks, 1 = parse_blk, 2 = parse_hex_lines (mainnet magic).
+    let main = NetParams::mainnet().magic;
+    let chain = [genesis, b1, b2];
+    let mut padded = write_blk(&chain, main);
+    padded.extend_from_slice(&[0; 16]);
+    put("chain_import", "blk_genesis_1_2_padded", &pre(0, &padded));
+    put("chain_import", "hex_lines_1_2", &pre(0, format!("# mainnet\n{}", write_hex_lines(&chain[1..])).as_bytes()));
+    let blk170 = write_blk(&[b170], main);
+    put("chain_import", "blk_170_truncated", &pre(1, &blk170[..blk170.len() - 9]));
+    put("chain_import", "blk_segwit", &pre(1, &write_blk(&[segwit], main)));
+    put("chain_import", "hex_line_genesis", &pre(2, write_hex_lines(&chain[..1]).as_bytes()));
 }

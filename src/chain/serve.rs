@@ -62,7 +62,8 @@ pub enum Misbehave {
     /// Every served block has a changed coinbase (its header, hence its hash, kept): the merkle
     /// root no longer matches.
     BadMerkle,
-    /// The last header of every `headers` answer has a nonce that misses the target.
+    /// The last header of every `headers` answer has a nonce that misses the target (an answer
+    /// with nothing new carries our tip header, so mangled).
     BadPow,
     /// `getdata` for a block is answered with another block of the chain (the genesis block).
     WrongBlock,
@@ -264,6 +265,12 @@ impl Conversation<'_> {
                 check_locator(&req.locator_hashes)?;
                 let mut headers = read(store).headers_after(&req.locator_hashes, &req.stop_hash, MAX_HEADERS);
                 if self.svc.misbehave == Some(Misbehave::BadPow) {
+                    // With nothing new to send (the requester already has our chain from others), resend the
+                    // tip: every answer lies, however the requester's circuits race.
+                    if headers.is_empty() {
+                        let s = read(store);
+                        headers.extend(s.header(&s.best_tip().0));
+                    }
                     if let Some(last) = headers.last_mut() {
                         while last.validate_pow(last.target()).is_ok() {
                             last.nonce = last.nonce.wrapping_add(1);

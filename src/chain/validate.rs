@@ -4,24 +4,23 @@
 //! itself (proof of work against its own nBits, merkle root, coinbase shape, sizes, witness
 //! commitment). Here, with the [`ChainStore`], we check what depends on its ancestors:
 //!
-//! * nBits is the difficulty the network requires at that height (no-retarget networks such as
-//!   regtest: the parent's bits or the PoW limit; retargeting networks without min-difficulty
-//!   blocks (mainnet, signet): the parent's bits, recomputed every 2016 blocks; testnet3/4 and
-//!   custom chains: not checked beyond the PoW limit);
+//! * nBits is the difficulty the network requires at that height, and testnet4's timewarp rule
+//!   ([`anomos_proto::btc::check_difficulty`]: Bitcoin Core's `GetNextWorkRequired` for the
+//!   network's [`DifficultyRules`](anomos_proto::btc::DifficultyRules); custom chains are not
+//!   checked beyond the PoW limit unless their parameters name rules);
 //! * the timestamp is after the median of the previous 11 and at most 2 hours in our future;
 //! * the version is not below what BIP 34/66/65 require at that height;
 //! * a block's coinbase starts with its height (BIP 34).
 //!
 //! Not checked (no UTXO set): scripts, amounts, sigops, lock times, signet signatures.
 
-use anomos_proto::btc::{check_block, check_header_pow, check_linkage, NetParams};
+use anomos_proto::btc::{check_block, check_difficulty, check_header_pow, check_linkage, BtcError, NetParams};
 use bitcoin::block::{Header, Version};
 use bitcoin::params::Params;
-use bitcoin::pow::CompactTarget;
 use bitcoin::script::Builder;
 use bitcoin::{Block, Network};
 
-use super::store::{ChainStore, HeaderEntry};
+use super::store::ChainStore;
 use super::{ChainError, Invalid};
 
 /// Number of blocks whose median time a new block must exceed.
@@ -66,14 +65,14 @@ pub fn check_header(store: &ChainStore, params: &NetParams, header: &Header, now
     check_header_pow(header, params).map_err(|e| bad(e.into()))?;
     let height = parent.height.saturating_add(1);
 
-    if let Some(expected) = expected_bits(store, params, parent, header) {
-        if !expected.contains(&header.bits) {
-            return Err(bad(Invalid::Context(format!(
-                "nBits {:#010x} is not the required difficulty {:#010x} at height {height}",
-                header.bits.to_consensus(),
-                expected.first().map_or(0, |b| b.to_consensus())
-            ))));
+    let parent_hash = header.prev_blockhash;
+    let ancestor = |h: u32| store.ancestor(&parent_hash, h).and_then(|a| store.header(&a));
+    match check_difficulty(params, parent.height, &parent.header, header, ancestor) {
+        Ok(()) => {}
+        Err(BtcError::UnknownAncestor { height: h }) => {
+            return Err(ChainError::Store(format!("ancestor at height {h} of header {hash} is missing")));
         }
+        Err(e) => return Err(bad(e.into())),
     }
 
     let mtp = store.median_time_past(&header.prev_blockhash).unwrap_or(0);
@@ -108,40 +107,6 @@ pub fn check_header(store: &ChainStore, params: &NetParams, header: &Header, now
         }
     }
     Ok(height)
-}
-
-/// The nBits values acceptable for a child of `parent`, or `None` where we do not check.
-fn expected_bits(
-    store: &ChainStore,
-    params: &NetParams,
-    parent: &HeaderEntry,
-    header: &Header,
-) -> Option<Vec<CompactTarget>> {
-    let network = params.network?;
-    let height = parent.height.saturating_add(1);
-    if !params.retarget {
-        // Core's GetNextWorkRequired without retargeting: the last bits; with min-difficulty
-        // blocks allowed, the PoW limit is always acceptable too.
-        let mut ok = vec![parent.header.bits];
-        if params.allow_min_difficulty {
-            ok.push(params.pow_limit.to_compact_lossy());
-        }
-        return Some(ok);
-    }
-    if params.allow_min_difficulty {
-        // testnet3/testnet4: min-difficulty blocks and their retarget quirks are not modeled.
-        return None;
-    }
-    let cp = Params::new(network);
-    let interval = u32::try_from(cp.difficulty_adjustment_interval()).ok()?;
-    if height.checked_rem(interval) != Some(0) {
-        return Some(vec![parent.header.bits]);
-    }
-    let parent_hash = header.prev_blockhash;
-    let first = store.ancestor(&parent_hash, height.checked_sub(interval)?)?;
-    let first_time = store.header(&first)?.time;
-    let timespan = parent.header.time.saturating_sub(first_time);
-    Some(vec![CompactTarget::from_next_work_required(parent.header.bits, u64::from(timespan), &cp)])
 }
 
 /// Checks a downloaded block whose header is in `store` at `height`: the context-free block
@@ -242,7 +207,10 @@ pub fn bip34_prefix(height: u32) -> bitcoin::ScriptBuf {
 mod tests {
     use super::*;
     use crate::chain::mine::{mine_regtest, unix_now};
+    use anomos_proto::btc::DifficultyRules;
+    use bitcoin::hashes::Hash;
     use bitcoin::pow::CompactTarget;
+    use bitcoin::BlockHash;
 
     /// A store with 20 blocks and a valid child header of its tip.
     fn setup() -> (ChainStore, Block) {
@@ -265,10 +233,7 @@ mod tests {
 
     fn context_err(store: &ChainStore, header: &Header) -> String {
         match check_header(store, &NetParams::regtest(), header, unix_now()) {
-            Err(ChainError::InvalidHeader { reason, .. }) => match *reason {
-                Invalid::Context(s) => s,
-                other => panic!("not a context error: {other}"),
-            },
+            Err(ChainError::InvalidHeader { reason, .. }) => reason.to_string(),
             other => panic!("expected an invalid header, got {other:?}"),
         }
     }
@@ -293,7 +258,12 @@ mod tests {
         let mut h = next.header;
         h.bits = CompactTarget::from_consensus(0x207f_0000);
         remine(&mut h);
-        assert!(context_err(&store, &h).contains("nBits"));
+        assert!(context_err(&store, &h).contains("nBits 0x207f0000 is not the required difficulty 0x207fffff"));
+        // Regtest's min-difficulty rule: the PoW limit whatever the timestamp.
+        let mut h = next.header;
+        h.time += 1201;
+        remine(&mut h);
+        assert_eq!(check_header(&store, &params, &h, unix_now()).unwrap(), 21);
 
         let mut h = next.header;
         h.version = Version::ONE;
@@ -341,5 +311,127 @@ mod tests {
         assert!(err.to_string().contains("BIP 34"), "{err}");
         assert_eq!(bip34_prefix(1).as_bytes(), &[0x51]);
         assert_eq!(bip34_prefix(300).as_bytes(), &[0x02, 0x2c, 0x01]);
+    }
+
+    /// A custom network with testnet3's or testnet4's difficulty rules but an easy PoW limit
+    /// (the regtest one, 2^255: a hash meets it half the time), rooted at the regtest genesis.
+    fn testnet_like(rules: DifficultyRules) -> (NetParams, ChainStore) {
+        let regtest = NetParams::regtest();
+        let mut params =
+            NetParams::custom(format!("{rules:?}-like"), [0xfa, 0xbf, 0xb5, 0xda], regtest.genesis_hash, 1);
+        params.difficulty = rules;
+        params.pow_limit = regtest.pow_limit;
+        let genesis = regtest.genesis_block().unwrap();
+        let store =
+            ChainStore::open_with_genesis(params.clone(), genesis, Box::new(crate::chain::MemoryBackend::default()))
+                .unwrap();
+        (params, store)
+    }
+
+    /// A mined child of `parent` with this timestamp offset and nBits.
+    fn child(store: &ChainStore, parent: &BlockHash, dt: i64, bits: CompactTarget) -> Header {
+        let p = store.header(parent).unwrap();
+        let mut h = Header {
+            version: Version::from_consensus(4),
+            prev_blockhash: *parent,
+            merkle_root: bitcoin::TxMerkleNode::all_zeros(),
+            time: u32::try_from(i64::from(p.time) + dt).unwrap(),
+            bits,
+            nonce: 0,
+        };
+        remine(&mut h);
+        h
+    }
+
+    /// Checks and inserts a mined child of `parent`.
+    fn grow(
+        store: &mut ChainStore,
+        params: &NetParams,
+        parent: &BlockHash,
+        dt: i64,
+        bits: CompactTarget,
+    ) -> Result<BlockHash, ChainError> {
+        let h = child(store, parent, dt, bits);
+        check_header(store, params, &h, u64::MAX / 2)?;
+        store.insert_header(h)?;
+        Ok(h.block_hash())
+    }
+
+    fn difficulty_err(store: &ChainStore, params: &NetParams, h: &Header) -> BtcError {
+        match check_header(store, params, h, u64::MAX / 2) {
+            Err(ChainError::InvalidHeader { reason, .. }) => match *reason {
+                Invalid::Consensus(e) => e,
+                other => panic!("not a consensus error: {other}"),
+            },
+            other => panic!("expected an invalid header, got {other:?}"),
+        }
+    }
+
+    /// Testnet3 and testnet4 difficulty rules through the store: min-difficulty blocks after
+    /// 20 minutes only, the walk back to the last real difficulty, the retarget at 2016 (from the
+    /// last block's bits on testnet3, the first block's on testnet4) and the BIP 94 timewarp rule.
+    #[test]
+    fn testnet_difficulty_rules_through_the_store() {
+        use anomos_proto::btc::validate::calculate_next_work;
+        for rules in [DifficultyRules::Testnet3, DifficultyRules::Testnet4] {
+            let (params, mut store) = testnet_like(rules);
+            let limit = params.pow_limit.to_compact_lossy();
+            // Period 0: every block at the limit, 60 s apart (fast: the retarget quarters the target).
+            let mut tip = params.genesis_hash;
+            for _ in 1..2016 {
+                tip = grow(&mut store, &params, &tip, 60, limit).unwrap();
+            }
+            let real = calculate_next_work(limit, 2015 * 60, params.pow_limit);
+            assert_ne!(real, limit);
+            // Height 2016 opens a period: no min-difficulty exception even after 20 minutes.
+            let e = difficulty_err(&store, &params, &child(&store, &tip, 1201, limit));
+            assert!(matches!(e, BtcError::BadDifficulty { height: 2016, .. }), "{e}");
+            tip = grow(&mut store, &params, &tip, 60, real).unwrap();
+            let first = tip;
+
+            // 20 minutes exactly: the real difficulty; a second more: the limit, and only it.
+            let e = difficulty_err(&store, &params, &child(&store, &tip, 1200, limit));
+            assert!(matches!(e, BtcError::BadDifficulty { height: 2017, .. }), "{e}");
+            assert!(difficulty_err(&store, &params, &child(&store, &tip, 1201, real)).to_string().contains("nBits"));
+            tip = grow(&mut store, &params, &tip, 1201, limit).unwrap();
+            tip = grow(&mut store, &params, &tip, 1201, limit).unwrap();
+            // Back within 20 minutes: walk back over the two min-difficulty blocks to 2016's bits.
+            let e = difficulty_err(&store, &params, &child(&store, &tip, 60, limit));
+            assert!(
+                matches!(e, BtcError::BadDifficulty { height: 2019, expected, .. } if expected == real.to_consensus()),
+                "{e}"
+            );
+            tip = grow(&mut store, &params, &tip, 60, real).unwrap();
+            for _ in 2020..4031 {
+                tip = grow(&mut store, &params, &tip, 60, real).unwrap();
+            }
+            // The period's last block is a min-difficulty block.
+            tip = grow(&mut store, &params, &tip, 1201, limit).unwrap();
+            assert_eq!(store.best_tip(), (tip, 4031));
+
+            let span = i64::from(store.header(&tip).unwrap().time) - i64::from(store.header(&first).unwrap().time);
+            let from_last = calculate_next_work(limit, span, params.pow_limit);
+            let from_first = calculate_next_work(real, span, params.pow_limit);
+            assert_ne!(from_last, from_first);
+            let (right, wrong) = match rules {
+                DifficultyRules::Testnet3 => (from_last, from_first),
+                _ => (from_first, from_last),
+            };
+            let e = difficulty_err(&store, &params, &child(&store, &tip, 60, wrong));
+            assert!(
+                matches!(e, BtcError::BadDifficulty { height: 4032, expected, .. } if expected == right.to_consensus()),
+                "{rules:?}: {e}"
+            );
+            // Timewarp: 601 s before the parent is refused on testnet4 only; 600 s is fine on both.
+            let warped = child(&store, &tip, -601, right);
+            match rules {
+                DifficultyRules::Testnet4 => {
+                    let e = difficulty_err(&store, &params, &warped);
+                    assert!(matches!(e, BtcError::TimeWarp { height: 4032, .. }), "{e}");
+                }
+                _ => assert_eq!(check_header(&store, &params, &warped, u64::MAX / 2).unwrap(), 4032),
+            }
+            grow(&mut store, &params, &tip, -600, right).unwrap();
+        }
     }
 }

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use anomos_proto::btc::import::parse_blocks;
 use anomos_proto::btc::NetParams;
 use bitcoin::{Block, BlockHash};
 use clap::{Args, Subcommand};
@@ -133,45 +134,6 @@ pub struct ImportReport {
     pub known: usize,
     /// Blocks whose parent is neither in the file nor in the store.
     pub orphans: usize,
-}
-
-/// Splits a file into blocks: blk*.dat if it starts with `magic`, else hex lines.
-pub fn parse_blocks(data: &[u8], magic: [u8; 4]) -> Result<Vec<Block>, String> {
-    let mut out = Vec::new();
-    if data.starts_with(&magic) {
-        let mut rest = data;
-        while rest.len() >= 8 {
-            let (head, tail) = rest.split_at(8);
-            if head[..4] == [0, 0, 0, 0] {
-                break; // preallocated zero padding
-            }
-            if head[..4] != magic {
-                return Err(format!("bad magic {} at offset {}", hex::encode(&head[..4]), data.len() - rest.len()));
-            }
-            let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-            if len > tail.len() {
-                return Err(format!("record of {len} bytes runs past the end of the file"));
-            }
-            let (raw, next) = tail.split_at(len);
-            let block: Block = bitcoin::consensus::deserialize(raw)
-                .map_err(|e| format!("block {} does not decode: {e}", out.len()))?;
-            out.push(block);
-            rest = next;
-        }
-        return Ok(out);
-    }
-    let text = std::str::from_utf8(data).map_err(|_| "neither blk*.dat (magic) nor hex lines".to_string())?;
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let raw = hex::decode(line).map_err(|e| format!("line {}: not hex: {e}", i + 1))?;
-        let block: Block =
-            bitcoin::consensus::deserialize(&raw).map_err(|e| format!("line {}: not a block: {e}", i + 1))?;
-        out.push(block);
-    }
-    Ok(out)
 }
 
 /// Validates and stores `blocks` (any order) into `store`: each one's header against its parent

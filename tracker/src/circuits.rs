@@ -4,7 +4,7 @@
 //! Issuing is split in two so the graph lock is held only briefly: [`plan`] (under the lock: edges, keys,
 //! fresh secrets and handles) and [`Plan::build`] (no lock: the RSA-OAEP work of [`anomos_proto::tc::build`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use anomos_proto::cell::DenyReason;
@@ -68,12 +68,14 @@ pub struct CircuitBook {
     records: HashMap<u64, CircuitRecord>,
     /// Handles in issue order (so also in `forget_at` order).
     order: VecDeque<u64>,
+    /// Remembered handles by requester.
+    by_requester: HashMap<Fingerprint, HashSet<u64>>,
 }
 
 impl CircuitBook {
     /// An empty book holding at most `max` circuits.
     pub fn new(max: usize) -> Self {
-        CircuitBook { max: max.max(1), records: HashMap::new(), order: VecDeque::new() }
+        CircuitBook { max: max.max(1), records: HashMap::new(), order: VecDeque::new(), by_requester: HashMap::new() }
     }
 
     /// Number of remembered circuits.
@@ -95,15 +97,45 @@ impl CircuitBook {
     pub fn insert(&mut self, handle: u64, record: CircuitRecord) {
         while self.records.len() >= self.max {
             match self.order.pop_front() {
-                Some(old) => {
-                    self.records.remove(&old);
-                }
+                Some(old) => self.forget(old),
                 None => break,
             }
         }
-        if self.records.insert(handle, record).is_none() {
-            self.order.push_back(handle);
+        self.by_requester.entry(record.requester).or_default().insert(handle);
+        match self.records.insert(handle, record) {
+            None => self.order.push_back(handle),
+            Some(old) => {
+                if let Some(r) = self.records.get(&handle) {
+                    if r.requester != old.requester {
+                        self.unindex(&old.requester, handle);
+                    }
+                }
+            }
         }
+    }
+
+    fn unindex(&mut self, requester: &Fingerprint, handle: u64) {
+        if let Some(set) = self.by_requester.get_mut(requester) {
+            set.remove(&handle);
+            if set.is_empty() {
+                self.by_requester.remove(requester);
+            }
+        }
+    }
+
+    fn forget(&mut self, handle: u64) {
+        if let Some(r) = self.records.remove(&handle) {
+            self.unindex(&r.requester, handle);
+        }
+    }
+
+    /// Targets of the circuits issued to `requester` that may still be open: those still remembered (until
+    /// their tracking code's expiry plus [`REMEMBER_AFTER_EXPIRY`]). The tracker does not see circuits end, so
+    /// this over-approximates (a failed circuit's target stays in until forgotten); it is used as a preference
+    /// only (see [`Graph::find_paths_preferring`]).
+    pub fn targets_in_use(&self, requester: &Fingerprint) -> HashSet<Fingerprint> {
+        let Some(handles) = self.by_requester.get(requester) else { return HashSet::new() };
+        handles.iter().filter_map(|h| self.records.get(h).and_then(|r| r.hops.last().copied())).collect()
     }
 
     /// The record of `handle`.
@@ -118,7 +150,7 @@ impl CircuitBook {
             match self.records.get(&h) {
                 Some(r) if r.forget_at > now => break,
                 Some(_) => {
-                    self.records.remove(&h);
+                    self.forget(h);
                     n += 1;
                 }
                 None => {}
@@ -304,5 +336,37 @@ mod tests {
         let mut rng = rand::thread_rng();
         let h = b.fresh_handle(&mut rng, &[]);
         assert!(h != 0 && h != 5);
+    }
+
+    #[test]
+    fn targets_in_use_are_the_requesters_unreported_circuits() {
+        let now = Instant::now();
+        let mut b = CircuitBook::new(4);
+        let with = |requester: u8, target: u8, secs: u64| CircuitRecord {
+            requester: fp(requester),
+            hops: vec![fp(1), fp(target)],
+            tags: vec![[1; 16], [2; 16]],
+            forget_at: now + Duration::from_secs(secs),
+        };
+        b.insert(10, with(0, 7, 10));
+        b.insert(11, with(0, 8, 20));
+        b.insert(12, with(9, 6, 30));
+        assert_eq!(b.targets_in_use(&fp(0)), HashSet::from([fp(7), fp(8)]));
+        assert_eq!(b.targets_in_use(&fp(9)), HashSet::from([fp(6)]));
+        assert!(b.targets_in_use(&fp(5)).is_empty());
+        // Forgotten circuits (pruned or pushed out) no longer count, and leave no index behind.
+        assert_eq!(b.prune(now + Duration::from_secs(15)), 1);
+        assert_eq!(b.targets_in_use(&fp(0)), HashSet::from([fp(8)]));
+        assert_eq!(b.prune(now + Duration::from_secs(25)), 1);
+        assert!(b.targets_in_use(&fp(0)).is_empty() && !b.by_requester.contains_key(&fp(0)));
+        for h in 20..24 {
+            b.insert(h, with(3, 4, 40));
+        }
+        assert_eq!(b.len(), 4);
+        assert!(b.targets_in_use(&fp(9)).is_empty() && !b.by_requester.contains_key(&fp(9)));
+        // Re-inserting a handle for another requester moves it.
+        b.insert(20, with(5, 4, 40));
+        assert_eq!(b.targets_in_use(&fp(5)), HashSet::from([fp(4)]));
+        assert_eq!(b.by_requester[&fp(3)].len(), 3);
     }
 }

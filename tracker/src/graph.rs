@@ -288,15 +288,36 @@ impl<K> Graph<K> {
         peer.edges.len()
     }
 
-    /// Paths for a circuit request: up to `count` paths `[requester, r1, …, r_relays, target]` to distinct
-    /// targets serving `chain`, consecutive nodes adjacent, no node twice, no avoided or expired node. Relays
-    /// already used by an earlier path of the same request are avoided when another path exists.
+    /// [`find_paths_preferring`](Self::find_paths_preferring) with no busy targets.
+    #[cfg(test)]
     pub fn find_paths(
         &self,
         requester: &Fingerprint,
         chain: &ChainId,
         count: usize,
         relays: usize,
+        now: Instant,
+        rng: &mut impl RngCore,
+    ) -> Result<Vec<Vec<Fingerprint>>, GraphError> {
+        self.find_paths_preferring(requester, chain, count, relays, &HashSet::new(), now, rng)
+    }
+
+    /// Paths for a circuit request: up to `count` paths `[requester, r1, …, r_relays, target]` to distinct
+    /// targets serving `chain`, consecutive nodes adjacent, no node twice, no avoided or expired node. Relays
+    /// already used by an earlier path of the same request are avoided when another path exists.
+    ///
+    /// The targets in `busy` (those of the requester's circuits that may still be open,
+    /// [`CircuitBook::targets_in_use`](crate::circuits::CircuitBook::targets_in_use)) are tried only after every
+    /// other target: a replacement circuit goes to a target the requester is not already using whenever the
+    /// graph has one, and to a busy one rather than none.
+    #[allow(clippy::too_many_arguments)]
+    pub fn find_paths_preferring(
+        &self,
+        requester: &Fingerprint,
+        chain: &ChainId,
+        count: usize,
+        relays: usize,
+        busy: &HashSet<Fingerprint>,
         now: Instant,
         rng: &mut impl RngCore,
     ) -> Result<Vec<Vec<Fingerprint>>, GraphError> {
@@ -315,6 +336,8 @@ impl<K> Graph<K> {
             .filter(|fp| self.usable(fp, now) && dist.get(fp).is_some_and(|d| *d <= relays + 1))
             .collect();
         targets.shuffle(rng);
+        // Stable: random order within the free targets and within the busy ones.
+        targets.sort_by_key(|fp| busy.contains(fp));
 
         let mut paths = Vec::new();
         let mut used: HashSet<Fingerprint> = HashSet::new();
@@ -685,6 +708,40 @@ mod tests {
         // A chain nobody serves.
         let none = ChainId::new("nobody").unwrap();
         assert_eq!(g.find_paths(&req, &none, 1, 1, now, &mut rng), Err(GraphError::NoPath));
+    }
+
+    #[test]
+    fn busy_targets_come_last() {
+        let now = Instant::now();
+        for seed in 0..20 {
+            let mut rng = StdRng::seed_from_u64(200 + seed);
+            let g = build(30, 4, now, &mut rng);
+            let req = fp(0);
+            let all: HashSet<_> = g
+                .find_paths(&req, &chain(), 16, 1, now, &mut rng)
+                .unwrap()
+                .iter()
+                .map(|p| *p.last().unwrap())
+                .collect();
+            assert!(all.len() >= 4, "too few targets reachable: {}", all.len());
+            // All but one reachable target busy: a single replacement goes to the free one.
+            let free = *all.iter().next().unwrap();
+            let busy: HashSet<_> = all.iter().copied().filter(|t| *t != free).collect();
+            let mut targets_seen = HashSet::new();
+            for _ in 0..5 {
+                let paths = g.find_paths_preferring(&req, &chain(), 1, 1, &busy, now, &mut rng).unwrap();
+                targets_seen.insert(*paths[0].last().unwrap());
+            }
+            // Targets beyond one relay's reach are not in `all` and may be picked too; never a busy one.
+            assert!(targets_seen.iter().all(|t| !busy.contains(t)), "a busy target was handed out: {targets_seen:?}");
+            // Asking for more than the free targets: the free ones first, then busy ones rather than nothing.
+            let paths = g.find_paths_preferring(&req, &chain(), 16, 1, &busy, now, &mut rng).unwrap();
+            let got: Vec<_> = paths.iter().map(|p| *p.last().unwrap()).collect();
+            let first_busy = got.iter().position(|t| busy.contains(t)).unwrap_or(got.len());
+            assert!(got[first_busy..].iter().all(|t| busy.contains(t)), "free target after a busy one: {got:?}");
+            assert!(!busy.contains(&got[0]));
+            assert_eq!(got.iter().collect::<HashSet<_>>().len(), got.len(), "targets repeated");
+        }
     }
 
     #[test]

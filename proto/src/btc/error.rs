@@ -6,7 +6,8 @@ use bitcoin::{BlockHash, TxMerkleNode, Txid};
 ///
 /// Wire errors (`Truncated` .. `TrailingBytes`) mean the peer sent bytes that are not a valid
 /// message; on a stream they are fatal (Bitcoin Core disconnects). Validation errors
-/// (`BadPow` .. `BadLinkage`) mean well-formed data that breaks a consensus rule.
+/// (`BadPow` .. `TimeWarp`) mean well-formed data that breaks a consensus rule;
+/// `UnknownAncestor` means the caller lacked the chain context to decide.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BtcError {
     /// Fewer bytes than a fixed-size structure needs.
@@ -143,5 +144,40 @@ pub enum BtcError {
         got: BlockHash,
         /// Hash of the child header.
         next: BlockHash,
+    },
+
+    /// A header's nBits is not the difficulty the network's rules require at its height.
+    #[error("block {hash} at height {height}: nBits {bits:#010x} is not the required difficulty {expected:#010x}")]
+    BadDifficulty {
+        /// Hash of the offending header.
+        hash: BlockHash,
+        /// Its height.
+        height: u32,
+        /// Its nBits.
+        bits: u32,
+        /// The nBits the rules require.
+        expected: u32,
+    },
+
+    /// BIP 94 (testnet4): the first block of a difficulty period is more than 600 s earlier
+    /// than its parent.
+    #[error("block {hash} at height {height}: timestamp {time} is more than 600 s before its parent's {parent_time} (BIP 94 timewarp rule)")]
+    TimeWarp {
+        /// Hash of the offending header.
+        hash: BlockHash,
+        /// Its height.
+        height: u32,
+        /// Its timestamp.
+        time: u32,
+        /// Its parent's timestamp.
+        parent_time: u32,
+    },
+
+    /// The difficulty rules needed a header the caller could not provide (the ancestor at
+    /// this height of the header being checked). Not the checked header's fault.
+    #[error("the ancestor at height {height} is unknown")]
+    UnknownAncestor {
+        /// Height asked for.
+        height: u32,
     },
 }

@@ -9,7 +9,8 @@
 //!   [`Envelope`], and the bounded streaming [`EnvelopeReader`].
 //! - [`message`]: [`Message`], the commands we look into, typed; all others kept raw as
 //!   [`Message::Unknown`].
-//! - [`validate`]: context-free consensus checks on headers and blocks.
+//! - [`validate`]: context-free consensus checks on headers and blocks, and the difficulty rules.
+//! - [`import`]: block files (Bitcoin Core's `blk*.dat` format, hex lines) split into blocks.
 //!
 //! Decoders never panic and never allocate by an attacker-chosen length: lengths and counts
 //! are checked against [`MAX_PAYLOAD`] and the bytes actually present first. All errors are
@@ -27,15 +28,17 @@
 
 pub mod envelope;
 pub mod error;
+pub mod import;
 pub mod message;
 pub mod network;
 pub mod validate;
 
 pub use envelope::{Envelope, EnvelopeHeader, EnvelopeReader, HEADER_LEN, MAX_PAYLOAD};
 pub use error::BtcError;
+pub use import::ImportError;
 pub use message::{decode_message, encode_message, Message, Reject, MODELED_COMMANDS};
-pub use network::NetParams;
-pub use validate::{check_block, check_header_pow, check_linkage, header_target};
+pub use network::{DifficultyRules, NetParams};
+pub use validate::{check_block, check_difficulty, check_header_pow, check_linkage, header_target, next_work_required};
 
 /// Re-exports of the `bitcoin` types that appear in [`Message`].
 pub use bitcoin::p2p::message_blockdata::{GetBlocksMessage, GetHeadersMessage, Inventory};

@@ -8,6 +8,54 @@
 use bitcoin::params::Params;
 use bitcoin::{Block, BlockHash, Network, Target};
 
+/// The difficulty rules of a network: which nBits a header must carry, given its ancestors
+/// (Bitcoin Core's `GetNextWorkRequired`, see
+/// [`next_work_required`](super::validate::next_work_required)).
+///
+/// "Period": the 2016 blocks from a height divisible by 2016. "Retarget": at the first block of
+/// a period, nBits becomes `old × clamp(actual, 2 weeks / 4, 2 weeks × 4) / 2 weeks`, capped at
+/// the PoW limit, where `actual` is the time from the previous period's first block to its last.
+/// "Min-difficulty blocks": a block (other than a period's first) whose time is more than 20
+/// minutes after its parent's must carry the PoW limit; otherwise it carries the nBits of the
+/// last block of its period (walking back from its parent, at most to the period's first block)
+/// that is not at the PoW limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DifficultyRules {
+    /// No rule beyond the PoW limit: custom chains, whose rules we do not know.
+    Unchecked,
+    /// Regtest: min-difficulty blocks and no retargeting (a period's first block carries its
+    /// parent's nBits).
+    NoRetarget,
+    /// Mainnet and signet: nBits is the parent's, and retargets from the last block's nBits.
+    Retarget,
+    /// Testnet3: min-difficulty blocks, retargeting from the last block's nBits (which may be a
+    /// min-difficulty block: the "block storm" bug BIP 94 fixes).
+    Testnet3,
+    /// Testnet4 (BIP 94): min-difficulty blocks, retargeting from the nBits of the previous
+    /// period's *first* block, and the timewarp rule: a period's first block may not be more
+    /// than 600 s earlier than its parent.
+    Testnet4,
+}
+
+impl DifficultyRules {
+    /// Whether nBits changes every 2016 blocks (Core's `!fPowNoRetargeting`).
+    pub fn retargets(self) -> bool {
+        matches!(self, Self::Retarget | Self::Testnet3 | Self::Testnet4)
+    }
+
+    /// Whether blocks more than 20 minutes after their parent carry the PoW limit (Core's
+    /// `fPowAllowMinDifficultyBlocks`).
+    pub fn min_difficulty_blocks(self) -> bool {
+        matches!(self, Self::NoRetarget | Self::Testnet3 | Self::Testnet4)
+    }
+
+    /// Whether BIP 94 applies: retarget from the period's first block, timewarp rule (Core's
+    /// `enforce_BIP94`).
+    pub fn bip94(self) -> bool {
+        self == Self::Testnet4
+    }
+}
+
 /// Parameters of one network, as far as the wire and header-validation layers need them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetParams {
@@ -23,11 +71,9 @@ pub struct NetParams {
     pub network: Option<Network>,
     /// The easiest target a header may claim (Bitcoin Core's `powLimit`, attainable form).
     pub pow_limit: Target,
-    /// Whether difficulty retargets every 2016 blocks (false for regtest and custom chains).
-    pub retarget: bool,
-    /// Whether a block more than 20 minutes after its parent may use the minimum difficulty
-    /// (testnet3/testnet4, and regtest as in Bitcoin Core; irrelevant when `retarget` is false).
-    pub allow_min_difficulty: bool,
+    /// Which nBits a header must carry given its ancestors (see [`DifficultyRules`] and
+    /// [`check_difficulty`](super::validate::check_difficulty)).
+    pub difficulty: DifficultyRules,
     /// Skip the "block hash meets the target" test in
     /// [`check_header_pow`](super::validate::check_header_pow).
     ///
@@ -85,8 +131,12 @@ impl NetParams {
             default_port: default_port(network),
             network: Some(network),
             pow_limit: params.max_attainable_target,
-            retarget: !params.no_pow_retargeting,
-            allow_min_difficulty: params.allow_min_difficulty_blocks,
+            difficulty: match network {
+                Network::Bitcoin | Network::Signet => DifficultyRules::Retarget,
+                Network::Testnet => DifficultyRules::Testnet3,
+                Network::Testnet4 => DifficultyRules::Testnet4,
+                Network::Regtest => DifficultyRules::NoRetarget,
+            },
             no_pow_check: false,
         }
     }
@@ -113,8 +163,8 @@ impl NetParams {
     /// A private or Bitcoin-derived chain that speaks Bitcoin's wire format.
     ///
     /// Nothing is known about its proof-of-work limit, so `pow_limit` is the most permissive
-    /// target there is (2^256 - 1: any nBits that decodes is accepted), `retarget` and
-    /// `allow_min_difficulty` are false and `network` is `None`; `no_pow_check` is false
+    /// target there is (2^256 - 1: any nBits that decodes is accepted), `difficulty` is
+    /// [`DifficultyRules::Unchecked`] and `network` is `None`; `no_pow_check` is false
     /// (the SHA-256d hash must still meet nBits). Set the public fields for anything better
     /// known, e.g. `no_pow_check = true` for a chain with a different PoW hash function.
     pub fn custom(name: impl Into<String>, magic: [u8; 4], genesis_hash: BlockHash, port: u16) -> NetParams {
@@ -125,8 +175,7 @@ impl NetParams {
             default_port: port,
             network: None,
             pow_limit: Target::from_be_bytes([0xff; 32]),
-            retarget: false,
-            allow_min_difficulty: false,
+            difficulty: DifficultyRules::Unchecked,
             no_pow_check: false,
         }
     }
@@ -197,14 +246,23 @@ mod tests {
     }
 
     #[test]
-    fn retarget_flags() {
-        assert!(NetParams::mainnet().retarget);
-        assert!(!NetParams::mainnet().allow_min_difficulty);
-        assert!(NetParams::testnet3().allow_min_difficulty);
-        assert!(NetParams::testnet4().allow_min_difficulty);
-        assert!(!NetParams::regtest().retarget);
+    fn difficulty_rules() {
+        use DifficultyRules::*;
+        assert_eq!(NetParams::mainnet().difficulty, Retarget);
+        assert_eq!(NetParams::signet().difficulty, Retarget);
+        assert_eq!(NetParams::testnet3().difficulty, Testnet3);
+        assert_eq!(NetParams::testnet4().difficulty, Testnet4);
+        assert_eq!(NetParams::regtest().difficulty, NoRetarget);
+        // The same flags as the bitcoin crate's copy of Core's chainparams.
+        for n in [Network::Bitcoin, Network::Testnet, Network::Testnet4, Network::Signet, Network::Regtest] {
+            let (d, p) = (NetParams::from_network(n).difficulty, Params::new(n));
+            assert_eq!(d.retargets(), !p.no_pow_retargeting, "{n}");
+            assert_eq!(d.min_difficulty_blocks(), p.allow_min_difficulty_blocks, "{n}");
+            assert_eq!(d.bip94(), n == Network::Testnet4, "{n}");
+        }
         let c = NetParams::custom("x", [1, 2, 3, 4], BlockHash::all_zeros(), 1);
-        assert!(!c.retarget && c.network.is_none() && c.genesis_block().is_none());
+        assert!(c.difficulty == Unchecked && c.network.is_none() && c.genesis_block().is_none());
+        assert!(!Unchecked.retargets() && !Unchecked.min_difficulty_blocks());
         assert!(c.pow_limit > NetParams::regtest().pow_limit);
     }
 }

@@ -1,9 +1,14 @@
-//! Context-free consensus checks on headers and blocks, for the chain layer.
+//! Consensus checks on headers and blocks, for the chain layer.
 //!
-//! These are the checks Bitcoin Core makes without knowing the chain a block is on
+//! Context-free: the checks Bitcoin Core makes without knowing the chain a block is on
 //! (`CheckBlockHeader`, `CheckBlock`), plus header linkage and the witness commitment.
-//! Anything needing chain state (difficulty retargeting, timestamps, BIP 34 height, UTXOs,
-//! scripts, sigops) is not here.
+//!
+//! Difficulty: [`next_work_required`] and [`check_difficulty`] are Core's `GetNextWorkRequired`
+//! and `CalculateNextWorkRequired` (with BIP 94 for testnet4), as pure functions of the network's
+//! [`DifficultyRules`] and the ancestors of the header, which the caller provides by height.
+//!
+//! Anything else needing chain state (median time past, BIP 34 height, UTXOs, scripts, sigops)
+//! is the chain layer's.
 
 use std::collections::HashMap;
 
@@ -12,7 +17,7 @@ use bitcoin::pow::CompactTarget;
 use bitcoin::{Block, Target, TxMerkleNode, Txid};
 
 use super::error::BtcError;
-use super::network::NetParams;
+use super::network::{DifficultyRules, NetParams};
 
 /// Largest serialized block, in bytes (with witness data).
 pub const MAX_BLOCK_SERIALIZED_SIZE: u64 = 4_000_000;
@@ -59,6 +64,144 @@ pub fn check_header_pow(header: &Header, params: &NetParams) -> Result<(), BtcEr
     }
     if !params.no_pow_check && !target.is_met_by(header.block_hash()) {
         return Err(bad("block hash does not meet the target"));
+    }
+    Ok(())
+}
+
+/// Blocks per difficulty period (Core's `DifficultyAdjustmentInterval()`).
+pub const DIFFICULTY_ADJUSTMENT_INTERVAL: u32 = 2016;
+
+/// Intended seconds between blocks (Core's `nPowTargetSpacing`).
+pub const POW_TARGET_SPACING: i64 = 10 * 60;
+
+/// Intended seconds per difficulty period (Core's `nPowTargetTimespan`).
+pub const POW_TARGET_TIMESPAN: i64 = 14 * 24 * 60 * 60;
+
+/// How much earlier than its parent a period's first block may be on testnet4 (BIP 94,
+/// Core's `MAX_TIMEWARP`).
+pub const MAX_TIMEWARP: i64 = 600;
+
+/// Core's `CalculateNextWorkRequired`: the nBits of a period that follows one whose first and
+/// last blocks are `actual_timespan` seconds apart and whose retarget base is `bits` (the last
+/// block's nBits; BIP 94: the first block's). The timespan is clamped to a quarter and four
+/// times [`POW_TARGET_TIMESPAN`], the result capped at `pow_limit`.
+///
+/// The product is computed in 320 bits, so it never wraps; Core's 256-bit arithmetic would only
+/// wrap for PoW limits above 2^233, which no Bitcoin network has.
+pub fn calculate_next_work(bits: CompactTarget, actual_timespan: i64, pow_limit: Target) -> CompactTarget {
+    let timespan = actual_timespan.clamp(POW_TARGET_TIMESPAN / 4, POW_TARGET_TIMESPAN * 4) as u64;
+    let le = Target::from_compact(bits).to_le_bytes();
+    let mut limbs = [0u64; 5];
+    for (i, chunk) in le.chunks_exact(8).enumerate() {
+        limbs[i] = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+    }
+    // limbs *= timespan
+    let mut carry = 0u128;
+    for limb in &mut limbs {
+        let v = u128::from(*limb) * u128::from(timespan) + carry;
+        *limb = v as u64;
+        carry = v >> 64;
+    }
+    // limbs /= POW_TARGET_TIMESPAN
+    let divisor = POW_TARGET_TIMESPAN as u128;
+    let mut rem = 0u128;
+    for limb in limbs.iter_mut().rev() {
+        let cur = (rem << 64) | u128::from(*limb);
+        *limb = (cur / divisor) as u64;
+        rem = cur % divisor;
+    }
+    if limbs[4] != 0 {
+        return pow_limit.to_compact_lossy();
+    }
+    let mut out = [0u8; 32];
+    for (i, limb) in limbs[..4].iter().enumerate() {
+        out[i * 8..i * 8 + 8].copy_from_slice(&limb.to_le_bytes());
+    }
+    let new = Target::from_le_bytes(out);
+    if new > pow_limit {
+        pow_limit.to_compact_lossy()
+    } else {
+        new.to_compact_lossy()
+    }
+}
+
+/// Core's `GetNextWorkRequired`: the nBits a child of `parent` (at `parent_height`) with
+/// timestamp `time` must carry under `params.difficulty`; `None` for
+/// [`DifficultyRules::Unchecked`]. `ancestor(h)` must return the header at height `h`
+/// (`h < parent_height`) on `parent`'s branch; it is called only for min-difficulty walks
+/// (heights of the current period) and at period boundaries (the previous period's first
+/// block). A `None` from it is [`BtcError::UnknownAncestor`].
+pub fn next_work_required(
+    params: &NetParams,
+    parent_height: u32,
+    parent: &Header,
+    time: u32,
+    mut ancestor: impl FnMut(u32) -> Option<Header>,
+) -> Result<Option<CompactTarget>, BtcError> {
+    let rules = params.difficulty;
+    if rules == DifficultyRules::Unchecked {
+        return Ok(None);
+    }
+    let limit = params.pow_limit.to_compact_lossy();
+    let height = parent_height.saturating_add(1);
+    let mut get = |h: u32| ancestor(h).ok_or(BtcError::UnknownAncestor { height: h });
+    if !height.is_multiple_of(DIFFICULTY_ADJUSTMENT_INTERVAL) {
+        if !rules.min_difficulty_blocks() {
+            return Ok(Some(parent.bits));
+        }
+        if i64::from(time) > i64::from(parent.time) + 2 * POW_TARGET_SPACING {
+            return Ok(Some(limit));
+        }
+        // The last block of the period (back to its first) that is not a min-difficulty block.
+        let (mut h, mut bits) = (parent_height, parent.bits);
+        while h > 0 && !h.is_multiple_of(DIFFICULTY_ADJUSTMENT_INTERVAL) && bits == limit {
+            h -= 1;
+            bits = get(h)?.bits;
+        }
+        return Ok(Some(bits));
+    }
+    if !rules.retargets() {
+        return Ok(Some(parent.bits));
+    }
+    // `height` is a positive multiple of the interval, so this does not underflow.
+    let first = get(height - DIFFICULTY_ADJUSTMENT_INTERVAL)?;
+    let base = if rules.bip94() { first.bits } else { parent.bits };
+    let actual = i64::from(parent.time) - i64::from(first.time);
+    Ok(Some(calculate_next_work(base, actual, params.pow_limit)))
+}
+
+/// The difficulty rules for a child `header` of `parent` (at `parent_height`): its nBits must be
+/// [`next_work_required`] ([`BtcError::BadDifficulty`]) and, on testnet4, a period's first block
+/// may not be more than [`MAX_TIMEWARP`] seconds before its parent ([`BtcError::TimeWarp`]).
+/// Linkage, proof of work and the other timestamp rules are separate checks.
+pub fn check_difficulty(
+    params: &NetParams,
+    parent_height: u32,
+    parent: &Header,
+    header: &Header,
+    ancestor: impl FnMut(u32) -> Option<Header>,
+) -> Result<(), BtcError> {
+    let height = parent_height.saturating_add(1);
+    if let Some(expected) = next_work_required(params, parent_height, parent, header.time, ancestor)? {
+        if header.bits != expected {
+            return Err(BtcError::BadDifficulty {
+                hash: header.block_hash(),
+                height,
+                bits: header.bits.to_consensus(),
+                expected: expected.to_consensus(),
+            });
+        }
+    }
+    if params.difficulty.bip94()
+        && height.is_multiple_of(DIFFICULTY_ADJUSTMENT_INTERVAL)
+        && i64::from(header.time) < i64::from(parent.time) - MAX_TIMEWARP
+    {
+        return Err(BtcError::TimeWarp {
+            hash: header.block_hash(),
+            height,
+            time: header.time,
+            parent_time: parent.time,
+        });
     }
     Ok(())
 }
