@@ -42,6 +42,10 @@ fn expect_log(p: &P, t: u128, pats: &[&str]) -> String {
 fn overlay(extra_r0: &[&str]) -> Net {
     let mut net = Net::new(&["--neighbors", "12"]);
     net.peer_flags = ["--handshake-timeout", "2", "--max-conns-per-ip", "24"].map(String::from).to_vec();
+    // The raw peers the tests add must be able to draw smaller fingerprints (they dial, SPEC §5.2).
+    for name in ["relay0", "relay1", "relay2", "server"] {
+        net.preset_high_key(name);
+    }
     net.add_peer("relay0", extra_r0);
     net.add_peer("relay1", &[]);
     net.add_peer("relay2", &[]);
