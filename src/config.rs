@@ -61,6 +61,12 @@ pub struct PeerConfig {
     pub stats_interval: Duration,
     /// Debug: append every relayed DATA payload (in and out) to this file, for anonymity tests.
     pub cell_trace: Option<PathBuf>,
+    /// Serve Prometheus metrics (GET /metrics) on this address.
+    pub metrics: Option<SocketAddr>,
+    /// Allow `metrics` on a non-loopback address.
+    pub metrics_allow_remote: bool,
+    /// Serve the local control endpoint (`<data-dir>/control.sock`, for `anomos status`).
+    pub control: bool,
 }
 
 impl PeerConfig {
@@ -90,6 +96,9 @@ impl PeerConfig {
             clock_skew: Duration::from_secs(60),
             stats_interval: Duration::from_secs(60),
             cell_trace: None,
+            metrics: None,
+            metrics_allow_remote: false,
+            control: true,
         }
     }
 
@@ -118,6 +127,9 @@ impl PeerConfig {
         if self.max_queued_cells == 0 || self.link_queue_cap == 0 {
             return Err("--max-queued-cells and --link-queue-cap must be positive".into());
         }
+        if let Some(addr) = self.metrics {
+            anomos_tracker::metrics::check_addr(addr, self.metrics_allow_remote)?;
+        }
         Ok(())
     }
 }
@@ -138,8 +150,13 @@ mod tests {
         let mut bad = c.clone();
         bad.keepalive = bad.link_idle_timeout;
         assert!(bad.validate().is_err());
-        let mut bad = c;
+        let mut bad = c.clone();
         bad.open_rate = 0;
         assert!(bad.validate().is_err());
+        let mut remote = c;
+        remote.metrics = Some("0.0.0.0:9100".parse().unwrap());
+        assert!(remote.validate().is_err(), "non-loopback metrics need --metrics-allow-remote");
+        remote.metrics_allow_remote = true;
+        remote.validate().unwrap();
     }
 }

@@ -1,14 +1,20 @@
 //! The `anomos` command: run a relay peer, fetch a chain over circuits, or run a whole local demo overlay.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anomos::cmd::{bench, chain, demo, fetch, keygen, peer, send_tx, LogArgs};
+use anomos::cmd::{bench, chain, completions, demo, fetch, keygen, peer, send_tx, status, LogArgs};
+use anomos_tracker::config_file;
 use clap::{Parser, Subcommand};
 
 /// anomos — an anonymizing relay overlay that carries Bitcoin-wire traffic over onion circuits.
 #[derive(Parser)]
 #[command(name = "anomos", version, about, propagate_version = true)]
 struct Cli {
+    /// TOML config file: top-level keys apply to every subcommand with that flag, `[peer]`, `[fetch]`, …
+    /// `[anomos-tracker]` to one. Environment variables (`ANOMOS_<FLAG>`) override it, flags override both.
+    #[arg(long, global = true, value_name = "FILE", env = "ANOMOS_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     log: LogArgs,
     #[command(subcommand)]
@@ -31,13 +37,29 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Generate an identity key (PKCS#8 PEM, mode 0600) and print its fingerprint.
     Keygen(keygen::KeygenArgs),
+    /// Ask a running peer (its local control endpoint) for its links, circuits, chain height and tracker state.
+    Status(status::StatusArgs),
     /// Run the tracker (same as the `anomos-tracker` binary).
     Tracker(anomos_tracker::TrackerArgs),
+    /// Print a shell completion script (for `anomos` or `anomos-tracker`).
+    Completions(completions::CompletionsArgs),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = config_file::parse(&config_file::ANOMOS);
+    if let Cmd::Completions(a) = &cli.cmd {
+        return match completions::run(
+            a,
+            config_file::with_env(<Cli as clap::CommandFactory>::command(), &config_file::ANOMOS),
+        ) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("anomos: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     cli.log.init();
     let result = match &cli.cmd {
         Cmd::Peer(a) => peer::run(a).await,
@@ -47,6 +69,8 @@ async fn main() -> ExitCode {
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Bench(a) => bench::run(a).await,
         Cmd::Keygen(a) => keygen::run(a),
+        Cmd::Status(a) => status::run(a).await,
+        Cmd::Completions(_) => unreachable!("handled before logging starts"),
         Cmd::Tracker(a) => {
             anomos_tracker::run(a.clone(), None).await.map_err(|e| anomos::PeerError::Config(e.to_string()))
         }

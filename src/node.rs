@@ -3,9 +3,10 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anomos_proto::cell::{BreakReason, DenyReason};
 use anomos_proto::identity::{Fingerprint, Identity, PublicKey};
@@ -14,6 +15,7 @@ use anomos_proto::link::{self as plink, LINK_MAGIC, PROBE_MAGIC};
 use anomos_proto::tracker::{
     Announce, CircuitGrant, CircuitRequest, FailureKind, FailureReport, FromTracker, ToTracker,
 };
+use anomos_tracker::metrics::LabeledCounter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -34,7 +36,7 @@ pub trait Service: Send + Sync + 'static {
     fn accept(&self, stream: CircuitStream);
 }
 
-/// Counters (monotonic).
+/// Counters (monotonic), incremented where each event happens; `--metrics` exposes them.
 #[derive(Default)]
 pub struct Stats {
     /// DATA cells relayed.
@@ -45,8 +47,25 @@ pub struct Stats {
     pub relay_opened: AtomicU64,
     /// Circuits opened to us as target.
     pub target_opened: AtomicU64,
-    /// OPENs denied.
+    /// OPENs denied (by this hop).
     pub denied: AtomicU64,
+    /// OPENs this hop denied, by reason.
+    pub denies_sent: LabeledCounter,
+    /// DENYs our own circuits received, by reason.
+    pub denies_received: LabeledCounter,
+    /// Circuits broken that this node saw or caused (link failures, breaks reported to us as requester,
+    /// shutdown), by reason.
+    pub breaks: LabeledCounter,
+    /// Circuits granted to us by the tracker (origin side).
+    pub circuits_granted: AtomicU64,
+    /// Links that came up.
+    pub links_opened: AtomicU64,
+    /// Links that went down.
+    pub links_closed: AtomicU64,
+    /// Successful announces.
+    pub announces_ok: AtomicU64,
+    /// Failed announces.
+    pub announces_failed: AtomicU64,
 }
 
 impl Stats {
@@ -60,9 +79,103 @@ impl Stats {
     pub(crate) fn target_opened(&self) {
         self.target_opened.fetch_add(1, Ordering::Relaxed);
     }
-    pub(crate) fn denied(&self, _r: DenyReason) {
+    pub(crate) fn denied(&self, r: DenyReason) {
         self.denied.fetch_add(1, Ordering::Relaxed);
+        self.denies_sent.inc(r.as_str());
     }
+    /// A circuit broke (counted by reason).
+    pub(crate) fn broken(&self, r: BreakReason) {
+        self.breaks.inc(r.as_str());
+    }
+}
+
+/// The chain a node serves or fetches, for `status` and metrics.
+#[derive(Clone)]
+pub struct ChainInfo {
+    /// The chain's name.
+    pub name: String,
+    /// `serving` or `fetching`.
+    pub role: &'static str,
+    /// The store.
+    pub store: crate::chain::SharedStore,
+}
+
+/// Progress of a running sync (set by `fetch`), for `status` and metrics.
+#[derive(Default)]
+pub struct SyncGauges {
+    /// 0 idle, 1 headers, 2 blocks, 3 synced.
+    pub phase: std::sync::atomic::AtomicU8,
+    /// Best header height.
+    pub header_height: AtomicU64,
+    /// Blocks stored by this sync.
+    pub blocks_done: AtomicU64,
+    /// Blocks this sync has to fetch (done + missing).
+    pub blocks_total: AtomicU64,
+}
+
+impl SyncGauges {
+    /// The phase's name.
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase.load(Ordering::Relaxed) {
+            1 => "headers",
+            2 => "blocks",
+            3 => "synced",
+            _ => "idle",
+        }
+    }
+}
+
+/// One live link, as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct LinkInfo {
+    /// The neighbor's fingerprint (short form).
+    pub peer: String,
+    /// `out` if we dialed, `in` if it did.
+    pub direction: &'static str,
+    /// How long the link has been up.
+    pub age: Duration,
+    /// Cells queued toward the neighbor (DATA and control).
+    pub queued_cells: usize,
+    /// Circuits on the link.
+    pub circuits: usize,
+}
+
+/// Circuits alive here, by role.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CircuitsByRole {
+    /// Relayed through us.
+    pub relay: usize,
+    /// Opened by us (we are the requester).
+    pub origin: usize,
+    /// Ending at us (we are the target).
+    pub target: usize,
+    /// OPENs being peeled.
+    pub opening: usize,
+}
+
+/// What the tracker session looks like.
+#[derive(Debug, Clone, Default)]
+pub struct TrackerState {
+    /// Unix time of the last successful announce.
+    pub last_ok_unix: Option<u64>,
+    /// The last announce error (cleared by a success).
+    pub last_error: Option<String>,
+}
+
+/// What [`Node::shutdown`] tore down.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShutdownSummary {
+    /// Circuits broken with BREAK(shutdown).
+    pub circuits: usize,
+    /// Links closed.
+    pub links: usize,
+    /// Replay tags persisted.
+    pub replay_tags: usize,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A snapshot of what a node holds (for the `stats` log line, tests and monitoring).
@@ -140,10 +253,143 @@ impl Drop for ConnSlot {
     }
 }
 
-/// Replay tags seen, with their expiry; bounded.
-struct ReplayCache {
+/// Replay tags seen, with their expiry (Unix seconds, clock skew included); bounded.
+pub(crate) struct ReplayCache {
     seen: HashMap<[u8; 16], u64>,
     cap: usize,
+    /// Bumped on every insert; compared with `saved` to skip writing an unchanged cache.
+    version: u64,
+    saved: u64,
+}
+
+/// File name of the persisted replay cache in the data directory.
+pub const REPLAY_FILE: &str = "replay-cache.bin";
+/// How often the replay cache is written (if it changed). A crash loses at most the tags seen since.
+pub const REPLAY_SAVE_EVERY: Duration = Duration::from_secs(15);
+/// Most replay tags remembered (and persisted: 24 bytes each).
+pub const REPLAY_CAP: usize = 1_000_000;
+const REPLAY_MAGIC: &[u8; 8] = b"ANRPLY01";
+
+/// FNV-1a 64, to detect a damaged file (not a security measure: the file is ours, mode 0600).
+fn fnv64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+impl ReplayCache {
+    pub(crate) fn new(cap: usize) -> Self {
+        ReplayCache { seen: HashMap::new(), cap, version: 0, saved: 0 }
+    }
+
+    /// Records `tag` (until `horizon`); false if seen before or full of unexpired tags.
+    pub(crate) fn check(&mut self, tag: [u8; 16], horizon: u64, now: u64) -> bool {
+        if self.seen.contains_key(&tag) {
+            return false;
+        }
+        if self.seen.len() >= self.cap {
+            self.seen.retain(|_, exp| *exp >= now);
+            if self.seen.len() >= self.cap {
+                return false;
+            }
+        }
+        self.seen.insert(tag, horizon);
+        self.version += 1;
+        true
+    }
+
+    /// Number of tags held.
+    pub(crate) fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// The file image of the unexpired tags: magic, count (u32 BE), count × (tag, expiry u64 BE), FNV-1a 64.
+    pub(crate) fn encode(&self, now: u64) -> Vec<u8> {
+        let live: Vec<_> = self.seen.iter().filter(|(_, &e)| e >= now).collect();
+        let mut out = Vec::with_capacity(8 + 4 + live.len() * 24 + 8);
+        out.extend_from_slice(REPLAY_MAGIC);
+        out.extend_from_slice(&(live.len() as u32).to_be_bytes());
+        for (tag, exp) in live {
+            out.extend_from_slice(tag);
+            out.extend_from_slice(&exp.to_be_bytes());
+        }
+        let sum = fnv64(&out);
+        out.extend_from_slice(&sum.to_be_bytes());
+        out
+    }
+
+    /// Parses a file image, dropping tags expired at `now`; an error names what is wrong.
+    pub(crate) fn decode(data: &[u8], now: u64, cap: usize) -> Result<ReplayCache, String> {
+        if data.len() < 20 || &data[..8] != REPLAY_MAGIC {
+            return Err("not a replay cache file".into());
+        }
+        let (body, sum) = data.split_at(data.len() - 8);
+        if fnv64(body) != u64::from_be_bytes(sum.try_into().map_err(|_| "short")?) {
+            return Err("checksum mismatch".into());
+        }
+        let count = u32::from_be_bytes(body[8..12].try_into().map_err(|_| "short")?) as usize;
+        if count > cap || body.len() != 12 + count * 24 {
+            return Err(format!("{count} entries do not fit the file or the limit of {cap}"));
+        }
+        let mut rc = ReplayCache::new(cap);
+        for e in body[12..].chunks_exact(24) {
+            let exp = u64::from_be_bytes(e[16..].try_into().map_err(|_| "short")?);
+            if exp >= now {
+                let mut tag = [0u8; 16];
+                tag.copy_from_slice(&e[..16]);
+                rc.seen.insert(tag, exp);
+            }
+        }
+        Ok(rc)
+    }
+
+    /// Loads `path`: missing → empty; unreadable or damaged → a warning and empty (never fatal).
+    pub(crate) fn load(path: &Path, now: u64, cap: usize) -> ReplayCache {
+        match std::fs::read(path) {
+            Ok(data) => match ReplayCache::decode(&data, now, cap) {
+                Ok(rc) => {
+                    info!(path = %path.display(), tags = rc.len(), "replay cache loaded");
+                    rc
+                }
+                Err(e) => {
+                    warn!(path = %path.display(), "replay cache file ignored ({e}); starting with an empty cache");
+                    ReplayCache::new(cap)
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ReplayCache::new(cap),
+            Err(e) => {
+                warn!(path = %path.display(), "replay cache not readable ({e}); starting with an empty cache");
+                ReplayCache::new(cap)
+            }
+        }
+    }
+}
+
+/// Writes `data` to `path` atomically: a temporary file (mode 0600) in the same directory, fsync, rename.
+pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 /// A running peer.
@@ -177,6 +423,22 @@ pub struct Node {
     pub(crate) budget: Arc<Budget>,
     /// Our session with the tracker (announces, circuit requests, reports).
     tracker: Arc<TrackerClient>,
+    /// When each live link came up.
+    link_since: Mutex<HashMap<NeighborId, Instant>>,
+    /// The last announce's outcome.
+    tracker_state: Mutex<TrackerState>,
+    /// The chain served or fetched here, if any.
+    chain: Mutex<Option<ChainInfo>>,
+    /// Progress of a running sync.
+    pub sync: SyncGauges,
+    /// When the node was built.
+    pub started: Instant,
+    /// Unix time the node was built.
+    pub started_unix: u64,
+    /// Set once shutdown began: no new circuits, no new links.
+    shutting_down: AtomicBool,
+    /// The control socket, once it is listening (removed on shutdown).
+    control_path: Mutex<Option<PathBuf>>,
 }
 
 impl Node {
@@ -197,6 +459,7 @@ impl Node {
             None => None,
         };
         let cfg_budget = cfg.max_queued_cells;
+        let replay_path = cfg.data_dir.join(REPLAY_FILE);
         let identity = Arc::new(identity);
         let tracker = Arc::new(TrackerClient::new(cfg.tracker, tracker_key.clone(), identity.clone()));
         let node = Arc::new(Node {
@@ -212,7 +475,7 @@ impl Node {
             dialing: Mutex::new(Default::default()),
             link_change: Notify::new(),
             table_change: Notify::new(),
-            replay: Mutex::new(ReplayCache { seen: HashMap::new(), cap: 1_000_000 }),
+            replay: Mutex::new(ReplayCache::load(&replay_path, unix_now(), REPLAY_CAP)),
             circuits: Arc::new(AtomicUsize::new(0)),
             reannounce: Notify::new(),
             announced: Notify::new(),
@@ -220,6 +483,14 @@ impl Node {
             conns: Mutex::new(ConnTable::default()),
             budget: Budget::new(cfg_budget),
             tracker,
+            link_since: Mutex::new(HashMap::new()),
+            tracker_state: Mutex::new(TrackerState::default()),
+            chain: Mutex::new(None),
+            sync: SyncGauges::default(),
+            started: Instant::now(),
+            started_unix: unix_now(),
+            shutting_down: AtomicBool::new(false),
+            control_path: Mutex::new(None),
         });
         Ok((node, listener))
     }
@@ -231,6 +502,169 @@ impl Node {
         if !self.cfg.stats_interval.is_zero() {
             tokio::spawn(self.clone().stats_loop());
         }
+        tokio::spawn(self.clone().replay_save_loop());
+    }
+
+    async fn replay_save_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REPLAY_SAVE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if self.is_shutting_down() {
+                return;
+            }
+            let node = self.clone();
+            let _ = tokio::task::spawn_blocking(move || node.save_replay(false)).await;
+        }
+    }
+
+    /// Where the replay cache is persisted.
+    pub fn replay_path(&self) -> PathBuf {
+        self.cfg.data_dir.join(REPLAY_FILE)
+    }
+
+    /// Writes the replay cache if it changed since the last write (or always, with `force`). Returns the
+    /// number of tags written, or `None` if nothing was written.
+    pub fn save_replay(&self, force: bool) -> Option<usize> {
+        let (data, version, n) = {
+            let rc = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+            if !force && rc.version == rc.saved {
+                return None;
+            }
+            let data = rc.encode(unix_now());
+            let n = (data.len() - 20) / 24;
+            (data, rc.version, n)
+        };
+        match write_atomic(&self.replay_path(), &data) {
+            Ok(()) => {
+                let mut rc = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+                rc.saved = rc.saved.max(version);
+                debug!(tags = n, "replay cache saved");
+                Some(n)
+            }
+            Err(e) => {
+                warn!(path = %self.replay_path().display(), "replay cache not saved: {e}");
+                None
+            }
+        }
+    }
+
+    /// Replay tags remembered now.
+    pub fn replay_len(&self) -> usize {
+        self.replay.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Records the control socket's path (removed on shutdown).
+    pub fn set_control_path(&self, path: PathBuf) {
+        *self.control_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+    }
+
+    /// Tells `status` and metrics which chain this node serves or fetches.
+    pub fn set_chain(&self, info: ChainInfo) {
+        *self.chain.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+
+    /// The chain served or fetched here.
+    pub fn chain_info(&self) -> Option<ChainInfo> {
+        self.chain.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The last announce's outcome.
+    pub fn tracker_state(&self) -> TrackerState {
+        self.tracker_state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every live link, with its age and queue.
+    pub fn link_infos(&self) -> Vec<LinkInfo> {
+        let links: Vec<Arc<Link>> = self.links.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let since = self.link_since.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut out: Vec<LinkInfo> = links
+            .iter()
+            .map(|l| LinkInfo {
+                peer: l.peer.short(),
+                direction: if l.dialer { "out" } else { "in" },
+                age: since.get(&l.nid).map(|t| t.elapsed()).unwrap_or_default(),
+                queued_cells: l.writer.total_queued() + l.writer.control_queued(),
+                circuits: l.circuits(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        out
+    }
+
+    /// Circuits alive here, by role (a relayed circuit is counted once, on its in-link).
+    pub fn circuits_by_role(&self) -> CircuitsByRole {
+        let links: Vec<Arc<Link>> = self.links.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut c = CircuitsByRole::default();
+        for l in links {
+            for r in l.routes_lock().values() {
+                match r {
+                    Route::Opening(_) => c.opening += 1,
+                    Route::Relay(_, Dir::Fwd) => c.relay += 1,
+                    Route::Relay(_, Dir::Bwd) => {}
+                    Route::Endpoint(ep) if ep.role == anomos_proto::circuit::Role::Requester => c.origin += 1,
+                    Route::Endpoint(_) => c.target += 1,
+                }
+            }
+        }
+        c
+    }
+
+    /// Graceful shutdown: refuses new circuits, breaks every circuit with BREAK(shutdown) (relayed ones in
+    /// both directions), gives the BREAKs up to `flush` to leave, closes the links, persists the replay cache
+    /// and removes the control socket. Returns what was torn down. (The chain store is the caller's.)
+    pub async fn shutdown(self: &Arc<Self>, flush: Duration) -> ShutdownSummary {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        let links: Vec<Arc<Link>> = self.links.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut circuits = 0;
+        // Snapshot every route first: tearing a relayed circuit down removes its routes on both links.
+        let routes: Vec<(Arc<Link>, u32, Route)> = links
+            .iter()
+            .flat_map(|l| l.routes_lock().iter().map(|(id, r)| (l.clone(), *id, r.clone())).collect::<Vec<_>>())
+            .collect();
+        for (link, id, route) in routes {
+            match route {
+                Route::Relay(rc, dir) => {
+                    if dir == Dir::Fwd {
+                        circuits += 1; // counted in `stats` by `teardown_relay`
+                    }
+                    self.teardown_relay(&rc, BreakReason::Shutdown, Some(rc.tag), None);
+                }
+                Route::Endpoint(ep) => {
+                    circuits += 1;
+                    self.stats.broken(BreakReason::Shutdown);
+                    crate::circuit::abort_endpoint(&ep, BreakReason::Shutdown);
+                }
+                // An OPEN still being peeled: the hop before us waits for CONFIRM; tell it now.
+                Route::Opening(_) => {
+                    if link.remove_route(id).is_some() {
+                        self.send_break(&link, id, BreakReason::Shutdown, None);
+                    }
+                }
+            }
+        }
+        // Let the BREAKs (control cells jump the queues) reach the neighbors before the sockets close.
+        let deadline = Instant::now() + flush;
+        while Instant::now() < deadline && links.iter().any(|l| l.writer.control_queued() > 0 && !l.writer.is_closed())
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50).min(flush)).await;
+        for l in &links {
+            l.close("shutting down");
+        }
+        let node = self.clone();
+        let replay_tags = tokio::task::spawn_blocking(move || node.save_replay(true)).await.ok().flatten().unwrap_or(0);
+        if let Some(p) = self.control_path.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = std::fs::remove_file(p);
+        }
+        ShutdownSummary { circuits, links: links.len(), replay_tags }
     }
 
     async fn stats_loop(self: Arc<Self>) {
@@ -362,13 +796,21 @@ impl Node {
     async fn announce_loop(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(500);
         loop {
+            if self.is_shutting_down() {
+                return;
+            }
             let wait = match self.announce_once().await {
                 Ok(interval) => {
+                    self.stats.announces_ok.fetch_add(1, Ordering::Relaxed);
+                    *self.tracker_state.lock().unwrap_or_else(|e| e.into_inner()) =
+                        TrackerState { last_ok_unix: Some(unix_now()), last_error: None };
                     backoff = Duration::from_millis(500);
                     self.announced.notify_waiters();
                     interval
                 }
                 Err(e) => {
+                    self.stats.announces_failed.fetch_add(1, Ordering::Relaxed);
+                    self.tracker_state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
                     warn!("announce failed (retrying in {:.1}s): {e}", backoff.as_secs_f64());
                     let w = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -386,7 +828,8 @@ impl Node {
 
     async fn announce_once(self: &Arc<Self>) -> Result<Duration, PeerError> {
         let listen = self.cfg.advertise.unwrap_or(self.listen_addr);
-        let reply = self.tracker.request(&ToTracker::Announce(Announce { listen, chains: self.cfg.serve.clone() })).await?;
+        let reply =
+            self.tracker.request(&ToTracker::Announce(Announce { listen, chains: self.cfg.serve.clone() })).await?;
         let FromTracker::Announced(a) = reply else {
             return Err(PeerError::Tracker(format!("unexpected reply {reply:?}")));
         };
@@ -526,6 +969,12 @@ impl Node {
     // ---- links ----
 
     pub(crate) fn install_link(&self, link: Arc<Link>) {
+        if self.is_shutting_down() {
+            link.close("shutting down");
+            return;
+        }
+        self.stats.links_opened.fetch_add(1, Ordering::Relaxed);
+        self.link_since.lock().unwrap_or_else(|e| e.into_inner()).insert(link.nid, Instant::now());
         let old = self.links.lock().unwrap_or_else(|e| e.into_inner()).insert(link.nid, link);
         if let Some(old) = old {
             // A neighbor that restarted dials again; the new link replaces the old one.
@@ -539,8 +988,10 @@ impl Node {
             let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
             if links.get(&link.nid).is_some_and(|l| Arc::ptr_eq(l, link)) {
                 links.remove(&link.nid);
+                self.link_since.lock().unwrap_or_else(|e| e.into_inner()).remove(&link.nid);
             }
         }
+        self.stats.links_closed.fetch_add(1, Ordering::Relaxed);
         // Every circuit on the link breaks, in both directions.
         let routes: Vec<(u32, Route)> = link.routes_lock().drain().collect();
         for (_, route) in routes {
@@ -550,6 +1001,7 @@ impl Node {
                     self.teardown_relay(&rc, BreakReason::LinkFailed, Some(rc.tag), None)
                 }
                 Route::Endpoint(ep) => {
+                    self.stats.broken(BreakReason::LinkFailed);
                     info!(circ = ep.circ_id, role = ?ep.role, reason = %BreakReason::LinkFailed, "circuit broken: its link failed");
                     ep.closed(BreakReason::LinkFailed);
                     if ep.role == anomos_proto::circuit::Role::Requester {
@@ -566,6 +1018,9 @@ impl Node {
         let nid = link.nid;
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(2)).await;
+            if node.is_shutting_down() {
+                return;
+            }
             let still_neighbor =
                 node.neighbors.lock().unwrap_or_else(|e| e.into_inner()).values().any(|n| n.nid == nid);
             if still_neighbor && node.link(nid).is_none() {
@@ -613,6 +1068,9 @@ impl Node {
 
     /// Reserves a circuit slot, or `None` at the limit.
     pub fn try_circuit(&self) -> Option<CircuitGuard> {
+        if self.is_shutting_down() {
+            return None;
+        }
         let prev = self.circuits.fetch_add(1, Ordering::Relaxed);
         let guard = CircuitGuard(self.circuits.clone());
         (prev < self.cfg.max_circuits).then_some(guard)
@@ -625,21 +1083,8 @@ impl Node {
 
     /// Records a replay tag; false if it was seen before (or the cache is full of unexpired tags).
     pub(crate) fn replay_check(&self, tag: [u8; 16], expires: u64) -> bool {
-        let mut rc = self.replay.lock().unwrap_or_else(|e| e.into_inner());
-        let horizon = expires + self.cfg.clock_skew.as_secs();
-        if rc.seen.contains_key(&tag) {
-            return false;
-        }
-        if rc.seen.len() >= rc.cap {
-            let now =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            rc.seen.retain(|_, exp| *exp >= now);
-            if rc.seen.len() >= rc.cap {
-                return false;
-            }
-        }
-        rc.seen.insert(tag, horizon);
-        true
+        let horizon = expires.saturating_add(self.cfg.clock_skew.as_secs());
+        self.replay.lock().unwrap_or_else(|e| e.into_inner()).check(tag, horizon, unix_now())
     }
 
     /// Asks the tracker for circuits and opens them; returns those that opened.
@@ -660,7 +1105,10 @@ impl Node {
     /// Asks the tracker for circuit grants.
     pub async fn request_grants(&self, req: CircuitRequest) -> Result<Vec<CircuitGrant>, PeerError> {
         match self.tracker.request(&ToTracker::RequestCircuits(req)).await? {
-            FromTracker::Circuits(c) => Ok(c.circuits),
+            FromTracker::Circuits(c) => {
+                self.stats.circuits_granted.fetch_add(c.circuits.len() as u64, Ordering::Relaxed);
+                Ok(c.circuits)
+            }
             other => Err(PeerError::Tracker(format!("unexpected reply {other:?}"))),
         }
     }
@@ -677,6 +1125,7 @@ impl Node {
 
     pub(crate) fn report_denied(&self, ep: &Endpoint, reason: DenyReason, tag: Option<[u8; 16]>) {
         warn!(circ = ep.circ_id, %reason, "circuit denied");
+        self.stats.denies_received.inc(reason.as_str());
         self.report(FailureReport {
             kind: FailureKind::CircuitDenied(reason.code()),
             neighbor: None,
@@ -686,6 +1135,10 @@ impl Node {
     }
 
     pub(crate) fn report_broken(&self, ep: &Endpoint, reason: BreakReason, tag: Option<[u8; 16]>) {
+        // Link failures were counted in `link_down`.
+        if reason != BreakReason::LinkFailed {
+            self.stats.broken(reason);
+        }
         self.report(FailureReport {
             kind: FailureKind::CircuitBroken(reason.code()),
             neighbor: None,
@@ -721,4 +1174,66 @@ pub async fn futures_join_all<F: std::future::Future>(futs: impl IntoIterator<It
     })
     .await;
     results.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(i: u8) -> [u8; 16] {
+        [i; 16]
+    }
+
+    #[test]
+    fn replay_cache_round_trips_and_drops_expired_tags() {
+        let mut rc = ReplayCache::new(10);
+        assert!(rc.check(tag(1), 1_000, 500));
+        assert!(rc.check(tag(2), 2_000, 500));
+        assert!(!rc.check(tag(1), 1_000, 500), "a tag is accepted once");
+        let image = rc.encode(500);
+        let back = ReplayCache::decode(&image, 500, 10).unwrap();
+        assert_eq!(back.len(), 2);
+        let mut back2 = ReplayCache::decode(&image, 1_500, 10).unwrap();
+        assert_eq!(back2.len(), 1, "the tag expired at 1000 is dropped at load");
+        assert!(!back2.check(tag(2), 2_000, 1_500), "a loaded tag is still refused");
+        assert!(back2.check(tag(1), 3_000, 1_500), "an expired tag is forgotten");
+    }
+
+    #[test]
+    fn damaged_or_oversized_files_are_refused() {
+        let mut rc = ReplayCache::new(10);
+        for i in 0..5 {
+            rc.check(tag(i), 10_000, 0);
+        }
+        let image = rc.encode(0);
+        let mut flipped = image.clone();
+        flipped[20] ^= 1;
+        assert!(ReplayCache::decode(&flipped, 0, 10).is_err(), "checksum");
+        assert!(ReplayCache::decode(&image[..image.len() - 1], 0, 10).is_err(), "truncated");
+        assert!(ReplayCache::decode(b"garbage", 0, 10).is_err());
+        assert!(ReplayCache::decode(&image, 0, 4).is_err(), "more entries than the limit");
+        assert_eq!(ReplayCache::decode(&image, 0, 10).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn load_survives_missing_and_corrupt_files_and_save_is_atomic_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(REPLAY_FILE);
+        assert_eq!(ReplayCache::load(&path, 0, 10).len(), 0, "missing file: empty");
+        std::fs::write(&path, b"not a cache at all, just bytes").unwrap();
+        assert_eq!(ReplayCache::load(&path, 0, 10).len(), 0, "corrupt file: empty, no panic");
+        let mut rc = ReplayCache::new(10);
+        rc.check(tag(7), u64::MAX / 2, 0);
+        write_atomic(&path, &rc.encode(0)).unwrap();
+        assert!(!path.with_extension("tmp").exists(), "the temporary file was renamed");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        let mut loaded = ReplayCache::load(&path, 0, 10);
+        assert_eq!(loaded.len(), 1);
+        assert!(!loaded.check(tag(7), u64::MAX / 2, 0), "the tag survived the restart");
+    }
 }

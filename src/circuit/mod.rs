@@ -153,6 +153,7 @@ impl Node {
         if !in_removed && !out_removed {
             return;
         }
+        self.stats.broken(reason);
         for (dir, link, id) in [(Dir::Fwd, &rc.out_link, rc.out_id), (Dir::Bwd, &rc.in_link, rc.in_id)] {
             match from {
                 // The side the BREAK came from is done: drop what we still had queued for it.
@@ -197,6 +198,9 @@ impl Node {
                 ep.link.remove_route(ep.circ_id);
                 ep.link.writer.remove_circuit(ep.circ_id);
                 info!(circ = ep.circ_id, role = ?ep.role, %reason, "circuit broken by the other side");
+                if ep.role == Role::Target {
+                    self.stats.broken(reason); // the requester's are counted when reported
+                }
                 ep.closed(reason);
                 if ep.role == Role::Requester && reason != BreakReason::Finished {
                     self.report_broken(ep, reason, tag);

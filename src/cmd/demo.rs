@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Args;
 
-use super::procs::{spawn_ready, TempRoot};
+use super::procs::{spawn_ready, stop_all, TempRoot};
 use crate::cmd::fetch::{self, FetchOptions};
 use crate::error::PeerError;
 
@@ -33,6 +33,9 @@ pub struct DemoArgs {
 /// Runs the demo.
 pub async fn run(args: &DemoArgs) -> Result<(), PeerError> {
     let started = Instant::now();
+    // A signal while the overlay starts stops what was started (the fetch handles its own signals later).
+    let signal = super::first_signal();
+    tokio::pin!(signal);
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let root = TempRoot {
@@ -43,13 +46,17 @@ pub async fn run(args: &DemoArgs) -> Result<(), PeerError> {
     let dir = |n: &str| root.path.join(n).display().to_string();
     println!("demo: working in {}", root.path.display());
 
-    let (tracker, taddr, tfp) = spawn_ready(
-        "tracker",
-        &["tracker", "--listen", "127.0.0.1:0", "--data-dir", &dir("tracker"), "--allow-same-ip", "--interval", "2"]
-            .map(String::from),
-        &root.path.join("tracker.log"),
-    )
-    .await?;
+    let tracker_args =
+        ["tracker", "--listen", "127.0.0.1:0", "--data-dir", &dir("tracker"), "--allow-same-ip", "--interval", "2"]
+            .map(String::from);
+    let tracker_log = root.path.join("tracker.log");
+    let (tracker, taddr, tfp) = tokio::select! {
+        r = spawn_ready("tracker", &tracker_args, &tracker_log) => r?,
+        () = &mut signal => {
+            println!("demo: interrupted while starting");
+            return Ok(());
+        }
+    };
     println!("demo: tracker {taddr} fingerprint {}…", &tfp[..16]);
     let mut procs = vec![tracker];
     let peer_args = |name: &str, extra: &[&str]| -> Vec<String> {
@@ -70,11 +77,19 @@ pub async fn run(args: &DemoArgs) -> Result<(), PeerError> {
         let name = format!("server{i}");
         starts.push((name.clone(), peer_args(&name, &["--serve", "regtest", "--mine", &blocks])));
     }
-    let spawned = crate::node::futures_join_all(starts.iter().map(|(name, a)| {
+    let spawning = crate::node::futures_join_all(starts.iter().map(|(name, a)| {
         let log = root.path.join(format!("{name}.log"));
         async move { spawn_ready(name, a, &log).await }
-    }))
-    .await;
+    }));
+    let spawned = tokio::select! {
+        s = spawning => s,
+        () = &mut signal => {
+            // Peers still starting are killed as their handles drop; the ones up stop gracefully.
+            let clean = stop_all(&mut procs, std::time::Duration::from_secs(5)).await;
+            println!("demo: interrupted while starting; {clean} process(es) stopped cleanly");
+            return Ok(());
+        }
+    };
     for r in spawned {
         let (p, listen, fp) = r?;
         println!("demo: {:<8} {listen} fingerprint {}…", p.name, &fp[..16]);
@@ -99,17 +114,21 @@ pub async fn run(args: &DemoArgs) -> Result<(), PeerError> {
         relays: args.circuit_relays,
         ..FetchOptions::new(anomos_proto::btc::NetParams::regtest())
     };
-    let report = fetch::fetch(node_cfg, &opts).await?;
+    let report = fetch::fetch(node_cfg, &opts).await;
+    // Stop the overlay gracefully whatever happened (SIGTERM: circuits broken, stores closed).
+    let n = procs.len();
+    let clean = stop_all(&mut procs, std::time::Duration::from_secs(5)).await;
+    let report = report?;
     report.print();
+    if report.interrupted {
+        println!("demo: interrupted; {clean} of {n} processes stopped cleanly");
+        return Ok(());
+    }
     if report.blocks < args.blocks as u64 {
         return Err(PeerError::Chain(format!("fetched {} of {} blocks", report.blocks, args.blocks)));
     }
-    for mut p in procs {
-        let _ = p.child.start_kill();
-        let _ = p.child.wait().await;
-    }
     println!(
-        "demo: done in {:.1}s, all processes stopped{}",
+        "demo: done in {:.1}s, {clean} of {n} processes stopped cleanly{}",
         started.elapsed().as_secs_f64(),
         if args.keep { format!(", logs kept in {}", root.path.display()) } else { String::new() }
     );

@@ -55,6 +55,10 @@ pub struct FetchArgs {
     /// Keep the circuits open after the sync and follow new blocks and announced transactions.
     #[arg(long)]
     pub follow: bool,
+    /// Milliseconds between the plain `progress …` lines printed when stdout is not a terminal (0: one line per
+    /// block, for scripts that act on progress).
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub progress_interval: u64,
 }
 
 /// What to fetch and how.
@@ -74,6 +78,8 @@ pub struct FetchOptions {
     pub stall_timeout: Duration,
     /// Follow after the initial sync (never returns then).
     pub follow: bool,
+    /// Time between plain progress lines (not on a terminal).
+    pub progress_interval: Duration,
 }
 
 impl FetchOptions {
@@ -87,6 +93,7 @@ impl FetchOptions {
             window: 16,
             stall_timeout: Duration::from_secs(10),
             follow: false,
+            progress_interval: Duration::from_secs(1),
         }
     }
 }
@@ -120,11 +127,40 @@ pub struct FetchReport {
     pub elapsed: Duration,
     /// Time of the sync itself (circuits open to done).
     pub sync_time: Duration,
+    /// Whether a signal stopped the fetch before it was done (the node was shut down gracefully).
+    pub interrupted: bool,
 }
 
 impl FetchReport {
-    /// Prints the summary.
+    /// Prints the summary (on an interrupted fetch, only a log line).
     pub fn print(&self) {
+        if self.interrupted {
+            info!(
+                blocks = self.blocks,
+                height = self.height,
+                time = format!("{:.2}s", self.elapsed.as_secs_f64()),
+                "fetch interrupted by a signal; what was stored is kept and a rerun resumes"
+            );
+            return;
+        }
+        if std::io::stderr().is_terminal() {
+            let mut hops: Vec<usize> = self.hops.clone();
+            hops.sort_unstable();
+            hops.dedup();
+            let hops: Vec<String> = hops.iter().map(usize::to_string).collect();
+            eprintln!(
+                "fetched {} blocks ({:.2} MB) of {} to height {} in {:.1}s over {} circuit{} ({} hops{})",
+                self.blocks,
+                self.bytes as f64 / 1e6,
+                self.chain,
+                self.height,
+                self.elapsed.as_secs_f64(),
+                self.hops.len(),
+                if self.hops.len() == 1 { "" } else { "s" },
+                hops.join("/"),
+                if self.replaced > 0 { format!(", {} replaced", self.replaced) } else { String::new() }
+            );
+        }
         println!(
             "fetched chain={} headers={} blocks={} bytes={} height={} tip={} circuits={} hops={:?} replaced={} \
              stored_before={} requested={} refetched={} sync_time={:.2}s time={:.2}s",
@@ -245,7 +281,85 @@ pub fn circuit_source(node: Arc<Node>, chain: ChainId, relays: u8) -> CircuitSou
     })
 }
 
-/// Runs a fetch with a fresh peer started from `cfg`, into the store in its data directory.
+/// Progress bars for headers and blocks (on stderr, when it is a terminal).
+struct Bars {
+    headers: indicatif::ProgressBar,
+    blocks: indicatif::ProgressBar,
+    /// When the blocks phase began (for the rate).
+    started: std::cell::Cell<Option<Instant>>,
+}
+
+impl Bars {
+    fn new() -> Bars {
+        use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
+        let headers = multi.add(ProgressBar::new_spinner());
+        headers.set_style(
+            ProgressStyle::with_template("{spinner:.cyan} headers {pos:>8}  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        headers.set_message("waiting for circuits");
+        headers.enable_steady_tick(Duration::from_millis(120));
+        let blocks = multi.add(ProgressBar::new(0));
+        blocks.set_style(
+            ProgressStyle::with_template("  blocks  [{bar:32.green/white}] {pos}/{len}  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        super::set_progress_bars(Some(multi));
+        Bars { headers, blocks, started: std::cell::Cell::new(None) }
+    }
+
+    fn update(&self, p: &crate::chain::SyncProgress) {
+        // Headers go on arriving while the first blocks are fetched: the count keeps moving.
+        self.headers.set_position(u64::from(p.header_height));
+        self.headers.set_message(if p.phase == SyncPhase::Blocks { "" } else { "syncing" });
+        if p.phase == SyncPhase::Blocks {
+            let t0 = self.started.get().unwrap_or_else(|| {
+                let now = Instant::now();
+                self.started.set(Some(now));
+                now
+            });
+            let secs = t0.elapsed().as_secs_f64();
+            self.blocks.set_length(p.blocks_total);
+            self.blocks.set_position(p.blocks_done);
+            let rate = p.blocks_done as f64 / secs.max(1e-3);
+            let eta = if secs > 1.0 && rate > 0.0 {
+                let left = p.blocks_total.saturating_sub(p.blocks_done) as f64 / rate;
+                format!(", {rate:.0} blocks/s, eta {}", indicatif::HumanDuration(Duration::from_secs_f64(left)))
+            } else {
+                String::new()
+            };
+            self.blocks.set_message(format!("{:.1} MB{eta}", p.bytes as f64 / 1e6));
+        }
+    }
+
+    /// Prints a line above the bars.
+    fn println(&self, line: &str) {
+        self.blocks.suspend(|| {
+            println!("{line}");
+            flush();
+        });
+    }
+
+    fn finish(&self) {
+        if !self.headers.is_finished() {
+            self.headers.finish_with_message("done");
+        }
+        self.blocks.finish();
+        super::set_progress_bars(None);
+    }
+
+    /// Leaves the bars where they are (interrupted).
+    fn abandon(&self) {
+        self.headers.abandon();
+        self.blocks.abandon_with_message("interrupted");
+        super::set_progress_bars(None);
+    }
+}
+
+/// Runs a fetch with a fresh peer started from `cfg`, into the store in its data directory. On SIGINT or
+/// SIGTERM the node is shut down gracefully and the report says `interrupted`.
 pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, PeerError> {
     let started = Instant::now();
     let params = opts.params.clone();
@@ -264,10 +378,62 @@ pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, 
         );
         blocks
     };
-    let node = launch(cfg, None).await?;
+    let signal = super::first_signal();
+    tokio::pin!(signal);
+    let node = tokio::select! {
+        n = launch(cfg, None) => n?,
+        () = &mut signal => {
+            drop(store);
+            info!("shutdown: interrupted before the peer started");
+            return Ok(FetchReport {
+                chain: params.name.clone(),
+                hops: Vec::new(),
+                replaced: 0,
+                headers: 0,
+                blocks: 0,
+                stored_before,
+                requested: 0,
+                refetched: 0,
+                bytes: 0,
+                height: 0,
+                tip: String::new(),
+                elapsed: started.elapsed(),
+                sync_time: Duration::ZERO,
+                interrupted: true,
+            });
+        }
+    };
+    node.set_chain(crate::node::ChainInfo { name: params.name.clone(), role: "fetching", store: store.clone() });
+    let interrupted_report = |node_blocks: u64, height: u32| FetchReport {
+        chain: params.name.clone(),
+        hops: Vec::new(),
+        replaced: 0,
+        headers: 0,
+        blocks: node_blocks,
+        stored_before,
+        requested: 0,
+        refetched: 0,
+        bytes: 0,
+        height,
+        tip: String::new(),
+        elapsed: started.elapsed(),
+        sync_time: Duration::ZERO,
+        interrupted: true,
+    };
     let deadline = started + opts.deadline;
     let req = CircuitRequest { chain: chain_id.clone(), count: opts.circuits, relays: opts.relays };
-    let (streams, issued) = initial_circuits(&node, &req, deadline).await?;
+    let bars = std::io::stderr().is_terminal().then(Bars::new);
+    let (streams, issued) = tokio::select! {
+        r = initial_circuits(&node, &req, deadline) => r?,
+        () = &mut signal => {
+            if let Some(b) = &bars { b.abandon(); }
+            super::shutdown(&node, Some(&store)).await;
+            return Ok(interrupted_report(0, 0));
+        }
+    };
+    if let Some(b) = &bars {
+        b.headers.set_message(format!("{} circuit{} open", streams.len(), if streams.len() == 1 { "" } else { "s" }));
+    }
     let sync_started = Instant::now();
     let mut hops: Vec<usize> = streams.iter().map(|s| s.hops).collect();
     info!(circuits = streams.len(), ?hops, "circuits open; syncing");
@@ -280,6 +446,14 @@ pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, 
         ..SyncOptions::default()
     };
     let tty = std::io::stdout().is_terminal();
+    let gauges = &node.sync;
+    let out = |line: String| match &bars {
+        Some(b) => b.println(&line),
+        None => {
+            println!("{line}");
+            flush();
+        }
+    };
     let mut last_print = Instant::now();
     let synced = Arc::new(AtomicBool::new(false));
     let synced_flag = synced.clone();
@@ -291,8 +465,17 @@ pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, 
     let mut first_block_reported = false;
     let on_event = |e: SyncEvent| match e {
         SyncEvent::Progress(p) => {
+            gauges.phase.store(if p.phase == SyncPhase::Headers { 1 } else { 2 }, Ordering::Relaxed);
+            gauges.header_height.store(u64::from(p.header_height), Ordering::Relaxed);
+            gauges.blocks_done.store(p.blocks_done, Ordering::Relaxed);
+            gauges.blocks_total.store(p.blocks_total, Ordering::Relaxed);
+            if let Some(b) = &bars {
+                b.update(&p);
+                return;
+            }
             let first_block = !first_block_reported && p.phase == SyncPhase::Blocks && p.blocks_done > 0;
-            if first_block || last_print.elapsed() >= Duration::from_millis(if tty { 100 } else { 1000 }) {
+            let every = if tty { Duration::from_millis(100) } else { opts.progress_interval };
+            if first_block || last_print.elapsed() >= every {
                 first_block_reported |= first_block;
                 last_print = Instant::now();
                 match p.phase {
@@ -305,34 +488,33 @@ pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, 
             }
         }
         SyncEvent::CircuitFailed { circuit, error, misbehaving } => {
-            println!(
+            out(format!(
                 "event circuit-failed unix_ms={} circuit={circuit} misbehaving={misbehaving} error={error}",
                 unix_ms()
-            );
-            flush();
+            ));
         }
         SyncEvent::CircuitAdded { circuit, hops } => {
             added_hops.push(hops);
-            println!("event circuit-added unix_ms={} circuit={circuit} hops={hops}", unix_ms());
-            flush();
+            out(format!("event circuit-added unix_ms={} circuit={circuit} hops={hops}", unix_ms()));
         }
         SyncEvent::Synced { height, tip, blocks } => {
             synced_flag.store(true, Ordering::Relaxed);
+            gauges.phase.store(3, Ordering::Relaxed);
+            if let Some(b) = &bars {
+                b.finish();
+            }
             if follow {
-                println!(
+                out(format!(
                     "synced chain={name} height={height} tip={tip} blocks={blocks} time={:.2}s; following",
                     sync_started.elapsed().as_secs_f64()
-                );
-                flush();
+                ));
             }
         }
         SyncEvent::NewTip { height, hash } => {
-            println!("tip height={height} hash={hash} unix_ms={}", unix_ms());
-            flush();
+            out(format!("tip height={height} hash={hash} unix_ms={}", unix_ms()));
         }
         SyncEvent::Tx(txid) => {
-            println!("tx txid={txid} unix_ms={}", unix_ms());
-            flush();
+            out(format!("tx txid={txid} unix_ms={}", unix_ms()));
         }
     };
     let source = circuit_source(node.clone(), chain_id, opts.relays);
@@ -345,9 +527,28 @@ pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, 
         }
     };
     let report = tokio::select! {
-        r = sync => r?,
-        () = watchdog => return Err(PeerError::Timeout("fetch deadline")),
+        r = sync => r.map_err(PeerError::from),
+        () = watchdog => Err(PeerError::Timeout("fetch deadline")),
+        () = &mut signal => {
+            if let Some(b) = &bars { b.abandon(); }
+            let (blocks, height) = {
+                let s = chain::read(&store);
+                ((s.block_count().saturating_sub(1) as u64).saturating_sub(stored_before), s.best_tip().1)
+            };
+            super::shutdown(&node, Some(&store)).await;
+            return Ok(interrupted_report(blocks, height));
+        }
     };
+    if let Some(b) = &bars {
+        if report.is_ok() {
+            b.finish();
+        } else {
+            b.abandon();
+        }
+    }
+    // Done (or failed): tear the node down gracefully either way.
+    super::shutdown(&node, Some(&store)).await;
+    let report = report?;
     hops.extend(added_hops);
     Ok(FetchReport {
         chain: params.name.clone(),
@@ -363,6 +564,7 @@ pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, 
         tip: report.tip.to_string(),
         elapsed: started.elapsed(),
         sync_time: sync_started.elapsed(),
+        interrupted: false,
     })
 }
 
@@ -376,6 +578,7 @@ pub async fn run(args: &FetchArgs) -> Result<(), PeerError> {
         window: usize::from(args.window),
         stall_timeout: Duration::from_secs_f64(args.stall_timeout.clamp(0.5, 3600.0)),
         follow: args.follow,
+        progress_interval: Duration::from_millis(args.progress_interval),
     };
     let report = fetch(args.node.config(), &opts).await?;
     report.print();

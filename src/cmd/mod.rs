@@ -2,12 +2,14 @@
 
 pub mod bench;
 pub mod chain;
+pub mod completions;
 pub mod demo;
 pub mod fetch;
 pub mod keygen;
 pub mod peer;
 mod procs;
 pub mod send_tx;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -91,6 +93,17 @@ pub struct NodeArgs {
     /// Debug: append every relayed DATA payload (before/after this hop's layer) to FILE.
     #[arg(long, value_name = "FILE", hide = true)]
     pub cell_trace: Option<PathBuf>,
+    /// Serve Prometheus metrics (GET /metrics, text format) on this address, e.g. 127.0.0.1:9633
+    /// [default: off]. Only loopback addresses, unless --metrics-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Allow --metrics on a non-loopback address (the counters describe this node's traffic; anyone who can
+    /// reach the port sees them).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
+    /// Serve the local control endpoint `<data-dir>/control.sock` (mode 0600) that `anomos status` asks.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub control: bool,
 }
 
 impl NodeArgs {
@@ -113,6 +126,9 @@ impl NodeArgs {
         c.open_burst = self.open_burst;
         c.stats_interval = self.stats_interval;
         c.cell_trace = self.cell_trace.clone();
+        c.metrics = self.metrics;
+        c.metrics_allow_remote = self.metrics_allow_remote;
+        c.control = self.control;
         c
     }
 }
@@ -183,13 +199,82 @@ pub async fn launch(cfg: PeerConfig, service: Option<Arc<dyn Service>>) -> Resul
             }
         }
     };
+    crate::control::check_private(&cfg.data_dir);
     let (node, listener) = Node::bind(cfg, id, tracker_key, service).await?;
+    if node.cfg.control {
+        // Before anything runs: a second peer on the same data directory is refused here.
+        if let Some(path) = crate::control::start(&node).await? {
+            info!(path = %path.display(), "control endpoint listening (anomos status)");
+        }
+    }
     node.start(listener);
+    let metrics = crate::metrics::start(&node).await?;
     info!(listen = %node.listen_addr, fingerprint = %node.fingerprint(), "peer started");
     println!("anomos peer ready listen={} fingerprint={}", node.listen_addr, node.fingerprint());
+    if let Some(addr) = metrics {
+        println!("anomos peer metrics listen={addr}");
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
     Ok(node)
+}
+
+/// How long shutdown gives the BREAK cells to reach the neighbors before the links close.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+/// Resolves on the first SIGINT or SIGTERM, and then arranges for a second one to end the process at once
+/// (status 130). The handlers are installed when this is called.
+pub fn first_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    let signal = anomos_tracker::shutdown_signal();
+    async move {
+        signal.await;
+        info!("signal received: shutting down (a second signal exits at once)");
+        let again = anomos_tracker::shutdown_signal();
+        tokio::spawn(async move {
+            again.await;
+            eprintln!("anomos: second signal: exiting at once");
+            std::process::exit(130);
+        });
+    }
+}
+
+/// Makes everything in a chain store durable and closes its database file cleanly (the store handed to
+/// other holders is replaced by an empty in-memory one, so nothing can write to the file afterwards).
+pub fn close_store(store: &crate::chain::SharedStore) -> Result<(), crate::chain::ChainError> {
+    let mut s = crate::chain::write(store);
+    s.set_durable(true);
+    s.flush()?;
+    let params = s.params().clone();
+    let empty = crate::chain::ChainStore::open(params, Box::new(crate::chain::MemoryBackend::default()))?;
+    let closed = std::mem::replace(&mut *s, empty);
+    drop(s);
+    drop(closed); // drops the redb Database: a clean close, no repair at the next open
+    Ok(())
+}
+
+/// Graceful shutdown of a node (and its chain store, if any): BREAK(shutdown) on every circuit, links
+/// closed, replay cache persisted, control socket removed, store flushed and closed. Logs one `shutdown`
+/// line saying what was torn down.
+pub async fn shutdown(node: &Arc<Node>, store: Option<&crate::chain::SharedStore>) {
+    let sum = node.shutdown(SHUTDOWN_FLUSH).await;
+    let store_state = match store {
+        None => "none".to_string(),
+        Some(st) => {
+            let st = st.clone();
+            match tokio::task::spawn_blocking(move || close_store(&st)).await {
+                Ok(Ok(())) => "flushed and closed".to_string(),
+                Ok(Err(e)) => format!("close failed: {e}"),
+                Err(e) => format!("close failed: {e}"),
+            }
+        }
+    };
+    info!(
+        circuits_broken = sum.circuits,
+        links_closed = sum.links,
+        replay_tags_saved = sum.replay_tags,
+        chain_store = %store_state,
+        "shutdown: circuits broken with BREAK(shutdown), links closed, replay cache saved, control socket removed"
+    );
 }
 
 /// Logging flags shared by every binary.
@@ -212,12 +297,54 @@ impl LogArgs {
         use std::io::IsTerminal;
         let b = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr)
+            .with_writer(|| LogWriter(Vec::new()))
             .with_ansi(std::io::stderr().is_terminal());
         if self.log_format == "json" {
             b.json().init();
         } else {
             b.init();
         }
+    }
+}
+
+/// Progress bars being drawn on stderr now (log lines are printed above them instead of through them).
+static BARS: std::sync::Mutex<Option<indicatif::MultiProgress>> = std::sync::Mutex::new(None);
+
+/// Registers (or, with `None`, removes) the progress bars log lines must not tear.
+pub fn set_progress_bars(bars: Option<indicatif::MultiProgress>) {
+    *BARS.lock().unwrap_or_else(|e| e.into_inner()) = bars;
+}
+
+/// Prints `f`'s output above the progress bars if any are drawn (else just runs it).
+pub fn above_bars<R>(f: impl FnOnce() -> R) -> R {
+    let bars = BARS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match bars {
+        Some(m) => m.suspend(f),
+        None => f(),
+    }
+}
+
+/// One log event, written to stderr in one piece when dropped (above any progress bars).
+struct LogWriter(Vec<u8>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        above_bars(|| {
+            use std::io::Write;
+            let _ = std::io::stderr().lock().write_all(&self.0);
+        });
     }
 }

@@ -143,6 +143,8 @@ pub fn spawn_miner(svc: ChainService, interval: Duration, txs_per_block: usize) 
 
 /// Runs `anomos peer` until interrupted.
 pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
+    let signal = super::first_signal();
+    tokio::pin!(signal);
     let mut cfg = args.node.config();
     let bridge_opts = crate::bridge::BridgeOptions { scrub_version: args.bridge_scrub_version, ..Default::default() };
     let upstream = match (&args.upstream, &args.serve) {
@@ -157,11 +159,13 @@ pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
         }
         _ => None,
     };
+    let mut served_store = None;
     let svc = if upstream.is_some() {
         upstream
     } else {
         match service(args)? {
             Some((chain, s)) => {
+                served_store = Some((chain.to_string(), s.store().clone()));
                 cfg.serve = vec![chain];
                 if let Some(secs) = args.mine_interval {
                     if !(0.05..=86_400.0).contains(&secs) {
@@ -174,7 +178,20 @@ pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
             None => None,
         }
     };
-    let node = launch(cfg, svc).await?;
+    let node = tokio::select! {
+        n = launch(cfg, svc) => n?,
+        () = &mut signal => {
+            // Interrupted before the node ran (e.g. while waiting for the tracker): close the store cleanly.
+            if let Some((_, store)) = &served_store {
+                let _ = super::close_store(store);
+            }
+            info!("shutdown: interrupted before the peer started");
+            return Ok(());
+        }
+    };
+    if let Some((name, store)) = &served_store {
+        node.set_chain(crate::node::ChainInfo { name: name.clone(), role: "serving", store: store.clone() });
+    }
     if let Some(listen) = args.bridge {
         let params = args.net.params(&args.bridge_chain)?;
         let b =
@@ -187,23 +204,12 @@ pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
             }
         });
     }
-    wait_for_shutdown().await;
-    info!("shutting down");
+    signal.await;
+    super::shutdown(&node, served_store.as_ref().map(|(_, s)| s)).await;
     Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn wait_for_shutdown() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
+    anomos_tracker::shutdown_signal().await
 }

@@ -21,6 +21,37 @@ impl Proc {
     pub(crate) fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }
+
+    /// Asks the process to shut down gracefully (SIGTERM) and waits up to `grace` for it to exit; kills it
+    /// after that. Returns whether it exited by itself with status 0.
+    pub(crate) async fn stop(&mut self, grace: Duration) -> bool {
+        let pid = self.pid();
+        if pid == 0 {
+            return false;
+        }
+        // `kill -TERM` (POSIX) instead of a libc dependency for one call.
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        if sent {
+            if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
+                return status.success();
+            }
+        }
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        false
+    }
+}
+
+/// Stops every process gracefully (all at once: SIGTERM, then each waits up to `grace`); returns how many
+/// exited cleanly.
+pub(crate) async fn stop_all(procs: &mut [Proc], grace: Duration) -> usize {
+    crate::node::futures_join_all(procs.iter_mut().map(|p| p.stop(grace))).await.into_iter().filter(|&ok| ok).count()
 }
 
 impl Drop for Proc {

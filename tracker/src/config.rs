@@ -83,6 +83,16 @@ pub struct TrackerArgs {
     /// Lifetime of issued tracking codes, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub tc_ttl: u64,
+
+    /// Serve Prometheus metrics (GET /metrics, text format) on this address, e.g. 127.0.0.1:9100
+    /// [default: off]. Only loopback addresses, unless --metrics-allow-remote.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Allow --metrics on a non-loopback address (the counters describe the overlay's traffic; anyone who
+    /// can reach the port sees them).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
 }
 
 fn parse_key_bits(s: &str) -> Result<usize, String> {
@@ -146,6 +156,9 @@ impl TrackerArgs {
         if self.hello_timeout == 0 || self.idle_timeout == 0 {
             return bad("--hello-timeout and --idle-timeout must be positive".into());
         }
+        if let Some(addr) = self.metrics {
+            crate::metrics::check_addr(addr, self.metrics_allow_remote).map_err(TrackerError::Config)?;
+        }
         Ok(())
     }
 
@@ -202,6 +215,10 @@ mod tests {
         assert!(Cli::try_parse_from(["t", "--neighbors", "31"]).is_err());
         assert!(Cli::try_parse_from(["t", "--interval", "0"]).is_err());
         assert!(Cli::try_parse_from(["t", "--max-sessions", "0"]).is_err());
+        let remote = Cli::try_parse_from(["t", "--metrics", "0.0.0.0:9100"]).unwrap();
+        assert!(remote.args.validate().is_err(), "a non-loopback metrics address needs the flag");
+        let allowed = Cli::try_parse_from(["t", "--metrics", "0.0.0.0:9100", "--metrics-allow-remote"]).unwrap();
+        allowed.args.validate().unwrap();
         let ok = Cli::try_parse_from(["t", "--key-bits", "3072", "--neighbors", "30", "--allow-same-ip"]).unwrap();
         assert_eq!((ok.args.key_bits, ok.args.neighbors, ok.args.allow_same_ip), (3072, 30, true));
         let a = TrackerArgs { neighbors: 40, ..TrackerArgs::default() };

@@ -11,17 +11,21 @@
 //! * `graph`: the overlay graph and path finding — pure, synchronous, unit-tested.
 //! * `circuits`: tracking-code issuing and the memory of issued circuits.
 //! * `probe`: the reachability check.
+//! * [`metrics`]: Prometheus text exposition and the small HTTP responder behind `--metrics` (shared with
+//!   the peer).
 
 #![forbid(unsafe_code)]
 
 mod circuits;
 pub mod config;
+pub mod config_file;
 mod error;
 mod graph;
+pub mod metrics;
 mod probe;
 mod server;
 mod service;
 
 pub use config::TrackerArgs;
 pub use error::TrackerError;
-pub use server::{run, run_until, Ready, HELLO_TIMEOUT, IDLE_TIMEOUT};
+pub use server::{run, run_until, shutdown_signal, Ready, HELLO_TIMEOUT, IDLE_TIMEOUT};

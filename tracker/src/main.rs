@@ -1,12 +1,19 @@
 //! `anomos-tracker`: parse the arguments, set up logging, run the tracker.
 
-use clap::Parser;
+use std::path::PathBuf;
+
+use anomos_tracker::config_file;
 use tracing_subscriber::EnvFilter;
 
 /// The anomos tracker: peer registry, neighbor graph and tracking-code issuer.
-#[derive(Parser, Debug)]
+#[derive(clap::Parser, Debug)]
 #[command(name = "anomos-tracker", version, about)]
 struct Cli {
+    /// TOML config file (its `[anomos-tracker]` section and top-level keys). Environment variables
+    /// (`ANOMOS_TRACKER_<FLAG>`) override it, flags override both.
+    #[arg(long, value_name = "FILE", env = "ANOMOS_TRACKER_CONFIG")]
+    config: Option<PathBuf>,
+
     #[command(flatten)]
     args: anomos_tracker::TrackerArgs,
 
@@ -21,7 +28,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = config_file::parse(&config_file::TRACKER);
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -150,16 +150,49 @@ pub struct Ready {
     pub fingerprint: Fingerprint,
 }
 
-/// Runs the tracker until ctrl-c (then returns `Ok`). Prints `anomos-tracker ready listen=<addr>
-/// fingerprint=<hex>` on stdout once listening, and sends the same facts on `ready`.
+/// Runs the tracker until SIGINT or SIGTERM (then returns `Ok`; a second signal exits the process at once
+/// with status 130). Prints `anomos-tracker ready listen=<addr> fingerprint=<hex>` on stdout once listening,
+/// and sends the same facts on `ready`.
 pub async fn run(args: TrackerArgs, ready: Option<oneshot::Sender<Ready>>) -> Result<(), TrackerError> {
+    let signal = shutdown_signal();
     run_until(args, ready, async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            // No signal handling available: run until killed.
-            std::future::pending::<()>().await;
-        }
+        signal.await;
+        tokio::spawn(async {
+            shutdown_signal().await;
+            eprintln!("second signal: exiting at once");
+            std::process::exit(130);
+        });
     })
     .await
+}
+
+/// Resolves on SIGINT or SIGTERM (never, if signals cannot be handled). The handlers are installed when this
+/// is called (not when the future is first polled), so a signal arriving in between is not lost.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let streams = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()));
+        async move {
+            match streams {
+                (Ok(mut int), Ok(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 /// Like [`run`], but stops (returning `Ok`) when `shutdown` completes instead of on ctrl-c.
@@ -173,6 +206,27 @@ pub async fn run_until(
     let listener =
         TcpListener::bind(args.listen).await.map_err(|e| TrackerError::io(format!("binding {}", args.listen), e))?;
     let listen = listener.local_addr().map_err(|e| TrackerError::io("reading the bound address", e))?;
+    let max_sessions = args.max_sessions;
+    let timeouts =
+        Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: Duration::from_secs(args.idle_timeout) };
+    let limits = Limits::new(&args);
+    let metrics_addr = args.metrics;
+    let (neighbors, interval) = (args.neighbors, args.interval);
+    let service = Arc::new(Service::new(args));
+    let sessions = Arc::new(Semaphore::new(max_sessions));
+    let mut tasks = JoinSet::new();
+    let _metrics = match metrics_addr {
+        Some(addr) => {
+            let (svc, sess) = (Arc::clone(&service), Arc::clone(&sessions));
+            let render: crate::metrics::Render =
+                Arc::new(move || svc.render_metrics(max_sessions - sess.available_permits()));
+            let (bound, task) = crate::metrics::serve(addr, render)
+                .await
+                .map_err(|e| TrackerError::io(format!("binding the metrics address {addr}"), e))?;
+            Some((bound, AbortOnDrop(task)))
+        }
+        None => None,
+    };
     let fingerprint = identity.fingerprint();
     {
         let mut out = std::io::stdout().lock();
@@ -180,20 +234,17 @@ pub async fn run_until(
         line.and_then(|_| out.flush()).map_err(|e| TrackerError::io("writing the ready line", e))?;
     }
     info!(
-        %listen, fingerprint = %fingerprint.to_hex(), neighbors = args.neighbors, interval = args.interval,
+        %listen, fingerprint = %fingerprint.to_hex(), neighbors, interval,
         "tracker listening"
     );
     if let Some(tx) = ready {
         let _ = tx.send(Ready { listen, fingerprint });
     }
 
-    let max_sessions = args.max_sessions;
-    let timeouts =
-        Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: Duration::from_secs(args.idle_timeout) };
-    let limits = Limits::new(&args);
-    let service = Arc::new(Service::new(args));
-    let sessions = Arc::new(Semaphore::new(max_sessions));
-    let mut tasks = JoinSet::new();
+    if let Some((bound, _)) = &_metrics {
+        println!("anomos-tracker metrics listen={bound}");
+        let _ = std::io::stdout().flush();
+    }
     let hk = Arc::clone(&service);
     let hk_limits = Arc::clone(&limits);
     tasks.spawn(async move {
@@ -221,11 +272,13 @@ pub async fn run_until(
                 };
                 let Ok(permit) = Arc::clone(&sessions).try_acquire_owned() else {
                     warn!(%addr, limit = max_sessions, "connection dropped: too many sessions");
+                    service.metrics.refused.inc("session-limit");
                     drop(stream);
                     continue;
                 };
                 let Some(slot) = limits.conn(addr.ip()) else {
                     warn!(%addr, limit = limits.per_ip_max, "connection dropped: too many sessions from this address");
+                    service.metrics.refused.inc("session-limit-per-ip");
                     drop(stream);
                     continue;
                 };
@@ -241,11 +294,23 @@ pub async fn run_until(
             }
             Some(_) = tasks.join_next() => {}
             () = &mut shutdown => {
-                info!("tracker shutting down");
+                let open = max_sessions - sessions.available_permits();
+                let (peers, edges, remembered) = service.sizes();
                 tasks.shutdown().await;
+                info!(sessions_closed = open, peers, edges, circuits_remembered = remembered,
+                    "shutdown: tracker stopped (state is in memory only; peers re-announce to a new tracker)");
                 return Ok(());
             }
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -336,12 +401,25 @@ async fn session(
 ) -> Result<(), SessionError> {
     let _ = stream.set_nodelay(true);
     let remote_ip = stream.peer_addr().map(|a| a.ip()).ok();
-    let Some((mut conn, key)) = tokio::time::timeout(timeouts.hello, handshake(stream, &identity, &limits, remote_ip))
+    let hs = tokio::time::timeout(timeouts.hello, handshake(stream, &identity, &limits, remote_ip))
         .await
-        .map_err(|_| SessionError::Timeout("hello"))??
-    else {
-        return Ok(()); // a key fetch, answered
+        .map_err(|_| SessionError::Timeout("hello"))
+        .and_then(|r| r);
+    let (mut conn, key) = match hs {
+        Ok(Some(x)) => x,
+        Ok(None) => {
+            service.metrics.key_fetches.inc();
+            return Ok(()); // a key fetch, answered
+        }
+        Err(e) => {
+            service.metrics.refused.inc(match &e {
+                SessionError::Refused(why) if why.starts_with("ClientHello rate") => "hello-rate",
+                _ => "handshake",
+            });
+            return Err(e);
+        }
     };
+    service.metrics.sessions.inc();
     let peer = key.fingerprint();
     debug!(peer = %peer.short(), "session authenticated");
     loop {
@@ -352,9 +430,15 @@ async fn session(
             Ok(Err(e)) => return Err(e),
         };
         let reply = match msg.validate() {
-            Err(e) => error_reply(ErrorCode::BadRequest, e.to_string()),
+            Err(e) => {
+                service.metrics.refused.inc("bad-request");
+                error_reply(ErrorCode::BadRequest, e.to_string())
+            }
             Ok(()) => match msg {
-                ToTracker::Hello { .. } => error_reply(ErrorCode::BadRequest, "already authenticated"),
+                ToTracker::Hello { .. } => {
+                    service.metrics.refused.inc("bad-request");
+                    error_reply(ErrorCode::BadRequest, "already authenticated")
+                }
                 ToTracker::Announce(a) => service.announce(&key, a, remote_ip).await,
                 ToTracker::RequestCircuits(r) => service.request_circuits(peer, r).await,
                 ToTracker::Report(r) => service.report(peer, r),

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::circuits::{self, CircuitBook, REMEMBER_AFTER_EXPIRY};
 use crate::config::TrackerArgs;
 use crate::graph::{Graph, GraphError};
+use crate::metrics::{Counter, Exposition, Kind, LabeledCounter};
 use crate::probe::{self, PROBE_TIMEOUT};
 
 /// Requests with more onion layers than this build their tracking codes on the blocking pool.
@@ -33,10 +34,50 @@ struct State {
     rng: StdRng,
 }
 
+/// The tracker's counters (what `--metrics` exposes), incremented where each event happens.
+#[derive(Debug, Default)]
+pub(crate) struct TrackerMetrics {
+    /// Successful announces.
+    pub(crate) announces: Counter,
+    /// Announces of peers the tracker did not know.
+    pub(crate) new_peers: Counter,
+    /// Circuit requests received (valid ones).
+    pub(crate) circuit_requests: Counter,
+    /// Circuits (tracking codes) issued.
+    pub(crate) circuits_issued: Counter,
+    /// Requests and connections refused, by reason.
+    pub(crate) refused: LabeledCounter,
+    /// Failure reports, by kind.
+    pub(crate) reports: LabeledCounter,
+    /// Peers expired for silence.
+    pub(crate) expired: Counter,
+    /// Sessions authenticated.
+    pub(crate) sessions: Counter,
+    /// Key fetches answered.
+    pub(crate) key_fetches: Counter,
+}
+
+/// Every refusal reason the tracker counts (exposed with 0 before the first one).
+pub(crate) const REFUSAL_REASONS: &[&str] = &[
+    "bad-request",
+    "foreign-address",
+    "full",
+    "hello-rate",
+    "handshake",
+    "no-path",
+    "session-limit",
+    "session-limit-per-ip",
+    "unknown-peer",
+    "unreachable",
+    "unusable-address",
+];
+
 /// The request handlers, shared by every session.
 pub(crate) struct Service {
     args: TrackerArgs,
     state: Mutex<State>,
+    /// Counters.
+    pub(crate) metrics: TrackerMetrics,
 }
 
 /// An error reply (message cut to what the protocol allows).
@@ -68,7 +109,7 @@ impl Service {
             book: CircuitBook::new(args.max_pending_circuits),
             rng: StdRng::from_rng(OsRng).unwrap_or_else(|_| StdRng::from_entropy()),
         };
-        Service { args, state: Mutex::new(state) }
+        Service { args, state: Mutex::new(state), metrics: TrackerMetrics::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -84,6 +125,7 @@ impl Service {
         let listen = ann.listen;
         if unusable_listen_ip(listen.ip()) {
             warn!(peer = %id.short(), %listen, "announce refused: unusable listen address");
+            self.metrics.refused.inc("unusable-address");
             return error_reply(ErrorCode::BadRequest, format!("cannot reach a peer at {listen}"));
         }
         // Compared canonically: on a dual-stack socket an IPv4 peer's source reads as ::ffff:a.b.c.d.
@@ -91,6 +133,7 @@ impl Service {
             && remote_ip.is_some_and(|ip| ip.to_canonical() != listen.ip().to_canonical())
         {
             warn!(peer = %id.short(), %listen, from = ?remote_ip, "announce refused: address is not the session's");
+            self.metrics.refused.inc("foreign-address");
             return error_reply(
                 ErrorCode::BadRequest,
                 format!("announced address {listen} is not the address this session comes from"),
@@ -100,11 +143,13 @@ impl Service {
             let st = self.lock();
             if st.graph.get(&id).is_none() && st.graph.len() >= self.args.max_peers {
                 warn!(peer = %id.short(), peers = st.graph.len(), "announce refused: tracker full");
+                self.metrics.refused.inc("full");
                 return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
             }
         }
         if let Err(e) = probe::check(listen, &id, PROBE_TIMEOUT).await {
             warn!(peer = %id.short(), %listen, reason = %e, "announce refused: reachability check failed");
+            self.metrics.refused.inc("unreachable");
             return error_reply(ErrorCode::Unreachable, format!("{listen} did not answer with your key: {e}"));
         }
 
@@ -114,6 +159,7 @@ impl Service {
             Ok(done) => done,
             Err(_) => {
                 warn!(peer = %id.short(), "announce refused: tracker full");
+                self.metrics.refused.inc("full");
                 return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
             }
         };
@@ -125,6 +171,10 @@ impl Service {
             .collect();
         let peers = graph.len();
         drop(st);
+        self.metrics.announces.inc();
+        if done.is_new {
+            self.metrics.new_peers.inc();
+        }
 
         if done.is_new {
             info!(peer = %id.short(), %listen, neighbors = done.degree, peers, "new peer announced");
@@ -147,17 +197,25 @@ impl Service {
         let expires = unix_now().saturating_add(self.args.tc_ttl);
         let forget_at = Instant::now() + Duration::from_secs(self.args.tc_ttl) + REMEMBER_AFTER_EXPIRY;
         let relays = usize::from(req.relays);
+        self.metrics.circuit_requests.inc();
         let plan = {
             let mut st = self.lock();
             let State { graph, book, rng } = &mut *st;
-            let paths = match graph.find_paths(&peer, &req.chain, usize::from(req.count), relays, Instant::now(), rng) {
+            // Targets the requester already has circuits to come last: a replacement for a stalled or broken
+            // circuit should not land on a peer another of its circuits uses.
+            let busy = book.targets_in_use(&peer);
+            let count = usize::from(req.count);
+            let paths = match graph.find_paths_preferring(&peer, &req.chain, count, relays, &busy, Instant::now(), rng)
+            {
                 Ok(paths) => paths,
                 Err(GraphError::UnknownPeer) => {
                     info!(peer = %peer.short(), "circuit request refused: peer not announced");
+                    self.metrics.refused.inc("unknown-peer");
                     return error_reply(ErrorCode::UnknownPeer, "announce first");
                 }
                 Err(_) => {
                     info!(peer = %peer.short(), chain = %req.chain, relays, "circuit request: no path");
+                    self.metrics.refused.inc("no-path");
                     return error_reply(ErrorCode::NoPath, format!("no path with {relays} relays to {}", req.chain));
                 }
             };
@@ -175,6 +233,7 @@ impl Service {
             plan.build(&mut OsRng)
         };
         if issued.is_empty() {
+            self.metrics.refused.inc("no-path");
             return error_reply(ErrorCode::NoPath, "no circuit could be built");
         }
         let mut grants = Vec::with_capacity(issued.len());
@@ -185,6 +244,7 @@ impl Service {
                 grants.push(i.grant);
             }
         }
+        self.metrics.circuits_issued.add(grants.len() as u64);
         info!(
             peer = %peer.short(), chain = %req.chain, requested = req.count, issued = grants.len(),
             hops = relays + 1, "circuits issued"
@@ -197,6 +257,12 @@ impl Service {
         let mut st = self.lock();
         let State { graph, book, .. } = &mut *st;
         let kind = rep.kind;
+        self.metrics.reports.inc(match kind {
+            FailureKind::NeighborUnreachable => "neighbor-unreachable",
+            FailureKind::CircuitDenied(_) => "circuit-denied",
+            FailureKind::CircuitBroken(_) => "circuit-broken",
+            FailureKind::Misbehaving => "misbehaving",
+        });
         let blamed = match kind {
             FailureKind::NeighborUnreachable => match rep.neighbor {
                 Some(nid) => graph.other_end(&reporter, nid).ok_or("not one of the reporter's edges"),
@@ -227,6 +293,75 @@ impl Service {
         FromTracker::Ack
     }
 
+    /// Peers, edges and remembered circuits now.
+    pub(crate) fn sizes(&self) -> (usize, usize, usize) {
+        let st = self.lock();
+        (st.graph.len(), st.graph.edge_count(), st.book.len())
+    }
+
+    /// The Prometheus exposition of the tracker (`open_sessions`: connections open now).
+    pub(crate) fn render_metrics(&self, open_sessions: usize) -> String {
+        let m = &self.metrics;
+        let (peers, edges, remembered) = self.sizes();
+        let mut e = Exposition::new();
+        e.single("anomos_tracker_peers", Kind::Gauge, "Peers announced and not expired.", peers as f64);
+        e.single("anomos_tracker_edges", Kind::Gauge, "Edges of the neighbor graph.", edges as f64);
+        e.single(
+            "anomos_tracker_remembered_circuits",
+            Kind::Gauge,
+            "Issued circuits remembered for failure reports.",
+            remembered as f64,
+        );
+        e.single("anomos_tracker_sessions", Kind::Gauge, "Peer connections open now.", open_sessions as f64);
+        e.single("anomos_tracker_sessions_total", Kind::Counter, "Sessions authenticated.", m.sessions.get() as f64);
+        e.single(
+            "anomos_tracker_key_fetches_total",
+            Kind::Counter,
+            "Key fetches answered.",
+            m.key_fetches.get() as f64,
+        );
+        e.single("anomos_tracker_announces_total", Kind::Counter, "Successful announces.", m.announces.get() as f64);
+        e.single(
+            "anomos_tracker_new_peers_total",
+            Kind::Counter,
+            "Announces from peers the tracker did not know.",
+            m.new_peers.get() as f64,
+        );
+        e.single(
+            "anomos_tracker_peers_expired_total",
+            Kind::Counter,
+            "Peers expired for silence.",
+            m.expired.get() as f64,
+        );
+        e.single(
+            "anomos_tracker_circuit_requests_total",
+            Kind::Counter,
+            "Valid circuit requests received.",
+            m.circuit_requests.get() as f64,
+        );
+        e.single(
+            "anomos_tracker_circuits_issued_total",
+            Kind::Counter,
+            "Circuits (tracking codes) issued.",
+            m.circuits_issued.get() as f64,
+        );
+        e.by_label(
+            "anomos_tracker_refused_total",
+            Kind::Counter,
+            "Requests and connections refused, by reason.",
+            "reason",
+            m.refused.snapshot(REFUSAL_REASONS),
+        );
+        e.by_label(
+            "anomos_tracker_reports_total",
+            Kind::Counter,
+            "Failure reports received, by kind.",
+            "kind",
+            m.reports.snapshot(&["circuit-broken", "circuit-denied", "misbehaving", "neighbor-unreachable"]),
+        );
+        e.finish()
+    }
+
     /// Expires silent peers and forgets old circuits.
     pub(crate) fn housekeeping(&self) {
         let now = Instant::now();
@@ -235,6 +370,7 @@ impl Service {
         let forgotten = st.book.prune(now);
         let (peers, edges, circuits) = (st.graph.len(), st.graph.edge_count(), st.book.len());
         drop(st);
+        self.metrics.expired.add(expired.len() as u64);
         for e in &expired {
             info!(peer = %e.id.short(), lost_edges = e.edges, peers, edges, "peer expired");
         }

@@ -1,0 +1,182 @@
+//! The command line as an operator meets it: the config file under environment variables under flags, typos in
+//! the file, the annotated example file, shell completions. Real `anomos` processes; the only socket is a tracker
+//! on 127.0.0.1 port 0.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn anomos() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_anomos"));
+    // The developer's own settings must not leak into the test.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ANOMOS_") {
+            c.env_remove(k);
+        }
+    }
+    c.env_remove("RUST_LOG");
+    c
+}
+
+fn example_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/anomos.example.toml")
+}
+
+/// Runs `cmd` until its stdout or stderr shows a line containing `needle` (or it exits, or 30 s pass); kills it;
+/// returns (found, all output, exit status if it exited by itself).
+fn run_until(mut cmd: Command, needle: &str) -> (bool, String, Option<i32>) {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    for stream in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut out = String::new();
+    let mut found = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                out.push_str(&line);
+                out.push('\n');
+                if line.contains(needle) {
+                    found = true;
+                    break;
+                }
+            }
+            Err(_) => break, // both streams closed (the process exited) or time is up
+        }
+    }
+    let exited = child.try_wait().unwrap().and_then(|s| s.code());
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    (found, out, exited.or(if found { None } else { status.code() }))
+}
+
+fn key_in(dir: &Path) -> bool {
+    dir.join("tracker.key").exists()
+}
+
+#[test]
+fn flags_override_the_environment_which_overrides_the_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (file_dir, env_dir, flag_dir) = (tmp.path().join("file"), tmp.path().join("env"), tmp.path().join("flag"));
+    let config = tmp.path().join("anomos.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "log-format = \"json\"\n\n[anomos-tracker]\nlisten = \"127.0.0.1:0\"\ndata-dir = \"{}\"\nneighbors = 3\n",
+            file_dir.display()
+        ),
+    )
+    .unwrap();
+    let tracker = |env: bool, flag: bool| {
+        let mut c = anomos();
+        c.arg("--config").arg(&config).arg("tracker");
+        if env {
+            c.env("ANOMOS_TRACKER_DATA_DIR", &env_dir);
+        }
+        if flag {
+            c.arg("--data-dir").arg(&flag_dir);
+        }
+        // The listening line is logged after the ready line and names the neighbor setting.
+        run_until(c, "tracker listening")
+    };
+
+    // File only: its data dir, its listen address (port 0), its top-level log format (JSON log lines).
+    let (ok, out, _) = tracker(false, false);
+    assert!(ok, "tracker did not start from the config file:\n{out}");
+    assert!(key_in(&file_dir) && !key_in(&env_dir) && !key_in(&flag_dir), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with('{') && l.contains("\"neighbors\":3")),
+        "JSON log with neighbors=3:\n{out}"
+    );
+
+    // The environment beats the file.
+    let (ok, out, _) = tracker(true, false);
+    assert!(ok && key_in(&env_dir) && !key_in(&flag_dir), "{out}");
+
+    // The flag beats both.
+    let (ok, out, _) = tracker(true, true);
+    assert!(ok && key_in(&flag_dir), "{out}");
+}
+
+#[test]
+fn a_config_file_with_a_typo_is_refused_naming_the_file_and_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (text, needle) in [
+        ("[peer]\nlisten-addr = \"127.0.0.1:1\"\n", "no setting `listen-addr`"),
+        ("[peers]\nlisten = \"127.0.0.1:1\"\n", "[peers] is not a subcommand"),
+        ("[fetch]\ncircuits = \"four\"\n", "`circuits` is set in the config file"),
+        ("[peer\n", "TOML parse error"),
+    ] {
+        let config = tmp.path().join("bad.toml");
+        std::fs::write(&config, text).unwrap();
+        let out = anomos()
+            .arg("--config")
+            .arg(&config)
+            .args(["fetch", "--tracker", "127.0.0.1:1", "--tracker-fp", "00"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text:?}: {err}");
+        assert!(err.contains(needle), "{text:?}: {err}");
+        assert!(err.contains(&config.display().to_string()), "{text:?}: {err}");
+    }
+    // A file that is not there.
+    let out =
+        anomos().args(["--config", "/nonexistent/anomos.toml", "keygen", "--out", "/nonexistent/k"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/anomos.toml"));
+}
+
+#[test]
+fn the_annotated_example_config_is_valid_for_every_command() {
+    let example = example_file();
+    // Every section and key names a real subcommand and flag (checked whatever subcommand runs).
+    let out = anomos().arg("--config").arg(&example).args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The values parse: the tracker starts from its section (on a free port, in a scratch dir) …
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = anomos();
+    c.arg("--config")
+        .arg(&example)
+        .args(["tracker", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path().join("t"));
+    let (ok, out, _) = run_until(c, "anomos-tracker ready");
+    assert!(ok, "{out}");
+
+    // … and a peer gets past parsing to its first tracker attempt (nothing listens on port 1).
+    let mut c = anomos();
+    c.arg("--config").arg(&example).args(["peer", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]);
+    c.args(["--tracker", "127.0.0.1:1", "--data-dir"]);
+    c.arg(tmp.path().join("p"));
+    let (ok, out, code) = run_until(c, "not reachable yet");
+    assert!(ok, "exit {code:?}:\n{out}");
+}
+
+#[test]
+fn completions_are_generated_for_both_binaries() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = anomos().args(["completions", shell]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("fetch") && text.contains("tracker-fp"), "{shell}: {text}");
+        let out = anomos().args(["completions", shell, "--binary", "anomos-tracker"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("anomos-tracker") && text.contains("allow-same-ip"), "{shell}");
+        assert!(!text.contains("tracker-fp"), "{shell}: the tracker's script offers peer flags");
+    }
+}
