@@ -78,7 +78,15 @@ impl Drop for TempRoot {
 /// `… ready listen=ADDR fingerprint=HEX` line; returns the process, ADDR and HEX.
 pub(crate) async fn spawn_ready(name: &str, args: &[String], log: &Path) -> Result<(Proc, String, String), PeerError> {
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    // The children of a local overlay get exactly the flags given here: the operator's own settings
+    // (ANOMOS_CONFIG, ANOMOS_METRICS, …) would make every child bind the same ports or share a data dir.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ANOMOS_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
