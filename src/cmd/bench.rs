@@ -490,11 +490,14 @@ impl Overlay {
         let mut nodes = Vec::new();
         for (i, (spec, id)) in specs.into_iter().zip(ids).enumerate() {
             let id = id.map_err(|e| PeerError::Config(e.to_string()))??;
+            // A node keeps state in its data dir (the replay cache, saved every 15 s).
+            let data_dir = dir.join(format!("node{i}"));
+            super::ensure_private_dir(&data_dir)?;
             let mut cfg = PeerConfig::new(
                 "127.0.0.1:0".parse().map_err(|e| PeerError::Config(format!("{e}")))?,
                 tracker_addr,
                 tfp.clone(),
-                dir.join(format!("node{i}")),
+                data_dir,
             );
             cfg.max_circuits = 100_000;
             cfg.open_rate = 1_000_000;
