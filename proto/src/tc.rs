@@ -47,9 +47,9 @@ pub enum LayerKind {
     Target {
         /// The chain the requester wants.
         chain: ChainId,
-        /// Groups the circuits of one request.
+        /// The circuit's session identifier (fresh per circuit, so targets cannot link the circuits of one request).
         session: SessionId,
-        /// End-to-end secret shared with the requester (SPEC.md §6).
+        /// End-to-end secret shared with the requester (SPEC.md §7.2).
         e2e_secret: Secret,
     },
 }

@@ -29,3 +29,4 @@ mod service;
 pub use config::TrackerArgs;
 pub use error::TrackerError;
 pub use server::{run, run_until, shutdown_signal, Ready, HELLO_TIMEOUT, IDLE_TIMEOUT};
+pub use service::{REPORTS_PER_WINDOW, REPORT_WINDOW};

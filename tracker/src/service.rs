@@ -4,8 +4,9 @@
 //! All state sits in one [`State`] behind a `std::sync::Mutex`; it is never held across an `.await` (the probe
 //! and the tracking-code RSA work happen outside it).
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anomos_proto::identity::{Fingerprint, PublicKey};
@@ -32,7 +33,17 @@ struct State {
     book: CircuitBook,
     /// For graph choices and the secrets planned under the lock (a CSPRNG seeded from the OS).
     rng: StdRng,
+    /// Failure reports per reporter in the current window: (window start, reports).
+    reports: HashMap<Fingerprint, (Instant, u32)>,
+    /// Peers reported unreachable whose re-probe is running.
+    probing: HashSet<Fingerprint>,
 }
+
+/// Failure reports one peer may make per [`REPORT_WINDOW`]; more are acknowledged and ignored. Each report can
+/// take a peer out of paths (or make the tracker probe one), so a reporter must not be able to do it at will.
+pub const REPORTS_PER_WINDOW: u32 = 20;
+/// The window of [`REPORTS_PER_WINDOW`].
+pub const REPORT_WINDOW: Duration = Duration::from_secs(60);
 
 /// The tracker's counters (what `--metrics` exposes), incremented where each event happens.
 #[derive(Debug, Default)]
@@ -65,6 +76,7 @@ pub(crate) const REFUSAL_REASONS: &[&str] = &[
     "hello-rate",
     "handshake",
     "no-path",
+    "report-rate",
     "session-limit",
     "session-limit-per-ip",
     "unknown-peer",
@@ -108,6 +120,8 @@ impl Service {
             graph: Graph::new(args.graph_config()),
             book: CircuitBook::new(args.max_pending_circuits),
             rng: StdRng::from_rng(OsRng).unwrap_or_else(|_| StdRng::from_entropy()),
+            reports: HashMap::new(),
+            probing: HashSet::new(),
         };
         Service { args, state: Mutex::new(state), metrics: TrackerMetrics::default() }
     }
@@ -200,7 +214,7 @@ impl Service {
         self.metrics.circuit_requests.inc();
         let plan = {
             let mut st = self.lock();
-            let State { graph, book, rng } = &mut *st;
+            let State { graph, book, rng, .. } = &mut *st;
             // Targets the requester already has circuits to come last: a replacement for a stalled or broken
             // circuit should not land on a peer another of its circuits uses.
             let busy = book.targets_in_use(&peer);
@@ -252,10 +266,13 @@ impl Service {
         FromTracker::Circuits(CircuitReply { circuits: grants })
     }
 
-    /// `Report`: mark the peer the report blames as avoided, if the reporter could know about it.
-    pub(crate) fn report(&self, reporter: Fingerprint, rep: FailureReport) -> FromTracker {
+    /// `Report`: mark the peer the report blames as avoided, if the reporter could know about it. At most
+    /// [`REPORTS_PER_WINDOW`] reports per reporter are acted on per [`REPORT_WINDOW`]. A peer reported unreachable
+    /// is probed first (in the background) and avoided only if the probe fails: a peer cannot get a neighbor that
+    /// is up taken out of paths by dropping their link (SPEC §12, issue 7).
+    pub(crate) fn report(self: &Arc<Self>, reporter: Fingerprint, rep: FailureReport) -> FromTracker {
         let mut st = self.lock();
-        let State { graph, book, .. } = &mut *st;
+        let now = Instant::now();
         let kind = rep.kind;
         self.metrics.reports.inc(match kind {
             FailureKind::NeighborUnreachable => "neighbor-unreachable",
@@ -263,6 +280,12 @@ impl Service {
             FailureKind::CircuitBroken(_) => "circuit-broken",
             FailureKind::Misbehaving => "misbehaving",
         });
+        if !Self::report_allowed(&mut st.reports, reporter, now, self.args.max_peers) {
+            self.metrics.refused.inc("report-rate");
+            debug!(reporter = %reporter.short(), ?kind, "failure report ignored: reporter over its report rate");
+            return FromTracker::Ack;
+        }
+        let State { graph, book, probing, .. } = &mut *st;
         let blamed = match kind {
             FailureKind::NeighborUnreachable => match rep.neighbor {
                 Some(nid) => graph.other_end(&reporter, nid).ok_or("not one of the reporter's edges"),
@@ -276,6 +299,28 @@ impl Service {
             },
         };
         match blamed {
+            Ok(culprit) if kind == FailureKind::NeighborUnreachable => {
+                let Some(addr) = graph.get(&culprit).map(|p| p.addr) else { return FromTracker::Ack };
+                if !probing.insert(culprit) {
+                    return FromTracker::Ack; // already being checked
+                }
+                info!(reporter = %reporter.short(), reported = %culprit.short(), "neighbor reported unreachable; probing it");
+                let service = self.clone();
+                tokio::spawn(async move {
+                    let result = probe::check(addr, &culprit, PROBE_TIMEOUT).await;
+                    let mut st = service.lock();
+                    st.probing.remove(&culprit);
+                    match result {
+                        Err(e) => {
+                            let newly = st.graph.avoid(&culprit);
+                            info!(avoided = %culprit.short(), newly, error = %e, "reported peer failed the probe");
+                        }
+                        Ok(()) => {
+                            info!(peer = %culprit.short(), "reported unreachable, but it answers the probe: not avoided")
+                        }
+                    }
+                });
+            }
             Ok(culprit) => {
                 let newly = graph.avoid(&culprit);
                 info!(
@@ -291,6 +336,29 @@ impl Service {
             }
         }
         FromTracker::Ack
+    }
+
+    /// Counts a report of `reporter` against its window; false if it is over [`REPORTS_PER_WINDOW`]. The table
+    /// is bounded: past `max_peers` reporters, finished windows are dropped.
+    fn report_allowed(
+        windows: &mut HashMap<Fingerprint, (Instant, u32)>,
+        reporter: Fingerprint,
+        now: Instant,
+        max_peers: usize,
+    ) -> bool {
+        if windows.len() >= max_peers && !windows.contains_key(&reporter) {
+            windows.retain(|_, (start, _)| now.duration_since(*start) < REPORT_WINDOW);
+            if windows.len() >= max_peers {
+                return false; // as many reporters in this window as the tracker holds peers: a flood
+            }
+        }
+        let (start, n) = windows.entry(reporter).or_insert((now, 0));
+        if now.duration_since(*start) >= REPORT_WINDOW {
+            *start = now;
+            *n = 0;
+        }
+        *n += 1;
+        *n <= REPORTS_PER_WINDOW
     }
 
     /// Peers, edges and remembered circuits now.

@@ -575,14 +575,28 @@ async fn failure_reports_avoid_peers_until_reannounce() {
     let all: HashSet<usize> = (1..5).collect();
     assert_eq!(o.used_by(0, 4, 1, 1).await, all);
 
-    // NeighborUnreachable on peer 0's edge to peer 1: peer 1 is used in no new path, as relay or target.
+    // NeighborUnreachable on peer 0's edge to peer 1 while peer 1 still answers probes: the tracker probes it
+    // (in the background) and keeps it in paths.
     let edge_to_1 = o.tables[0].iter().find(|n| o.by_der(&n.public_key) == 1).unwrap().id;
     o.clients[0].report(FailureKind::NeighborUnreachable, Some(edge_to_1), None, None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, all, "a reachable peer was avoided on one reporter's word");
+
+    // Peer 1 really down (its port closed): the report takes it out of every new path, as relay or target.
+    o.peers[1].task.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    o.clients[0].report(FailureKind::NeighborUnreachable, Some(edge_to_1), None, None).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while o.used_by(0, 4, 1, 1).await.contains(&1) {
+        assert!(std::time::Instant::now() < deadline, "unreachable peer still used after its failed probe");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let used = o.used_by(0, 4, 1, 3).await;
     assert!(!used.contains(&1), "avoided peer used");
     let used = o.used_by(2, 4, 2, 3).await;
     assert!(!used.contains(&1), "avoided peer used by another requester");
-    // Until it announces again (and passes the reachability check).
+    // Until it announces again (and passes the reachability check), here from a new port.
+    o.peers[1] = fake_peer(o.peers[1].n).await;
     o.clients[1].announce_ok(o.peers[1].listen).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, all);
 
@@ -694,4 +708,25 @@ async fn binary_prints_ready_line_and_creates_a_private_key() {
     let args = TrackerArgs { listen: "127.0.0.1:0".parse().unwrap(), data_dir: data.clone(), ..TrackerArgs::default() };
     let err = anomos_tracker::run(args, None).await.unwrap_err();
     assert!(err.to_string().contains("mode 644"), "{err}");
+}
+
+#[tokio::test]
+async fn failure_reports_beyond_the_rate_are_ignored() {
+    let t = start(|a| a.neighbors = 4).await;
+    let mut o = Overlay::new(&t, 5).await;
+    // Peer 0 uses up its window with reports that blame nobody.
+    for _ in 0..anomos_tracker::REPORTS_PER_WINDOW {
+        o.clients[0].report(FailureKind::Misbehaving, None, None, None).await;
+    }
+    // Its next report, which would take a hop out of paths, is acknowledged and ignored.
+    let all: HashSet<usize> = (1..5).collect();
+    let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
+    let (_, tags) = o.trace(0, &g, 2);
+    o.clients[0].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), Some(tags[0])).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, all, "a report over the rate was acted on");
+    // Another reporter's report still counts.
+    let g = o.clients[2].circuits_ok(1, 2).await.remove(0);
+    let (path, tags) = o.trace(2, &g, 2);
+    o.clients[2].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), Some(tags[0])).await;
+    assert!(!o.used_by(2, 4, 1, 3).await.contains(&path[0]), "a report within the rate was ignored");
 }
