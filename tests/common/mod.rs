@@ -55,17 +55,22 @@ impl Drop for Proc {
     }
 }
 
-/// Spawns `anomos <args>` and waits (up to 60 s) for its ready line.
-pub fn spawn(name: &str, args: &[&str], dir: &Path) -> Proc {
-    let log = dir.join(format!("{name}.log"));
-    let mut child = Command::new(exe())
+/// Starts `anomos <args>` with stdout piped and stderr (the log) to `log`.
+fn start(args: &[&str], log: &Path) -> Child {
+    Command::new(exe())
         .args(args)
         .env("RUST_LOG", std::env::var("ANOMOS_TEST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Spawns `anomos <args>` and waits (up to 60 s) for its ready line.
+pub fn spawn(name: &str, args: &[&str], dir: &Path) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = start(args, &log);
     let out = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -162,14 +167,7 @@ pub fn unix_ms() -> u128 {
 /// Runs `anomos <args>` to completion (stderr to `<dir>/<name>.log`); returns (success, stdout, log).
 pub fn run(name: &str, args: &[&str], dir: &Path, timeout: Duration) -> (bool, String, String) {
     let log = dir.join(format!("{name}.log"));
-    let mut child = Command::new(exe())
-        .args(args)
-        .env("RUST_LOG", std::env::var("ANOMOS_TEST_LOG").unwrap_or_else(|_| "info".into()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
+    let mut child = start(args, &log);
     let out = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
