@@ -212,7 +212,54 @@ impl<K> Graph<K> {
         for other in &chosen {
             self.add_edge(id, *other, rng);
         }
-        chosen.len()
+        chosen.len() + self.split_edges_for(id, now, rng)
+    }
+
+    /// When every other peer is at the maximum degree, a newcomer would get few neighbors or one, and a peer
+    /// with one neighbor hands that neighbor every circuit it starts. So, while `id` is at least two short of the
+    /// target degree (and two more fit under the maximum), an edge A–B between usable peers that are not yet its
+    /// neighbors is replaced by A–`id` and `id`–B: A and B keep their degree, `id` gains two. A and B drop their
+    /// link when their next announce no longer lists each other. Returns the edges added.
+    fn split_edges_for(&mut self, id: Fingerprint, now: Instant, rng: &mut impl RngCore) -> usize {
+        let Some(me) = self.peers.get(&id) else { return 0 };
+        let (target, max) = (self.cfg.target_degree, self.cfg.max_degree);
+        if me.degree() + 2 > target || me.degree() + 2 > max {
+            return 0;
+        }
+        let my_ip = me.addr.ip();
+        let fits = |p: &Peer<K>| {
+            !p.avoided && p.live(now, self.cfg.expire_after) && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
+        };
+        let mut splittable: Vec<(NeighborId, Fingerprint, Fingerprint)> = self
+            .edges
+            .iter()
+            .filter(|(_, (a, b))| *a != id && *b != id)
+            .filter(|(_, (a, b))| self.peers.get(a).is_some_and(fits) && self.peers.get(b).is_some_and(fits))
+            .map(|(nid, (a, b))| (*nid, *a, *b))
+            .collect();
+        // HashMap order is not random enough to rely on: shuffle.
+        splittable.shuffle(rng);
+        let mut added = 0;
+        for (nid, a, b) in splittable {
+            let Some(me) = self.peers.get(&id) else { break };
+            if me.degree() + 2 > target || me.degree() + 2 > max {
+                break;
+            }
+            if me.edges.contains_key(&a) || me.edges.contains_key(&b) || !self.edges.contains_key(&nid) {
+                continue;
+            }
+            self.edges.remove(&nid);
+            if let Some(p) = self.peers.get_mut(&a) {
+                p.edges.remove(&b);
+            }
+            if let Some(p) = self.peers.get_mut(&b) {
+                p.edges.remove(&a);
+            }
+            self.add_edge(id, a, rng);
+            self.add_edge(id, b, rng);
+            added += 2;
+        }
+        added
     }
 
     fn add_edge(&mut self, a: Fingerprint, b: Fingerprint, rng: &mut impl RngCore) -> NeighborId {
@@ -542,6 +589,43 @@ mod tests {
                 assert_eq!(g.edge(&other, id), Some(nid));
             }
         }
+    }
+
+    #[test]
+    fn a_newcomer_to_a_saturated_graph_splits_edges_instead_of_getting_one_neighbor() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let now = Instant::now();
+        let mut g = build(8, 4, now, &mut rng);
+        // Make every peer full: the circulant graph on 8 peers with offsets 1, 2, 3 (degree 6 = the maximum).
+        g.edges.clear();
+        for p in g.peers.values_mut() {
+            p.edges.clear();
+        }
+        for i in 0..8 {
+            for d in 1..=3 {
+                g.add_edge(fp(i), fp((i + d) % 8), &mut rng);
+            }
+        }
+        check_invariants(&g);
+        let degrees_before: Vec<usize> = (0..8).map(|i| g.peers[&fp(i)].degree()).collect();
+        assert!(degrees_before.iter().all(|d| *d == 6));
+
+        let a = g.announce(fp(100), (), addr(100), vec![chain()], now, &mut rng).unwrap();
+        assert_eq!(a.degree, 4, "the newcomer reaches the target degree");
+        assert_eq!(a.added, 4);
+        check_invariants(&g);
+        let degrees_after: Vec<usize> = (0..8).map(|i| g.peers[&fp(i)].degree()).collect();
+        assert_eq!(degrees_before, degrees_after, "split edges keep the others' degrees");
+        assert_eq!(g.edge_count(), 24 - 2 + 4);
+        // Its neighbors come in pairs that were neighbors and no longer are.
+        let mine: Vec<Fingerprint> = g.neighbors(&fp(100)).iter().map(|(_, f, _)| *f).collect();
+        let unlinked =
+            mine.iter().flat_map(|x| mine.iter().map(move |y| (x, y))).filter(|(x, y)| x < y && g.edge(x, y).is_none());
+        assert!(unlinked.count() >= 2);
+
+        // A second announce changes nothing: it is at the target.
+        let again = g.announce(fp(100), (), addr(100), vec![chain()], now, &mut rng).unwrap();
+        assert_eq!((again.added, again.degree), (0, 4));
     }
 
     #[test]
