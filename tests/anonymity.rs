@@ -52,8 +52,7 @@ fn peel_all(grant: &CircuitGrant, ids: &[Identity]) -> Peeled {
     let mut tc = grant.tc_array().unwrap();
     let mut out = Peeled { layers: Vec::new(), tcs: vec![tc.to_vec()] };
     loop {
-        let p =
-            ids.iter().find_map(|id| tc::peel(&tc, id, &mut rand::rngs::OsRng).ok()).expect("some hop peels the layer");
+        let p = ids.iter().find_map(|id| tc::peel(&tc, id).ok()).expect("some hop peels the layer");
         out.layers.push(p.layer);
         match p.next {
             Some(next) => {

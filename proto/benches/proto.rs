@@ -4,8 +4,8 @@
 //! * `tc_build/4hop_*`: the tracker building a TC for 3 relays + target;
 //! * `link_cell/*`: sealing and opening one link cell (SEALED_CELL_LEN bytes on the wire), in place and through
 //!   `seal_cell`/`open_cell`, next to raw AES-256-GCM sealing and opening the same number of bytes with a
-//!   counter nonce: `ring` used directly (what `AeadCounter` runs on; the difference is the link layer's own
-//!   overhead), and the RustCrypto `aes_gcm` crate it replaced, for comparison;
+//!   counter nonce: `aws-lc-rs` used directly (what `AeadCounter` runs on; the difference is the link layer's own
+//!   overhead), and the RustCrypto `aes_gcm` crate used before it (and `ring`), for comparison;
 //! * `onion/hop_layer_forward`: one relay stripping its AES-256-CTR layer from a DATA payload;
 //! * `relay_cell/*`: a relay's whole per-cell user-space work on one DATA cell, without sockets: open the sealed
 //!   cell from the in-link, decode it (`Cell::decode`: a new boxed payload), strip the hop layer, encode it into
@@ -100,20 +100,20 @@ fn cell_round(d: &mut LinkCipher, a: &mut LinkCipher, buf: &mut [u8; SEALED_CELL
     a.open_in_place(buf).expect("open");
 }
 
-/// The same work with `ring` directly (the implementation behind `AeadCounter`): CELL_LEN bytes sealed and
+/// The same work with `aws-lc-rs` directly (the implementation behind `AeadCounter`): CELL_LEN bytes sealed and
 /// opened under a counter nonce.
 struct RawGcm {
-    cipher: ring::aead::LessSafeKey,
+    cipher: aws_lc_rs::aead::LessSafeKey,
     n: u64,
 }
 
 impl RawGcm {
     fn new() -> Self {
-        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &[9u8; 32]).expect("key");
-        RawGcm { cipher: ring::aead::LessSafeKey::new(key), n: 0 }
+        let key = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &[9u8; 32]).expect("key");
+        RawGcm { cipher: aws_lc_rs::aead::LessSafeKey::new(key), n: 0 }
     }
     fn round(&mut self, buf: &mut [u8; SEALED_CELL_LEN]) {
-        use ring::aead::{Aad, Nonce};
+        use aws_lc_rs::aead::{Aad, Nonce};
         let nonce = counter_nonce(self.n);
         self.n += 1;
         let (body, tag_out) = buf.split_at_mut(CELL_LEN);
@@ -123,7 +123,7 @@ impl RawGcm {
             .expect("seal");
         tag_out.copy_from_slice(tag.as_ref());
         self.cipher
-            .open_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), tag, body, 0..)
+            .open_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), tag.as_ref(), body)
             .expect("open");
     }
 }
@@ -221,7 +221,7 @@ fn benches(c: &mut Criterion, ids: &Ids) {
     for (bits, first) in [(2048, &ids.k2048[0]), (3072, &ids.k3072)] {
         let tc = tc::build(&path(&[first, &ids.k2048[1], &ids.k2048[2], &ids.k2048[0]]), &mut rng(5)).expect("tc");
         g.bench_with_input(BenchmarkId::from_parameter(bits), &tc, |b, tc| {
-            b.iter(|| tc::peel(black_box(tc), first, &mut r).expect("peel"))
+            b.iter(|| tc::peel(black_box(tc), first).expect("peel"))
         });
     }
     g.finish();
@@ -247,7 +247,7 @@ fn benches(c: &mut Criterion, ids: &Ids) {
         })
     });
     let mut raw = RawGcm::new();
-    g.bench_function("raw_ring_aes256gcm_seal_open", |b| b.iter(|| raw.round(black_box(&mut buf))));
+    g.bench_function("raw_awslc_aes256gcm_seal_open", |b| b.iter(|| raw.round(black_box(&mut buf))));
     let mut rc = RustCryptoGcm::new();
     g.bench_function("raw_rustcrypto_aes256gcm_seal_open", |b| b.iter(|| rc.round(black_box(&mut buf))));
     g.finish();
@@ -273,7 +273,7 @@ fn benches(c: &mut Criterion, ids: &Ids) {
     for (bits, id) in [(2048, &ids.k2048[0]), (3072, &ids.k3072)] {
         let ct = id.public().encrypt(&mut rng(6), &[7; 32]).expect("encrypt");
         g.bench_with_input(BenchmarkId::from_parameter(bits), &ct, |b, ct| {
-            b.iter(|| id.decrypt(&mut r, black_box(ct), "bench").expect("decrypt"))
+            b.iter(|| id.decrypt(black_box(ct), "bench").expect("decrypt"))
         });
     }
     g.finish();
@@ -302,10 +302,10 @@ fn summary(ids: &Ids, budget: Duration) {
     let tc2048 = tc::build(&path(&[&ids.k2048[0], &ids.k2048[1], &ids.k2048[2]]), &mut rng(7)).expect("tc");
     let tc3072 = tc::build(&path(&[&ids.k3072, &ids.k2048[1], &ids.k2048[2]]), &mut rng(8)).expect("tc");
     let peel2048 = time(budget, || {
-        black_box(tc::peel(&tc2048, &ids.k2048[0], &mut r).expect("peel"));
+        black_box(tc::peel(&tc2048, &ids.k2048[0]).expect("peel"));
     });
     let peel3072 = time(budget, || {
-        black_box(tc::peel(&tc3072, &ids.k3072, &mut r).expect("peel"));
+        black_box(tc::peel(&tc3072, &ids.k3072).expect("peel"));
     });
     let p4 = path(&[&ids.k2048[0], &ids.k2048[1], &ids.k2048[2], &ids.k2048[0]]);
     let build = time(budget, || {
@@ -313,7 +313,7 @@ fn summary(ids: &Ids, budget: Duration) {
     });
     let ct = ids.k2048[0].public().encrypt(&mut rng(9), &[7; 32]).expect("encrypt");
     let oaep = time(budget, || {
-        black_box(ids.k2048[0].decrypt(&mut r, &ct, "bench").expect("decrypt"));
+        black_box(ids.k2048[0].decrypt(&ct, "bench").expect("decrypt"));
     });
     let (mut d, mut a) = link_pair(ids);
     let mut buf = Box::new([0u8; SEALED_CELL_LEN]);

@@ -38,7 +38,6 @@ const KEYS: [(&str, u64, usize); 4] =
 
 const TC_FIELDS_SEED: u64 = 2000;
 const TC_BUILD_SEED: u64 = 2001;
-const TC_PEEL_SEED: u64 = 2002;
 const TC_EXPIRES: u64 = 1_900_000_000;
 /// TC path: relay id0 (2048), relay id3 (3072), target id1 (2048).
 const TC_PATH: [usize; 3] = [0, 3, 1];
@@ -254,7 +253,6 @@ hop.I.pad           relay only: HKDF-SHA256-expand(salt=\"anomos tc v1\", ikm=se
     let mut tcs = vec![tc0.clone()];
     let mut bodies = Vec::new();
     let mut cur = tc0;
-    let mut peel_rng = rng(TC_PEEL_SEED);
     for (i, h) in hops.iter().enumerate() {
         let id = &ids[TC_PATH[i]];
         let k = id.public().size();
@@ -283,7 +281,7 @@ hop.I.pad           relay only: HKDF-SHA256-expand(salt=\"anomos tc v1\", ikm=se
         }
         doc.hex(&format!("{p}.tc"), &cur[..]);
         // Re-derive this hop's view with public primitives, and check it against `tc::peel`.
-        let seed = id.decrypt(&mut peel_rng, &cur[..k], "vector").expect("oaep");
+        let seed = id.decrypt(&cur[..k], "vector").expect("oaep");
         assert_eq!(seed.len(), 32);
         let body_key = kdf(b"anomos tc v1", &[&seed], b"body");
         let mut sealed = cur[k + TAG_LEN..].to_vec();
@@ -292,7 +290,7 @@ hop.I.pad           relay only: HKDF-SHA256-expand(salt=\"anomos tc v1\", ikm=se
         doc.hex(&format!("{p}.seed"), &seed);
         doc.hex(&format!("{p}.body_key"), &body_key.0);
         doc.hex(&format!("{p}.header"), &plain[..LAYER_HEADER_LEN]);
-        let peeled = tc::peel(&cur, id, &mut peel_rng).expect("peel");
+        let peeled = tc::peel(&cur, id).expect("peel");
         assert_eq!(&peeled.layer, l);
         bodies.push(plain.clone());
         match peeled.next {

@@ -4,7 +4,12 @@
 //!   tracking-code capacity (SPEC.md §4) is computed for those modulus sizes.
 //! * Fingerprint: SHA-256 of the SubjectPublicKeyInfo DER, shown as lowercase hex.
 //! * Encryption: RSA-OAEP with SHA-256 (label empty). Signatures: RSA-PSS with SHA-256, salt length 32.
-//! * Private-key operations use blinding (rsa's `decrypt_blinded` / randomized PSS signing).
+//! * OAEP decryption, the private operation on attacker-chosen input (every TC peel, every tracker ClientHello),
+//!   runs in AWS-LC through `aws-lc-rs`: constant-time exponentiation with blinding and a constant-time OAEP
+//!   padding check, so its timing depends neither on the key nor on the ciphertext. The pure-Rust `rsa` crate is
+//!   not constant-time (RUSTSEC-2023-0071, "Marvin"); it keeps key generation, PEM/DER encoding, public-key
+//!   encryption, verification and PSS signing (blinded, over a hash with a random salt; see `Identity::sign`).
+//!   SPEC.md §11.8.
 
 use rand::{CryptoRng, RngCore};
 use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
@@ -12,8 +17,11 @@ use rsa::pss::{BlindedSigningKey, Signature, VerifyingKey};
 use rsa::signature::{RandomizedSigner, SignatureEncoding, Verifier};
 use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, Oaep, RsaPrivateKey, RsaPublicKey};
+
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use std::sync::Arc;
+use zeroize::Zeroize;
 
 use crate::crypto::sha256;
 use crate::error::{ProtoError, Result};
@@ -164,10 +172,19 @@ impl PublicKey {
 }
 
 /// A private identity: the RSA private key and its public half.
+///
+/// The key is held twice: as an `rsa` key (encoding, signing) and parsed once into AWS-LC's decryption key, which
+/// does every decryption.
 #[derive(Clone)]
 pub struct Identity {
     private: RsaPrivateKey,
     public: PublicKey,
+    ct: Arc<ConstantTime>,
+}
+
+/// AWS-LC's view of the private key (parsed once from its PKCS#8 DER).
+struct ConstantTime {
+    decrypting: aws_lc_rs::rsa::OaepPrivateDecryptingKey,
 }
 
 impl std::fmt::Debug for Identity {
@@ -189,7 +206,12 @@ impl Identity {
     fn from_private(private: RsaPrivateKey) -> Result<Self> {
         private.validate().map_err(|e| ProtoError::BadKey(e.to_string()))?;
         let public = PublicKey::from_rsa(private.to_public_key())?;
-        Ok(Identity { private, public })
+        let der = private.to_pkcs8_der().map_err(|e| ProtoError::BadKey(e.to_string()))?;
+        let bad = |e: aws_lc_rs::error::KeyRejected| ProtoError::BadKey(format!("AWS-LC refused the key: {e}"));
+        let decrypting = aws_lc_rs::rsa::PrivateDecryptingKey::from_pkcs8(der.as_bytes()).map_err(bad)?;
+        let decrypting = aws_lc_rs::rsa::OaepPrivateDecryptingKey::new(decrypting)
+            .map_err(|_| ProtoError::BadKey("AWS-LC refused the key for OAEP".into()))?;
+        Ok(Identity { private, public, ct: Arc::new(ConstantTime { decrypting }) })
     }
 
     /// Parses a PKCS#8 PEM private key.
@@ -213,15 +235,27 @@ impl Identity {
         self.public.fp
     }
 
-    /// RSA-OAEP(SHA-256) decryption with blinding. The ciphertext must be exactly the modulus size.
-    pub fn decrypt<R: RngCore + CryptoRng>(&self, rng: &mut R, ct: &[u8], what: &'static str) -> Result<Vec<u8>> {
+    /// RSA-OAEP(SHA-256, MGF1-SHA-256, empty label) decryption, constant-time (AWS-LC). The ciphertext must be
+    /// exactly the modulus size. Every failure gives the same error, whatever went wrong inside.
+    pub fn decrypt(&self, ct: &[u8], what: &'static str) -> Result<Vec<u8>> {
         if ct.len() != self.public.size() {
             return Err(ProtoError::BadLength { what, len: ct.len(), expected: self.public.size() });
         }
-        self.private.decrypt_blinded(rng, Oaep::new::<Sha256>(), ct).map_err(|_| ProtoError::RsaDecrypt(what))
+        let mut out = [0u8; MAX_RSA_BYTES];
+        let pt = self
+            .ct
+            .decrypting
+            .decrypt(&aws_lc_rs::rsa::OAEP_SHA256_MGF1SHA256, ct, &mut out, None)
+            .map_err(|_| ProtoError::RsaDecrypt(what))?;
+        let pt = pt.to_vec();
+        out.zeroize();
+        Ok(pt)
     }
 
-    /// RSA-PSS(SHA-256) signature over `msg` (randomized salt, blinded).
+    /// RSA-PSS(SHA-256) signature over `msg` (salt of 32 bytes drawn from `rng`, blinded). This is the one
+    /// private-key operation left in the `rsa` crate: AWS-LC draws PSS salts from its own RNG, which would make the
+    /// handshake and probe test vectors (SPEC §13) impossible to reproduce; the exponent input is a hash padded with
+    /// a random salt, never attacker-chosen, and blinded (SPEC §11.8).
     pub fn sign<R: RngCore + CryptoRng>(&self, rng: &mut R, msg: &[u8]) -> Vec<u8> {
         BlindedSigningKey::<Sha256>::new(self.private.clone()).sign_with_rng(rng, msg).to_vec()
     }

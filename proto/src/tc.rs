@@ -182,9 +182,9 @@ fn body_len(k: usize) -> usize {
 
 /// Peels this hop's layer off `tc`. Costs one RSA-OAEP decryption and one AES-GCM pass over ~4 KiB.
 /// The caller checks expiry, the replay tag and the incoming link.
-pub fn peel<R: RngCore + CryptoRng>(tc: &[u8; TC_LEN], id: &Identity, rng: &mut R) -> Result<Peeled> {
+pub fn peel(tc: &[u8; TC_LEN], id: &Identity) -> Result<Peeled> {
     let k = id.public().size();
-    let seed_vec = id.decrypt(rng, &tc[..k], "tracking code layer")?;
+    let seed_vec = id.decrypt(&tc[..k], "tracking code layer")?;
     let seed: [u8; SEED_LEN] = seed_vec.as_slice().try_into().map_err(|_| ProtoError::BadLength {
         what: "TC seed",
         len: seed_vec.len(),

@@ -416,9 +416,9 @@ impl TrackerChannel {
         let (ct, e_p) = rest.split_at(rest.len() - EPHEMERAL_LEN);
         let mut e_p_arr = [0u8; 32];
         e_p_arr.copy_from_slice(e_p);
-        // Randomness order: our ephemeral secret (32 bytes) first, then RSA blinding.
+        // Randomness: our ephemeral secret (32 bytes) only; the OAEP decryption blinds with AWS-LC's own RNG.
         let eph = x25519_secret(rng);
-        let s = tracker.decrypt(rng, ct, "tracker hello")?;
+        let s = tracker.decrypt(ct, "tracker hello")?;
         let s: [u8; 32] = s.as_slice().try_into().map_err(|_| ProtoError::BadLength {
             what: "tracker hello secret",
             len: s.len(),

@@ -563,9 +563,8 @@ proptest! {
         let hops: Vec<HopSpec> = p.iter().map(|(i, l)| HopSpec { key: ids()[*i].public().clone(), layer: l.clone() }).collect();
         let mut tc = tc::build(&hops, &mut rng(seed)).unwrap();
         prop_assert_eq!(&tc::build(&hops, &mut rng(seed)).unwrap(), &tc, "deterministic under a seeded rng");
-        let mut r = rng(seed ^ 1);
         for (n, (i, l)) in p.iter().enumerate() {
-            let peeled = tc::peel(&tc, &ids()[*i], &mut r).unwrap();
+            let peeled = tc::peel(&tc, &ids()[*i]).unwrap();
             prop_assert_eq!(&peeled.layer, l);
             match peeled.next {
                 Some(next) => {
@@ -581,15 +580,15 @@ proptest! {
     #[test]
     fn tc_peel_refuses_garbage_and_any_flipped_byte(garbage in tc_bytes(), target in layer(true), pos in 0..TC_LEN, bit in 0u8..8, seed in any::<u64>()) {
         let garbage: [u8; TC_LEN] = garbage.try_into().unwrap();
-        prop_assert!(tc::peel(&garbage, &ids()[0], &mut rng(seed)).is_err());
+        prop_assert!(tc::peel(&garbage, &ids()[0]).is_err());
         let tc = tc::build(&[HopSpec { key: ids()[0].public().clone(), layer: target.clone() }], &mut rng(seed)).unwrap();
-        prop_assert_eq!(tc::peel(&tc, &ids()[0], &mut rng(seed)).unwrap().layer, target);
+        prop_assert_eq!(tc::peel(&tc, &ids()[0]).unwrap().layer, target);
         let mut bad = tc.clone();
         bad[pos] ^= 1 << bit;
-        prop_assert!(tc::peel(&bad, &ids()[0], &mut rng(seed)).is_err(), "flip at {}", pos);
+        prop_assert!(tc::peel(&bad, &ids()[0]).is_err(), "flip at {}", pos);
         // Another key (same or other size) cannot open it.
-        prop_assert!(tc::peel(&tc, &ids()[1], &mut rng(seed)).is_err());
-        prop_assert!(tc::peel(&tc, &ids()[3], &mut rng(seed)).is_err());
+        prop_assert!(tc::peel(&tc, &ids()[1]).is_err());
+        prop_assert!(tc::peel(&tc, &ids()[3]).is_err());
     }
 
     #[test]
@@ -605,7 +604,7 @@ proptest! {
             ("zero next", vec![HopSpec { key: key.clone(), layer: zero_next }, HopSpec { key: key.clone(), layer: target.clone() }]),
         ] {
             let tc = tc::build(&path, &mut rng(seed)).unwrap();
-            prop_assert!(matches!(tc::peel(&tc, &ids()[0], &mut rng(seed)), Err(ProtoError::Invalid { .. })), "{}", bad);
+            prop_assert!(matches!(tc::peel(&tc, &ids()[0]), Err(ProtoError::Invalid { .. })), "{}", bad);
         }
     }
 }
@@ -1101,7 +1100,7 @@ proptest! {
     fn identity_decrypt_refuses_wrong_lengths_and_garbage(len in 0usize..400, b in any::<u8>(), key in 0usize..4) {
         let id = &ids()[key];
         let ct = vec![b; len];
-        let r = id.decrypt(&mut rng(1), &ct, "t");
+        let r = id.decrypt(&ct, "t");
         if len != id.public().size() {
             prop_assert!(matches!(r, Err(ProtoError::BadLength { .. })), "{:?}", r);
         } else {

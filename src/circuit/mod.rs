@@ -276,8 +276,7 @@ impl Node {
         let link = link.clone();
         tokio::spawn(async move {
             let id_key = node.identity.clone();
-            let peeled =
-                tokio::task::spawn_blocking(move || tc::peel(&tc_bytes, &id_key, &mut rand::rngs::OsRng)).await;
+            let peeled = tokio::task::spawn_blocking(move || tc::peel(&tc_bytes, &id_key)).await;
             let peeled = match peeled {
                 Ok(Ok(p)) => p,
                 Ok(Err(e)) => {

@@ -680,7 +680,7 @@ fn raw_rsa(budget: Duration) -> Result<(f64, f64), PeerError> {
     let mut rng = rand::rngs::OsRng;
     let id = Identity::generate(&mut rng, 2048)?;
     let ct = id.public().encrypt(&mut rng, &[7u8; 32])?;
-    let rsa = per_cpu_second(budget, 1, || u64::from(id.decrypt(&mut rng, &ct, "bench").is_ok()));
+    let rsa = per_cpu_second(budget, 1, || u64::from(id.decrypt(&ct, "bench").is_ok()));
     let layer = |kind: LayerKind, i: u8| Layer {
         prev: NeighborId(u64::from(i) + 1),
         kind,
@@ -697,7 +697,7 @@ fn raw_rsa(budget: Duration) -> Result<(f64, f64), PeerError> {
         },
     ];
     let tc = tc::build(&hops, &mut rng)?;
-    let peel = per_cpu_second(budget, 1, || u64::from(tc::peel(&tc, &id, &mut rng).is_ok()));
+    let peel = per_cpu_second(budget, 1, || u64::from(tc::peel(&tc, &id).is_ok()));
     Ok((rsa, peel))
 }
 

@@ -283,7 +283,6 @@ impl Overlay {
     /// Peels `g` hop by hop with the hops' own keys, checking every layer against the edges the tracker gave
     /// the peers. Returns the path (hop indices, requester excluded) and each hop's replay tag.
     fn trace(&self, requester: usize, g: &CircuitGrant, relays: usize) -> (Vec<usize>, Vec<[u8; 16]>) {
-        let mut rng = OsRng;
         let mut tc = g.tc_array().expect("TC_LEN bytes");
         let mut prev = g.first_hop;
         let mut at = self.across(requester, prev);
@@ -292,7 +291,7 @@ impl Overlay {
         loop {
             path.push(at);
             let k = path.len() - 1;
-            let peeled = peel(&tc, self.peers[at].id(), &mut rng).expect("hop can peel its layer");
+            let peeled = peel(&tc, self.peers[at].id()).expect("hop can peel its layer");
             let layer = peeled.layer;
             assert_eq!(layer.prev, prev, "layer names the edge the OPEN arrives on");
             assert_eq!(layer.hop_secret.0, g.hop_secrets[k]);
