@@ -712,7 +712,7 @@ async fn raw_figures(plan: &Plan, rep: &mut Report, quiet: bool) -> Result<Costs
             .await
             .map_err(|e| PeerError::Config(e.to_string()))??;
         progress(quiet, format!("raw run {}: GCM {gcm:.0} MB/s, CTR {ctr:.0} MB/s, TCP {tcp:.0} MB/s", run + 1));
-        rep.add("raw_gcm_mbps", "raw AES-256-GCM (seal+open, ring as the node), per core", "MB/s", None, gcm);
+        rep.add("raw_gcm_mbps", "raw AES-256-GCM (seal+open, AWS-LC as the node), per core", "MB/s", None, gcm);
         rep.add("raw_ctr_mbps", "raw AES-256-CTR, per core", "MB/s", None, ctr);
         rep.add("raw_tcp_mbps", "raw loopback TCP, 1 stream", "MB/s", None, tcp);
         rep.add("raw_tcp_cpu_ms_per_mb", "raw loopback TCP CPU (both ends)", "ms/MB", None, tcp_cpu * 1e9);
