@@ -48,8 +48,12 @@ async fn overlay_with(peers: usize, servers: usize, window: impl Fn(usize) -> u3
 }
 
 async fn open(o: &Overlay, requester: usize, relays: u8) -> CircuitStream {
+    open_on(o, requester, relays, "echo").await
+}
+
+async fn open_on(o: &Overlay, requester: usize, relays: u8, chain: &str) -> CircuitStream {
     for _ in 0..50 {
-        let req = CircuitRequest { chain: ChainId::new("echo").unwrap(), count: 1, relays };
+        let req = CircuitRequest { chain: ChainId::new(chain).unwrap(), count: 1, relays };
         if let Ok(mut v) = o.nodes[requester].request_circuits(req).await {
             if let Some(s) = v.pop() {
                 return s;
@@ -237,4 +241,38 @@ async fn echo_round_trip_latency() {
         }
         eprintln!("RTT over {} hops: {:.3} ms", relays + 1, t.elapsed().as_secs_f64() * 1000.0 / 200.0);
     }
+}
+
+/// A target serving a chain breaks the circuit of a requester that breaks the Bitcoin protocol with
+/// `misbehaving`, not with the `finished` of a clean close (SPEC open issue 13), so the requester can tell a
+/// refusal from the end of a conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_target_breaks_a_misbehaving_requester_with_misbehaving() {
+    use anomos::chain::{shared, ChainService, ChainStore};
+    use anomos_proto::btc::{encode_message, Message, NetParams};
+    use anomos_proto::cell::BreakReason;
+
+    let store = shared(ChainStore::new(NetParams::regtest()).unwrap());
+    let specs = (0..4)
+        .map(|i| inproc::NodeSpec {
+            window: 128,
+            serve: (i == 3).then(|| ("regtest", Arc::new(ChainService::new(store.clone())) as Arc<dyn Service>)),
+        })
+        .collect();
+    let o = inproc::overlay(specs).await;
+    let magic = NetParams::regtest().magic;
+
+    // A well-behaved conversation first: version is answered.
+    let mut good = open_on(&o, 0, 1, "regtest").await;
+    let version = anomos::chain::wire::version_message(anomos_proto::btc::ServiceFlags::NONE, 0, false);
+    good.send(encode_message(magic, &Message::Version(version))).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), good.recv()).await.expect("no answer");
+    assert!(answer.is_ok(), "version was not answered: {answer:?}");
+
+    // A ping before version: the target breaks the circuit as misbehaving.
+    let mut bad = open_on(&o, 0, 1, "regtest").await;
+    bad.send(encode_message(magic, &Message::Ping(1))).await.unwrap();
+    let r =
+        tokio::time::timeout(Duration::from_secs(20), bad.recv()).await.expect("circuit neither answered nor broken");
+    assert!(matches!(r, Err(anomos::PeerError::Broken(BreakReason::Misbehaving))), "{r:?}");
 }

@@ -36,6 +36,7 @@ pub mod wire;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use anomos_proto::btc::BtcError;
+use anomos_proto::cell::BreakReason;
 use bitcoin::BlockHash;
 use thiserror::Error;
 
@@ -173,6 +174,20 @@ impl ChainError {
                 | ChainError::NotFound(_)
                 | ChainError::Timeout(_)
         )
+    }
+
+    /// How a circuit that failed with this error is broken: `misbehaving` for what the remote end sent (so the
+    /// other side can tell refusal from a clean close, and a requester reports its target), `timeout` for
+    /// silence, `finished` for everything on our side.
+    pub fn break_reason(&self) -> BreakReason {
+        match self {
+            ChainError::Malformed(_)
+            | ChainError::Protocol(_)
+            | ChainError::InvalidHeader { .. }
+            | ChainError::InvalidBlock { .. } => BreakReason::Misbehaving,
+            ChainError::Timeout(_) => BreakReason::Timeout,
+            _ => BreakReason::Finished,
+        }
     }
 }
 

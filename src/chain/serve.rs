@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anomos_proto::btc::{Envelope, Inventory, Message, NetParams, Reject, ServiceFlags};
+use anomos_proto::cell::BreakReason;
 use bitcoin::hashes::Hash;
 use bitcoin::{Block, BlockHash, Transaction, Txid};
 use tokio::sync::broadcast;
@@ -152,9 +153,17 @@ impl ChainService {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
         let peer = BtcPeer::new(stream, self.params.magic);
-        let conv = Conversation { svc: self, id, peer, handshaken: false, send_headers: false, relay: false };
+        let mut conv = Conversation { svc: self, id, peer, handshaken: false, send_headers: false, relay: false };
         let r = conv.run().await;
         self.open.fetch_sub(1, Ordering::Relaxed);
+        // A requester that broke the protocol (or went silent) gets its circuit broken with that reason, not the
+        // `finished` of a clean close, so it can tell a refusal from the end of a conversation.
+        if let Err(e) = &r {
+            let reason = e.break_reason();
+            if reason != BreakReason::Finished {
+                conv.peer.into_stream().abort(reason);
+            }
+        }
         r
     }
 }
@@ -177,7 +186,8 @@ impl Service for ChainService {
 }
 
 /// Runs one conversation over `stream` for the chain in `store` until the peer leaves (`Ok`) or
-/// misbehaves (`Err`; the stream is dropped on return either way, which breaks the circuit).
+/// misbehaves (`Err`). The circuit is broken on return: with `misbehaving` or `timeout` when the requester broke
+/// the protocol or went silent ([`ChainError::break_reason`]), `finished` otherwise.
 pub async fn serve_stream(stream: CircuitStream, params: &NetParams, store: &SharedStore) -> Result<(), ChainError> {
     let svc = ChainService::new(store.clone());
     if svc.params.magic != params.magic {
@@ -199,7 +209,7 @@ struct Conversation<'a> {
 }
 
 impl Conversation<'_> {
-    async fn run(mut self) -> Result<(), ChainError> {
+    async fn run(&mut self) -> Result<(), ChainError> {
         let mut announcements = self.svc.announce.subscribe();
         loop {
             let limit = if self.handshaken { IDLE_TIMEOUT } else { HANDSHAKE_TIMEOUT };

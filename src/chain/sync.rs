@@ -574,20 +574,8 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         for h in c.in_flight.drain(..) {
             self.in_flight.remove(&h);
         }
-        let misbehaving = matches!(
-            err,
-            ChainError::Malformed(_)
-                | ChainError::Protocol(_)
-                | ChainError::InvalidHeader { .. }
-                | ChainError::InvalidBlock { .. }
-        );
-        let reason = if misbehaving {
-            BreakReason::Misbehaving
-        } else if matches!(err, ChainError::Timeout(_)) {
-            BreakReason::Timeout
-        } else {
-            BreakReason::Finished
-        };
+        let reason = err.break_reason();
+        let misbehaving = reason == BreakReason::Misbehaving;
         if let Some(ctl) = c.ctl.take() {
             let _ = ctl.send(Ctl::Abort(reason));
         }

@@ -286,7 +286,7 @@ pub async fn run_until(
                 tasks.spawn(async move {
                     let _permit = permit;
                     let _slot = slot;
-                    match session(service, identity, limits, timeouts, stream).await {
+                    match session(service, identity, limits, timeouts, stream, addr.ip()).await {
                         Ok(()) => debug!(%addr, "session closed"),
                         Err(e) => warn!(%addr, reason = %e, "connection dropped"),
                     }
@@ -398,9 +398,9 @@ async fn session(
     limits: Arc<Limits>,
     timeouts: Timeouts,
     stream: TcpStream,
+    remote_ip: IpAddr,
 ) -> Result<(), SessionError> {
     let _ = stream.set_nodelay(true);
-    let remote_ip = stream.peer_addr().map(|a| a.ip()).ok();
     let hs = tokio::time::timeout(timeouts.hello, handshake(stream, &identity, &limits, remote_ip))
         .await
         .map_err(|_| SessionError::Timeout("hello"))
@@ -454,7 +454,7 @@ async fn handshake(
     mut stream: TcpStream,
     identity: &Arc<Identity>,
     limits: &Limits,
-    remote_ip: Option<IpAddr>,
+    remote_ip: IpAddr,
 ) -> Result<Option<(Conn, PublicKey)>, SessionError> {
     let mut header = [0u8; CLIENT_HELLO_HEADER];
     let magic_len = KEY_FETCH_MAGIC.len();
@@ -470,7 +470,7 @@ async fn handshake(
     stream.read_exact(&mut header[magic_len..]).await?;
     let ct_len = TrackerChannel::hello_ct_len(&header)?;
     // Every ClientHello costs an RSA decryption: refuse an address over its rate before doing any.
-    if remote_ip.is_some_and(|ip| !limits.hello(ip)) {
+    if !limits.hello(remote_ip) {
         return Err(SessionError::Refused("ClientHello rate exceeded (--hello-rate)"));
     }
     let mut rest = vec![0u8; ct_len + EPHEMERAL_LEN];

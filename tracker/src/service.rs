@@ -134,7 +134,7 @@ impl Service {
     /// `Announce`: check reachability, record the peer, top it up, reply with its whole neighbor set.
     /// `remote_ip` is where the session came from: the announced address must be on the same host, so the
     /// reachability probe cannot be pointed at third parties (the tracker would be a reflector).
-    pub(crate) async fn announce(&self, key: &PublicKey, ann: Announce, remote_ip: Option<IpAddr>) -> FromTracker {
+    pub(crate) async fn announce(&self, key: &PublicKey, ann: Announce, remote_ip: IpAddr) -> FromTracker {
         let id = key.fingerprint();
         let listen = ann.listen;
         if unusable_listen_ip(listen.ip()) {
@@ -143,10 +143,8 @@ impl Service {
             return error_reply(ErrorCode::BadRequest, format!("cannot reach a peer at {listen}"));
         }
         // Compared canonically: on a dual-stack socket an IPv4 peer's source reads as ::ffff:a.b.c.d.
-        if !self.args.allow_foreign_announce
-            && remote_ip.is_some_and(|ip| ip.to_canonical() != listen.ip().to_canonical())
-        {
-            warn!(peer = %id.short(), %listen, from = ?remote_ip, "announce refused: address is not the session's");
+        if !self.args.allow_foreign_announce && remote_ip.to_canonical() != listen.ip().to_canonical() {
+            warn!(peer = %id.short(), %listen, from = %remote_ip, "announce refused: address is not the session's");
             self.metrics.refused.inc("foreign-address");
             return error_reply(
                 ErrorCode::BadRequest,
