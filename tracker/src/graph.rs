@@ -23,6 +23,8 @@ use anomos_proto::ids::{ChainId, NeighborId};
 use rand::seq::SliceRandom;
 use rand::RngCore;
 
+/// Most reporters remembered per blamed peer (between two of its announces).
+pub const MAX_BLAMERS: usize = 16;
 /// Node expansions one path request may spend in depth-first search.
 const SEARCH_BUDGET: usize = 20_000;
 /// Node expansions one target may take from that budget.
@@ -54,8 +56,10 @@ pub struct Peer<K> {
     pub chains: Vec<ChainId>,
     /// Time of its last successful announce.
     pub last_seen: Instant,
-    /// Blamed by a failure report since its last announce.
+    /// Left out of everyone's paths since its last announce (a failed probe, or blamed by enough reporters).
     pub avoided: bool,
+    /// Requesters whose failure reports blamed it since its last announce: their own paths leave it out.
+    blamed_by: HashSet<Fingerprint>,
     edges: HashMap<Fingerprint, NeighborId>,
 }
 
@@ -141,9 +145,11 @@ impl<K> Graph<K> {
         self.peers.get(id).is_some_and(|p| p.live(now, self.cfg.expire_after))
     }
 
-    /// Whether `id` may be used as a relay or target now.
-    fn usable(&self, id: &Fingerprint, now: Instant) -> bool {
-        self.peers.get(id).is_some_and(|p| !p.avoided && p.live(now, self.cfg.expire_after))
+    /// Whether `id` may be used as a relay or target in `requester`'s paths now.
+    fn usable_for(&self, id: &Fingerprint, requester: &Fingerprint, now: Instant) -> bool {
+        self.peers
+            .get(id)
+            .is_some_and(|p| !p.avoided && !p.blamed_by.contains(requester) && p.live(now, self.cfg.expire_after))
     }
 
     /// Records a successful (reachability-checked) announce and tops the peer up to the target degree.
@@ -165,13 +171,22 @@ impl<K> Graph<K> {
                 p.chains = chains;
                 p.last_seen = now;
                 p.avoided = false;
+                p.blamed_by.clear();
                 (false, changed, was_avoided)
             }
             None => {
                 if self.peers.len() >= self.cfg.max_peers {
                     return Err(GraphError::Full);
                 }
-                let peer = Peer { key, addr, chains, last_seen: now, avoided: false, edges: HashMap::new() };
+                let peer = Peer {
+                    key,
+                    addr,
+                    chains,
+                    last_seen: now,
+                    avoided: false,
+                    blamed_by: HashSet::new(),
+                    edges: HashMap::new(),
+                };
                 self.peers.insert(id, peer);
                 (true, false, false)
             }
@@ -304,6 +319,21 @@ impl<K> Graph<K> {
         }
     }
 
+    /// Records that `reporter` blamed `id` in a failure report: `id` is left out of `reporter`'s paths until it
+    /// announces again. Returns how many distinct reporters have blamed it since its last announce (0 if
+    /// unknown). At most [`MAX_BLAMERS`] are remembered; past that the count stays at the cap.
+    pub fn blame(&mut self, id: &Fingerprint, reporter: Fingerprint) -> usize {
+        match self.peers.get_mut(id) {
+            Some(p) => {
+                if p.blamed_by.len() < MAX_BLAMERS {
+                    p.blamed_by.insert(reporter);
+                }
+                p.blamed_by.len()
+            }
+            None => 0,
+        }
+    }
+
     /// Marks a peer as avoided; returns whether it was known and not avoided before.
     pub fn avoid(&mut self, id: &Fingerprint) -> bool {
         match self.peers.get_mut(id) {
@@ -380,7 +410,7 @@ impl<K> Graph<K> {
             .iter()
             .filter(|(fp, p)| *fp != requester && p.chains.contains(chain))
             .map(|(fp, _)| *fp)
-            .filter(|fp| self.usable(fp, now) && dist.get(fp).is_some_and(|d| *d <= relays + 1))
+            .filter(|fp| self.usable_for(fp, requester, now) && dist.get(fp).is_some_and(|d| *d <= relays + 1))
             .collect();
         targets.shuffle(rng);
         // Stable: random order within the free targets and within the busy ones.
@@ -424,7 +454,8 @@ impl<K> Graph<K> {
         }
     }
 
-    /// Breadth-first hop distances from `from` (excluded as an intermediate) over usable peers, up to `max`.
+    /// Breadth-first hop distances from `from` (excluded as an intermediate) over peers usable in `from`'s
+    /// paths, up to `max`.
     fn distances_from(&self, from: &Fingerprint, max: usize, now: Instant) -> HashMap<Fingerprint, usize> {
         let mut dist = HashMap::new();
         let mut queue = VecDeque::new();
@@ -439,7 +470,7 @@ impl<K> Graph<K> {
                 continue;
             };
             for next in p.edges.keys() {
-                if !dist.contains_key(next) && self.usable(next, now) {
+                if !dist.contains_key(next) && self.usable_for(next, from, now) {
                     dist.insert(*next, d + 1);
                     queue.push_back(*next);
                 }

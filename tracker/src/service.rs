@@ -44,6 +44,10 @@ struct State {
 pub const REPORTS_PER_WINDOW: u32 = 20;
 /// The window of [`REPORTS_PER_WINDOW`].
 pub const REPORT_WINDOW: Duration = Duration::from_secs(60);
+/// Distinct reporters whose circuit reports (denied, broken, misbehaving) must blame a peer that still answers
+/// its probe before it is left out of everyone's paths; below that it is left out of the reporters' own paths
+/// only. One peer's word cannot take another out of the overlay (SPEC open issue 7).
+pub const CORROBORATING_REPORTERS: usize = 2;
 
 /// The tracker's counters (what `--metrics` exposes), incremented where each event happens.
 #[derive(Debug, Default)]
@@ -264,10 +268,14 @@ impl Service {
         FromTracker::Circuits(CircuitReply { circuits: grants })
     }
 
-    /// `Report`: mark the peer the report blames as avoided, if the reporter could know about it. At most
-    /// [`REPORTS_PER_WINDOW`] reports per reporter are acted on per [`REPORT_WINDOW`]. A peer reported unreachable
-    /// is probed first (in the background) and avoided only if the probe fails: a peer cannot get a neighbor that
-    /// is up taken out of paths by dropping their link (SPEC §12, issue 7).
+    /// `Report`: act on the peer the report blames, if the reporter could know about it. At most
+    /// [`REPORTS_PER_WINDOW`] reports per reporter are acted on per [`REPORT_WINDOW`].
+    ///
+    /// * A peer reported unreachable is probed (in the background) and avoided by everyone only if the probe
+    ///   fails: a peer cannot get a neighbor that is up taken out of paths by dropping their link.
+    /// * A peer blamed for a circuit (denied, broken, misbehaving) is left out of the reporter's own paths at
+    ///   once, and out of everyone's when [`CORROBORATING_REPORTERS`] distinct reporters blamed it or when it
+    ///   fails the probe that the report starts. Both last until its next announce. (SPEC §3.11, issue 7.)
     pub(crate) fn report(self: &Arc<Self>, reporter: Fingerprint, rep: FailureReport) -> FromTracker {
         let mut st = self.lock();
         let now = Instant::now();
@@ -283,7 +291,7 @@ impl Service {
             debug!(reporter = %reporter.short(), ?kind, "failure report ignored: reporter over its report rate");
             return FromTracker::Ack;
         }
-        let State { graph, book, probing, .. } = &mut *st;
+        let State { graph, book, .. } = &mut *st;
         let blamed = match kind {
             FailureKind::NeighborUnreachable => match rep.neighbor {
                 Some(nid) => graph.other_end(&reporter, nid).ok_or("not one of the reporter's edges"),
@@ -298,33 +306,24 @@ impl Service {
         };
         match blamed {
             Ok(culprit) if kind == FailureKind::NeighborUnreachable => {
-                let Some(addr) = graph.get(&culprit).map(|p| p.addr) else { return FromTracker::Ack };
-                if !probing.insert(culprit) {
-                    return FromTracker::Ack; // already being checked
-                }
                 info!(reporter = %reporter.short(), reported = %culprit.short(), "neighbor reported unreachable; probing it");
-                let service = self.clone();
-                tokio::spawn(async move {
-                    let result = probe::check(addr, &culprit, PROBE_TIMEOUT).await;
-                    let mut st = service.lock();
-                    st.probing.remove(&culprit);
-                    match result {
-                        Err(e) => {
-                            let newly = st.graph.avoid(&culprit);
-                            info!(avoided = %culprit.short(), newly, error = %e, "reported peer failed the probe");
-                        }
-                        Ok(()) => {
-                            info!(peer = %culprit.short(), "reported unreachable, but it answers the probe: not avoided")
-                        }
-                    }
-                });
+                self.probe_then_avoid(&mut st, culprit);
             }
             Ok(culprit) => {
-                let newly = graph.avoid(&culprit);
-                info!(
-                    reporter = %reporter.short(), ?kind, neighbor = ?rep.neighbor, circuit = ?rep.circuit,
-                    avoided = %culprit.short(), newly, "failure reported"
-                );
+                let reporters = st.graph.blame(&culprit, reporter);
+                if reporters >= CORROBORATING_REPORTERS {
+                    let newly = st.graph.avoid(&culprit);
+                    info!(
+                        reporter = %reporter.short(), ?kind, circuit = ?rep.circuit, avoided = %culprit.short(),
+                        reporters, newly, "failure reported; corroborated, left out of every path"
+                    );
+                } else {
+                    info!(
+                        reporter = %reporter.short(), ?kind, circuit = ?rep.circuit, blamed = %culprit.short(),
+                        reporters, "failure reported; left out of the reporter's paths, probing it"
+                    );
+                    self.probe_then_avoid(&mut st, culprit);
+                }
             }
             Err(why) => {
                 info!(
@@ -334,6 +333,28 @@ impl Service {
             }
         }
         FromTracker::Ack
+    }
+
+    /// Probes `culprit` in the background (unless a probe of it is running) and avoids it for everyone if the
+    /// probe fails.
+    fn probe_then_avoid(self: &Arc<Self>, st: &mut State, culprit: Fingerprint) {
+        let Some(addr) = st.graph.get(&culprit).map(|p| p.addr) else { return };
+        if !st.probing.insert(culprit) {
+            return; // already being checked
+        }
+        let service = self.clone();
+        tokio::spawn(async move {
+            let result = probe::check(addr, &culprit, PROBE_TIMEOUT).await;
+            let mut st = service.lock();
+            st.probing.remove(&culprit);
+            match result {
+                Err(e) => {
+                    let newly = st.graph.avoid(&culprit);
+                    info!(avoided = %culprit.short(), newly, error = %e, "failure reported and confirmed: the peer failed the probe");
+                }
+                Ok(()) => info!(peer = %culprit.short(), "reported peer answers the probe: not avoided for everyone"),
+            }
+        });
     }
 
     /// Counts a report of `reporter` against its window; false if it is over [`REPORTS_PER_WINDOW`]. The table

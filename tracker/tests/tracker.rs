@@ -632,6 +632,47 @@ async fn failure_reports_avoid_peers_until_reannounce() {
     assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[1]]));
 }
 
+/// A circuit report (denied, broken, misbehaving) against a peer that still answers its probe takes it out of the
+/// reporter's paths only; a second reporter takes it out of everyone's (SPEC §3.11, open issue 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_reporter_cannot_take_a_reachable_peer_out_of_everyones_paths() {
+    let t = start(|a| a.neighbors = 4).await;
+    let mut o = Overlay::new(&t, 5).await;
+    // Peer 0 blames the first relay of one of its circuits.
+    let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
+    let (path, tags) = o.trace(0, &g, 2);
+    let blamed = path[0];
+    o.clients[0].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), Some(tags[0])).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // its probe answers
+    assert!(!o.used_by(0, 4, 1, 3).await.contains(&blamed), "the reporter's paths still use the peer it blamed");
+    let others: Vec<usize> = (1..5).filter(|&r| r != blamed).collect();
+    for &r in &others {
+        assert!(o.used_by(r, 4, 1, 1).await.contains(&blamed), "one report took a reachable peer out of {r}'s paths");
+    }
+    // A second reporter blames it on a circuit of its own: now nobody's paths use it.
+    let second = others[0];
+    let mut reported = false;
+    for _ in 0..50 {
+        let g = o.clients[second].circuits_ok(1, 1).await.remove(0);
+        let (path, tags) = o.trace(second, &g, 1);
+        if let Some(i) = path.iter().position(|&p| p == blamed) {
+            o.clients[second].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), Some(tags[i])).await;
+            reported = true;
+            break;
+        }
+    }
+    assert!(reported, "no circuit of peer {second} went through peer {blamed}");
+    for &r in &others[1..] {
+        assert!(
+            !o.used_by(r, 4, 1, 3).await.contains(&blamed),
+            "a peer blamed by two reporters is still in {r}'s paths"
+        );
+    }
+    // Until it announces again.
+    o.clients[blamed].announce_ok(o.peers[blamed].listen).await;
+    assert!(o.used_by(0, 4, 1, 1).await.contains(&blamed), "a re-announced peer stays out of the reporter's paths");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_peers_expire_and_neighbors_are_repaired() {
     let t = start(|a| {
