@@ -255,7 +255,7 @@ fn lying_serving_peers_are_broken_and_reported_while_the_sync_completes_from_an_
     });
     eprintln!("{done}");
     assert!(done.contains("blocks=600") && done.contains("height=600"), "{done}");
-    // Each liar was reported to the tracker, which stopped routing to it (until it announced again).
+    // Each liar was reported to the tracker, which stopped routing this requester to it (until it announced again).
     let tracker_log = o.tracker.log_text();
     let reports = tracker_log.lines().filter(|l| l.contains("failure reported") && l.contains("Misbehaving")).count();
     assert!(reports >= 3, "{reports} misbehaving reports in the tracker log");

@@ -17,7 +17,6 @@ use rsa::pss::{BlindedSigningKey, Signature, VerifyingKey};
 use rsa::signature::{RandomizedSigner, SignatureEncoding, Verifier};
 use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, Oaep, RsaPrivateKey, RsaPublicKey};
-
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use std::sync::Arc;
@@ -246,16 +245,15 @@ impl Identity {
             .ct
             .decrypting
             .decrypt(&aws_lc_rs::rsa::OAEP_SHA256_MGF1SHA256, ct, &mut out, None)
-            .map_err(|_| ProtoError::RsaDecrypt(what))?;
-        let pt = pt.to_vec();
+            .map(|pt| pt.to_vec());
         out.zeroize();
-        Ok(pt)
+        pt.map_err(|_| ProtoError::RsaDecrypt(what))
     }
 
     /// RSA-PSS(SHA-256) signature over `msg` (salt of 32 bytes drawn from `rng`, blinded). This is the one
-    /// private-key operation left in the `rsa` crate: AWS-LC draws PSS salts from its own RNG, which would make the
-    /// handshake and probe test vectors (SPEC §13) impossible to reproduce; the exponent input is a hash padded with
-    /// a random salt, never attacker-chosen, and blinded (SPEC §11.8).
+    /// private-key operation left in the `rsa` crate: AWS-LC draws PSS salts from its own RNG, which would make
+    /// the handshake and probe test vectors (SPEC Appendix A) impossible to reproduce; the exponent input is a
+    /// hash padded with a random salt, never attacker-chosen, and blinded (SPEC §11.8).
     pub fn sign<R: RngCore + CryptoRng>(&self, rng: &mut R, msg: &[u8]) -> Vec<u8> {
         BlindedSigningKey::<Sha256>::new(self.private.clone()).sign_with_rng(rng, msg).to_vec()
     }

@@ -306,7 +306,10 @@ impl Service {
         };
         match blamed {
             Ok(culprit) if kind == FailureKind::NeighborUnreachable => {
-                info!(reporter = %reporter.short(), reported = %culprit.short(), "neighbor reported unreachable; probing it");
+                info!(
+                    reporter = %reporter.short(), reported = %culprit.short(),
+                    "neighbor reported unreachable; probing it"
+                );
                 self.probe_then_avoid(&mut st, culprit);
             }
             Ok(culprit) => {
@@ -350,7 +353,10 @@ impl Service {
             match result {
                 Err(e) => {
                     let newly = st.graph.avoid(&culprit);
-                    info!(avoided = %culprit.short(), newly, error = %e, "failure reported and confirmed: the peer failed the probe");
+                    info!(
+                        avoided = %culprit.short(), newly, error = %e,
+                        "failure reported and confirmed: the peer failed the probe"
+                    );
                 }
                 Ok(()) => info!(peer = %culprit.short(), "reported peer answers the probe: not avoided for everyone"),
             }
