@@ -214,6 +214,24 @@ fn hostile_opens_and_data_are_refused_per_circuit_or_per_link() {
         assert_eq!(deny_reason(&answer(&mut lv, Cell::open(id2, &good.tc)).await), Some(DenyReason::Replayed));
         eprintln!("replayed TC: {}", expect_log(v, t, &["circuit denied", "replayed"]));
 
+        // Every BREAK on a circuit the peer holds is acknowledged: on the open circuit, and right behind an OPEN
+        // (in the same read, so usually while the peer is still peeling the TC).
+        lv.send(&Cell::brk(id, BreakReason::Finished, None)).await.unwrap();
+        assert_eq!(lv.recv_on(id, SECS).await.map(|c| c.command), Some(Command::AckBreak), "BREAK on an open circuit");
+        let quick = build_tc(&[(v_key.clone(), lv.nid)], "regtest", expires);
+        let id3 = lv.alloc_id();
+        let mut both = lv.seal(&Cell::open(id3, &quick.tc));
+        both.extend(lv.seal(&Cell::brk(id3, BreakReason::Finished, None)));
+        lv.send_raw(&both).await.unwrap();
+        let mut acked = false;
+        while let Some(c) = lv.recv_on(id3, SECS).await {
+            if c.command == Command::AckBreak {
+                acked = true;
+                break;
+            }
+        }
+        assert!(acked, "a BREAK right behind its OPEN was not acknowledged");
+
         // Expired.
         let old = build_tc(&[(v_key.clone(), lv.nid)], "regtest", unix_secs() - 3600);
         let t = unix_ms();

@@ -48,7 +48,8 @@ pub enum Command {
     /// Tear the circuit down: payload = [`BreakReason`] u8, has_tag u8, replay tag (16 bytes) of the hop that saw the
     /// failure first (set by a relay whose other link failed; lets the tracker avoid the peer behind that link).
     Break = 5,
-    /// Confirms a BREAK; the circuit id may be reused afterwards.
+    /// Acknowledges a BREAK on a circuit the receiver held (any state), to the BREAK's sender. Informational:
+    /// ignored on receipt, and ids are not reused soon (SPEC §6.3, §7.6). A BREAK for an unknown id gets none.
     AckBreak = 6,
     /// Flow-control credit: payload = u16 BE number of DATA cells the receiver may send on.
     Sendme = 7,

@@ -82,7 +82,9 @@ impl Node {
                         Ok(())
                     }
                     (Some(Route::Opening(_)), Command::Break) => {
+                        // Acknowledged like a BREAK on any circuit we hold (SPEC §7.6); the peel still completes.
                         link.remove_route(id);
+                        let _ = link.writer.push_control(Cell::new(id, Command::AckBreak));
                         Ok(())
                     }
                     (Some(Route::Opening(_)), _) => Ok(()),
