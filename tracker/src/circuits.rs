@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use anomos_proto::cell::DenyReason;
+use anomos_proto::cell::{BreakReason, DenyReason};
 use anomos_proto::crypto::Secret;
 use anomos_proto::identity::{Fingerprint, PublicKey};
 use anomos_proto::ids::{ChainId, NeighborId, SessionId};
@@ -43,19 +43,30 @@ impl CircuitRecord {
             let tag = hop_tag.ok_or("no hop tag")?;
             self.tags.iter().position(|t| *t == tag).ok_or("hop tag not on this circuit")
         };
+        let hop = |i: usize| self.hops.get(i).copied().ok_or("the blamed hop is past the target");
         match kind {
             FailureKind::Misbehaving => self.hops.last().copied().ok_or("empty path"),
-            // A timeout is not attributable: every hop waits on the same downstream, and the hop nearest the
-            // requester always gives up first. Blaming it would let a stalling target get honest relays avoided.
-            FailureKind::CircuitDenied(code) if code == DenyReason::Timeout.code() => {
-                Err("timeouts are not attributable to a hop")
-            }
-            // The hop that refused.
-            FailureKind::CircuitDenied(_) => self.hops.get(tagged()?).copied().ok_or("hop tag not on this circuit"),
-            // The tagged hop saw its link to the next hop fail: blame the peer across that link.
-            FailureKind::CircuitBroken(_) => {
-                self.hops.get(tagged()? + 1).copied().ok_or("the target reported its own circuit broken")
-            }
+            // Each reason names its culprit explicitly (SPEC §3.10, open issue 6).
+            FailureKind::CircuitDenied(code) => match DenyReason::from_code(code) {
+                // The hop refused for itself: it is full, or it does not serve the chain it announced.
+                DenyReason::CircuitLimit | DenyReason::NoSuchChain => hop(tagged()?),
+                // The hop could not reach its successor: the successor is suspect (and gets probed).
+                DenyReason::NoSuchNeighbor => hop(tagged()? + 1),
+                // A timeout is not attributable: every hop waits on the same downstream, and the hop nearest the
+                // requester always gives up first. Blaming it would let a stalling target get honest relays avoided.
+                DenyReason::Timeout => Err("timeouts are not attributable to a hop"),
+                // Expired, replayed, wrong link, a bad layer: the refusal protects the hop, and the fault is the
+                // TC's or an upstream hop's, which the DENY cannot say.
+                _ => Err("a refusal that blames nobody"),
+            },
+            FailureKind::CircuitBroken(code) => match BreakReason::from_code(code) {
+                // The tagged hop saw its link to the next hop fail: blame the peer across that link. (A BREAK
+                // reaches the requester only from downstream, so this is the tagged hop's out-link.)
+                BreakReason::LinkFailed => hop(tagged()? + 1).map_err(|_| "the target reported its own link failed"),
+                // Protocol and resource failures can come from either side of the tagged hop, and shutdown and
+                // timeout from no fault: the BREAK does not say which neighbor caused them.
+                _ => Err("a break that names no direction"),
+            },
             FailureKind::NeighborUnreachable => Err("not a circuit failure"),
         }
     }
@@ -325,14 +336,30 @@ mod tests {
     #[test]
     fn blame_follows_the_tagged_hop() {
         let r = record(Instant::now(), 1);
-        assert_eq!(r.blame(FailureKind::CircuitDenied(1), Some([2; 16])), Ok(fp(2)));
-        assert_eq!(r.blame(FailureKind::CircuitBroken(1), Some([1; 16])), Ok(fp(2)));
-        assert_eq!(r.blame(FailureKind::CircuitBroken(1), Some([2; 16])), Ok(fp(3)));
-        assert!(r.blame(FailureKind::CircuitBroken(1), Some([3; 16])).is_err());
-        assert!(r.blame(FailureKind::CircuitDenied(1), None).is_err());
+        let denied = |d: DenyReason| FailureKind::CircuitDenied(d.code());
+        let broken = |b: BreakReason| FailureKind::CircuitBroken(b.code());
+        // Refusals for the hop's own reasons blame it; a missing successor blames the successor.
+        assert_eq!(r.blame(denied(DenyReason::CircuitLimit), Some([2; 16])), Ok(fp(2)));
+        assert_eq!(r.blame(denied(DenyReason::NoSuchChain), Some([3; 16])), Ok(fp(3)));
+        assert_eq!(r.blame(denied(DenyReason::NoSuchNeighbor), Some([1; 16])), Ok(fp(2)));
+        assert!(r.blame(denied(DenyReason::NoSuchNeighbor), Some([3; 16])).is_err());
+        // Refusals that protect the hop, or that an upstream hop caused, blame nobody.
+        for d in
+            [DenyReason::Expired, DenyReason::Replayed, DenyReason::WrongLink, DenyReason::BadTc, DenyReason::Protocol]
+        {
+            assert!(r.blame(denied(d), Some([2; 16])).is_err(), "{d}");
+        }
+        // A failed link onward blames the peer across it; other breaks name no direction.
+        assert_eq!(r.blame(broken(BreakReason::LinkFailed), Some([1; 16])), Ok(fp(2)));
+        assert_eq!(r.blame(broken(BreakReason::LinkFailed), Some([2; 16])), Ok(fp(3)));
+        assert!(r.blame(broken(BreakReason::LinkFailed), Some([3; 16])).is_err());
+        for b in [BreakReason::Protocol, BreakReason::Resources, BreakReason::Shutdown, BreakReason::Timeout] {
+            assert!(r.blame(broken(b), Some([1; 16])).is_err(), "{b}");
+        }
+        assert!(r.blame(denied(DenyReason::CircuitLimit), None).is_err());
         // A timeout names the hop that gave up first, not the one that stalled: nobody is blamed.
-        assert!(r.blame(FailureKind::CircuitDenied(DenyReason::Timeout.code()), Some([1; 16])).is_err());
-        assert!(r.blame(FailureKind::CircuitDenied(1), Some([9; 16])).is_err());
+        assert!(r.blame(denied(DenyReason::Timeout), Some([1; 16])).is_err());
+        assert!(r.blame(denied(DenyReason::CircuitLimit), Some([9; 16])).is_err());
         assert_eq!(r.blame(FailureKind::Misbehaving, None), Ok(fp(3)));
         assert!(r.blame(FailureKind::NeighborUnreachable, Some([1; 16])).is_err());
     }

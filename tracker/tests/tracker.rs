@@ -604,25 +604,25 @@ async fn failure_reports_avoid_peers_until_reannounce() {
     o.clients[0].report(FailureKind::NeighborUnreachable, Some(edge_2_3), None, None).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, all);
 
-    // CircuitDenied with a hop's tag: that hop is avoided.
+    // CircuitDenied(circuit-limit) with a hop's tag: that hop is avoided (by the reporter).
     let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
     let (path, tags) = o.trace(0, &g, 2);
-    o.clients[0].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), Some(tags[0])).await;
+    o.clients[0].report(FailureKind::CircuitDenied(4), None, Some(g.circuit), Some(tags[0])).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[0]]));
     o.clients[path[0]].announce_ok(o.peers[path[0]].listen).await;
 
-    // CircuitBroken with the first relay's tag: the peer after it (across the failed link) is avoided.
+    // CircuitBroken(link-failed) with the first relay's tag: the peer after it (across the failed link) is avoided.
     let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
     let (path, tags) = o.trace(0, &g, 2);
     // Someone else reporting peer 0's circuit is ignored.
-    o.clients[3].report(FailureKind::CircuitBroken(1), None, Some(g.circuit), Some(tags[0])).await;
+    o.clients[3].report(FailureKind::CircuitBroken(2), None, Some(g.circuit), Some(tags[0])).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, all);
-    o.clients[0].report(FailureKind::CircuitBroken(1), None, Some(g.circuit), Some(tags[0])).await;
+    o.clients[0].report(FailureKind::CircuitBroken(2), None, Some(g.circuit), Some(tags[0])).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[1]]));
     o.clients[path[1]].announce_ok(o.peers[path[1]].listen).await;
 
     // Without a tag: logged only.
-    o.clients[0].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), None).await;
+    o.clients[0].report(FailureKind::CircuitDenied(4), None, Some(g.circuit), None).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, all);
 
     // Misbehaving: the circuit's target is avoided.
@@ -642,7 +642,7 @@ async fn one_reporter_cannot_take_a_reachable_peer_out_of_everyones_paths() {
     let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
     let (path, tags) = o.trace(0, &g, 2);
     let blamed = path[0];
-    o.clients[0].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), Some(tags[0])).await;
+    o.clients[0].report(FailureKind::CircuitDenied(4), None, Some(g.circuit), Some(tags[0])).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // its probe answers
     assert!(!o.used_by(0, 4, 1, 3).await.contains(&blamed), "the reporter's paths still use the peer it blamed");
     let others: Vec<usize> = (1..5).filter(|&r| r != blamed).collect();
@@ -656,7 +656,7 @@ async fn one_reporter_cannot_take_a_reachable_peer_out_of_everyones_paths() {
         let g = o.clients[second].circuits_ok(1, 1).await.remove(0);
         let (path, tags) = o.trace(second, &g, 1);
         if let Some(i) = path.iter().position(|&p| p == blamed) {
-            o.clients[second].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), Some(tags[i])).await;
+            o.clients[second].report(FailureKind::CircuitDenied(4), None, Some(g.circuit), Some(tags[i])).await;
             reported = true;
             break;
         }
@@ -762,11 +762,11 @@ async fn failure_reports_beyond_the_rate_are_ignored() {
     let all: HashSet<usize> = (1..5).collect();
     let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
     let (_, tags) = o.trace(0, &g, 2);
-    o.clients[0].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), Some(tags[0])).await;
+    o.clients[0].report(FailureKind::CircuitDenied(4), None, Some(g.circuit), Some(tags[0])).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, all, "a report over the rate was acted on");
     // Another reporter's report still counts.
     let g = o.clients[2].circuits_ok(1, 2).await.remove(0);
     let (path, tags) = o.trace(2, &g, 2);
-    o.clients[2].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), Some(tags[0])).await;
+    o.clients[2].report(FailureKind::CircuitDenied(4), None, Some(g.circuit), Some(tags[0])).await;
     assert!(!o.used_by(2, 4, 1, 3).await.contains(&path[0]), "a report within the rate was ignored");
 }
