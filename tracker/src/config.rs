@@ -58,17 +58,17 @@ pub struct TrackerArgs {
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_positive)]
     pub max_sessions: usize,
 
-    /// Most concurrent connections from one IP address; more are closed at once (a single-host test overlay
-    /// needs about 4 per peer).
+    /// Most concurrent connections from one IP address (an IPv6 /64 counts as one); more are closed at once (a
+    /// single-host test overlay needs about 4 per peer).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_positive)]
     pub max_sessions_per_ip: usize,
 
-    /// Channel set-ups (each costs an RSA decryption) per second allowed from one IP address; connections
-    /// beyond it (and --hello-burst) are closed before any RSA work.
+    /// Channel set-ups (each costs an RSA decryption) per second allowed from one IP address (an IPv6 /64 counts
+    /// as one); connections beyond it (and --hello-burst) are closed before any RSA work.
     #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub hello_rate: u32,
 
-    /// Burst of channel set-ups allowed from one IP address above --hello-rate.
+    /// Burst of channel set-ups allowed from one IP address (or IPv6 /64) above --hello-rate.
     #[arg(long, value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     pub hello_burst: u32,
 

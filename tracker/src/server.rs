@@ -87,6 +87,16 @@ impl Drop for ConnSlot {
     }
 }
 
+/// The key the per-address limits count under: an IPv4 address (also when it arrives IPv4-mapped on a dual-stack
+/// socket) as it is, an IPv6 address by its /64 prefix. One IPv6 host usually has a whole /64 to draw source
+/// addresses from, so counting exact IPv6 addresses would multiply its budgets (SPEC open issue 11).
+fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
+}
+
 impl Limits {
     fn new(args: &TrackerArgs) -> Arc<Self> {
         Arc::new(Limits {
@@ -102,6 +112,7 @@ impl Limits {
     }
 
     fn conn(self: &Arc<Self>, ip: IpAddr) -> Option<ConnSlot> {
+        let ip = limit_key(ip);
         let mut st = self.lock();
         let n = st.conns.entry(ip).or_insert(0);
         if *n >= self.per_ip_max {
@@ -113,6 +124,7 @@ impl Limits {
 
     /// Takes one channel set-up token for `ip`; false if it is over its rate.
     fn hello(&self, ip: IpAddr) -> bool {
+        let ip = limit_key(ip);
         let now = Instant::now();
         let (rate, burst) = (self.rate, self.burst);
         let mut st = self.lock();
@@ -543,5 +555,23 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         l.prune();
         assert!(l.lock().hellos.is_empty());
+    }
+
+    #[test]
+    fn ipv6_addresses_share_their_64_prefix_budget_and_mapped_ipv4_is_ipv4() {
+        let l = limits(2, 20, 3);
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        // Two addresses of one /64 share the connection slots and the hello bucket.
+        let _a = l.conn(ip("2001:db8:1:2::1")).unwrap();
+        let _b = l.conn(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")).unwrap();
+        assert!(l.conn(ip("2001:db8:1:2::9")).is_none(), "a third connection from the same /64");
+        assert!(l.conn(ip("2001:db8:1:3::1")).is_some(), "the next /64 is another host");
+        assert_eq!((0..3).filter(|i| l.hello(ip(&format!("2001:db8:1:2::{}", i + 1)))).count(), 3);
+        assert!(!l.hello(ip("2001:db8:1:2::77")), "the /64's burst is spent, whatever the address");
+        // An IPv4 peer seen IPv4-mapped on a dual-stack socket counts as that IPv4 address.
+        let _c = l.conn(ip("10.0.0.7")).unwrap();
+        let _d = l.conn(ip("::ffff:10.0.0.7")).unwrap();
+        assert!(l.conn(ip("10.0.0.7")).is_none(), "mapped and plain IPv4 are one address");
+        assert!(l.conn(ip("10.0.0.8")).is_some(), "IPv4 addresses are not grouped");
     }
 }
