@@ -162,18 +162,11 @@ impl ChainError {
         }
     }
 
-    /// True if the remote end sent something it must not have (or nothing at all in time):
-    /// break its circuit and report it.
+    /// True if the remote end sent something it must not have (or nothing at all in time): everything
+    /// [`break_reason`](Self::break_reason) breaks as `misbehaving` or `timeout`, and a `notfound` answer.
     pub fn is_peer_fault(&self) -> bool {
-        matches!(
-            self,
-            ChainError::Malformed(_)
-                | ChainError::Protocol(_)
-                | ChainError::InvalidHeader { .. }
-                | ChainError::InvalidBlock { .. }
-                | ChainError::NotFound(_)
-                | ChainError::Timeout(_)
-        )
+        matches!(self.break_reason(), BreakReason::Misbehaving | BreakReason::Timeout)
+            || matches!(self, ChainError::NotFound(_))
     }
 
     /// How a circuit that failed with this error is broken: `misbehaving` for what the remote end sent (so the
