@@ -45,9 +45,24 @@ enum Cmd {
     Completions(completions::CompletionsArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli: Cli = config_file::parse(&config_file::ANOMOS);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Cmd::Peer(a) = &cli.cmd {
+        if a.threads > 0 {
+            rt.worker_threads(usize::from(a.threads));
+        }
+    }
+    match rt.enable_all().build() {
+        Ok(rt) => rt.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("anomos: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     if let Cmd::Completions(a) = &cli.cmd {
         return match completions::run(
             a,

@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// Flow-control window (cells) of every peer, relays and in-process nodes (default: the peers' default).
     #[arg(long, value_name = "CELLS", value_parser = clap::value_parser!(u32).range(4..=4096))]
     pub window: Option<u32>,
+    /// Worker threads of each relay process (default: the cores divided among the relays and the bench process,
+    /// at least 1; 0: one per core, the peer's own default).
+    #[arg(long, value_name = "N")]
+    pub relay_threads: Option<usize>,
     /// Circuit builds timed per run (default 50; 10 with --quick).
     #[arg(long, value_name = "N")]
     pub builds: Option<usize>,
@@ -88,6 +92,13 @@ pub struct BenchArgs {
 }
 
 /// Sizes of one bench run.
+/// What the bench changes in the peers it starts.
+#[derive(Clone, Copy, Debug)]
+struct Tune {
+    window: Option<u32>,
+    relay_threads: Option<usize>,
+}
+
 #[derive(Debug, Clone)]
 struct Plan {
     quick: bool,
@@ -102,7 +113,7 @@ struct Plan {
     block_bytes: usize,
     builds: usize,
     crypto_time: Duration,
-    window: Option<u32>,
+    tune: Tune,
     tcp_bytes: u64,
     settle: Duration,
 }
@@ -123,7 +134,7 @@ impl Plan {
             block_bytes: 100_000,
             builds: a.builds.unwrap_or(if q { 10 } else { 50 }).max(1),
             crypto_time: Duration::from_millis(if q { 150 } else { 500 }),
-            window: a.window,
+            tune: Tune { window: a.window, relay_threads: a.relay_threads },
             tcp_bytes: if q { 256 << 20 } else { 1 << 30 },
             // A relay's open timer holds each new circuit for the open timeout (10 s), and tokio's idle
             // blocking threads (RSA peels) live 10 s: memory is read once both are gone.
@@ -385,6 +396,8 @@ struct Overlay {
     relays: Vec<Proc>,
     _tracker: Proc,
     nodes: Vec<Arc<Node>>,
+    /// Worker threads each relay process was started with (0: one per core).
+    relay_threads: usize,
 }
 
 /// What one in-process node serves.
@@ -400,9 +413,13 @@ impl Overlay {
         root: &Path,
         relays: usize,
         specs: Vec<NodeSpec>,
-        window: Option<u32>,
+        tune: Tune,
         quiet: bool,
     ) -> Result<Overlay, PeerError> {
+        let window = tune.window;
+        // Every process of the overlay shares this machine's cores; a relay with more worker threads than its
+        // share only adds cross-thread wake-ups (docs/PERFORMANCE.md, revision 5).
+        let relay_threads = tune.relay_threads.unwrap_or((cores() / (relays + 1)).max(1));
         let dir = root.join(name);
         super::ensure_private_dir(&dir)?;
         let d = |n: &str| dir.join(n).display().to_string();
@@ -457,6 +474,9 @@ impl Overlay {
             .to_vec();
             if let Some(w) = window {
                 a.extend(["--circuit-window".to_string(), w.to_string()]);
+            }
+            if phelp.contains("--threads") {
+                a.extend(["--threads".to_string(), relay_threads.to_string()]);
             }
             // The measured relay must not refuse OPENs by rate, or hold back the single-host overlay.
             for (flag, v) in [
@@ -539,7 +559,7 @@ impl Overlay {
                 started.elapsed().as_secs_f64()
             ),
         );
-        Ok(Overlay { tracker: tracker_addr, tracker_key, relays: procs, _tracker: tracker, nodes })
+        Ok(Overlay { tracker: tracker_addr, tracker_key, relays: procs, _tracker: tracker, nodes, relay_threads })
     }
 
     fn relay_pids(&self) -> Vec<u32> {
@@ -1108,7 +1128,7 @@ async fn opens_run(root: &Path, plan: &Plan, run: usize, quiet: bool) -> Result<
     rep.add("tc_peels_per_s", "TC peels/s, per core", "/s", None, peel);
     let hold = ChainId::new("hold").map_err(|e| PeerError::Config(e.to_string()))?;
     let specs = vec![NodeSpec { serve: None }, NodeSpec { serve: Some((hold, Arc::new(Hold) as Arc<dyn Service>)) }];
-    let o = Overlay::start(&format!("overlay-b{}", run + 1), root, 1, specs, plan.window, quiet).await?;
+    let o = Overlay::start(&format!("overlay-b{}", run + 1), root, 1, specs, plan.tune, quiet).await?;
     let node = o.nodes[0].clone();
     let relay = o.relay_pids()[0];
     // Wait until a circuit opens (the relay's link to the target is up too).
@@ -1302,7 +1322,8 @@ async fn overlay_a(root: &Path, plan: &Plan, costs: Option<Costs>, quiet: bool) 
     let bench = ChainId::new("bench").map_err(|e| PeerError::Config(e.to_string()))?;
     // Only the requester, the target and the relay processes: every relay of a path is a measured process.
     let specs = vec![NodeSpec { serve: None }, NodeSpec { serve: Some((bench, Arc::new(Bulk))) }];
-    let o = Overlay::start("overlay-a", root, 3, specs, plan.window, quiet).await?;
+    let o = Overlay::start("overlay-a", root, 3, specs, plan.tune, quiet).await?;
+    rep.info("relay_threads", o.relay_threads as f64);
     if let (true, Some(c)) = (plan.want("bulk"), &costs) {
         bulk_figures(&o, plan, c, &mut rep, quiet).await?;
     }
@@ -1331,7 +1352,7 @@ async fn overlay_c(root: &Path, plan: &Plan, quiet: bool) -> Result<Report, Peer
     let regtest = ChainId::new("regtest").map_err(|e| PeerError::Config(e.to_string()))?;
     let specs =
         vec![NodeSpec { serve: None }, NodeSpec { serve: Some((regtest, Arc::new(svc.clone()) as Arc<dyn Service>)) }];
-    let o = Overlay::start("overlay-c", root, 3, specs, plan.window, quiet).await?;
+    let o = Overlay::start("overlay-c", root, 3, specs, plan.tune, quiet).await?;
     let direct = direct_server(Arc::new(svc)).await?;
     sync_figures(&o, direct, plan, &mut rep, quiet).await?;
     Ok(rep)
