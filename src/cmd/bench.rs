@@ -1364,14 +1364,39 @@ async fn on_own_runtime<F>(f: F) -> Result<Report, PeerError>
 where
     F: std::future::Future<Output = Result<Report, PeerError>> + Send + 'static,
 {
+    /// Shuts the runtime down without blocking, also when the bench is interrupted while waiting for it
+    /// (dropping a runtime inside another one's task would panic).
+    struct Own(Option<tokio::runtime::Runtime>);
+    impl Drop for Own {
+        fn drop(&mut self) {
+            if let Some(rt) = self.0.take() {
+                rt.shutdown_background();
+            }
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(cores()).enable_all().build()?;
-    let r = rt.spawn(f).await;
-    rt.shutdown_background();
+    let task = rt.spawn(f);
+    let rt = Own(Some(rt));
+    let r = task.await;
+    drop(rt);
     r.map_err(|e| PeerError::Config(format!("bench task failed: {e}")))?
 }
 
-/// Runs `anomos bench`.
+/// Runs `anomos bench`. SIGINT or SIGTERM stops it: the overlay's processes are killed, the working directory is
+/// removed (unless `--keep`), and the exit status is non-zero.
 pub async fn run(args: &BenchArgs) -> Result<(), PeerError> {
+    let signal = super::first_signal();
+    let mut work = Box::pin(measure(args));
+    tokio::select! {
+        r = &mut work => return r,
+        () = signal => {}
+    }
+    super::procs::kill_live_children();
+    drop(work);
+    Err(PeerError::Config("bench interrupted by a signal (its processes were killed)".into()))
+}
+
+async fn measure(args: &BenchArgs) -> Result<(), PeerError> {
     let plan = Plan::new(args);
     let quiet = false;
     let started = Instant::now();

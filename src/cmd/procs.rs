@@ -3,12 +3,40 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::error::PeerError;
+
+/// Process ids of the children started here that have not been stopped or dropped yet, for
+/// [`kill_live_children`].
+static LIVE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<u32>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn forget(pid: u32) {
+    live().retain(|&p| p != pid);
+}
+
+/// Kills (SIGKILL) every child started by [`spawn_ready`] that is still running, at once and without waiting for
+/// async tasks: what a command interrupted by a signal does before it returns, so that its relays and tracker do
+/// not outlive it. A pid is forgotten before its child is reaped, so this never signals a reused pid.
+pub(crate) fn kill_live_children() {
+    let pids: Vec<String> = live().drain(..).map(|p| p.to_string()).collect();
+    if !pids.is_empty() {
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .args(&pids)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
 
 /// A child process that is killed when dropped.
 pub(crate) struct Proc {
@@ -29,6 +57,8 @@ impl Proc {
         if pid == 0 {
             return false;
         }
+        // From here on this call (or the drop of `self`) ends the child; it is reaped below.
+        forget(pid);
         // `kill -TERM` (POSIX) instead of a libc dependency for one call.
         let sent = tokio::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -56,6 +86,7 @@ pub(crate) async fn stop_all(procs: &mut [Proc], grace: Duration) -> usize {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        forget(self.pid());
         let _ = self.child.start_kill();
     }
 }
@@ -93,8 +124,10 @@ pub(crate) async fn spawn_ready(name: &str, args: &[String], log: &Path) -> Resu
         .stderr(Stdio::from(std::fs::File::create(log)?))
         .kill_on_drop(true)
         .spawn()?;
-    let stdout = child.stdout.take().ok_or(PeerError::Config("no stdout".into()))?;
+    let stdout = child.stdout.take();
     let proc = Proc { name: name.to_string(), child };
+    live().push(proc.pid());
+    let stdout = stdout.ok_or(PeerError::Config("no stdout".into()))?;
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(Duration::from_secs(120), async {
         while let Ok(Some(l)) = lines.next_line().await {
