@@ -16,6 +16,9 @@
 //!   trimming then makes the allocation cost page faults (docs/PERFORMANCE.md);
 //! * `rsa_oaep_decrypt/{2048,3072}`: the RSA private-key operation alone.
 //!
+//! The summary also times the acceptor refusing a link AUTH for a fingerprint that is not its neighbor and for a
+//! neighbor's with a bad signature (`auth_refused_*_us`): the two should take about as long (SPEC open issue 10).
+//!
 //! After criterion's report it prints one `SUMMARY ...` line computed from its own `Instant`-timed loops (not
 //! from criterion's statistics); MB/s there is 10^6 bytes per second. The identities are the committed vector
 //! keys, so no key generation is timed or needed.
@@ -296,6 +299,26 @@ fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
     start.elapsed().as_secs_f64() / n as f64
 }
 
+/// Mean time of `Acceptor::on_auth` refusing an AUTH whose fingerprint `lookup` answers with `key` (`None`: not a
+/// neighbor) and whose signature does not verify against it; only `on_auth` is timed.
+fn auth_refusal(ids: &Ids, key: Option<&anomos_proto::identity::PublicKey>, n: u64) -> f64 {
+    let (d, a) = (&ids.k2048[0], &ids.k2048[1]);
+    let prepared: Vec<_> = (0..n)
+        .map(|i| {
+            let (dialer, hello) = Dialer::start(&mut rng(10_000 + i), a.public().clone(), NeighborId(7));
+            let (acceptor, reply) = Acceptor::start(&mut rng(20_000 + i), &hello).expect("start");
+            let (_, auth) = dialer.on_reply(&reply, d, &mut rng(30_000 + i)).expect("reply");
+            (acceptor, auth)
+        })
+        .collect();
+    let start = Instant::now();
+    for (acceptor, auth) in prepared {
+        let out = acceptor.on_auth(&auth, a, &mut rng(4), |_| key.map(|k| (k.clone(), NeighborId(7))), |_| false);
+        assert!(black_box(out).expect("auth").result.is_err(), "refused");
+    }
+    start.elapsed().as_secs_f64() / n as f64
+}
+
 fn summary(ids: &Ids, budget: Duration) {
     let mut r = rng(200);
     let mbps = |secs: f64, bytes: usize| bytes as f64 / secs / 1e6;
@@ -344,11 +367,14 @@ fn summary(ids: &Ids, budget: Duration) {
         spent.as_secs_f64() / n as f64
     };
     let (relay_alloc, relay_reuse) = (relay_cell(false), relay_cell(true));
+    // A stranger's fingerprint against a neighbor's whose signature does not verify (here: signed by another key).
+    let auths = if budget < Duration::from_millis(100) { 4 } else { 200 };
+    let (stranger, bad_sig) = (auth_refusal(ids, None, auths), auth_refusal(ids, Some(ids.k2048[2].public()), auths));
     println!(
         "SUMMARY tc_peel_2048_ms={:.3} tc_peel_3072_ms={:.3} tc_build_4hop_ms={:.3} rsa_oaep_decrypt_2048_ms={:.3} \
          cell_seal_open_MBps={:.1} raw_gcm_seal_open_MBps={:.1} ratio={:.3} rustcrypto_gcm_seal_open_MBps={:.1} \
          hop_forward_MBps={:.1} tc_len={} relay_cell_us={:.3} relay_cell_reuse_us={:.3} relay_cell_ms_per_MB={:.3} \
-         relay_cell_reuse_ms_per_MB={:.3}",
+         relay_cell_reuse_ms_per_MB={:.3} auth_refused_stranger_us={:.1} auth_refused_bad_signature_us={:.1}",
         peel2048 * 1e3,
         peel3072 * 1e3,
         build * 1e3,
@@ -364,6 +390,8 @@ fn summary(ids: &Ids, budget: Duration) {
         // Per MB (10^6 bytes) of record data: a cell carries RECORD_DATA_MAX = 4093 bytes.
         relay_alloc * 1e3 * 1e6 / 4093.0,
         relay_reuse * 1e3 * 1e6 / 4093.0,
+        stranger * 1e6,
+        bad_sig * 1e6,
     );
 }
 

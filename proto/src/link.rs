@@ -259,11 +259,17 @@ impl Acceptor {
             return Err(ProtoError::Invalid { what: "link auth", detail: "trailing bytes".into() });
         }
         let th2 = sha256(&[&self.th1, msg]);
+        let signed = [SIG_DIALER, &self.th1, &me.fingerprint().0].concat();
         let (status, found) = match lookup(&fp) {
-            None => (AuthStatus::Refused, None),
+            None => {
+                // A stranger's AUTH costs a signature check too (against our own key, which cannot have signed
+                // it), so the time to the refusal does not tell a prober whether a fingerprint is our neighbor
+                // (SPEC §5.6, open issue 10).
+                dialer_signed(me.public(), &signed, sig);
+                (AuthStatus::Refused, None)
+            }
             Some((key, nid)) => {
-                if key.verify(&[SIG_DIALER, &self.th1, &me.fingerprint().0].concat(), sig, "dialer link auth").is_err()
-                {
+                if !dialer_signed(&key, &signed, sig) {
                     (AuthStatus::Refused, None)
                 } else if busy(nid) {
                     (AuthStatus::Busy, None)
@@ -287,6 +293,21 @@ impl Acceptor {
         };
         Ok(AcceptOutcome { reply, result, peer: Some(fp) })
     }
+}
+
+/// Whether `sig` is `key`'s signature of `signed`. Always one full RSA public-key operation with `key`, whatever
+/// the signature's length: one of another length is checked as a same-length value below the modulus (which
+/// fails), not refused early, so a refusal takes about as long for any signature and for any fingerprint.
+fn dialer_signed(key: &PublicKey, signed: &[u8], sig: &[u8]) -> bool {
+    if sig.len() == key.size() {
+        return key.verify(signed, sig, "dialer link auth").is_ok();
+    }
+    let mut same_len = vec![0u8; key.size()];
+    let tail = sig.len().min(key.size() - 1);
+    let at = key.size() - tail;
+    same_len[at..].copy_from_slice(&sig[sig.len() - tail..]);
+    let _ = key.verify(signed, &same_len, "dialer link auth");
+    false
 }
 
 /// The established link: seals outgoing cells and opens incoming ones, each with its own counter nonce.
