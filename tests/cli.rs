@@ -8,17 +8,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-fn anomos() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_anomos"));
-    // The developer's own settings must not leak into the test.
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ANOMOS_") {
-            c.env_remove(k);
-        }
-    }
-    c.env_remove("RUST_LOG");
-    c
-}
+mod common;
+use common::anomos;
 
 fn example_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/anomos.example.toml")

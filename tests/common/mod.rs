@@ -13,6 +13,18 @@ pub fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_anomos")
 }
 
+/// A command running the binary under test without the developer's own settings (`ANOMOS_*`, `RUST_LOG`).
+pub fn anomos() -> Command {
+    let mut c = Command::new(exe());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("ANOMOS_") {
+            c.env_remove(k);
+        }
+    }
+    c.env_remove("RUST_LOG");
+    c
+}
+
 /// A running process that printed its `ready` line.
 pub struct Proc {
     pub name: String,
