@@ -91,7 +91,6 @@ pub struct BenchArgs {
     pub keep: bool,
 }
 
-/// Sizes of one bench run.
 /// What the bench changes in the peers it starts.
 #[derive(Clone, Copy, Debug)]
 struct Tune {
@@ -99,6 +98,7 @@ struct Tune {
     relay_threads: Option<usize>,
 }
 
+/// Sizes of one bench run.
 #[derive(Debug, Clone)]
 struct Plan {
     quick: bool,
