@@ -23,18 +23,29 @@ fn forget(pid: u32) {
     live().retain(|&p| p != pid);
 }
 
-/// Kills (SIGKILL) every child started by [`spawn_ready`] that is still running, at once and without waiting for
-/// async tasks: what a command interrupted by a signal does before it returns, so that its relays and tracker do
-/// not outlive it. A pid is forgotten before its child is reaped, so this never signals a reused pid.
+/// Kills (SIGKILL) every child started by [`spawn_ready`] that is still running, and waits (up to 5 s) until each
+/// has died, so it can no longer write into the working directory: what a command interrupted by a signal does
+/// before it returns, so that its relays and tracker do not outlive it. It blocks, and it does not wait for
+/// async tasks. A pid is forgotten before its child is reaped, so this never signals a reused pid.
 pub(crate) fn kill_live_children() {
-    let pids: Vec<String> = live().drain(..).map(|p| p.to_string()).collect();
-    if !pids.is_empty() {
-        let _ = std::process::Command::new("kill")
-            .arg("-KILL")
-            .args(&pids)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+    let pids: Vec<u32> = live().drain(..).collect();
+    if pids.is_empty() {
+        return;
+    }
+    let _ = std::process::Command::new("kill")
+        .arg("-KILL")
+        .args(pids.iter().map(u32::to_string))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    // Dead means a zombie (not reaped yet: they are our children) or gone.
+    let dead = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !pids.iter().all(dead) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
