@@ -120,6 +120,8 @@ reason_enum!(
         Timeout = 9 => "timeout",
         /// Malformed OPEN (e.g. on an id already in use).
         Protocol = 10 => "protocol",
+        /// The path loops: a relay layer names the edge the OPEN came in on as its next hop.
+        Loop = 11 => "loop",
     }
 );
 

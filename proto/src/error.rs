@@ -36,9 +36,16 @@ pub enum ProtoError {
     /// An RSA key is malformed, or of a size/exponent we do not accept.
     #[error("bad RSA key: {0}")]
     BadKey(String),
+    /// The acceptor of a link handshake refused us (SPEC §5.3): `Refused` (not a current neighbor, or a bad
+    /// signature: most often the acceptor has not yet learned of the edge) or `Busy` (no room for a link).
+    #[error("link refused by acceptor: {0:?}")]
+    LinkRefused(crate::link::AuthStatus),
     /// A tracking code has expired.
     #[error("tracking code expired at {expires} (now {now})")]
     Expired { expires: u64, now: u64 },
+    /// A tracking code claims to stay valid for longer than the protocol allows ([`crate::tc::MAX_LAYER_LIFETIME`]).
+    #[error("tracking code expiry {expires} lies beyond the protocol's bound (now {now} + {max} s)")]
+    ExpiryTooFar { expires: u64, now: u64, max: u64 },
     /// A path is longer than a tracking code can carry for these key sizes.
     #[error("path does not fit a tracking code: {0}")]
     PathTooLong(String),

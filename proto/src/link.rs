@@ -195,7 +195,7 @@ impl DialerAuthSent {
         let mut p = pt.as_slice();
         let status = AuthStatus::from_u8(take_array::<1>(&mut p, "auth status")?[0])?;
         if status != AuthStatus::Ok {
-            return Err(ProtoError::Invalid { what: "link refused by acceptor", detail: format!("{status:?}") });
+            return Err(ProtoError::LinkRefused(status));
         }
         self.acceptor.verify(&[SIG_ACCEPTOR, &self.th2, &self.my_fp.0].concat(), p, "acceptor link auth")?;
         let th3 = sha256(&[&self.th2, msg]);

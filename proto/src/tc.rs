@@ -54,6 +54,10 @@ pub enum LayerKind {
     },
 }
 
+/// The longest a layer may stay valid: its `expires` may lie at most this far (plus the hop's clock-skew
+/// tolerance) after the hop's clock. The tracker's `--tc-ttl` cannot exceed it (SPEC §3.10, §4.7).
+pub const MAX_LAYER_LIFETIME: u64 = 86_400;
+
 /// One hop's layer: its instructions and keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layer {
@@ -132,10 +136,16 @@ impl Layer {
         Ok(Layer { prev, kind, hop_secret, expires, replay_tag })
     }
 
-    /// Refuses an expired layer. `skew` is the clock difference tolerated between tracker and hop.
+    /// Refuses an expired layer, and one whose expiry lies further ahead than any tracker may issue
+    /// ([`MAX_LAYER_LIFETIME`], SPEC §4.7): such a tag would otherwise sit in the hop's replay cache for ever.
+    /// `skew` is the clock difference tolerated between tracker and hop.
     pub fn check_expiry(&self, now: u64, skew: u64) -> Result<()> {
         if now > self.expires.saturating_add(skew) {
             return Err(ProtoError::Expired { expires: self.expires, now });
+        }
+        let max = MAX_LAYER_LIFETIME.saturating_add(skew);
+        if self.expires > now.saturating_add(max) {
+            return Err(ProtoError::ExpiryTooFar { expires: self.expires, now, max });
         }
         Ok(())
     }

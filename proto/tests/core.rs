@@ -81,6 +81,10 @@ fn tc_refuses_wrong_key_tampering_and_overlong_paths() {
     let l = tc::peel(&tc, &ids()[0]).unwrap().layer;
     assert!(l.check_expiry(1000, 0).is_ok());
     assert!(matches!(l.check_expiry(1061, 60), Err(ProtoError::Expired { .. })));
+    // A layer valid for centuries is refused too (its tag would never leave the replay cache).
+    let far = Layer { expires: 1000 + tc::MAX_LAYER_LIFETIME + 61, ..l.clone() };
+    assert!(matches!(far.check_expiry(1000, 60), Err(ProtoError::ExpiryTooFar { .. })));
+    assert!(Layer { expires: 1000 + tc::MAX_LAYER_LIFETIME + 60, ..l }.check_expiry(1000, 60).is_ok());
 }
 
 #[test]

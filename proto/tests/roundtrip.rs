@@ -647,11 +647,28 @@ proptest! {
             expires,
             replay_tag: [0; 16],
         };
-        let ok = now <= expires.saturating_add(skew);
-        prop_assert_eq!(l.check_expiry(now, skew).is_ok(), ok);
-        if !ok {
+        let not_expired = now <= expires.saturating_add(skew);
+        let max = tc::MAX_LAYER_LIFETIME + skew;
+        let not_too_far = expires <= now.saturating_add(max);
+        prop_assert_eq!(l.check_expiry(now, skew).is_ok(), not_expired && not_too_far);
+        if !not_expired {
             prop_assert_eq!(l.check_expiry(now, skew), Err(ProtoError::Expired { expires, now }));
+        } else if !not_too_far {
+            prop_assert_eq!(l.check_expiry(now, skew), Err(ProtoError::ExpiryTooFar { expires, now, max }));
         }
+    }
+
+    #[test]
+    fn layer_expiry_near_now_is_what_decides(now in 1_000_000u64..4_000_000_000, ahead in 0u64..200_000, skew in 0u64..1000) {
+        // The same property on the values that matter (random u64s almost never land near `now`).
+        let l = Layer {
+            prev: NeighborId(1),
+            kind: LayerKind::Relay { next: NeighborId(2) },
+            hop_secret: Secret([0; 32]),
+            expires: now + ahead,
+            replay_tag: [0; 16],
+        };
+        prop_assert_eq!(l.check_expiry(now, skew).is_ok(), ahead <= tc::MAX_LAYER_LIFETIME + skew);
     }
 }
 
