@@ -30,6 +30,21 @@ pub enum PeerError {
     /// Configuration problem.
     #[error("config: {0}")]
     Config(String),
+    /// A limit of ours refused the request for now (e.g. too many probes at once); try later.
+    #[error("busy: {0}")]
+    Busy(&'static str),
+    /// The node is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// A task of ours failed (a panic or a cancelled blocking job): a bug, reported instead of propagated.
+    #[error("internal: {0}")]
+    Internal(String),
+    /// The local control socket, or a peer answering on it, failed.
+    #[error("control: {0}")]
+    Control(String),
+    /// A process we started (demo, bench) failed.
+    #[error("process: {0}")]
+    Process(String),
     /// Chain data problem.
     #[error("chain: {0}")]
     Chain(String),

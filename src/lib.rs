@@ -20,9 +20,10 @@ pub mod error;
 pub mod link;
 pub mod metrics;
 pub mod node;
+pub mod stats;
 pub mod tracker_client;
 
-pub use circuit::endpoint::{CircuitSender, CircuitStream};
+pub use circuit::{CircuitSender, CircuitStream};
 pub use config::PeerConfig;
 pub use error::PeerError;
 pub use node::{Node, Service};

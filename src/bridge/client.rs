@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::splice::{forward, read_envelope, splice, End, Side, SpliceCtx};
 use super::{BridgeOptions, BridgeStats};
-use crate::circuit::endpoint::CircuitStream;
+use crate::circuit::CircuitStream;
 use crate::error::PeerError;
 use crate::node::Node;
 

@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use super::scrub::scrub_version_payload;
 use super::BridgeStats;
-use crate::circuit::endpoint::{CircuitSender, CircuitStream};
+use crate::circuit::{CircuitSender, CircuitStream};
 use crate::error::PeerError;
 
 /// Bytes asked of the socket per read (the envelope reader bounds what is buffered in total).

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::splice::{splice, Side, SpliceCtx};
 use super::{BridgeOptions, BridgeStats};
-use crate::circuit::endpoint::CircuitStream;
+use crate::circuit::CircuitStream;
 use crate::node::Service;
 
 /// A [`Service`] that relays every incoming circuit, envelope by envelope, to a new TCP connection to the

@@ -45,7 +45,7 @@ use super::mine::unix_now;
 use super::validate::check_pool_tx;
 use super::wire::{version_message, BtcPeer, MIN_PEER_VERSION};
 use super::{read, write, ChainError, SharedStore, MAX_HEADERS, MAX_INV, MAX_LOCATOR};
-use crate::circuit::endpoint::CircuitStream;
+use crate::circuit::CircuitStream;
 use crate::node::Service;
 
 /// How long a new circuit may take to send `version`.

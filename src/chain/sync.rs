@@ -55,7 +55,7 @@ use super::store::no_stop;
 use super::validate::{check_block_contextual, check_genesis_header, check_header};
 use super::wire::{decode_circuit_message, version_message, BtcPeer, MIN_PEER_VERSION, PROTOCOL_VERSION};
 use super::{read, write, ChainError, SharedStore, MAX_HEADERS};
-use crate::circuit::endpoint::{CircuitSender, CircuitStream};
+use crate::circuit::{CircuitSender, CircuitStream};
 use crate::error::PeerError;
 
 /// Tuning of a sync.

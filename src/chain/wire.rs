@@ -17,7 +17,7 @@ use std::time::Duration;
 use anomos_proto::btc::{Address, Envelope, Message, ServiceFlags, VersionMessage};
 
 use super::ChainError;
-use crate::circuit::endpoint::CircuitStream;
+use crate::circuit::CircuitStream;
 
 /// The user agent every anomos peer sends.
 pub const USER_AGENT: &str = "/anomos:0.1.0/";

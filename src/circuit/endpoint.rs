@@ -5,9 +5,10 @@
 //! application can have at most `window` cells queued (it waits for the writer to drain them, which in turn
 //! waits for credit from the next hop). Incoming cells are unwrapped, opened, reassembled and delivered in
 //! order. Credit goes back to the sender only while the application keeps up: undelivered messages are capped
-//! at [`RECV_BUFFER`] bytes, after which the sender is made to wait.
+//! at [`RECV_BUFFER`] bytes, after which the sender is made to wait. The stream the application holds is in
+//! `stream.rs`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use anomos_proto::cell::{BreakReason, Cell, CircId, Command, CELL_PAYLOAD_LEN};
 use anomos_proto::circuit::{
@@ -16,10 +17,11 @@ use anomos_proto::circuit::{
 use anomos_proto::crypto::Secret;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::table::LinkCircuits;
 use crate::error::PeerError;
-use crate::link::writer::{payload_box, recycle_payloads, Payload};
+use crate::link::budget::Unit;
+use crate::link::writer::{payload_box, recycle_payloads, OnDrain, Payload};
 use crate::link::Link;
-use crate::node::CircuitGuard;
 
 /// Bytes of delivered-but-unread messages above which an endpoint stops returning credit.
 pub const RECV_BUFFER: usize = 4 * 1024 * 1024;
@@ -75,8 +77,12 @@ pub enum StreamEvent {
 pub struct Endpoint {
     /// The link the circuit leaves on.
     pub link: Arc<Link>,
+    /// That link's circuit table (weak: the table holds us).
+    pub circuits: Weak<LinkCircuits>,
     /// Its id there.
     pub circ_id: CircId,
+    /// Target side: the serial of the opening we were peeled from (our table entry until replaced).
+    pub opened_from: Option<u64>,
     /// Requester or target.
     pub role: Role,
     st: Mutex<State>,
@@ -87,7 +93,29 @@ pub struct Endpoint {
     window: u32,
     /// The tracker's handle for this circuit (requester side), for failure reports.
     pub grant: std::sync::OnceLock<u64>,
-    _guard: CircuitGuard,
+    _slot: Unit,
+}
+
+/// Where an endpoint lives and what it starts with.
+pub struct EndpointParts<'a> {
+    /// The link's circuit state.
+    pub on: &'a Arc<LinkCircuits>,
+    /// The circuit id there.
+    pub circ_id: CircId,
+    /// Requester or target.
+    pub role: Role,
+    /// Requester: every hop's secret; target: its own.
+    pub hop_secrets: &'a [Secret],
+    /// The end-to-end secret.
+    pub e2e_secret: &'a Secret,
+    /// Our receive window.
+    pub window: u32,
+    /// SENDME batch.
+    pub batch: u32,
+    /// Target side: the opening it comes from.
+    pub opened_from: Option<u64>,
+    /// The circuit slot it holds while alive.
+    pub slot: Unit,
 }
 
 /// Parts handed back when an endpoint is created.
@@ -104,24 +132,16 @@ pub struct NewEndpoint {
 
 impl Endpoint {
     /// Creates an endpoint. For the requester `hop_secrets` are all layers; for the target, its own one.
-    #[allow(clippy::too_many_arguments)]
-    pub fn create(
-        link: Arc<Link>,
-        circ_id: CircId,
-        role: Role,
-        hop_secrets: &[Secret],
-        e2e_secret: &Secret,
-        window: u32,
-        batch: u32,
-        guard: CircuitGuard,
-    ) -> Result<NewEndpoint, PeerError> {
+    pub fn create(p: EndpointParts<'_>) -> Result<NewEndpoint, PeerError> {
+        let EndpointParts { on, circ_id, role, hop_secrets, e2e_secret, window, batch, opened_from, slot } = p;
+        let link = on.link.clone();
         // We let the other side send `window` cells (our announced receive window); we may send as many as
         // the link's neighbor announced.
         let send_window = link.send_window();
         let onion = match role {
             Role::Requester => Onion::Requester(OnionStack::new(hop_secrets)),
             Role::Target => Onion::Target(Box::new(HopLayer::new(
-                hop_secrets.first().ok_or(PeerError::Config("no hop secret".into()))?,
+                hop_secrets.first().ok_or(PeerError::Internal("a target endpoint without its hop secret".into()))?,
             ))),
         };
         let mut hello = Box::new([0u8; CELL_PAYLOAD_LEN]);
@@ -130,7 +150,9 @@ impl Endpoint {
         let (etx, erx) = mpsc::unbounded_channel();
         let endpoint = Arc::new(Endpoint {
             link,
+            circuits: Arc::downgrade(on),
             circ_id,
+            opened_from,
             role,
             st: Mutex::new(State {
                 onion,
@@ -148,7 +170,7 @@ impl Endpoint {
             batch,
             window: send_window,
             grant: std::sync::OnceLock::new(),
-            _guard: guard,
+            _slot: slot,
         });
         Ok(NewEndpoint { endpoint, hello, opened: orx, events: erx })
     }
@@ -203,9 +225,9 @@ impl Endpoint {
         self.link.writer.push(cell).map_err(|_| PeerError::Broken(BreakReason::LinkFailed))
     }
 
-    /// Called by the link writer when one of our DATA cells has been written.
-    pub fn drained(&self) {
-        self.permits.add_permits(1);
+    /// Leaves the link's circuit table (if the entry there is still ours); true if it was.
+    pub fn leave_table(&self) -> bool {
+        self.circuits.upgrade().and_then(|lc| lc.remove_if(self.circ_id, |r| r.is_endpoint(self))).is_some()
     }
 
     /// Handles an incoming DATA cell. An error means the circuit must be broken with that reason.
@@ -292,7 +314,18 @@ impl Endpoint {
         self.permits.close();
     }
 
-    /// Sends a Close record, waits until everything queued has left, then tears the circuit down.
+    /// Ends the circuit now: leaves the table, drops what was queued, sends BREAK `reason` (if the entry was
+    /// still ours) and tells the application.
+    pub fn abort(&self, reason: BreakReason) {
+        if self.leave_table() {
+            self.link.writer.remove_circuit(self.circ_id);
+            let _ = self.link.writer.push_control(Cell::brk(self.circ_id, reason, None));
+        }
+        self.closed(reason);
+    }
+
+    /// Sends a Close record and waits until everything queued has left (then [`abort`](Self::abort) with
+    /// `finished` ends it).
     pub async fn finish(&self) {
         let _ = self.send_record(RecordType::Close, &[]).await;
         // All permits back = our queue on the link is empty.
@@ -300,138 +333,9 @@ impl Endpoint {
     }
 }
 
-/// The ordered, end-to-end encrypted message stream of one circuit, as the chain layer sees it.
-pub struct CircuitStream {
-    endpoint: Option<Arc<Endpoint>>,
-    events: mpsc::UnboundedReceiver<StreamEvent>,
-    sender: CircuitSender,
-    /// Requester side: the node, to report a misbehaving target.
-    node: Option<std::sync::Weak<crate::node::Node>>,
-    /// Onion layers between us and the other end (requester side; 0 at the target).
-    pub hops: usize,
-}
-
-/// The sending half of a [`CircuitStream`]; cheap to clone.
-#[derive(Clone)]
-pub struct CircuitSender {
-    inner: SenderInner,
-}
-
-#[derive(Clone)]
-enum SenderInner {
-    Circuit(Arc<Endpoint>),
-    Memory(mpsc::UnboundedSender<StreamEvent>),
-}
-
-impl CircuitSender {
-    /// Sends one message.
-    pub async fn send(&self, msg: Vec<u8>) -> Result<(), PeerError> {
-        match &self.inner {
-            SenderInner::Circuit(e) => e.send(&msg).await,
-            SenderInner::Memory(tx) => {
-                tx.send(StreamEvent::Message(msg)).map_err(|_| PeerError::Broken(BreakReason::Finished))
-            }
-        }
-    }
-}
-
-impl CircuitStream {
-    pub(crate) fn from_endpoint(
-        endpoint: Arc<Endpoint>,
-        events: mpsc::UnboundedReceiver<StreamEvent>,
-        node: Option<std::sync::Weak<crate::node::Node>>,
-    ) -> Self {
-        let hops = endpoint.hops();
-        CircuitStream {
-            sender: CircuitSender { inner: SenderInner::Circuit(endpoint.clone()) },
-            endpoint: Some(endpoint),
-            events,
-            node,
-            hops,
-        }
-    }
-
-    /// The tracker's handle of this circuit (requester side).
-    pub fn circuit_ref(&self) -> Option<u64> {
-        self.endpoint.as_ref().and_then(|e| e.grant.get().copied())
-    }
-
-    /// Breaks the circuit with `reason`. With [`BreakReason::Misbehaving`] on the requester side (the target
-    /// sent invalid data), the target is also reported to the tracker, which stops routing to it.
-    pub fn abort(mut self, reason: BreakReason) {
-        if let Some(e) = self.endpoint.take() {
-            crate::circuit::abort_endpoint(&e, reason);
-            if reason == BreakReason::Misbehaving {
-                if let (Some(node), Some(circuit)) = (self.node.as_ref().and_then(|n| n.upgrade()), e.grant.get()) {
-                    node.report(anomos_proto::tracker::FailureReport {
-                        kind: anomos_proto::tracker::FailureKind::Misbehaving,
-                        neighbor: None,
-                        circuit: Some(*circuit),
-                        hop_tag: None,
-                    });
-                }
-            }
-        }
-    }
-
-    /// Two streams joined in memory (for tests of the layers above circuits).
-    pub fn memory_pair() -> (CircuitStream, CircuitStream) {
-        let (atx, arx) = mpsc::unbounded_channel();
-        let (btx, brx) = mpsc::unbounded_channel();
-        (
-            CircuitStream {
-                endpoint: None,
-                events: arx,
-                sender: CircuitSender { inner: SenderInner::Memory(btx) },
-                node: None,
-                hops: 0,
-            },
-            CircuitStream {
-                endpoint: None,
-                events: brx,
-                sender: CircuitSender { inner: SenderInner::Memory(atx) },
-                node: None,
-                hops: 0,
-            },
-        )
-    }
-
-    /// A sending handle.
-    pub fn sender(&self) -> CircuitSender {
-        self.sender.clone()
-    }
-
-    /// Sends one message.
-    pub async fn send(&self, msg: Vec<u8>) -> Result<(), PeerError> {
-        self.sender.send(msg).await
-    }
-
-    /// Receives the next message; `Err(Broken(reason))` once the circuit has ended.
-    pub async fn recv(&mut self) -> Result<Vec<u8>, PeerError> {
-        match self.events.recv().await {
-            Some(StreamEvent::Message(m)) => {
-                if let Some(e) = &self.endpoint {
-                    e.consumed(m.len());
-                }
-                Ok(m)
-            }
-            Some(StreamEvent::Closed(r)) => Err(PeerError::Broken(r)),
-            None => Err(PeerError::Broken(BreakReason::Finished)),
-        }
-    }
-
-    /// Closes the circuit gracefully (Close record, then BREAK after our queue drained).
-    pub async fn close(mut self) {
-        if let Some(e) = self.endpoint.take() {
-            crate::circuit::close_endpoint(&e).await;
-        }
-    }
-}
-
-impl Drop for CircuitStream {
-    fn drop(&mut self) {
-        if let Some(e) = self.endpoint.take() {
-            crate::circuit::abort_endpoint(&e, BreakReason::Finished);
-        }
+impl OnDrain for Endpoint {
+    /// One of our DATA cells has been written: the application may queue another.
+    fn drained(&self, _lane: u8) {
+        self.permits.add_permits(1);
     }
 }

@@ -46,7 +46,7 @@ use tokio::process::Command;
 
 use super::procs::{spawn_ready, Proc, TempRoot};
 use crate::chain::{self, ChainService, ChainStore, SyncOptions};
-use crate::circuit::endpoint::CircuitStream;
+use crate::circuit::CircuitStream;
 use crate::config::PeerConfig;
 use crate::error::PeerError;
 use crate::node::{Node, Service};

@@ -21,7 +21,7 @@ use super::chain::NetArgs;
 use super::{launch, NodeArgs};
 use crate::chain::sync::{run_sync, CircuitSource, SyncEvent, SyncOptions, SyncPhase};
 use crate::chain::{self, SharedStore};
-use crate::circuit::endpoint::CircuitStream;
+use crate::circuit::CircuitStream;
 use crate::config::PeerConfig;
 use crate::error::PeerError;
 use crate::node::Node;

@@ -8,7 +8,12 @@
 //! to its upstream, an endpoint lets its application send one more cell.
 //!
 //! Memory is bounded three ways: per circuit by flow control (at most one window of DATA), per link by
-//! `cap`, and per node by a shared [`Budget`] that every link's queues (ordered and control) count against.
+//! `cap`, and per node by the cell [`Pool`](super::budget::Pool): every circuit queue is charged to the
+//! [`Share`] of the neighbor responsible for it (the one that opened the circuit at this hop), so when the node's
+//! pool is tight the neighbor using the most is refused first, never an innocent one (`budget.rs`). Control cells
+//! are few per circuit (a SENDME per quarter window, one BREAK/DENY/ACKBREAK); they are bounded per link by `cap`
+//! (a neighbor that makes us queue more of them does not read, and its link is closed) and counted in a pool of
+//! their own, outside the fairness rule, so no neighbor's DATA can ever make another neighbor's link fail.
 //! A write that makes no progress for the stall timeout (the neighbor stopped reading without closing)
 //! ends the writer, which takes the link down.
 //!
@@ -19,7 +24,6 @@
 //! faults; docs/PERFORMANCE.md.)
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use anomos_proto::cell::{Cell, CircId, Command, CELL_LEN, CELL_PAYLOAD_LEN, SEALED_CELL_LEN};
@@ -27,8 +31,7 @@ use anomos_proto::link::CellSealer;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
-use crate::circuit::endpoint::Endpoint;
-use crate::circuit::relay::{Dir, RelayCircuit};
+use super::budget::{OverShare, Share};
 
 /// Most cells sealed into one write.
 const BATCH: usize = 32;
@@ -62,59 +65,46 @@ pub fn recycle_payloads(bufs: impl IntoIterator<Item = Payload>) {
     }
 }
 
-/// The node-wide count of queued cells and its limit, shared by every link's writer.
-#[derive(Debug)]
-pub struct Budget {
-    used: AtomicUsize,
-    cap: usize,
+/// Told when a DATA cell of a queue has left for the wire: a relay then returns credit to its upstream, an
+/// endpoint lets its application send one more cell. The link layer knows nothing else of what is behind it.
+pub trait OnDrain: Send + Sync {
+    /// One DATA cell of a queue registered with this hook and `lane` was written.
+    fn drained(&self, lane: u8);
 }
 
-impl Budget {
-    /// A budget of `cap` cells.
-    pub fn new(cap: usize) -> Arc<Self> {
-        Arc::new(Budget { used: AtomicUsize::new(0), cap })
+/// What happens when a DATA cell of a queue has left for the wire: nothing, or a hook (held weakly: a circuit
+/// that is gone is not kept alive by cells still queued for it).
+#[derive(Clone, Default)]
+pub struct Drain(Option<(Weak<dyn OnDrain>, u8)>);
+
+impl Drain {
+    /// No hook.
+    pub fn none() -> Self {
+        Drain(None)
     }
 
-    /// Cells queued on all links now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
+    /// Calls `hook.drained(lane)` for every DATA cell written.
+    pub fn to(hook: Weak<dyn OnDrain>, lane: u8) -> Self {
+        Drain(Some((hook, lane)))
     }
 
-    /// The limit.
-    pub fn cap(&self) -> usize {
-        self.cap
+    fn run(&self) {
+        if let Some((hook, lane)) = &self.0 {
+            if let Some(h) = hook.upgrade() {
+                h.drained(*lane);
+            }
+        }
     }
-
-    fn full(&self) -> bool {
-        self.used() >= self.cap
-    }
-
-    fn add(&self, n: usize) {
-        self.used.fetch_add(n, Ordering::Relaxed);
-    }
-
-    fn sub(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::Relaxed);
-    }
-}
-
-/// What happens when a DATA cell of a queue has left for the wire.
-#[derive(Clone)]
-pub enum Drain {
-    /// Nothing (e.g. no flow control on this queue).
-    None,
-    /// A relay forwarded a cell in direction `Dir`: give credit back upstream.
-    Relay(Weak<RelayCircuit>, Dir),
-    /// An endpoint sent a cell: its application may queue another.
-    Endpoint(Weak<Endpoint>),
 }
 
 struct CircQueue {
     cells: VecDeque<Cell>,
     credit: u32,
-    /// Credit above this is a peer granting more than its window allows; it is clamped.
+    /// Credit above this is a neighbor granting more than its window allows: a protocol violation.
     max_credit: u32,
     drain: Drain,
+    /// Who is charged for the cells queued here.
+    share: Arc<Share>,
     in_ready: bool,
 }
 
@@ -137,8 +127,21 @@ pub enum PushError {
     Closed,
     /// No queue for this circuit (already torn down).
     NoCircuit,
-    /// The link's queue cap, or the node's budget, was reached.
+    /// The link's queue cap was reached.
     Full,
+    /// The node's cell pool is tight and the neighbor charged for this circuit holds more than its fair part.
+    OverShare(OverShare),
+}
+
+/// A SENDME granted more credit than the receiver's window allows (SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditOverflow {
+    /// Credit the queue had.
+    pub had: u32,
+    /// Credit the SENDME added.
+    pub added: u32,
+    /// The most it may hold.
+    pub max: u32,
 }
 
 /// The shared handle circuits use to send on a link.
@@ -148,18 +151,20 @@ pub struct LinkWriter {
     /// Signalled once when the link is closed (by anyone) so the reader can stop too.
     closed: Notify,
     cap: usize,
-    budget: Arc<Budget>,
+    /// Control cells queued here, counted in the node's control pool.
+    control: Arc<Share>,
 }
 
 impl LinkWriter {
-    /// A writer whose queues hold at most `cap` cells in total, counted against the node's `budget` too.
-    pub fn new(cap: usize, budget: Arc<Budget>) -> Arc<Self> {
+    /// A writer whose circuit queues hold at most `cap` cells in total (each charged to its circuit's share of
+    /// the node's cell pool) and whose control queue holds at most `cap` cells (counted in `control`).
+    pub fn new(cap: usize, control: Arc<Share>) -> Arc<Self> {
         Arc::new(LinkWriter {
             st: Mutex::new(State::default()),
             wake: Notify::new(),
             closed: Notify::new(),
             cap,
-            budget,
+            control,
         })
     }
 
@@ -169,25 +174,28 @@ impl LinkWriter {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Creates the queue for a circuit with its initial send credit.
-    pub fn add_circuit(&self, id: CircId, credit: u32, drain: Drain) {
+    /// Creates the queue for a circuit with its initial send credit; its cells are charged to `share`.
+    pub fn add_circuit(&self, id: CircId, credit: u32, drain: Drain, share: Arc<Share>) {
         let mut st = self.lock();
+        if st.closed {
+            return;
+        }
         let max_credit = credit.max(1).saturating_mul(2);
-        let old =
-            st.queues.insert(id, CircQueue { cells: VecDeque::new(), credit, max_credit, drain, in_ready: false });
+        let q = CircQueue { cells: VecDeque::new(), credit, max_credit, drain, share, in_ready: false };
         // An id reused while its old queue still held cells (e.g. an ordered BREAK not yet sent): forget them.
-        if let Some(old) = old {
+        if let Some(old) = st.queues.insert(id, q) {
             st.queued -= old.cells.len();
-            self.budget.sub(old.cells.len());
+            old.share.give(old.cells.len());
         }
     }
 
     /// Removes a circuit's queue, dropping what it still held; returns how many cells were dropped.
     pub fn remove_circuit(&self, id: CircId) -> usize {
         let mut st = self.lock();
-        let n = st.queues.remove(&id).map(|q| q.cells.len()).unwrap_or(0);
+        let Some(q) = st.queues.remove(&id) else { return 0 };
+        let n = q.cells.len();
         st.queued -= n;
-        self.budget.sub(n);
+        q.share.give(n);
         n
     }
 
@@ -197,18 +205,18 @@ impl LinkWriter {
         if st.closed {
             return Err(PushError::Closed);
         }
-        if st.queued >= self.cap || self.budget.full() {
+        if st.queued >= self.cap {
             return Err(PushError::Full);
         }
         let id = cell.circ_id;
         let q = st.queues.get_mut(&id).ok_or(PushError::NoCircuit)?;
+        q.share.try_take(1).map_err(PushError::OverShare)?;
         q.cells.push_back(cell);
         let newly_ready = !q.in_ready && sendable(q);
         if newly_ready {
             q.in_ready = true;
         }
         st.queued += 1;
-        self.budget.add(1);
         if newly_ready {
             st.ready.push_back(id);
             drop(st);
@@ -224,25 +232,30 @@ impl LinkWriter {
             return Err(PushError::Closed);
         }
         // Control cells are few (one SENDME per quarter window per circuit, one DENY/BREAK per circuit); a
-        // neighbor that makes us queue more than the cap of them (or the node's budget) is flooding us while
-        // not reading: the link is closed.
-        if st.control.len() >= self.cap || self.budget.full() {
+        // neighbor that makes us queue more than the cap of them is flooding us while not reading: its link is
+        // closed. Nothing another neighbor does can fill this queue, so no innocent link is closed here.
+        if st.control.len() >= self.cap {
             drop(st);
             self.fail("control queue overflow (neighbor sends but does not read)");
             return Err(PushError::Full);
         }
         st.control.push_back(cell);
-        self.budget.add(1);
+        self.control.take_unchecked(1);
         drop(st);
         self.wake.notify_one();
         Ok(())
     }
 
-    /// Adds send credit to a circuit (from a SENDME).
-    pub fn add_credit(&self, id: CircId, n: u32) {
+    /// Adds send credit to a circuit (from a SENDME). Credit beyond twice the window the queue started with is
+    /// refused (nothing is added): no receiver that keeps its own window can grant it.
+    pub fn add_credit(&self, id: CircId, n: u32) -> Result<(), CreditOverflow> {
         let mut st = self.lock();
-        let Some(q) = st.queues.get_mut(&id) else { return };
-        q.credit = q.credit.saturating_add(n).min(q.max_credit);
+        let Some(q) = st.queues.get_mut(&id) else { return Ok(()) };
+        let total = q.credit.saturating_add(n);
+        if total > q.max_credit {
+            return Err(CreditOverflow { had: q.credit, added: n, max: q.max_credit });
+        }
+        q.credit = total;
         let newly_ready = !q.in_ready && sendable(q);
         if newly_ready {
             q.in_ready = true;
@@ -250,6 +263,7 @@ impl LinkWriter {
             drop(st);
             self.wake.notify_one();
         }
+        Ok(())
     }
 
     /// Cells queued on a circuit (for tests/metrics).
@@ -274,8 +288,10 @@ impl LinkWriter {
             return;
         }
         st.closed = true;
-        st.queues.clear();
-        self.budget.sub(st.queued + st.control.len());
+        for (_, q) in st.queues.drain() {
+            q.share.give(q.cells.len());
+        }
+        self.control.give(st.control.len());
         st.control.clear();
         st.ready.clear();
         st.queued = 0;
@@ -318,13 +334,12 @@ impl LinkWriter {
         }
         while out.len() < BATCH {
             if let Some(c) = st.control.pop_front() {
-                self.budget.sub(1);
-                out.push((c, Drain::None));
+                self.control.give(1);
+                out.push((c, Drain::none()));
                 continue;
             }
             let Some(id) = st.ready.pop_front() else { break };
             let State { queues, ready, queued, .. } = &mut *st;
-            let budget = &self.budget;
             let Some(q) = queues.get_mut(&id) else { continue };
             q.in_ready = false;
             if !sendable(q) {
@@ -332,19 +347,19 @@ impl LinkWriter {
             }
             let Some(cell) = q.cells.pop_front() else { continue };
             *queued -= 1;
-            budget.sub(1);
+            q.share.give(1);
             let drain = if cell.command == Command::Data {
                 q.credit -= 1;
                 q.drain.clone()
             } else {
-                Drain::None
+                Drain::none()
             };
             if cell.command == Command::Break {
                 // An ordered BREAK is the circuit's last cell on this link.
-                let rest = q.cells.len();
-                queues.remove(&id);
-                *queued -= rest;
-                budget.sub(rest);
+                if let Some(q) = queues.remove(&id) {
+                    *queued -= q.cells.len();
+                    q.share.give(q.cells.len());
+                }
             } else if sendable(q) {
                 q.in_ready = true;
                 ready.push_back(id);
@@ -412,19 +427,24 @@ impl LinkWriter {
             }
             recycle_payloads(spent.drain(..));
             for drain in drains.drain(..) {
-                match drain {
-                    Drain::None => {}
-                    Drain::Relay(c, dir) => {
-                        if let Some(c) = c.upgrade() {
-                            c.drained(dir);
-                        }
-                    }
-                    Drain::Endpoint(e) => {
-                        if let Some(e) = e.upgrade() {
-                            e.drained();
-                        }
-                    }
-                }
+                drain.run();
+            }
+        }
+    }
+
+    /// What the writer task would write next (control cells first, then round robin), taken off the queues as if
+    /// written, with their drain hooks run. For tests that drive links in memory without a socket.
+    #[cfg(test)]
+    pub(crate) fn take_written(&self) -> Vec<Cell> {
+        let mut all = Vec::new();
+        loop {
+            let mut batch = Vec::new();
+            if !self.next_batch(&mut batch) || batch.is_empty() {
+                return all;
+            }
+            for (cell, drain) in batch {
+                drain.run();
+                all.push(cell);
             }
         }
     }
@@ -459,35 +479,54 @@ mod tests {
         d.on_auth_reply(&out.reply).unwrap()
     }
 
+    use crate::link::budget::Pool;
+
+    fn control() -> Arc<Share> {
+        Pool::new("control cells", usize::MAX).share()
+    }
+
     #[test]
-    fn the_node_budget_counts_every_queue_and_refuses_beyond_it() {
-        let budget = Budget::new(10);
-        let a = LinkWriter::new(100, budget.clone());
-        let b = LinkWriter::new(100, budget.clone());
-        a.add_circuit(1, 0, Drain::None);
-        b.add_circuit(2, 0, Drain::None);
-        for _ in 0..4 {
+    fn cells_are_charged_to_their_circuits_share_and_the_heaviest_is_refused_first() {
+        let cells = Pool::new("cells", 20);
+        let (heavy, light) = (cells.share(), cells.share());
+        // Two links; the heavy neighbor's circuit sits on link `a`, the light one's on link `b`.
+        let a = LinkWriter::new(100, control());
+        let b = LinkWriter::new(100, control());
+        a.add_circuit(1, 0, Drain::none(), heavy.clone());
+        b.add_circuit(2, 0, Drain::none(), light.clone());
+        for _ in 0..10 {
             a.push(data(1)).unwrap();
+        }
+        assert_eq!((cells.used(), heavy.held()), (10, 10));
+        // Half the pool is used: the heavy share (10 > 10 / 2 members) is refused, the light one is not.
+        assert!(matches!(a.push(data(1)), Err(PushError::OverShare(_))));
+        for _ in 0..5 {
             b.push(data(2)).unwrap();
         }
-        a.push_control(Cell::padding()).unwrap();
-        b.push_control(Cell::padding()).unwrap();
-        assert_eq!(budget.used(), 10);
-        // Full: an ordered cell is refused (the circuit will be broken with `resources`) ...
-        assert_eq!(a.push(data(1)), Err(PushError::Full));
-        // ... and a control cell closes that link (its neighbor makes us queue without reading).
-        assert_eq!(b.push_control(Cell::padding()), Err(PushError::Full));
-        assert!(b.is_closed());
-        assert_eq!(budget.used(), 5, "a closed link gives its cells back");
-        assert_eq!(a.remove_circuit(1), 4);
-        assert_eq!(budget.used(), 1);
-        a.close();
-        assert_eq!(budget.used(), 0);
+        assert!(matches!(b.push(data(2)), Err(PushError::OverShare(_))), "the light share is held to its part too");
+        // Control cells never fail because of the pool: no innocent link is closed.
+        for _ in 0..50 {
+            b.push_control(Cell::padding()).unwrap();
+        }
+        assert!(!b.is_closed());
+        assert_eq!(a.remove_circuit(1), 10);
+        assert_eq!((cells.used(), heavy.held()), (5, 0));
+        b.close();
+        assert_eq!(cells.used(), 0, "a closed link gives its cells back");
+    }
+
+    #[test]
+    fn credit_beyond_twice_the_window_is_refused() {
+        let w = LinkWriter::new(100, control());
+        w.add_circuit(1, 8, Drain::none(), Pool::new("cells", 100).share());
+        w.add_credit(1, 8).unwrap();
+        assert_eq!(w.add_credit(1, 1), Err(CreditOverflow { had: 16, added: 1, max: 16 }));
+        assert_eq!(w.add_credit(9, 1000), Ok(()), "credit for an unknown circuit is ignored");
     }
 
     #[test]
     fn a_link_closes_itself_when_its_control_queue_overflows() {
-        let w = LinkWriter::new(3, Budget::new(1000));
+        let w = LinkWriter::new(3, control());
         for _ in 0..3 {
             w.push_control(Cell::padding()).unwrap();
         }
@@ -504,8 +543,8 @@ mod tests {
             // A socket whose peer never reads: a 4 KiB pipe fills at once.
             let (ours, _theirs) = tokio::io::duplex(4096);
             let (sealer, _) = link_cipher().split();
-            let w = LinkWriter::new(100, Budget::new(100));
-            w.add_circuit(1, 10, Drain::None);
+            let w = LinkWriter::new(100, control());
+            w.add_circuit(1, 10, Drain::none(), Pool::new("cells", 100).share());
             for _ in 0..5 {
                 w.push(data(1)).unwrap();
             }
