@@ -232,6 +232,10 @@ impl Router {
             Command::Sendme => {
                 let credit = cell.sendme_credit().map_err(|_| Violation("SENDME with zero credit"))?;
                 // Credit from the far side of this link lets us send more DATA on this link for this circuit.
+                if lc.get(id).is_none() {
+                    debug!(link = %lc.link.peer.short(), circ = id, "SENDME for unknown circuit ignored");
+                    return Ok(());
+                }
                 if let Err(o) = lc.link.writer.add_credit(id, u32::from(credit)) {
                     warn!(link = %lc.link.peer.short(), circ = id, had = o.had, added = o.added, max = o.max,
                         "circuit broken: SENDME beyond the window (credit overflow)");

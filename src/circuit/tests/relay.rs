@@ -282,7 +282,8 @@ async fn hundreds_of_crossing_opens_all_open() {
         t.a.send(Cell::open(t.a.id(), &to_b));
         t.b.send(Cell::open(t.b.id(), &to_a));
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Generous: 600 RSA peels on a shared 2-core machine, in a debug build.
+    let deadline = Instant::now() + Duration::from_secs(90);
     let (mut at_a, mut at_b) = (0, 0);
     while (at_a < n || at_b < n) && Instant::now() < deadline {
         at_a += t.a.drain().iter().filter(|c| c.command == Command::Open).count();
