@@ -46,7 +46,8 @@ pub struct NodeArgs {
     /// Size of a newly generated identity key.
     #[arg(long, default_value_t = 2048, value_parser = crate::cmd::parse_key_bits)]
     pub key_bits: usize,
-    /// Most circuits (relayed and endpoints) at once; further OPENs are denied.
+    /// Most circuits (relayed and endpoints) at once, shared fairly by the neighbors: once half are in use, a
+    /// neighbor holding more than its part gets DENY(circuit-limit).
     #[arg(long, default_value_t = 10_000)]
     pub max_circuits: usize,
     /// Most neighbor links at once.
@@ -58,8 +59,9 @@ pub struct NodeArgs {
     /// Most cells queued on one link in total.
     #[arg(long, default_value_t = 65_536)]
     pub link_queue_cap: usize,
-    /// Most cells queued on all links together: the node's buffer budget (about 4.2 KB per cell). Circuits
-    /// whose cells would exceed it are broken with `resources`.
+    /// Most cells queued on all links together: the node's buffer budget (about 4.2 KB per cell), shared fairly
+    /// by the neighbors. Once half is used, circuits of a neighbor holding more than its part break with
+    /// `resources`.
     #[arg(long, value_name = "CELLS", default_value_t = 131_072)]
     pub max_queued_cells: usize,
     /// Seconds without any cell from a neighbor (or without progress writing to it) after which its link is
