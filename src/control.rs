@@ -118,7 +118,7 @@ pub async fn start(node: &Arc<Node>) -> Result<Option<PathBuf>, PeerError> {
     if path.exists() {
         match tokio::time::timeout(Duration::from_secs(1), tokio::net::UnixStream::connect(&path)).await {
             Ok(Ok(_)) => {
-                return Err(PeerError::Config(format!(
+                return Err(PeerError::Control(format!(
                     "{} answers: another peer is running with this data directory",
                     path.display()
                 )))
@@ -184,7 +184,7 @@ async fn serve_one(s: tokio::net::UnixStream, node: &Node) -> Result<(), PeerErr
             Err(e) => json!({"error": format!("bad JSON: {e}")}),
         }
     };
-    let mut out = serde_json::to_vec(&answer).map_err(|e| PeerError::Config(e.to_string()))?;
+    let mut out = serde_json::to_vec(&answer).map_err(|e| PeerError::Control(e.to_string()))?;
     out.push(b'\n');
     w.write_all(&out).await?;
     w.shutdown().await?;
@@ -197,7 +197,7 @@ pub async fn query(data_dir: &Path) -> Result<Value, PeerError> {
     let path = socket_path(data_dir);
     let fut = async {
         let mut s = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
-            PeerError::Config(format!(
+            PeerError::Control(format!(
                 "cannot reach a running peer at {} ({e}); is `anomos peer --data-dir {}` running?",
                 path.display(),
                 data_dir.display()
@@ -207,12 +207,12 @@ pub async fn query(data_dir: &Path) -> Result<Value, PeerError> {
         let mut buf = Vec::new();
         (&mut s).take(MAX_ANSWER as u64 + 1).read_to_end(&mut buf).await?;
         if buf.len() > MAX_ANSWER {
-            return Err(PeerError::Config("control answer too large".into()));
+            return Err(PeerError::Control("control answer too large".into()));
         }
         let v: Value = serde_json::from_slice(&buf)
-            .map_err(|e| PeerError::Config(format!("bad answer from {}: {e}", path.display())))?;
+            .map_err(|e| PeerError::Control(format!("bad answer from {}: {e}", path.display())))?;
         if let Some(err) = v.get("error").and_then(Value::as_str) {
-            return Err(PeerError::Config(format!("the peer refused the request: {err}")));
+            return Err(PeerError::Control(format!("the peer refused the request: {err}")));
         }
         Ok(v)
     };
@@ -222,7 +222,7 @@ pub async fn query(data_dir: &Path) -> Result<Value, PeerError> {
 /// Without Unix sockets there is no control endpoint.
 #[cfg(not(unix))]
 pub async fn query(_data_dir: &Path) -> Result<Value, PeerError> {
-    Err(PeerError::Config("the control endpoint needs Unix sockets".into()))
+    Err(PeerError::Control("the control endpoint needs Unix sockets".into()))
 }
 
 /// Warns if the data directory is readable by others (the key and the control socket live there).

@@ -87,7 +87,7 @@ async fn run(cli: Cli) -> ExitCode {
         Cmd::Status(a) => status::run(a).await,
         Cmd::Completions(_) => unreachable!("handled before logging starts"),
         Cmd::Tracker(a) => {
-            anomos_tracker::run(a.clone(), None).await.map_err(|e| anomos::PeerError::Config(e.to_string()))
+            anomos_tracker::run(a.clone(), None).await.map_err(|e| anomos::PeerError::Tracker(e.to_string()))
         }
     };
     match result {

@@ -354,11 +354,13 @@ fn a_relay_process_holds_2000_circuits_and_a_stalled_reader_within_its_memory_ca
         const CIRCUITS: usize = 2000;
         const BUDGET_CELLS: usize = 8192;
         let mut net = Net::new(&["--neighbors", "2"]);
+        // The relay's circuit slots are shared fairly (SPEC §8): one neighbor may hold at most half of them once
+        // the others are entitled to theirs, so 2 × CIRCUITS slots let the requester's link hold exactly CIRCUITS.
         let relay = net.add_peer(
             "relay",
             &[
                 "--max-circuits",
-                &CIRCUITS.to_string(),
+                &(2 * CIRCUITS).to_string(),
                 "--open-rate",
                 "2000",
                 "--open-burst",

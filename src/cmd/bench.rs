@@ -448,7 +448,7 @@ impl Overlay {
         }
         let (tracker, taddr, tfp) = spawn_ready("tracker", &targs, &dir.join("tracker.log")).await?;
         progress(quiet, format!("{name}: tracker {taddr}"));
-        let tracker_addr: SocketAddr = taddr.parse().map_err(|e| PeerError::Config(format!("tracker addr: {e}")))?;
+        let tracker_addr: SocketAddr = taddr.parse().map_err(|e| PeerError::Process(format!("tracker addr: {e}")))?;
         let phelp = help_text("peer").await;
         let mut starts = Vec::new();
         for i in 0..relays {
@@ -500,7 +500,7 @@ impl Overlay {
         for r in spawned {
             procs.push(r?.0);
         }
-        let pinned = Fingerprint::from_hex(&tfp).map_err(|e| PeerError::Config(format!("tracker fp: {e}")))?;
+        let pinned = Fingerprint::from_hex(&tfp).map_err(|e| PeerError::Process(format!("tracker fp: {e}")))?;
         let tracker_key = fetch_tracker_key(tracker_addr, &pinned).await?;
         // Identities for the in-process nodes, generated in parallel.
         let ids = crate::node::futures_join_all(
@@ -509,12 +509,12 @@ impl Overlay {
         .await;
         let mut nodes = Vec::new();
         for (i, (spec, id)) in specs.into_iter().zip(ids).enumerate() {
-            let id = id.map_err(|e| PeerError::Config(e.to_string()))??;
+            let id = id.map_err(|e| PeerError::Internal(e.to_string()))??;
             // A node keeps state in its data dir (the replay cache, saved every 15 s).
             let data_dir = dir.join(format!("node{i}"));
             super::ensure_private_dir(&data_dir)?;
             let mut cfg = PeerConfig::new(
-                "127.0.0.1:0".parse().map_err(|e| PeerError::Config(format!("{e}")))?,
+                "127.0.0.1:0".parse().map_err(|e| PeerError::Internal(format!("{e}")))?,
                 tracker_addr,
                 tfp.clone(),
                 data_dir,
@@ -574,7 +574,7 @@ impl Overlay {
 /// Opens `count` circuits (to distinct targets) of `relays` relays for `chain`, retrying for up to 60 s
 /// (links between relay processes may still be coming up).
 async fn open_retry(node: &Arc<Node>, chain: &str, relays: u8, count: u8) -> Result<Vec<CircuitStream>, PeerError> {
-    let chain = ChainId::new(chain).map_err(|e| PeerError::Config(e.to_string()))?;
+    let chain = ChainId::new(chain).map_err(|e| PeerError::Internal(e.to_string()))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let req = CircuitRequest { chain: chain.clone(), count, relays };
@@ -582,7 +582,7 @@ async fn open_retry(node: &Arc<Node>, chain: &str, relays: u8, count: u8) -> Res
             Ok(v) if v.len() == usize::from(count) => return Ok(v),
             Ok(_) | Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(300)).await,
             Ok(v) => {
-                return Err(PeerError::Config(format!(
+                return Err(PeerError::Process(format!(
                     "only {} of {count} circuits with {relays} relays opened",
                     v.len()
                 )))
@@ -708,7 +708,7 @@ fn raw_rsa(budget: Duration) -> Result<(f64, f64), PeerError> {
         expires: u64::MAX,
         replay_tag: [i; 16],
     };
-    let chain = ChainId::new("bench").map_err(|e| PeerError::Config(e.to_string()))?;
+    let chain = ChainId::new("bench").map_err(|e| PeerError::Internal(e.to_string()))?;
     let hops = vec![
         HopSpec { key: id.public().clone(), layer: layer(LayerKind::Relay { next: NeighborId(9) }, 1) },
         HopSpec {
@@ -726,11 +726,11 @@ async fn raw_figures(plan: &Plan, rep: &mut Report, quiet: bool) -> Result<Costs
         let budget = plan.crypto_time;
         let (gcm, ctr) = tokio::task::spawn_blocking(move || raw_crypto(budget))
             .await
-            .map_err(|e| PeerError::Config(e.to_string()))?;
+            .map_err(|e| PeerError::Internal(e.to_string()))?;
         let bytes = plan.tcp_bytes;
         let (tcp, tcp_cpu) = tokio::task::spawn_blocking(move || raw_tcp(bytes))
             .await
-            .map_err(|e| PeerError::Config(e.to_string()))??;
+            .map_err(|e| PeerError::Internal(e.to_string()))??;
         progress(quiet, format!("raw run {}: GCM {gcm:.0} MB/s, CTR {ctr:.0} MB/s, TCP {tcp:.0} MB/s", run + 1));
         rep.add("raw_gcm_mbps", "raw AES-256-GCM (seal+open, AWS-LC as the node), per core", "MB/s", None, gcm);
         rep.add("raw_ctr_mbps", "raw AES-256-CTR, per core", "MB/s", None, ctr);
@@ -828,7 +828,7 @@ async fn bulk_figures(o: &Overlay, plan: &Plan, costs: &Costs, rep: &mut Report,
 
 async fn build_figures(o: &Overlay, plan: &Plan, rep: &mut Report, quiet: bool) -> Result<(), PeerError> {
     let node = &o.nodes[0];
-    let chain = ChainId::new("bench").map_err(|e| PeerError::Config(e.to_string()))?;
+    let chain = ChainId::new("bench").map_err(|e| PeerError::Internal(e.to_string()))?;
     // Links between relay processes are up once a circuit over every relay opened.
     drop(open_retry(node, "bench", 3, 1).await?);
     for run in 0..plan.runs {
@@ -842,7 +842,7 @@ async fn build_figures(o: &Overlay, plan: &Plan, rep: &mut Report, quiet: bool) 
                 _ => {
                     failures += 1;
                     if failures > 20 {
-                        return Err(PeerError::Config("circuit builds keep failing".into()));
+                        return Err(PeerError::Process("circuit builds keep failing".into()));
                     }
                     continue;
                 }
@@ -967,7 +967,7 @@ async fn direct_streams(addr: SocketAddr, n: usize) -> Result<Vec<CircuitStream>
 /// Mines `blocks` regtest blocks of about `bytes` bytes each; returns the store and the transactions per
 /// block used.
 fn mine_chain(blocks: u32, bytes: usize) -> Result<(ChainStore, usize, usize), PeerError> {
-    let params = NetParams::by_name("regtest").ok_or(PeerError::Config("no regtest".into()))?;
+    let params = NetParams::by_name("regtest").ok_or(PeerError::Internal("no regtest parameters".into()))?;
     // Size one block to find the transaction count that gives `bytes`.
     let mut probe = ChainStore::new(params.clone())?;
     let guess = 450usize;
@@ -990,7 +990,7 @@ async fn sync_figures(
     rep: &mut Report,
     quiet: bool,
 ) -> Result<(), PeerError> {
-    let params = NetParams::by_name("regtest").ok_or(PeerError::Config("no regtest".into()))?;
+    let params = NetParams::by_name("regtest").ok_or(PeerError::Internal("no regtest parameters".into()))?;
     let node = &o.nodes[0];
     for run in 0..plan.runs {
         let mut times = [0.0f64; 2];
@@ -1062,7 +1062,7 @@ impl Service for Hold {
 
 /// Fetches `n` grants for `chain` with one relay, over a few tracker sessions in parallel.
 async fn prefetch_grants(o: &Overlay, node: &Arc<Node>, n: usize) -> Result<Vec<CircuitGrant>, PeerError> {
-    let chain = ChainId::new("hold").map_err(|e| PeerError::Config(e.to_string()))?;
+    let chain = ChainId::new("hold").map_err(|e| PeerError::Internal(e.to_string()))?;
     let sessions = 4usize;
     let tasks = (0..sessions).map(|i| {
         let (addr, key, id, chain) = (o.tracker, o.tracker_key.clone(), node.identity.clone(), chain.clone());
@@ -1122,11 +1122,11 @@ async fn opens_run(root: &Path, plan: &Plan, run: usize, quiet: bool) -> Result<
     let mut rep = Report::default();
     let budget = plan.crypto_time * 2;
     let (rsa, peel) =
-        tokio::task::spawn_blocking(move || raw_rsa(budget)).await.map_err(|e| PeerError::Config(e.to_string()))??;
+        tokio::task::spawn_blocking(move || raw_rsa(budget)).await.map_err(|e| PeerError::Internal(e.to_string()))??;
     progress(quiet, format!("RSA-OAEP-2048: {rsa:.0} decrypts/s, {peel:.0} TC peels/s per core"));
     rep.add("rsa_decrypts_per_s", "RSA-OAEP-2048 decrypts/s, per core", "/s", None, rsa);
     rep.add("tc_peels_per_s", "TC peels/s, per core", "/s", None, peel);
-    let hold = ChainId::new("hold").map_err(|e| PeerError::Config(e.to_string()))?;
+    let hold = ChainId::new("hold").map_err(|e| PeerError::Internal(e.to_string()))?;
     let specs = vec![NodeSpec { serve: None }, NodeSpec { serve: Some((hold, Arc::new(Hold) as Arc<dyn Service>)) }];
     let o = Overlay::start(&format!("overlay-b{}", run + 1), root, 1, specs, plan.tune, quiet).await?;
     let node = o.nodes[0].clone();
@@ -1135,7 +1135,7 @@ async fn opens_run(root: &Path, plan: &Plan, run: usize, quiet: bool) -> Result<
     let deadline = Instant::now() + Duration::from_secs(30);
     while open_many(&node, prefetch_grants(&o, &node, 1).await?, 1).await.is_empty() {
         if Instant::now() > deadline {
-            return Err(PeerError::Config("no circuit opens through the relay".into()));
+            return Err(PeerError::Process("no circuit opens through the relay".into()));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -1319,7 +1319,7 @@ fn print_json(rep: &Report, plan: &Plan, load: (&str, &str), elapsed: Duration) 
 /// Overlay A (see the module documentation): throughput, relay CPU, build latency.
 async fn overlay_a(root: &Path, plan: &Plan, costs: Option<Costs>, quiet: bool) -> Result<Report, PeerError> {
     let mut rep = Report::default();
-    let bench = ChainId::new("bench").map_err(|e| PeerError::Config(e.to_string()))?;
+    let bench = ChainId::new("bench").map_err(|e| PeerError::Internal(e.to_string()))?;
     // Only the requester, the target and the relay processes: every relay of a path is a measured process.
     let specs = vec![NodeSpec { serve: None }, NodeSpec { serve: Some((bench, Arc::new(Bulk))) }];
     let o = Overlay::start("overlay-a", root, 3, specs, plan.tune, quiet).await?;
@@ -1342,14 +1342,14 @@ async fn overlay_c(root: &Path, plan: &Plan, quiet: bool) -> Result<Report, Peer
     let t = Instant::now();
     let (store, txs, size) = tokio::task::spawn_blocking(move || mine_chain(blocks, bytes))
         .await
-        .map_err(|e| PeerError::Config(e.to_string()))??;
+        .map_err(|e| PeerError::Internal(e.to_string()))??;
     progress(
         quiet,
         format!("mined {blocks} regtest blocks of {size} bytes ({txs} txs each) in {:.1}s", t.elapsed().as_secs_f64()),
     );
     rep.info("sync_block_bytes", size as f64);
     let svc = ChainService::new(chain::shared(store));
-    let regtest = ChainId::new("regtest").map_err(|e| PeerError::Config(e.to_string()))?;
+    let regtest = ChainId::new("regtest").map_err(|e| PeerError::Internal(e.to_string()))?;
     let specs =
         vec![NodeSpec { serve: None }, NodeSpec { serve: Some((regtest, Arc::new(svc.clone()) as Arc<dyn Service>)) }];
     let o = Overlay::start("overlay-c", root, 3, specs, plan.tune, quiet).await?;
@@ -1379,7 +1379,7 @@ where
     let rt = Own(Some(rt));
     let r = task.await;
     drop(rt);
-    r.map_err(|e| PeerError::Config(format!("bench task failed: {e}")))?
+    r.map_err(|e| PeerError::Internal(format!("bench task failed: {e}")))?
 }
 
 /// Runs `anomos bench`. SIGINT or SIGTERM stops it: the overlay's processes are killed, the working directory is
@@ -1393,7 +1393,7 @@ pub async fn run(args: &BenchArgs) -> Result<(), PeerError> {
     }
     super::procs::kill_live_children();
     drop(work);
-    Err(PeerError::Config("bench interrupted by a signal (its processes were killed)".into()))
+    Err(PeerError::Process("bench interrupted by a signal (its processes were killed)".into()))
 }
 
 async fn measure(args: &BenchArgs) -> Result<(), PeerError> {

@@ -104,8 +104,8 @@ pub async fn run(args: &DemoArgs) -> Result<(), PeerError> {
     );
 
     let node_cfg = crate::config::PeerConfig::new(
-        "127.0.0.1:0".parse().map_err(|e| PeerError::Config(format!("{e}")))?,
-        taddr.parse().map_err(|e| PeerError::Config(format!("tracker addr: {e}")))?,
+        "127.0.0.1:0".parse().map_err(|e| PeerError::Internal(format!("{e}")))?,
+        taddr.parse().map_err(|e| PeerError::Process(format!("tracker addr: {e}")))?,
         tfp.clone(),
         root.path.join("requester"),
     );

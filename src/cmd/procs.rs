@@ -138,7 +138,7 @@ pub(crate) async fn spawn_ready(name: &str, args: &[String], log: &Path) -> Resu
     let stdout = child.stdout.take();
     let proc = Proc { name: name.to_string(), child };
     live().push(proc.pid());
-    let stdout = stdout.ok_or(PeerError::Config("no stdout".into()))?;
+    let stdout = stdout.ok_or(PeerError::Process("no stdout".into()))?;
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(Duration::from_secs(120), async {
         while let Ok(Some(l)) = lines.next_line().await {
@@ -150,11 +150,11 @@ pub(crate) async fn spawn_ready(name: &str, args: &[String], log: &Path) -> Resu
     })
     .await
     .map_err(|_| PeerError::Timeout("child process start"))?
-    .ok_or_else(|| PeerError::Config(format!("{name} exited before it was ready; see {}", log.display())))?;
+    .ok_or_else(|| PeerError::Process(format!("{name} exited before it was ready; see {}", log.display())))?;
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
-    let listen = field("listen=").ok_or_else(|| PeerError::Config(format!("bad ready line: {line}")))?;
-    let fp = field("fingerprint=").ok_or_else(|| PeerError::Config(format!("bad ready line: {line}")))?;
+    let listen = field("listen=").ok_or_else(|| PeerError::Process(format!("bad ready line: {line}")))?;
+    let fp = field("fingerprint=").ok_or_else(|| PeerError::Process(format!("bad ready line: {line}")))?;
     Ok((proc, listen, fp))
 }

@@ -23,7 +23,7 @@ pub struct StatusArgs {
 pub async fn run(args: &StatusArgs) -> Result<(), PeerError> {
     let v = crate::control::query(&args.data_dir).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| PeerError::Config(e.to_string()))?);
+        println!("{}", serde_json::to_string_pretty(&v).map_err(|e| PeerError::Internal(e.to_string()))?);
     } else {
         print!("{}", table(&v));
     }
