@@ -1,161 +1,198 @@
-//! The peer's Prometheus exposition (`--metrics ADDR`, `GET /metrics`), served by the responder in
-//! [`anomos_tracker::metrics`]. Every counter is incremented where its event happens (see
-//! [`crate::node::Stats`]); gauges are read at scrape time. docs/OPERATORS.md lists every metric.
+//! The peer's Prometheus metrics (`--metrics ADDR`, `GET /metrics`): a `prometheus-client` [`Collector`] that
+//! reads the node at each scrape, served by the responder in [`anomos_tracker::metrics`]. Every counter is
+//! incremented where its event happens (see [`crate::node::Stats`]); gauges are read at scrape time. Label sets
+//! are enums: the protocol's DENY and BREAK reasons, and the roles, results and phases below.
+//! docs/OPERATORS.md lists every metric; docs/grafana/anomos.json charts them.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
-use anomos_tracker::metrics::{Exposition, Kind};
+use anomos_proto::cell::{BreakReason, DenyReason};
+use anomos_tracker::metrics::{self as m, Collector, DescriptorEncoder, Label, LabelEnum, Registry};
 
 use crate::node::Node;
 
-/// Deny reasons always exposed (0 until seen).
-const DENY_REASONS: &[&str] = &[
-    "bad-tc",
-    "circuit-limit",
-    "expired",
-    "no-such-chain",
-    "no-such-neighbor",
-    "not-neighbor",
-    "protocol",
-    "replayed",
-    "timeout",
-    "wrong-link",
-];
+anomos_tracker::label_enum!(
+    /// A circuit's role at this peer (`anomos_peer_circuits`, `anomos_peer_circuits_opened_total`).
+    Role, "role" {
+        /// Through us.
+        Relay => "relay",
+        /// Ours (the tracker granted it to us).
+        Origin => "origin",
+        /// Ending here.
+        Target => "target",
+        /// OPEN being peeled.
+        Opening => "opening",
+    }
+);
 
-/// Break reasons always exposed (0 until seen).
-const BREAK_REASONS: &[&str] =
-    &["finished", "integrity", "link-failed", "misbehaving", "protocol", "resources", "shutdown", "timeout"];
+anomos_tracker::label_enum!(
+    /// An announce's result (`anomos_peer_announces_total`).
+    AnnounceResult, "result" {
+        /// Accepted by the tracker.
+        Ok => "ok",
+        /// Failed or refused.
+        Failed => "failed",
+    }
+);
 
-/// Renders the node's metrics.
-pub fn render(node: &Node) -> String {
+anomos_tracker::label_enum!(
+    /// The chain sync's phase (`anomos_peer_sync_phase`), as `SyncProgress::phase_name` names it.
+    SyncPhase, "phase" {
+        /// Not fetching.
+        Idle => "idle",
+        /// Fetching headers.
+        Headers => "headers",
+        /// Fetching blocks.
+        Blocks => "blocks",
+        /// Caught up.
+        Synced => "synced",
+    }
+);
+
+/// Reads the node at each scrape (weak: a scrape after shutdown reports nothing).
+struct PeerCollector(Weak<Node>);
+
+impl std::fmt::Debug for PeerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerCollector")
+    }
+}
+
+impl Collector for PeerCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        match self.0.upgrade() {
+            Some(node) => encode(&node, &mut enc),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The registry of the peer's metrics.
+pub fn registry(node: &Arc<Node>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(PeerCollector(Arc::downgrade(node))));
+    r
+}
+
+/// The text exposition of the node's metrics now.
+pub fn render(node: &Arc<Node>) -> String {
+    m::encode(&registry(node))
+}
+
+fn encode(node: &Node, e: &mut DescriptorEncoder) -> std::fmt::Result {
     let st = &node.stats;
     let g = node.gauges();
     let roles = node.circuits_by_role();
-    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-    let mut e = Exposition::new();
-    e.single("anomos_peer_start_time_seconds", Kind::Gauge, "Unix time the peer started.", node.started_unix as f64);
-    e.single("anomos_peer_links", Kind::Gauge, "Live neighbor links.", g.links as f64);
-    e.single("anomos_peer_neighbors", Kind::Gauge, "Neighbors the tracker assigned us.", node.neighbor_count() as f64);
-    e.single("anomos_peer_links_opened_total", Kind::Counter, "Neighbor links that came up.", ld(&st.links_opened));
-    e.single("anomos_peer_links_closed_total", Kind::Counter, "Neighbor links that went down.", ld(&st.links_closed));
-    e.single(
-        "anomos_peer_connections",
-        Kind::Gauge,
-        "Incoming connections open (handshaking, links, probes).",
-        g.conns as f64,
-    );
-    e.by_label(
+    let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let n = |v: usize| v as u64;
+    m::gauge(e, "anomos_peer_start_time_seconds", "Unix time the peer started.", node.started_unix)?;
+    m::gauge(e, "anomos_peer_links", "Live neighbor links.", n(g.links))?;
+    m::gauge(e, "anomos_peer_neighbors", "Neighbors the tracker assigned us.", n(node.neighbor_count()))?;
+    m::counter(e, "anomos_peer_links_opened", "Neighbor links that came up.", ld(&st.links_opened))?;
+    m::counter(e, "anomos_peer_links_closed", "Neighbor links that went down.", ld(&st.links_closed))?;
+    m::gauge(e, "anomos_peer_connections", "Incoming connections open (handshaking, links, probes).", n(g.conns))?;
+    m::gauge_by(
+        e,
         "anomos_peer_circuits",
-        Kind::Gauge,
         "Circuits alive here by role: relay (through us), origin (ours), target (ending here), opening (OPEN being \
          peeled).",
-        "role",
-        [("relay", roles.relay), ("origin", roles.origin), ("target", roles.target), ("opening", roles.opening)]
-            .into_iter()
-            .map(|(r, n)| (r.to_string(), n as f64)),
-    );
-    e.single("anomos_peer_circuits_max", Kind::Gauge, "Circuit limit (--max-circuits).", node.cfg.max_circuits as f64);
-    e.by_label(
-        "anomos_peer_circuits_opened_total",
-        Kind::Counter,
+        Role::all().iter().map(|r| {
+            let v = match r {
+                Role::Relay => roles.relay,
+                Role::Origin => roles.origin,
+                Role::Target => roles.target,
+                Role::Opening => roles.opening,
+            };
+            (Label(*r), n(v))
+        }),
+    )?;
+    m::gauge(e, "anomos_peer_circuits_max", "Circuit limit (--max-circuits).", n(node.cfg.max_circuits))?;
+    m::counter_by(
+        e,
+        "anomos_peer_circuits_opened",
         "Circuits opened since start by role (origin: circuits the tracker granted us).",
-        "role",
-        [("relay", ld(&st.relay_opened)), ("target", ld(&st.target_opened)), ("origin", ld(&st.circuits_granted))]
-            .into_iter()
-            .map(|(r, n)| (r.to_string(), n)),
-    );
-    e.single("anomos_peer_cells_relayed_total", Kind::Counter, "DATA cells relayed.", ld(&st.cells_relayed));
-    e.single("anomos_peer_bytes_relayed_total", Kind::Counter, "DATA payload bytes relayed.", ld(&st.bytes_relayed));
-    e.by_label(
-        "anomos_peer_denies_sent_total",
-        Kind::Counter,
+        [Role::Relay, Role::Target, Role::Origin].into_iter().map(|r| {
+            let v = match r {
+                Role::Relay => ld(&st.relay_opened),
+                Role::Target => ld(&st.target_opened),
+                Role::Origin | Role::Opening => ld(&st.circuits_granted),
+            };
+            (Label(r), v)
+        }),
+    )?;
+    m::counter(e, "anomos_peer_cells_relayed", "DATA cells relayed.", ld(&st.cells_relayed))?;
+    m::counter(e, "anomos_peer_bytes_relayed", "DATA payload bytes relayed.", ld(&st.bytes_relayed))?;
+    m::counter_by(
+        e,
+        "anomos_peer_denies_sent",
         "OPENs this peer refused, by DENY reason.",
-        "reason",
-        st.denies_sent.snapshot(DENY_REASONS),
-    );
-    e.by_label(
-        "anomos_peer_denies_received_total",
-        Kind::Counter,
+        st.denies_sent.by::<DenyReason>(),
+    )?;
+    m::counter_by(
+        e,
+        "anomos_peer_denies_received",
         "Our own circuits refused by a hop, by DENY reason.",
-        "reason",
-        st.denies_received.snapshot(DENY_REASONS),
-    );
-    e.by_label(
-        "anomos_peer_breaks_total",
-        Kind::Counter,
+        st.denies_received.by::<DenyReason>(),
+    )?;
+    m::counter_by(
+        e,
+        "anomos_peer_breaks",
         "Circuits broken that this peer saw fail or tore down itself (link failures, breaks of our own circuits, \
          shutdown), by BREAK reason.",
-        "reason",
-        st.breaks.snapshot(BREAK_REASONS),
-    );
-    e.single(
-        "anomos_peer_queued_cells",
-        Kind::Gauge,
-        "Cells queued on all links (the buffer in use).",
-        g.queued_cells as f64,
-    );
-    e.single(
+        st.breaks.by::<BreakReason>(),
+    )?;
+    m::gauge(e, "anomos_peer_queued_cells", "Cells queued on all links (the buffer in use).", n(g.queued_cells))?;
+    m::gauge(
+        e,
         "anomos_peer_queued_cells_budget",
-        Kind::Gauge,
         "The node's buffer budget in cells (--max-queued-cells).",
-        node.budget.cap() as f64,
-    );
-    e.single("anomos_peer_max_link_queue", Kind::Gauge, "Cells queued on the fullest link.", g.max_link_queue as f64);
-    e.by_label(
-        "anomos_peer_announces_total",
-        Kind::Counter,
+        n(node.budget.cap()),
+    )?;
+    m::gauge(e, "anomos_peer_max_link_queue", "Cells queued on the fullest link.", n(g.max_link_queue))?;
+    m::counter_by(
+        e,
+        "anomos_peer_announces",
         "Announces to the tracker by result.",
-        "result",
-        [("ok", ld(&st.announces_ok)), ("failed", ld(&st.announces_failed))]
-            .into_iter()
-            .map(|(r, n)| (r.to_string(), n)),
-    );
+        [(Label(AnnounceResult::Ok), ld(&st.announces_ok)), (Label(AnnounceResult::Failed), ld(&st.announces_failed))],
+    )?;
     let ts = node.tracker_state();
-    e.single(
+    m::gauge(
+        e,
         "anomos_peer_last_announce_timestamp_seconds",
-        Kind::Gauge,
         "Unix time of the last successful announce (0: none yet).",
-        ts.last_ok_unix.unwrap_or(0) as f64,
-    );
-    e.single("anomos_peer_replay_cache_tags", Kind::Gauge, "Replay tags remembered.", node.replay_len() as f64);
+        ts.last_ok_unix.unwrap_or(0),
+    )?;
+    m::gauge(e, "anomos_peer_replay_cache_tags", "Replay tags remembered.", n(node.replay_len()))?;
     if let Some(c) = node.chain_info() {
         let (height, headers, blocks) = {
             let s = crate::chain::read(&c.store);
             (s.best_tip().1, s.header_count().saturating_sub(1), s.block_count().saturating_sub(1))
         };
-        let labels = [("chain", c.name.as_str()), ("role", c.role)];
-        e.family("anomos_peer_chain_height", Kind::Gauge, "Height of the best chain in the store.");
-        e.sample("anomos_peer_chain_height", &labels, f64::from(height));
-        e.family("anomos_peer_chain_headers", Kind::Gauge, "Headers stored (genesis not counted).");
-        e.sample("anomos_peer_chain_headers", &labels, headers as f64);
-        e.family("anomos_peer_chain_blocks", Kind::Gauge, "Block bodies stored (genesis not counted).");
-        e.sample("anomos_peer_chain_blocks", &labels, blocks as f64);
+        // The chain's name is configuration, not an enum: one series per served or fetched chain.
+        let labels = || [("chain", c.name.as_str()), ("role", c.role)];
+        let chain_gauge =
+            |e: &mut DescriptorEncoder, name: &str, help: &str, v: u64| m::gauge_by(e, name, help, [(labels(), v)]);
+        chain_gauge(e, "anomos_peer_chain_height", "Height of the best chain in the store.", u64::from(height))?;
+        chain_gauge(e, "anomos_peer_chain_headers", "Headers stored (genesis not counted).", headers as u64)?;
+        chain_gauge(e, "anomos_peer_chain_blocks", "Block bodies stored (genesis not counted).", blocks as u64)?;
     }
     let sync = &node.sync;
-    e.by_label(
+    let phase = sync.phase_name();
+    m::gauge_by(
+        e,
         "anomos_peer_sync_phase",
-        Kind::Gauge,
         "1 for the sync's current phase (idle when this peer does not fetch).",
-        "phase",
-        ["idle", "headers", "blocks", "synced"]
-            .into_iter()
-            .map(|p| (p.to_string(), if sync.phase_name() == p { 1.0 } else { 0.0 })),
-    );
-    e.single(
-        "anomos_peer_sync_header_height",
-        Kind::Gauge,
-        "Best header height during a sync.",
-        ld(&sync.header_height),
-    );
-    e.single("anomos_peer_sync_blocks_done", Kind::Gauge, "Blocks stored by the running sync.", ld(&sync.blocks_done));
-    e.single(
+        SyncPhase::all().iter().map(|p| (Label(*p), u64::from(p.as_str() == phase))),
+    )?;
+    m::gauge(e, "anomos_peer_sync_header_height", "Best header height during a sync.", ld(&sync.header_height))?;
+    m::gauge(e, "anomos_peer_sync_blocks_done", "Blocks stored by the running sync.", ld(&sync.blocks_done))?;
+    m::gauge(
+        e,
         "anomos_peer_sync_blocks_total",
-        Kind::Gauge,
         "Blocks the running sync has to fetch (done + missing, as far as known).",
         ld(&sync.blocks_total),
-    );
-    e.finish()
+    )
 }
 
 /// Starts the metrics responder if the node's configuration asks for it; returns the bound address.
@@ -163,12 +200,7 @@ pub async fn start(node: &Arc<Node>) -> Result<Option<std::net::SocketAddr>, cra
     let Some(addr) = node.cfg.metrics else {
         return Ok(None);
     };
-    let n = Arc::downgrade(node);
-    let render: anomos_tracker::metrics::Render = Arc::new(move || match n.upgrade() {
-        Some(node) => render(&node),
-        None => String::new(),
-    });
-    let (bound, _task) = anomos_tracker::metrics::serve(addr, render)
+    let (bound, _task) = m::serve(addr, Arc::new(registry(node)))
         .await
         .map_err(|e| crate::PeerError::Config(format!("--metrics {addr}: {e}")))?;
     Ok(Some(bound))

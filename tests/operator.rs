@@ -23,10 +23,12 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no header end: {out:?}"));
     let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status code");
     if code == 200 {
-        assert!(head.contains("Content-Type: text/plain; version=0.0.4"), "{head}");
+        // Header names are case-insensitive (hyper writes them in lower case).
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("content-type: text/plain; version=0.0.4"), "{head}");
         let len: usize = head
             .lines()
-            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .find_map(|l| l.strip_prefix("content-length: "))
             .and_then(|v| v.trim().parse().ok())
             .expect("content length");
         assert_eq!(len, body.len(), "content length");

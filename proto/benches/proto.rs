@@ -14,7 +14,10 @@
 //!   loop malloc hands back the same chunk every time, so the difference is only the zeroing and bookkeeping;
 //!   in a relay without the pool the payload is freed on another task after the write, and glibc's heap
 //!   trimming then makes the allocation cost page faults (docs/PERFORMANCE.md);
-//! * `rsa_oaep_decrypt/{2048,3072}`: the RSA private-key operation alone.
+//! * `rsa_oaep_decrypt/{2048,3072}`: the RSA private-key operation alone;
+//! * `rsa_pss_sign/{aws_lc,rsa_crate}_{2048,3072}`: one RSA-PSS(SHA-256) signature (probe answer, link AUTH,
+//!   tracker Hello) by AWS-LC, what peers and trackers run, and by the `rsa` crate's seeded signer, which only the
+//!   test vectors use and which signed everything before (SPEC §11.8).
 //!
 //! The summary also times the acceptor refusing a link AUTH for a fingerprint that is not its neighbor and for a
 //! neighbor's with a bad signature (`auth_refused_*_us`): the two should take about as long (SPEC open issue 10).
@@ -280,6 +283,14 @@ fn benches(c: &mut Criterion, ids: &Ids) {
         });
     }
     g.finish();
+    let mut g = c.benchmark_group("rsa_pss_sign");
+    for (bits, id) in [(2048, &ids.k2048[0]), (3072, &ids.k3072)] {
+        let seeded = id.clone().with_seeded_signer();
+        let mut r = rng(11);
+        g.bench_function(format!("aws_lc_{bits}"), |b| b.iter(|| id.sign(&mut r, black_box(&[7; 64]))));
+        g.bench_function(format!("rsa_crate_{bits}"), |b| b.iter(|| seeded.sign(&mut r, black_box(&[7; 64]))));
+    }
+    g.finish();
 }
 
 /// Mean seconds per call of `f`, timed over at least `budget` after a short warm-up.
@@ -338,6 +349,13 @@ fn summary(ids: &Ids, budget: Duration) {
     let oaep = time(budget, || {
         black_box(ids.k2048[0].decrypt(&ct, "bench").expect("decrypt"));
     });
+    let sign_aws_lc = time(budget, || {
+        black_box(ids.k2048[0].sign(&mut r, &[7; 64]));
+    });
+    let seeded = ids.k2048[0].clone().with_seeded_signer();
+    let sign_rsa_crate = time(budget, || {
+        black_box(seeded.sign(&mut r, &[7; 64]));
+    });
     let (mut d, mut a) = link_pair(ids);
     let mut buf = Box::new([0u8; SEALED_CELL_LEN]);
     sample_cell().encode_into((&mut buf[..CELL_LEN]).try_into().expect("len"));
@@ -374,7 +392,8 @@ fn summary(ids: &Ids, budget: Duration) {
         "SUMMARY tc_peel_2048_ms={:.3} tc_peel_3072_ms={:.3} tc_build_4hop_ms={:.3} rsa_oaep_decrypt_2048_ms={:.3} \
          cell_seal_open_MBps={:.1} raw_gcm_seal_open_MBps={:.1} ratio={:.3} rustcrypto_gcm_seal_open_MBps={:.1} \
          hop_forward_MBps={:.1} tc_len={} relay_cell_us={:.3} relay_cell_reuse_us={:.3} relay_cell_ms_per_MB={:.3} \
-         relay_cell_reuse_ms_per_MB={:.3} auth_refused_stranger_us={:.1} auth_refused_bad_signature_us={:.1}",
+         relay_cell_reuse_ms_per_MB={:.3} auth_refused_stranger_us={:.1} auth_refused_bad_signature_us={:.1} \
+         rsa_pss_sign_2048_ms={:.3} rsa_pss_sign_2048_rsa_crate_ms={:.3}",
         peel2048 * 1e3,
         peel3072 * 1e3,
         build * 1e3,
@@ -392,6 +411,8 @@ fn summary(ids: &Ids, budget: Duration) {
         relay_reuse * 1e3 * 1e6 / 4093.0,
         stranger * 1e6,
         bad_sig * 1e6,
+        sign_aws_lc * 1e3,
+        sign_rsa_crate * 1e3,
     );
 }
 

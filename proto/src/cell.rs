@@ -82,6 +82,8 @@ macro_rules! reason_enum {
             Other(u8),
         }
         impl $name {
+            /// Every code this version knows (not `Other`), in wire-code order: the label values of the metrics.
+            pub const KNOWN: &'static [$name] = &[$($name::$v,)*];
             /// Wire code.
             pub fn code(self) -> u8 { match self { $($name::$v => $n,)* $name::Other(c) => c } }
             /// From a wire code.

@@ -8,7 +8,10 @@
 //!   runs in AWS-LC through `aws-lc-rs`: constant-time exponentiation with blinding and a constant-time OAEP
 //!   padding check, so its timing depends neither on the key nor on the ciphertext. The pure-Rust `rsa` crate is
 //!   not constant-time (RUSTSEC-2023-0071, "Marvin"); it keeps key generation, PEM/DER encoding, public-key
-//!   encryption, verification and PSS signing (blinded, over a hash with a random salt; see `Identity::sign`).
+//!   encryption and verification, none of which touches the private key with attacker-chosen input.
+//! * PSS signing (probe answers, link AUTH, the tracker Hello) runs in AWS-LC too ([`Signer::AwsLc`]), for every
+//!   identity that is generated, parsed or loaded. Only the known-answer vectors (SPEC Appendix A), which need
+//!   the salt drawn from a seeded rng, opt in to the `rsa` crate's signer ([`Identity::with_seeded_signer`]).
 //!   SPEC.md §11.8.
 
 use rand::{CryptoRng, RngCore};
@@ -170,20 +173,34 @@ impl PublicKey {
     }
 }
 
+/// Which implementation makes an identity's RSA-PSS(SHA-256) signatures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signer {
+    /// AWS-LC: constant-time, blinded; the 32-byte salt comes from AWS-LC's own generator, so the `rng` given to
+    /// [`Identity::sign`] is not used. Every identity that is generated, parsed or loaded signs this way.
+    AwsLc,
+    /// The `rsa` crate with the salt drawn from the caller's rng: the same rng state gives the same signature.
+    /// Only for reproducible test vectors: the `rsa` crate's private-key operation is not constant-time
+    /// (RUSTSEC-2023-0071).
+    SeededRsaCrate,
+}
+
 /// A private identity: the RSA private key and its public half.
 ///
-/// The key is held twice: as an `rsa` key (encoding, signing) and parsed once into AWS-LC's decryption key, which
-/// does every decryption.
+/// The key is held twice: as an `rsa` key (encoding; the seeded signer of the test vectors) and parsed once into
+/// AWS-LC's decryption and signing keys, which do every private-key operation of a running peer or tracker.
 #[derive(Clone)]
 pub struct Identity {
     private: RsaPrivateKey,
     public: PublicKey,
     ct: Arc<ConstantTime>,
+    signer: Signer,
 }
 
 /// AWS-LC's view of the private key (parsed once from its PKCS#8 DER).
 struct ConstantTime {
     decrypting: aws_lc_rs::rsa::OaepPrivateDecryptingKey,
+    signing: aws_lc_rs::signature::RsaKeyPair,
 }
 
 impl std::fmt::Debug for Identity {
@@ -210,7 +227,24 @@ impl Identity {
         let decrypting = aws_lc_rs::rsa::PrivateDecryptingKey::from_pkcs8(der.as_bytes()).map_err(bad)?;
         let decrypting = aws_lc_rs::rsa::OaepPrivateDecryptingKey::new(decrypting)
             .map_err(|_| ProtoError::BadKey("AWS-LC refused the key for OAEP".into()))?;
-        Ok(Identity { private, public, ct: Arc::new(ConstantTime { decrypting }) })
+        let signing = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(der.as_bytes()).map_err(bad)?;
+        if signing.public_modulus_len() != public.size() {
+            return Err(ProtoError::BadKey("AWS-LC parsed a different modulus size".into()));
+        }
+        Ok(Identity { private, public, ct: Arc::new(ConstantTime { decrypting, signing }), signer: Signer::AwsLc })
+    }
+
+    /// The same identity, signing with the `rsa` crate and the caller's rng ([`Signer::SeededRsaCrate`]), so that a
+    /// seeded rng reproduces every signature. For the known-answer vectors (SPEC Appendix A) only: that signer is
+    /// not constant-time (RUSTSEC-2023-0071). Nothing in the peer or the tracker calls this.
+    pub fn with_seeded_signer(mut self) -> Self {
+        self.signer = Signer::SeededRsaCrate;
+        self
+    }
+
+    /// Which implementation signs for this identity.
+    pub fn signer(&self) -> Signer {
+        self.signer
     }
 
     /// Parses a PKCS#8 PEM private key.
@@ -250,12 +284,30 @@ impl Identity {
         pt.map_err(|_| ProtoError::RsaDecrypt(what))
     }
 
-    /// RSA-PSS(SHA-256) signature over `msg` (salt of 32 bytes drawn from `rng`, blinded). This is the one
-    /// private-key operation left in the `rsa` crate: AWS-LC draws PSS salts from its own RNG, which would make
-    /// the handshake and probe test vectors (SPEC Appendix A) impossible to reproduce; the exponent input is a
-    /// hash padded with a random salt, never attacker-chosen, and blinded (SPEC §11.8).
+    /// RSA-PSS(SHA-256, MGF1-SHA-256, salt of 32 bytes) signature over `msg`, exactly the modulus size.
+    ///
+    /// With [`Signer::AwsLc`] (every identity a peer or tracker loads) AWS-LC signs in constant time and draws
+    /// the salt itself: `rng` is not used. With [`Signer::SeededRsaCrate`] ([`Identity::with_seeded_signer`], test
+    /// vectors only) the `rsa` crate signs, blinded, with the salt drawn from `rng`. Both verify with
+    /// [`PublicKey::verify`] (SPEC §11.8).
     pub fn sign<R: RngCore + CryptoRng>(&self, rng: &mut R, msg: &[u8]) -> Vec<u8> {
-        BlindedSigningKey::<Sha256>::new(self.private.clone()).sign_with_rng(rng, msg).to_vec()
+        match self.signer {
+            Signer::AwsLc => {
+                let mut sig = vec![0u8; self.public.size()];
+                // AWS-LC ignores this argument (its own generator draws the salt); it is here for ring's API.
+                let unused = aws_lc_rs::rand::SystemRandom::new();
+                self.ct
+                    .signing
+                    .sign(&aws_lc_rs::signature::RSA_PSS_SHA256, &unused, msg, &mut sig)
+                    // Fails only on a buffer of the wrong size or an allocation failure inside AWS-LC: the buffer
+                    // is the modulus size, checked against AWS-LC's key when the identity was made.
+                    .expect("AWS-LC RSA-PSS signing into a modulus-sized buffer");
+                sig
+            }
+            Signer::SeededRsaCrate => {
+                BlindedSigningKey::<Sha256>::new(self.private.clone()).sign_with_rng(rng, msg).to_vec()
+            }
+        }
     }
 }
 

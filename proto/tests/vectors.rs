@@ -103,11 +103,12 @@ impl Vectors {
     }
 }
 
-/// Loads a committed PEM identity from `tests/vectors/keys/`.
+/// Loads a committed PEM identity from `tests/vectors/keys/`, signing with the seeded signer so that the
+/// committed signatures are reproduced (`Identity::with_seeded_signer`).
 fn identity(file: &str) -> Identity {
     let path = dir().join("keys").join(file);
     let pem = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    Identity::from_pkcs8_pem(&pem).unwrap_or_else(|e| panic!("{file}: {e}"))
+    Identity::from_pkcs8_pem(&pem).unwrap_or_else(|e| panic!("{file}: {e}")).with_seeded_signer()
 }
 
 #[test]

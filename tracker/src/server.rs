@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::TrackerArgs;
 use crate::error::TrackerError;
+use crate::metrics::Refusal;
 use crate::service::{error_reply, Service};
 
 /// Default time allowed from connecting to a verified `Hello` (`--hello-timeout`).
@@ -230,9 +231,12 @@ pub async fn run_until(
     let _metrics = match metrics_addr {
         Some(addr) => {
             let (svc, sess) = (Arc::clone(&service), Arc::clone(&sessions));
-            let render: crate::metrics::Render =
-                Arc::new(move || svc.render_metrics(max_sessions - sess.available_permits()));
-            let (bound, task) = crate::metrics::serve(addr, render)
+            let gauges = crate::service::TrackerGauges {
+                service: Arc::downgrade(&svc),
+                open_sessions: Box::new(move || max_sessions - sess.available_permits()),
+            };
+            let registry = Arc::new(svc.metrics.registry(gauges));
+            let (bound, task) = crate::metrics::serve(addr, registry)
                 .await
                 .map_err(|e| TrackerError::io(format!("binding the metrics address {addr}"), e))?;
             Some((bound, AbortOnDrop(task)))
@@ -284,13 +288,13 @@ pub async fn run_until(
                 };
                 let Ok(permit) = Arc::clone(&sessions).try_acquire_owned() else {
                     warn!(%addr, limit = max_sessions, "connection dropped: too many sessions");
-                    service.metrics.refused.inc("session-limit");
+                    service.metrics.refused.inc(Refusal::SessionLimit);
                     drop(stream);
                     continue;
                 };
                 let Some(slot) = limits.conn(addr.ip()) else {
                     warn!(%addr, limit = limits.per_ip_max, "connection dropped: too many sessions from this address");
-                    service.metrics.refused.inc("session-limit-per-ip");
+                    service.metrics.refused.inc(Refusal::SessionLimitPerIp);
                     drop(stream);
                     continue;
                 };
@@ -425,8 +429,8 @@ async fn session(
         }
         Err(e) => {
             service.metrics.refused.inc(match &e {
-                SessionError::Refused(why) if why.starts_with("ClientHello rate") => "hello-rate",
-                _ => "handshake",
+                SessionError::Refused(why) if why.starts_with("ClientHello rate") => Refusal::HelloRate,
+                _ => Refusal::Handshake,
             });
             return Err(e);
         }
@@ -443,12 +447,12 @@ async fn session(
         };
         let reply = match msg.validate() {
             Err(e) => {
-                service.metrics.refused.inc("bad-request");
+                service.metrics.refused.inc(Refusal::BadRequest);
                 error_reply(ErrorCode::BadRequest, e.to_string())
             }
             Ok(()) => match msg {
                 ToTracker::Hello { .. } => {
-                    service.metrics.refused.inc("bad-request");
+                    service.metrics.refused.inc(Refusal::BadRequest);
                     error_reply(ErrorCode::BadRequest, "already authenticated")
                 }
                 ToTracker::Announce(a) => service.announce(&key, a, remote_ip).await,

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use crate::circuits::{self, CircuitBook, REMEMBER_AFTER_EXPIRY};
 use crate::config::TrackerArgs;
 use crate::graph::{Graph, GraphError};
-use crate::metrics::{Counter, Exposition, Kind, LabeledCounter};
+use crate::metrics::{self, Collector, Counter, EnumCounter, Refusal, Registry, ReportKind};
 use crate::probe::{self, PROBE_TIMEOUT};
 
 /// Requests with more onion layers than this build their tracking codes on the blocking pool.
@@ -61,9 +61,9 @@ pub(crate) struct TrackerMetrics {
     /// Circuits (tracking codes) issued.
     pub(crate) circuits_issued: Counter,
     /// Requests and connections refused, by reason.
-    pub(crate) refused: LabeledCounter,
+    pub(crate) refused: EnumCounter<Refusal>,
     /// Failure reports, by kind.
-    pub(crate) reports: LabeledCounter,
+    pub(crate) reports: EnumCounter<ReportKind>,
     /// Peers expired for silence.
     pub(crate) expired: Counter,
     /// Sessions authenticated.
@@ -71,22 +71,6 @@ pub(crate) struct TrackerMetrics {
     /// Key fetches answered.
     pub(crate) key_fetches: Counter,
 }
-
-/// Every refusal reason the tracker counts (exposed with 0 before the first one).
-pub(crate) const REFUSAL_REASONS: &[&str] = &[
-    "bad-request",
-    "foreign-address",
-    "full",
-    "hello-rate",
-    "handshake",
-    "no-path",
-    "report-rate",
-    "session-limit",
-    "session-limit-per-ip",
-    "unknown-peer",
-    "unreachable",
-    "unusable-address",
-];
 
 /// The request handlers, shared by every session.
 pub(crate) struct Service {
@@ -143,13 +127,13 @@ impl Service {
         let listen = ann.listen;
         if unusable_listen_ip(listen.ip()) {
             warn!(peer = %id.short(), %listen, "announce refused: unusable listen address");
-            self.metrics.refused.inc("unusable-address");
+            self.metrics.refused.inc(Refusal::UnusableAddress);
             return error_reply(ErrorCode::BadRequest, format!("cannot reach a peer at {listen}"));
         }
         // Compared canonically: on a dual-stack socket an IPv4 peer's source reads as ::ffff:a.b.c.d.
         if !self.args.allow_foreign_announce && remote_ip.to_canonical() != listen.ip().to_canonical() {
             warn!(peer = %id.short(), %listen, from = %remote_ip, "announce refused: address is not the session's");
-            self.metrics.refused.inc("foreign-address");
+            self.metrics.refused.inc(Refusal::ForeignAddress);
             return error_reply(
                 ErrorCode::BadRequest,
                 format!("announced address {listen} is not the address this session comes from"),
@@ -159,13 +143,13 @@ impl Service {
             let st = self.lock();
             if st.graph.get(&id).is_none() && st.graph.len() >= self.args.max_peers {
                 warn!(peer = %id.short(), peers = st.graph.len(), "announce refused: tracker full");
-                self.metrics.refused.inc("full");
+                self.metrics.refused.inc(Refusal::Full);
                 return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
             }
         }
         if let Err(e) = probe::check(listen, &id, PROBE_TIMEOUT).await {
             warn!(peer = %id.short(), %listen, reason = %e, "announce refused: reachability check failed");
-            self.metrics.refused.inc("unreachable");
+            self.metrics.refused.inc(Refusal::Unreachable);
             return error_reply(ErrorCode::Unreachable, format!("{listen} did not answer with your key: {e}"));
         }
 
@@ -175,7 +159,7 @@ impl Service {
             Ok(done) => done,
             Err(_) => {
                 warn!(peer = %id.short(), "announce refused: tracker full");
-                self.metrics.refused.inc("full");
+                self.metrics.refused.inc(Refusal::Full);
                 return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
             }
         };
@@ -226,12 +210,12 @@ impl Service {
                 Ok(paths) => paths,
                 Err(GraphError::UnknownPeer) => {
                     info!(peer = %peer.short(), "circuit request refused: peer not announced");
-                    self.metrics.refused.inc("unknown-peer");
+                    self.metrics.refused.inc(Refusal::UnknownPeer);
                     return error_reply(ErrorCode::UnknownPeer, "announce first");
                 }
                 Err(_) => {
                     info!(peer = %peer.short(), chain = %req.chain, relays, "circuit request: no path");
-                    self.metrics.refused.inc("no-path");
+                    self.metrics.refused.inc(Refusal::NoPath);
                     return error_reply(ErrorCode::NoPath, format!("no path with {relays} relays to {}", req.chain));
                 }
             };
@@ -249,7 +233,7 @@ impl Service {
             plan.build(&mut OsRng)
         };
         if issued.is_empty() {
-            self.metrics.refused.inc("no-path");
+            self.metrics.refused.inc(Refusal::NoPath);
             return error_reply(ErrorCode::NoPath, "no circuit could be built");
         }
         let mut grants = Vec::with_capacity(issued.len());
@@ -260,7 +244,7 @@ impl Service {
                 grants.push(i.grant);
             }
         }
-        self.metrics.circuits_issued.add(grants.len() as u64);
+        self.metrics.circuits_issued.inc_by(grants.len() as u64);
         info!(
             peer = %peer.short(), chain = %req.chain, requested = req.count, issued = grants.len(),
             hops = relays + 1, "circuits issued"
@@ -280,14 +264,9 @@ impl Service {
         let mut st = self.lock();
         let now = Instant::now();
         let kind = rep.kind;
-        self.metrics.reports.inc(match kind {
-            FailureKind::NeighborUnreachable => "neighbor-unreachable",
-            FailureKind::CircuitDenied(_) => "circuit-denied",
-            FailureKind::CircuitBroken(_) => "circuit-broken",
-            FailureKind::Misbehaving => "misbehaving",
-        });
+        self.metrics.reports.inc(ReportKind::from(&kind));
         if !Self::report_allowed(&mut st.reports, reporter, now, self.args.max_peers) {
-            self.metrics.refused.inc("report-rate");
+            self.metrics.refused.inc(Refusal::ReportRate);
             debug!(reporter = %reporter.short(), ?kind, "failure report ignored: reporter over its report rate");
             return FromTracker::Ack;
         }
@@ -392,69 +371,6 @@ impl Service {
         (st.graph.len(), st.graph.edge_count(), st.book.len())
     }
 
-    /// The Prometheus exposition of the tracker (`open_sessions`: connections open now).
-    pub(crate) fn render_metrics(&self, open_sessions: usize) -> String {
-        let m = &self.metrics;
-        let (peers, edges, remembered) = self.sizes();
-        let mut e = Exposition::new();
-        e.single("anomos_tracker_peers", Kind::Gauge, "Peers announced and not expired.", peers as f64);
-        e.single("anomos_tracker_edges", Kind::Gauge, "Edges of the neighbor graph.", edges as f64);
-        e.single(
-            "anomos_tracker_remembered_circuits",
-            Kind::Gauge,
-            "Issued circuits remembered for failure reports.",
-            remembered as f64,
-        );
-        e.single("anomos_tracker_sessions", Kind::Gauge, "Peer connections open now.", open_sessions as f64);
-        e.single("anomos_tracker_sessions_total", Kind::Counter, "Sessions authenticated.", m.sessions.get() as f64);
-        e.single(
-            "anomos_tracker_key_fetches_total",
-            Kind::Counter,
-            "Key fetches answered.",
-            m.key_fetches.get() as f64,
-        );
-        e.single("anomos_tracker_announces_total", Kind::Counter, "Successful announces.", m.announces.get() as f64);
-        e.single(
-            "anomos_tracker_new_peers_total",
-            Kind::Counter,
-            "Announces from peers the tracker did not know.",
-            m.new_peers.get() as f64,
-        );
-        e.single(
-            "anomos_tracker_peers_expired_total",
-            Kind::Counter,
-            "Peers expired for silence.",
-            m.expired.get() as f64,
-        );
-        e.single(
-            "anomos_tracker_circuit_requests_total",
-            Kind::Counter,
-            "Valid circuit requests received.",
-            m.circuit_requests.get() as f64,
-        );
-        e.single(
-            "anomos_tracker_circuits_issued_total",
-            Kind::Counter,
-            "Circuits (tracking codes) issued.",
-            m.circuits_issued.get() as f64,
-        );
-        e.by_label(
-            "anomos_tracker_refused_total",
-            Kind::Counter,
-            "Requests and connections refused, by reason.",
-            "reason",
-            m.refused.snapshot(REFUSAL_REASONS),
-        );
-        e.by_label(
-            "anomos_tracker_reports_total",
-            Kind::Counter,
-            "Failure reports received, by kind.",
-            "kind",
-            m.reports.snapshot(&["circuit-broken", "circuit-denied", "misbehaving", "neighbor-unreachable"]),
-        );
-        e.finish()
-    }
-
     /// Expires silent peers and forgets old circuits.
     pub(crate) fn housekeeping(&self) {
         let now = Instant::now();
@@ -463,12 +379,62 @@ impl Service {
         let forgotten = st.book.prune(now);
         let (peers, edges, circuits) = (st.graph.len(), st.graph.edge_count(), st.book.len());
         drop(st);
-        self.metrics.expired.add(expired.len() as u64);
+        self.metrics.expired.inc_by(expired.len() as u64);
         for e in &expired {
             info!(peer = %e.id.short(), lost_edges = e.edges, peers, edges, "peer expired");
         }
         if forgotten > 0 {
             debug!(forgotten, remembered = circuits, "old circuits forgotten");
         }
+    }
+}
+
+impl TrackerMetrics {
+    /// The tracker's metrics registry: these counters, and `gauges` read at each scrape. Metric names are those
+    /// of docs/OPERATORS.md (counters are registered without `_total`, which the exposition appends).
+    pub(crate) fn registry(&self, gauges: impl Collector) -> Registry {
+        let mut r = Registry::default();
+        r.register_collector(Box::new(gauges));
+        r.register("anomos_tracker_sessions", "Sessions authenticated", self.sessions.clone());
+        r.register("anomos_tracker_key_fetches", "Key fetches answered", self.key_fetches.clone());
+        r.register("anomos_tracker_announces", "Successful announces", self.announces.clone());
+        r.register("anomos_tracker_new_peers", "Announces from peers the tracker did not know", self.new_peers.clone());
+        r.register("anomos_tracker_peers_expired", "Peers expired for silence", self.expired.clone());
+        r.register("anomos_tracker_circuit_requests", "Valid circuit requests received", self.circuit_requests.clone());
+        r.register("anomos_tracker_circuits_issued", "Circuits (tracking codes) issued", self.circuits_issued.clone());
+        self.refused.register(&mut r, "anomos_tracker_refused", "Requests and connections refused, by reason");
+        self.reports.register(&mut r, "anomos_tracker_reports", "Failure reports received, by kind");
+        r
+    }
+}
+
+/// The tracker's gauges, read at each scrape: graph sizes and open sessions.
+pub(crate) struct TrackerGauges {
+    /// The service (weak: a scrape after shutdown reports nothing).
+    pub(crate) service: std::sync::Weak<Service>,
+    /// Peer connections open now.
+    pub(crate) open_sessions: Box<dyn Fn() -> usize + Send + Sync>,
+}
+
+impl std::fmt::Debug for TrackerGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TrackerGauges")
+    }
+}
+
+impl Collector for TrackerGauges {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let Some(service) = self.service.upgrade() else { return Ok(()) };
+        let (peers, edges, remembered) = service.sizes();
+        let n = |v: usize| v as u64;
+        metrics::gauge(&mut enc, "anomos_tracker_peers", "Peers announced and not expired.", n(peers))?;
+        metrics::gauge(&mut enc, "anomos_tracker_edges", "Edges of the neighbor graph.", n(edges))?;
+        metrics::gauge(
+            &mut enc,
+            "anomos_tracker_remembered_circuits",
+            "Issued circuits remembered for failure reports.",
+            n(remembered),
+        )?;
+        metrics::gauge(&mut enc, "anomos_tracker_sessions", "Peer connections open now.", n((self.open_sessions)()))
     }
 }
