@@ -26,7 +26,7 @@ use rsa::traits::PrivateKeyParts;
 use rsa::{BigUint, RsaPrivateKey};
 
 /// A simulated peer's identity: its public key as the protocol sends it, and AWS-LC's signing key (PSS-SHA256
-/// with a 32-byte salt, what `Identity::sign` produces; AWS-LC signs about twice as fast as the `rsa` crate).
+/// with a 32-byte salt, what `Identity::sign` produces, but in AWS-LC rather than the pure-Rust `rsa` crate).
 pub struct PeerKey {
     pub der: Vec<u8>,
     pair: RsaKeyPair,

@@ -54,7 +54,11 @@ struct Session {
 }
 
 fn err_kind(e: &std::io::Error) -> String {
-    format!("io:{:?}", e.kind())
+    match e.raw_os_error() {
+        // EMFILE: the generator itself is out of descriptors (its open-file limit, not the tracker's doing).
+        Some(24) => "io:EMFILE".into(),
+        _ => format!("io:{:?}", e.kind()),
+    }
 }
 
 async fn io<T>(what: &str, f: impl std::future::Future<Output = std::io::Result<T>>) -> Result<T, String> {
@@ -146,7 +150,8 @@ impl Peer {
         let setup = t.elapsed();
         ctx.stats.sessions.record(ctx.start, setup);
         let r = s.request(msg).await;
-        if r.is_ok() || r.as_ref().is_err_and(|e| e.starts_with("tracker:")) {
+        let keep = !ctx.reuse_idle.is_zero();
+        if keep && (r.is_ok() || r.as_ref().is_err_and(|e| e.starts_with("tracker:"))) {
             *slot = Some((s, Instant::now()));
         }
         r.map(|reply| (reply, Some(setup)))
