@@ -188,20 +188,39 @@ impl Dialer {
 }
 
 impl DialerAuthSent {
-    /// Processes AUTH_REPLY (including its length prefix); on success the link keys.
-    pub fn on_auth_reply(self, msg: &[u8]) -> Result<LinkCipher> {
+    /// The part of [`DialerAuthSent::on_auth_reply`] before its RSA step: removes the frame, opens AUTH_REPLY and
+    /// parses it into the acceptor's status and the rest of the plaintext (the acceptor's signature, not yet
+    /// verified). Public so the fuzz target `auth_body` can run it on hostile bytes at full speed, without the
+    /// RSA signing that building a `DialerAuthSent` costs; [`DialerAuthSent::on_auth_reply`] is the only other
+    /// caller.
+    pub fn open_auth_reply(&self, msg: &[u8]) -> Result<(AuthStatus, Vec<u8>)> {
         let body = strip_frame(msg, "link auth reply")?;
         let pt = AeadCounter::new(&self.hs_a).open(b"", body, "link auth reply")?;
         let mut p = pt.as_slice();
         let status = AuthStatus::from_u8(take_array::<1>(&mut p, "auth status")?[0])?;
+        Ok((status, p.to_vec()))
+    }
+
+    /// Processes AUTH_REPLY (including its length prefix); on success the link keys.
+    pub fn on_auth_reply(self, msg: &[u8]) -> Result<LinkCipher> {
+        let (status, sig) = self.open_auth_reply(msg)?;
         if status != AuthStatus::Ok {
             return Err(ProtoError::LinkRefused(status));
         }
-        self.acceptor.verify(&[SIG_ACCEPTOR, &self.th2, &self.my_fp.0].concat(), p, "acceptor link auth")?;
+        self.acceptor.verify(&[SIG_ACCEPTOR, &self.th2, &self.my_fp.0].concat(), &sig, "acceptor link auth")?;
         let th3 = sha256(&[&self.th2, msg]);
         let (d2a, a2d) = link_keys(&th3, &self.dh, self.nid);
         Ok(LinkCipher::new(&d2a, &a2d, self.acceptor.fingerprint(), self.nid, true))
     }
+}
+
+/// AUTH as the acceptor reads it before any RSA operation: who the dialer claims to be, and its signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DialerAuth {
+    /// The dialer's claimed fingerprint.
+    pub fp: Fingerprint,
+    /// The dialer's signature (not yet verified; any length up to what the frame holds).
+    pub sig: Vec<u8>,
 }
 
 /// Acceptor, after sending REPLY.
@@ -237,6 +256,23 @@ impl Acceptor {
         Ok((Acceptor { th1, dh, hs_d, hs_a }, reply))
     }
 
+    /// The part of [`Acceptor::on_auth`] before its RSA steps: removes AUTH's frame, opens it under the dialer's
+    /// handshake key and parses the claimed fingerprint and the signature. Public so the fuzz target `auth_body`
+    /// can run it on hostile bytes at full speed (one `Acceptor`, no signature check or signing per input);
+    /// [`Acceptor::on_auth`] is the only other caller.
+    pub fn open_auth(&self, msg: &[u8]) -> Result<DialerAuth> {
+        let body = strip_frame(msg, "link auth")?;
+        let pt = AeadCounter::new(&self.hs_d).open(b"", body, "link auth")?;
+        let mut p = pt.as_slice();
+        let fp = Fingerprint(take_array(&mut p, "auth fingerprint")?);
+        let sig_len = take_u16(&mut p, "auth signature length")? as usize;
+        let sig = take(&mut p, sig_len, "auth signature")?.to_vec();
+        if !p.is_empty() {
+            return Err(ProtoError::Invalid { what: "link auth", detail: "trailing bytes".into() });
+        }
+        Ok(DialerAuth { fp, sig })
+    }
+
     /// Processes AUTH (with its length prefix). `lookup` maps a fingerprint to that neighbor's key and edge,
     /// or `None` if it is not a current neighbor; `busy` (asked only for an authenticated neighbor) refuses it
     /// for lack of room. Errors here are fatal garbage (no reply possible); refusals come back in
@@ -249,15 +285,8 @@ impl Acceptor {
         lookup: impl FnOnce(&Fingerprint) -> Option<(PublicKey, NeighborId)>,
         busy: impl FnOnce(NeighborId) -> bool,
     ) -> Result<AcceptOutcome> {
-        let body = strip_frame(msg, "link auth")?;
-        let pt = AeadCounter::new(&self.hs_d).open(b"", body, "link auth")?;
-        let mut p = pt.as_slice();
-        let fp = Fingerprint(take_array(&mut p, "auth fingerprint")?);
-        let sig_len = take_u16(&mut p, "auth signature length")? as usize;
-        let sig = take(&mut p, sig_len, "auth signature")?;
-        if !p.is_empty() {
-            return Err(ProtoError::Invalid { what: "link auth", detail: "trailing bytes".into() });
-        }
+        let DialerAuth { fp, sig } = self.open_auth(msg)?;
+        let sig = sig.as_slice();
         let th2 = sha256(&[&self.th1, msg]);
         let signed = [SIG_DIALER, &self.th1, &me.fingerprint().0].concat();
         let (status, found) = match lookup(&fp) {

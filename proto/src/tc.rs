@@ -19,7 +19,7 @@ use rand::{CryptoRng, RngCore};
 
 use crate::crypto::{gcm_open_once, gcm_seal_once, kdf, kdf_stream, Secret, TAG_LEN};
 use crate::error::{take, take_array, take_u64, ProtoError, Result};
-use crate::identity::{Identity, PublicKey};
+use crate::identity::{Identity, PublicKey, ALLOWED_KEY_BITS};
 use crate::ids::{ChainId, NeighborId, SessionId, CHAIN_ID_MAX};
 
 /// Size of every tracking code (as in the original Anomos).
@@ -30,7 +30,8 @@ pub const LAYER_HEADER_LEN: usize = 160;
 pub const MAX_LAYERS: usize = 7;
 /// Layer format version.
 pub const LAYER_VERSION: u8 = 1;
-const SEED_LEN: usize = 32;
+/// Size of a layer seed (the OAEP plaintext of each layer).
+pub const SEED_LEN: usize = 32;
 const AAD: &[u8] = b"anomos-tc-v1";
 const KDF_SALT: &[u8] = b"anomos tc v1";
 const ZERO_NONCE: [u8; 12] = [0u8; 12];
@@ -200,7 +201,21 @@ pub fn peel(tc: &[u8; TC_LEN], id: &Identity) -> Result<Peeled> {
         len: seed_vec.len(),
         expected: SEED_LEN,
     })?;
-    let keys = layer_keys(&seed, k)?;
+    peel_with_seed(&seed, tc, k)
+}
+
+/// The part of [`peel`] after the RSA step: given the layer seed that `tc[..k]` decrypted to (`k` is the hop's
+/// modulus size in bytes, 256 or 384), opens the layer body, decodes the header and builds the next TC
+/// (inner onion followed by the seed's pad). [`peel`] does exactly this after its OAEP decryption.
+///
+/// Public so the fuzz target `tc_body` can run the code every peel runs on hostile bytes at full speed, without
+/// an RSA operation per input (SPEC §4). A sender can put any seed it likes under a hop's public key, so every
+/// seed is as reachable here as through [`peel`]. Not needed otherwise: a hop always peels with [`peel`].
+pub fn peel_with_seed(seed: &[u8; SEED_LEN], tc: &[u8; TC_LEN], k: usize) -> Result<Peeled> {
+    if !ALLOWED_KEY_BITS.iter().any(|bits| bits / 8 == k) {
+        return Err(ProtoError::Invalid { what: "tracking code layer", detail: format!("modulus of {k} bytes") });
+    }
+    let keys = layer_keys(seed, k)?;
     let mut tag = [0u8; TAG_LEN];
     tag.copy_from_slice(&tc[k..k + TAG_LEN]);
     let mut body = tc[k + TAG_LEN..].to_vec();

@@ -7,7 +7,7 @@ use anomos_proto::cell::{Cell, Command, CELL_LEN, CELL_PAYLOAD_LEN, SEALED_CELL_
 use anomos_proto::circuit::{fragments, E2eHandshake, HopLayer, OnionStack, Reassembler, RecordType, Role};
 use anomos_proto::crypto::Secret;
 use anomos_proto::ids::{ChainId, NeighborId};
-use anomos_proto::link::{Acceptor, Dialer};
+use anomos_proto::link::{Acceptor, AuthStatus, Dialer};
 use anomos_proto::tc::{self, HopSpec, Layer, LayerKind, TC_LEN};
 use anomos_proto::tracker::{self, FromTracker, ToTracker, TrackerChannel};
 use anomos_proto::ProtoError;
@@ -93,6 +93,33 @@ fn tc_build_is_deterministic_under_a_seeded_rng() {
     assert_eq!(tc::build(&hops, &mut rng(10)).unwrap(), tc::build(&hops, &mut rng(10)).unwrap());
 }
 
+#[test]
+fn tc_peel_is_the_rsa_step_then_peel_with_seed() {
+    // `build` draws the first hop's seed first, so a copy of its rng yields that seed.
+    for (first, k) in [(0usize, 256usize), (4, 384)] {
+        let hops = path(&[first, 1, 2], 1000);
+        let tc = tc::build(&hops, &mut rng(40)).unwrap();
+        let mut seed = [0u8; tc::SEED_LEN];
+        rand::RngCore::fill_bytes(&mut rng(40), &mut seed);
+        let peeled = tc::peel(&tc, &ids()[first]).unwrap();
+        let split = tc::peel_with_seed(&seed, &tc, k).unwrap();
+        assert_eq!(split.layer, peeled.layer);
+        assert_eq!(split.layer, hops[0].layer);
+        assert_eq!(split.next, peeled.next);
+        // The RSA part of the TC is not read after the RSA step.
+        let mut other = tc.clone();
+        other[..k].fill(0);
+        assert_eq!(tc::peel_with_seed(&seed, &other, k).unwrap().next, peeled.next);
+        let mut wrong = seed;
+        wrong[0] ^= 1;
+        assert!(matches!(tc::peel_with_seed(&wrong, &tc, k), Err(ProtoError::BadTag(_))));
+        // A modulus size no key has is refused, not sliced with.
+        for bad_k in [0, k - 1, 300, TC_LEN - 16, TC_LEN, usize::MAX] {
+            assert!(matches!(tc::peel_with_seed(&seed, &tc, bad_k), Err(ProtoError::Invalid { .. })), "{bad_k}");
+        }
+    }
+}
+
 fn handshake(
     nid_d: NeighborId,
     nid_a: NeighborId,
@@ -128,6 +155,28 @@ fn link_handshake_and_cells() {
     assert!(a.open_cell(&sealed).is_err());
     let back = a.seal_cell(&Cell::sendme(0x8000_0001, 32)).unwrap();
     assert_eq!(d.open_cell(&back).unwrap().sendme_credit().unwrap(), 32);
+}
+
+#[test]
+fn on_auth_and_on_auth_reply_parse_through_open_auth_and_open_auth_reply() {
+    let (d_id, a_id) = (&ids()[0], &ids()[4]);
+    let (dialer, hello) = Dialer::start(&mut rng(24), a_id.public().clone(), NeighborId(5));
+    let (acceptor, reply) = Acceptor::start(&mut rng(25), &hello).unwrap();
+    let (dialer, auth) = dialer.on_reply(&reply, d_id, &mut rng(26)).unwrap();
+    let parsed = acceptor.open_auth(&auth).unwrap();
+    assert_eq!(parsed.fp, d_id.fingerprint());
+    assert_eq!(parsed.sig.len(), 256);
+    let mut bad = auth.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    assert!(matches!(acceptor.open_auth(&bad), Err(ProtoError::BadTag(_))));
+    assert!(acceptor.open_auth(&auth[..auth.len() - 1]).is_err());
+    let out = acceptor.on_auth(&auth, a_id, &mut rng(27), |_| Some((d_id.public().clone(), NeighborId(5))), |_| false);
+    let out = out.unwrap();
+    let (status, sig) = dialer.open_auth_reply(&out.reply).unwrap();
+    assert_eq!(status, AuthStatus::Ok);
+    assert_eq!(sig.len(), 384, "the 3072-bit acceptor's signature");
+    assert!(dialer.open_auth_reply(&out.reply[..out.reply.len() - 1]).is_err());
+    dialer.on_auth_reply(&out.reply).unwrap();
 }
 
 #[test]
