@@ -187,7 +187,7 @@ impl Client {
     }
 
     async fn announce(&mut self, listen: SocketAddr, chains: Vec<ChainId>) -> FromTracker {
-        self.call(ToTracker::Announce(Announce { listen, chains })).await
+        self.call(ToTracker::Announce(Announce { listen, chains, family: vec![] })).await
     }
 
     async fn announce_ok(&mut self, listen: SocketAddr) -> Vec<NeighborInfo> {
@@ -526,7 +526,8 @@ async fn garbage_drops_only_that_connection() {
     c.stream.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     assert!(c.is_closed().await);
     let mut c = connect(&t, &ids()[2]).await;
-    let mut frame = c.chan.seal(&ToTracker::Announce(Announce { listen: p.listen, chains: vec![] })).unwrap();
+    let mut frame =
+        c.chan.seal(&ToTracker::Announce(Announce { listen: p.listen, chains: vec![], family: vec![] })).unwrap();
     let last = frame.len() - 1;
     frame[last] ^= 0x55;
     c.stream.write_all(&frame).await.unwrap();
