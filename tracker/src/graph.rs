@@ -144,13 +144,15 @@ pub struct Graph<K> {
     order: Vec<Fingerprint>,
     /// Peers per address, network and /16.
     census: Census,
+    /// Peers serving each chain (path finding checks its last hop against these, not the whole peer table).
+    serving: HashMap<ChainId, HashSet<Fingerprint>>,
 }
 
 impl<K> Graph<K> {
     /// An empty graph.
     pub fn new(cfg: GraphConfig) -> Self {
         let census = Census::new(if cfg.allow_same_ip { AdmissionLimits::NONE } else { cfg.admission });
-        Graph { cfg, peers: HashMap::new(), edges: HashMap::new(), order: Vec::new(), census }
+        Graph { cfg, peers: HashMap::new(), edges: HashMap::new(), order: Vec::new(), census, serving: HashMap::new() }
     }
 
     /// Target and maximum degree now: `target_degree` raised to ⌈ln N⌉ (unless `fixed_degree`), the maximum as
@@ -234,6 +236,7 @@ impl<K> Graph<K> {
         family.sort_unstable();
         family.dedup();
         family.retain(|f| *f != id);
+        let old_chains = self.peers.get(&id).map(|p| p.chains.clone()).unwrap_or_default();
         let (is_new, addr_changed, was_avoided) = match self.peers.get_mut(&id) {
             Some(p) => {
                 let changed = p.addr != addr;
@@ -281,6 +284,15 @@ impl<K> Graph<K> {
                 (true, false, false)
             }
         };
+        if let Some(p) = self.peers.get(&id) {
+            if p.chains != old_chains {
+                let new_chains = p.chains.clone();
+                self.unlist(&id, &old_chains);
+                for c in new_chains {
+                    self.serving.entry(c).or_default().insert(id);
+                }
+            }
+        }
         let added = self.top_up(id, now, rng);
         let degree = self.peers.get(&id).map_or(0, Peer::degree);
         Ok(Announced { is_new, addr_changed, was_avoided, added, degree })
@@ -361,11 +373,24 @@ impl<K> Graph<K> {
         dead.into_iter().map(|id| Expired { id, edges: self.remove(&id) }).collect()
     }
 
+    /// Takes `id` off the serving sets of `chains`.
+    fn unlist(&mut self, id: &Fingerprint, chains: &[ChainId]) {
+        for c in chains {
+            if let Some(set) = self.serving.get_mut(c) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.serving.remove(c);
+                }
+            }
+        }
+    }
+
     fn remove(&mut self, id: &Fingerprint) -> usize {
         let Some(peer) = self.peers.remove(id) else {
             return 0;
         };
         self.census.remove(peer.addr.ip());
+        self.unlist(id, &peer.chains);
         self.order.swap_remove(peer.slot);
         if let Some(moved) = self.order.get(peer.slot).copied() {
             if let Some(m) = self.peers.get_mut(&moved) {

@@ -49,10 +49,44 @@ impl<K> Graph<K> {
         (0..SAMPLE).map(|_| self.order[(rng.next_u64() % n) as usize]).filter(|fp| seen.insert(*fp)).collect()
     }
 
-    /// Adds random edges until `id` has the target degree or no candidate is left.
+    /// When strict: drops `id`'s edges that are not diverse (made while the overlay was too small for the rule,
+    /// or before a neighbor moved): to a peer of its own /16, to its family, and all but one of several
+    /// neighbors in one /16. The other ends drop the link when their next announce no longer lists it; `id` is
+    /// topped up again at once. Returns the edges dropped.
+    fn prune_crowded(&mut self, id: Fingerprint, rng: &mut impl RngCore) -> usize {
+        let Some(me) = self.peers.get(&id) else { return 0 };
+        let mut mine: Vec<(Fingerprint, NeighborId)> = me.edges.iter().map(|(f, n)| (*f, *n)).collect();
+        // HashMap order is not random: sort, then shuffle, so which of several is kept is random.
+        mine.sort_unstable_by_key(|(f, _)| *f);
+        mine.shuffle(rng);
+        let mut seen: HashSet<Net> = HashSet::from([me.prefix]);
+        let drop: Vec<(Fingerprint, NeighborId)> = mine
+            .into_iter()
+            .filter(|(f, _)| match self.peers.get(f) {
+                Some(p) => family(&id, me, f, p) || !seen.insert(p.prefix),
+                None => false,
+            })
+            .collect();
+        for (f, nid) in &drop {
+            self.edges.remove(nid);
+            if let Some(p) = self.peers.get_mut(f) {
+                p.edges.remove(&id);
+            }
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.edges.remove(f);
+            }
+        }
+        drop.len()
+    }
+
+    /// Adds random edges until `id` has the target degree or no candidate is left (after dropping its
+    /// non-diverse edges when strict).
     pub(super) fn top_up(&mut self, id: Fingerprint, now: Instant, rng: &mut impl RngCore) -> usize {
         let (target, max) = self.degrees();
         let strict = self.strict_neighbors();
+        if strict {
+            self.prune_crowded(id, rng);
+        }
         let Some(me) = self.peers.get(&id) else {
             return 0;
         };

@@ -46,14 +46,19 @@ impl<K> Graph<K> {
             return Err(GraphError::NoPath);
         }
         let longest = (relays + 1).min(usize::from(anomos_proto::tracker::MAX_RELAYS)).max(relays);
-        let relaxable = self.cfg.allow_same_ip || self.census.prefixes() < relays + 2;
-        let rules: &[bool] = if relaxable { &[true, false] } else { &[true] };
-        for &apart in rules {
-            for hops in relays..=longest {
-                let paths = self.search(requester, chain, count, hops, busy, apart, now, rng);
-                if !paths.is_empty() {
-                    return Ok(paths);
-                }
+        // A path of h relays has h + 2 nodes: with fewer /16s in the overlay it cannot keep them apart, and the
+        // (costly, fruitless) attempt is skipped. Hops in one /16 are allowed only where the overlay itself has
+        // too few /16s for the requested length, or under allow_same_ip.
+        let prefixes = self.census.prefixes();
+        let relaxable = self.cfg.allow_same_ip || prefixes < relays + 2;
+        let attempts = (relays..=longest)
+            .filter(|h| prefixes >= h + 2)
+            .map(|h| (true, h))
+            .chain((relays..=longest).filter(|_| relaxable).map(|h| (false, h)));
+        for (apart, hops) in attempts {
+            let paths = self.search(requester, chain, count, hops, busy, apart, now, rng);
+            if !paths.is_empty() {
+                return Ok(paths);
             }
         }
         Err(GraphError::NoPath)
@@ -82,15 +87,13 @@ impl<K> Graph<K> {
     ) -> Vec<Vec<Fingerprint>> {
         // Lower bounds on the hop distance from the requester, through usable peers. Targets are taken from
         // them, so a request costs what the requester's neighborhood holds, not what the overlay holds.
-        let dist = self.distances_from(requester, relays + 1, chain, now);
+        let Some(serving) = self.serving.get(chain) else { return Vec::new() };
+        let dist = self.distances_from(requester, relays + 1, serving, now);
         let mut targets: Vec<Fingerprint> = dist
             .iter()
-            .filter(|(fp, d)| **d >= 1 && *fp != requester)
+            .filter(|(fp, d)| **d >= 1 && *fp != requester && serving.contains(*fp))
             .map(|(fp, _)| *fp)
-            .filter(|fp| {
-                self.peers.get(fp).is_some_and(|p| p.chains.contains(chain))
-                    && self.may_share_path(fp, requester, apart)
-            })
+            .filter(|fp| self.may_share_path(fp, requester, apart))
             .collect();
         // HashMap order is not random: sort, then shuffle.
         targets.sort_unstable();
@@ -134,13 +137,13 @@ impl<K> Graph<K> {
     }
 
     /// Breadth-first hop distances from `from` (excluded as an intermediate) over peers usable in `from`'s
-    /// paths, up to `max`. Peers at distance `max` can only be targets, so only those serving `chain` are kept:
+    /// paths, up to `max`. Peers at distance `max` can only be targets, so only those in `serving` are kept:
     /// the search touches the peers within `max - 1` hops and their edges, not the whole `max`-hop ball.
     fn distances_from(
         &self,
         from: &Fingerprint,
         max: usize,
-        chain: &ChainId,
+        serving: &HashSet<Fingerprint>,
         now: Instant,
     ) -> HashMap<Fingerprint, usize> {
         let mut dist = HashMap::new();
@@ -156,15 +159,11 @@ impl<K> Graph<K> {
                 continue;
             };
             for next in p.edges.keys() {
-                if dist.contains_key(next) {
+                if (d + 1 == max && !serving.contains(next)) || dist.contains_key(next) {
                     continue;
                 }
                 let Some(q) = self.peers.get(next) else { continue };
-                if !q.avoided
-                    && !q.blamed_by.contains(from)
-                    && q.live(now, self.cfg.expire_after)
-                    && (d + 1 < max || q.chains.contains(chain))
-                {
+                if !q.avoided && !q.blamed_by.contains(from) && q.live(now, self.cfg.expire_after) {
                     dist.insert(*next, d + 1);
                     if d + 1 < max {
                         queue.push_back(*next);
@@ -216,13 +215,19 @@ impl<K> Search<'_, K> {
                     && !rev.contains(n)
                     && self.dist.get(n).is_some_and(|d| *d >= 1 && *d <= hops_left)
                     && !(strict && self.used.contains(n))
-                    && self.graph.may_share_path(n, self.requester, self.apart)
-                    && rev.iter().all(|r| self.graph.may_share_path(n, r, self.apart))
             })
             .copied()
             .collect();
+        // HashMap order is not random: sort, then shuffle.
+        next.sort_unstable();
         next.shuffle(rng);
         for n in next {
+            // Checked only for the candidates actually tried (the search usually stops at the first).
+            if !self.graph.may_share_path(&n, self.requester, self.apart)
+                || !rev.iter().all(|r| self.graph.may_share_path(&n, r, self.apart))
+            {
+                continue;
+            }
             rev.push(n);
             if self.dfs(rev, strict, rng) {
                 return true;

@@ -47,7 +47,7 @@ fn check_invariants(g: &Graph<()>) {
     let mut count = 0;
     for (id, p) in &g.peers {
         assert!(!p.edges.contains_key(id), "self edge");
-        assert!(p.degree() <= g.cfg.max_degree, "degree {} over cap", p.degree());
+        assert!(p.degree() <= g.degrees().1.max(g.cfg.max_degree), "degree {} over cap", p.degree());
         for (other, nid) in &p.edges {
             assert_ne!(nid.0, 0);
             assert_eq!(g.edge(other, id), Some(*nid), "asymmetric edge");
@@ -429,4 +429,172 @@ fn capacity_limits() {
     }
     check_invariants(&g);
     assert!(g.peers.values().all(|p| p.degree() <= 5));
+}
+
+/// Honest peer `i` on its own /16; Sybil `j` on 100.64.0.0/16, its own address.
+fn honest_addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([1 + (i / 256) as u8, i as u8, 0, 1], 8000))
+}
+
+fn sybil_addr(j: usize) -> SocketAddr {
+    SocketAddr::from(([100, 64, j as u8, 1 + (j / 256) as u8], 8000))
+}
+
+fn sybil(j: usize) -> Fingerprint {
+    fp(1_000_000 + j)
+}
+
+#[test]
+fn admission_limits_count_live_identities_per_address_and_network() {
+    let mut rng = StdRng::seed_from_u64(20);
+    let now = Instant::now();
+    let mut c = cfg(4);
+    c.admission = AdmissionLimits { per_ipv4: 2, per_ipv4_24: 3, per_ipv6_64: 1, per_ipv6_48: 2 };
+    let mut g: Graph<()> = Graph::new(c.clone());
+    let at = |d: u8, port: u16| SocketAddr::from(([10, 0, 0, d], port));
+    g.announce(fp(0), (), at(1, 1), vec![], now, &mut rng).unwrap();
+    g.announce(fp(1), (), at(1, 2), vec![], now, &mut rng).unwrap();
+    let over = g.announce(fp(2), (), at(1, 3), vec![], now, &mut rng);
+    assert!(matches!(over, Err(GraphError::OverLimit(o)) if o.limit == 2), "{over:?}");
+    assert!(g.admits(&fp(2), at(1, 3).ip()).is_err());
+    assert!(g.admits(&fp(0), at(1, 9).ip()).is_ok(), "a known identity on its own address is not new");
+    // Known identities re-announce; the /24 takes a third.
+    g.announce(fp(0), (), at(1, 1), vec![], now, &mut rng).unwrap();
+    g.announce(fp(2), (), at(2, 1), vec![], now, &mut rng).unwrap();
+    assert!(g.announce(fp(3), (), at(3, 1), vec![], now, &mut rng).is_err(), "/24 full");
+    // Moving into a full address is refused and leaves the peer where it was.
+    let mv = g.announce(fp(2), (), at(1, 7), vec![], now, &mut rng);
+    assert!(matches!(mv, Err(GraphError::OverLimit(_))));
+    assert_eq!(g.get(&fp(2)).unwrap().addr, at(2, 1));
+    // Expiry frees the slots.
+    let later = now + Duration::from_secs(91);
+    g.announce(fp(9), (), honest_addr(9), vec![], later, &mut rng).unwrap();
+    g.expire(later);
+    g.announce(fp(3), (), at(1, 4), vec![], later, &mut rng).unwrap();
+    // IPv6: one per /64.
+    let v6 = |s: &str| SocketAddr::new(s.parse().unwrap(), 8000);
+    g.announce(fp(20), (), v6("2001:db8:0:1::1"), vec![], later, &mut rng).unwrap();
+    assert!(g.announce(fp(21), (), v6("2001:db8:0:1::2"), vec![], later, &mut rng).is_err());
+    // allow_same_ip lifts every limit.
+    c.allow_same_ip = true;
+    let mut g: Graph<()> = Graph::new(c);
+    for i in 0..10 {
+        g.announce(fp(i), (), at(1, 100 + i as u16), vec![], now, &mut rng).unwrap();
+    }
+}
+
+#[test]
+fn a_crowd_on_one_16_holds_at_most_one_slot_of_each_peer_and_no_path_twice() {
+    let now = Instant::now();
+    for seed in 0..3 {
+        let mut rng = StdRng::seed_from_u64(30 + seed);
+        let mut g: Graph<()> = Graph::new(cfg(4));
+        // 100 honest peers and 300 Sybils, joins interleaved, then three announce rounds.
+        let mut joins: Vec<(Fingerprint, SocketAddr, bool)> =
+            (0..100).map(|i| (fp(i), honest_addr(i), false)).collect();
+        joins.extend((0..300).map(|j| (sybil(j), sybil_addr(j), true)));
+        joins.shuffle(&mut rng);
+        for _ in 0..4 {
+            for (id, a, _) in &joins {
+                g.announce(*id, (), *a, vec![chain()], now, &mut rng).unwrap();
+            }
+        }
+        check_invariants(&g);
+        let is_sybil = |f: &Fingerprint| *f >= sybil(0);
+        for i in 0..100 {
+            let n = g.neighbors(&fp(i));
+            // One short of the target is possible: every candidate may be at the maximum degree (the crowd takes
+            // one slot of each honest peer), and edges are split only for peers two short.
+            assert!(n.len() >= 3, "honest peer {i} has {} neighbors", n.len());
+            let prefixes: HashSet<Net> = n.iter().map(|(_, _, p)| p.prefix).collect();
+            assert_eq!(prefixes.len(), n.len(), "two neighbors of one /16");
+            assert!(n.iter().filter(|(_, f, _)| is_sybil(f)).count() <= 1);
+        }
+        for j in 0..300 {
+            assert!(g.neighbors(&sybil(j)).iter().all(|(_, f, _)| !is_sybil(f)), "edge inside the crowd");
+        }
+        for r in 0..100 {
+            for relays in [2, 4] {
+                for p in g.find_paths(&fp(r), &chain(), 4, relays, now, &mut rng).unwrap() {
+                    check_path(&g, &p, &fp(r), p.len() - 2);
+                    assert!(p.iter().filter(|f| is_sybil(f)).count() <= 1, "two Sybils on one path");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn family_members_are_never_neighbors_nor_on_one_path_when_both_declare() {
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(40);
+    let mut g: Graph<()> = Graph::new(cfg(4));
+    // 0..3 are one operator's, declared both ways; 4 declares 5, which does not declare 4.
+    let fam: Vec<Fingerprint> = (0..3).map(fp).collect();
+    for _ in 0..3 {
+        for i in 0..30 {
+            let family = match i {
+                0..=2 => fam.clone(),
+                4 => vec![fp(5)],
+                _ => vec![],
+            };
+            g.announce_with_family(fp(i), (), honest_addr(i), vec![chain()], family, now, &mut rng).unwrap();
+        }
+    }
+    for a in 0..3 {
+        for b in 0..3 {
+            assert!(a == b || g.edge(&fp(a), &fp(b)).is_none(), "family members {a} and {b} are neighbors");
+        }
+    }
+    let mut one_sided = false;
+    for _ in 0..40 {
+        for r in 0..30 {
+            for relays in [2, 3] {
+                let Ok(paths) = g.find_paths(&fp(r), &chain(), 8, relays, now, &mut rng) else { continue };
+                for p in paths {
+                    assert!(p.iter().filter(|f| fam.contains(f)).count() <= 1, "two of one family: {p:?}");
+                    one_sided |= p.contains(&fp(4)) && p.contains(&fp(5));
+                }
+            }
+        }
+    }
+    assert!(one_sided, "a one-sided declaration must not keep peers apart");
+}
+
+#[test]
+fn a_request_finds_a_path_one_relay_longer_when_none_exists() {
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(50);
+    let mut g: Graph<()> = Graph::new(cfg(0));
+    // A line R - a - b - c - T: no path with one relay, exactly one with three. Two relays: one more relay
+    // than asked for is what the graph has.
+    for i in 0..5 {
+        let chains = if i == 4 { vec![chain()] } else { vec![] };
+        g.announce(fp(i), (), honest_addr(i), chains, now, &mut rng).unwrap();
+    }
+    for i in 0..4 {
+        g.add_edge(fp(i), fp(i + 1), &mut rng);
+    }
+    assert_eq!(g.find_paths(&fp(0), &chain(), 1, 1, now, &mut rng), Err(GraphError::NoPath));
+    let p = g.find_paths(&fp(0), &chain(), 1, 2, now, &mut rng).unwrap();
+    assert_eq!(p, vec![(0..5).map(fp).collect::<Vec<_>>()]);
+}
+
+#[test]
+fn the_degree_grows_with_the_overlay() {
+    let mut rng = StdRng::seed_from_u64(60);
+    let now = Instant::now();
+    let mut c = cfg(4);
+    c.fixed_degree = false;
+    let mut g: Graph<()> = Graph::new(c);
+    for i in 0..3000 {
+        g.announce(fp(i), (), honest_addr(i), vec![], now, &mut rng).unwrap();
+    }
+    assert_eq!(g.degrees(), (9, 11), "ceil(ln 3000) = 9");
+    for i in 0..3000 {
+        g.announce(fp(i), (), honest_addr(i), vec![], now, &mut rng).unwrap();
+    }
+    check_invariants(&g);
+    let low = g.peers.values().filter(|p| p.degree() < 9).count();
+    assert!(low < 30, "{low} peers below the raised degree");
 }
