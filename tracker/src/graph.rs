@@ -29,6 +29,7 @@ use rand::seq::SliceRandom;
 use rand::RngCore;
 
 use crate::diversity::{AdmissionLimits, Census, Net, OverLimit};
+use fphash::{FpMap, FpSet};
 
 /// Most reporters remembered per blamed peer (between two of its announces).
 pub const MAX_BLAMERS: usize = 16;
@@ -73,7 +74,7 @@ pub struct Peer<K> {
     pub family: Vec<Fingerprint>,
     /// Requesters whose failure reports blamed it since its last announce: their own paths leave it out.
     blamed_by: HashSet<Fingerprint>,
-    edges: HashMap<Fingerprint, NeighborId>,
+    edges: FpMap<Fingerprint, NeighborId>,
     /// Its /16 (IPv6 /32).
     prefix: Net,
     /// Its index in [`Graph::order`].
@@ -137,7 +138,7 @@ pub struct Expired {
 #[derive(Debug)]
 pub struct Graph<K> {
     cfg: GraphConfig,
-    peers: HashMap<Fingerprint, Peer<K>>,
+    peers: FpMap<Fingerprint, Peer<K>>,
     /// Every edge by its id: the two ends.
     edges: HashMap<NeighborId, (Fingerprint, Fingerprint)>,
     /// Every peer once, for sampling candidates in O(1) each.
@@ -145,14 +146,21 @@ pub struct Graph<K> {
     /// Peers per address, network and /16.
     census: Census,
     /// Peers serving each chain (path finding checks its last hop against these, not the whole peer table).
-    serving: HashMap<ChainId, HashSet<Fingerprint>>,
+    serving: HashMap<ChainId, FpSet<Fingerprint>>,
 }
 
 impl<K> Graph<K> {
     /// An empty graph.
     pub fn new(cfg: GraphConfig) -> Self {
         let census = Census::new(if cfg.allow_same_ip { AdmissionLimits::NONE } else { cfg.admission });
-        Graph { cfg, peers: HashMap::new(), edges: HashMap::new(), order: Vec::new(), census, serving: HashMap::new() }
+        Graph {
+            cfg,
+            peers: FpMap::default(),
+            edges: HashMap::new(),
+            order: Vec::new(),
+            census,
+            serving: HashMap::new(),
+        }
     }
 
     /// Target and maximum degree now: `target_degree` raised to ⌈ln N⌉ (unless `fixed_degree`), the maximum as
@@ -275,7 +283,7 @@ impl<K> Graph<K> {
                     last_seen: now,
                     avoided: false,
                     blamed_by: HashSet::new(),
-                    edges: HashMap::new(),
+                    edges: FpMap::default(),
                     prefix: Net::diversity(addr.ip()),
                     slot: self.order.len(),
                 };
@@ -407,6 +415,7 @@ impl<K> Graph<K> {
     }
 }
 
+mod fphash;
 mod neighbors;
 mod paths;
 #[cfg(test)]

@@ -143,10 +143,10 @@ impl<K> Graph<K> {
         &self,
         from: &Fingerprint,
         max: usize,
-        serving: &HashSet<Fingerprint>,
+        serving: &FpSet<Fingerprint>,
         now: Instant,
-    ) -> HashMap<Fingerprint, usize> {
-        let mut dist = HashMap::new();
+    ) -> FpMap<Fingerprint, usize> {
+        let mut dist = FpMap::default();
         let mut queue = VecDeque::new();
         dist.insert(*from, 0);
         queue.push_back(*from);
@@ -180,7 +180,7 @@ struct Search<'a, K> {
     graph: &'a Graph<K>,
     requester: &'a Fingerprint,
     relays: usize,
-    dist: &'a HashMap<Fingerprint, usize>,
+    dist: &'a FpMap<Fingerprint, usize>,
     /// Relays of earlier paths of the same request.
     used: &'a HashSet<Fingerprint>,
     /// Keep hops in distinct /16s.
