@@ -232,3 +232,29 @@ pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
 pub async fn wait_for_shutdown() {
     anomos_tracker::shutdown_signal().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct P {
+        #[command(flatten)]
+        a: PeerArgs,
+    }
+
+    #[test]
+    fn family_takes_fingerprints_repeated_or_comma_separated() {
+        let (x, y, z) = ("ab".repeat(32), "cd".repeat(32), "ef".repeat(32));
+        let fp = "00".repeat(32);
+        let base = ["anomos-peer", "--tracker", "127.0.0.1:7700", "--tracker-fp", fp.as_str()];
+        let p =
+            P::try_parse_from(base.iter().copied().chain(["--family", &format!("{x},{y}"), "--family", &z])).unwrap();
+        let want: Vec<Fingerprint> = [&x, &y, &z].iter().map(|h| Fingerprint::from_hex(h).unwrap()).collect();
+        assert_eq!(p.a.family, want);
+        assert!(P::try_parse_from(base.iter().copied()).unwrap().a.family.is_empty());
+        assert!(P::try_parse_from(base.iter().copied().chain(["--family", "not-hex"])).is_err());
+        assert!(P::try_parse_from(base.iter().copied().chain(["--family", "abcd"])).is_err(), "too short");
+    }
+}
