@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anomos_proto::identity::Fingerprint;
 use anomos_proto::ids::ChainId;
 
 /// Runtime limits and timings of a peer. Defaults suit a relay on a small server.
@@ -23,6 +24,8 @@ pub struct PeerConfig {
     pub key_bits: usize,
     /// Chains this peer serves as a target.
     pub serve: Vec<ChainId>,
+    /// Fingerprints of the operator's other peers, announced so the tracker keeps them off one path (`--family`).
+    pub family: Vec<Fingerprint>,
     /// Most circuits (relayed + endpoints) at once; further OPENs are denied.
     pub max_circuits: usize,
     /// Most neighbor links at once.
@@ -80,6 +83,7 @@ impl PeerConfig {
             tracker_fp,
             key_bits: 2048,
             serve: Vec::new(),
+            family: Vec::new(),
             max_circuits: 10_000,
             max_links: 64,
             circuit_window: 128,

@@ -424,6 +424,7 @@ fn the_tracker_survives_garbage_slow_clients_and_floods() {
                         .seal(&ToTracker::Announce(anomos_proto::tracker::Announce {
                             listen: "127.0.0.1:1".parse().unwrap(),
                             chains: vec![],
+                            family: vec![],
                         }))
                         .unwrap();
                     s.write_all(&f).await.unwrap();

@@ -606,6 +606,7 @@ fn tracker_vector(out: &Path, ids: &[Identity]) -> TrackerVector {
     let announce = ToTracker::Announce(Announce {
         listen: "127.0.0.1:18444".parse().expect("addr"),
         chains: vec![ChainId::new("regtest").expect("chain"), ChainId::new("signet").expect("chain")],
+        family: vec![],
     });
     let reply = FromTracker::Announced(AnnounceReply {
         interval_secs: 600,
@@ -645,7 +646,7 @@ frame.0: Challenge.nonce (32 bytes, from the tracker's rng after accept)
 frame.1: Hello.public_key (= peer SPKI DER), Hello.signature = RSA-PSS-SHA256(peer,
          \"anomos tracker hello v1\" | tracker fingerprint | nonce)
 frame.2: Welcome.peer_id (= peer fingerprint)
-frame.3: Announce.listen (socket address text), Announce.chains (comma separated)
+frame.3: Announce.listen (socket address text), Announce.chains (comma separated), Announce.family (comma-separated hex fingerprints; empty here)
 frame.4: Announced.interval_secs, Announced.neighbor.I.{{id (u64 hex), addr, public_key}}
 {FORMAT}"
     ));
@@ -703,6 +704,7 @@ frame.4: Announced.interval_secs, Announced.neighbor.I.{{id (u64 hex), addr, pub
     let ToTracker::Announce(a) = &announce else { unreachable!() };
     doc.kv("frame.3.listen", a.listen);
     doc.kv("frame.3.chains", a.chains.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(","));
+    doc.kv("frame.3.family", a.family.iter().map(|f| hex::encode(f.0)).collect::<Vec<_>>().join(","));
     doc.blank();
     // 4: Announced
     let f = trk.seal(&reply).expect("seal");

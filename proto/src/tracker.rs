@@ -43,6 +43,8 @@ pub const EPHEMERAL_LEN: usize = 32;
 pub const MAX_NEIGHBORS: usize = 32;
 /// Most chains one peer announces.
 pub const MAX_CHAINS: usize = 16;
+/// Most family members (other peers of the same operator) one peer declares.
+pub const MAX_FAMILY: usize = 32;
 /// Most circuits in one request.
 pub const MAX_CIRCUITS_PER_REQUEST: u8 = 16;
 /// Most relays in a path (the target is one more layer).
@@ -115,6 +117,9 @@ pub struct Announce {
     pub listen: SocketAddr,
     /// Chains this peer serves (may be empty: a pure relay).
     pub chains: Vec<ChainId>,
+    /// Fingerprints of the operator's other peers (its declared family, at most [`MAX_FAMILY`]). The tracker
+    /// keeps two peers that list each other off one path (SPEC §3.10).
+    pub family: Vec<Fingerprint>,
 }
 
 /// A neighbor as the tracker describes it.
@@ -238,6 +243,8 @@ pub enum ErrorCode {
     UnknownPeer,
     /// No path could be built.
     NoPath,
+    /// The announced address (or its network) already holds as many live peers as the tracker admits.
+    AddressLimit,
 }
 
 /// An error reply.
@@ -268,6 +275,9 @@ impl ToTracker {
                 }
                 if a.listen.port() == 0 {
                     return Err(invalid("announce", "port 0"));
+                }
+                if a.family.len() > MAX_FAMILY {
+                    return Err(invalid("announce", format!("{} family members (max {MAX_FAMILY})", a.family.len())));
                 }
             }
             ToTracker::RequestCircuits(r) => {

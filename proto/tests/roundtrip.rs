@@ -31,7 +31,7 @@ use anomos_proto::tc::{self, HopSpec, Layer, LayerKind, MAX_LAYERS, TC_LEN};
 use anomos_proto::tracker::{
     self, Announce, AnnounceReply, CircuitGrant, CircuitReply, CircuitRequest, ErrorCode, FailureKind, FailureReport,
     FromTracker, NeighborInfo, ToTracker, TrackerChannel, TrackerError, MAX_CHAINS, MAX_CIRCUITS_PER_REQUEST,
-    MAX_FRAME, MAX_NEIGHBORS, MAX_RELAYS, MAX_TEXT, TRACKER_MAGIC,
+    MAX_FAMILY, MAX_FRAME, MAX_NEIGHBORS, MAX_RELAYS, MAX_TEXT, TRACKER_MAGIC,
 };
 use anomos_proto::ProtoError;
 use proptest::collection::vec;
@@ -132,8 +132,8 @@ fn to_tracker() -> impl Strategy<Value = ToTracker> {
     prop_oneof![
         (bytes(MAX_SPKI_LEN), bytes(MAX_RSA_BYTES))
             .prop_map(|(public_key, signature)| ToTracker::Hello { public_key, signature }),
-        (listen_addr(), vec(chain_id(), 0..=MAX_CHAINS))
-            .prop_map(|(listen, chains)| ToTracker::Announce(Announce { listen, chains })),
+        (listen_addr(), vec(chain_id(), 0..=MAX_CHAINS), vec(any::<[u8; 32]>().prop_map(Fingerprint), 0..=MAX_FAMILY))
+            .prop_map(|(listen, chains, family)| ToTracker::Announce(Announce { listen, chains, family })),
         (chain_id(), 1..=MAX_CIRCUITS_PER_REQUEST, 1..=MAX_RELAYS)
             .prop_map(|(chain, count, relays)| ToTracker::RequestCircuits(CircuitRequest { chain, count, relays })),
         (
@@ -189,6 +189,7 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::Full),
         Just(ErrorCode::UnknownPeer),
         Just(ErrorCode::NoPath),
+        Just(ErrorCode::AddressLimit),
     ]
 }
 
@@ -270,13 +271,13 @@ proptest! {
 
     #[test]
     fn structs_round_trip_on_their_own(
-        a in (listen_addr(), vec(chain_id(), 0..4)),
+        a in (listen_addr(), vec(chain_id(), 0..4), vec(any::<[u8; 32]>().prop_map(Fingerprint), 0..4)),
         n in neighbor_info(),
         r in (chain_id(), any::<u8>(), any::<u8>()),
         g in grant(),
         e in (error_code(), "[ -~]{0,40}"),
     ) {
-        let a = Announce { listen: a.0, chains: a.1 };
+        let a = Announce { listen: a.0, chains: a.1, family: a.2 };
         prop_assert_eq!(tracker::decode::<Announce>(&tracker::encode(&a).unwrap()).unwrap(), a);
         prop_assert_eq!(tracker::decode::<NeighborInfo>(&tracker::encode(&n).unwrap()).unwrap(), n);
         let r = CircuitRequest { chain: r.0, count: r.1, relays: r.2 };
@@ -298,6 +299,7 @@ proptest! {
         chain in chain_id(),
         bad_count in prop_oneof![Just(0u8), MAX_CIRCUITS_PER_REQUEST + 1..=u8::MAX],
         bad_relays in prop_oneof![Just(0u8), MAX_RELAYS + 1..=u8::MAX],
+        big_family in MAX_FAMILY + 1..MAX_FAMILY + 8,
     ) {
         let bad = |m: ToTracker| {
             let e = m.validate().is_err();
@@ -307,10 +309,12 @@ proptest! {
         };
         prop_assert!(bad(ToTracker::Hello { public_key: vec![0; big_key], signature: vec![] }), "oversized hello key");
         prop_assert!(bad(ToTracker::Hello { public_key: vec![], signature: vec![0; big_sig] }), "oversized hello signature");
-        prop_assert!(bad(ToTracker::Announce(Announce { listen, chains })), "too many chains");
+        prop_assert!(bad(ToTracker::Announce(Announce { listen, chains, family: vec![] })), "too many chains");
         let mut port0 = listen;
         port0.set_port(0);
-        prop_assert!(bad(ToTracker::Announce(Announce { listen: port0, chains: vec![] })), "port 0");
+        prop_assert!(bad(ToTracker::Announce(Announce { listen: port0, chains: vec![], family: vec![] })), "port 0");
+        let family = vec![Fingerprint([7; 32]); big_family];
+        prop_assert!(bad(ToTracker::Announce(Announce { listen, chains: vec![], family })), "too many family members");
         prop_assert!(bad(ToTracker::RequestCircuits(CircuitRequest { chain: chain.clone(), count: bad_count, relays: 1 })), "bad count");
         prop_assert!(bad(ToTracker::RequestCircuits(CircuitRequest { chain, count: 1, relays: bad_relays })), "bad relays");
     }

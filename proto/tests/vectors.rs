@@ -486,6 +486,8 @@ fn committed_tracker_frames_open_and_decode_on_both_ends() {
                         assert_eq!(a.listen.to_string(), v.s(&format!("{p}.listen")));
                         let chains: Vec<&str> = a.chains.iter().map(|c| c.as_str()).collect();
                         assert_eq!(chains.join(","), v.s(&format!("{p}.chains")));
+                        let family: Vec<String> = a.family.iter().map(|f| hex::encode(f.0)).collect();
+                        assert_eq!(family.join(","), v.s(&format!("{p}.family")));
                     }
                     other => panic!("{p}: unexpected {other:?}"),
                 }

@@ -9,7 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anomos_proto::identity::Fingerprint;
 use anomos_proto::ids::ChainId;
+use anomos_proto::tracker::MAX_FAMILY;
 use clap::Args;
 use tracing::{info, warn};
 
@@ -28,6 +30,10 @@ pub struct PeerArgs {
     /// network's name with --network-magic and --genesis). Stored in <data-dir>/chain-<name>.redb.
     #[arg(long, value_name = "CHAIN")]
     pub serve: Option<String>,
+    /// Fingerprint (hex) of another peer run by the same operator; repeat or separate with commas (at most 32).
+    /// The tracker keeps two peers off one path when both declare each other (SPEC §3.10).
+    #[arg(long, value_name = "FP", value_delimiter = ',', value_parser = parse_fingerprint)]
+    pub family: Vec<Fingerprint>,
     #[command(flatten)]
     pub net: NetArgs,
     /// Mine regtest blocks at start until the chain is this high (needs `--serve regtest`).
@@ -65,6 +71,10 @@ pub struct PeerArgs {
     /// 2 (docs/PERFORMANCE.md). TC peels run on a separate blocking pool either way.
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub threads: u16,
+}
+
+fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
+    Fingerprint::from_hex(s.trim()).map_err(|e| format!("{s:?}: not a fingerprint (64 hex digits): {e}"))
 }
 
 /// The chain a peer serves and the service that serves it.
@@ -151,6 +161,10 @@ pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
     let signal = super::first_signal();
     tokio::pin!(signal);
     let mut cfg = args.node.config();
+    if args.family.len() > MAX_FAMILY {
+        return Err(PeerError::Config(format!("--family: {} peers (at most {MAX_FAMILY})", args.family.len())));
+    }
+    cfg.family = args.family.clone();
     let bridge_opts = crate::bridge::BridgeOptions { scrub_version: args.bridge_scrub_version, ..Default::default() };
     let upstream = match (&args.upstream, &args.serve) {
         (Some(up), Some(name)) => {
@@ -217,4 +231,30 @@ pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
 /// Resolves on SIGINT or SIGTERM.
 pub async fn wait_for_shutdown() {
     anomos_tracker::shutdown_signal().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct P {
+        #[command(flatten)]
+        a: PeerArgs,
+    }
+
+    #[test]
+    fn family_takes_fingerprints_repeated_or_comma_separated() {
+        let (x, y, z) = ("ab".repeat(32), "cd".repeat(32), "ef".repeat(32));
+        let fp = "00".repeat(32);
+        let base = ["anomos-peer", "--tracker", "127.0.0.1:7700", "--tracker-fp", fp.as_str()];
+        let p =
+            P::try_parse_from(base.iter().copied().chain(["--family", &format!("{x},{y}"), "--family", &z])).unwrap();
+        let want: Vec<Fingerprint> = [&x, &y, &z].iter().map(|h| Fingerprint::from_hex(h).unwrap()).collect();
+        assert_eq!(p.a.family, want);
+        assert!(P::try_parse_from(base.iter().copied()).unwrap().a.family.is_empty());
+        assert!(P::try_parse_from(base.iter().copied().chain(["--family", "not-hex"])).is_err());
+        assert!(P::try_parse_from(base.iter().copied().chain(["--family", "abcd"])).is_err(), "too short");
+    }
 }

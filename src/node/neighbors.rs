@@ -54,8 +54,14 @@ impl Node {
 
     async fn announce_once(self: &Arc<Self>) -> Result<Duration, PeerError> {
         let listen = self.cfg.advertise.unwrap_or(self.listen_addr);
-        let reply =
-            self.tracker.request(&ToTracker::Announce(Announce { listen, chains: self.cfg.serve.clone() })).await?;
+        let reply = self
+            .tracker
+            .request(&ToTracker::Announce(Announce {
+                listen,
+                chains: self.cfg.serve.clone(),
+                family: self.cfg.family.clone(),
+            }))
+            .await?;
         let FromTracker::Announced(a) = reply else {
             return Err(PeerError::Tracker(format!("unexpected reply {reply:?}")));
         };

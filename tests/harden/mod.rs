@@ -675,7 +675,10 @@ impl RawPeer {
     pub async fn announce(&self) -> Vec<NeighborInfo> {
         let mut s =
             anomos::tracker_client::TrackerSession::connect(self.tracker, &self.tracker_key, &self.id).await.unwrap();
-        let reply = s.request(&ToTracker::Announce(Announce { listen: self.addr, chains: Vec::new() })).await.unwrap();
+        let reply = s
+            .request(&ToTracker::Announce(Announce { listen: self.addr, chains: Vec::new(), family: Vec::new() }))
+            .await
+            .unwrap();
         let FromTracker::Announced(a) = reply else { panic!("announce: {reply:?}") };
         let mut t = self.table.lock().unwrap();
         t.clear();

@@ -141,6 +141,10 @@ fn start_tracker(args: &Args, dir: &std::path::Path) -> Result<Started, String> 
         "warn",
         "--interval",
         &args.interval.to_string(),
+        // Simulated peers fill 127.A.B.1–254, so a /24 holds up to 254 of them: lift the per-/24 admission
+        // limit (issue 14), keep the per-address one (each peer has its own address).
+        "--max-per-ipv4-24",
+        "0",
     ]);
     cmd.arg("--data-dir").arg(dir.join("tracker")).args(&args.tracker_arg);
     let child =

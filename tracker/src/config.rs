@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::diversity::AdmissionLimits;
 use crate::error::TrackerError;
 use crate::graph::GraphConfig;
 
@@ -28,15 +29,38 @@ pub struct TrackerArgs {
     #[arg(long, value_name = "BITS", default_value_t = 2048, value_parser = parse_key_bits)]
     pub key_bits: usize,
 
-    /// Target number of neighbors per peer (1..=30); a peer accepts up to this + 2.
+    /// Target number of neighbors per peer (1..=30); a peer accepts up to this + 2. The tracker raises it to
+    /// ⌈ln N⌉ for an overlay of N peers (so paths keep reaching rarely served chains), unless --fixed-degree.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_degree)]
     pub neighbors: usize,
+
+    /// Keep --neighbors whatever the overlay's size.
+    #[arg(long)]
+    pub fixed_degree: bool,
+
+    /// Most live peers admitted per IPv4 address; a further new identity is refused with `AddressLimit`
+    /// (0: no limit). Not applied with --allow-same-ip.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub max_per_ipv4: usize,
+
+    /// Most live peers admitted per IPv4 /24 (0: no limit). Not applied with --allow-same-ip.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_per_ipv4_24: usize,
+
+    /// Most live peers admitted per IPv6 /64, IPv6's "address" (0: no limit). Not applied with --allow-same-ip.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub max_per_ipv6_64: usize,
+
+    /// Most live peers admitted per IPv6 /48 (0: no limit). Not applied with --allow-same-ip.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_per_ipv6_48: usize,
 
     /// Announce interval handed to peers, in seconds; a peer silent for 3 intervals expires.
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub interval: u32,
 
-    /// Allow peers on the same IP address to be neighbors (needed when everything runs on loopback).
+    /// Allow peers on the same IP address to be neighbors (needed when everything runs on loopback). Also lifts
+    /// the --max-per-* admission limits and lets paths hold two hops of one /16 when no other path exists.
     #[arg(long)]
     pub allow_same_ip: bool,
 
@@ -172,13 +196,21 @@ impl TrackerArgs {
         Duration::from_secs(u64::from(self.interval) * u64::from(EXPIRE_INTERVALS))
     }
 
-    pub(crate) fn graph_config(&self) -> GraphConfig {
+    /// The graph's configuration (public for the `sybil` simulation, which drives the real graph).
+    pub fn graph_config(&self) -> GraphConfig {
         GraphConfig {
             target_degree: self.neighbors,
             max_degree: self.neighbors + 2,
             allow_same_ip: self.allow_same_ip,
             max_peers: self.max_peers,
             expire_after: self.expire_after(),
+            admission: AdmissionLimits {
+                per_ipv4: self.max_per_ipv4,
+                per_ipv4_24: self.max_per_ipv4_24,
+                per_ipv6_64: self.max_per_ipv6_64,
+                per_ipv6_48: self.max_per_ipv6_48,
+            },
+            fixed_degree: self.fixed_degree,
         }
     }
 }
@@ -203,7 +235,8 @@ mod tests {
         assert_eq!((a.max_peers, a.max_pending_circuits, a.max_sessions), (10_000, 100_000, 1024));
         assert_eq!((a.max_sessions_per_ip, a.hello_rate, a.hello_burst), (64, 100, 200));
         assert_eq!((a.hello_timeout, a.idle_timeout), (10, 60));
-        assert!(!a.allow_same_ip);
+        assert!(!a.allow_same_ip && !a.fixed_degree);
+        assert_eq!((a.max_per_ipv4, a.max_per_ipv4_24, a.max_per_ipv6_64, a.max_per_ipv6_48), (2, 16, 2, 16));
         a.validate().unwrap();
         assert_eq!(a.key_path(), PathBuf::from("./anomos-tracker-data/tracker.key"));
     }

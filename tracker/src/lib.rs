@@ -8,7 +8,9 @@
 //! * `server`: startup, accept loop, sessions and framing ([`run`], [`run_until`]); also answers the key fetch
 //!   (`ANOMOSK1`) that lets a peer pinning the tracker's fingerprint obtain its full public key.
 //! * `service`: what each request does (announce with reachability check, circuits, failure reports).
-//! * `graph`: the overlay graph and path finding — pure, synchronous, unit-tested.
+//! * [`graph`]: the overlay graph, neighbor choice and path finding — pure, synchronous, unit-tested (public for
+//!   the `sybil` simulation).
+//! * [`diversity`]: network prefixes, admission limits per address and network.
 //! * `circuits`: tracking-code issuing and the memory of issued circuits.
 //! * `probe`: the reachability check.
 //! * [`metrics`]: Prometheus text exposition and the small HTTP responder behind `--metrics` (shared with
@@ -19,8 +21,9 @@
 mod circuits;
 pub mod config;
 pub mod config_file;
+pub mod diversity;
 mod error;
-mod graph;
+pub mod graph;
 pub mod metrics;
 mod probe;
 mod server;

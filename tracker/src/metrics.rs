@@ -151,6 +151,8 @@ macro_rules! label_enum {
 crate::label_enum!(
     /// Why the tracker refused a connection or request (`anomos_tracker_refused_total`).
     Refusal, "reason" {
+        /// Too many live identities on the announce's address or prefix (`ErrorCode::AddressLimit`).
+        AddressLimit => "address-limit",
         /// A malformed or out-of-range request (`ErrorCode::BadRequest`).
         BadRequest => "bad-request",
         /// An announce for an address other than the session's source.

@@ -141,6 +141,13 @@ impl Service {
         }
         {
             let st = self.lock();
+            // Before the probe, so that an address over its limit costs the tracker no connection; checked again
+            // (atomically with the insertion) by the graph after it.
+            if let Err(GraphError::OverLimit(over)) = st.graph.admits(&id, listen.ip()) {
+                warn!(peer = %id.short(), %listen, %over, "announce refused: address limit");
+                self.metrics.refused.inc(Refusal::AddressLimit);
+                return error_reply(ErrorCode::AddressLimit, over.to_string());
+            }
             if st.graph.get(&id).is_none() && st.graph.len() >= self.args.max_peers {
                 warn!(peer = %id.short(), peers = st.graph.len(), "announce refused: tracker full");
                 self.metrics.refused.inc(Refusal::Full);
@@ -155,14 +162,20 @@ impl Service {
 
         let mut st = self.lock();
         let State { graph, rng, .. } = &mut *st;
-        let done = match graph.announce(id, key.clone(), listen, ann.chains, Instant::now(), rng) {
-            Ok(done) => done,
-            Err(_) => {
-                warn!(peer = %id.short(), "announce refused: tracker full");
-                self.metrics.refused.inc(Refusal::Full);
-                return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
-            }
-        };
+        let done =
+            match graph.announce_with_family(id, key.clone(), listen, ann.chains, ann.family, Instant::now(), rng) {
+                Ok(done) => done,
+                Err(GraphError::OverLimit(over)) => {
+                    warn!(peer = %id.short(), %listen, %over, "announce refused: address limit");
+                    self.metrics.refused.inc(Refusal::AddressLimit);
+                    return error_reply(ErrorCode::AddressLimit, over.to_string());
+                }
+                Err(_) => {
+                    warn!(peer = %id.short(), "announce refused: tracker full");
+                    self.metrics.refused.inc(Refusal::Full);
+                    return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
+                }
+            };
         let neighbors: Vec<NeighborInfo> = graph
             .neighbors(&id)
             .into_iter()

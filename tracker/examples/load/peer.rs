@@ -161,7 +161,7 @@ impl Peer {
     pub async fn run(self: Arc<Self>, ctx: Arc<Ctx>, joined_from: Instant) {
         let mut stop = ctx.stop.clone();
         let mut backoff = Duration::from_secs(1);
-        let msg = ToTracker::Announce(Announce { listen: self.listen, chains: ctx.chains.clone() });
+        let msg = ToTracker::Announce(Announce { listen: self.listen, chains: ctx.chains.clone(), family: Vec::new() });
         loop {
             let t = Instant::now();
             let wait = match self.request(&ctx, &msg).await {

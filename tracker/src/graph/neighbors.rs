@@ -1,0 +1,214 @@
+//! Neighbor choice: topping a peer up to the target degree, with prefix diversity (SPEC §3.10 "Graph").
+//!
+//! Diversity: an edge A–B is *diverse* when A and B are in different /16s (IPv6 /32s), neither already has a
+//! neighbor in the other's /16, and they are not one declared family. When the overlay spans more /16s than the
+//! target degree and `allow_same_ip` is off, only diverse edges are made ("strict"): a peer then has at most one
+//! neighbor per /16, so a crowd of identities in one /16 holds at most one slot of each peer outside it. Otherwise
+//! (a loopback or one-LAN overlay) diverse candidates are only preferred. Family edges are never made: such an
+//! edge can carry no path.
+
+use super::*;
+
+/// Graphs up to this many peers are scanned whole for candidates; larger ones are sampled.
+const FULL_SCAN: usize = 1024;
+/// Peers drawn at random as candidates from a larger graph.
+const SAMPLE: usize = 256;
+
+impl<K> Graph<K> {
+    /// Whether only diverse edges may be made (see the module documentation).
+    fn strict_neighbors(&self) -> bool {
+        !self.cfg.allow_same_ip && self.census.prefixes() > self.degrees().0
+    }
+
+    /// The /16s of `id` and of its neighbors.
+    fn prefixes_around(&self, id: &Fingerprint, except: Option<&Fingerprint>) -> HashSet<Net> {
+        let Some(p) = self.peers.get(id) else { return HashSet::new() };
+        p.edges
+            .keys()
+            .filter(|n| Some(*n) != except)
+            .filter_map(|n| self.peers.get(n).map(|q| q.prefix))
+            .chain([p.prefix])
+            .collect()
+    }
+
+    /// Whether `other` already sits in `prefix` or has a neighbor there (`except` not counted).
+    fn touches(&self, other: &Fingerprint, prefix: Net, except: Option<&Fingerprint>) -> bool {
+        let Some(p) = self.peers.get(other) else { return true };
+        p.prefix == prefix
+            || p.edges.keys().any(|n| Some(n) != except && self.peers.get(n).is_some_and(|q| q.prefix == prefix))
+    }
+
+    /// Candidate peers for new edges: all of a small graph, a random sample of a large one (so an announce
+    /// costs O(sample), not O(peers)).
+    fn candidate_pool(&self, rng: &mut impl RngCore) -> Vec<Fingerprint> {
+        if self.order.len() <= FULL_SCAN {
+            return self.order.clone();
+        }
+        let n = self.order.len() as u64;
+        let mut seen = HashSet::with_capacity(SAMPLE);
+        (0..SAMPLE).map(|_| self.order[(rng.next_u64() % n) as usize]).filter(|fp| seen.insert(*fp)).collect()
+    }
+
+    /// When strict: drops `id`'s edges that are not diverse (made while the overlay was too small for the rule,
+    /// or before a neighbor moved): to a peer of its own /16, to its family, and all but one of several
+    /// neighbors in one /16. The other ends drop the link when their next announce no longer lists it; `id` is
+    /// topped up again at once. Returns the edges dropped.
+    fn prune_crowded(&mut self, id: Fingerprint, rng: &mut impl RngCore) -> usize {
+        let Some(me) = self.peers.get(&id) else { return 0 };
+        let mut mine: Vec<(Fingerprint, NeighborId)> = me.edges.iter().map(|(f, n)| (*f, *n)).collect();
+        // HashMap order is not random: sort, then shuffle, so which of several is kept is random.
+        mine.sort_unstable_by_key(|(f, _)| *f);
+        mine.shuffle(rng);
+        let mut seen: HashSet<Net> = HashSet::from([me.prefix]);
+        let drop: Vec<(Fingerprint, NeighborId)> = mine
+            .into_iter()
+            .filter(|(f, _)| match self.peers.get(f) {
+                Some(p) => family(&id, me, f, p) || !seen.insert(p.prefix),
+                None => false,
+            })
+            .collect();
+        for (f, nid) in &drop {
+            self.edges.remove(nid);
+            if let Some(p) = self.peers.get_mut(f) {
+                p.edges.remove(&id);
+            }
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.edges.remove(f);
+            }
+        }
+        drop.len()
+    }
+
+    /// Adds random edges until `id` has the target degree or no candidate is left (after dropping its
+    /// non-diverse edges when strict).
+    pub(super) fn top_up(&mut self, id: Fingerprint, now: Instant, rng: &mut impl RngCore) -> usize {
+        let (target, max) = self.degrees();
+        let strict = self.strict_neighbors();
+        if strict {
+            self.prune_crowded(id, rng);
+        }
+        let Some(me) = self.peers.get(&id) else {
+            return 0;
+        };
+        let have = me.degree();
+        if have >= target {
+            return 0;
+        }
+        let my_ip = me.addr.ip();
+        let mut mine = self.prefixes_around(&id, None);
+        let pool = self.candidate_pool(rng);
+        // (saturated, id)
+        let mut candidates: Vec<(bool, Fingerprint)> = pool
+            .into_iter()
+            .filter_map(|fp| self.peers.get(&fp).map(|p| (fp, p)))
+            .filter(|(fp, p)| {
+                *fp != id
+                    && !me.edges.contains_key(fp)
+                    && !p.avoided
+                    && p.live(now, self.cfg.expire_after)
+                    && p.degree() < max
+                    && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
+                    && !family(&id, me, fp, p)
+            })
+            .map(|(fp, p)| (p.degree() >= target, fp))
+            .collect();
+        candidates.shuffle(rng);
+        // Stable: peers still below the target degree first, each group in random order.
+        candidates.sort_by_key(|(saturated, _)| *saturated);
+        let want = target - have;
+        let mut chosen: Vec<Fingerprint> = Vec::with_capacity(want);
+        // First pass: diverse edges only (also against the neighbors chosen in this pass), so diverse candidates
+        // come before the others. Second pass, when not strict: whatever is left.
+        for relaxed in [false, true] {
+            if relaxed && strict {
+                break;
+            }
+            for (_, fp) in &candidates {
+                if chosen.len() >= want {
+                    break;
+                }
+                let Some(prefix) = self.peers.get(fp).map(|p| p.prefix) else { continue };
+                if chosen.contains(fp) || (!relaxed && (mine.contains(&prefix) || self.touches(fp, me.prefix, None))) {
+                    continue;
+                }
+                chosen.push(*fp);
+                mine.insert(prefix);
+            }
+        }
+        for other in &chosen {
+            self.add_edge(id, *other, rng);
+        }
+        chosen.len() + self.split_edges_for(id, now, strict, rng)
+    }
+
+    /// When every other peer is at the maximum degree, a newcomer would get few neighbors or one, and a peer
+    /// with one neighbor hands that neighbor every circuit it starts. So, while `id` is at least two short of the
+    /// target degree (and two more fit under the maximum), an edge A–B between usable peers that are not yet its
+    /// neighbors is replaced by A–`id` and `id`–B: A and B keep their degree, `id` gains two. A and B drop their
+    /// link when their next announce no longer lists each other. When `strict`, both new edges must be diverse.
+    /// Large graphs offer edges of a random sample of peers. Returns the edges added.
+    fn split_edges_for(&mut self, id: Fingerprint, now: Instant, strict: bool, rng: &mut impl RngCore) -> usize {
+        let Some(me) = self.peers.get(&id) else { return 0 };
+        let (target, max) = self.degrees();
+        if me.degree() + 2 > target || me.degree() + 2 > max {
+            return 0;
+        }
+        let my_ip = me.addr.ip();
+        let fits = |fp: &Fingerprint| {
+            self.peers.get(fp).is_some_and(|p| {
+                !p.avoided
+                    && p.live(now, self.cfg.expire_after)
+                    && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
+                    && !family(&id, me, fp, p)
+            })
+        };
+        let edges: Vec<(NeighborId, Fingerprint, Fingerprint)> = if self.order.len() <= FULL_SCAN {
+            self.edges.iter().map(|(nid, (a, b))| (*nid, *a, *b)).collect()
+        } else {
+            self.candidate_pool(rng)
+                .iter()
+                .filter_map(|a| self.peers.get(a).and_then(|p| p.edges.iter().next()).map(|(b, nid)| (*nid, *a, *b)))
+                .collect()
+        };
+        let mut splittable: Vec<(NeighborId, Fingerprint, Fingerprint)> =
+            edges.into_iter().filter(|(_, a, b)| *a != id && *b != id && fits(a) && fits(b)).collect();
+        // HashMap order is not random enough to rely on: shuffle.
+        splittable.shuffle(rng);
+        let mut added = 0;
+        for (nid, a, b) in splittable {
+            let Some(me) = self.peers.get(&id) else { break };
+            if me.degree() + 2 > target || me.degree() + 2 > max {
+                break;
+            }
+            if me.edges.contains_key(&a) || me.edges.contains_key(&b) || !self.edges.contains_key(&nid) {
+                continue;
+            }
+            if strict {
+                let (Some(pa), Some(pb)) = (self.peers.get(&a).map(|p| p.prefix), self.peers.get(&b).map(|p| p.prefix))
+                else {
+                    continue;
+                };
+                let mine = self.prefixes_around(&id, None);
+                if pa == pb
+                    || mine.contains(&pa)
+                    || mine.contains(&pb)
+                    || self.touches(&a, me.prefix, Some(&b))
+                    || self.touches(&b, me.prefix, Some(&a))
+                {
+                    continue;
+                }
+            }
+            self.edges.remove(&nid);
+            if let Some(p) = self.peers.get_mut(&a) {
+                p.edges.remove(&b);
+            }
+            if let Some(p) = self.peers.get_mut(&b) {
+                p.edges.remove(&a);
+            }
+            self.add_edge(id, a, rng);
+            self.add_edge(id, b, rng);
+            added += 2;
+        }
+        added
+    }
+}

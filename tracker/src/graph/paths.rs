@@ -1,0 +1,242 @@
+//! Path finding over the graph (SPEC §3.10 "Path selection").
+
+use super::*;
+
+impl<K> Graph<K> {
+    /// [`find_paths_preferring`](Self::find_paths_preferring) with no busy targets.
+    pub fn find_paths(
+        &self,
+        requester: &Fingerprint,
+        chain: &ChainId,
+        count: usize,
+        relays: usize,
+        now: Instant,
+        rng: &mut impl RngCore,
+    ) -> Result<Vec<Vec<Fingerprint>>, GraphError> {
+        self.find_paths_preferring(requester, chain, count, relays, &HashSet::new(), now, rng)
+    }
+
+    /// Paths for a circuit request: up to `count` paths `[requester, r1, …, r_relays, target]` to distinct
+    /// targets serving `chain`, consecutive nodes adjacent, no node twice, no avoided or expired node, no two
+    /// nodes in one /16 (IPv6 /32) or one declared family. Relays already used by an earlier path of the same
+    /// request are avoided when another path exists.
+    ///
+    /// When no such path exists, paths with one relay more are tried (up to `MAX_RELAYS`). Only when that fails
+    /// too, and the overlay cannot have prefix-diverse paths anyway (it spans fewer /16s than a path has nodes,
+    /// or `allow_same_ip`), are hops in one /16 allowed. Families are always kept apart.
+    ///
+    /// The targets in `busy` (those of the requester's circuits that may still be open,
+    /// [`CircuitBook::targets_in_use`](crate::circuits::CircuitBook::targets_in_use)) are tried only after every
+    /// other target: a replacement circuit goes to a target the requester is not already using whenever the
+    /// graph has one, and to a busy one rather than none.
+    #[allow(clippy::too_many_arguments)]
+    pub fn find_paths_preferring(
+        &self,
+        requester: &Fingerprint,
+        chain: &ChainId,
+        count: usize,
+        relays: usize,
+        busy: &HashSet<Fingerprint>,
+        now: Instant,
+        rng: &mut impl RngCore,
+    ) -> Result<Vec<Vec<Fingerprint>>, GraphError> {
+        let me =
+            self.peers.get(requester).filter(|p| p.live(now, self.cfg.expire_after)).ok_or(GraphError::UnknownPeer)?;
+        if me.edges.is_empty() || relays == 0 || count == 0 {
+            return Err(GraphError::NoPath);
+        }
+        let longest = (relays + 1).min(usize::from(anomos_proto::tracker::MAX_RELAYS)).max(relays);
+        // A path of h relays has h + 2 nodes: with fewer /16s in the overlay it cannot keep them apart, and the
+        // (costly, fruitless) attempt is skipped. Hops in one /16 are allowed only where the overlay itself has
+        // too few /16s for the requested length, or under allow_same_ip.
+        let prefixes = self.census.prefixes();
+        let relaxable = self.cfg.allow_same_ip || prefixes < relays + 2;
+        let attempts = (relays..=longest)
+            .filter(|h| prefixes >= h + 2)
+            .map(|h| (true, h))
+            .chain((relays..=longest).filter(|_| relaxable).map(|h| (false, h)));
+        for (apart, hops) in attempts {
+            let paths = self.search(requester, chain, count, hops, busy, apart, now, rng);
+            if !paths.is_empty() {
+                return Ok(paths);
+            }
+        }
+        Err(GraphError::NoPath)
+    }
+
+    /// Whether `a` and `b` may both be on one path: not one family, and (if `apart`) not in one /16.
+    fn may_share_path(&self, a: &Fingerprint, b: &Fingerprint, apart: bool) -> bool {
+        match (self.peers.get(a), self.peers.get(b)) {
+            (Some(pa), Some(pb)) => !(family(a, pa, b, pb) || (apart && pa.prefix == pb.prefix)),
+            _ => false,
+        }
+    }
+
+    /// One attempt of [`find_paths_preferring`](Self::find_paths_preferring) with exactly `relays` relays.
+    #[allow(clippy::too_many_arguments)]
+    fn search(
+        &self,
+        requester: &Fingerprint,
+        chain: &ChainId,
+        count: usize,
+        relays: usize,
+        busy: &HashSet<Fingerprint>,
+        apart: bool,
+        now: Instant,
+        rng: &mut impl RngCore,
+    ) -> Vec<Vec<Fingerprint>> {
+        // Lower bounds on the hop distance from the requester, through usable peers. Targets are taken from
+        // them, so a request costs what the requester's neighborhood holds, not what the overlay holds.
+        let Some(serving) = self.serving.get(chain) else { return Vec::new() };
+        let dist = self.distances_from(requester, relays + 1, serving, now);
+        let mut targets: Vec<Fingerprint> = dist
+            .iter()
+            .filter(|(fp, d)| **d >= 1 && *fp != requester && serving.contains(*fp))
+            .map(|(fp, _)| *fp)
+            .filter(|fp| self.may_share_path(fp, requester, apart))
+            .collect();
+        // HashMap order is not random: sort, then shuffle.
+        targets.sort_unstable();
+        targets.shuffle(rng);
+        // Stable: random order within the free targets and within the busy ones.
+        targets.sort_by_key(|fp| busy.contains(fp));
+
+        let mut paths = Vec::new();
+        let mut used: HashSet<Fingerprint> = HashSet::new();
+        let mut budget = SEARCH_BUDGET;
+        for target in targets {
+            if paths.len() >= count || budget == 0 {
+                break;
+            }
+            // First try relays not used by earlier paths of this request, then allow sharing them.
+            let modes: &[bool] = if used.is_empty() { &[false] } else { &[true, false] };
+            let mut found = None;
+            for &strict in modes {
+                let allowance = budget.min(TARGET_BUDGET);
+                let mut search =
+                    Search { graph: self, requester, relays, dist: &dist, used: &used, apart, budget: allowance };
+                let mut rev = vec![target];
+                let ok = search.dfs(&mut rev, strict, rng);
+                budget -= allowance - search.budget;
+                if ok {
+                    found = Some(rev);
+                    break;
+                }
+                if budget == 0 {
+                    break;
+                }
+            }
+            if let Some(mut rev) = found {
+                rev.push(*requester);
+                rev.reverse();
+                used.extend(rev[1..rev.len() - 1].iter().copied());
+                paths.push(rev);
+            }
+        }
+        paths
+    }
+
+    /// Breadth-first hop distances from `from` (excluded as an intermediate) over peers usable in `from`'s
+    /// paths, up to `max`. Peers at distance `max` can only be targets, so only those in `serving` are kept:
+    /// the search touches the peers within `max - 1` hops and their edges, not the whole `max`-hop ball.
+    fn distances_from(
+        &self,
+        from: &Fingerprint,
+        max: usize,
+        serving: &FpSet<Fingerprint>,
+        now: Instant,
+    ) -> FpMap<Fingerprint, usize> {
+        let mut dist = FpMap::default();
+        let mut queue = VecDeque::new();
+        dist.insert(*from, 0);
+        queue.push_back(*from);
+        while let Some(n) = queue.pop_front() {
+            let d = dist.get(&n).copied().unwrap_or(0);
+            if d >= max {
+                continue;
+            }
+            let Some(p) = self.peers.get(&n) else {
+                continue;
+            };
+            for next in p.edges.keys() {
+                if (d + 1 == max && !serving.contains(next)) || dist.contains_key(next) {
+                    continue;
+                }
+                let Some(q) = self.peers.get(next) else { continue };
+                if !q.avoided && !q.blamed_by.contains(from) && q.live(now, self.cfg.expire_after) {
+                    dist.insert(*next, d + 1);
+                    if d + 1 < max {
+                        queue.push_back(*next);
+                    }
+                }
+            }
+        }
+        dist
+    }
+}
+
+/// One randomized depth-first search, from a target back towards the requester.
+struct Search<'a, K> {
+    graph: &'a Graph<K>,
+    requester: &'a Fingerprint,
+    relays: usize,
+    dist: &'a FpMap<Fingerprint, usize>,
+    /// Relays of earlier paths of the same request.
+    used: &'a HashSet<Fingerprint>,
+    /// Keep hops in distinct /16s.
+    apart: bool,
+    budget: usize,
+}
+
+impl<K> Search<'_, K> {
+    /// `rev` = `[target, r_k, …]`, built backwards. Returns true with `rev = [target, r_k, …, r_1]`.
+    fn dfs(&mut self, rev: &mut Vec<Fingerprint>, strict: bool, rng: &mut impl RngCore) -> bool {
+        let Some(last) = rev.last().copied() else {
+            return false;
+        };
+        let chosen = rev.len() - 1;
+        if chosen == self.relays {
+            return self.graph.edge(&last, self.requester).is_some();
+        }
+        if self.budget == 0 {
+            return false;
+        }
+        self.budget -= 1;
+        let Some(peer) = self.graph.peers.get(&last) else {
+            return false;
+        };
+        // The next node chosen is r_{k-chosen}; from it the requester is k-chosen hops away.
+        let hops_left = self.relays - chosen;
+        let mut next: Vec<Fingerprint> = peer
+            .edges
+            .keys()
+            .filter(|n| {
+                *n != self.requester
+                    && !rev.contains(n)
+                    && self.dist.get(n).is_some_and(|d| *d >= 1 && *d <= hops_left)
+                    && !(strict && self.used.contains(n))
+            })
+            .copied()
+            .collect();
+        // HashMap order is not random: sort, then shuffle.
+        next.sort_unstable();
+        next.shuffle(rng);
+        for n in next {
+            // Checked only for the candidates actually tried (the search usually stops at the first).
+            if !self.graph.may_share_path(&n, self.requester, self.apart)
+                || !rev.iter().all(|r| self.graph.may_share_path(&n, r, self.apart))
+            {
+                continue;
+            }
+            rev.push(n);
+            if self.dfs(rev, strict, rng) {
+                return true;
+            }
+            rev.pop();
+            if self.budget == 0 {
+                return false;
+            }
+        }
+        false
+    }
+}
