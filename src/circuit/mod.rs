@@ -53,6 +53,9 @@ pub trait LinkDirectory: Send + Sync + 'static {
     fn link(&self, nid: NeighborId) -> Option<Arc<Link>>;
     /// Whether `nid` is an edge we expect a link over (the tracker listed it to us), up or not yet.
     fn expects(&self, nid: NeighborId) -> bool;
+    /// Asks for a fresh neighbor table (an OPEN named an edge we do not know: perhaps one the tracker made after
+    /// our last announce). Rate-limited by the implementation.
+    fn refresh(&self);
     /// Waits up to `max` for the link over `nid`.
     fn wait_link(&self, nid: NeighborId, max: Duration)
         -> Pin<Box<dyn Future<Output = Option<Arc<Link>>> + Send + '_>>;
@@ -97,6 +100,8 @@ pub struct CircuitConfig {
     pub serve: Vec<ChainId>,
     /// How long a relay waits for the link to the next hop to come up (an edge we expect).
     pub link_wait: Duration,
+    /// How long it waits for a link over an edge it does not know (after asking for a fresh neighbor table).
+    pub unknown_edge_wait: Duration,
     /// How long the requester waits for its link to the first hop.
     pub origin_link_wait: Duration,
 }

@@ -193,12 +193,17 @@ impl Router {
         if !matches!(p.op.state(), OpeningState::Buffering) {
             return; // broken by the neighbor while it was peeled: nothing to open downstream
         }
-        // Wait for the next hop's link only if it is an edge of ours that is not up yet: an OPEN naming any other
-        // NeighborID is refused at once, so a flood of them holds nothing.
+        // Wait for the next hop's link `link_wait` if it is an edge of ours that is not up yet. An edge we do not
+        // know may be one the tracker made after our last announce: ask for a fresh table (rate-limited) and wait
+        // only `unknown_edge_wait`, so a flood of OPENs naming made-up edges holds little, and only from the
+        // flooder's own shares.
         let out = match self.links.link(next) {
             Some(l) => Some(l),
             None if self.links.expects(next) => self.links.wait_link(next, self.cfg.link_wait).await,
-            None => None,
+            None => {
+                self.links.refresh();
+                self.links.wait_link(next, self.cfg.unknown_edge_wait).await
+            }
         };
         let Some(out_lc) = out.as_deref().and_then(|l| self.circuits_of(l)) else {
             return self.refuse(&p, DenyReason::NoSuchNeighbor, Some(tag));

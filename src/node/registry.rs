@@ -140,6 +140,10 @@ impl LinkDirectory for Links {
         self.neighbors.has_edge(nid)
     }
 
+    fn refresh(&self) {
+        self.neighbors.request_reannounce();
+    }
+
     fn wait_link(
         &self,
         nid: NeighborId,

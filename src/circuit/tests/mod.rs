@@ -40,6 +40,7 @@ pub(super) fn identity(i: usize) -> Arc<Identity> {
 pub(super) struct TestDir {
     links: Mutex<HashMap<NeighborId, Arc<Link>>>,
     expected: Mutex<HashSet<NeighborId>>,
+    pub(super) refreshes: Mutex<usize>,
 }
 
 impl TestDir {
@@ -54,6 +55,9 @@ impl LinkDirectory for TestDir {
     }
     fn expects(&self, nid: NeighborId) -> bool {
         self.expected.lock().unwrap().contains(&nid) || self.link(nid).is_some()
+    }
+    fn refresh(&self) {
+        *self.refreshes.lock().unwrap() += 1;
     }
     fn wait_link(
         &self,
@@ -134,6 +138,7 @@ impl Peer {
                 open_burst: 1000,
                 serve: if k.serve { vec![chain()] } else { Vec::new() },
                 link_wait: k.link_wait,
+                unknown_edge_wait: k.link_wait / 4,
                 origin_link_wait: Duration::from_millis(500),
             },
             identity: id.clone(),

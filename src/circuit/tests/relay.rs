@@ -186,7 +186,7 @@ async fn a_path_that_loops_back_over_its_incoming_edge_is_denied_at_once() {
 }
 
 #[tokio::test]
-async fn an_open_to_an_edge_we_do_not_have_is_denied_without_waiting() {
+async fn an_open_to_an_edge_we_do_not_have_is_denied_after_a_short_wait_and_a_refresh() {
     let t = relay(Knobs { link_wait: Duration::from_millis(400), ..Knobs::default() });
     let unknown =
         tc(vec![(t.r.public(), layer(10, Some(99), soon())), (identity(2).public().clone(), layer(99, None, soon()))]);
@@ -194,7 +194,8 @@ async fn an_open_to_an_edge_we_do_not_have_is_denied_without_waiting() {
     let start = Instant::now();
     t.a.send(Cell::open(id, &unknown));
     assert_eq!(deny_reason(&t.a.wait_on(id, Command::Deny).await), DenyReason::NoSuchNeighbor);
-    assert!(start.elapsed() < Duration::from_millis(300), "no wait for an edge we do not have");
+    assert!(start.elapsed() < Duration::from_millis(300), "waited as long as for an edge we expect");
+    assert_eq!(*t.r.dir.refreshes.lock().unwrap(), 1, "a fresh neighbor table was asked for");
     // An edge we expect (listed, link not up yet) is waited for, but only `link_wait`.
     t.r.dir.expect(anomos_proto::ids::NeighborId(98));
     let expected =
