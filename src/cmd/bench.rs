@@ -1121,8 +1121,9 @@ async fn open_many(node: &Arc<Node>, grants: Vec<CircuitGrant>, concurrency: usi
 async fn opens_run(root: &Path, plan: &Plan, run: usize, quiet: bool) -> Result<Report, PeerError> {
     let mut rep = Report::default();
     let budget = plan.crypto_time * 2;
-    let (rsa, peel) =
-        tokio::task::spawn_blocking(move || raw_rsa(budget)).await.map_err(|e| PeerError::Internal(e.to_string()))??;
+    let (rsa, peel) = tokio::task::spawn_blocking(move || raw_rsa(budget))
+        .await
+        .map_err(|e| PeerError::Internal(e.to_string()))??;
     progress(quiet, format!("RSA-OAEP-2048: {rsa:.0} decrypts/s, {peel:.0} TC peels/s per core"));
     rep.add("rsa_decrypts_per_s", "RSA-OAEP-2048 decrypts/s, per core", "/s", None, rsa);
     rep.add("tc_peels_per_s", "TC peels/s, per core", "/s", None, peel);
