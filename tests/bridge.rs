@@ -9,6 +9,8 @@
 //!   (our chain code behind a TCP adapter, like U) syncs U's chain through the overlay. Both adapters put
 //!   real addresses into `version` (as an unmodified node may); neither end ever sees the other's.
 //! * python-bitcoinlib (a client we did not write) through the bridge, if installed.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod inproc;
 

@@ -1,6 +1,8 @@
 //! The chain service and sync over in-memory circuits: a full 500-block sync, parallel download,
 //! malicious responders (bad merkle root, bad proof of work, unlinked headers, garbage), and the
 //! anonymity of what we say (no addresses in `version`, empty `addr`).
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::time::{Duration, Instant};
 

@@ -4,6 +4,8 @@
 //! completes from the honest one; live blocks followed and a transaction broadcast anonymously.
 //!
 //! The tests run one at a time (each starts about ten processes; CI has two cores).
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! The command line as an operator meets it: the config file under environment variables under flags, typos in
 //! the file, the annotated example file, shell completions. Real `anomos` processes; the only socket is a tracker
 //! on 127.0.0.1 port 0.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,8 @@
 //! The Grafana dashboard (docs/grafana/anomos.json) charts only metrics the processes export, and every metric
 //! they export: each PromQL expression of its panels and template variables is checked against the metric
 //! families of a real scrape of a tracker and of a peer serving a chain (so the chain metrics exist too).
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod harden;
 

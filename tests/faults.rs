@@ -2,6 +2,8 @@
 //! a relay killed mid-sync, a serving peer killed, the tracker killed and restarted, a relay that stops
 //! reading (SIGSTOP), a relay restarted with the same key and port, and a relay process carrying 2,000
 //! circuits while one reader stalls.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod harden;
 

@@ -3,6 +3,8 @@
 //! `RawPeer`). Each attack is its own test so a failure names it. Each must be answered (DENY/BREAK) or ignored
 //! with a log line, and leave the relay serving its other neighbors: a bystander circuit through every relay
 //! keeps moving, the relay still relays a fresh circuit, and its memory stays bounded.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod harden;
 

@@ -1,6 +1,8 @@
 //! The operator surface with real processes on 127.0.0.1: `--metrics` (Prometheus text exposition) on the
 //! tracker and on peers, `anomos status` over the local control socket, graceful shutdown on SIGTERM/SIGINT
 //! (BREAK to the neighbors, exit 0, replay cache persisted and reloaded).
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod harden;
 

@@ -1,6 +1,8 @@
 //! The overlay as real processes on 127.0.0.1: a tracker, relay peers and serving peers, each an `anomos`
 //! process; the requester is `anomos fetch`. (Faults — relays, servers and the tracker killed mid-sync —
 //! are in `tests/faults.rs`.)
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! The overlay runtime in one process (real sockets on 127.0.0.1, real tracker): circuits open over
 //! multi-hop paths, carry ordered messages both ways, hold back a sender when the reader stops, and
 //! refuse a replayed tracking code.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::sync::Arc;
 use std::time::Duration;

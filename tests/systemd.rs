@@ -3,6 +3,8 @@
 //! peer that stop with exit status 0 on the unit's KillSignal within its TimeoutStopSec. A configuration mistake
 //! exits with the status the units list in RestartPreventExitStatus. `.ci/systemd-verify` runs
 //! `systemd-analyze verify` on them where the tool exists.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod harden;
 

@@ -25,6 +25,8 @@
 //! After criterion's report it prints one `SUMMARY ...` line computed from its own `Instant`-timed loops (not
 //! from criterion's statistics); MB/s there is 10^6 bytes per second. The identities are the committed vector
 //! keys, so no key generation is timed or needed.
+// Benchmark code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

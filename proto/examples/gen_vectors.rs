@@ -15,6 +15,8 @@
 //!
 //! With `--fuzz-corpus DIR` it also writes seed inputs for the cargo-fuzz targets in `proto/fuzz/` (their input
 //! formats are described at the top of each `proto/fuzz/fuzz_targets/*.rs`).
+// A developer tool: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -149,6 +149,9 @@ pub enum Role {
     Target,
 }
 
+// Bounds: `out` is a `[u8; CELL_PAYLOAD_LEN]`; `data.len() <= RECORD_DATA_MAX` is checked first, so
+// `3 + data.len() <= RECORD_LEN < CELL_PAYLOAD_LEN`.
+#[allow(clippy::indexing_slicing)]
 fn seal_record(ch: &mut AeadCounter, kind: RecordType, data: &[u8], out: &mut [u8; CELL_PAYLOAD_LEN]) -> Result<()> {
     if data.len() > RECORD_DATA_MAX {
         return Err(ProtoError::TooLarge { what: "record data", len: data.len(), limit: RECORD_DATA_MAX });
@@ -163,6 +166,9 @@ fn seal_record(ch: &mut AeadCounter, kind: RecordType, data: &[u8], out: &mut [u
     Ok(())
 }
 
+// Bounds: `body` is the first RECORD_LEN bytes of the payload; indices 0..3 are constants and
+// `3 + len <= 3 + RECORD_DATA_MAX == RECORD_LEN` after the length check.
+#[allow(clippy::indexing_slicing)]
 fn open_record<'a>(ch: &mut AeadCounter, payload: &'a mut [u8; CELL_PAYLOAD_LEN]) -> Result<(RecordType, &'a [u8])> {
     let (body, tag) = payload.split_at_mut(RECORD_LEN);
     let mut t = [0u8; TAG_LEN];
@@ -267,7 +273,7 @@ pub fn fragments(msg: &[u8]) -> impl Iterator<Item = (RecordType, &[u8])> {
     (0..n).map(move |i| {
         let start = i * RECORD_DATA_MAX;
         let end = (start + RECORD_DATA_MAX).min(msg.len());
-        (if i + 1 == n { RecordType::End } else { RecordType::Part }, &msg[start..end])
+        (if i + 1 == n { RecordType::End } else { RecordType::Part }, msg.get(start..end).unwrap_or_default())
     })
 }
 

@@ -90,6 +90,7 @@ pub struct AeadCounter {
 }
 
 /// The AES-256-GCM key for `key`.
+#[allow(clippy::expect_used)] // Cannot fail: `Secret` is a `[u8; 32]`, exactly an AES-256 key.
 fn gcm_key(key: &Secret) -> LessSafeKey {
     // `UnboundKey::new` fails only for a key of the wrong length; `Secret` is always 32 bytes.
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key.0).expect("AES-256 key is 32 bytes"))

@@ -56,17 +56,21 @@ impl ChainId {
     /// NUL-padded 32-byte form used inside tracking codes.
     pub fn to_fixed(&self) -> [u8; CHAIN_ID_MAX] {
         let mut out = [0u8; CHAIN_ID_MAX];
-        out[..self.0.len()].copy_from_slice(self.0.as_bytes());
+        // `ChainId::new` keeps the id at most CHAIN_ID_MAX bytes; zip stops at the shorter side regardless.
+        for (dst, &src) in out.iter_mut().zip(self.0.as_bytes()) {
+            *dst = src;
+        }
         out
     }
 
     /// Parses the NUL-padded form (NULs only at the end).
     pub fn from_fixed(b: &[u8; CHAIN_ID_MAX]) -> Result<Self> {
         let len = b.iter().position(|&c| c == 0).unwrap_or(CHAIN_ID_MAX);
-        if b[len..].iter().any(|&c| c != 0) {
+        let (id, pad) = b.split_at(len);
+        if pad.iter().any(|&c| c != 0) {
             return Err(ProtoError::Invalid { what: "chain id", detail: "bytes after NUL padding".into() });
         }
-        let s = std::str::from_utf8(&b[..len])
+        let s = std::str::from_utf8(id)
             .map_err(|_| ProtoError::Invalid { what: "chain id", detail: "not UTF-8".into() })?;
         ChainId::new(s)
     }

@@ -1,6 +1,8 @@
 //! Integration tests of `anomos_proto::btc` against real vectors (tests/vectors/bitcoin/,
 //! copied from shared/vectors/bitcoin with its manifest.json), negative tests for every
 //! decoder, and property-based round trips for every `Message` variant.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -1,6 +1,8 @@
 //! The difficulty rules (`btc::validate::{calculate_next_work, next_work_required, check_difficulty}`) against
 //! Bitcoin Core's `pow_tests` vectors, the `bitcoin` crate, real headers from tests/vectors/bitcoin, and synthetic
 //! chains that exercise testnet3's and testnet4's min-difficulty, walk-back, retarget and timewarp rules.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::BTreeMap;
 

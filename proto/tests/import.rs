@@ -1,5 +1,7 @@
 //! The block-file parser (`btc::import`): real blk-format files built from tests/vectors/bitcoin blocks, hex
 //! lines, and every way a file can be wrong.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use anomos_proto::btc::import::{
     parse_blk, parse_blocks, parse_hex_lines, write_blk, write_hex_lines, ImportError, RECORD_HEAD_LEN,

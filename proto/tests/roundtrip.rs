@@ -13,6 +13,8 @@
 //!
 //! RSA is slow, so the identities are the committed vector keys (loaded once), and properties that do RSA
 //! operations run few cases.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::OnceLock;

@@ -2,6 +2,8 @@
 //! (constant-time; RUSTSEC-2023-0071 concerns the `rsa` crate's private-key operation), and its signatures
 //! verify with `PublicKey::verify` (PSS-SHA256, salt length 32). The `rsa` crate's seeded signer remains only
 //! for the known-answer vectors, where it reproduces a signature from the rng state.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
 

@@ -14,6 +14,8 @@
 //!
 //! The keys are loaded from the committed PEM files, never regenerated, so these tests do not depend on how the
 //! `rsa` crate turns a seeded rng into a key.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -194,10 +194,11 @@ fn spend(prev: OutPoint, value: Amount, index: usize) -> Transaction {
     let mut key = [0x02u8; 33];
     let mut sig = [0x30u8; 71];
     let mut payee = [0u8; 20];
-    for (i, b) in tag.iter().enumerate() {
-        key[1 + i] = *b;
-        sig[4 + i] = *b ^ prev.txid.as_byte_array()[i];
-        payee[i] = *b;
+    let fields = key[1..].iter_mut().zip(&mut sig[4..]).zip(&mut payee);
+    for (((k, s), p), (b, t)) in fields.zip(tag.iter().zip(prev.txid.as_byte_array())) {
+        *k = *b;
+        *s = *b ^ *t;
+        *p = *b;
     }
     sig[70] = 0x01; // SIGHASH_ALL
     let pay = Amount::from_sat(10_000).min(value.checked_sub(FEE).unwrap_or(Amount::ZERO));

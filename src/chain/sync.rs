@@ -819,7 +819,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
                 if let Err(e) = check_linkage(a, b) {
                     // Keep what is valid before the break, then fail.
                     let upto = headers.iter().position(|h| h == b).unwrap_or(0);
-                    self.accept_headers(&headers[..upto])?;
+                    self.accept_headers(headers.get(..upto).unwrap_or_default())?;
                     return Err(ChainError::invalid_header(b.block_hash(), e));
                 }
             }

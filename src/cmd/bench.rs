@@ -219,6 +219,8 @@ struct Report {
 }
 
 impl Report {
+    // Bounds: `i` is a position just found in `rows`, and `n - 1` indexes the row just pushed (so n >= 1).
+    #[allow(clippy::indexing_slicing)]
     fn row(&mut self, key: &str, name: &str, unit: &'static str, target: Option<Target>) -> &mut Row {
         if let Some(i) = self.rows.iter().position(|r| r.key == key) {
             return &mut self.rows[i];
@@ -259,10 +261,11 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let n = s.len();
+    let hi = s.get(n / 2).copied().unwrap_or(f64::NAN);
     if n % 2 == 1 {
-        s[n / 2]
+        hi
     } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
+        (s.get(n / 2 - 1).copied().unwrap_or(f64::NAN) + hi) / 2.0
     }
 }
 
@@ -274,7 +277,7 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
-    s[rank.min(s.len()) - 1]
+    s.get(rank.min(s.len()) - 1).copied().unwrap_or(f64::NAN)
 }
 
 fn fmt_num(v: f64) -> String {
@@ -352,11 +355,10 @@ impl Service for Bulk {
             while let Ok(req) = stream.recv().await {
                 let Some((total, chunk)) = parse_bulk(&req) else { continue };
                 let sender = stream.sender();
-                let block = vec![0xa5u8; chunk];
                 let mut left = total;
                 while left > 0 {
                     let n = left.min(chunk as u64) as usize;
-                    if sender.send(block[..n].to_vec()).await.is_err() {
+                    if sender.send(vec![0xa5u8; n]).await.is_err() {
                         return;
                     }
                     left -= n as u64;
@@ -759,11 +761,16 @@ fn bounds(c: &Costs, hops: usize, cores: usize) -> (f64, f64, f64) {
     (total.min(stage), stage, with_tcp.min(stage))
 }
 
+/// The overlay's first (requesting) node.
+fn first_node(o: &Overlay) -> Result<&Arc<Node>, PeerError> {
+    o.nodes.first().ok_or_else(|| PeerError::Internal("overlay started without nodes".into()))
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Overlay A: throughput, relay CPU, build latency, chain sync
 
 async fn bulk_figures(o: &Overlay, plan: &Plan, costs: &Costs, rep: &mut Report, quiet: bool) -> Result<(), PeerError> {
-    let req = &o.nodes[0];
+    let req = first_node(o)?;
     for relays in 1..=3u8 {
         let hops = usize::from(relays) + 1;
         let (bound, stage, with_tcp) = bounds(costs, hops, cores());
@@ -827,7 +834,7 @@ async fn bulk_figures(o: &Overlay, plan: &Plan, costs: &Costs, rep: &mut Report,
 }
 
 async fn build_figures(o: &Overlay, plan: &Plan, rep: &mut Report, quiet: bool) -> Result<(), PeerError> {
-    let node = &o.nodes[0];
+    let node = first_node(o)?;
     let chain = ChainId::new("bench").map_err(|e| PeerError::Internal(e.to_string()))?;
     // Links between relay processes are up once a circuit over every relay opened.
     drop(open_retry(node, "bench", 3, 1).await?);
@@ -837,9 +844,10 @@ async fn build_figures(o: &Overlay, plan: &Plan, rep: &mut Report, quiet: bool) 
         while total.len() < plan.builds {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let t0 = Instant::now();
-            let grants = match node.request_grants(CircuitRequest { chain: chain.clone(), count: 1, relays: 2 }).await {
-                Ok(g) if !g.is_empty() => g,
-                _ => {
+            let request = CircuitRequest { chain: chain.clone(), count: 1, relays: 2 };
+            let grant = match node.request_grants(request).await.ok().and_then(|g| g.into_iter().next()) {
+                Some(g) => g,
+                None => {
                     failures += 1;
                     if failures > 20 {
                         return Err(PeerError::Process("circuit builds keep failing".into()));
@@ -848,7 +856,7 @@ async fn build_figures(o: &Overlay, plan: &Plan, rep: &mut Report, quiet: bool) 
                 }
             };
             let t1 = Instant::now();
-            match node.open_circuit(&grants[0]).await {
+            match node.open_circuit(&grant).await {
                 Ok(s) => {
                     let t2 = Instant::now();
                     total.push((t2 - t0).as_secs_f64() * 1e3);
@@ -973,8 +981,11 @@ fn mine_chain(blocks: u32, bytes: usize) -> Result<(ChainStore, usize, usize), P
     let guess = 450usize;
     let empty = chain::mine_regtest(&mut probe, 1, 0)?;
     let full = chain::mine_regtest(&mut probe, 1, guess)?;
-    let base = probe.block(&empty[0])?.map(|b| b.total_size()).unwrap_or(300);
-    let size = probe.block(&full[0])?.map(|b| b.total_size()).unwrap_or(100_000);
+    let (Some(empty), Some(full)) = (empty.first(), full.first()) else {
+        return Err(PeerError::Internal("mining one block returned no block".into()));
+    };
+    let base = probe.block(empty)?.map(|b| b.total_size()).unwrap_or(300);
+    let size = probe.block(full)?.map(|b| b.total_size()).unwrap_or(100_000);
     let per_tx = (size.saturating_sub(base) as f64 / guess as f64).max(1.0);
     let txs = ((bytes.saturating_sub(base)) as f64 / per_tx).round() as usize;
     let mut store = ChainStore::new(params)?;
@@ -991,7 +1002,7 @@ async fn sync_figures(
     quiet: bool,
 ) -> Result<(), PeerError> {
     let params = NetParams::by_name("regtest").ok_or(PeerError::Internal("no regtest parameters".into()))?;
-    let node = &o.nodes[0];
+    let node = first_node(o)?;
     for run in 0..plan.runs {
         let mut times = [0.0f64; 2];
         let mut mbps = [0.0f64; 2];
@@ -1018,8 +1029,10 @@ async fn sync_figures(
             if r.blocks < u64::from(plan.blocks) {
                 return Err(PeerError::Chain(format!("synced {} of {} blocks", r.blocks, plan.blocks)));
             }
-            times[which] = secs;
-            mbps[which] = r.bytes as f64 / secs / 1e6;
+            if let (Some(t), Some(m)) = (times.get_mut(which), mbps.get_mut(which)) {
+                *t = secs;
+                *m = r.bytes as f64 / secs / 1e6;
+            }
         }
         let ratio = 100.0 * times[1] / times[0];
         progress(
@@ -1130,8 +1143,9 @@ async fn opens_run(root: &Path, plan: &Plan, run: usize, quiet: bool) -> Result<
     let hold = ChainId::new("hold").map_err(|e| PeerError::Internal(e.to_string()))?;
     let specs = vec![NodeSpec { serve: None }, NodeSpec { serve: Some((hold, Arc::new(Hold) as Arc<dyn Service>)) }];
     let o = Overlay::start(&format!("overlay-b{}", run + 1), root, 1, specs, plan.tune, quiet).await?;
-    let node = o.nodes[0].clone();
-    let relay = o.relay_pids()[0];
+    let node = first_node(&o)?.clone();
+    let relay =
+        o.relay_pids().first().copied().ok_or_else(|| PeerError::Internal("overlay started without relays".into()))?;
     // Wait until a circuit opens (the relay's link to the target is up too).
     let deadline = Instant::now() + Duration::from_secs(30);
     while open_many(&node, prefetch_grants(&o, &node, 1).await?, 1).await.is_empty() {

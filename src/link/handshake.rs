@@ -31,8 +31,9 @@ async fn read_auth(s: &mut TcpStream, what: &'static str) -> Result<Vec<u8>, Pee
     read_exact_timeout(s, &mut prefix, what).await?;
     let len = plink::auth_frame_len(prefix)?;
     let mut msg = vec![0u8; 2 + len];
-    msg[..2].copy_from_slice(&prefix);
-    read_exact_timeout(s, &mut msg[2..], what).await?;
+    let (head, body) = msg.split_at_mut(2);
+    head.copy_from_slice(&prefix);
+    read_exact_timeout(s, body, what).await?;
     Ok(msg)
 }
 

@@ -183,7 +183,7 @@ where
                     format!("bad cell (authentication failed): {e}")
                 };
             }
-            let cell = match Cell::decode_reusing(&buf[..CELL_LEN], writer::payload_box()) {
+            let cell = match Cell::decode_reusing(buf.get(..CELL_LEN).unwrap_or_default(), writer::payload_box()) {
                 Ok(c) => c,
                 Err(e) => break format!("malformed cell: {e}"),
             };

@@ -412,13 +412,18 @@ impl LinkWriter {
                 }
                 continue;
             }
-            for (i, (cell, _)) in batch.iter().enumerate() {
-                let slot = &mut buf[i * SEALED_CELL_LEN..(i + 1) * SEALED_CELL_LEN];
-                let plain: &mut [u8; CELL_LEN] = (&mut slot[..CELL_LEN]).try_into().map_err(std::io::Error::other)?;
+            // `batch` holds at most BATCH cells, the size of `buf`: the checked `get_mut` never fails.
+            let out = buf
+                .get_mut(..batch.len() * SEALED_CELL_LEN)
+                .ok_or_else(|| std::io::Error::other("cell batch larger than the write buffer"))?;
+            for ((cell, _), slot) in batch.iter().zip(out.chunks_exact_mut(SEALED_CELL_LEN)) {
+                let (plain, _) = slot
+                    .split_first_chunk_mut::<CELL_LEN>()
+                    .ok_or_else(|| std::io::Error::other("sealed cell slot shorter than a cell"))?;
                 cell.encode_into(plain);
                 sealer.seal_in_place(slot).map_err(std::io::Error::other)?;
             }
-            tokio::time::timeout(stall, sock.write_all(&buf[..batch.len() * SEALED_CELL_LEN]))
+            tokio::time::timeout(stall, sock.write_all(out))
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
             for (cell, drain) in batch.drain(..) {

@@ -1,6 +1,8 @@
 //! The `anomos-tracker` binary's operator surface: `--metrics` serves a valid Prometheus exposition whose
 //! counters move with real requests, a non-loopback metrics address is refused without
 //! `--metrics-allow-remote`, and SIGTERM stops the tracker with status 0.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

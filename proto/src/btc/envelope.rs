@@ -167,6 +167,7 @@ impl Envelope {
     /// [`Envelope::new`] and [`Envelope::decode`], and those made by
     /// [`Message::to_envelope`](super::message::Message::to_envelope) from decoded messages,
     /// are always valid; use [`Envelope::try_encode`] for hand-built ones.
+    #[allow(clippy::panic)] // A caller bug, documented under `# Panics`; received envelopes are validated on decode.
     pub fn encode(&self) -> Vec<u8> {
         match self.try_encode() {
             Ok(bytes) => bytes,

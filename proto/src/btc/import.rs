@@ -109,8 +109,9 @@ pub fn parse_blk(data: &[u8], magic: [u8; 4]) -> Result<Vec<Block>, ImportError>
     let mut out = Vec::new();
     let mut offset = 0;
     while offset < data.len() {
-        let rest = &data[offset..];
-        if rest.len() < RECORD_HEAD_LEN || rest[..4] == [0; 4] {
+        let rest = data.get(offset..).unwrap_or_default();
+        let head = rest.split_first_chunk::<RECORD_HEAD_LEN>().filter(|(h, _)| !h.starts_with(&[0; 4]));
+        let Some((&[m0, m1, m2, m3, l0, l1, l2, l3], body)) = head else {
             // Zero padding, which must last to the end, or a truncated record head.
             if rest.starts_with(&[0; 4]) || rest.iter().all(|&b| b == 0) {
                 if let Some(i) = rest.iter().position(|&b| b != 0) {
@@ -119,16 +120,15 @@ pub fn parse_blk(data: &[u8], magic: [u8; 4]) -> Result<Vec<Block>, ImportError>
                 break;
             }
             return Err(ImportError::Truncated { offset, need: RECORD_HEAD_LEN as u64, have: rest.len() });
-        }
-        let got = [rest[0], rest[1], rest[2], rest[3]];
+        };
+        let got = [m0, m1, m2, m3];
         if got != magic {
             return Err(ImportError::BadMagic { offset, got });
         }
-        let len = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]);
+        let len = u32::from_le_bytes([l0, l1, l2, l3]);
         if u64::from(len) > MAX_BLOCK_SERIALIZED_SIZE {
             return Err(ImportError::Oversize { offset, len });
         }
-        let body = &rest[RECORD_HEAD_LEN..];
         let Some(raw) = body.get(..len as usize) else {
             return Err(ImportError::Truncated {
                 offset,

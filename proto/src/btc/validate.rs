@@ -92,8 +92,8 @@ pub fn calculate_next_work(bits: CompactTarget, actual_timespan: i64, pow_limit:
     let timespan = actual_timespan.clamp(POW_TARGET_TIMESPAN / 4, POW_TARGET_TIMESPAN * 4) as u64;
     let le = Target::from_compact(bits).to_le_bytes();
     let mut limbs = [0u64; 5];
-    for (i, chunk) in le.chunks_exact(8).enumerate() {
-        limbs[i] = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+    for (limb, chunk) in limbs.iter_mut().zip(le.chunks_exact(8)) {
+        *limb = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
     }
     // limbs *= timespan
     let mut carry = 0u128;
@@ -114,8 +114,8 @@ pub fn calculate_next_work(bits: CompactTarget, actual_timespan: i64, pow_limit:
         return pow_limit.to_compact_lossy();
     }
     let mut out = [0u8; 32];
-    for (i, limb) in limbs[..4].iter().enumerate() {
-        out[i * 8..i * 8 + 8].copy_from_slice(&limb.to_le_bytes());
+    for (dst, limb) in out.chunks_exact_mut(8).zip(&limbs) {
+        dst.copy_from_slice(&limb.to_le_bytes());
     }
     let new = Target::from_le_bytes(out);
     if new > pow_limit {
