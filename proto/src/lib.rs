@@ -13,11 +13,7 @@ pub mod crypto;
 pub mod error;
 pub mod identity;
 pub mod ids;
-// TODO(lead): link.rs and tc.rs are being changed on other branches; fix their unwrap/expect/indexing sites
-// after those merge and drop these two allows.
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 pub mod link;
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 pub mod tc;
 pub mod tracker;
 

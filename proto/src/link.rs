@@ -331,10 +331,13 @@ fn dialer_signed(key: &PublicKey, signed: &[u8], sig: &[u8]) -> bool {
     if sig.len() == key.size() {
         return key.verify(signed, sig, "dialer link auth").is_ok();
     }
+    // The last `size - 1` bytes of the signature (or all of a shorter one), right-aligned in a modulus-sized
+    // buffer whose first byte stays 0, so the value is below the modulus.
     let mut same_len = vec![0u8; key.size()];
-    let tail = sig.len().min(key.size() - 1);
-    let at = key.size() - tail;
-    same_len[at..].copy_from_slice(&sig[sig.len() - tail..]);
+    let keep = sig.len().min(key.size().saturating_sub(1));
+    for (d, s) in same_len.iter_mut().rev().zip(sig.iter().rev()).take(keep) {
+        *d = *s;
+    }
     let _ = key.verify(signed, &same_len, "dialer link auth");
     false
 }
@@ -380,8 +383,7 @@ impl LinkCipher {
     /// Encodes and seals `cell`.
     pub fn seal_cell(&mut self, cell: &Cell) -> Result<Box<[u8; SEALED_CELL_LEN]>> {
         let mut buf = Box::new([0u8; SEALED_CELL_LEN]);
-        let plain: &mut [u8; CELL_LEN] =
-            (&mut buf[..CELL_LEN]).try_into().map_err(|_| ProtoError::Unexpected("cell buffer size"))?;
+        let (plain, _) = buf.split_first_chunk_mut::<CELL_LEN>().ok_or(ProtoError::Unexpected("cell buffer size"))?;
         cell.encode_into(plain);
         self.seal_in_place(&mut buf)?;
         Ok(buf)
@@ -391,7 +393,7 @@ impl LinkCipher {
     pub fn open_cell(&mut self, buf: &[u8; SEALED_CELL_LEN]) -> Result<Cell> {
         let mut b = Box::new(*buf);
         self.open_in_place(&mut b)?;
-        Cell::decode(&b[..CELL_LEN])
+        Cell::decode(b.first_chunk::<CELL_LEN>().ok_or(ProtoError::Unexpected("cell buffer size"))?)
     }
 }
 

@@ -195,7 +195,8 @@ fn body_len(k: usize) -> usize {
 /// The caller checks expiry, the replay tag and the incoming link.
 pub fn peel(tc: &[u8; TC_LEN], id: &Identity) -> Result<Peeled> {
     let k = id.public().size();
-    let seed_vec = id.decrypt(&tc[..k], "tracking code layer")?;
+    let head = tc.get(..k).ok_or(ProtoError::BadLength { what: "tracking code layer", len: TC_LEN, expected: k })?;
+    let seed_vec = id.decrypt(head, "tracking code layer")?;
     let seed: [u8; SEED_LEN] = seed_vec.as_slice().try_into().map_err(|_| ProtoError::BadLength {
         what: "TC seed",
         len: seed_vec.len(),
@@ -216,17 +217,27 @@ pub fn peel_with_seed(seed: &[u8; SEED_LEN], tc: &[u8; TC_LEN], k: usize) -> Res
         return Err(ProtoError::Invalid { what: "tracking code layer", detail: format!("modulus of {k} bytes") });
     }
     let keys = layer_keys(seed, k)?;
-    let mut tag = [0u8; TAG_LEN];
-    tag.copy_from_slice(&tc[k..k + TAG_LEN]);
-    let mut body = tc[k + TAG_LEN..].to_vec();
-    gcm_open_once(&keys.body, &ZERO_NONCE, AAD, &mut body, &tag, "tracking code layer")?;
-    let layer = Layer::decode(&body[..LAYER_HEADER_LEN])?;
+    let short = || ProtoError::BadLength { what: "tracking code layer", len: TC_LEN, expected: k + TAG_LEN };
+    let (tag, sealed) = tc.get(k..).and_then(|rest| rest.split_first_chunk::<TAG_LEN>()).ok_or_else(short)?;
+    let mut body = sealed.to_vec();
+    gcm_open_once(&keys.body, &ZERO_NONCE, AAD, &mut body, tag, "tracking code layer")?;
+    let (header, inner) = body.split_at_checked(LAYER_HEADER_LEN).ok_or_else(short)?;
+    let layer = Layer::decode(header)?;
     let next = match layer.kind {
         LayerKind::Relay { .. } => {
+            // The next TC: the inner onion, then this layer's pad (as long as what we took off: `k + TAG +
+            // header`, so the TC keeps its size).
             let mut next = Box::new([0u8; TC_LEN]);
-            let inner = &body[LAYER_HEADER_LEN..];
-            next[..inner.len()].copy_from_slice(inner);
-            next[inner.len()..].copy_from_slice(&keys.pad);
+            let (front, back) = next.split_at_mut_checked(inner.len()).ok_or_else(short)?;
+            if back.len() != keys.pad.len() {
+                return Err(ProtoError::BadLength {
+                    what: "tracking code pad",
+                    len: keys.pad.len(),
+                    expected: back.len(),
+                });
+            }
+            front.copy_from_slice(inner);
+            back.copy_from_slice(&keys.pad);
             Some(next)
         }
         LayerKind::Target { .. } => None,
@@ -236,6 +247,12 @@ pub fn peel_with_seed(seed: &[u8; SEED_LEN], tc: &[u8; TC_LEN], k: usize) -> Res
 
 /// Builds the TC for `hops` (first hop first; the last must be the target layer, all others relay layers).
 /// All randomness (seeds, OAEP, fill) comes from `rng`, so a seeded rng gives a reproducible TC.
+///
+/// Runs at the tracker over its own path (no hostile input). Bounds of the indexing below: `j < n` indexes the
+/// per-hop vectors of length `n`; `k` is 256 or 384 (`PublicKey` admits no other size), so `k + TAG_LEN < TC_LEN`;
+/// the capacity check keeps `filler.len() + LAYER_HEADER_LEN ≤ blen`, so every split of `body` and of a keystream
+/// is in range; and `inner` is a whole TC, longer than `blen - LAYER_HEADER_LEN`.
+#[allow(clippy::indexing_slicing)]
 pub fn build<R: RngCore + CryptoRng>(hops: &[HopSpec], rng: &mut R) -> Result<Box<[u8; TC_LEN]>> {
     let n = hops.len();
     if n == 0 || n > MAX_LAYERS {

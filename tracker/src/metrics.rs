@@ -91,6 +91,8 @@ impl<E: LabelEnum> EncodeLabelSet for Label<E> {
 impl LabelEnum for DenyReason {
     const KEY: &'static str = "reason";
     fn all() -> &'static [Self] {
+        // Bounds: evaluated at compile time, where an out-of-range index is a build error, not a panic.
+        #[allow(clippy::indexing_slicing)]
         const ALL: &[DenyReason] = &{
             let mut all = [DenyReason::Other(0); DenyReason::KNOWN.len() + 1];
             let mut i = 0;
@@ -111,6 +113,8 @@ impl LabelEnum for DenyReason {
 impl LabelEnum for BreakReason {
     const KEY: &'static str = "reason";
     fn all() -> &'static [Self] {
+        // Bounds: evaluated at compile time, where an out-of-range index is a build error, not a panic.
+        #[allow(clippy::indexing_slicing)]
         const ALL: &[BreakReason] = &{
             let mut all = [BreakReason::Other(0); BreakReason::KNOWN.len() + 1];
             let mut i = 0;

@@ -60,7 +60,9 @@ async fn exchange(addr: SocketAddr, nonce: &[u8; 32]) -> Result<Vec<u8>, ProbeEr
         let start = answer.len();
         answer.extend_from_slice(&len);
         answer.resize(start + 2 + n, 0);
-        s.read_exact(&mut answer[start + 2..]).await?;
+        if let Some(body) = answer.get_mut(start + 2..) {
+            s.read_exact(body).await?;
+        }
     }
     Ok(answer)
 }

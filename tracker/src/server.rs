@@ -382,7 +382,9 @@ impl Conn {
         if n == 0 {
             return Ok(None);
         }
-        self.stream.read_exact(&mut prefix[n..]).await?;
+        if let Some(rest) = prefix.get_mut(n..) {
+            self.stream.read_exact(rest).await?;
+        }
         let len = TrackerChannel::frame_len(prefix)?;
         if len > MAX_REQUEST_FRAME {
             return Err(ProtoError::TooLarge { what: "request frame", len, limit: MAX_REQUEST_FRAME }.into());
@@ -474,8 +476,9 @@ async fn handshake(
 ) -> Result<Option<(Conn, PublicKey)>, SessionError> {
     let mut header = [0u8; CLIENT_HELLO_HEADER];
     let magic_len = KEY_FETCH_MAGIC.len();
-    stream.read_exact(&mut header[..magic_len]).await?;
-    if header[..magic_len] == KEY_FETCH_MAGIC {
+    let (magic, rest) = header.split_at_mut(magic_len);
+    stream.read_exact(magic).await?;
+    if *magic == KEY_FETCH_MAGIC {
         let answer = encode_key_answer(identity.public());
         tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&answer))
             .await
@@ -483,7 +486,7 @@ async fn handshake(
         debug!("tracker key fetched");
         return Ok(None);
     }
-    stream.read_exact(&mut header[magic_len..]).await?;
+    stream.read_exact(rest).await?;
     let ct_len = TrackerChannel::hello_ct_len(&header)?;
     // Every ClientHello costs an RSA decryption: refuse an address over its rate before doing any.
     if !limits.hello(remote_ip) {

@@ -66,7 +66,9 @@ impl Hasher for KeyedHasher {
         let rest = chunks.remainder();
         if !rest.is_empty() {
             let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
+            for (d, b) in w.iter_mut().zip(rest) {
+                *d = *b;
+            }
             self.mix(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 59));
         }
     }

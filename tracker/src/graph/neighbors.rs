@@ -46,7 +46,10 @@ impl<K> Graph<K> {
         }
         let n = self.order.len() as u64;
         let mut seen = HashSet::with_capacity(SAMPLE);
-        (0..SAMPLE).map(|_| self.order[(rng.next_u64() % n) as usize]).filter(|fp| seen.insert(*fp)).collect()
+        (0..SAMPLE)
+            .filter_map(|_| self.order.get((rng.next_u64() % n) as usize).copied())
+            .filter(|fp| seen.insert(*fp))
+            .collect()
     }
 
     /// When strict: drops `id`'s edges that are not diverse (made while the overlay was too small for the rule,

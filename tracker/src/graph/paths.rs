@@ -129,7 +129,7 @@ impl<K> Graph<K> {
             if let Some(mut rev) = found {
                 rev.push(*requester);
                 rev.reverse();
-                used.extend(rev[1..rev.len() - 1].iter().copied());
+                used.extend(rev.get(1..rev.len().saturating_sub(1)).into_iter().flatten().copied());
                 paths.push(rev);
             }
         }
