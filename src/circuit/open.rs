@@ -254,17 +254,10 @@ impl Router {
             return self.refuse_at(&lc, id, &op, reason, Some(tag));
         }
         // The DATA buffered behind the OPEN goes through first, in order; then the opening is the relay.
-        let mut failed = None;
-        let done = op.complete(OpeningState::Relay(rc.clone()), |c| match rc.data(Dir::Fwd, c) {
-            Ok(()) => true,
-            Err(reason) => {
-                failed = Some(reason);
-                false
-            }
-        });
-        match done {
-            Ok(()) => {
+        let failed = match op.complete(OpeningState::Relay(rc.clone()), |c| rc.data(Dir::Fwd, c)) {
+            Ok(failed) => {
                 lc.replace(id, &Route::Opening(op), Route::Relay(rc.clone(), Dir::Fwd));
+                failed
             }
             Err(state) => {
                 // The neighbor broke it while we set it up: pass that on downstream.
@@ -275,7 +268,7 @@ impl Router {
                 rc.teardown(reason, None, Some(Dir::Fwd));
                 return;
             }
-        }
+        };
         if let Some(reason) = failed {
             warn!(circ = id, %reason, "relayed circuit broken while passing on its buffered DATA");
             rc.teardown(reason, Some(tag), None);
@@ -316,17 +309,10 @@ impl Router {
         lc.link.writer.add_circuit(id, lc.link.send_window(), Drain::to(weak, 0), lc.link.cells.clone());
         let _ = lc.link.writer.push(Cell::new(id, Command::Confirm));
         let _ = ep.send_hello(ne.hello);
-        let mut failed = None;
-        let done = op.complete(OpeningState::Target(ep.clone()), |c| match ep.on_data(c) {
-            Ok(()) => true,
-            Err(reason) => {
-                failed = Some(reason);
-                false
-            }
-        });
-        match done {
-            Ok(()) => {
+        let failed = match op.complete(OpeningState::Target(ep.clone()), |c| ep.on_data(c)) {
+            Ok(failed) => {
                 lc.replace(id, &Route::Opening(op), Route::Endpoint(ep.clone()));
+                failed
             }
             Err(state) => {
                 lc.link.writer.remove_circuit(id);
@@ -336,7 +322,7 @@ impl Router {
                 });
                 return;
             }
-        }
+        };
         if let Some(reason) = failed {
             warn!(circ = id, %reason, "circuit broken: bad DATA from the requester");
             self.end_endpoint(&ep, reason);

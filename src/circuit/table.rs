@@ -134,21 +134,22 @@ impl Opening {
 
     /// Completes the opening: under its lock, passes every buffered cell to `deliver` in arrival order and then
     /// sets `state`, so a cell arriving meanwhile waits and goes after them. Returns the state it had instead if
-    /// it was no longer buffering (nothing is delivered then). `deliver` stops the flush by returning false.
-    pub fn complete(&self, state: OpeningState, mut deliver: impl FnMut(Cell) -> bool) -> Result<(), OpeningState> {
+    /// it was no longer buffering (nothing is delivered then); otherwise `Some(reason)` if `deliver` failed (the
+    /// flush stops there and the caller breaks the new circuit with that reason).
+    pub fn complete(
+        &self,
+        state: OpeningState,
+        mut deliver: impl FnMut(Cell) -> Result<(), BreakReason>,
+    ) -> Result<Option<BreakReason>, OpeningState> {
         let mut g = self.lock();
         if !matches!(g.0, OpeningState::Buffering) {
             return Err(g.0.clone());
         }
         let cells = std::mem::take(&mut g.1);
         self.share.give(cells.len());
-        for c in cells {
-            if !deliver(c) {
-                break;
-            }
-        }
+        let failed = cells.into_iter().find_map(|c| deliver(c).err());
         g.0 = state;
-        Ok(())
+        Ok(failed)
     }
 
     /// Cells buffered now.
