@@ -174,8 +174,9 @@ fn a_path_through_the_same_relay_twice_is_relayed_without_harm() {
 #[test]
 fn a_flood_of_opens_to_an_edge_the_relay_lacks_with_data_behind_each_holds_nothing() {
     serial_async(async {
-        // The setting: a 4,096-cell (16 MiB) budget. Each OPEN waits up to 1 s for an edge the relay does
-        // not know (it may be new); the DATA behind it is charged to the flooder's share of that budget.
+        // The setting: a 4,096-cell (16 MiB) budget. Each OPEN waits for an edge the relay does not know
+        // until a fresh neighbor table still lacks it (at most 3 s: it may be new); the DATA behind it is charged
+        // to the flooder's share of that budget.
         let mut t = arena(&["--max-queued-cells", "4096"]).await;
         let rss0 = t.victim().rss_kib();
         let since = unix_ms();

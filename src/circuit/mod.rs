@@ -59,6 +59,13 @@ pub trait LinkDirectory: Send + Sync + 'static {
     /// Waits up to `max` for the link over `nid`.
     fn wait_link(&self, nid: NeighborId, max: Duration)
         -> Pin<Box<dyn Future<Output = Option<Arc<Link>>> + Send + '_>>;
+    /// Waits up to `max` for the link over `nid`, an edge we did not know; gives up at once when our neighbor table
+    /// is replaced and still does not list `nid` (the tracker does not know that edge either).
+    fn wait_new_edge(
+        &self,
+        nid: NeighborId,
+        max: Duration,
+    ) -> Pin<Box<dyn Future<Output = Option<Arc<Link>>> + Send + '_>>;
 }
 
 /// Where failure reports for the tracker go: a bounded queue that a task of the node drains. A report that
@@ -98,10 +105,8 @@ pub struct CircuitConfig {
     pub open_burst: u32,
     /// Chains served as a target.
     pub serve: Vec<ChainId>,
-    /// How long a relay waits for the link to the next hop to come up (an edge we expect).
+    /// How long a relay waits for the link to the next hop to come up.
     pub link_wait: Duration,
-    /// How long it waits for a link over an edge it does not know (after asking for a fresh neighbor table).
-    pub unknown_edge_wait: Duration,
     /// How long the requester waits for its link to the first hop.
     pub origin_link_wait: Duration,
 }

@@ -98,7 +98,7 @@ impl Router {
                 let r = tc::peel(&tc_bytes, &key);
                 #[cfg(test)]
                 if let Some(h) = hook {
-                    h();
+                    h(&r);
                 }
                 r
             })
@@ -193,16 +193,16 @@ impl Router {
         if !matches!(p.op.state(), OpeningState::Buffering) {
             return; // broken by the neighbor while it was peeled: nothing to open downstream
         }
-        // Wait for the next hop's link `link_wait` if it is an edge of ours that is not up yet. An edge we do not
-        // know may be one the tracker made after our last announce: ask for a fresh table (rate-limited) and wait
-        // only `unknown_edge_wait`, so a flood of OPENs naming made-up edges holds little, and only from the
-        // flooder's own shares.
+        // Wait for the next hop's link (at most `link_wait`) if it is an edge of ours that is not up yet. An edge we
+        // do not know may be one the tracker made after our last announce: ask for a fresh table (rate-limited) and
+        // wait the same, but give up as soon as a fresh table still lacks it. Meanwhile the OPEN holds only its
+        // sender's shares of our slots and cells.
         let out = match self.links.link(next) {
             Some(l) => Some(l),
             None if self.links.expects(next) => self.links.wait_link(next, self.cfg.link_wait).await,
             None => {
                 self.links.refresh();
-                self.links.wait_link(next, self.cfg.unknown_edge_wait).await
+                self.links.wait_new_edge(next, self.cfg.link_wait).await
             }
         };
         let Some(out_lc) = out.as_deref().and_then(|l| self.circuits_of(l)) else {

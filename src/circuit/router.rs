@@ -66,10 +66,14 @@ pub struct Router {
     /// Test hook: runs in `open_relay` between finding the out-link and installing the circuit on it.
     #[cfg(test)]
     pub(super) install_hook: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
-    /// Test hook: runs on the blocking peel thread right after each peel.
+    /// Test hook: runs on the blocking peel thread right after each peel, with its result.
     #[cfg(test)]
-    pub(super) peel_hook: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    pub(super) peel_hook: Mutex<Option<PeelHook>>,
 }
+
+/// A test hook called with every peel's result.
+#[cfg(test)]
+pub(super) type PeelHook = Arc<dyn Fn(&anomos_proto::Result<anomos_proto::tc::Peeled>) + Send + Sync>;
 
 /// The sink an up link's reader hands its cells to.
 struct LinkSink {

@@ -120,7 +120,6 @@ impl Node {
                 open_burst: cfg.open_burst,
                 serve: cfg.serve.clone(),
                 link_wait: Duration::from_secs(3),
-                unknown_edge_wait: Duration::from_secs(1),
                 origin_link_wait: Duration::from_secs(5),
             },
             identity: identity.clone(),

@@ -144,6 +144,32 @@ impl LinkDirectory for Links {
         self.neighbors.request_reannounce();
     }
 
+    fn wait_new_edge(
+        &self,
+        nid: NeighborId,
+        max: Duration,
+    ) -> Pin<Box<dyn Future<Output = Option<Arc<Link>>> + Send + '_>> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + max;
+            loop {
+                let link_changed = self.changed.notified();
+                let table_changed = self.neighbors.changed.notified();
+                if let Some(l) = self.link(nid) {
+                    return Some(l);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => return self.link(nid),
+                    _ = link_changed => {}
+                    _ = table_changed => {
+                        if !self.neighbors.has_edge(nid) {
+                            return self.link(nid);
+                        }
+                    }
+                }
+            }
+        })
+    }
+
     fn wait_link(
         &self,
         nid: NeighborId,

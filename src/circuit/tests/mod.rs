@@ -59,6 +59,14 @@ impl LinkDirectory for TestDir {
     fn refresh(&self) {
         *self.refreshes.lock().unwrap() += 1;
     }
+    fn wait_new_edge(
+        &self,
+        nid: NeighborId,
+        _max: Duration,
+    ) -> Pin<Box<dyn Future<Output = Option<Arc<Link>>> + Send + '_>> {
+        // As if the refreshed table came back at once without the edge.
+        Box::pin(async move { self.link(nid) })
+    }
     fn wait_link(
         &self,
         nid: NeighborId,
@@ -138,7 +146,6 @@ impl Peer {
                 open_burst: 1000,
                 serve: if k.serve { vec![chain()] } else { Vec::new() },
                 link_wait: k.link_wait,
-                unknown_edge_wait: k.link_wait / 4,
                 origin_link_wait: Duration::from_millis(500),
             },
             identity: id.clone(),

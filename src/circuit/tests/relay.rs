@@ -211,12 +211,13 @@ async fn an_open_to_an_edge_we_do_not_have_is_denied_after_a_short_wait_and_a_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_break_while_peeling_then_the_same_id_reused_leaves_the_new_circuit_alone() {
     let t = relay(Knobs::default());
-    // The first peel is held back until the new circuit on the same id is installed.
+    // The first (wrong-link) peel is held back until the new circuit on the same id is installed.
     let release = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
     let calls = Arc::new(AtomicUsize::new(0));
     let (rel, n) = (release.clone(), calls.clone());
-    *t.r.router.peel_hook.lock().unwrap() = Some(Arc::new(move || {
-        if n.fetch_add(1, Ordering::SeqCst) == 0 {
+    *t.r.router.peel_hook.lock().unwrap() = Some(Arc::new(move |peeled| {
+        n.fetch_add(1, Ordering::SeqCst);
+        if matches!(peeled, Ok(p) if p.layer.prev == anomos_proto::ids::NeighborId(11)) {
             let (m, cv) = &*rel;
             let g = m.lock().unwrap();
             let _g = cv.wait_timeout_while(g, Duration::from_secs(5), |released| !*released).unwrap();
