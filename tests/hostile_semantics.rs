@@ -198,21 +198,27 @@ fn a_flood_of_opens_to_an_edge_the_relay_lacks_with_data_behind_each_holds_nothi
             t.la.send_raw(&burst).await.unwrap();
             ids.push(id);
         }
-        let mut denied = 0;
-        while denied < n {
+        // Each OPEN is answered once: DENY `no-such-neighbor`, or — once the flooder is over its share of the
+        // budget with the DATA it piles behind its OPENs — BREAK `resources` for that opening circuit.
+        let (mut denied, mut broken) = (0, 0);
+        while denied + broken < n {
             match t.la.recv(SECS).await {
                 Some(c) if c.command == Command::Deny => {
                     assert_eq!(c.deny_fields().unwrap().0, DenyReason::NoSuchNeighbor);
                     denied += 1;
                 }
+                Some(c) if c.command == Command::Break => {
+                    assert_eq!(c.break_fields().unwrap().0, BreakReason::Resources);
+                    broken += 1;
+                }
                 Some(_) => {}
-                None => panic!("only {denied} of {n} OPENs answered"),
+                None => panic!("only {} of {n} OPENs answered", denied + broken),
             }
         }
         let took = start.elapsed();
         let rss1 = t.victim().rss_kib();
         eprintln!(
-            "edge flood: {n} OPENs × 128 DATA denied no-such-neighbor in {took:?}; RSS {} → {} MiB; {}",
+            "edge flood: {n} OPENs × 128 DATA: {denied} denied no-such-neighbor, {broken} broken resources, in {took:?}; RSS {} → {} MiB; {}",
             rss0 / 1024,
             rss1 / 1024,
             t.expect_log(since, &["circuit denied", "no-such-neighbor"])
