@@ -149,25 +149,7 @@ impl LinkDirectory for Links {
         nid: NeighborId,
         max: Duration,
     ) -> Pin<Box<dyn Future<Output = Option<Arc<Link>>> + Send + '_>> {
-        Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + max;
-            loop {
-                let link_changed = self.changed.notified();
-                let table_changed = self.neighbors.changed.notified();
-                if let Some(l) = self.link(nid) {
-                    return Some(l);
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep_until(deadline) => return self.link(nid),
-                    _ = link_changed => {}
-                    _ = table_changed => {
-                        if !self.neighbors.has_edge(nid) {
-                            return self.link(nid);
-                        }
-                    }
-                }
-            }
-        })
+        Box::pin(self.wait(nid, max, true))
     }
 
     fn wait_link(
@@ -175,18 +157,31 @@ impl LinkDirectory for Links {
         nid: NeighborId,
         max: Duration,
     ) -> Pin<Box<dyn Future<Output = Option<Arc<Link>>> + Send + '_>> {
-        Box::pin(async move {
-            let deadline = tokio::time::Instant::now() + max;
-            loop {
-                let notified = self.changed.notified();
-                if let Some(l) = self.link(nid) {
-                    return Some(l);
-                }
-                if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                    return self.link(nid);
+        Box::pin(self.wait(nid, max, false))
+    }
+}
+
+impl Links {
+    /// Waits up to `max` for the link over `nid`; with `unlisted`, also gives up when a replaced neighbor table
+    /// does not list `nid`.
+    async fn wait(&self, nid: NeighborId, max: Duration, unlisted: bool) -> Option<Arc<Link>> {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let link_changed = self.changed.notified();
+            let table_changed = self.neighbors.changed.notified();
+            if let Some(l) = self.link(nid) {
+                return Some(l);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return self.link(nid),
+                _ = link_changed => {}
+                _ = table_changed => {
+                    if unlisted && !self.neighbors.has_edge(nid) {
+                        return self.link(nid);
+                    }
                 }
             }
-        })
+        }
     }
 }
 
