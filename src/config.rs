@@ -33,6 +33,8 @@ pub struct PeerConfig {
     /// Flow-control window: DATA cells a sender may have in flight per circuit and direction at each hop.
     /// Each hop buffers at most this many cells per circuit and direction.
     pub circuit_window: u32,
+    /// The largest a busy circuit's window may grow to (auto-tuned to the path's bandwidth × delay, SPEC §8).
+    pub circuit_window_max: u32,
     /// Most cells queued on one link (all circuits); circuits that would exceed it are broken.
     pub link_queue_cap: usize,
     /// Most cells queued on all links together (the node's buffer budget, ≈ 4.2 KB per cell); circuits that
@@ -87,6 +89,7 @@ impl PeerConfig {
             max_circuits: 10_000,
             max_links: 64,
             circuit_window: 128,
+            circuit_window_max: 2048,
             link_queue_cap: 65_536,
             max_queued_cells: 131_072,
             open_timeout: Duration::from_secs(10),

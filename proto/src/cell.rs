@@ -191,6 +191,25 @@ impl Cell {
         c
     }
 
+    /// A key-confirmation PADDING that also announces the largest window the sender may grow a circuit's
+    /// receive window to (u16 BE after the window; SPEC §8 "Window growth"). `max` ≤ `window` announces no growth
+    /// (encoded as 0, the bytes [`link_params`](Self::link_params) produces).
+    pub fn link_params_growing(window: u16, max: u16) -> Self {
+        let mut c = Cell::link_params(window);
+        if max > window {
+            c.payload[2..4].copy_from_slice(&max.to_be_bytes());
+        }
+        c
+    }
+
+    /// The largest receive window announced by a key-confirmation PADDING: the announced maximum, or the window
+    /// itself where none is announced (0). Credit a neighbor grants beyond it is a protocol violation.
+    pub fn link_params_max_window(&self) -> Result<u16> {
+        let w = self.link_params_window()?;
+        let max = u16::from_be_bytes([self.payload[2], self.payload[3]]);
+        Ok(if max == 0 { w } else { max.max(w) })
+    }
+
     /// The receive window announced by a key-confirmation PADDING (at least [`MIN_WINDOW`]).
     pub fn link_params_window(&self) -> Result<u16> {
         if self.command != Command::Padding {
@@ -333,5 +352,18 @@ mod tests {
         plain[..4].copy_from_slice(&0u32.to_be_bytes());
         assert!(Cell::decode_reusing(&plain, Box::new([0u8; CELL_PAYLOAD_LEN])).is_err());
         assert!(Cell::decode_reusing(&plain[1..], Box::new([0u8; CELL_PAYLOAD_LEN])).is_err());
+    }
+
+    #[test]
+    fn link_params_announce_the_window_and_its_maximum() {
+        let c = Cell::link_params_growing(128, 2048);
+        assert_eq!((c.link_params_window().unwrap(), c.link_params_max_window().unwrap()), (128, 2048));
+        // No maximum announced (a peer that does not grow): the window is the maximum, bytes as before.
+        assert_eq!(Cell::link_params_growing(128, 128), Cell::link_params(128));
+        assert_eq!(Cell::link_params(128).link_params_max_window().unwrap(), 128);
+        // A maximum below the window means the window.
+        let mut c = Cell::link_params(256);
+        c.payload[2..4].copy_from_slice(&100u16.to_be_bytes());
+        assert_eq!(c.link_params_max_window().unwrap(), 256);
     }
 }

@@ -17,7 +17,9 @@ use anomos_proto::circuit::{
 use anomos_proto::crypto::Secret;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::relay::{pool_tight, send_credit};
 use super::table::LinkCircuits;
+use super::window::Tuner;
 use crate::error::PeerError;
 use crate::link::budget::Unit;
 use crate::link::writer::{payload_box, recycle_payloads, OnDrain, Payload};
@@ -59,6 +61,8 @@ struct State {
     reasm: Reassembler,
     allow: u32,
     unacked: u32,
+    /// Our receive window (auto-tuned, `window.rs`).
+    tuner: Tuner,
     buffered: usize,
     opened: Option<oneshot::Sender<Result<(), PeerError>>>,
     closed: bool,
@@ -108,8 +112,10 @@ pub struct EndpointParts<'a> {
     pub hop_secrets: &'a [Secret],
     /// The end-to-end secret.
     pub e2e_secret: &'a Secret,
-    /// Our receive window.
+    /// Our receive window (where it starts).
     pub window: u32,
+    /// The largest it may grow to.
+    pub max_window: u32,
     /// SENDME batch.
     pub batch: u32,
     /// Target side: the opening it comes from.
@@ -133,7 +139,8 @@ pub struct NewEndpoint {
 impl Endpoint {
     /// Creates an endpoint. For the requester `hop_secrets` are all layers; for the target, its own one.
     pub fn create(p: EndpointParts<'_>) -> Result<NewEndpoint, PeerError> {
-        let EndpointParts { on, circ_id, role, hop_secrets, e2e_secret, window, batch, opened_from, slot } = p;
+        let EndpointParts { on, circ_id, role, hop_secrets, e2e_secret, window, max_window, batch, opened_from, slot } =
+            p;
         let link = on.link.clone();
         // We let the other side send `window` cells (our announced receive window); we may send as many as
         // the link's neighbor announced.
@@ -161,6 +168,7 @@ impl Endpoint {
                 reasm: Reassembler::new(MAX_MESSAGE),
                 allow: window,
                 unacked: 0,
+                tuner: Tuner::new(window, max_window),
                 buffered: 0,
                 opened: Some(otx),
                 closed: false,
@@ -288,8 +296,10 @@ impl Endpoint {
     fn grant(&self, st: &mut State) {
         while st.unacked >= self.batch && st.buffered <= RECV_BUFFER {
             st.unacked -= self.batch;
-            st.allow += self.batch;
-            let _ = self.link.writer.push_control(Cell::sendme(self.circ_id, self.batch as u16));
+            let rtt = self.link.writer.rtt();
+            let g = st.tuner.on_drained(self.batch, std::time::Instant::now(), rtt, pool_tight(&self.link));
+            st.allow += g;
+            send_credit(&self.link, self.circ_id, g);
         }
     }
 

@@ -10,7 +10,8 @@
 //! Files: `router.rs` (per-link state, cell dispatch, link up/down, shutdown), `open.rs` (OPEN admission, peel,
 //! checks, becoming a relay or a target), `origin.rs` (opening our own circuits), `relay.rs` (the Relayer),
 //! `endpoint.rs` and `stream.rs` (circuit ends and the message stream), `table.rs` (the route table and its lock
-//! discipline), `limit.rs` (the OPEN rate limit), `replay.rs` (the replay cache).
+//! discipline), `limit.rs` (the OPEN rate limit), `replay.rs` (the replay cache),
+//! `window.rs` (receive-window auto-tuning).
 
 pub mod endpoint;
 mod limit;
@@ -23,6 +24,7 @@ pub mod stream;
 pub mod table;
 #[cfg(test)]
 mod tests;
+pub mod window;
 
 use std::future::Future;
 use std::path::Path;
@@ -91,8 +93,10 @@ impl Reporter {
 /// The circuit layer's settings (from the peer's configuration).
 #[derive(Debug, Clone)]
 pub struct CircuitConfig {
-    /// Our receive window per circuit and direction (cells).
+    /// Our receive window per circuit and direction (cells): where every circuit starts.
     pub window: u32,
+    /// The largest a circuit's receive window may grow to (auto-tuning, `window.rs`).
+    pub max_window: u32,
     /// Credit is returned in batches of this many cells.
     pub sendme_batch: u32,
     /// How long a hop waits for CONFIRM/DENY from downstream (and an endpoint for the session).

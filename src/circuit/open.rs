@@ -229,6 +229,7 @@ impl Router {
             tag,
             opened_from: op.serial,
             window: self.cfg.window,
+            max_window: self.cfg.max_window,
             batch: self.cfg.sendme_batch,
             stats: self.stats.clone(),
             trace: self.trace.clone(),
@@ -238,8 +239,11 @@ impl Router {
         let payer = lc.link.cells.clone();
         let weak: std::sync::Weak<dyn crate::link::writer::OnDrain> = Arc::downgrade(&rc) as _;
         let out_w = &out_lc.link.writer;
-        out_w.add_circuit(out_id, out_lc.link.send_window(), Drain::to(weak.clone(), Dir::Fwd.lane()), payer.clone());
-        lc.link.writer.add_circuit(id, lc.link.send_window(), Drain::to(weak, Dir::Bwd.lane()), payer);
+        let (out_l, in_l) = (&out_lc.link, &lc.link);
+        let fwd = Drain::to(weak.clone(), Dir::Fwd.lane());
+        out_w.add_circuit(out_id, out_l.send_window(), out_l.max_send_window(), fwd, payer.clone());
+        let bwd = Drain::to(weak, Dir::Bwd.lane());
+        in_l.writer.add_circuit(id, in_l.send_window(), in_l.max_send_window(), bwd, payer);
         let installed = out_lc.insert_new(out_id, Route::Relay(rc.clone(), Dir::Bwd));
         let pushed = if installed { out_w.push(Cell::open(out_id, &next_tc)) } else { Err(PushError::NoCircuit) };
         if let Err(e) = pushed {
@@ -293,6 +297,7 @@ impl Router {
             hop_secrets: std::slice::from_ref(hop_secret),
             e2e_secret: e2e,
             window: self.cfg.window,
+            max_window: self.cfg.max_window,
             batch: self.cfg.sendme_batch,
             opened_from: Some(op.serial),
             slot,
@@ -306,7 +311,8 @@ impl Router {
         };
         let ep = ne.endpoint.clone();
         let weak: std::sync::Weak<dyn crate::link::writer::OnDrain> = Arc::downgrade(&ep) as _;
-        lc.link.writer.add_circuit(id, lc.link.send_window(), Drain::to(weak, 0), lc.link.cells.clone());
+        let l = &lc.link;
+        l.writer.add_circuit(id, l.send_window(), l.max_send_window(), Drain::to(weak, 0), l.cells.clone());
         let _ = lc.link.writer.push(Cell::new(id, Command::Confirm));
         let _ = ep.send_hello(ne.hello);
         let failed = match op.complete(OpeningState::Target(ep.clone()), |c| ep.on_data(c)) {

@@ -37,6 +37,7 @@ impl Router {
             hop_secrets: &grant.secrets(),
             e2e_secret: &Secret(grant.e2e_secret),
             window: self.cfg.window,
+            max_window: self.cfg.max_window,
             batch: self.cfg.sendme_batch,
             opened_from: None,
             slot,
@@ -44,7 +45,8 @@ impl Router {
         let ep = ne.endpoint.clone();
         let _ = ep.grant.set(grant.circuit);
         let weak: std::sync::Weak<dyn OnDrain> = Arc::downgrade(&ep) as _;
-        link.writer.add_circuit(id, link.send_window(), Drain::to(weak, 0), self.local_cells.clone());
+        let (credit, max) = (link.send_window(), link.max_send_window());
+        link.writer.add_circuit(id, credit, max, Drain::to(weak, 0), self.local_cells.clone());
         if !lc.insert_new(id, Route::Endpoint(ep.clone())) {
             link.writer.remove_circuit(id);
             return Err(PeerError::Internal(format!("circuit id {id:#x} allocated twice")));

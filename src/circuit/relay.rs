@@ -5,19 +5,22 @@
 //! other link's queue for that circuit. Flow control is hop by hop: the sender on each side may have at most
 //! `window` DATA cells outstanding; we return credit (SENDME) only when cells have left on the other link.
 //! So this relay never holds more than `window` cells per circuit and direction, however slow the next reader is,
-//! and a slow reader makes the sender wait. A sender that exceeds its credit breaks the circuit.
+//! and a slow reader makes the sender wait. A sender that exceeds its credit breaks the circuit. Each direction's
+//! window is auto-tuned between the announced window and its maximum (`window.rs`).
 //!
 //! A relayed circuit holds its two links (to queue cells) and only weak handles to their route tables (to leave
 //! them when it ends), so tables and circuits never keep each other alive.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 
 use anomos_proto::cell::{BreakReason, Cell, CircId, Command, DenyReason};
 use anomos_proto::circuit::HopLayer;
 use tracing::{debug, info, warn};
 
 use super::table::LinkCircuits;
+use super::window::Tuner;
 use super::Trace;
 use crate::link::budget::Unit;
 use crate::link::writer::{OnDrain, PushError};
@@ -43,12 +46,34 @@ impl Dir {
     }
 }
 
-#[derive(Default)]
 struct Credit {
     /// DATA cells the sender may still send us.
     allow: u32,
     /// Cells forwarded since we last returned credit.
     drained: u32,
+    /// The window: `allow + queued + drained` (+ credit withheld while it shrinks).
+    tuner: Tuner,
+}
+
+impl Credit {
+    fn new(window: u32, max: u32) -> Credit {
+        Credit { allow: window, drained: 0, tuner: Tuner::new(window, max) }
+    }
+}
+
+/// Sends `credit` back as SENDMEs (more than one when it exceeds a SENDME's u16).
+pub(crate) fn send_credit(link: &Link, id: CircId, mut credit: u32) {
+    while credit > 0 {
+        let n = credit.min(u32::from(u16::MAX));
+        credit -= n;
+        let _ = link.writer.push_control(Cell::sendme(id, n as u16));
+    }
+}
+
+/// Whether the node's cell pool (seen through a link's share) is more than a quarter used: windows stop growing.
+pub(crate) fn pool_tight(link: &Link) -> bool {
+    let pool = link.cells.pool();
+    pool.used().saturating_mul(4) > pool.cap()
 }
 
 /// One side of a relayed circuit.
@@ -103,8 +128,10 @@ pub struct RelayParts {
     pub tag: [u8; 16],
     /// The opening it was peeled from.
     pub opened_from: u64,
-    /// Our receive window on both sides.
+    /// Our receive window on both sides (where it starts).
     pub window: u32,
+    /// The largest it may grow to.
+    pub max_window: u32,
     /// SENDME batch.
     pub batch: u32,
     /// Counters.
@@ -126,8 +153,8 @@ impl RelayCircuit {
             confirmed: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             layer: Mutex::new(p.layer),
-            fwd: Mutex::new(Credit { allow: p.window, drained: 0 }),
-            bwd: Mutex::new(Credit { allow: p.window, drained: 0 }),
+            fwd: Mutex::new(Credit::new(p.window, p.max_window)),
+            bwd: Mutex::new(Credit::new(p.window, p.max_window)),
             batch: p.batch,
             stats: p.stats,
             trace: p.trace,
@@ -307,20 +334,20 @@ impl OnDrain for RelayCircuit {
     /// batches.
     fn drained(&self, lane: u8) {
         let dir = if lane == Dir::Fwd.lane() { Dir::Fwd } else { Dir::Bwd };
+        let prev = self.prev_hop(dir);
         let grant = {
             let mut c = self.credit(dir);
             c.drained += 1;
             if c.drained >= self.batch {
                 c.drained -= self.batch;
-                c.allow += self.batch;
-                true
+                let rtt = prev.link.writer.rtt();
+                let g = c.tuner.on_drained(self.batch, Instant::now(), rtt, pool_tight(&prev.link));
+                c.allow += g;
+                g
             } else {
-                false
+                0
             }
         };
-        if grant {
-            let prev = self.prev_hop(dir);
-            let _ = prev.link.writer.push_control(Cell::sendme(prev.id, self.batch as u16));
-        }
+        send_credit(&prev.link, prev.id, grant);
     }
 }

@@ -53,9 +53,14 @@ pub struct NodeArgs {
     /// Most neighbor links at once.
     #[arg(long, default_value_t = 64)]
     pub max_links: usize,
-    /// Flow-control window in cells per circuit and direction (each hop buffers at most this many).
+    /// Flow-control window in cells per circuit and direction where every circuit starts (each hop buffers at
+    /// most its current window).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(4..=4096))]
     pub circuit_window: u32,
+    /// Largest window a busy circuit's may grow to on a long path (auto-tuned to twice the bandwidth × delay of
+    /// each hop; 4.2 KB per cell per circuit and direction at most). Set it to --circuit-window to turn growth off.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(4..=16384))]
+    pub circuit_window_max: u32,
     /// Most cells queued on one link in total.
     #[arg(long, default_value_t = 65_536)]
     pub link_queue_cap: usize,
@@ -117,6 +122,7 @@ impl NodeArgs {
         c.max_circuits = self.max_circuits;
         c.max_links = self.max_links;
         c.circuit_window = self.circuit_window;
+        c.circuit_window_max = self.circuit_window_max.max(self.circuit_window);
         c.link_queue_cap = self.link_queue_cap;
         c.max_queued_cells = self.max_queued_cells;
         c.link_idle_timeout = self.link_idle_timeout;

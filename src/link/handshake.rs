@@ -63,8 +63,9 @@ pub async fn dial(
     s.write_all(&auth).await?;
     let msg = read_auth(&mut s, "link auth reply").await?;
     let cipher = dialer.on_auth_reply(&msg)?;
+    let rtt = super::rtt::probe(&s);
     let (rd, wr) = s.into_split();
-    super::run(host, settings, rd, wr, cipher).await;
+    super::run(host, settings, rd, wr, cipher, rtt).await;
     Ok(())
 }
 
@@ -80,8 +81,9 @@ pub async fn accept(
     let (s, cipher) = tokio::time::timeout_at(deadline, accept_handshake(&host, settings, s, remote))
         .await
         .map_err(|_| PeerError::Timeout("link handshake (too slow)"))??;
+    let rtt = super::rtt::probe(&s);
     let (rd, wr) = s.into_split();
-    super::run(host, settings, rd, wr, cipher).await;
+    super::run(host, settings, rd, wr, cipher, rtt).await;
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 
 pub mod budget;
 mod handshake;
+pub mod rtt;
 pub mod writer;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -72,6 +73,8 @@ pub struct LinkSettings {
     pub queue_cap: usize,
     /// Our receive window per circuit, announced in the first cell.
     pub window: u32,
+    /// The largest our window per circuit may grow to (auto-tuning, SPEC §8), announced with it.
+    pub max_window: u32,
     /// PADDING after this long without other traffic.
     pub keepalive: Duration,
     /// A link that received nothing for this long is dead; so is one whose writes make no progress as long.
@@ -100,6 +103,7 @@ pub struct Link {
     /// When the link came up.
     pub since: Instant,
     peer_window: AtomicU32,
+    peer_max_window: AtomicU32,
     close_reason: Mutex<Option<&'static str>>,
 }
 
@@ -117,6 +121,7 @@ impl Link {
             serial: SERIAL.fetch_add(1, Ordering::Relaxed),
             since: Instant::now(),
             peer_window: AtomicU32::new(u32::from(anomos_proto::cell::MIN_WINDOW)),
+            peer_max_window: AtomicU32::new(u32::from(anomos_proto::cell::MIN_WINDOW)),
             close_reason: Mutex::new(None),
         })
     }
@@ -138,16 +143,28 @@ impl Link {
         self.peer_window.load(Ordering::Relaxed)
     }
 
-    /// Sets the window the neighbor announced (or, in tests, pretends it did).
-    pub fn set_send_window(&self, w: u32) {
+    /// The largest window the neighbor announced it may grow a circuit to: credit beyond it is a violation.
+    pub fn max_send_window(&self) -> u32 {
+        self.peer_max_window.load(Ordering::Relaxed).max(self.send_window())
+    }
+
+    /// Sets the window the neighbor announced, and its maximum (or, in tests, pretends it did).
+    pub fn set_send_window(&self, w: u32, max: u32) {
         self.peer_window.store(w, Ordering::Relaxed);
+        self.peer_max_window.store(max.max(w), Ordering::Relaxed);
     }
 }
 
 /// Runs an authenticated link over a socket's two halves until it ends: key confirmation, then every cell to
 /// the sink the host gave for it. The host hears `down` for every link it heard `up` for.
-pub async fn run<R, W>(host: Arc<dyn LinkHost>, settings: &LinkSettings, rd: R, wr: W, cipher: LinkCipher)
-where
+pub async fn run<R, W>(
+    host: Arc<dyn LinkHost>,
+    settings: &LinkSettings,
+    rd: R,
+    wr: W,
+    cipher: LinkCipher,
+    rtt: Option<rtt::RttProbe>,
+) where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -156,9 +173,10 @@ where
     let writer = link.writer.clone();
     let mut rd = BufReader::with_capacity(READ_BUF, rd);
     let (sealer, mut opener) = cipher.split();
-    // Key confirmation and link parameters: our first cell announces our receive window.
-    let _ = writer.push_control(Cell::link_params(settings.window.min(u32::from(u16::MAX)) as u16));
-    let wtask = tokio::spawn(writer.clone().run(wr, sealer, settings.keepalive, settings.idle_timeout));
+    // Key confirmation and link parameters: our first cell announces our receive window and its maximum.
+    let wire = |w: u32| u16::try_from(w).unwrap_or(u16::MAX);
+    let _ = writer.push_control(Cell::link_params_growing(wire(settings.window), wire(settings.max_window)));
+    let wtask = tokio::spawn(writer.clone().run(wr, sealer, settings.keepalive, settings.idle_timeout, rtt));
     let idle = settings.idle_timeout;
     let mut buf = vec![0u8; SEALED_CELL_LEN];
     let mut sink: Option<Arc<dyn CellSink>> = None;
@@ -194,8 +212,8 @@ where
                     }
                 }
                 None => {
-                    match cell.link_params_window() {
-                        Ok(w) => link.set_send_window(u32::from(w)),
+                    match cell.link_params_window().and_then(|w| Ok((w, cell.link_params_max_window()?))) {
+                        Ok((w, max)) => link.set_send_window(u32::from(w), u32::from(max)),
                         Err(e) => break format!("bad key-confirmation cell: {e}"),
                     }
                     match host.up(&link) {

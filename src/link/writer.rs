@@ -24,7 +24,9 @@
 //! faults; docs/PERFORMANCE.md.)
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use anomos_proto::cell::{Cell, CircId, Command, CELL_LEN, CELL_PAYLOAD_LEN, SEALED_CELL_LEN};
 use anomos_proto::link::CellSealer;
@@ -32,6 +34,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
 use super::budget::{OverShare, Share};
+use super::rtt::RttProbe;
 
 /// Most cells sealed into one write.
 const BATCH: usize = 32;
@@ -153,7 +156,12 @@ pub struct LinkWriter {
     cap: usize,
     /// Control cells queued here, counted in the node's control pool.
     control: Arc<Share>,
+    /// The socket's smoothed RTT in µs (0: unknown), refreshed by the writer task.
+    rtt_us: AtomicU32,
 }
+
+/// How often the writer task re-reads the socket's RTT while it writes.
+const RTT_REFRESH: Duration = Duration::from_millis(100);
 
 impl LinkWriter {
     /// A writer whose circuit queues hold at most `cap` cells in total (each charged to its circuit's share of
@@ -165,7 +173,22 @@ impl LinkWriter {
             closed: Notify::new(),
             cap,
             control,
+            rtt_us: AtomicU32::new(0),
         })
+    }
+
+    /// The link's smoothed RTT, if known (a TCP link on Linux, once it has carried data).
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(u64::from(us))),
+        }
+    }
+
+    /// Records the link's RTT (the writer task does; tests pretend).
+    pub fn set_rtt(&self, rtt: Option<Duration>) {
+        let us = rtt.map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX).max(1));
+        self.rtt_us.store(us, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -174,13 +197,14 @@ impl LinkWriter {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Creates the queue for a circuit with its initial send credit; its cells are charged to `share`.
-    pub fn add_circuit(&self, id: CircId, credit: u32, drain: Drain, share: Arc<Share>) {
+    /// Creates the queue for a circuit with its initial send credit (the neighbor's announced window); credit
+    /// beyond `max_credit` (the largest window it announced) is a violation. Its cells are charged to `share`.
+    pub fn add_circuit(&self, id: CircId, credit: u32, max_credit: u32, drain: Drain, share: Arc<Share>) {
         let mut st = self.lock();
         if st.closed {
             return;
         }
-        let max_credit = credit.max(1).saturating_mul(2);
+        let max_credit = max_credit.max(credit).max(1);
         let q = CircQueue { cells: VecDeque::new(), credit, max_credit, drain, share, in_ready: false };
         // An id reused while its old queue still held cells (e.g. an ordered BREAK not yet sent): forget them.
         if let Some(old) = st.queues.insert(id, q) {
@@ -246,7 +270,7 @@ impl LinkWriter {
         Ok(())
     }
 
-    /// Adds send credit to a circuit (from a SENDME). Credit beyond twice the window the queue started with is
+    /// Adds send credit to a circuit (from a SENDME). Credit beyond the largest window the neighbor announced is
     /// refused (nothing is added): no receiver that keeps its own window can grant it.
     pub fn add_credit(&self, id: CircId, n: u32) -> Result<(), CreditOverflow> {
         let mut st = self.lock();
@@ -371,15 +395,17 @@ impl LinkWriter {
 
     /// The writer task: runs until the link closes or the socket fails. `keepalive` PADDING keeps an idle
     /// link visibly alive for the other side's idle timeout; a write that makes no progress for `stall`
-    /// (the neighbor stopped reading) fails the link. Whatever ends it, the link is closed on return.
+    /// (the neighbor stopped reading) fails the link; `rtt` (if any) is read every 100 ms while writing. Whatever
+    /// ends it, the link is closed on return.
     pub async fn run<W: AsyncWriteExt + Unpin>(
         self: Arc<Self>,
         sock: W,
         sealer: CellSealer,
-        keepalive: std::time::Duration,
-        stall: std::time::Duration,
+        keepalive: Duration,
+        stall: Duration,
+        rtt: Option<RttProbe>,
     ) -> std::io::Result<()> {
-        let r = self.clone().write_loop(sock, sealer, keepalive, stall).await;
+        let r = self.clone().write_loop(sock, sealer, keepalive, stall, rtt).await;
         match &r {
             Ok(()) => self.close(),
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => self.fail("write stalled (neighbor stopped reading)"),
@@ -392,9 +418,11 @@ impl LinkWriter {
         self: Arc<Self>,
         mut sock: W,
         mut sealer: CellSealer,
-        keepalive: std::time::Duration,
-        stall: std::time::Duration,
+        keepalive: Duration,
+        stall: Duration,
+        mut rtt: Option<RttProbe>,
     ) -> std::io::Result<()> {
+        let mut rtt_read: Option<Instant> = None;
         let mut batch: Vec<(Cell, Drain)> = Vec::with_capacity(BATCH);
         let (mut spent, mut drains) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
         let mut buf = vec![0u8; BATCH * SEALED_CELL_LEN];
@@ -426,6 +454,14 @@ impl LinkWriter {
             tokio::time::timeout(stall, sock.write_all(out))
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            if let Some(probe) = rtt.as_mut() {
+                if rtt_read.is_none_or(|t| t.elapsed() >= RTT_REFRESH) {
+                    rtt_read = Some(Instant::now());
+                    if let Some(d) = probe() {
+                        self.set_rtt(Some(d));
+                    }
+                }
+            }
             for (cell, drain) in batch.drain(..) {
                 spent.push(cell.payload);
                 drains.push(drain);
@@ -497,8 +533,8 @@ mod tests {
         // Two links; the heavy neighbor's circuit sits on link `a`, the light one's on link `b`.
         let a = LinkWriter::new(100, control());
         let b = LinkWriter::new(100, control());
-        a.add_circuit(1, 0, Drain::none(), heavy.clone());
-        b.add_circuit(2, 0, Drain::none(), light.clone());
+        a.add_circuit(1, 0, 0, Drain::none(), heavy.clone());
+        b.add_circuit(2, 0, 0, Drain::none(), light.clone());
         for _ in 0..10 {
             a.push(data(1)).unwrap();
         }
@@ -521,9 +557,9 @@ mod tests {
     }
 
     #[test]
-    fn credit_beyond_twice_the_window_is_refused() {
+    fn credit_beyond_the_announced_maximum_is_refused() {
         let w = LinkWriter::new(100, control());
-        w.add_circuit(1, 8, Drain::none(), Pool::new("cells", 100).share());
+        w.add_circuit(1, 8, 16, Drain::none(), Pool::new("cells", 100).share());
         w.add_credit(1, 8).unwrap();
         assert_eq!(w.add_credit(1, 1), Err(CreditOverflow { had: 16, added: 1, max: 16 }));
         assert_eq!(w.add_credit(9, 1000), Ok(()), "credit for an unknown circuit is ignored");
@@ -549,14 +585,14 @@ mod tests {
             let (ours, _theirs) = tokio::io::duplex(4096);
             let (sealer, _) = link_cipher().split();
             let w = LinkWriter::new(100, control());
-            w.add_circuit(1, 10, Drain::none(), Pool::new("cells", 100).share());
+            w.add_circuit(1, 10, 10, Drain::none(), Pool::new("cells", 100).share());
             for _ in 0..5 {
                 w.push(data(1)).unwrap();
             }
             let stall = std::time::Duration::from_millis(200);
             let r = tokio::time::timeout(
                 std::time::Duration::from_secs(5),
-                w.clone().run(ours, sealer, std::time::Duration::from_secs(60), stall),
+                w.clone().run(ours, sealer, std::time::Duration::from_secs(60), stall, None),
             )
             .await
             .expect("the writer gives up");

@@ -113,6 +113,7 @@ impl Node {
         let router = Router::new(RouterParts {
             cfg: CircuitConfig {
                 window: cfg.circuit_window,
+                max_window: cfg.circuit_window_max.max(cfg.circuit_window),
                 sendme_batch: cfg.sendme_batch(),
                 open_timeout: cfg.open_timeout,
                 clock_skew: cfg.clock_skew,
@@ -144,6 +145,7 @@ impl Node {
             identity: identity.clone(),
             queue_cap: cfg.link_queue_cap,
             window: cfg.circuit_window,
+            max_window: cfg.circuit_window_max.max(cfg.circuit_window),
             keepalive: cfg.keepalive,
             idle_timeout: cfg.link_idle_timeout,
             cells: budget.clone(),

@@ -116,6 +116,8 @@ pub(super) struct Peer {
 /// Knobs of a test peer.
 pub(super) struct Knobs {
     pub(super) window: u32,
+    /// The largest a receive window may grow to (0: the window, no growth).
+    pub(super) max_window: u32,
     pub(super) max_cells: usize,
     pub(super) max_circuits: usize,
     pub(super) serve: bool,
@@ -124,7 +126,14 @@ pub(super) struct Knobs {
 
 impl Default for Knobs {
     fn default() -> Self {
-        Knobs { window: 8, max_cells: 10_000, max_circuits: 1000, serve: false, link_wait: Duration::from_millis(300) }
+        Knobs {
+            window: 8,
+            max_window: 0,
+            max_cells: 10_000,
+            max_circuits: 1000,
+            serve: false,
+            link_wait: Duration::from_millis(300),
+        }
     }
 }
 
@@ -139,6 +148,7 @@ impl Peer {
         let router = Router::new(RouterParts {
             cfg: CircuitConfig {
                 window: k.window,
+                max_window: k.max_window.max(k.window),
                 sendme_batch: (k.window / 4).max(1),
                 open_timeout: Duration::from_secs(2),
                 clock_skew: Duration::from_secs(60),
@@ -167,13 +177,14 @@ impl Peer {
             identity: self.id.clone(),
             queue_cap: 1000,
             window,
+            max_window: window,
             keepalive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             cells: self.cells.clone(),
             control: self.control.clone(),
         };
         let link = Link::new(NeighborId(nid), identity(peer).fingerprint(), dialer, &settings);
-        link.set_send_window(window);
+        link.set_send_window(window, window);
         let sink = self.router.attach(&link);
         self.dir.links.lock().unwrap().insert(NeighborId(nid), link.clone());
         Wire { link, sink, out: Mutex::new(Vec::new()), next_id: Mutex::new(1) }

@@ -294,3 +294,49 @@ async fn hundreds_of_crossing_opens_all_open() {
     }
     assert_eq!((at_a, at_b), (n, n), "every crossing OPEN was forwarded");
 }
+
+/// A sends DATA as fast as R's credit allows while B drains R at once; returns (cells sent, credit A held at
+/// most). `rtt` is what R knows of its link to A.
+async fn stream_through(rtt: Option<Duration>, cells: u32) -> (u32, u32) {
+    let r = Peer::new(0, Knobs { window: 8, max_window: 64, ..Knobs::default() });
+    let a = r.link(10, 1, true, 8);
+    let b = r.link(20, 2, false, 4096); // B lets R send all of it without a SENDME
+    let t = Relay { r, a, b };
+    t.a.link.writer.set_rtt(rtt);
+    let (id, out) = t.open().await;
+    t.b.send(Cell::new(out, Command::Confirm));
+    t.a.wait_on(id, Command::Confirm).await;
+    let (mut credit, mut most, mut sent) = (8u32, 8u32, 0u32);
+    while sent < cells {
+        while credit > 0 && sent < cells {
+            t.a.send(data(id, 1));
+            credit -= 1;
+            sent += 1;
+        }
+        // Whatever R queued toward B leaves at once (drains run); its SENDMEs come back to A.
+        let fwd = t.b.drain();
+        assert!(fwd.iter().all(|c| c.command != Command::Break), "R broke the circuit: {fwd:?}");
+        for c in t.a.drain() {
+            assert_ne!(c.command, Command::Break, "R broke the circuit");
+            if c.circ_id == id && c.command == Command::Sendme {
+                credit += u32::from(c.sendme_credit().unwrap());
+            }
+        }
+        most = most.max(credit);
+        if credit == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    (sent, most)
+}
+
+#[tokio::test]
+async fn a_relay_on_a_long_hop_grows_the_window_it_grants_up_to_its_maximum_and_no_further() {
+    let (sent, most) = stream_through(Some(Duration::from_millis(80)), 400).await;
+    assert_eq!(sent, 400);
+    assert!(most > 8, "the window never grew: A held at most {most} credit");
+    assert!(most <= 64, "credit beyond the announced maximum: {most}");
+    // Without an RTT (or on a short hop) the window stays where it was announced.
+    let (_, most) = stream_through(None, 400).await;
+    assert_eq!(most, 8);
+}

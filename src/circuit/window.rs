@@ -1,0 +1,168 @@
+//! Receive-window auto-tuning (SPEC §8, "Window growth"): one [`Tuner`] per circuit, direction and receiver.
+//!
+//! A fixed window W carries at most W cells per credit round trip, however fast the path: 128 cells of 4 KiB
+//! over an 80 ms hop is 6.5 MB/s, an eighth of what a single TCP stream gets there. Each receiver therefore sizes
+//! its window to the bandwidth-delay product of the hop the cells come over, the way TCP and QUIC receivers
+//! auto-tune their windows:
+//!
+//! * the **rate** is measured where it matters — cells drained (written to the next link, or delivered to the
+//!   application) per second over an *epoch* of at least one window (so the bursts and pauses of a
+//!   window-limited sender average out);
+//! * the **delay** is the kernel's smoothed RTT of the link the cells arrive on (`TCP_INFO`; unknown on
+//!   in-memory links, which then keep the announced window);
+//! * at the end of each epoch the target is `2 × rate × RTT + 2 × batch`, clamped to
+//!   `[announced window, announced maximum]`. Below it the window doubles at most (slow start); above it the
+//!   window shrinks by at most a quarter per epoch (a queue is building: the next hop, or the application, is the
+//!   bottleneck, not the path behind us). While the node's cell pool is more than a quarter used the target is
+//!   the announced window: growth never competes with the budget the fairness rule protects.
+//!
+//! Growth is granted as extra credit in the next SENDME; shrinking withholds credit (a debt repaid from the
+//! following SENDMEs). Either way the receiver's invariant `allowance + queued + drained since the last SENDME =
+//! window` holds with the *current* window, so a receiver never holds more than the announced maximum per circuit
+//! and direction, and an idle circuit (no epoch ever completes) keeps the announced window and costs nothing
+//! more.
+
+use std::time::{Duration, Instant};
+
+/// Window state of one circuit direction at its receiver.
+#[derive(Debug, Clone)]
+pub struct Tuner {
+    window: u32,
+    min: u32,
+    max: u32,
+    /// Cells drained in the current epoch, and when it began.
+    epoch_cells: u32,
+    epoch_start: Option<Instant>,
+    /// Credit still to withhold after a shrink larger than one SENDME.
+    debt: u32,
+}
+
+impl Tuner {
+    /// A tuner starting at `min` (the announced window), never above `max` (the announced maximum).
+    pub fn new(min: u32, max: u32) -> Tuner {
+        let min = min.max(1);
+        Tuner { window: min, min, max: max.max(min), epoch_cells: 0, epoch_start: None, debt: 0 }
+    }
+
+    /// The current window.
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// `drained` more cells have left (a SENDME's worth): the credit to return now (0 = none this time). `rtt` is
+    /// the smoothed RTT of the link they arrived on, `tight` whether the node's cell pool is under pressure.
+    pub fn on_drained(&mut self, drained: u32, now: Instant, rtt: Option<Duration>, tight: bool) -> u32 {
+        let mut grant = drained;
+        let start = *self.epoch_start.get_or_insert(now);
+        self.epoch_cells = self.epoch_cells.saturating_add(drained);
+        if self.epoch_cells >= self.window.max(drained.saturating_mul(8)) {
+            let elapsed = now.saturating_duration_since(start).as_secs_f64().max(1e-6);
+            let rate = f64::from(self.epoch_cells) / elapsed;
+            let target = match rtt {
+                Some(rtt) if !tight => {
+                    let t = 2.0 * rate * rtt.as_secs_f64() + 2.0 * f64::from(drained);
+                    (t.min(f64::from(self.max)) as u32).clamp(self.min, self.max)
+                }
+                // No RTT (an in-memory link) or a tight pool: the announced window.
+                _ => self.min,
+            };
+            let next = if target > self.window {
+                target.min(self.window.saturating_mul(2)).min(self.max)
+            } else {
+                target.max(self.window - self.window / 4).max(self.min)
+            };
+            if next > self.window {
+                let more = next - self.window;
+                // Growth first repays any debt left from an earlier shrink.
+                let repay = more.min(self.debt);
+                self.debt -= repay;
+                grant = grant.saturating_add(more - repay);
+            } else {
+                self.debt = self.debt.saturating_add(self.window - next);
+            }
+            self.window = next;
+            self.epoch_cells = 0;
+            self.epoch_start = Some(now);
+        }
+        let withheld = grant.min(self.debt);
+        self.debt -= withheld;
+        grant - withheld
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives a tuner as a receiver whose sender is limited only by the window: one window of cells per round
+    /// trip `loop_rtt`, drained in batches of 32. Returns the window after `epochs` round trips, checking that
+    /// credit returned never exceeds the window (the invariant the sender's check relies on).
+    fn window_limited(rtt: Option<Duration>, loop_rtt: Duration, rounds: usize, tight: bool) -> Tuner {
+        let mut t = Tuner::new(128, 2048);
+        let mut now = Instant::now();
+        // Credit the sender holds (all of it: the model drains every cell at once): the window, less any debt.
+        let mut outstanding = 128i64;
+        for _ in 0..rounds {
+            let w = t.window();
+            let batches = w / 32;
+            for _ in 0..batches {
+                now += loop_rtt / batches;
+                let g = t.on_drained(32, now, rtt, tight);
+                outstanding += i64::from(g) - 32;
+                assert!(outstanding <= i64::from(t.window()), "credit beyond the window");
+                if t.debt == 0 {
+                    assert_eq!(outstanding, i64::from(t.window()), "growth is granted at once");
+                }
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn a_window_limited_sender_on_a_long_hop_grows_to_the_maximum() {
+        let t = window_limited(Some(Duration::from_millis(80)), Duration::from_millis(81), 12, false);
+        assert_eq!(t.window(), 2048);
+    }
+
+    #[test]
+    fn loopback_and_in_memory_links_keep_the_announced_window() {
+        let t = window_limited(Some(Duration::from_micros(50)), Duration::from_micros(400), 50, false);
+        assert_eq!(t.window(), 128, "a 50 µs hop needs no more than the announced window");
+        let t = window_limited(None, Duration::from_millis(80), 50, false);
+        assert_eq!(t.window(), 128, "no RTT known: no growth");
+    }
+
+    #[test]
+    fn a_tight_cell_pool_stops_growth() {
+        let t = window_limited(Some(Duration::from_millis(80)), Duration::from_millis(81), 12, true);
+        assert_eq!(t.window(), 128);
+    }
+
+    #[test]
+    fn a_slow_drain_shrinks_the_window_by_withholding_credit() {
+        let mut t = window_limited(Some(Duration::from_millis(80)), Duration::from_millis(81), 12, false);
+        assert_eq!(t.window(), 2048);
+        // The next hop now drains 100 cells/s: 2 × 100 × 0.08 + 64 = 80 → the floor of 128, a quarter per epoch.
+        let mut now = Instant::now() + Duration::from_secs(100);
+        let (mut granted, mut drained) = (0u64, 0u64);
+        for _ in 0..400 {
+            now += Duration::from_millis(320);
+            granted += u64::from(t.on_drained(32, now, Some(Duration::from_millis(80)), false));
+            drained += 32;
+        }
+        assert_eq!(t.window(), 128);
+        assert_eq!(drained - granted, 2048 - 128, "exactly the shrink was withheld");
+    }
+
+    #[test]
+    fn a_bandwidth_limited_path_settles_near_twice_its_bdp() {
+        // 10 MB/s ≈ 2,440 cells/s over a 50 ms hop: BDP ≈ 122 cells, target ≈ 2 × 122 + 64 = 308.
+        let mut t = Tuner::new(128, 2048);
+        let mut now = Instant::now();
+        for _ in 0..2000 {
+            now += Duration::from_secs_f64(32.0 / 2440.0);
+            t.on_drained(32, now, Some(Duration::from_millis(50)), false);
+        }
+        assert!((250..=400).contains(&t.window()), "{}", t.window());
+    }
+}
