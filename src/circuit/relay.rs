@@ -334,14 +334,17 @@ impl OnDrain for RelayCircuit {
     /// batches.
     fn drained(&self, lane: u8) {
         let dir = if lane == Dir::Fwd.lane() { Dir::Fwd } else { Dir::Bwd };
-        let prev = self.prev_hop(dir);
+        let (prev, next) = (self.prev_hop(dir), self.next_hop(dir));
         let grant = {
             let mut c = self.credit(dir);
             c.drained += 1;
             if c.drained >= self.batch {
                 c.drained -= self.batch;
                 let rtt = prev.link.writer.rtt();
-                let g = c.tuner.on_drained(self.batch, Instant::now(), rtt, pool_tight(&prev.link));
+                // (The next link's writer lock is a leaf: taking it under our credit lock cannot deadlock.)
+                let queued = u32::try_from(next.link.writer.queued(next.id)).unwrap_or(u32::MAX);
+                let tight = pool_tight(&prev.link);
+                let g = c.tuner.on_drained(self.batch, Instant::now(), rtt, tight, queued);
                 c.allow += g;
                 g
             } else {

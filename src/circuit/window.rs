@@ -10,11 +10,14 @@
 //!   window-limited sender average out);
 //! * the **delay** is the kernel's smoothed RTT of the link the cells arrive on (`TCP_INFO`; unknown on
 //!   in-memory links, which then keep the announced window);
-//! * at the end of each epoch the target is `2 × rate × RTT + 2 × batch`, clamped to
-//!   `[announced window, announced maximum]`. Below it the window doubles at most (slow start); above it the
-//!   window shrinks by at most a quarter per epoch (a queue is building: the next hop, or the application, is the
-//!   bottleneck, not the path behind us). While the node's cell pool is more than a quarter used the target is
-//!   the announced window: growth never competes with the budget the fairness rule protects.
+//! * at the end of each epoch the target is `2 × rate × RTT + 2 × batch`, with the highest rate of the last four
+//!   epochs (as BBR max-filters bandwidth: a loss episode on a hop behind us lowers one epoch's rate, not what the
+//!   path carries), clamped to `[announced window, announced maximum]`. Below it the window doubles at most (slow
+//!   start). Above it the window shrinks, by at most a quarter per epoch, only while a queue stands *here* (at
+//!   least a quarter of the window waiting: the next hop, or the application, is the bottleneck); with nothing
+//!   waiting here a larger window costs nothing and rides out the next loss episode. While the node's cell pool
+//!   is more than a quarter used the target is the announced window and the window shrinks whatever the queue:
+//!   growth never competes with the budget the fairness rule protects.
 //!
 //! Growth is granted as extra credit in the next SENDME; shrinking withholds credit (a debt repaid from the
 //! following SENDMEs). Either way the receiver's invariant `allowance + queued + drained since the last SENDME =
@@ -35,13 +38,25 @@ pub struct Tuner {
     epoch_start: Option<Instant>,
     /// Credit still to withhold after a shrink larger than one SENDME.
     debt: u32,
+    /// Drain rates (cells/s) of the last epochs; the target uses the highest.
+    rates: [f32; 4],
+    epochs: u8,
 }
 
 impl Tuner {
     /// A tuner starting at `min` (the announced window), never above `max` (the announced maximum).
     pub fn new(min: u32, max: u32) -> Tuner {
         let min = min.max(1);
-        Tuner { window: min, min, max: max.max(min), epoch_cells: 0, epoch_start: None, debt: 0 }
+        Tuner {
+            window: min,
+            min,
+            max: max.max(min),
+            epoch_cells: 0,
+            epoch_start: None,
+            debt: 0,
+            rates: [0.0; 4],
+            epochs: 0,
+        }
     }
 
     /// The current window.
@@ -50,14 +65,20 @@ impl Tuner {
     }
 
     /// `drained` more cells have left (a SENDME's worth): the credit to return now (0 = none this time). `rtt` is
-    /// the smoothed RTT of the link they arrived on, `tight` whether the node's cell pool is under pressure.
-    pub fn on_drained(&mut self, drained: u32, now: Instant, rtt: Option<Duration>, tight: bool) -> u32 {
+    /// the smoothed RTT of the link they arrived on, `tight` whether the node's cell pool is under pressure,
+    /// `queued` how many cells of this circuit and direction still wait here.
+    pub fn on_drained(&mut self, drained: u32, now: Instant, rtt: Option<Duration>, tight: bool, queued: u32) -> u32 {
         let mut grant = drained;
         let start = *self.epoch_start.get_or_insert(now);
         self.epoch_cells = self.epoch_cells.saturating_add(drained);
         if self.epoch_cells >= self.window.max(drained.saturating_mul(8)) {
             let elapsed = now.saturating_duration_since(start).as_secs_f64().max(1e-6);
-            let rate = f64::from(self.epoch_cells) / elapsed;
+            let slot = usize::from(self.epochs) % self.rates.len();
+            if let Some(r) = self.rates.get_mut(slot) {
+                *r = (f64::from(self.epoch_cells) / elapsed) as f32;
+            }
+            self.epochs = self.epochs.wrapping_add(1);
+            let rate = f64::from(self.rates.iter().copied().fold(0.0f32, f32::max));
             let target = match rtt {
                 Some(rtt) if !tight => {
                     let t = 2.0 * rate * rtt.as_secs_f64() + 2.0 * f64::from(drained);
@@ -66,10 +87,13 @@ impl Tuner {
                 // No RTT (an in-memory link) or a tight pool: the announced window.
                 _ => self.min,
             };
+            let standing = queued.saturating_mul(4) >= self.window;
             let next = if target > self.window {
                 target.min(self.window.saturating_mul(2)).min(self.max)
-            } else {
+            } else if standing || tight {
                 target.max(self.window - self.window / 4).max(self.min)
+            } else {
+                self.window
             };
             if next > self.window {
                 let more = next - self.window;
@@ -98,16 +122,25 @@ mod tests {
     /// trip `loop_rtt`, drained in batches of 32. Returns the window after `epochs` round trips, checking that
     /// credit returned never exceeds the window (the invariant the sender's check relies on).
     fn window_limited(rtt: Option<Duration>, loop_rtt: Duration, rounds: usize, tight: bool) -> Tuner {
-        let mut t = Tuner::new(128, 2048);
+        window_limited_from(Tuner::new(128, 2048), rtt, loop_rtt, rounds, tight)
+    }
+
+    fn window_limited_from(
+        mut t: Tuner,
+        rtt: Option<Duration>,
+        loop_rtt: Duration,
+        rounds: usize,
+        tight: bool,
+    ) -> Tuner {
         let mut now = Instant::now();
         // Credit the sender holds (all of it: the model drains every cell at once): the window, less any debt.
-        let mut outstanding = 128i64;
+        let mut outstanding = i64::from(t.window());
         for _ in 0..rounds {
             let w = t.window();
             let batches = w / 32;
             for _ in 0..batches {
                 now += loop_rtt / batches;
-                let g = t.on_drained(32, now, rtt, tight);
+                let g = t.on_drained(32, now, rtt, tight, 0);
                 outstanding += i64::from(g) - 32;
                 assert!(outstanding <= i64::from(t.window()), "credit beyond the window");
                 if t.debt == 0 {
@@ -139,15 +172,17 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_drain_shrinks_the_window_by_withholding_credit() {
+    fn a_slow_drain_with_a_standing_queue_shrinks_the_window_by_withholding_credit() {
         let mut t = window_limited(Some(Duration::from_millis(80)), Duration::from_millis(81), 12, false);
         assert_eq!(t.window(), 2048);
-        // The next hop now drains 100 cells/s: 2 × 100 × 0.08 + 64 = 80 → the floor of 128, a quarter per epoch.
+        // The next hop now drains 100 cells/s and the circuit's cells pile up here: 2 × 100 × 0.08 + 64 = 80 →
+        // the floor of 128, a quarter per epoch (once the faster epochs left the max filter).
         let mut now = Instant::now() + Duration::from_secs(100);
         let (mut granted, mut drained) = (0u64, 0u64);
-        for _ in 0..400 {
+        for _ in 0..600 {
             now += Duration::from_millis(320);
-            granted += u64::from(t.on_drained(32, now, Some(Duration::from_millis(80)), false));
+            let queued = t.window() / 2;
+            granted += u64::from(t.on_drained(32, now, Some(Duration::from_millis(80)), false, queued));
             drained += 32;
         }
         assert_eq!(t.window(), 128);
@@ -155,13 +190,34 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_dip_with_nothing_waiting_here_keeps_the_window() {
+        // A loss episode behind us: a few slow epochs, nothing queued here. The window stays for the recovery.
+        let mut t = window_limited(Some(Duration::from_millis(80)), Duration::from_millis(81), 12, false);
+        assert_eq!(t.window(), 2048);
+        let mut now = Instant::now() + Duration::from_secs(100);
+        for _ in 0..600 {
+            now += Duration::from_millis(320);
+            t.on_drained(32, now, Some(Duration::from_millis(80)), false, 0);
+        }
+        assert_eq!(t.window(), 2048);
+        // Under node-budget pressure it shrinks all the same.
+        for _ in 0..600 {
+            now += Duration::from_millis(320);
+            t.on_drained(32, now, Some(Duration::from_millis(80)), true, 0);
+        }
+        assert_eq!(t.window(), 128);
+    }
+
+    #[test]
     fn a_bandwidth_limited_path_settles_near_twice_its_bdp() {
         // 10 MB/s ≈ 2,440 cells/s over a 50 ms hop: BDP ≈ 122 cells, target ≈ 2 × 122 + 64 = 308.
+        // The next hop is the bottleneck, so the circuit's cells wait here.
         let mut t = Tuner::new(128, 2048);
         let mut now = Instant::now();
         for _ in 0..2000 {
             now += Duration::from_secs_f64(32.0 / 2440.0);
-            t.on_drained(32, now, Some(Duration::from_millis(50)), false);
+            let queued = t.window() / 2;
+            t.on_drained(32, now, Some(Duration::from_millis(50)), false, queued);
         }
         assert!((250..=400).contains(&t.window()), "{}", t.window());
     }

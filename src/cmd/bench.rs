@@ -26,7 +26,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +45,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 
 use super::procs::{spawn_ready, Proc, TempRoot};
+
+mod wan;
 use crate::chain::{self, ChainService, ChainStore, SyncOptions};
 use crate::circuit::CircuitStream;
 use crate::config::PeerConfig;
@@ -64,9 +66,23 @@ pub struct BenchArgs {
     /// Runs per figure (default 3; 1 with --quick).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub runs: Option<u32>,
-    /// Only these figure groups (comma separated): raw, bulk, build, sync, opens. `bulk` implies `raw`.
-    #[arg(long, value_delimiter = ',', value_parser = ["raw", "bulk", "build", "sync", "opens"])]
+    /// Only these figure groups (comma separated): raw, bulk, build, sync, opens, wan. `bulk` implies `raw`.
+    /// `wan` (the overlay across an emulated WAN: root and wanemu needed, see docs/PERFORMANCE.md) is part of the
+    /// full bench, and of a `--quick` one only when named.
+    #[arg(long, value_delimiter = ',', value_parser = ["raw", "bulk", "build", "sync", "opens", "wan"])]
     pub only: Vec<String>,
+    /// wanemu's `wan.sh` for the `wan` group (default: $ANOMOS_WANEMU, or ../shared/tools/wanemu/wan.sh).
+    #[arg(long, value_name = "PATH")]
+    pub wanemu: Option<PathBuf>,
+    /// (Internal, for the `wan` group) serve raw TCP on ADDR and exit.
+    #[arg(long, hide = true, value_name = "ADDR")]
+    pub raw_serve: Option<String>,
+    /// (Internal) bytes `--raw-serve` sends.
+    #[arg(long, hide = true, default_value_t = 100_000_000)]
+    pub raw_bytes: u64,
+    /// (Internal, for the `wan` group) read raw TCP from ADDR and print the rate.
+    #[arg(long, hide = true, value_name = "ADDR")]
+    pub raw_fetch: Option<String>,
     /// MB (10^6 bytes) moved per throughput run (default 256; 16 with --quick).
     #[arg(long, value_name = "MB")]
     pub bulk_mb: Option<u64>,
@@ -116,6 +132,7 @@ struct Plan {
     tune: Tune,
     tcp_bytes: u64,
     settle: Duration,
+    wanemu: Option<PathBuf>,
 }
 
 impl Plan {
@@ -139,10 +156,14 @@ impl Plan {
             // A relay's open timer holds each new circuit for the open timeout (10 s), and tokio's idle
             // blocking threads (RSA peels) live 10 s: memory is read once both are gone.
             settle: Duration::from_millis(10_600),
+            wanemu: a.wanemu.clone(),
         }
     }
 
     fn want(&self, group: &str) -> bool {
+        if group == "wan" {
+            return self.only.iter().any(|g| g == "wan") || (self.only.is_empty() && !self.quick);
+        }
         self.only.is_empty()
             || self.only.iter().any(|g| g == group)
             || (group == "raw" && self.only.iter().any(|g| g == "bulk"))
@@ -1400,6 +1421,12 @@ where
 /// Runs `anomos bench`. SIGINT or SIGTERM stops it: the overlay's processes are killed, the working directory is
 /// removed (unless `--keep`), and the exit status is non-zero.
 pub async fn run(args: &BenchArgs) -> Result<(), PeerError> {
+    if let Some(a) = &args.raw_serve {
+        return wan::raw_serve(a, args.raw_bytes).await;
+    }
+    if let Some(a) = &args.raw_fetch {
+        return wan::raw_fetch(a).await;
+    }
     let signal = super::first_signal();
     let mut work = Box::pin(measure(args));
     tokio::select! {
@@ -1441,6 +1468,18 @@ async fn measure(args: &BenchArgs) -> Result<(), PeerError> {
             let (root, plan) = (root.path.clone(), plan.clone());
             rep.merge(on_own_runtime(async move { opens_run(&root, &plan, run, quiet).await }).await?);
         }
+    }
+
+    if plan.want("wan") {
+        let (root, plan) = (root.path.clone(), plan.clone());
+        rep.merge(
+            on_own_runtime(async move {
+                let mut rep = Report::default();
+                wan::wan_figures(&root, &plan, &mut rep, quiet).await?;
+                Ok(rep)
+            })
+            .await?,
+        );
     }
 
     let load_end = loadavg();

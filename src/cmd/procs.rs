@@ -116,11 +116,23 @@ impl Drop for TempRoot {
     }
 }
 
-/// Starts `anomos <args>` (this executable) with stderr to `log`, and waits for its
-/// `… ready listen=ADDR fingerprint=HEX` line; returns the process, ADDR and HEX.
-pub(crate) async fn spawn_ready(name: &str, args: &[String], log: &Path) -> Result<(Proc, String, String), PeerError> {
+/// Starts `anomos <args>` (this executable; inside network namespace `ns` if given, with `ip netns exec`) with
+/// stdout piped and stderr to `log`; returns the process and its stdout lines.
+pub(crate) fn spawn_piped(
+    ns: Option<&str>,
+    name: &str,
+    args: &[String],
+    log: &Path,
+) -> Result<(Proc, tokio::io::Lines<BufReader<tokio::process::ChildStdout>>), PeerError> {
     let exe = std::env::current_exe()?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     // The children of a local overlay get exactly the flags given here: the operator's own settings
     // (ANOMOS_CONFIG, ANOMOS_METRICS, …) would make every child bind the same ports or share a data dir.
     for (k, _) in std::env::vars_os() {
@@ -139,7 +151,23 @@ pub(crate) async fn spawn_ready(name: &str, args: &[String], log: &Path) -> Resu
     let proc = Proc { name: name.to_string(), child };
     live().push(proc.pid());
     let stdout = stdout.ok_or(PeerError::Process("no stdout".into()))?;
-    let mut lines = BufReader::new(stdout).lines();
+    Ok((proc, BufReader::new(stdout).lines()))
+}
+
+/// Starts `anomos <args>` (this executable) with stderr to `log`, and waits for its
+/// `… ready listen=ADDR fingerprint=HEX` line; returns the process, ADDR and HEX.
+pub(crate) async fn spawn_ready(name: &str, args: &[String], log: &Path) -> Result<(Proc, String, String), PeerError> {
+    spawn_ready_in(None, name, args, log).await
+}
+
+/// [`spawn_ready`] inside network namespace `ns` (if given).
+pub(crate) async fn spawn_ready_in(
+    ns: Option<&str>,
+    name: &str,
+    args: &[String],
+    log: &Path,
+) -> Result<(Proc, String, String), PeerError> {
+    let (proc, mut lines) = spawn_piped(ns, name, args, log)?;
     let line = tokio::time::timeout(Duration::from_secs(120), async {
         while let Ok(Some(l)) = lines.next_line().await {
             if l.contains(" ready ") {
