@@ -107,6 +107,55 @@ impl Side {
     }
 }
 
+/// Messages a requester sends between its `version` and its `verack`, held back from a Bitcoin node until the
+/// `verack` has gone out. A requester pipelines `getheaders` behind its `version` (SPEC §9.1: one circuit round
+/// trip less before the first block); Bitcoin Core ignores what arrives before the `verack` ("unsupported
+/// message prior to verack"), so the upstream side puts the requester's messages in the order Core expects.
+/// Messages that belong between `version` and `verack` (BIP 155 `sendaddrv2`, BIP 339 `wtxidrelay`, BIP 330
+/// `sendtxrcncl`) pass at once; everything else is relayed as it comes, byte for byte.
+#[derive(Default)]
+pub(crate) struct PreVerack {
+    version_seen: bool,
+    done: bool,
+    held: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+/// Most bytes held back before a `verack` (a `version`'s worth of small requests; more is a protocol error).
+const PRE_VERACK_MAX: usize = 64 * 1024;
+
+impl PreVerack {
+    /// What to write now for `msg` (a checked envelope), in order; `Err` when too much was held back.
+    pub(crate) fn admit(&mut self, msg: Vec<u8>) -> Result<Vec<Vec<u8>>, String> {
+        if self.done {
+            return Ok(vec![msg]);
+        }
+        let command = msg.get(4..16).unwrap_or_default();
+        let command = command.split(|&b| b == 0).next().unwrap_or_default();
+        if !self.version_seen {
+            self.version_seen = command == b"version";
+            return Ok(vec![msg]);
+        }
+        match command {
+            b"verack" => {
+                self.done = true;
+                let mut out = vec![msg];
+                out.append(&mut self.held);
+                Ok(out)
+            }
+            b"version" | b"sendaddrv2" | b"wtxidrelay" | b"sendtxrcncl" => Ok(vec![msg]),
+            _ => {
+                self.bytes += msg.len();
+                if self.bytes > PRE_VERACK_MAX {
+                    return Err(format!("more than {PRE_VERACK_MAX} bytes of messages before 'verack'"));
+                }
+                self.held.push(msg);
+                Ok(Vec::new())
+            }
+        }
+    }
+}
+
 /// How a splice runs.
 pub(crate) struct SpliceCtx<'a> {
     pub side: Side,
@@ -198,6 +247,8 @@ pub(crate) async fn splice(
             }
         };
         let to_tcp = async {
+            // Only a Bitcoin node behind us needs the requester's messages in handshake order.
+            let mut order = PreVerack { done: matches!(ctx.side, Side::Client), ..PreVerack::default() };
             loop {
                 let msg = match stream.recv().await {
                     Ok(m) => m,
@@ -206,11 +257,17 @@ pub(crate) async fn splice(
                 if let Err(why) = check_circuit_envelope(&msg, magic) {
                     return End::BadCircuitData(why);
                 }
-                if let Err(e) = wr.write_all(&msg).await {
-                    return End::TcpError(e);
+                let now = match order.admit(msg) {
+                    Ok(now) => now,
+                    Err(why) => return End::BadCircuitData(why),
+                };
+                for msg in now {
+                    if let Err(e) = wr.write_all(&msg).await {
+                        return End::TcpError(e);
+                    }
+                    BridgeStats::bump(&ctx.stats.messages_to_tcp, 1);
+                    BridgeStats::bump(&ctx.stats.bytes_to_tcp, msg.len() as u64);
                 }
-                BridgeStats::bump(&ctx.stats.messages_to_tcp, 1);
-                BridgeStats::bump(&ctx.stats.bytes_to_tcp, msg.len() as u64);
             }
         };
         tokio::select! {
@@ -239,4 +296,39 @@ pub(crate) async fn splice(
     let _ = tcp.shutdown().await;
     info!(side = ctx.side.name(), peer = %ctx.label, "bridged connection ended: {end}");
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(command: &str) -> Vec<u8> {
+        let mut m = vec![0xfa, 0xbf, 0xb5, 0xda];
+        let mut c = [0u8; 12];
+        c[..command.len()].copy_from_slice(command.as_bytes());
+        m.extend_from_slice(&c);
+        m.extend_from_slice(&[0, 0, 0, 0, 0x5d, 0xf6, 0xe0, 0xe2]);
+        m
+    }
+
+    #[test]
+    fn requests_pipelined_before_verack_reach_the_node_after_it_in_order() {
+        let mut o = PreVerack::default();
+        assert_eq!(o.admit(env("ping")).unwrap(), vec![env("ping")], "before a version nothing is held");
+        assert_eq!(o.admit(env("version")).unwrap(), vec![env("version")]);
+        assert_eq!(o.admit(env("wtxidrelay")).unwrap(), vec![env("wtxidrelay")], "BIP 339 belongs before verack");
+        assert!(o.admit(env("getheaders")).unwrap().is_empty());
+        assert!(o.admit(env("sendheaders")).unwrap().is_empty());
+        assert_eq!(o.admit(env("verack")).unwrap(), vec![env("verack"), env("getheaders"), env("sendheaders")]);
+        assert_eq!(o.admit(env("getdata")).unwrap(), vec![env("getdata")]);
+    }
+
+    #[test]
+    fn a_flood_before_verack_is_refused() {
+        let mut o = PreVerack::default();
+        o.admit(env("version")).unwrap();
+        let big = vec![0u8; 40 * 1024];
+        assert!(o.admit(big.clone()).unwrap().is_empty());
+        assert!(o.admit(big).is_err());
+    }
 }

@@ -549,6 +549,10 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         self.circuits.insert(id, c);
         let height = read(self.store).best_tip().1;
         self.send(id, &Message::Version(version_message(ServiceFlags::NONE, height, self.opts.follow)));
+        // Pipelined behind the version (SPEC §9): the headers come back with the target's version and verack, one
+        // circuit round trip sooner. (A serving peer answers requests after `version`; the upstream bridge holds
+        // them for a Bitcoin node until our `verack`.)
+        self.get_headers(id, no_stop());
         if replacement {
             self.replaced += 1;
             info!(circuit = id, hops, "replacement circuit added");
@@ -758,7 +762,9 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         if self.opts.follow {
             self.send(id, &Message::SendHeaders);
         }
-        self.get_headers(id, no_stop());
+        if c_headers_idle(self.circuits.get(&id)) {
+            self.get_headers(id, no_stop());
+        }
         self.assign();
     }
 
@@ -1011,6 +1017,11 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
 }
 
 /// A copy of an error for reports (circuit errors keep their text).
+/// Whether a circuit has no `getheaders` outstanding (the pipelined one was answered already, or none was sent).
+fn c_headers_idle(c: Option<&Circ>) -> bool {
+    c.is_some_and(|c| c.headers_req.is_none())
+}
+
 fn clone_error(e: &ChainError) -> ChainError {
     match e {
         ChainError::Malformed(b) => ChainError::Malformed(b.clone()),

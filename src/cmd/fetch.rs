@@ -437,6 +437,10 @@ pub async fn fetch(cfg: PeerConfig, opts: &FetchOptions) -> Result<FetchReport, 
     let sync_started = Instant::now();
     let mut hops: Vec<usize> = streams.iter().map(|s| s.hops).collect();
     info!(circuits = streams.len(), ?hops, "circuits open; syncing");
+    if !std::io::stdout().is_terminal() {
+        println!("event circuits-open unix_ms={} circuits={}", unix_ms(), streams.len());
+        flush();
+    }
     let sync_opts = SyncOptions {
         window: opts.window,
         stall_timeout: opts.stall_timeout,
