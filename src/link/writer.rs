@@ -163,6 +163,10 @@ pub struct LinkWriter {
 /// How often the writer task re-reads the socket's RTT while it writes.
 const RTT_REFRESH: Duration = Duration::from_millis(100);
 
+/// The RTT published is the lowest sample of this long (BBR's min-RTT filter): the kernel's smoothed RTT also
+/// carries queueing and, on a loaded host, scheduling delay, which would grow windows on a loopback or LAN hop.
+const RTT_MIN_WINDOW: Duration = Duration::from_secs(10);
+
 impl LinkWriter {
     /// A writer whose circuit queues hold at most `cap` cells in total (each charged to its circuit's share of
     /// the node's cell pool) and whose control queue holds at most `cap` cells (counted in `control`).
@@ -423,6 +427,7 @@ impl LinkWriter {
         mut rtt: Option<RttProbe>,
     ) -> std::io::Result<()> {
         let mut rtt_read: Option<Instant> = None;
+        let mut rtt_min: Option<(Duration, Instant)> = None;
         let mut batch: Vec<(Cell, Drain)> = Vec::with_capacity(BATCH);
         let (mut spent, mut drains) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
         let mut buf = vec![0u8; BATCH * SEALED_CELL_LEN];
@@ -456,9 +461,16 @@ impl LinkWriter {
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
             if let Some(probe) = rtt.as_mut() {
                 if rtt_read.is_none_or(|t| t.elapsed() >= RTT_REFRESH) {
-                    rtt_read = Some(Instant::now());
+                    let now = Instant::now();
+                    rtt_read = Some(now);
                     if let Some(d) = probe() {
-                        self.set_rtt(Some(d));
+                        match rtt_min {
+                            Some((m, at)) if d > m && now.duration_since(at) < RTT_MIN_WINDOW => {}
+                            _ => {
+                                rtt_min = Some((d, now));
+                                self.set_rtt(Some(d));
+                            }
+                        }
                     }
                 }
             }

@@ -60,7 +60,10 @@ pub async fn overlay(specs: Vec<NodeSpec>) -> InProc {
             ready.fingerprint.to_hex(),
             d.path().to_path_buf(),
         );
+        // A fixed window: these tests check the per-hop bounds of SPEC §8 for the window they name (growth is
+        // unit-tested in src/circuit/window.rs and measured across a WAN by `anomos bench --only wan`).
         cfg.circuit_window = spec.window;
+        cfg.circuit_window_max = spec.window;
         let service = spec.serve.map(|(chain, svc)| {
             cfg.serve = vec![ChainId::new(chain).unwrap()];
             svc
