@@ -45,8 +45,19 @@ impl ClientBridge {
         relays: u8,
         opts: BridgeOptions,
     ) -> Result<ClientBridge, PeerError> {
-        let chain = ChainId::new(&params.name).map_err(|e| PeerError::Config(format!("bridge chain: {e}")))?;
         let listener = TcpListener::bind(listen).await?;
+        Self::with_listener(node, listener, params, relays, opts)
+    }
+
+    /// A client bridge on a port already bound (so a peer can bind it before it announces readiness).
+    pub fn with_listener(
+        node: Arc<Node>,
+        listener: TcpListener,
+        params: NetParams,
+        relays: u8,
+        opts: BridgeOptions,
+    ) -> Result<ClientBridge, PeerError> {
+        let chain = ChainId::new(&params.name).map_err(|e| PeerError::Config(format!("bridge chain: {e}")))?;
         let local = listener.local_addr()?;
         if !local.ip().is_loopback() {
             warn!(%local, "the bridge listens beyond loopback: anyone who reaches it opens circuits as this peer");
