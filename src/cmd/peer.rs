@@ -216,14 +216,13 @@ pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
             }
             let params = args.net.params(name)?;
             cfg.serve = vec![ChainId::new(&params.name).map_err(|e| PeerError::Config(format!("--serve: {e}")))?];
-            let svc = crate::bridge::UpstreamService::with_options(up.clone(), params, bridge_opts.clone());
-            Some(Arc::new(svc) as Arc<dyn Service>)
+            Some(Arc::new(crate::bridge::UpstreamService::with_options(up.clone(), params, bridge_opts.clone())))
         }
         _ => None,
     };
     let mut served_store = None;
-    let svc = if upstream.is_some() {
-        upstream
+    let svc = if let Some(u) = &upstream {
+        Some(u.clone() as Arc<dyn Service>)
     } else {
         match service(args)? {
             Some((chain, s)) => {
@@ -251,6 +250,20 @@ pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
             return Ok(());
         }
     };
+    if let Some(u) = upstream {
+        let info =
+            crate::node::UpstreamInfo { name: u.params().name.clone(), addr: u.addr().to_string(), health: u.health() };
+        node.set_upstream(info);
+        tokio::spawn(async move {
+            match u.check().await {
+                Ok(()) => info!(upstream = %u.addr(), "upstream node reachable"),
+                Err(e) => warn!(
+                    upstream = %u.addr(),
+                    "upstream node not reachable ({e}): circuits to this peer break with upstream-unavailable until it is"
+                ),
+            }
+        });
+    }
     if let Some((name, store)) = &served_store {
         node.set_chain(crate::node::ChainInfo { name: name.clone(), role: "serving", store: store.clone() });
     }

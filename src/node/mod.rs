@@ -44,7 +44,10 @@ use crate::tracker_client::TrackerClient;
 pub use dial::{dial_backoff, Unreachable};
 use listener::ConnTable;
 use registry::{Host, Links, Neighbors};
-pub use status::{ChainInfo, CircuitsByRole, Gauges, LinkInfo, ShutdownSummary, SyncGauges, TrackerState};
+pub use status::{
+    ChainInfo, CircuitsByRole, Gauges, LinkInfo, ShutdownSummary, SyncGauges, TrackerState, UpstreamHealth,
+    UpstreamInfo,
+};
 
 /// How often the replay cache is written (if it changed). A crash loses at most the tags seen since.
 pub const REPLAY_SAVE_EVERY: Duration = Duration::from_secs(15);
@@ -81,6 +84,7 @@ pub struct Node {
     conns: Mutex<ConnTable>,
     tracker_state: Mutex<TrackerState>,
     chain: Mutex<Option<ChainInfo>>,
+    upstream: Mutex<Option<UpstreamInfo>>,
     /// Progress of a running sync.
     pub sync: SyncGauges,
     /// When the node was built.
@@ -178,6 +182,7 @@ impl Node {
             conns: Mutex::new(ConnTable::default()),
             tracker_state: Mutex::new(TrackerState::default()),
             chain: Mutex::new(None),
+            upstream: Mutex::new(None),
             sync: SyncGauges::default(),
             started: Instant::now(),
             started_unix: unix_now(),
@@ -250,6 +255,16 @@ impl Node {
     /// Tells `status` and metrics which chain this node serves or fetches.
     pub fn set_chain(&self, info: ChainInfo) {
         *self.chain.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+
+    /// Tells `status` that this node serves a chain from an upstream node (`--upstream`).
+    pub fn set_upstream(&self, info: UpstreamInfo) {
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+
+    /// The upstream node serving our chain, if any.
+    pub fn upstream_info(&self) -> Option<UpstreamInfo> {
+        self.upstream.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The chain served or fetched here.
