@@ -248,8 +248,11 @@ impl LinkHost for Host {
     }
 
     fn stranger(&self, fp: &Fingerprint) {
-        // Possibly a neighbor the tracker assigned after our last announce: refresh soon.
-        self.neighbors.knocked(fp);
+        // Possibly a neighbor the tracker assigned after our last announce: refresh soon. (A known neighbor's
+        // fingerprint with a bad signature is not remembered: anyone can claim it, and its dial loop must not wait.)
+        if self.neighbors.get(fp).is_none() {
+            self.neighbors.knocked(fp);
+        }
         self.neighbors.request_reannounce();
     }
 
