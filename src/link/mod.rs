@@ -32,6 +32,10 @@ use budget::{Pool, Share};
 pub use handshake::{accept, dial, is_refusal, is_refused, HANDSHAKE_TIMEOUT, REFUSAL_RECHECK};
 use writer::LinkWriter;
 
+/// Why a link ends whose first cell did not open under the link keys.
+const KEY_CONFIRMATION_FAILED: &str = "key confirmation failed (NeighborID mismatch?)";
+/// Why a link ends whose first cell was not a valid key-confirmation PADDING.
+const BAD_CONFIRMATION_CELL: &str = "bad key-confirmation cell";
 /// Why a link ends that the host did not take (it is shutting down).
 const NOT_ACCEPTED: &str = "not accepted by the node (shutting down)";
 
@@ -205,7 +209,7 @@ pub async fn run<R, W>(
             }
             if let Err(e) = opener.open_in_place(&mut buf) {
                 break if sink.is_none() {
-                    format!("key confirmation failed (NeighborID mismatch?): {e}")
+                    format!("{KEY_CONFIRMATION_FAILED}: {e}")
                 } else {
                     format!("bad cell (authentication failed): {e}")
                 };
@@ -223,7 +227,7 @@ pub async fn run<R, W>(
                 None => {
                     match cell.link_params_window().and_then(|w| Ok((w, cell.link_params_max_window()?))) {
                         Ok((w, max)) => link.set_send_window(u32::from(w), u32::from(max)),
-                        Err(e) => break format!("bad key-confirmation cell: {e}"),
+                        Err(e) => break format!("{BAD_CONFIRMATION_CELL}: {e}"),
                     }
                     match host.up(&link) {
                         Some(s) => {
@@ -248,14 +252,20 @@ pub async fn run<R, W>(
     writer.close();
     wtask.abort();
     let host_refused = reason == NOT_ACCEPTED;
+    let confirmation_failed =
+        [KEY_CONFIRMATION_FAILED, BAD_CONFIRMATION_CELL, "malformed cell"].iter().any(|p| reason.starts_with(p));
     if sink.is_some() {
         info!(peer = %peer.short(), "link down: {reason}");
         host.down(&link, &reason);
     } else if host_refused {
         // The node is shutting down: a neighbor's link arriving now is expected, not an operator's concern.
         debug!(peer = %peer.short(), "link failed before it came up: {reason}");
-    } else {
+    } else if confirmation_failed {
+        // The neighbor authenticated but does not share the edge's keys (or sent garbage): worth a look.
         warn!(peer = %peer.short(), "link failed before it came up: {reason}");
+    } else {
+        // The connection ended during key confirmation (typically the neighbor stopped): it will be redialed.
+        info!(peer = %peer.short(), "link failed before it came up: {reason}");
     }
     debug!(peer = %peer.short(), "link tasks finished");
 }
