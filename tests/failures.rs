@@ -161,7 +161,8 @@ fn a_killed_relay_is_reported_at_once_avoided_and_redialed_with_backoff() {
     }
     assert!(net.wait_links(2, Duration::from_secs(30)), "links did not come up");
     std::thread::sleep(Duration::from_secs(3));
-    // The victim: a relay that a neighbor dials (an incoming link), so that neighbor's dial loop sees it die.
+    // The victim: a relay with a neighbor of smaller fingerprint, the side that dials their edge (SPEC §5.2), so
+    // that neighbor's dial loop sees it die.
     let (victim, dialer) = net
         .peers
         .iter()
@@ -169,20 +170,29 @@ fn a_killed_relay_is_reported_at_once_avoided_and_redialed_with_backoff() {
         .find_map(|(i, p)| {
             let v = status_json(&net.dir.path().join(&p.name));
             let links = v.get("links")?.as_array()?.clone();
-            let dialer_short = links.iter().find(|l| l["direction"] == "in")?["peer"].as_str()?.to_string();
-            let d = net.peers.iter().position(|q| q.fingerprint.starts_with(&dialer_short))?;
-            Some((i, d))
+            links.iter().find_map(|l| {
+                let short = l["peer"].as_str()?;
+                let d = net.peers.iter().position(|q| q.fingerprint.starts_with(short))?;
+                (net.peers[d].fingerprint < p.fingerprint).then_some((i, d))
+            })
         })
-        .expect("some relay has an incoming link");
+        .expect("some relay has a neighbor with a smaller fingerprint");
     let short = net.peers[victim].short();
     let killed_ms = unix_ms();
     net.peers[victim].kill();
 
     // Point 2: the dialing neighbor reports it at once (its first redial failed), the tracker probes and avoids it.
+    net.peers[dialer]
+        .wait_log_after(
+            killed_ms,
+            &["link dropped and a redial failed", "reported to the tracker", &short],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("dialer did not report at once:\n{}", net.peers[dialer].log_text()));
     let warn = net.peers[dialer]
         .wait_log_after(killed_ms, &["WARN", "neighbor unreachable", &short], Duration::from_secs(10))
         .unwrap_or_else(|| panic!("dialer did not warn:\n{}", net.peers[dialer].log_text()));
-    assert!(warn.text.contains("failures=1"), "reported only after several dials: {}", warn.text);
+    assert!(warn.text.contains("failures=3"), "{}", warn.text);
     let reported = net
         .tracker
         .wait_log_after(killed_ms, &["neighbor reported unreachable", &short], Duration::from_secs(10))
@@ -211,5 +221,5 @@ fn a_killed_relay_is_reported_at_once_avoided_and_redialed_with_backoff() {
     let log = net.peers[dialer].log_text();
     let warns = log.lines().filter(|l| l.contains("WARN") && l.contains("neighbor unreachable")).count();
     assert_eq!(warns, 1, "warned more than once:\n{log}");
-    assert!(!log.lines().any(|l| l.contains(" INFO ") && l.contains("dial failed")), "dial failures at INFO:\n{log}");
+    assert!(!log.lines().any(|l| l.contains(" INFO ") && l.contains("dial failed:")), "dial failures at INFO:\n{log}");
 }

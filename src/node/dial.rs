@@ -22,7 +22,8 @@ pub const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// The longest wait between dials of an unreachable neighbor.
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Failed dials (refusals excepted) after which a neighbor counts as unreachable: logged at WARN once, shown by
-/// `status`, reported to the tracker. A link that was up and cannot be redialed at once counts at the first.
+/// `status`, reported to the tracker. A link that just dropped and cannot be redialed is reported (and shown) at
+/// the first failed dial already, logged at INFO.
 pub const UNREACHABLE_AFTER: u32 = 3;
 /// How long a new edge's dialer gets before we knock.
 pub const KNOCK_GRACE: Duration = Duration::from_millis(1500);
@@ -126,21 +127,29 @@ impl Node {
                     if link::is_refused(&e) {
                         // The neighbor has not learned of our edge yet (it refreshes when it refuses us).
                         debug!(peer = %fp.short(), "neighbor does not know us yet; retrying");
-                    } else if !reported && (failures >= UNREACHABLE_AFTER || lost) {
-                        reported = true;
-                        warn!(
-                            peer = %fp.short(), %addr, failures,
-                            "neighbor unreachable: {e}; reported to the tracker, redialing with backoff (up to {}s)",
-                            DIAL_BACKOFF_MAX.as_secs()
-                        );
-                        self.reporter.report(FailureReport {
-                            kind: FailureKind::NeighborUnreachable,
-                            neighbor: Some(n.nid),
-                            circuit: None,
-                            hop_tag: None,
-                        });
                     } else {
-                        debug!(peer = %fp.short(), failures, next_in = ?wait, "dial failed: {e}");
+                        if !reported && (failures >= UNREACHABLE_AFTER || lost) {
+                            // At once when a link just dropped and cannot be redialed: new paths should avoid it now.
+                            reported = true;
+                            self.reporter.report(FailureReport {
+                                kind: FailureKind::NeighborUnreachable,
+                                neighbor: Some(n.nid),
+                                circuit: None,
+                                hop_tag: None,
+                            });
+                        }
+                        if failures == UNREACHABLE_AFTER {
+                            // Once per outage, when it is not a blip (a neighbor that restarts is back by now).
+                            warn!(
+                                peer = %fp.short(), %addr, failures,
+                                "neighbor unreachable: {e}; reported to the tracker, redialing with backoff (up to {}s)",
+                                DIAL_BACKOFF_MAX.as_secs()
+                            );
+                        } else if lost {
+                            info!(peer = %fp.short(), %addr, "neighbor's link dropped and a redial failed ({e}); reported to the tracker");
+                        } else {
+                            debug!(peer = %fp.short(), failures, next_in = ?wait, "dial failed: {e}");
+                        }
                     }
                     if reported {
                         self.dial_troubles.map().insert(
