@@ -59,18 +59,51 @@ pub fn status(node: &Node) -> Value {
             "tip": tip.to_string(),
             "headers": s.header_count().saturating_sub(1),
             "blocks": s.block_count().saturating_sub(1),
+            "source": "store",
         })
     });
+    let now = unix_now();
+    // A chain served from another node (`--upstream`): what, from where, and whether it answered last time.
+    let chain = chain.or_else(|| {
+        node.upstream_info().map(|u| {
+            let last = u.health.last();
+            json!({
+                "name": u.name,
+                "role": "serving",
+                "source": "upstream",
+                "upstream": {
+                    "addr": u.addr,
+                    "reachable": last.as_ref().map(|(_, err)| err.is_none()),
+                    "checked_ago_secs": last.as_ref().map(|(t, _)| now.saturating_sub(*t)),
+                    "last_error": last.and_then(|(_, err)| err),
+                },
+            })
+        })
+    });
+    let unreachable: Vec<Value> = node
+        .unreachable_neighbors()
+        .into_iter()
+        .map(|u| {
+            json!({
+                "peer": u.peer,
+                "addr": u.addr.to_string(),
+                "failed_dials": u.failures,
+                "last_error": u.last_error,
+                "down_secs": u.since.elapsed().as_secs(),
+                "next_dial_in_secs": u.next_dial.saturating_duration_since(std::time::Instant::now()).as_secs(),
+            })
+        })
+        .collect();
     let sync = &node.sync;
     let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     let ts = node.tracker_state();
-    let now = unix_now();
     json!({
         "fingerprint": node.fingerprint().to_hex(),
         "listen": node.listen_addr.to_string(),
         "uptime_secs": node.started.elapsed().as_secs(),
         "shutting_down": node.is_shutting_down(),
         "links": links,
+        "unreachable": unreachable,
         "circuits": {
             "relay": roles.relay,
             "origin": roles.origin,

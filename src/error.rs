@@ -18,6 +18,9 @@ pub enum PeerError {
     /// The tracker refused or misbehaved.
     #[error("tracker: {0}")]
     Tracker(String),
+    /// The tracker found no path for a circuit request (its error message).
+    #[error("tracker: no path: {0}")]
+    NoPath(String),
     /// A circuit was refused by a hop.
     #[error("circuit denied: {0}")]
     Denied(DenyReason),

@@ -70,6 +70,7 @@ impl TrackerSession {
         let frame = self.chan.seal(msg)?;
         timeout(IO_TIMEOUT, self.stream.write_all(&frame)).await.map_err(|_| PeerError::Timeout("tracker send"))??;
         match self.recv().await? {
+            FromTracker::Error(e) if e.code == tracker::ErrorCode::NoPath => Err(PeerError::NoPath(e.message)),
             FromTracker::Error(e) => Err(PeerError::Tracker(format!("{:?}: {}", e.code, e.message))),
             reply => Ok(reply),
         }
@@ -124,7 +125,7 @@ impl TrackerClient {
 /// Whether a session is still usable after a request ended with `r`: it is after a reply, including a tracker
 /// error reply; after a timeout or an I/O or decoding error its framing state is unknown.
 fn keeps_session(r: &Result<FromTracker, PeerError>) -> bool {
-    matches!(r, Ok(_) | Err(PeerError::Tracker(_)))
+    matches!(r, Ok(_) | Err(PeerError::Tracker(_) | PeerError::NoPath(_)))
 }
 
 /// Fetches the tracker's public key and checks it against the pinned fingerprint.

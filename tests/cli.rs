@@ -173,3 +173,38 @@ fn completions_are_generated_for_both_binaries() {
         assert!(!text.contains("tracker-fp"), "{shell}: the tracker's script offers peer flags");
     }
 }
+
+/// Issue 17, point 4: a peer whose configuration is wrong says so and exits before it prints `ready` or creates
+/// anything: no data directory (key, store, control socket), no bound port left behind.
+#[test]
+fn a_bad_peer_configuration_is_refused_before_ready_and_creates_nothing() {
+    let o = common::Overlay::new();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    for (i, (extra, needle)) in [
+        (vec!["--bridge", "127.0.0.1:0", "--bridge-chain", "litecoin"], "--bridge-chain"),
+        (vec!["--bridge", busy_addr.as_str()], "--bridge"),
+        (vec!["--serve", "regtest", "--mine-interval", "0"], "--mine-interval"),
+        (vec!["--serve", "regtest", "--upstream", "127.0.0.1"], "--upstream"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("bad{i}");
+        let mut args: Vec<String> = vec!["peer".into()];
+        args.extend(o.peer_args(&name));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, stdout, log) = common::run(&name, &a, o.dir.path(), Duration::from_secs(20));
+        assert!(!ok, "{extra:?} was accepted: {stdout}\n{log}");
+        assert!(!stdout.contains("ready"), "{extra:?}: announced readiness first: {stdout}");
+        assert!(log.contains(needle), "{extra:?}: the error does not name {needle}: {log}");
+        let dir = o.data_dir(&name);
+        assert!(
+            !dir.exists(),
+            "{extra:?}: created {} ({:?})",
+            dir.display(),
+            std::fs::read_dir(&dir).map(|d| d.count())
+        );
+    }
+}

@@ -146,6 +146,8 @@ reason_enum!(
         Misbehaving = 7 => "misbehaving",
         /// A hop gave no sign of life in time.
         Timeout = 8 => "timeout",
+        /// The target serves its chain from another node (`--upstream`) and could not reach it.
+        UpstreamUnavailable = 9 => "upstream-unavailable",
     }
 );
 

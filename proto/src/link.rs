@@ -239,6 +239,8 @@ pub struct AcceptOutcome {
     pub result: Result<LinkCipher>,
     /// The dialer's claimed fingerprint, when AUTH decrypted.
     pub peer: Option<Fingerprint>,
+    /// The status sent in `reply`.
+    pub status: AuthStatus,
 }
 
 impl Acceptor {
@@ -276,9 +278,10 @@ impl Acceptor {
     /// Processes AUTH (with its length prefix). `lookup` maps a fingerprint to that neighbor's key and edge,
     /// or `None` if it is not a current neighbor; `busy` (asked only for an authenticated neighbor) refuses it
     /// for lack of room. Errors here are fatal garbage (no reply possible); refusals come back in
-    /// [`AcceptOutcome`].
+    /// [`AcceptOutcome`]. The acceptor is only borrowed: after a refusal it may check the same AUTH again against
+    /// a fresher neighbor table (only the last outcome's reply is sent).
     pub fn on_auth<R: RngCore + CryptoRng>(
-        self,
+        &self,
         msg: &[u8],
         me: &Identity,
         rng: &mut R,
@@ -320,7 +323,7 @@ impl Acceptor {
             }
             None => Err(ProtoError::Invalid { what: "link auth", detail: format!("{status:?}") }),
         };
-        Ok(AcceptOutcome { reply, result, peer: Some(fp) })
+        Ok(AcceptOutcome { reply, result, peer: Some(fp), status })
     }
 }
 

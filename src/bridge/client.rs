@@ -45,8 +45,19 @@ impl ClientBridge {
         relays: u8,
         opts: BridgeOptions,
     ) -> Result<ClientBridge, PeerError> {
-        let chain = ChainId::new(&params.name).map_err(|e| PeerError::Config(format!("bridge chain: {e}")))?;
         let listener = TcpListener::bind(listen).await?;
+        Self::with_listener(node, listener, params, relays, opts)
+    }
+
+    /// A client bridge on a port already bound (so a peer can bind it before it announces readiness).
+    pub fn with_listener(
+        node: Arc<Node>,
+        listener: TcpListener,
+        params: NetParams,
+        relays: u8,
+        opts: BridgeOptions,
+    ) -> Result<ClientBridge, PeerError> {
+        let chain = ChainId::new(&params.name).map_err(|e| PeerError::Config(format!("bridge chain: {e}")))?;
         let local = listener.local_addr()?;
         if !local.ip().is_loopback() {
             warn!(%local, "the bridge listens beyond loopback: anyone who reaches it opens circuits as this peer");
@@ -117,8 +128,9 @@ impl ClientBridge {
             Ok(Err(e)) => return refuse(e.to_string()),
             Ok(Ok(Some(env))) => env,
         };
-        let Some(stream) = self.open_circuit().await else {
-            return refuse(format!("no circuit to a '{}' peer within {:?}", self.chain, self.opts.circuit_timeout));
+        let stream = match self.open_circuit().await {
+            Ok(s) => s,
+            Err(why) => return refuse(why),
         };
         BridgeStats::bump(&self.stats.joined, 1);
         BridgeStats::bump(&self.stats.active, 1);
@@ -131,28 +143,53 @@ impl ClientBridge {
         self.stats.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// One new circuit, retrying (the tracker may not know a serving peer yet) until the deadline.
-    async fn open_circuit(&self) -> Option<CircuitStream> {
+    /// One new circuit, retrying (the tracker may not know a serving peer yet) until the deadline; or why not.
+    /// The tracker's "no path" is logged at once, and retried only for [`NO_PATH_GRACE`] (the overlay may still be
+    /// forming): a chain nobody serves is not worth the client's whole circuit timeout.
+    async fn open_circuit(&self) -> Result<CircuitStream, String> {
         let deadline = tokio::time::Instant::now() + self.opts.circuit_timeout;
         let mut backoff = Duration::from_millis(200);
+        let mut no_path_since: Option<tokio::time::Instant> = None;
+        let mut warned = false;
+        let mut last = String::from("no circuit opened");
         loop {
             let req = CircuitRequest { chain: self.chain.clone(), count: 1, relays: self.relays };
             let attempt = tokio::time::timeout_at(deadline, self.node.request_circuits(req)).await;
             match attempt {
-                Err(_) => return None,
+                Err(_) => break,
                 Ok(Ok(mut v)) => {
                     if let Some(s) = v.pop() {
-                        return Some(s);
+                        return Ok(s);
                     }
                     debug!("bridge: no circuit opened; retrying");
                 }
-                Ok(Err(e)) => debug!("bridge: circuit request failed ({e}); retrying"),
+                Ok(Err(PeerError::NoPath(msg))) => {
+                    let first = *no_path_since.get_or_insert_with(tokio::time::Instant::now);
+                    last = format!("the tracker has no path to a '{}' peer ({msg})", self.chain);
+                    if first.elapsed() >= NO_PATH_GRACE {
+                        return Err(last);
+                    }
+                    if !std::mem::replace(&mut warned, true) {
+                        warn!(
+                            "bridge: {last}; retrying for {}s in case the overlay is still forming",
+                            NO_PATH_GRACE.as_secs()
+                        );
+                    }
+                }
+                Ok(Err(e)) => {
+                    last = format!("circuit request failed: {e}");
+                    debug!("bridge: {last}; retrying");
+                }
             }
             if tokio::time::Instant::now() + backoff >= deadline {
-                return None;
+                break;
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+        Err(format!("no circuit to a '{}' peer within {:?} ({last})", self.chain, self.opts.circuit_timeout))
     }
 }
+
+/// How long the bridge keeps asking after the tracker first said it has no path for the bridge's chain.
+pub const NO_PATH_GRACE: Duration = Duration::from_secs(5);

@@ -294,7 +294,14 @@ pub(crate) async fn splice(
     }
     // FIN after everything the circuit delivered was written; then the socket is closed on drop.
     let _ = tcp.shutdown().await;
-    info!(side = ctx.side.name(), peer = %ctx.label, "bridged connection ended: {end}");
+    match &end {
+        // The circuit broke for a reason the bridged node cannot be told (it only sees its connection close):
+        // say it where the operator looks.
+        End::CircuitClosed(r) if *r != BreakReason::Finished => {
+            warn!(side = ctx.side.name(), peer = %ctx.label, reason = %r, "bridged connection ended: {end}")
+        }
+        _ => info!(side = ctx.side.name(), peer = %ctx.label, "bridged connection ended: {end}"),
+    }
     end
 }
 

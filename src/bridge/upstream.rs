@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use anomos_proto::btc::{EnvelopeReader, NetParams};
+use anomos_proto::cell::BreakReason;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -10,7 +11,7 @@ use tracing::{info, warn};
 use super::splice::{splice, Side, SpliceCtx};
 use super::{BridgeOptions, BridgeStats};
 use crate::circuit::CircuitStream;
-use crate::node::Service;
+use crate::node::{Service, UpstreamHealth};
 
 /// A [`Service`] that relays every incoming circuit, envelope by envelope, to a new TCP connection to the
 /// Bitcoin node at `addr` (its P2P port). The upstream node sees connections from this peer only; this peer
@@ -21,6 +22,7 @@ pub struct UpstreamService {
     opts: BridgeOptions,
     stats: Arc<BridgeStats>,
     slots: Arc<Semaphore>,
+    health: Arc<UpstreamHealth>,
 }
 
 impl UpstreamService {
@@ -33,7 +35,7 @@ impl UpstreamService {
     /// As [`new`](Self::new), with options.
     pub fn with_options(addr: impl Into<String>, params: NetParams, opts: BridgeOptions) -> UpstreamService {
         let slots = Arc::new(Semaphore::new(opts.max_connections));
-        UpstreamService { addr: addr.into(), params, opts, stats: Arc::default(), slots }
+        UpstreamService { addr: addr.into(), params, opts, stats: Arc::default(), slots, health: Arc::default() }
     }
 
     /// The upstream address.
@@ -44,6 +46,23 @@ impl UpstreamService {
     /// The network relayed.
     pub fn params(&self) -> &NetParams {
         &self.params
+    }
+
+    /// What the last connection to the upstream node found (`status` shows it).
+    pub fn health(&self) -> Arc<UpstreamHealth> {
+        self.health.clone()
+    }
+
+    /// Tries one connection to the upstream node now (closed at once) and records the outcome; at start-up, so
+    /// that `status` and the log tell at once whether the node we serve from is there.
+    pub async fn check(&self) -> Result<(), String> {
+        let r = match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(self.addr.as_str())).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.opts.connect_timeout)),
+        };
+        self.health.record(r.clone());
+        r
     }
 
     /// The service's counters.
@@ -57,26 +76,32 @@ impl Service for UpstreamService {
         BridgeStats::bump(&self.stats.accepted, 1);
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             BridgeStats::bump(&self.stats.refused, 1);
-            warn!(limit = self.opts.max_connections, "upstream: too many bridged circuits; closing this one");
-            return;
+            warn!(limit = self.opts.max_connections, "upstream: too many bridged circuits; breaking this one");
+            return stream.abort(BreakReason::Resources);
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             warn!("upstream: no async runtime, dropping circuit");
             return;
         };
         let (addr, magic, opts, stats) = (self.addr.clone(), self.params.magic, self.opts.clone(), self.stats.clone());
+        let health = self.health.clone();
         rt.spawn(async move {
             let tcp = match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr.as_str())).await {
                 Ok(Ok(tcp)) => tcp,
                 Ok(Err(e)) => {
                     BridgeStats::bump(&stats.refused, 1);
-                    return warn!(upstream = %addr, "upstream: cannot connect ({e}); closing the circuit");
+                    health.record(Err(e.to_string()));
+                    warn!(upstream = %addr, "upstream: cannot connect ({e}); breaking the circuit (upstream-unavailable)");
+                    return stream.abort(BreakReason::UpstreamUnavailable);
                 }
                 Err(_) => {
                     BridgeStats::bump(&stats.refused, 1);
-                    return warn!(upstream = %addr, "upstream: connect timed out; closing the circuit");
+                    health.record(Err("connect timed out".into()));
+                    warn!(upstream = %addr, "upstream: connect timed out; breaking the circuit (upstream-unavailable)");
+                    return stream.abort(BreakReason::UpstreamUnavailable);
                 }
             };
+            health.record(Ok(()));
             let _ = tcp.set_nodelay(true);
             BridgeStats::bump(&stats.joined, 1);
             BridgeStats::bump(&stats.active, 1);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anomos_proto::cell::{BreakReason, Cell, DenyReason};
 use anomos_proto::circuit::Role;
 use anomos_proto::crypto::Secret;
-use anomos_proto::tracker::CircuitGrant;
+use anomos_proto::tracker::{CircuitGrant, FailureKind, FailureReport};
 
 use super::endpoint::{Endpoint, EndpointParts};
 use super::router::Router;
@@ -22,11 +22,18 @@ impl Router {
         if self.is_shutting_down() {
             return Err(PeerError::ShuttingDown);
         }
-        let link = self
-            .links
-            .wait_link(grant.first_hop, self.cfg.origin_link_wait)
-            .await
-            .ok_or_else(|| PeerError::NoLink(format!("{:?}", grant.first_hop)))?;
+        let Some(link) = self.links.wait_link(grant.first_hop, self.cfg.origin_link_wait).await else {
+            // Our own link to the first hop is not up (it died, or never came up): as when it fails under an open
+            // circuit, an untagged link-failed report names the circuit, and the tracker, which knows the path it
+            // issued, takes the first hop for the suspect (SPEC §3.10).
+            self.reporter.report(FailureReport {
+                kind: FailureKind::CircuitBroken(BreakReason::LinkFailed.code()),
+                neighbor: None,
+                circuit: Some(grant.circuit),
+                hop_tag: None,
+            });
+            return Err(PeerError::NoLink(format!("{:?}", grant.first_hop)));
+        };
         let lc = self.circuits_of(&link).ok_or_else(|| PeerError::NoLink(format!("{:?}", grant.first_hop)))?;
         let slot = Unit::take(&self.local_slots).map_err(|_| PeerError::Denied(DenyReason::CircuitLimit))?;
         let id = lc.alloc_id();

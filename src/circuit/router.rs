@@ -172,14 +172,18 @@ impl Router {
     pub fn shutdown(&self) -> usize {
         self.shutting_down.store(true, Ordering::Relaxed);
         let tables: Vec<Arc<LinkCircuits>> = self.attached().values().cloned().collect();
-        let mut circuits = 0;
-        for lc in tables {
-            for (id, route) in lc.snapshot() {
+        let snapshots: Vec<_> = tables.into_iter().map(|lc| (lc.snapshot(), lc)).collect();
+        // Relayed circuits are counted before any is torn down: a relay circuit has a route on each of its two
+        // links, and tearing it down from its out-link's route first closed it before its in-link's was counted.
+        let mut circuits = snapshots
+            .iter()
+            .flat_map(|(routes, _)| routes.iter())
+            .filter(|(_, r)| matches!(r, Route::Relay(rc, Dir::Fwd) if !rc.is_closed()))
+            .count();
+        for (routes, lc) in snapshots {
+            for (id, route) in routes {
                 match route {
-                    Route::Relay(rc, dir) => {
-                        if dir == Dir::Fwd && !rc.is_closed() {
-                            circuits += 1;
-                        }
+                    Route::Relay(rc, _) => {
                         rc.teardown(BreakReason::Shutdown, Some(rc.tag), None);
                     }
                     Route::Endpoint(ep) => {

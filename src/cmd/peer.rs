@@ -156,11 +156,54 @@ pub fn spawn_miner(svc: ChainService, interval: Duration, txs_per_block: usize) 
     });
 }
 
+/// Checks every flag that can be checked without creating anything, and binds the bridge's port (so a port in
+/// use fails before the peer starts). Returns the bridge's listener and network.
+async fn check(
+    args: &PeerArgs,
+    cfg: &crate::config::PeerConfig,
+) -> Result<Option<(tokio::net::TcpListener, anomos_proto::btc::NetParams)>, PeerError> {
+    cfg.validate().map_err(PeerError::Config)?;
+    Fingerprint::from_hex(&cfg.tracker_fp).map_err(|e| PeerError::Config(format!("--tracker-fp: {e}")))?;
+    if let Some(name) = &args.serve {
+        let params = args.net.params(name)?;
+        ChainId::new(&params.name).map_err(|e| PeerError::Config(format!("--serve: {e}")))?;
+        let regtest = params.network == Some(bitcoin::Network::Regtest);
+        if (args.mine > 0 || args.mine_interval.is_some()) && (!regtest || args.upstream.is_some()) {
+            return Err(PeerError::Config(
+                "--mine and --mine-interval work only with --serve regtest from our own store (not --upstream)".into(),
+            ));
+        }
+    } else if args.mine > 0 || args.mine_interval.is_some() {
+        return Err(PeerError::Config("--mine and --mine-interval need --serve regtest".into()));
+    }
+    if let Some(secs) = args.mine_interval {
+        if !(0.05..=86_400.0).contains(&secs) {
+            return Err(PeerError::Config("--mine-interval must be between 0.05 and 86400 seconds".into()));
+        }
+    }
+    if let Some(up) = &args.upstream {
+        match up.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
+            _ => return Err(PeerError::Config(format!("--upstream {up:?}: expected HOST:PORT"))),
+        }
+    }
+    let Some(listen) = args.bridge else { return Ok(None) };
+    let params = args.net.params(&args.bridge_chain).map_err(|e| PeerError::Config(format!("--bridge-chain: {e}")))?;
+    ChainId::new(&params.name).map_err(|e| PeerError::Config(format!("--bridge-chain: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| PeerError::Config(format!("--bridge {listen}: cannot listen: {e}")))?;
+    Ok(Some((listener, params)))
+}
+
 /// Runs `anomos peer` until interrupted.
 pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
     let signal = super::first_signal();
     tokio::pin!(signal);
     let mut cfg = args.node.config();
+    // The whole configuration is checked before anything is created (data dir, key, store, sockets) or
+    // announced: a mistake must not leave a half-started peer behind or print `ready` (issue 17).
+    let bridge = check(args, &cfg).await?;
     if args.family.len() > MAX_FAMILY {
         return Err(PeerError::Config(format!("--family: {} peers (at most {MAX_FAMILY})", args.family.len())));
     }
@@ -173,14 +216,13 @@ pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
             }
             let params = args.net.params(name)?;
             cfg.serve = vec![ChainId::new(&params.name).map_err(|e| PeerError::Config(format!("--serve: {e}")))?];
-            let svc = crate::bridge::UpstreamService::with_options(up.clone(), params, bridge_opts.clone());
-            Some(Arc::new(svc) as Arc<dyn Service>)
+            Some(Arc::new(crate::bridge::UpstreamService::with_options(up.clone(), params, bridge_opts.clone())))
         }
         _ => None,
     };
     let mut served_store = None;
-    let svc = if upstream.is_some() {
-        upstream
+    let svc = if let Some(u) = &upstream {
+        Some(u.clone() as Arc<dyn Service>)
     } else {
         match service(args)? {
             Some((chain, s)) => {
@@ -208,14 +250,38 @@ pub async fn run(args: &PeerArgs) -> Result<(), PeerError> {
             return Ok(());
         }
     };
+    if let Some(u) = upstream {
+        let info =
+            crate::node::UpstreamInfo { name: u.params().name.clone(), addr: u.addr().to_string(), health: u.health() };
+        node.set_upstream(info);
+        tokio::spawn(async move {
+            match u.check().await {
+                Ok(()) => info!(upstream = %u.addr(), "upstream node reachable"),
+                Err(e) => warn!(
+                    upstream = %u.addr(),
+                    "upstream node not reachable ({e}): circuits to this peer break with upstream-unavailable until it is"
+                ),
+            }
+        });
+    }
     if let Some((name, store)) = &served_store {
         node.set_chain(crate::node::ChainInfo { name: name.clone(), role: "serving", store: store.clone() });
     }
-    if let Some(listen) = args.bridge {
-        let params = args.net.params(&args.bridge_chain)?;
-        let b =
-            crate::bridge::ClientBridge::bind(node.clone(), listen, params.clone(), args.bridge_relays, bridge_opts)
-                .await?;
+    if let Some((listener, params)) = bridge {
+        let b = match crate::bridge::ClientBridge::with_listener(
+            node.clone(),
+            listener,
+            params.clone(),
+            args.bridge_relays,
+            bridge_opts,
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                // Checked before; still, never leave a running peer's control socket behind.
+                super::shutdown(&node, served_store.as_ref().map(|(_, s)| s)).await;
+                return Err(e);
+            }
+        };
         println!("anomos bridge ready listen={} chain={}", b.local_addr(), params.name);
         tokio::spawn(async move {
             if let Err(e) = b.run().await {

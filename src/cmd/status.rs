@@ -64,12 +64,33 @@ pub fn table(v: &Value) -> String {
             .unwrap_or_default()
     );
     match v.get("chain").filter(|c| !c.is_null()) {
+        Some(c) if c.get("source").and_then(Value::as_str) == Some("upstream") => {
+            let reach = match v.pointer("/chain/upstream/reachable").and_then(Value::as_bool) {
+                None => "not checked yet".to_string(),
+                Some(r) => format!(
+                    "{}, checked {} ago",
+                    if r {
+                        "reachable".to_string()
+                    } else {
+                        format!("UNREACHABLE: {}", s("/chain/upstream/last_error"))
+                    },
+                    age(u("/chain/upstream/checked_ago_secs"))
+                ),
+            };
+            let _ = writeln!(
+                o,
+                "chain      {} (serving via upstream node {}: {reach})",
+                s("/chain/name"),
+                s("/chain/upstream/addr")
+            );
+        }
         Some(_) => {
             let _ = writeln!(
                 o,
-                "chain      {} ({})  height {}  headers {}  blocks {}  sync {}{}",
+                "chain      {} ({}{})  height {}  headers {}  blocks {}  sync {}{}",
                 s("/chain/name"),
                 s("/chain/role"),
+                if s("/chain/role") == "serving" { " from own store" } else { "" },
                 u("/chain/height"),
                 u("/chain/headers"),
                 u("/chain/blocks"),
@@ -118,6 +139,24 @@ pub fn table(v: &Value) -> String {
             );
         }
     }
+    let down = v.get("unreachable").and_then(Value::as_array).cloned().unwrap_or_default();
+    if !down.is_empty() {
+        let _ = writeln!(o, "unreachable neighbors {} (we dial them; reported to the tracker)", down.len());
+        for d in &down {
+            let g = |k: &str| d.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let t = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+            let _ = writeln!(
+                o,
+                "  {:<18} {}  {} failed dials over {}, next in {}: {}",
+                t("peer"),
+                t("addr"),
+                g("failed_dials"),
+                age(g("down_secs")),
+                age(g("next_dial_in_secs")),
+                t("last_error")
+            );
+        }
+    }
     o
 }
 
@@ -142,5 +181,29 @@ mod tests {
         assert!(t.contains("last announce ok 3s ago"), "{t}");
         assert!(t.contains("abcd") && t.contains("out"), "{t}");
         assert!(t.contains("chain      none"), "{t}");
+    }
+
+    #[test]
+    fn table_shows_how_a_chain_is_served() {
+        let mut v = serde_json::json!({
+            "chain": {"name": "regtest", "role": "serving", "source": "upstream",
+                      "upstream": {"addr": "127.0.0.1:18444", "reachable": false, "checked_ago_secs": 4,
+                                   "last_error": "Connection refused (os error 111)"}},
+        });
+        let t = table(&v);
+        assert!(
+            t.contains("regtest (serving via upstream node 127.0.0.1:18444: UNREACHABLE: Connection refused"),
+            "{t}"
+        );
+        assert!(t.contains("checked 4s ago"), "{t}");
+        assert!(!t.contains("none (relay only)"), "{t}");
+        v["chain"]["upstream"]["reachable"] = true.into();
+        assert!(table(&v).contains("127.0.0.1:18444: reachable, checked 4s ago"), "{}", table(&v));
+        v["chain"] = serde_json::json!({"name": "regtest", "role": "serving", "source": "store", "height": 7});
+        v["unreachable"] = serde_json::json!([{"peer": "abcd", "addr": "127.0.0.1:9", "failed_dials": 5,
+            "down_secs": 20, "next_dial_in_secs": 4, "last_error": "refused"}]);
+        let t = table(&v);
+        assert!(t.contains("unreachable neighbors 1") && t.contains("abcd") && t.contains("5 failed dials"), "{t}");
+        assert!(table(&v).contains("regtest (serving from own store)  height 7"), "{}", table(&v));
     }
 }

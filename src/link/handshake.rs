@@ -5,14 +5,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anomos_proto::identity::PublicKey;
+use anomos_proto::identity::{Identity, PublicKey};
 use anomos_proto::ids::NeighborId;
 use anomos_proto::link::{self as plink, Acceptor, AuthStatus, Dialer, LinkCipher, HELLO_LEN};
 use anomos_proto::ProtoError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{LinkHost, LinkSettings};
 use crate::error::PeerError;
@@ -20,6 +20,10 @@ use crate::error::PeerError;
 /// How long each step of a handshake we dial may take (incoming handshakes have the node's
 /// `handshake_timeout` for all their steps together).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an acceptor that refused an AUTH waits for a fresh neighbor table before checking it once more
+/// (SPEC §5.3): a dialer that learned of our edge before we did gets its link instead of a refusal.
+pub const REFUSAL_RECHECK: Duration = Duration::from_secs(2);
 
 async fn read_exact_timeout(s: &mut TcpStream, buf: &mut [u8], what: &'static str) -> Result<(), PeerError> {
     timeout(HANDSHAKE_TIMEOUT, s.read_exact(buf)).await.map_err(|_| PeerError::Timeout(what))??;
@@ -78,7 +82,7 @@ pub async fn accept(
     remote: SocketAddr,
     deadline: tokio::time::Instant,
 ) -> Result<(), PeerError> {
-    let (s, cipher) = tokio::time::timeout_at(deadline, accept_handshake(&host, settings, s, remote))
+    let (s, cipher) = tokio::time::timeout_at(deadline, accept_handshake(&host, settings, s, remote, deadline))
         .await
         .map_err(|_| PeerError::Timeout("link handshake (too slow)"))??;
     let rtt = super::rtt::probe(&s);
@@ -92,6 +96,7 @@ async fn accept_handshake(
     settings: &LinkSettings,
     mut s: TcpStream,
     remote: SocketAddr,
+    deadline: tokio::time::Instant,
 ) -> Result<(TcpStream, LinkCipher), PeerError> {
     let mut hello = [0u8; HELLO_LEN];
     hello[..8].copy_from_slice(&plink::LINK_MAGIC);
@@ -100,27 +105,48 @@ async fn accept_handshake(
     s.write_all(&reply).await?;
     let auth = read_auth(&mut s, "link auth").await?;
     let me = settings.identity.clone();
-    let (h1, h2) = (host.clone(), host.clone());
-    let out = blocking(move || {
-        acceptor.on_auth(&auth, &me, &mut rand::rngs::OsRng, |fp| h1.neighbor(fp), |nid| h2.busy(nid))
-    })
-    .await??;
+    let acceptor = Arc::new(acceptor);
+    let check = |host: Arc<dyn LinkHost>, acceptor: Arc<Acceptor>, auth: Arc<Vec<u8>>, me: Arc<Identity>| {
+        let h2 = host.clone();
+        blocking(move || {
+            acceptor.on_auth(&auth, &me, &mut rand::rngs::OsRng, |fp| host.neighbor(fp), |nid| h2.busy(nid))
+        })
+    };
+    let auth = Arc::new(auth);
+    let mut out = check(host.clone(), acceptor.clone(), auth.clone(), me.clone()).await??;
+    if out.status == AuthStatus::Refused {
+        if let Some(fp) = out.peer {
+            // Most often a neighbor the tracker paired us with after our last announce: it learned of the edge
+            // first. Refresh the table and check once more before refusing (every refusal waits the same way,
+            // so the time to a refusal still does not tell whether a fingerprint is our neighbor).
+            host.stranger(&fp);
+            // Within half of what is left of the handshake's deadline, so the refusal still gets out in time.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            host.table_refreshed(REFUSAL_RECHECK.min(left / 2)).await;
+            out = check(host.clone(), acceptor, auth, me).await??;
+        }
+    }
     s.write_all(&out.reply).await?;
     match out.result {
         Ok(cipher) => Ok((s, cipher)),
         Err(e) => {
             if let Some(fp) = out.peer {
-                if host.neighbor(&fp).is_none() {
-                    // Possibly a neighbor the tracker assigned after our last announce: the host refreshes.
-                    host.stranger(&fp);
+                // After the re-check a refusal is no start-up race: a stranger, a peer whose edge the tracker
+                // dropped, or a bad signature. Busy is our own limit (the dialer retries).
+                if out.status == AuthStatus::Refused {
+                    info!(%remote, peer = %fp.short(), "link refused: not a current neighbor (after a table refresh)");
+                } else {
+                    debug!(%remote, peer = %fp.short(), "link refused: {e}");
                 }
-                // Refusals race with announces at every start-up (the dialer learned of the edge first): an
-                // expected event, not an operator's concern.
-                info!(%remote, peer = %fp.short(), "link refused: {e}");
             }
-            Err(PeerError::Proto(e))
+            Err(PeerError::Proto(ProtoError::LinkRefused(out.status)))
         }
     }
+}
+
+/// Whether a handshake ended in a refusal (`Refused` or `Busy`) sent or received.
+pub fn is_refusal(e: &PeerError) -> bool {
+    matches!(e, PeerError::Proto(ProtoError::LinkRefused(_)))
 }
 
 /// Whether the acceptor refused us as not (yet) its neighbor (most often: it has not learned of our edge yet;

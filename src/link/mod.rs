@@ -14,6 +14,8 @@ mod handshake;
 pub mod rtt;
 pub mod writer;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,8 +29,15 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use budget::{Pool, Share};
-pub use handshake::{accept, dial, is_refused, HANDSHAKE_TIMEOUT};
+pub use handshake::{accept, dial, is_refusal, is_refused, HANDSHAKE_TIMEOUT, REFUSAL_RECHECK};
 use writer::LinkWriter;
+
+/// Why a link ends whose first cell did not open under the link keys.
+const KEY_CONFIRMATION_FAILED: &str = "key confirmation failed (NeighborID mismatch?)";
+/// Why a link ends whose first cell was not a valid key-confirmation PADDING.
+const BAD_CONFIRMATION_CELL: &str = "bad key-confirmation cell";
+/// Why a link ends that the host did not take (it is shutting down).
+const NOT_ACCEPTED: &str = "not accepted by the node (shutting down)";
 
 /// The link reader's buffer: about 16 cells per read syscall when cells arrive back to back.
 const READ_BUF: usize = 64 * 1024;
@@ -56,8 +65,12 @@ pub trait LinkHost: Send + Sync + 'static {
     fn neighbor(&self, fp: &Fingerprint) -> Option<(PublicKey, NeighborId)>;
     /// Whether a new incoming link over `nid` must be refused as `Busy` (at the link limit).
     fn busy(&self, nid: NeighborId) -> bool;
-    /// A dialer proved a key we do not know as a neighbor's: perhaps an edge we have not learned of yet.
+    /// A dialer claiming `fp` was refused (unknown key, or a signature that did not verify): perhaps an edge we
+    /// have not learned of yet. The host asks for a fresh neighbor table (rate-limited) and remembers that `fp`
+    /// is trying to reach us (so that its own dial to `fp`, if it is the dialer, waits for this link first).
     fn stranger(&self, fp: &Fingerprint);
+    /// Resolves when the neighbor table is next replaced, or after `max`.
+    fn table_refreshed(&self, max: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
     /// The link is up (key confirmed). Returns where its cells go, or `None` to close it at once.
     fn up(&self, link: &Arc<Link>) -> Option<Arc<dyn CellSink>>;
     /// A link that was up has ended, for `reason`.
@@ -196,7 +209,7 @@ pub async fn run<R, W>(
             }
             if let Err(e) = opener.open_in_place(&mut buf) {
                 break if sink.is_none() {
-                    format!("key confirmation failed (NeighborID mismatch?): {e}")
+                    format!("{KEY_CONFIRMATION_FAILED}: {e}")
                 } else {
                     format!("bad cell (authentication failed): {e}")
                 };
@@ -214,14 +227,14 @@ pub async fn run<R, W>(
                 None => {
                     match cell.link_params_window().and_then(|w| Ok((w, cell.link_params_max_window()?))) {
                         Ok((w, max)) => link.set_send_window(u32::from(w), u32::from(max)),
-                        Err(e) => break format!("bad key-confirmation cell: {e}"),
+                        Err(e) => break format!("{BAD_CONFIRMATION_CELL}: {e}"),
                     }
                     match host.up(&link) {
                         Some(s) => {
                             info!(peer = %peer.short(), dialer = link.dialer, "link up");
                             sink = Some(s);
                         }
-                        None => break "not accepted by the node (shutting down)".to_string(),
+                        None => break NOT_ACCEPTED.to_string(),
                     }
                 }
             }
@@ -238,11 +251,21 @@ pub async fn run<R, W>(
     };
     writer.close();
     wtask.abort();
+    let host_refused = reason == NOT_ACCEPTED;
+    let confirmation_failed =
+        [KEY_CONFIRMATION_FAILED, BAD_CONFIRMATION_CELL, "malformed cell"].iter().any(|p| reason.starts_with(p));
     if sink.is_some() {
         info!(peer = %peer.short(), "link down: {reason}");
         host.down(&link, &reason);
-    } else {
+    } else if host_refused {
+        // The node is shutting down: a neighbor's link arriving now is expected, not an operator's concern.
+        debug!(peer = %peer.short(), "link failed before it came up: {reason}");
+    } else if confirmation_failed {
+        // The neighbor authenticated but does not share the edge's keys (or sent garbage): worth a look.
         warn!(peer = %peer.short(), "link failed before it came up: {reason}");
+    } else {
+        // The connection ended during key confirmation (typically the neighbor stopped): it will be redialed.
+        info!(peer = %peer.short(), "link failed before it came up: {reason}");
     }
     debug!(peer = %peer.short(), "link tasks finished");
 }

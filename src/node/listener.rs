@@ -82,8 +82,11 @@ impl Node {
             let probes = probes.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                if let Err(e) = node.serve_connection(s, remote, probes).await {
-                    info!(%remote, "connection dropped: {e}");
+                match node.serve_connection(s, remote, probes).await {
+                    // Logged where it was decided (with the claimed fingerprint).
+                    Err(e) if link::is_refusal(&e) => debug!(%remote, "connection dropped: {e}"),
+                    Err(e) => info!(%remote, "connection dropped: {e}"),
+                    Ok(()) => {}
                 }
             });
         }

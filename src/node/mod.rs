@@ -1,7 +1,8 @@
 //! The peer node: wires the layers together and runs the node's own tasks.
 //!
 //! * `listener.rs`: the one listening port (connection limits, link handshakes, probes);
-//! * `neighbors.rs`: the announce loop and the dial loops;
+//! * `neighbors.rs`: the announce loop and which neighbors get dialed;
+//! * `dial.rs`: the dial loops (backoff, unreachable neighbors) and knocks on new edges;
 //! * `registry.rs`: the neighbor table, the live links ([`crate::circuit::LinkDirectory`]) and the
 //!   [`crate::link::LinkHost`] links report to;
 //! * `status.rs`: what the node shows of itself.
@@ -10,6 +11,7 @@
 //! circuit requests, and the task that delivers the router's failure reports), the replay cache's file, and the
 //! shutdown sequence.
 
+mod dial;
 mod listener;
 mod neighbors;
 mod registry;
@@ -39,9 +41,13 @@ use crate::link::budget::Pool;
 use crate::link::{Link, LinkSettings};
 pub use crate::stats::{unix_now, Stats};
 use crate::tracker_client::TrackerClient;
+pub use dial::{dial_backoff, Unreachable};
 use listener::ConnTable;
 use registry::{Host, Links, Neighbors};
-pub use status::{ChainInfo, CircuitsByRole, Gauges, LinkInfo, ShutdownSummary, SyncGauges, TrackerState};
+pub use status::{
+    ChainInfo, CircuitsByRole, Gauges, LinkInfo, ShutdownSummary, SyncGauges, TrackerState, UpstreamHealth,
+    UpstreamInfo,
+};
 
 /// How often the replay cache is written (if it changed). A crash loses at most the tags seen since.
 pub const REPLAY_SAVE_EVERY: Duration = Duration::from_secs(15);
@@ -74,9 +80,11 @@ pub struct Node {
     tracker: Arc<TrackerClient>,
     announced: Notify,
     dialing: Mutex<HashSet<NeighborId>>,
+    dial_troubles: dial::DialTroubles,
     conns: Mutex<ConnTable>,
     tracker_state: Mutex<TrackerState>,
     chain: Mutex<Option<ChainInfo>>,
+    upstream: Mutex<Option<UpstreamInfo>>,
     /// Progress of a running sync.
     pub sync: SyncGauges,
     /// When the node was built.
@@ -170,9 +178,11 @@ impl Node {
             tracker,
             announced: Notify::new(),
             dialing: Mutex::new(HashSet::new()),
+            dial_troubles: dial::DialTroubles::default(),
             conns: Mutex::new(ConnTable::default()),
             tracker_state: Mutex::new(TrackerState::default()),
             chain: Mutex::new(None),
+            upstream: Mutex::new(None),
             sync: SyncGauges::default(),
             started: Instant::now(),
             started_unix: unix_now(),
@@ -247,6 +257,16 @@ impl Node {
         *self.chain.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
     }
 
+    /// Tells `status` that this node serves a chain from an upstream node (`--upstream`).
+    pub fn set_upstream(&self, info: UpstreamInfo) {
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+
+    /// The upstream node serving our chain, if any.
+    pub fn upstream_info(&self) -> Option<UpstreamInfo> {
+        self.upstream.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The chain served or fetched here.
     pub fn chain_info(&self) -> Option<ChainInfo> {
         self.chain.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -273,6 +293,11 @@ impl Node {
             .collect();
         out.sort_by(|a, b| a.peer.cmp(&b.peer));
         out
+    }
+
+    /// Neighbors we dial and cannot reach (past a few failed dials), for `status`.
+    pub fn unreachable_neighbors(&self) -> Vec<Unreachable> {
+        self.dial_troubles.all()
     }
 
     /// Circuits alive here, by role (a relayed circuit is counted once, on its in-link).
@@ -349,7 +374,7 @@ impl Node {
         self.identity.fingerprint()
     }
 
-    /// Asks the announce loop to refresh now (rate-limited to once per 5 s).
+    /// Asks the announce loop to refresh soon (early announces are at least 2 s apart).
     pub fn request_reannounce(&self) {
         self.neighbors.request_reannounce();
     }

@@ -1,13 +1,14 @@
-//! The node's place in the overlay: the announce loop (our neighbor table comes from its replies) and the dial
-//! loops that keep a link to every neighbor we are responsible for (SPEC §5.2).
+//! The node's place in the overlay: the announce loop (our neighbor table comes from its replies), and which
+//! neighbors get dialed (the dial loops themselves are in `dial.rs`, SPEC §5.2).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anomos_proto::identity::{Fingerprint, PublicKey};
-use anomos_proto::tracker::{Announce, FailureKind, FailureReport, FromTracker, ToTracker};
+use anomos_proto::identity::PublicKey;
+use anomos_proto::ids::NeighborId;
+use anomos_proto::tracker::{Announce, FromTracker, ToTracker};
 use tracing::{debug, info, warn};
 
 use super::registry::NeighborEntry;
@@ -15,8 +16,10 @@ use super::status::TrackerState;
 use super::Node;
 use crate::circuit::LinkDirectory;
 use crate::error::PeerError;
-use crate::link;
 use crate::stats::unix_now;
+
+/// Early announces (asked for by a refused stranger or an OPEN naming an unknown edge) at most this often.
+pub const REANNOUNCE_MIN: Duration = Duration::from_secs(2);
 
 impl Node {
     pub(super) async fn announce_loop(self: Arc<Self>) {
@@ -25,6 +28,7 @@ impl Node {
             if self.is_shutting_down() {
                 return;
             }
+            let last_announce = tokio::time::Instant::now();
             let wait = match self.announce_once().await {
                 Ok(interval) => {
                     self.stats.announces_ok.fetch_add(1, Ordering::Relaxed);
@@ -46,7 +50,10 @@ impl Node {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.neighbors.reannounce.notified() => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // Early announces are spaced by REANNOUNCE_MIN; requests meanwhile are coalesced into the
+                    // next one, not lost (a second new neighbor within the window must not wait for the interval).
+                    let since = last_announce.elapsed();
+                    tokio::time::sleep(Duration::from_millis(200).max(REANNOUNCE_MIN.saturating_sub(since))).await;
                 }
             }
         }
@@ -75,10 +82,11 @@ impl Node {
             }
         }
         let count = table.len();
+        let before: HashSet<NeighborId> = self.neighbors.all().iter().map(|(_, n)| n.nid).collect();
         self.neighbors.replace(table);
         debug!(neighbors = count, "announced");
         self.retire_stale_links();
-        self.reconcile_links();
+        self.reconcile_links(&before);
         Ok(Duration::from_secs(a.interval_secs.clamp(1, 3600) as u64))
     }
 
@@ -94,12 +102,14 @@ impl Node {
         }
     }
 
-    /// Dials the neighbors we are responsible for: exactly one link per pair, dialed by the side with the
-    /// smaller fingerprint.
-    fn reconcile_links(self: &Arc<Self>) {
+    /// Dials the neighbors we are responsible for: one link per pair, dialed by the side with the smaller
+    /// fingerprint. For the others we knock once they did not dial us for a while (`dial::knock`): the
+    /// tracker may have paired us after their last announce, so they do not know the edge yet (SPEC §5.2).
+    fn reconcile_links(self: &Arc<Self>, known_before: &HashSet<NeighborId>) {
         let me = self.fingerprint();
         for (fp, n) in self.neighbors.all() {
-            if fp <= me || self.links.link(n.nid).is_some() {
+            let knock = fp < me;
+            if self.links.link(n.nid).is_some() || (knock && known_before.contains(&n.nid)) {
                 continue;
             }
             if !self.dialing.lock().unwrap_or_else(|e| e.into_inner()).insert(n.nid) {
@@ -108,65 +118,13 @@ impl Node {
             let node = self.clone();
             tokio::spawn(async move {
                 let nid = n.nid;
-                node.dial_loop(fp, n).await;
+                if knock {
+                    node.knock(fp, n).await;
+                } else {
+                    node.dial_loop(fp, n).await;
+                }
                 node.dialing.lock().unwrap_or_else(|e| e.into_inner()).remove(&nid);
             });
-        }
-    }
-
-    async fn dial_loop(self: &Arc<Self>, fp: Fingerprint, n: NeighborEntry) {
-        let mut backoff = Duration::from_millis(250);
-        let mut failures = 0u32;
-        let mut addr = n.addr;
-        loop {
-            // Still a neighbor over the same edge? At the address the tracker gave last (a neighbor that
-            // restarted on another port keeps its edge but moves).
-            match self.neighbors.get(&fp).map(|e| (e.nid, e.addr)) {
-                Some((nid, now)) if nid == n.nid => {
-                    if now != addr {
-                        debug!(peer = %fp.short(), "neighbor moved; dialing its new address");
-                        addr = now;
-                        backoff = Duration::from_millis(250);
-                    }
-                }
-                _ => return,
-            }
-            if self.is_shutting_down() {
-                return;
-            }
-            let host: Arc<dyn link::LinkHost> = self.host.clone();
-            match link::dial(host, &self.link_settings, n.nid, addr, n.key.clone()).await {
-                // The link ran and ended; dial again (the neighbor may have restarted).
-                Ok(()) => {
-                    backoff = Duration::from_millis(250);
-                }
-                Err(e) => {
-                    failures += 1;
-                    if link::is_refused(&e) {
-                        debug!(peer = %fp.short(), "neighbor does not know us yet; retrying");
-                    } else {
-                        info!(peer = %fp.short(), "dial failed: {e}");
-                        if failures == 3 {
-                            self.reporter.report(FailureReport {
-                                kind: FailureKind::NeighborUnreachable,
-                                neighbor: Some(n.nid),
-                                circuit: None,
-                                hop_tag: None,
-                            });
-                        }
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-            // Wait out the backoff, but dial at once if an announce tells us the neighbor moved.
-            let deadline = tokio::time::Instant::now() + backoff;
-            loop {
-                let changed = self.neighbors.changed.notified();
-                let moved = self.neighbors.get(&fp).is_none_or(|e| e.addr != addr);
-                if moved || tokio::time::timeout_at(deadline, changed).await.is_err() {
-                    break;
-                }
-            }
         }
     }
 }

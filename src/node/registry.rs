@@ -38,10 +38,19 @@ pub struct Neighbors {
     table: Mutex<HashMap<Fingerprint, NeighborEntry>>,
     /// Notified whenever an announce replaced the table.
     pub changed: Notify,
-    /// Asks the announce loop for an early announce.
+    /// Asks the announce loop for an early announce (it coalesces requests and spaces early announces by
+    /// [`super::neighbors::REANNOUNCE_MIN`]: anyone can ask by claiming an unknown fingerprint, and every announce
+    /// costs the tracker work).
     pub reannounce: Notify,
-    last_reannounce: Mutex<Option<Instant>>,
+    /// Fingerprints refused as strangers lately, and when (bounded): a neighbor that dialed us before we knew
+    /// of its edge.
+    knocked: Mutex<HashMap<Fingerprint, Instant>>,
 }
+
+/// Strangers remembered at most (a flood of made-up fingerprints must not grow memory).
+const KNOCKED_MAX: usize = 64;
+/// How long a refused stranger counts as "knocking".
+pub const KNOCK_FRESH: Duration = Duration::from_secs(5);
 
 impl Neighbors {
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<Fingerprint, NeighborEntry>> {
@@ -74,14 +83,23 @@ impl Neighbors {
         self.table().len()
     }
 
-    /// Asks for an early announce, at most once per 5 s: anyone can trigger this by claiming an unknown
-    /// fingerprint, and every announce costs the tracker RSA work.
+    /// Asks for an early announce (coalesced and rate-limited by the announce loop; never lost).
     pub fn request_reannounce(&self) {
-        let mut last = self.last_reannounce.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
-            *last = Some(Instant::now());
-            self.reannounce.notify_one();
+        self.reannounce.notify_one();
+    }
+
+    /// Remembers that a dialer claiming `fp` was refused just now.
+    pub fn knocked(&self, fp: &Fingerprint) {
+        let mut k = self.knocked.lock().unwrap_or_else(|e| e.into_inner());
+        k.retain(|_, t| t.elapsed() < KNOCK_FRESH);
+        if k.len() < KNOCKED_MAX || k.contains_key(fp) {
+            k.insert(*fp, Instant::now());
         }
+    }
+
+    /// Whether a dialer claiming `fp` was refused within [`KNOCK_FRESH`].
+    pub fn recently_knocked(&self, fp: &Fingerprint) -> bool {
+        self.knocked.lock().unwrap_or_else(|e| e.into_inner()).get(fp).is_some_and(|t| t.elapsed() < KNOCK_FRESH)
     }
 }
 
@@ -162,6 +180,21 @@ impl LinkDirectory for Links {
 }
 
 impl Links {
+    /// Waits until no link over `nid` is up, or the neighbor table no longer lists `nid`.
+    pub async fn wait_gone(&self, nid: NeighborId) {
+        loop {
+            let link_changed = self.changed.notified();
+            let table_changed = self.neighbors.changed.notified();
+            if self.link(nid).is_none() || !self.neighbors.has_edge(nid) {
+                return;
+            }
+            tokio::select! {
+                _ = link_changed => {}
+                _ = table_changed => {}
+            }
+        }
+    }
+
     /// Waits up to `max` for the link over `nid`; with `unlisted`, also gives up when a replaced neighbor table
     /// does not list `nid`.
     async fn wait(&self, nid: NeighborId, max: Duration, unlisted: bool) -> Option<Arc<Link>> {
@@ -184,6 +217,9 @@ impl Links {
         }
     }
 }
+
+/// How long after a link went down the node reports the neighbor unreachable if no new link came up.
+pub const LINK_LOST_REPORT: Duration = Duration::from_secs(1);
 
 /// What every link of the node reports to.
 pub struct Host {
@@ -211,9 +247,19 @@ impl LinkHost for Host {
         self.links.len() >= self.max_links && self.links.link(nid).is_none()
     }
 
-    fn stranger(&self, _fp: &Fingerprint) {
-        // Possibly a neighbor the tracker assigned after our last announce: refresh soon.
+    fn stranger(&self, fp: &Fingerprint) {
+        // Possibly a neighbor the tracker assigned after our last announce: refresh soon. (A known neighbor's
+        // fingerprint with a bad signature is not remembered: anyone can claim it, and its dial loop must not wait.)
+        if self.neighbors.get(fp).is_none() {
+            self.neighbors.knocked(fp);
+        }
         self.neighbors.request_reannounce();
+    }
+
+    fn table_refreshed(&self, max: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let _ = tokio::time::timeout(max, self.neighbors.changed.notified()).await;
+        })
     }
 
     fn up(&self, link: &Arc<Link>) -> Option<Arc<dyn CellSink>> {
@@ -231,12 +277,13 @@ impl LinkHost for Host {
         self.stats.links_closed.fetch_add(1, Ordering::Relaxed);
         self.router.detach(link);
         // If the neighbor does not come back soon, tell the tracker (whichever side dialed), so new paths
-        // avoid it until it announces again.
+        // avoid it until it announces again. The dialing side redials at once and reports as soon as that fails
+        // (`dial_loop`); this is the accepting side's (and a backstop for the dialer's) report.
         let (links, neighbors, router, reporter) =
             (self.links.clone(), self.neighbors.clone(), self.router.clone(), self.reporter.clone());
         let nid = link.nid;
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(LINK_LOST_REPORT).await;
             if router.is_shutting_down() {
                 return;
             }

@@ -2,6 +2,7 @@
 //! tracker session's state, and what shutdown tore down.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use crate::circuit::CircuitsByRole;
@@ -15,6 +16,33 @@ pub struct ChainInfo {
     pub role: &'static str,
     /// The store.
     pub store: crate::chain::SharedStore,
+}
+
+/// A chain served from another node's P2P port (`--upstream`), for `status`.
+#[derive(Clone)]
+pub struct UpstreamInfo {
+    /// The chain's name.
+    pub name: String,
+    /// The upstream node's address (`HOST:PORT`).
+    pub addr: String,
+    /// What the last connection attempt to it found.
+    pub health: Arc<UpstreamHealth>,
+}
+
+/// The outcome of the last connection attempt to an upstream node.
+#[derive(Default)]
+pub struct UpstreamHealth(Mutex<Option<(u64, Option<String>)>>);
+
+impl UpstreamHealth {
+    /// Records an attempt (now): `Ok` if it connected, else why not.
+    pub fn record(&self, r: Result<(), String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((crate::stats::unix_now(), r.err()));
+    }
+
+    /// The last attempt: (unix time, error if it failed); `None` before the first.
+    pub fn last(&self) -> Option<(u64, Option<String>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// Progress of a running sync (set by `fetch`), for `status` and metrics.

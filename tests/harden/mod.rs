@@ -309,12 +309,22 @@ impl Net {
 
     /// [`new`](Self::new) with extra environment for every process (the tracker included).
     pub fn new_with_env(extra: &[&str], env: &[(&str, &str)]) -> Net {
+        Self::new_full(2, extra, env)
+    }
+
+    /// A tracker handing out an announce interval of `interval` seconds (the default is 30: a peer learns of an
+    /// edge the tracker made after its last announce only that late, unless the overlay brings it in earlier).
+    pub fn new_interval(interval: u32, extra: &[&str]) -> Net {
+        Self::new_full(interval, extra, &[])
+    }
+
+    fn new_full(interval: u32, extra: &[&str], env: &[(&str, &str)]) -> Net {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let dir = tempfile::tempdir().unwrap();
         let tdir = dir.path().join("tracker");
         let mut args: Vec<String> =
             ["tracker", "--listen", "127.0.0.1:0", "--data-dir", tdir.to_str().unwrap()].map(String::from).to_vec();
-        args.extend(["--allow-same-ip", "--interval", "2"].map(String::from));
+        args.extend(["--allow-same-ip".to_string(), "--interval".to_string(), interval.to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let tracker = P::start("tracker", args, dir.path(), Vec::new(), env.clone());
         Net { dir, tracker, peers: Vec::new(), peer_flags: Vec::new(), env, tracker_via: None }

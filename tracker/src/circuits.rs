@@ -62,6 +62,9 @@ impl CircuitRecord {
             FailureKind::CircuitBroken(code) => match BreakReason::from_code(code) {
                 // The tagged hop saw its link to the next hop fail: blame the peer across that link. (A BREAK
                 // reaches the requester only from downstream, so this is the tagged hop's out-link.)
+                // Without a tag the BREAK came from no hop: the requester's own link to the first hop failed (it
+                // reports that untagged), so the first hop is the suspect.
+                BreakReason::LinkFailed if hop_tag.is_none() => hop(0),
                 BreakReason::LinkFailed => hop(tagged()? + 1).map_err(|_| "the target reported its own link failed"),
                 // Protocol and resource failures can come from either side of the tagged hop, and shutdown and
                 // timeout from no fault: the BREAK does not say which neighbor caused them.
@@ -353,9 +356,18 @@ mod tests {
         assert_eq!(r.blame(broken(BreakReason::LinkFailed), Some([1; 16])), Ok(fp(2)));
         assert_eq!(r.blame(broken(BreakReason::LinkFailed), Some([2; 16])), Ok(fp(3)));
         assert!(r.blame(broken(BreakReason::LinkFailed), Some([3; 16])).is_err());
-        for b in [BreakReason::Protocol, BreakReason::Resources, BreakReason::Shutdown, BreakReason::Timeout] {
+        for b in [
+            BreakReason::Protocol,
+            BreakReason::Resources,
+            BreakReason::Shutdown,
+            BreakReason::Timeout,
+            BreakReason::UpstreamUnavailable,
+        ] {
             assert!(r.blame(broken(b), Some([1; 16])).is_err(), "{b}");
+            assert!(r.blame(broken(b), None).is_err(), "{b}");
         }
+        // The requester's own link to the first hop failed (its report has no tag): the first hop is the suspect.
+        assert_eq!(r.blame(broken(BreakReason::LinkFailed), None), Ok(fp(1)));
         assert!(r.blame(denied(DenyReason::CircuitLimit), None).is_err());
         // A timeout names the hop that gave up first, not the one that stalled: nobody is blamed.
         assert!(r.blame(denied(DenyReason::Timeout), Some([1; 16])).is_err());

@@ -88,6 +88,19 @@ async fn a_refused_circuit_reports_the_deny_and_a_lost_link_breaks_and_reports()
 }
 
 #[tokio::test]
+async fn no_link_to_the_first_hop_is_reported_naming_the_circuit() {
+    // The first hop's link never comes up within the requester's wait (it was killed): the open fails and the
+    // tracker hears of it, with the circuit's handle (it knows the path, so it can blame the first hop).
+    let q = Peer::new(1, Knobs::default());
+    let r = Peer::new(0, Knobs { serve: true, ..Knobs::default() });
+    let err = q.router.open_circuit(&grant(&r, soon())).await.err().expect("no link");
+    assert!(matches!(err, crate::PeerError::NoLink(_)), "{err}");
+    let rep = q.reports.lock().unwrap().try_recv().expect("a report");
+    assert_eq!(rep.kind, FailureKind::CircuitBroken(BreakReason::LinkFailed.code()));
+    assert_eq!((rep.circuit, rep.hop_tag, rep.neighbor), (Some(77), None, None));
+}
+
+#[tokio::test]
 async fn a_target_breaks_a_circuit_on_cells_only_a_relay_or_requester_may_get() {
     let r = Peer::new(0, Knobs { serve: true, ..Knobs::default() });
     let a = r.link(5, 1, true, 8);

@@ -340,3 +340,18 @@ async fn a_relay_on_a_long_hop_grows_the_window_it_grants_up_to_its_maximum_and_
     let (_, most) = stream_through(None, 400).await;
     assert_eq!(most, 8);
 }
+
+#[tokio::test]
+async fn shutdown_counts_every_relayed_circuit_once_whichever_link_it_visits_first() {
+    // The route tables are visited in hash order: a circuit torn down from its out-link's route first must still
+    // be counted (it was counted only from its in-link's route, after it was closed: about half the time, 0).
+    for _ in 0..16 {
+        let t = relay(Knobs::default());
+        let (id, out) = t.open().await;
+        t.b.send(Cell::new(out, Command::Confirm));
+        t.a.wait_on(id, Command::Confirm).await;
+        assert_eq!(t.r.router.shutdown(), 1);
+        t.a.wait_on(id, Command::Break).await;
+        t.b.wait_on(out, Command::Break).await;
+    }
+}
