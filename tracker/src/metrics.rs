@@ -169,6 +169,8 @@ crate::label_enum!(
         Handshake => "handshake",
         /// No path could be built (`ErrorCode::NoPath`).
         NoPath => "no-path",
+        /// An announce that needed a reachability probe found every probe slot busy (`ErrorCode::Full`).
+        ProbeBusy => "probe-busy",
         /// A reporter over its failure-report rate.
         ReportRate => "report-rate",
         /// All sessions in use.

@@ -2,8 +2,9 @@
 //!
 //! A session either answers a key fetch (`"ANOMOSK1"`) and closes, or reads the 12-byte ClientHello header and
 //! its RSA ciphertext, opens the channel, sends `Challenge`, requires a valid `Hello` (all within
-//! [`HELLO_TIMEOUT`]) and replies `Welcome`; then it answers requests one by one, closing after [`IDLE_TIMEOUT`]
-//! without a request. Anything malformed drops that connection only, with one warning naming the peer address
+//! [`HELLO_TIMEOUT`]) and replies `Welcome`; then it answers requests one by one, closing after its idle timeout
+//! (2 × the announce interval + 30 s by default, so a peer reuses one session for all its announces) without a
+//! request. Anything malformed drops that connection only, with one warning naming the peer address
 //! and the reason. Per source address, concurrent connections and the rate of ClientHellos (each an RSA
 //! decryption) are limited.
 
@@ -36,13 +37,13 @@ use crate::service::{error_reply, Service};
 
 /// Default time allowed from connecting to a verified `Hello` (`--hello-timeout`).
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default time a session may sit without a request (`--idle-timeout`).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed to write one reply.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest frame a peer may send. Its messages are small (a Hello is about 1 KiB), so this is far below the
 /// protocol's `MAX_FRAME`, which bounds replies carrying tracking codes.
 const MAX_REQUEST_FRAME: usize = 16 * 1024;
+/// How often the graph's changes are written to the state database.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// How often silent peers are expired and old circuits forgotten.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// Most source addresses whose ClientHello rate is tracked individually; beyond it new addresses share one
@@ -215,17 +216,24 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TrackerError> {
     args.validate()?;
+    let max_sessions = crate::fds::sessions_for(&args)?;
     let identity = Arc::new(load_key(&args).await?);
     let listener =
         TcpListener::bind(args.listen).await.map_err(|e| TrackerError::io(format!("binding {}", args.listen), e))?;
     let listen = listener.local_addr().map_err(|e| TrackerError::io("reading the bound address", e))?;
-    let max_sessions = args.max_sessions;
-    let timeouts =
-        Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: Duration::from_secs(args.idle_timeout) };
+    let timeouts = Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: args.idle() };
     let limits = Limits::new(&args);
     let metrics_addr = args.metrics;
     let (neighbors, interval) = (args.neighbors, args.interval);
-    let service = Arc::new(Service::new(args));
+    let db = args.db_path();
+    let (service, restored) = tokio::task::spawn_blocking(move || Service::open(args))
+        .await
+        .map_err(|e| TrackerError::io("loading the state database", std::io::Error::other(e)))??;
+    info!(
+        path = %db.display(), peers = restored.peers, edges = restored.edges, dropped = restored.dropped,
+        "state database opened"
+    );
+    let service = Arc::new(service);
     let sessions = Arc::new(Semaphore::new(max_sessions));
     let mut tasks = JoinSet::new();
     let _metrics = match metrics_addr {
@@ -261,6 +269,19 @@ pub async fn run_until(
         println!("anomos-tracker metrics listen={bound}");
         let _ = std::io::stdout().flush();
     }
+    let ps = Arc::clone(&service);
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(PERSIST_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match ps.persist().await {
+                Ok(rows) if rows > 0 => debug!(rows, "state written"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "writing the state database failed (kept in memory, retried)"),
+            }
+        }
+    });
     let hk = Arc::clone(&service);
     let hk_limits = Arc::clone(&limits);
     tasks.spawn(async move {
@@ -313,9 +334,10 @@ pub async fn run_until(
                 let open = max_sessions - sessions.available_permits();
                 let (peers, edges, remembered) = service.sizes();
                 tasks.shutdown().await;
+                let saved = service.persist().await;
                 info!(sessions_closed = open, peers, edges, circuits_remembered = remembered,
-                    "shutdown: tracker stopped (state is in memory only; peers re-announce to a new tracker)");
-                return Ok(());
+                    "shutdown: tracker stopped (peers and edges are in the state database)");
+                return saved.map(drop);
             }
         }
     }
