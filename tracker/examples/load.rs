@@ -87,6 +87,9 @@ struct Args {
     /// the first circuit granted again, and the share of neighbor-table entries kept once every peer re-announced.
     #[arg(long)]
     restart: bool,
+    /// Keep the working directory (the tracker's log and state database) and print where it is.
+    #[arg(long)]
+    keep: bool,
     /// Keep the announce phases the join gave (the real peer adds no jitter: peers that joined within seconds
     /// announce within seconds of each other, every interval). By default each peer's second announce comes after
     /// a random fraction of the interval, so the steady phase sees the spread of peers that joined over hours.
@@ -497,5 +500,8 @@ async fn run(args: Args) -> Result<(), String> {
         ms(gp99)
     );
     drop(tracker_proc);
+    if args.keep {
+        eprintln!("load: kept {}", dir.keep().display());
+    }
     Ok(())
 }
