@@ -487,6 +487,12 @@ impl Collector for TrackerGauges {
             "Longest single hold of the state lock since start.",
             lock.max_us,
         )?;
+        metrics::gauge(
+            &mut enc,
+            "anomos_tracker_state_lock_max_hold_cpu_microseconds",
+            "Most CPU time the holding thread spent in one hold of the state lock since start.",
+            lock.max_cpu_us,
+        )?;
         metrics::counter(
             &mut enc,
             "anomos_tracker_state_lock_hold_microseconds",

@@ -28,7 +28,7 @@ pub struct Restarted {
     pub joined: usize,
     /// SIGTERM to the last of those re-announces.
     pub reannounce_s: f64,
-    /// Neighbor-table entries before, and of them the ones each peer still has.
+    /// Neighbor-table entries before, of the peers that re-announced, and of them the ones each still has.
     pub entries: usize,
     pub kept: usize,
     /// Failures between the SIGTERM and the end of the measurement, by kind (expected while the tracker is down).
@@ -104,8 +104,9 @@ pub async fn measure(
             (seen, last) = (now, Instant::now());
         }
     }
+    // Only peers that announced to the new process count: the others still hold the table from before.
     let (mut entries, mut kept) = (0, 0);
-    for p in &live {
+    for p in live.iter().filter(|p| p.announces.load(Ordering::Relaxed) > before[&p.listen].1) {
         let (table, _) = &before[&p.listen];
         let after: BTreeSet<(u64, SocketAddr)> =
             p.table.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
