@@ -17,8 +17,8 @@
 use rand::{CryptoRng, RngCore};
 use rsa::pkcs1::EncodeRsaPublicKey;
 use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
-use rsa::pss::{BlindedSigningKey, Signature, VerifyingKey};
-use rsa::signature::{RandomizedSigner, SignatureEncoding, Verifier};
+use rsa::pss::BlindedSigningKey;
+use rsa::signature::{RandomizedSigner, SignatureEncoding};
 use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, Oaep, RsaPrivateKey, RsaPublicKey};
 use serde::{Deserialize, Serialize};
@@ -178,8 +178,9 @@ impl PublicKey {
     /// [`verify`](Self::verify) with the `rsa` crate's verifier (for cross-checking the two in tests).
     #[cfg(test)]
     fn verify_rsa_crate(&self, msg: &[u8], sig: &[u8]) -> bool {
-        Signature::try_from(sig)
-            .is_ok_and(|sig| VerifyingKey::<Sha256>::new(self.key.clone()).verify(msg, &sig).is_ok())
+        use rsa::signature::Verifier;
+        rsa::pss::Signature::try_from(sig)
+            .is_ok_and(|sig| rsa::pss::VerifyingKey::<Sha256>::new(self.key.clone()).verify(msg, &sig).is_ok())
     }
 
     /// PEM (SPKI) text.

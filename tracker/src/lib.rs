@@ -14,7 +14,8 @@
 //! * [`diversity`]: network prefixes, admission limits per address and network.
 //! * `circuits`: tracking-code issuing and the memory of issued circuits.
 //! * `probe`: the reachability check.
-//! * `store`: the state database (redb); `fds`: the open-file limit; `timed_lock`: the measured state lock.
+//! * `store`: the state database (redb); `fds`: the open-file limit; `timed_lock`: the measured state lock;
+//!   `limits`: per-address connection and channel set-up limits.
 //! * [`metrics`]: Prometheus text exposition and the small HTTP responder behind `--metrics` (shared with
 //!   the peer).
 
@@ -27,6 +28,7 @@ pub mod diversity;
 mod error;
 mod fds;
 pub mod graph;
+mod limits;
 pub mod metrics;
 mod probe;
 mod server;
