@@ -15,6 +15,9 @@ use rand::seq::SliceRandom;
 
 use crate::peer::{Ctx, Peer};
 
+/// Each joined peer's neighbor table (NeighborID, address) and its announces so far, by its address.
+pub type Snapshot = HashMap<SocketAddr, (BTreeSet<(u64, SocketAddr)>, u64)>;
+
 /// What the restart showed.
 pub struct Restarted {
     /// SIGTERM to exit.
@@ -59,7 +62,7 @@ pub async fn stop(pid: u32, mut exited: impl FnMut() -> bool) -> Result<f64, Str
 }
 
 /// The tables of every joined peer now, and how many announces each has made.
-pub fn snapshot(peers: &[Arc<Peer>]) -> HashMap<SocketAddr, (BTreeSet<(u64, SocketAddr)>, u64)> {
+pub fn snapshot(peers: &[Arc<Peer>]) -> Snapshot {
     peers
         .iter()
         .filter(|p| p.joined.load(Ordering::Relaxed))
@@ -76,7 +79,7 @@ pub fn snapshot(peers: &[Arc<Peer>]) -> HashMap<SocketAddr, (BTreeSet<(u64, Sock
 pub async fn measure(
     ctx: &Arc<Ctx>,
     peers: &[Arc<Peer>],
-    before: &HashMap<SocketAddr, (BTreeSet<(u64, SocketAddr)>, u64)>,
+    before: &Snapshot,
     sigterm: Instant,
     stop_s: f64,
     start_s: f64,
