@@ -172,14 +172,18 @@ impl Router {
     pub fn shutdown(&self) -> usize {
         self.shutting_down.store(true, Ordering::Relaxed);
         let tables: Vec<Arc<LinkCircuits>> = self.attached().values().cloned().collect();
-        let mut circuits = 0;
+        // A relayed circuit sits in two tables (its Bwd and Fwd links); it is counted by its Fwd entry, before any
+        // teardown: tearing down its Bwd entry first (table order is arbitrary) closes it, and counting after that
+        // missed it about half the time.
+        let mut circuits = tables
+            .iter()
+            .flat_map(|lc| lc.snapshot())
+            .filter(|(_, route)| matches!(route, Route::Relay(rc, Dir::Fwd) if !rc.is_closed()))
+            .count();
         for lc in tables {
             for (id, route) in lc.snapshot() {
                 match route {
-                    Route::Relay(rc, dir) => {
-                        if dir == Dir::Fwd && !rc.is_closed() {
-                            circuits += 1;
-                        }
+                    Route::Relay(rc, _) => {
                         rc.teardown(BreakReason::Shutdown, Some(rc.tag), None);
                     }
                     Route::Endpoint(ep) => {
