@@ -14,9 +14,10 @@ use crate::error::PeerError;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 /// A kept session older than this (since its last request) is replaced instead of reused: the tracker closes
-/// sessions idle for its `--idle-timeout` (60 s by default), and writing into one it already closed costs a
-/// round trip to find out.
-const REUSE_IDLE: Duration = Duration::from_secs(30);
+/// sessions idle for its `--idle-timeout` (by default 2 × its announce interval + 30 s, 90 s at the default 30 s
+/// interval, SPEC §3.4), and writing into one it already closed costs a round trip to find out. 75 s covers the
+/// default interval with room for a late announce, so one session carries all of a peer's announces.
+const REUSE_IDLE: Duration = Duration::from_secs(75);
 
 /// An open session with the tracker, after Hello/Welcome.
 pub struct TrackerSession {

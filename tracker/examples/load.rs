@@ -4,14 +4,14 @@
 //!
 //! ```text
 //! cargo build --release -p anomos-tracker
-//! cargo run --release -p anomos-tracker --example load -- --peers 10000 --join-rate 200 --duration 60 \
-//!     --tracker-arg=--max-sessions=100000 --tracker-arg=--max-peers=100000
+//! cargo run --release -p anomos-tracker --example load -- --peers 10000 --restart
 //! ```
 //!
 //! Phases, each bounded: keys (a prime pool, see `load/keys.rs`; cached in the temp dir), join (peers start at
 //! `--join-rate` per second; ends when all have announced once or after `--join-timeout`), steady (`--duration`
 //! seconds of announces only: announce latency, tracker CPU per announce, RSS), circuits (`--circuit-secs` of
-//! `--circuit-rate` requests per second from random joined peers, on top of the announces). The generator and
+//! `--circuit-rate` requests per second from random joined peers, on top of the announces), and with `--restart`
+//! a restart of the tracker (`load/restart.rs`: time to the first grant, neighbor entries kept). The generator and
 //! the tracker share the machine: the generator's own CPU time is printed too (it signs every probe answer and
 //! every session Hello with RSA, about as much work as the tracker does per announce).
 //!
@@ -27,6 +27,8 @@
 mod keys;
 #[path = "load/peer.rs"]
 mod peer;
+#[path = "load/restart.rs"]
+mod restart;
 #[path = "load/stats.rs"]
 mod stats;
 
@@ -76,11 +78,21 @@ struct Args {
     /// Announce interval the tracker hands out (`--interval` of the tracker; 30 s is its default).
     #[arg(long, default_value_t = 30)]
     interval: u32,
-    /// Reuse a peer's tracker session while it has been idle for less than this (the real peer's 30 s). 0 closes
+    /// Reuse a peer's tracker session while it has been idle for less than this (the real peer's 75 s). 0 closes
     /// every session after its request: peers then hold no descriptor between announces (on either side), which
     /// lets one generator go past its open-file limit in peers, at the cost of a session set-up per request.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 75)]
     reuse_idle_secs: u64,
+    /// Finally restart the tracker (SIGTERM, start on the same address and data directory) and measure: time to
+    /// the first circuit granted again, and the share of neighbor-table entries kept once every peer re-announced.
+    #[arg(long)]
+    restart: bool,
+    /// Longest wait for the peers' re-announces after the restart [default: 2 × interval + 60 s].
+    #[arg(long)]
+    restart_wait_secs: Option<u64>,
+    /// Keep the working directory (the tracker's log and state database) and print where it is.
+    #[arg(long)]
+    keep: bool,
     /// Keep the announce phases the join gave (the real peer adds no jitter: peers that joined within seconds
     /// announce within seconds of each other, every interval). By default each peer's second announce comes after
     /// a random fraction of the interval, so the steady phase sees the spread of peers that joined over hours.
@@ -130,13 +142,17 @@ impl Drop for TrackerProc {
 /// process, its address and its fingerprint.
 type Started = (TrackerProc, SocketAddr, Fingerprint, Option<SocketAddr>);
 
-fn start_tracker(args: &Args, dir: &std::path::Path) -> Result<Started, String> {
+fn start_tracker(args: &Args, dir: &std::path::Path, listen: &str) -> Result<Started, String> {
     let bin = tracker_bin(args)?;
-    let log = std::fs::File::create(dir.join("tracker.log")).map_err(|e| e.to_string())?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("tracker.log"))
+        .map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&bin);
     cmd.args([
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--metrics",
         "127.0.0.1:0",
         "--log-level",
@@ -191,7 +207,13 @@ async fn tracker_counters(addr: SocketAddr) -> Vec<String> {
         Ok::<_, std::io::Error>(body)
     };
     let body = tokio::time::timeout(Duration::from_secs(10), get).await.ok().and_then(Result::ok).unwrap_or_default();
-    let keep = ["anomos_tracker_refused_total{", "anomos_tracker_peers ", "anomos_tracker_sessions_total "];
+    let keep = [
+        "anomos_tracker_refused_total{",
+        "anomos_tracker_peers ",
+        "anomos_tracker_edges ",
+        "anomos_tracker_sessions_total ",
+        "anomos_tracker_state_lock_",
+    ];
     let zero = |l: &str| l.starts_with("anomos_tracker_refused_total{") && l.ends_with(" 0");
     body.lines().filter(|l| keep.iter().any(|k| l.starts_with(k)) && !zero(l)).map(str::to_string).collect()
 }
@@ -205,6 +227,15 @@ async fn fetch_key(addr: SocketAddr, fp: &Fingerprint) -> Result<anomos_proto::i
     let mut der = vec![0u8; tracker::key_answer_len(prefix).map_err(|e| e.to_string())?];
     s.read_exact(&mut der).await.map_err(|e| e.to_string())?;
     tracker::check_fetched_key(&der, fp).map_err(|e| e.to_string())
+}
+
+/// The value of the metrics line starting with `name ` (NaN if absent).
+fn counter(lines: &[String], name: &str) -> f64 {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 fn ms(v: f64) -> String {
@@ -270,7 +301,7 @@ async fn run(args: Args) -> Result<(), String> {
     })?;
     eprintln!("load: {n} keys ready in {:.1} s", t.elapsed().as_secs_f64());
 
-    let (mut tracker_proc, addr, fp, metrics) = start_tracker(&args, dir.path())?;
+    let (mut tracker_proc, addr, fp, metrics) = start_tracker(&args, dir.path(), "127.0.0.1:0")?;
     let tpid = tracker_proc.0.id();
     let tracker_key = fetch_key(addr, &fp).await?;
     eprintln!("load: tracker pid {tpid} at {addr}; joining {n} peers at {} /s", args.join_rate);
@@ -319,7 +350,10 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let join_end = Instant::now();
     let join_n = joined();
-    let join_s = s.joins.window(0.0, f32::MAX).last().map_or(f64::NAN, |ms| f64::from(*ms) / 1000.0);
+    // The join time is the wall time from the first peer started to the last one's first successful announce
+    // (polled every 200 ms; NaN if not all joined); the slowest single join is printed next to it.
+    let join_s = if join_n == n { join_end.duration_since(join_start).as_secs_f64() } else { f64::NAN };
+    let slowest = s.joins.window(0.0, f32::MAX).last().map_or(f64::NAN, |ms| f64::from(*ms) / 1000.0);
     let join_cpu = cpu() - cpu0;
     eprintln!("load: {join_n}/{n} joined in {join_s:.1} s; steady phase of {} s", args.duration);
 
@@ -356,19 +390,40 @@ async fn run(args: Args) -> Result<(), String> {
     let cpu3 = cpu();
     let grants = s.grants.window(since(ct0), since(ct1));
     let circ_err = s.errors(since(ct0), since(ct1));
-    let _ = stop_tx.send(true);
     let all_err = s.errors(0.0, f32::MAX);
     let tracker_alive = tracker_proc.0.try_wait().ok().flatten().is_none();
     let counters = match metrics {
         Some(m) if tracker_alive => tracker_counters(m).await,
         _ => Vec::new(),
     };
+    let lock_max_us = counter(&counters, "anomos_tracker_state_lock_max_hold_microseconds");
+    let lock_mean_us = counter(&counters, "anomos_tracker_state_lock_hold_microseconds_total")
+        / counter(&counters, "anomos_tracker_state_lock_holds_total");
+    let restarted = if args.restart && tracker_alive {
+        eprintln!("load: restarting the tracker (SIGTERM, then the same address and data directory)");
+        let before = restart::snapshot(&peers);
+        let sigterm = Instant::now();
+        let stop_s = restart::stop(tpid, || tracker_proc.0.try_wait().ok().flatten().is_some()).await?;
+        let t = Instant::now();
+        let (proc2, _, _, _) = start_tracker(&args, dir.path(), &addr.to_string())?;
+        let start_s = t.elapsed().as_secs_f64();
+        tracker_proc = proc2;
+        let wait = Duration::from_secs(args.restart_wait_secs.unwrap_or(u64::from(args.interval) * 2 + 60));
+        let r =
+            restart::measure(&ctx, &peers, &before, sigterm, stop_s, start_s, chain.clone(), args.relays, wait).await;
+        Some(r)
+    } else {
+        None
+    };
+    let _ = stop_tx.send(true);
 
     let dur = st1.duration_since(st0).as_secs_f64();
     println!("anomos-tracker load: {n} simulated peers, announce interval {} s, tracker pid {tpid}", args.interval);
     println!("join ({} new/s offered):", args.join_rate);
     line("peers joined", format!("{join_n}/{n}"), "100,000 peers held", None);
-    line("join time (s)", format!("{join_s:.1}"), "<= 150 s for 100,000", None);
+    line("join time (s, all peers)", format!("{join_s:.1}"), "<= 150 s for 100,000", None);
+    line("slowest join (s, start to first announce)", format!("{slowest:.1}"), "-", None);
+    line("joins/s", format!("{:.0}", join_n as f64 / join_end.duration_since(join_start).as_secs_f64()), "-", None);
     line("errors during join", fmt_errors(&s.errors(0.0, since(join_end))), "0", None);
     line("tracker CPU during join (s)", format!("{join_cpu:.1}"), "-", None);
     println!("steady ({dur:.0} s, announces only):");
@@ -418,7 +473,28 @@ async fn run(args: Args) -> Result<(), String> {
     for c in &counters {
         println!("  {c}");
     }
+    line("state lock: longest hold (ms)", ms(lock_max_us / 1000.0), "-", None);
+    let lock_cpu_us = counter(&counters, "anomos_tracker_state_lock_max_hold_cpu_microseconds");
+    line("state lock: most CPU in one hold (ms)", ms(lock_cpu_us / 1000.0), "-", None);
+    line("state lock: mean hold (ms)", format!("{:.4}", lock_mean_us / 1000.0), "-", None);
     line("tracker still running", tracker_alive.to_string(), "true", Some(tracker_alive));
+    let mut restart_tail = String::new();
+    if let Some(r) = &restarted {
+        println!("restart (SIGTERM, same address and data directory, all peers running):");
+        line("stop (s)", format!("{:.2}", r.stop_s), "-", None);
+        line("start incl. state load (s)", format!("{:.2}", r.start_s), "-", None);
+        line("first grant after SIGTERM (s)", format!("{:.2}", r.grant_s), "<= 5 s", Some(r.grant_s <= 5.0));
+        line("peers re-announced", format!("{}/{}", r.reannounced, r.joined), "-", None);
+        line("last re-announce after SIGTERM (s)", format!("{:.1}", r.reannounce_s), "-", None);
+        line(
+            "neighbor entries kept (%)",
+            format!("{:.2} ({}/{})", r.kept_pct(), r.kept, r.entries),
+            "100 %",
+            Some(r.kept == r.entries),
+        );
+        line("errors (restart)", fmt_errors(&r.errors), "only while down", None);
+        restart_tail = format!(" restart_edges_kept_pct={:.2} restart_grant_s={:.2}", r.kept_pct(), r.grant_s);
+    }
     if !tracker_alive {
         let log = std::fs::read_to_string(dir.path().join("tracker.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(20).collect();
@@ -429,10 +505,13 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let err_total: u64 = all_err.values().sum();
     println!(
-        "peers={n} joined={join_n} join_s={join_s:.1} announce_p99_ms={} cpu_per_announce_ms={cpu_per_ann:.3} grant_p99_ms={} errors={err_total}",
+        "peers={n} joined={join_n} join_s={join_s:.1} announce_p99_ms={} cpu_per_announce_ms={cpu_per_ann:.3} grant_p99_ms={} errors={err_total}{restart_tail}",
         ms(p99),
         ms(gp99)
     );
     drop(tracker_proc);
+    if args.keep {
+        eprintln!("load: kept {}", dir.keep().display());
+    }
     Ok(())
 }

@@ -70,17 +70,19 @@ pub struct TrackerArgs {
     #[arg(long)]
     pub allow_foreign_announce: bool,
 
-    /// Most announced peers kept at once; new peers beyond it are refused with `Full`.
-    #[arg(long, value_name = "N", default_value_t = 10_000, value_parser = parse_positive)]
+    /// Most announced peers kept at once; new peers beyond it are refused with `Full`. The session limit and
+    /// the open-file limit the tracker sets at start follow from it.
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = parse_positive)]
     pub max_peers: usize,
 
     /// Most issued circuits remembered for failure reports (the oldest is forgotten first).
     #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = parse_positive)]
     pub max_pending_circuits: usize,
 
-    /// Most concurrent peer connections; more are closed at once.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_positive)]
-    pub max_sessions: usize,
+    /// Most concurrent peer connections; more are closed at once [default: --max-peers + 1024: every peer keeps
+    /// one session open between its announces, plus room for reconnects and key fetches].
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub max_sessions: Option<usize>,
 
     /// Most concurrent connections from one IP address (an IPv6 /64 counts as one); more are closed at once (a
     /// single-host test overlay needs about 4 per peer).
@@ -100,9 +102,10 @@ pub struct TrackerArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub hello_timeout: u64,
 
-    /// Seconds an authenticated session may sit without a request.
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub idle_timeout: u64,
+    /// Seconds an authenticated session may sit without a request [default: 2 × --interval + 30, so a peer's
+    /// session outlives the wait between two of its announces and is reused by the next one].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout: Option<u64>,
 
     /// Lifetime of issued tracking codes, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -171,19 +174,45 @@ impl TrackerArgs {
         if self.interval == 0 || self.tc_ttl == 0 {
             return bad("--interval and --tc-ttl must be positive".into());
         }
-        if self.max_peers == 0 || self.max_pending_circuits == 0 || self.max_sessions == 0 {
+        if self.max_peers == 0 || self.max_pending_circuits == 0 || self.max_sessions == Some(0) {
             return bad("--max-peers, --max-pending-circuits and --max-sessions must be positive".into());
         }
         if self.max_sessions_per_ip == 0 || self.hello_rate == 0 || self.hello_burst == 0 {
             return bad("--max-sessions-per-ip, --hello-rate and --hello-burst must be positive".into());
         }
-        if self.hello_timeout == 0 || self.idle_timeout == 0 {
+        if self.hello_timeout == 0 || self.idle_timeout == Some(0) {
             return bad("--hello-timeout and --idle-timeout must be positive".into());
         }
         if let Some(addr) = self.metrics {
             crate::metrics::check_addr(addr, self.metrics_allow_remote).map_err(TrackerError::Config)?;
         }
         Ok(())
+    }
+
+    /// Most concurrent peer connections: `--max-sessions`, or `--max-peers` + 1024.
+    pub fn sessions_limit(&self) -> usize {
+        self.max_sessions.unwrap_or_else(|| self.max_peers.saturating_add(1024))
+    }
+
+    /// How long an authenticated session may sit without a request: `--idle-timeout`, or 2 × interval + 30 s.
+    pub fn idle(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout.unwrap_or(2 * u64::from(self.interval) + 30))
+    }
+
+    /// Reachability probes run at once (each holds a descriptor for up to 5 s); announces beyond them wait.
+    pub fn probes_limit(&self) -> usize {
+        (self.sessions_limit() / 64).clamp(16, 512)
+    }
+
+    /// Open files the tracker needs: a descriptor per session and per running probe, and a margin for the
+    /// listeners, the state database, the metrics endpoint and logging.
+    pub fn files_needed(&self) -> u64 {
+        (self.sessions_limit() + self.probes_limit() + 256) as u64
+    }
+
+    /// The state database (`<data-dir>/tracker.redb`).
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("tracker.redb")
     }
 
     /// Where the identity key lives.
@@ -232,9 +261,12 @@ mod tests {
         assert_eq!(a.listen, "127.0.0.1:7700".parse().unwrap());
         assert_eq!(a.data_dir, PathBuf::from("./anomos-tracker-data"));
         assert_eq!((a.key_bits, a.neighbors, a.interval, a.tc_ttl), (2048, 4, 30, 120));
-        assert_eq!((a.max_peers, a.max_pending_circuits, a.max_sessions), (10_000, 100_000, 1024));
+        assert_eq!((a.max_peers, a.max_pending_circuits, a.max_sessions), (100_000, 100_000, None));
+        assert_eq!((a.sessions_limit(), a.probes_limit(), a.files_needed()), (101_024, 512, 101_792));
         assert_eq!((a.max_sessions_per_ip, a.hello_rate, a.hello_burst), (64, 100, 200));
-        assert_eq!((a.hello_timeout, a.idle_timeout), (10, 60));
+        assert_eq!((a.hello_timeout, a.idle_timeout, a.idle()), (10, None, Duration::from_secs(90)));
+        let small = TrackerArgs { max_peers: 10, interval: 5, ..TrackerArgs::default() };
+        assert_eq!((small.sessions_limit(), small.probes_limit(), small.idle()), (1034, 16, Duration::from_secs(40)));
         assert!(!a.allow_same_ip && !a.fixed_degree);
         assert_eq!((a.max_per_ipv4, a.max_per_ipv4_24, a.max_per_ipv6_64, a.max_per_ipv6_48), (2, 16, 2, 16));
         a.validate().unwrap();
@@ -261,7 +293,15 @@ mod tests {
     #[test]
     fn help_shows_defaults() {
         let help = Cli::command().render_long_help().to_string();
-        for d in ["127.0.0.1:7700", "./anomos-tracker-data", "[default: 2048]", "[default: 10000]", "[default: 120]"] {
+        for d in [
+            "127.0.0.1:7700",
+            "./anomos-tracker-data",
+            "[default: 2048]",
+            "[default: 100000]",
+            "[default: 120]",
+            "--max-peers + 1024",
+            "2 × --interval + 30",
+        ] {
             assert!(help.contains(d), "help lacks {d}: {help}");
         }
     }

@@ -17,6 +17,17 @@ pub enum TrackerError {
         #[source]
         source: std::io::Error,
     },
+    /// The open-file limit could not be raised to what the configuration needs.
+    #[error("{0}")]
+    Files(String),
+    /// The state database could not be opened, read or written.
+    #[error("state database {path}: {message}")]
+    Store {
+        /// The database file.
+        path: String,
+        /// What went wrong, and what to do about it.
+        message: String,
+    },
     /// The identity key could not be loaded, created or is unsafe to use.
     #[error("identity key: {0}")]
     Key(#[from] anomos_proto::ProtoError),

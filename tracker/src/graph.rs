@@ -19,7 +19,7 @@
 //! * Avoided peers (blamed by a failure report) are not used in new paths or new edges until they announce
 //!   again.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,9 @@ use rand::RngCore;
 
 use crate::diversity::{AdmissionLimits, Census, Net, OverLimit};
 use fphash::{FpMap, FpSet};
+pub use index::Dirty;
+use index::Sampler;
+pub use restore::Stored;
 
 /// Most reporters remembered per blamed peer (between two of its announces).
 pub const MAX_BLAMERS: usize = 16;
@@ -37,6 +40,8 @@ pub const MAX_BLAMERS: usize = 16;
 const SEARCH_BUDGET: usize = 20_000;
 /// Node expansions one target may take from that budget.
 const TARGET_BUDGET: usize = 2_000;
+/// Degree buckets of the degree index (the last also holds any higher degree).
+const DEGREE_BUCKETS: usize = anomos_proto::tracker::MAX_NEIGHBORS + 1;
 
 /// Limits and policy of the graph.
 #[derive(Debug, Clone)]
@@ -77,8 +82,8 @@ pub struct Peer<K> {
     edges: FpMap<Fingerprint, NeighborId>,
     /// Its /16 (IPv6 /32).
     prefix: Net,
-    /// Its index in [`Graph::order`].
-    slot: usize,
+    /// Loaded from the state database and not yet announced to this tracker process.
+    pub restored: bool,
 }
 
 impl<K> Peer<K> {
@@ -119,6 +124,8 @@ pub struct Announced {
     pub addr_changed: bool,
     /// The peer had been avoided and is usable again.
     pub was_avoided: bool,
+    /// The peer's first announce since it was restored from the state database.
+    pub was_restored: bool,
     /// Edges added by this announce.
     pub added: usize,
     /// The peer's degree afterwards.
@@ -142,7 +149,13 @@ pub struct Graph<K> {
     /// Every edge by its id: the two ends.
     edges: HashMap<NeighborId, (Fingerprint, Fingerprint)>,
     /// Every peer once, for sampling candidates in O(1) each.
-    order: Vec<Fingerprint>,
+    all: Sampler,
+    /// Peers by degree (bucket d: degree d), for drawing peers below the target degree in O(1).
+    by_degree: Vec<Sampler>,
+    /// Peers by last announce, oldest first: expiry looks at the silent ones only.
+    expiry: BTreeSet<(Instant, Fingerprint)>,
+    /// Changes not yet written to the state database (`None`: not collected).
+    dirty: Option<Dirty>,
     /// Peers per address, network and /16.
     census: Census,
     /// Peers serving each chain (path finding checks its last hop against these, not the whole peer table).
@@ -157,7 +170,10 @@ impl<K> Graph<K> {
             cfg,
             peers: FpMap::default(),
             edges: HashMap::new(),
-            order: Vec::new(),
+            all: Sampler::default(),
+            by_degree: (0..DEGREE_BUCKETS).map(|_| Sampler::default()).collect(),
+            expiry: BTreeSet::new(),
+            dirty: None,
             census,
             serving: HashMap::new(),
         }
@@ -245,7 +261,7 @@ impl<K> Graph<K> {
         family.dedup();
         family.retain(|f| *f != id);
         let old_chains = self.peers.get(&id).map(|p| p.chains.clone()).unwrap_or_default();
-        let (is_new, addr_changed, was_avoided) = match self.peers.get_mut(&id) {
+        let (is_new, addr_changed, was_avoided, was_restored) = match self.peers.get_mut(&id) {
             Some(p) => {
                 let changed = p.addr != addr;
                 if p.addr.ip() != addr.ip() {
@@ -259,15 +275,20 @@ impl<K> Graph<K> {
                 }
                 let Some(p) = self.peers.get_mut(&id) else { return Err(GraphError::UnknownPeer) };
                 let was_avoided = p.avoided;
+                let was_restored = std::mem::take(&mut p.restored);
+                let stored_changed = changed || was_avoided || p.chains != chains || p.family != family;
                 p.key = key;
                 p.addr = addr;
                 p.prefix = Net::diversity(addr.ip());
                 p.chains = chains;
                 p.family = family;
-                p.last_seen = now;
                 p.avoided = false;
                 p.blamed_by.clear();
-                (false, changed, was_avoided)
+                self.set_seen(id, now);
+                if stored_changed {
+                    self.touch_peer(id);
+                }
+                (false, changed, was_avoided, was_restored)
             }
             None => {
                 if self.peers.len() >= self.cfg.max_peers {
@@ -285,11 +306,13 @@ impl<K> Graph<K> {
                     blamed_by: HashSet::new(),
                     edges: FpMap::default(),
                     prefix: Net::diversity(addr.ip()),
-                    slot: self.order.len(),
+                    restored: false,
                 };
-                self.order.push(id);
                 self.peers.insert(id, peer);
-                (true, false, false)
+                self.index_peer(id);
+                self.set_seen(id, now);
+                self.touch_peer(id);
+                (true, false, false, false)
             }
         };
         if let Some(p) = self.peers.get(&id) {
@@ -303,7 +326,7 @@ impl<K> Graph<K> {
         }
         let added = self.top_up(id, now, rng);
         let degree = self.peers.get(&id).map_or(0, Peer::degree);
-        Ok(Announced { is_new, addr_changed, was_avoided, added, degree })
+        Ok(Announced { is_new, addr_changed, was_avoided, was_restored, added, degree })
     }
 
     fn add_edge(&mut self, a: Fingerprint, b: Fingerprint, rng: &mut impl RngCore) -> NeighborId {
@@ -313,13 +336,7 @@ impl<K> Graph<K> {
                 break n;
             }
         };
-        self.edges.insert(nid, (a, b));
-        if let Some(p) = self.peers.get_mut(&a) {
-            p.edges.insert(b, nid);
-        }
-        if let Some(p) = self.peers.get_mut(&b) {
-            p.edges.insert(a, nid);
-        }
+        self.link(a, b, nid);
         nid
     }
 
@@ -368,6 +385,7 @@ impl<K> Graph<K> {
         match self.peers.get_mut(id) {
             Some(p) if !p.avoided => {
                 p.avoided = true;
+                self.touch_peer(*id);
                 true
             }
             _ => false,
@@ -376,8 +394,13 @@ impl<K> Graph<K> {
 
     /// Removes every peer silent for longer than `expire_after`, with its edges.
     pub fn expire(&mut self, now: Instant) -> Vec<Expired> {
-        let dead: Vec<Fingerprint> =
-            self.peers.iter().filter(|(_, p)| !p.live(now, self.cfg.expire_after)).map(|(fp, _)| *fp).collect();
+        let expire_after = self.cfg.expire_after;
+        let dead: Vec<Fingerprint> = self
+            .expiry
+            .iter()
+            .take_while(|(seen, _)| now.saturating_duration_since(*seen) > expire_after)
+            .map(|(_, fp)| *fp)
+            .collect();
         dead.into_iter().map(|id| Expired { id, edges: self.remove(&id) }).collect()
     }
 
@@ -394,29 +417,26 @@ impl<K> Graph<K> {
     }
 
     fn remove(&mut self, id: &Fingerprint) -> usize {
-        let Some(peer) = self.peers.remove(id) else {
+        let Some(nids) = self.peers.get(id).map(|p| p.edges.values().copied().collect::<Vec<_>>()) else {
             return 0;
         };
+        for nid in &nids {
+            self.unlink(*nid);
+        }
+        let Some(peer) = self.peers.remove(id) else { return nids.len() };
+        self.expiry.remove(&(peer.last_seen, *id));
+        self.unindex_peer(id, peer.degree());
         self.census.remove(peer.addr.ip());
         self.unlist(id, &peer.chains);
-        self.order.swap_remove(peer.slot);
-        if let Some(moved) = self.order.get(peer.slot).copied() {
-            if let Some(m) = self.peers.get_mut(&moved) {
-                m.slot = peer.slot;
-            }
-        }
-        for (other, nid) in &peer.edges {
-            self.edges.remove(nid);
-            if let Some(o) = self.peers.get_mut(other) {
-                o.edges.remove(id);
-            }
-        }
-        peer.edges.len()
+        self.touch_peer(*id);
+        nids.len()
     }
 }
 
 mod fphash;
+mod index;
 mod neighbors;
 mod paths;
+mod restore;
 #[cfg(test)]
 mod tests;

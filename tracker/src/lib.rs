@@ -2,7 +2,8 @@
 //!
 //! The tracker of the anomos overlay. It knows every peer, keeps the random neighbor graph (each edge with its
 //! own secret [`NeighborId`](anomos_proto::ids::NeighborId)), and builds tracking codes for paths through it.
-//! All state is in memory and bounded.
+//! All state is in memory and bounded; peers and edges are also kept in an embedded database
+//! (`<data-dir>/tracker.redb`), so a restarted tracker keeps its graph.
 //!
 //! * [`config`]: the command-line arguments ([`TrackerArgs`]).
 //! * `server`: startup, accept loop, sessions and framing ([`run`], [`run_until`]); also answers the key fetch
@@ -13,6 +14,8 @@
 //! * [`diversity`]: network prefixes, admission limits per address and network.
 //! * `circuits`: tracking-code issuing and the memory of issued circuits.
 //! * `probe`: the reachability check.
+//! * `store`: the state database (redb); `fds`: the open-file limit; `timed_lock`: the measured state lock;
+//!   `limits`: per-address connection and channel set-up limits.
 //! * [`metrics`]: Prometheus text exposition and the small HTTP responder behind `--metrics` (shared with
 //!   the peer).
 
@@ -23,13 +26,17 @@ pub mod config;
 pub mod config_file;
 pub mod diversity;
 mod error;
+mod fds;
 pub mod graph;
+mod limits;
 pub mod metrics;
 mod probe;
 mod server;
 mod service;
+mod store;
+mod timed_lock;
 
 pub use config::TrackerArgs;
 pub use error::TrackerError;
-pub use server::{run, run_until, shutdown_signal, Ready, HELLO_TIMEOUT, IDLE_TIMEOUT};
+pub use server::{run, run_until, shutdown_signal, Ready, HELLO_TIMEOUT};
 pub use service::{REPORTS_PER_WINDOW, REPORT_WINDOW};

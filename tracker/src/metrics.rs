@@ -167,8 +167,12 @@ crate::label_enum!(
         HelloRate => "hello-rate",
         /// A session handshake that failed (bad Hello, signature, timeout).
         Handshake => "handshake",
+        /// A connection closed before its RSA work: too many channel set-ups in progress.
+        HandshakeBusy => "handshake-busy",
         /// No path could be built (`ErrorCode::NoPath`).
         NoPath => "no-path",
+        /// An announce that needed a reachability probe found every probe slot busy (`ErrorCode::Full`).
+        ProbeBusy => "probe-busy",
         /// A reporter over its failure-report rate.
         ReportRate => "report-rate",
         /// All sessions in use.

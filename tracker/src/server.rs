@@ -2,17 +2,17 @@
 //!
 //! A session either answers a key fetch (`"ANOMOSK1"`) and closes, or reads the 12-byte ClientHello header and
 //! its RSA ciphertext, opens the channel, sends `Challenge`, requires a valid `Hello` (all within
-//! [`HELLO_TIMEOUT`]) and replies `Welcome`; then it answers requests one by one, closing after [`IDLE_TIMEOUT`]
-//! without a request. Anything malformed drops that connection only, with one warning naming the peer address
+//! [`HELLO_TIMEOUT`]) and replies `Welcome`; then it answers requests one by one, closing after its idle timeout
+//! (2 × the announce interval + 30 s by default, so a peer reuses one session for all its announces) without a
+//! request. Anything malformed drops that connection only, with one warning naming the peer address
 //! and the reason. Per source address, concurrent connections and the rate of ClientHellos (each an RSA
-//! decryption) are limited.
+//! decryption) are limited (module `limits`).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anomos_proto::identity::{load_or_create_identity, Fingerprint, Identity, PublicKey};
 use anomos_proto::tracker::{
@@ -31,129 +31,21 @@ use tracing::{debug, info, warn};
 
 use crate::config::TrackerArgs;
 use crate::error::TrackerError;
+use crate::limits::{Limits, BUSY};
 use crate::metrics::Refusal;
 use crate::service::{error_reply, Service};
 
 /// Default time allowed from connecting to a verified `Hello` (`--hello-timeout`).
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default time a session may sit without a request (`--idle-timeout`).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time allowed to write one reply.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest frame a peer may send. Its messages are small (a Hello is about 1 KiB), so this is far below the
 /// protocol's `MAX_FRAME`, which bounds replies carrying tracking codes.
 const MAX_REQUEST_FRAME: usize = 16 * 1024;
+/// How often the graph's changes are written to the state database.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
 /// How often silent peers are expired and old circuits forgotten.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
-/// Most source addresses whose ClientHello rate is tracked individually; beyond it new addresses share one
-/// bucket (so an attacker with many addresses cannot grow the table).
-const MAX_RATE_ENTRIES: usize = 65_536;
-
-/// A token bucket.
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-/// Per-source-address limits: concurrent connections, and the rate of channel set-ups (RSA decryptions).
-pub(crate) struct Limits {
-    per_ip_max: usize,
-    rate: f64,
-    burst: f64,
-    st: Mutex<LimitState>,
-}
-
-#[derive(Default)]
-struct LimitState {
-    conns: HashMap<IpAddr, usize>,
-    hellos: HashMap<IpAddr, Bucket>,
-    overflow: Option<Bucket>,
-}
-
-/// One connection slot of an address, released on drop.
-struct ConnSlot {
-    limits: Arc<Limits>,
-    ip: IpAddr,
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        let mut st = self.limits.lock();
-        if let Some(n) = st.conns.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                st.conns.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// The key the per-address limits count under: an IPv4 address (also when it arrives IPv4-mapped on a dual-stack
-/// socket) as it is, an IPv6 address by its /64 prefix. One IPv6 host usually has a whole /64 to draw source
-/// addresses from, so counting exact IPv6 addresses would multiply its budgets (SPEC open issue 11).
-fn limit_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-        v4 => v4,
-    }
-}
-
-impl Limits {
-    fn new(args: &TrackerArgs) -> Arc<Self> {
-        Arc::new(Limits {
-            per_ip_max: args.max_sessions_per_ip,
-            rate: f64::from(args.hello_rate),
-            burst: f64::from(args.hello_burst),
-            st: Mutex::new(LimitState::default()),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, LimitState> {
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn conn(self: &Arc<Self>, ip: IpAddr) -> Option<ConnSlot> {
-        let ip = limit_key(ip);
-        let mut st = self.lock();
-        let n = st.conns.entry(ip).or_insert(0);
-        if *n >= self.per_ip_max {
-            return None;
-        }
-        *n += 1;
-        Some(ConnSlot { limits: Arc::clone(self), ip })
-    }
-
-    /// Takes one channel set-up token for `ip`; false if it is over its rate.
-    fn hello(&self, ip: IpAddr) -> bool {
-        let ip = limit_key(ip);
-        let now = Instant::now();
-        let (rate, burst) = (self.rate, self.burst);
-        let mut st = self.lock();
-        let fresh = || Bucket { tokens: burst, last: now };
-        let LimitState { hellos, overflow, .. } = &mut *st;
-        let b = if hellos.contains_key(&ip) || hellos.len() < MAX_RATE_ENTRIES {
-            hellos.entry(ip).or_insert_with(fresh)
-        } else {
-            overflow.get_or_insert_with(fresh)
-        };
-        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Forgets buckets that have refilled (they hold no information).
-    fn prune(&self) {
-        let now = Instant::now();
-        let (rate, burst) = (self.rate, self.burst);
-        self.lock().hellos.retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
-    }
-}
-
 /// Sent once the tracker is listening.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ready {
@@ -215,17 +107,24 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TrackerError> {
     args.validate()?;
+    let max_sessions = crate::fds::sessions_for(&args)?;
     let identity = Arc::new(load_key(&args).await?);
     let listener =
         TcpListener::bind(args.listen).await.map_err(|e| TrackerError::io(format!("binding {}", args.listen), e))?;
     let listen = listener.local_addr().map_err(|e| TrackerError::io("reading the bound address", e))?;
-    let max_sessions = args.max_sessions;
-    let timeouts =
-        Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: Duration::from_secs(args.idle_timeout) };
+    let timeouts = Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: args.idle() };
     let limits = Limits::new(&args);
     let metrics_addr = args.metrics;
     let (neighbors, interval) = (args.neighbors, args.interval);
-    let service = Arc::new(Service::new(args));
+    let db = args.db_path();
+    let (service, restored) = tokio::task::spawn_blocking(move || Service::open(args))
+        .await
+        .map_err(|e| TrackerError::io("loading the state database", std::io::Error::other(e)))??;
+    info!(
+        path = %db.display(), peers = restored.peers, edges = restored.edges, dropped = restored.dropped,
+        "state database opened"
+    );
+    let service = Arc::new(service);
     let sessions = Arc::new(Semaphore::new(max_sessions));
     let mut tasks = JoinSet::new();
     let _metrics = match metrics_addr {
@@ -261,6 +160,19 @@ pub async fn run_until(
         println!("anomos-tracker metrics listen={bound}");
         let _ = std::io::stdout().flush();
     }
+    let ps = Arc::clone(&service);
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(PERSIST_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match ps.persist().await {
+                Ok(rows) if rows > 0 => debug!(rows, "state written"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "writing the state database failed (kept in memory, retried)"),
+            }
+        }
+    });
     let hk = Arc::clone(&service);
     let hk_limits = Arc::clone(&limits);
     tasks.spawn(async move {
@@ -313,9 +225,10 @@ pub async fn run_until(
                 let open = max_sessions - sessions.available_permits();
                 let (peers, edges, remembered) = service.sizes();
                 tasks.shutdown().await;
+                let saved = service.persist().await;
                 info!(sessions_closed = open, peers, edges, circuits_remembered = remembered,
-                    "shutdown: tracker stopped (state is in memory only; peers re-announce to a new tracker)");
-                return Ok(());
+                    "shutdown: tracker stopped (peers and edges are in the state database)");
+                return saved.map(drop);
             }
         }
     }
@@ -432,6 +345,7 @@ async fn session(
         Err(e) => {
             service.metrics.refused.inc(match &e {
                 SessionError::Refused(why) if why.starts_with("ClientHello rate") => Refusal::HelloRate,
+                SessionError::Refused(BUSY) => Refusal::HandshakeBusy,
                 _ => Refusal::Handshake,
             });
             return Err(e);
@@ -492,6 +406,12 @@ async fn handshake(
     if !limits.hello(remote_ip) {
         return Err(SessionError::Refused("ClientHello rate exceeded (--hello-rate)"));
     }
+    // A join wave beyond what the CPU decrypts in time would queue connections until their Hello timeout, every
+    // one costing a decryption for nothing: past HANDSHAKES_AT_ONCE set-ups in progress, close at once instead
+    // (the peer retries with its backoff), so the work done is work that completes.
+    let Ok(_slot) = limits.handshakes.try_acquire() else {
+        return Err(SessionError::Refused(BUSY));
+    };
     let mut rest = vec![0u8; ct_len + EPHEMERAL_LEN];
     stream.read_exact(&mut rest).await?;
     // RSA decryption takes a few milliseconds: keep it off the async workers.
@@ -499,6 +419,7 @@ async fn handshake(
     let (reply, chan) = tokio::task::spawn_blocking(move || TrackerChannel::accept(&mut OsRng, &id, &rest))
         .await
         .map_err(|_| SessionError::Refused("channel setup task failed"))??;
+    drop(_slot);
     tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&reply))
         .await
         .map_err(|_| SessionError::Timeout("the peer to read our hello"))??;
@@ -525,60 +446,5 @@ async fn handshake(
             let _ = conn.send(&error_reply(ErrorCode::Unauthenticated, e.to_string())).await;
             Err(e.into())
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn limits(per_ip: usize, rate: u32, burst: u32) -> Arc<Limits> {
-        let args =
-            TrackerArgs { max_sessions_per_ip: per_ip, hello_rate: rate, hello_burst: burst, ..TrackerArgs::default() };
-        Limits::new(&args)
-    }
-
-    #[test]
-    fn connection_slots_are_per_address_and_released_on_drop() {
-        let l = limits(2, 10, 10);
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        let s1 = l.conn(a).unwrap();
-        let _s2 = l.conn(a).unwrap();
-        assert!(l.conn(a).is_none(), "a third connection from one address");
-        assert!(l.conn(b).is_some(), "another address is not affected");
-        drop(s1);
-        assert!(l.conn(a).is_some(), "a slot comes back when its connection ends");
-    }
-
-    #[test]
-    fn client_hellos_are_rate_limited_per_address_and_refill() {
-        let l = limits(10, 20, 3);
-        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
-        assert_eq!((0..5).filter(|_| l.hello(a)).count(), 3, "the burst, then refused");
-        assert!(l.hello(b), "another address has its own bucket");
-        std::thread::sleep(Duration::from_millis(120));
-        assert!(l.hello(a), "refilled at the rate");
-        // Full buckets carry no information and are forgotten.
-        std::thread::sleep(Duration::from_millis(300));
-        l.prune();
-        assert!(l.lock().hellos.is_empty());
-    }
-
-    #[test]
-    fn ipv6_addresses_share_their_64_prefix_budget_and_mapped_ipv4_is_ipv4() {
-        let l = limits(2, 20, 3);
-        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        // Two addresses of one /64 share the connection slots and the hello bucket.
-        let _a = l.conn(ip("2001:db8:1:2::1")).unwrap();
-        let _b = l.conn(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")).unwrap();
-        assert!(l.conn(ip("2001:db8:1:2::9")).is_none(), "a third connection from the same /64");
-        assert!(l.conn(ip("2001:db8:1:3::1")).is_some(), "the next /64 is another host");
-        assert_eq!((0..3).filter(|i| l.hello(ip(&format!("2001:db8:1:2::{}", i + 1)))).count(), 3);
-        assert!(!l.hello(ip("2001:db8:1:2::77")), "the /64's burst is spent, whatever the address");
-        // An IPv4 peer seen IPv4-mapped on a dual-stack socket counts as that IPv4 address.
-        let _c = l.conn(ip("10.0.0.7")).unwrap();
-        let _d = l.conn(ip("::ffff:10.0.0.7")).unwrap();
-        assert!(l.conn(ip("10.0.0.7")).is_none(), "mapped and plain IPv4 are one address");
-        assert!(l.conn(ip("10.0.0.8")).is_some(), "IPv4 addresses are not grouped");
     }
 }

@@ -1,12 +1,13 @@
 //! What the tracker does with each request, independent of how it arrived: announce (with its reachability
 //! check), circuit requests, failure reports, and periodic expiry.
 //!
-//! All state sits in one [`State`] behind a `std::sync::Mutex`; it is never held across an `.await` (the probe
-//! and the tracking-code RSA work happen outside it).
+//! All state sits in one [`State`] behind a timed `std::sync::Mutex`; it is never held across an `.await` (the
+//! probe, the tracking-code RSA work and the database writes happen outside it), and every step under it costs
+//! O(degree^hops) at most, never O(peers): the holds are measured (`anomos_tracker_state_lock_*`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anomos_proto::identity::{Fingerprint, PublicKey};
@@ -23,6 +24,10 @@ use crate::config::TrackerArgs;
 use crate::graph::{Graph, GraphError};
 use crate::metrics::{self, Collector, Counter, EnumCounter, Refusal, Registry, ReportKind};
 use crate::probe::{self, PROBE_TIMEOUT};
+use crate::store::Store;
+use crate::timed_lock::{TimedGuard, TimedMutex};
+
+mod persist;
 
 /// Requests with more onion layers than this build their tracking codes on the blocking pool.
 const INLINE_LAYERS: usize = 8;
@@ -72,10 +77,19 @@ pub(crate) struct TrackerMetrics {
     pub(crate) key_fetches: Counter,
 }
 
+/// How long an announce that needs a reachability probe waits for one of the probe slots
+/// ([`TrackerArgs::probes_limit`]) before it is refused with `Full` (the peer retries later). With the probe's own
+/// 5 s, an announce is answered within 10 s, inside the peer's 15 s read timeout.
+const PROBE_SLOT_WAIT: Duration = Duration::from_secs(5);
+
 /// The request handlers, shared by every session.
 pub(crate) struct Service {
     args: TrackerArgs,
-    state: Mutex<State>,
+    state: TimedMutex<State>,
+    /// Reachability probes running at once: newcomers' probes are bounded and paced by these slots.
+    probes: tokio::sync::Semaphore,
+    /// The state database (`None` only in unit tests).
+    store: Option<Arc<Store>>,
     /// Counters.
     pub(crate) metrics: TrackerMetrics,
 }
@@ -103,20 +117,21 @@ fn unusable_listen_ip(ip: IpAddr) -> bool {
 }
 
 impl Service {
-    pub(crate) fn new(args: TrackerArgs) -> Self {
+    /// A service over `graph` (empty, or restored from `store`).
+    fn with_graph(args: TrackerArgs, graph: Graph<PublicKey>, store: Option<Arc<Store>>) -> Self {
         let state = State {
-            graph: Graph::new(args.graph_config()),
+            graph,
             book: CircuitBook::new(args.max_pending_circuits),
             rng: StdRng::from_rng(OsRng).unwrap_or_else(|_| StdRng::from_entropy()),
             reports: HashMap::new(),
             probing: HashSet::new(),
         };
-        Service { args, state: Mutex::new(state), metrics: TrackerMetrics::default() }
+        let probes = tokio::sync::Semaphore::new(args.probes_limit());
+        Service { args, state: TimedMutex::new(state), probes, store, metrics: TrackerMetrics::default() }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock would be a bug; the state is still consistent enough to go on.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock(&self) -> TimedGuard<'_, State> {
+        self.state.lock()
     }
 
     /// `Announce`: check reachability, record the peer, top it up, reply with its whole neighbor set.
@@ -139,7 +154,7 @@ impl Service {
                 format!("announced address {listen} is not the address this session comes from"),
             );
         }
-        {
+        let needs_probe = {
             let st = self.lock();
             // Before the probe, so that an address over its limit costs the tracker no connection; checked again
             // (atomically with the insertion) by the graph after it.
@@ -153,11 +168,21 @@ impl Service {
                 self.metrics.refused.inc(Refusal::Full);
                 return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
             }
-        }
-        if let Err(e) = probe::check(listen, &id, PROBE_TIMEOUT).await {
-            warn!(peer = %id.short(), %listen, reason = %e, "announce refused: reachability check failed");
-            self.metrics.refused.inc(Refusal::Unreachable);
-            return error_reply(ErrorCode::Unreachable, format!("{listen} did not answer with your key: {e}"));
+            // A known peer re-announcing the address it was probed at (and not avoided since) needs no probe: the
+            // session proves its key, and the address is the session's own.
+            !st.graph.get(&id).is_some_and(|p| p.addr == listen && !p.avoided)
+        };
+        if needs_probe {
+            let Ok(Ok(_slot)) = tokio::time::timeout(PROBE_SLOT_WAIT, self.probes.acquire()).await else {
+                warn!(peer = %id.short(), %listen, "announce refused: every probe slot busy");
+                self.metrics.refused.inc(Refusal::ProbeBusy);
+                return error_reply(ErrorCode::Full, "too many reachability checks running; announce again later");
+            };
+            if let Err(e) = probe::check(listen, &id, PROBE_TIMEOUT).await {
+                warn!(peer = %id.short(), %listen, reason = %e, "announce refused: reachability check failed");
+                self.metrics.refused.inc(Refusal::Unreachable);
+                return error_reply(ErrorCode::Unreachable, format!("{listen} did not answer with your key: {e}"));
+            }
         }
 
         let mut st = self.lock();
@@ -191,6 +216,8 @@ impl Service {
 
         if done.is_new {
             info!(peer = %id.short(), %listen, neighbors = done.degree, peers, "new peer announced");
+        } else if done.was_restored {
+            info!(peer = %id.short(), %listen, neighbors = done.degree, added = done.added, "restored peer announced");
         } else if done.addr_changed || done.was_avoided || done.added > 0 {
             info!(
                 peer = %id.short(), %listen, neighbors = done.degree, added = done.added,
@@ -378,6 +405,11 @@ impl Service {
         *n <= REPORTS_PER_WINDOW
     }
 
+    /// The state lock's hold statistics.
+    pub(crate) fn lock_stats(&self) -> crate::timed_lock::HoldStats {
+        self.state.stats()
+    }
+
     /// Peers, edges and remembered circuits now.
     pub(crate) fn sizes(&self) -> (usize, usize, usize) {
         let st = self.lock();
@@ -448,6 +480,26 @@ impl Collector for TrackerGauges {
             "Issued circuits remembered for failure reports.",
             n(remembered),
         )?;
-        metrics::gauge(&mut enc, "anomos_tracker_sessions", "Peer connections open now.", n((self.open_sessions)()))
+        metrics::gauge(&mut enc, "anomos_tracker_sessions", "Peer connections open now.", n((self.open_sessions)()))?;
+        let lock = service.lock_stats();
+        metrics::gauge(
+            &mut enc,
+            "anomos_tracker_state_lock_max_hold_microseconds",
+            "Longest single hold of the state lock since start.",
+            lock.max_us,
+        )?;
+        metrics::gauge(
+            &mut enc,
+            "anomos_tracker_state_lock_max_hold_cpu_microseconds",
+            "Most CPU time the holding thread spent in one hold of the state lock since start.",
+            lock.max_cpu_us,
+        )?;
+        metrics::counter(
+            &mut enc,
+            "anomos_tracker_state_lock_hold_microseconds",
+            "Time the state lock was held, all holds together.",
+            lock.total_us,
+        )?;
+        metrics::counter(&mut enc, "anomos_tracker_state_lock_holds", "Holds of the state lock.", lock.holds)
     }
 }

@@ -217,7 +217,7 @@ async fn garbage_drops_only_that_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_limit_closes_extra_connections() {
-    let t = start(|a| a.max_sessions = 1).await;
+    let t = start(|a| a.max_sessions = Some(1)).await;
     let first = connect(&t, &ids()[1]).await;
     // Over the limit the connection is closed at once: not even the tracker's hello comes back.
     assert!(open_channel(t.addr, &t.key).await.is_err(), "over the limit the connection is closed at once");

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -121,12 +121,23 @@ pub struct Peer {
     key: PeerKey,
     session: Mutex<Option<(Session, Instant)>>,
     pub joined: AtomicBool,
+    /// Successful announces so far.
+    pub announces: AtomicU64,
+    /// The neighbor table of the last announce reply: (NeighborID, address).
+    pub table: std::sync::Mutex<Vec<(u64, SocketAddr)>>,
 }
 
 impl Peer {
     /// A peer at `addr_of(k, port)`; the shared listener ([`answer_probes`]) answers its probes.
     pub fn new(k: usize, key: PeerKey, port: u16) -> Arc<Self> {
-        Arc::new(Peer { listen: addr_of(k, port), key, session: Mutex::new(None), joined: AtomicBool::new(false) })
+        Arc::new(Peer {
+            listen: addr_of(k, port),
+            key,
+            session: Mutex::new(None),
+            joined: AtomicBool::new(false),
+            announces: AtomicU64::new(0),
+            table: std::sync::Mutex::new(Vec::new()),
+        })
     }
 
     /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if any.
@@ -170,6 +181,9 @@ impl Peer {
                     ctx.stats.announce_total.record(ctx.start, total);
                     ctx.stats.announces.record(ctx.start, total - setup.unwrap_or_default());
                     let interval = Duration::from_secs(u64::from(a.interval_secs.clamp(1, 3600)));
+                    *self.table.lock().unwrap_or_else(|e| e.into_inner()) =
+                        a.neighbors.iter().map(|n| (n.id.0, n.addr)).collect();
+                    self.announces.fetch_add(1, Ordering::Relaxed);
                     backoff = Duration::from_secs(1);
                     if !self.joined.swap(true, Ordering::Relaxed) {
                         ctx.stats.joins.record(ctx.start, joined_from.elapsed());
@@ -201,18 +215,21 @@ impl Peer {
         }
     }
 
-    /// One circuit request; the latency is recorded when at least one circuit was granted.
-    pub async fn request_circuit(&self, ctx: &Ctx, chain: ChainId, relays: u8) {
+    /// One circuit request; the latency is recorded when at least one circuit was granted. Returns whether one
+    /// was.
+    pub async fn request_circuit(&self, ctx: &Ctx, chain: ChainId, relays: u8) -> bool {
         let t = Instant::now();
         let req = ToTracker::RequestCircuits(tracker::CircuitRequest { chain, count: 1, relays });
         match self.request(ctx, &req).await {
             Ok((FromTracker::Circuits(c), _)) if !c.circuits.is_empty() => {
-                ctx.stats.grants.record(ctx.start, t.elapsed())
+                ctx.stats.grants.record(ctx.start, t.elapsed());
+                return true;
             }
             Ok((FromTracker::Circuits(_), _)) => ctx.stats.error(ctx.start, "circuit/empty"),
             Ok((reply, _)) => ctx.stats.error(ctx.start, format!("circuit/unexpected:{reply:?}")),
             Err(e) => ctx.stats.error(ctx.start, format!("circuit/{e}")),
         }
+        false
     }
 }
 

@@ -38,18 +38,17 @@ impl<K> Graph<K> {
             || p.edges.keys().any(|n| Some(n) != except && self.peers.get(n).is_some_and(|q| q.prefix == prefix))
     }
 
-    /// Candidate peers for new edges: all of a small graph, a random sample of a large one (so an announce
-    /// costs O(sample), not O(peers)).
+    /// Candidate peers for new edges: all of a small graph; of a large one, half the sample drawn uniformly from
+    /// the peers below the target degree (the degree index) and the rest from all peers, so an announce costs
+    /// O(sample), not O(peers), and still finds the few peers that need neighbors in a saturated graph.
     fn candidate_pool(&self, rng: &mut impl RngCore) -> Vec<Fingerprint> {
-        if self.order.len() <= FULL_SCAN {
-            return self.order.clone();
+        if self.all.len() <= FULL_SCAN {
+            return self.all.all().to_vec();
         }
-        let n = self.order.len() as u64;
         let mut seen = HashSet::with_capacity(SAMPLE);
-        (0..SAMPLE)
-            .filter_map(|_| self.order.get((rng.next_u64() % n) as usize).copied())
-            .filter(|fp| seen.insert(*fp))
-            .collect()
+        let below = self.draw_below(self.degrees().0, SAMPLE / 2, rng);
+        let rest = SAMPLE - below.len();
+        below.into_iter().chain((0..rest).filter_map(|_| self.all.draw(rng))).filter(|fp| seen.insert(*fp)).collect()
     }
 
     /// When strict: drops `id`'s edges that are not diverse (made while the overlay was too small for the rule,
@@ -70,14 +69,8 @@ impl<K> Graph<K> {
                 None => false,
             })
             .collect();
-        for (f, nid) in &drop {
-            self.edges.remove(nid);
-            if let Some(p) = self.peers.get_mut(f) {
-                p.edges.remove(&id);
-            }
-            if let Some(p) = self.peers.get_mut(&id) {
-                p.edges.remove(f);
-            }
+        for (_, nid) in &drop {
+            self.unlink(*nid);
         }
         drop.len()
     }
@@ -165,7 +158,7 @@ impl<K> Graph<K> {
                     && !family(&id, me, fp, p)
             })
         };
-        let edges: Vec<(NeighborId, Fingerprint, Fingerprint)> = if self.order.len() <= FULL_SCAN {
+        let edges: Vec<(NeighborId, Fingerprint, Fingerprint)> = if self.all.len() <= FULL_SCAN {
             self.edges.iter().map(|(nid, (a, b))| (*nid, *a, *b)).collect()
         } else {
             self.candidate_pool(rng)
@@ -201,13 +194,7 @@ impl<K> Graph<K> {
                     continue;
                 }
             }
-            self.edges.remove(&nid);
-            if let Some(p) = self.peers.get_mut(&a) {
-                p.edges.remove(&b);
-            }
-            if let Some(p) = self.peers.get_mut(&b) {
-                p.edges.remove(&a);
-            }
+            self.unlink(nid);
             self.add_edge(id, a, rng);
             self.add_edge(id, b, rng);
             added += 2;

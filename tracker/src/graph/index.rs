@@ -1,0 +1,190 @@
+//! The graph's indexes, kept up to date by every change so that no request has to scan the peer table: every
+//! peer once and the peers of each degree (both sampled uniformly in O(1)), the edges, the expiry order, and the
+//! set of changes not yet written to the state database. All edge changes go through [`Graph::link`] and
+//! [`Graph::unlink`], which keep these consistent.
+
+use super::*;
+
+/// A set of fingerprints that can be sampled uniformly: insert, remove and draw are O(1).
+#[derive(Debug, Default)]
+pub(super) struct Sampler {
+    items: Vec<Fingerprint>,
+    pos: FpMap<Fingerprint, usize>,
+}
+
+impl Sampler {
+    pub(super) fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub(super) fn insert(&mut self, fp: Fingerprint) {
+        if !self.pos.contains_key(&fp) {
+            self.pos.insert(fp, self.items.len());
+            self.items.push(fp);
+        }
+    }
+
+    pub(super) fn remove(&mut self, fp: &Fingerprint) {
+        let Some(i) = self.pos.remove(fp) else { return };
+        self.items.swap_remove(i);
+        if let Some(moved) = self.items.get(i) {
+            self.pos.insert(*moved, i);
+        }
+    }
+
+    pub(super) fn get(&self, i: usize) -> Option<Fingerprint> {
+        self.items.get(i).copied()
+    }
+
+    pub(super) fn all(&self) -> &[Fingerprint] {
+        &self.items
+    }
+
+    /// One member drawn uniformly.
+    pub(super) fn draw(&self, rng: &mut impl RngCore) -> Option<Fingerprint> {
+        if self.items.is_empty() {
+            return None;
+        }
+        self.get((rng.next_u64() % self.items.len() as u64) as usize)
+    }
+}
+
+/// Changes since the state database was last written (only collected once [`Graph::track_changes`] was called).
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Peers added, changed or removed.
+    pub peers: HashSet<Fingerprint>,
+    /// Edges added or removed.
+    pub edges: HashSet<NeighborId>,
+}
+
+impl<K> Graph<K> {
+    /// Starts collecting the changes that [`take_changes`](Self::take_changes) hands out.
+    pub fn track_changes(&mut self) {
+        self.dirty = Some(Dirty::default());
+    }
+
+    /// The peers and edges changed since the last call (their current state is read with [`get`](Self::get)
+    /// and [`edge_ends`](Self::edge_ends); gone means deleted).
+    pub fn take_changes(&mut self) -> Dirty {
+        match &mut self.dirty {
+            Some(d) => std::mem::take(d),
+            None => Dirty::default(),
+        }
+    }
+
+    /// Marks `changes` as changed again (writing them failed).
+    pub fn mark_changed(&mut self, changes: Dirty) {
+        if let Some(d) = &mut self.dirty {
+            d.peers.extend(changes.peers);
+            d.edges.extend(changes.edges);
+        }
+    }
+
+    pub(super) fn touch_peer(&mut self, id: Fingerprint) {
+        if let Some(d) = &mut self.dirty {
+            d.peers.insert(id);
+        }
+    }
+
+    pub(super) fn touch_edge(&mut self, nid: NeighborId) {
+        if let Some(d) = &mut self.dirty {
+            d.edges.insert(nid);
+        }
+    }
+
+    /// The degree bucket a degree is kept in.
+    fn bucket(degree: usize) -> usize {
+        degree.min(DEGREE_BUCKETS - 1)
+    }
+
+    /// Moves `id` from the bucket of `old` degree to that of its current degree.
+    fn rebucket(&mut self, id: &Fingerprint, old: usize) {
+        let Some(new) = self.peers.get(id).map(Peer::degree) else { return };
+        if Self::bucket(old) != Self::bucket(new) {
+            if let Some(b) = self.by_degree.get_mut(Self::bucket(old)) {
+                b.remove(id);
+            }
+            if let Some(b) = self.by_degree.get_mut(Self::bucket(new)) {
+                b.insert(*id);
+            }
+        }
+    }
+
+    /// Adds a peer to the peer and degree indexes (with its current degree).
+    pub(super) fn index_peer(&mut self, id: Fingerprint) {
+        let degree = self.peers.get(&id).map_or(0, Peer::degree);
+        self.all.insert(id);
+        if let Some(b) = self.by_degree.get_mut(Self::bucket(degree)) {
+            b.insert(id);
+        }
+    }
+
+    /// Takes a peer out of the peer and degree indexes.
+    pub(super) fn unindex_peer(&mut self, id: &Fingerprint, degree: usize) {
+        self.all.remove(id);
+        if let Some(b) = self.by_degree.get_mut(Self::bucket(degree)) {
+            b.remove(id);
+        }
+    }
+
+    /// Records `id`'s announce time in the expiry order.
+    pub(super) fn set_seen(&mut self, id: Fingerprint, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            let old = std::mem::replace(&mut p.last_seen, now);
+            self.expiry.remove(&(old, id));
+        }
+        self.expiry.insert((now, id));
+    }
+
+    /// Peers below `degree` neighbors, drawn uniformly, at most `n` draws (repeats possible).
+    pub(super) fn draw_below(&self, degree: usize, n: usize, rng: &mut impl RngCore) -> Vec<Fingerprint> {
+        let buckets = self.by_degree.get(..Self::bucket(degree)).unwrap_or(&[]);
+        let total: usize = buckets.iter().map(Sampler::len).sum();
+        if total == 0 {
+            return Vec::new();
+        }
+        (0..n)
+            .filter_map(|_| {
+                let mut i = (rng.next_u64() % total as u64) as usize;
+                for b in buckets {
+                    if i < b.len() {
+                        return b.get(i);
+                    }
+                    i -= b.len();
+                }
+                None
+            })
+            .collect()
+    }
+
+    /// Adds the edge `nid` between `a` and `b` (both known, not yet neighbors).
+    pub(super) fn link(&mut self, a: Fingerprint, b: Fingerprint, nid: NeighborId) {
+        self.edges.insert(nid, (a, b));
+        for (me, other) in [(a, b), (b, a)] {
+            let Some(p) = self.peers.get_mut(&me) else { continue };
+            let old = p.degree();
+            p.edges.insert(other, nid);
+            self.rebucket(&me, old);
+        }
+        self.touch_edge(nid);
+    }
+
+    /// Removes the edge `nid` from both its ends; returns them.
+    pub(super) fn unlink(&mut self, nid: NeighborId) -> Option<(Fingerprint, Fingerprint)> {
+        let (a, b) = self.edges.remove(&nid)?;
+        for (me, other) in [(a, b), (b, a)] {
+            let Some(p) = self.peers.get_mut(&me) else { continue };
+            let old = p.degree();
+            p.edges.remove(&other);
+            self.rebucket(&me, old);
+        }
+        self.touch_edge(nid);
+        Some((a, b))
+    }
+
+    /// The two ends of edge `nid`.
+    pub fn edge_ends(&self, nid: NeighborId) -> Option<(Fingerprint, Fingerprint)> {
+        self.edges.get(&nid).copied()
+    }
+}

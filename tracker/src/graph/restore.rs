@@ -1,0 +1,89 @@
+//! Putting the graph back together from the state database after a restart: peers first, then the edges between
+//! them with their NeighborIDs, so that peers re-announce into the edges they had (SPEC §3.10 "Restart").
+
+use super::*;
+
+/// A peer as the state database keeps it.
+#[derive(Debug, Clone)]
+pub struct Stored<K> {
+    /// Its key.
+    pub key: K,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Chains it serves.
+    pub chains: Vec<ChainId>,
+    /// Its declared family.
+    pub family: Vec<Fingerprint>,
+    /// Left out of everyone's paths until its next announce.
+    pub avoided: bool,
+}
+
+impl<K> Graph<K> {
+    /// Puts back a stored peer, live from `now` (so it has a full expiry period to announce again) and marked
+    /// [`restored`](Peer::restored). Not restored (false) when known already or the graph is full. Admission
+    /// limits are not checked again: the peer was admitted under them.
+    pub fn restore_peer(&mut self, id: Fingerprint, stored: Stored<K>, now: Instant) -> bool {
+        if self.peers.contains_key(&id) || self.peers.len() >= self.cfg.max_peers {
+            return false;
+        }
+        let Stored { key, addr, mut chains, mut family, avoided } = stored;
+        chains.sort_unstable();
+        chains.dedup();
+        family.sort_unstable();
+        family.dedup();
+        family.retain(|f| *f != id);
+        self.census.add(addr.ip());
+        for c in &chains {
+            self.serving.entry(c.clone()).or_default().insert(id);
+        }
+        let peer = Peer {
+            key,
+            addr,
+            chains,
+            family,
+            last_seen: now,
+            avoided,
+            blamed_by: HashSet::new(),
+            edges: FpMap::default(),
+            prefix: Net::diversity(addr.ip()),
+            restored: true,
+        };
+        self.peers.insert(id, peer);
+        self.index_peer(id);
+        self.set_seen(id, now);
+        true
+    }
+
+    /// Puts back a stored edge with its NeighborID. Not restored (false) when an end is unknown, the two are the
+    /// same peer or neighbors already, the id is taken or zero, or an end already has as many neighbors as a
+    /// reply carries.
+    pub fn restore_edge(&mut self, nid: NeighborId, a: Fingerprint, b: Fingerprint) -> bool {
+        let cap = anomos_proto::tracker::MAX_NEIGHBORS;
+        let fits = |fp: &Fingerprint| self.peers.get(fp).is_some_and(|p| p.degree() < cap);
+        if nid.0 == 0
+            || a == b
+            || self.edges.contains_key(&nid)
+            || !fits(&a)
+            || !fits(&b)
+            || self.edge(&a, &b).is_some()
+        {
+            return false;
+        }
+        self.link(a, b, nid);
+        true
+    }
+
+    /// Marks a stored peer that was not restored as changed, so that the next write deletes it.
+    pub fn forget_stored_peer(&mut self, id: Fingerprint) {
+        if !self.peers.contains_key(&id) {
+            self.touch_peer(id);
+        }
+    }
+
+    /// Marks a stored edge that was not restored as changed, so that the next write deletes it.
+    pub fn forget_stored_edge(&mut self, nid: NeighborId) {
+        if !self.edges.contains_key(&nid) {
+            self.touch_edge(nid);
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Restoring the graph from the state database at start, and writing its changes back (see `crate::store`).
+
+use super::*;
+use crate::error::TrackerError;
+use anomos_proto::ids::NeighborId;
+
+use crate::graph::Dirty;
+use crate::store::{Batch, Store};
+
+/// Rows read under one hold of the state lock when writing: a join wave changes thousands of rows a second,
+/// and reading them all at once would hold the lock for milliseconds.
+const ROWS_PER_HOLD: usize = 512;
+
+/// What a start restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Restored {
+    pub(crate) peers: usize,
+    pub(crate) edges: usize,
+    /// Stored peers and edges that could not be put back (over `--max-peers`, an end missing, …); deleted.
+    pub(crate) dropped: usize,
+}
+
+impl Service {
+    /// Opens the state database (`<data-dir>/tracker.redb`) and restores the graph it holds: every stored peer is
+    /// live from now, with its edges and their NeighborIDs.
+    pub(crate) fn open(args: TrackerArgs) -> Result<(Service, Restored), TrackerError> {
+        let store = Store::open(&args.db_path())?;
+        let loaded = store.load()?;
+        let mut graph = Graph::new(args.graph_config());
+        let now = Instant::now();
+        let mut dropped = Dirty::default();
+        let (mut peers, mut edges) = (0, 0);
+        for (fp, stored) in loaded.peers {
+            if graph.restore_peer(fp, stored, now) {
+                peers += 1;
+            } else {
+                dropped.peers.insert(fp);
+            }
+        }
+        for (nid, a, b) in loaded.edges {
+            if graph.restore_edge(nid, a, b) {
+                edges += 1;
+            } else {
+                dropped.edges.insert(nid);
+            }
+        }
+        graph.track_changes();
+        let restored = Restored { peers, edges, dropped: dropped.peers.len() + dropped.edges.len() };
+        for fp in dropped.peers {
+            graph.forget_stored_peer(fp);
+        }
+        for nid in dropped.edges {
+            graph.forget_stored_edge(nid);
+        }
+        Ok((Service::with_graph(args, graph, Some(Arc::new(store))), restored))
+    }
+
+    /// Writes what changed since the last call, in one transaction off the async workers; returns the rows
+    /// written. On failure the changes stay marked and the next call tries again.
+    pub(crate) async fn persist(&self) -> Result<usize, TrackerError> {
+        let Some(store) = self.store.clone() else { return Ok(0) };
+        let dirty = self.lock().graph.take_changes();
+        let peers: Vec<Fingerprint> = dirty.peers.into_iter().collect();
+        let edges: Vec<NeighborId> = dirty.edges.into_iter().collect();
+        if peers.is_empty() && edges.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = Batch::default();
+        for chunk in peers.chunks(ROWS_PER_HOLD) {
+            batch.add(&self.lock().graph, chunk, &[]);
+        }
+        for chunk in edges.chunks(ROWS_PER_HOLD) {
+            batch.add(&self.lock().graph, &[], chunk);
+        }
+        let rows = batch.len();
+        let written = tokio::task::spawn_blocking(move || {
+            let r = store.write(&batch);
+            (r, batch)
+        })
+        .await;
+        match written {
+            Ok((Ok(()), _)) => Ok(rows),
+            Ok((Err(e), batch)) => {
+                self.lock().graph.mark_changed(batch.dirty());
+                Err(e)
+            }
+            Err(e) => {
+                Err(TrackerError::Store { path: self.args.db_path().display().to_string(), message: e.to_string() })
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The tracker's state database (`<data-dir>/tracker.redb`, redb as the peer's chain store): peers with their
+//! keys, addresses, chains, families and avoided marks, and every edge with its NeighborID. A restarted tracker
+//! reads it back, so peers re-announce into the edges they had and their links stay up (SPEC §3.10 "Restart").
+//!
+//! Writes are batched: the graph collects what changed ([`Graph::take_changes`]) and the server writes it once a
+//! second, off the async workers and outside the state lock. A steady announce changes nothing stored (announce
+//! times are not stored: a restored peer counts as seen at the restart), so a steady tracker hardly writes. After
+//! a crash the file is what the last commit left, at most a second behind: the difference is repaired by the
+//! graph's ordinary rules (a peer's next announce reply carries its current edges).
+//!
+//! Everything read is checked: a row that does not decode within its byte limit, or a key that is not a valid
+//! peer key, makes the load fail with an error naming the file; it never panics.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anomos_proto::identity::{Fingerprint, PublicKey};
+use anomos_proto::ids::{ChainId, NeighborId};
+use bincode::Options;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrackerError;
+use crate::graph::{Dirty, Graph, Stored};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Fingerprint (32 bytes) → [`PeerRow`] (bincode).
+const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
+/// NeighborID → the two ends' fingerprints (64 bytes).
+const EDGES: TableDefinition<u64, &[u8]> = TableDefinition::new("edges");
+/// Layout version written to `meta`.
+const FORMAT: u8 = 1;
+/// Largest peer row: a key (≤ 600 bytes DER), an address, up to 8 chains and 16 family members fit well within.
+const MAX_ROW: u64 = 4096;
+
+fn opts() -> impl Options {
+    bincode::DefaultOptions::new().with_limit(MAX_ROW).reject_trailing_bytes()
+}
+
+/// A stored peer.
+#[derive(Debug, Serialize, Deserialize)]
+struct PeerRow {
+    key: Vec<u8>,
+    addr: SocketAddr,
+    chains: Vec<ChainId>,
+    family: Vec<Fingerprint>,
+    avoided: bool,
+}
+
+/// What the database held.
+#[derive(Debug, Default)]
+pub(crate) struct Loaded {
+    pub(crate) peers: Vec<(Fingerprint, Stored<PublicKey>)>,
+    pub(crate) edges: Vec<(NeighborId, Fingerprint, Fingerprint)>,
+}
+
+/// Rows to write: `None` deletes.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    peers: Vec<(Fingerprint, Option<Vec<u8>>)>,
+    edges: Vec<(NeighborId, Option<[u8; 64]>)>,
+}
+
+impl Batch {
+    /// Adds the current rows of `peers` and `edges` (those no longer in `graph` are deleted).
+    pub(crate) fn add(&mut self, graph: &Graph<PublicKey>, peers: &[Fingerprint], edges: &[NeighborId]) {
+        self.peers.extend(peers.iter().map(|fp| {
+            let row = graph.get(fp).and_then(|p| {
+                let row = PeerRow {
+                    key: p.key.der().to_vec(),
+                    addr: p.addr,
+                    chains: p.chains.clone(),
+                    family: p.family.clone(),
+                    avoided: p.avoided,
+                };
+                opts().serialize(&row).ok()
+            });
+            (*fp, row)
+        }));
+        self.edges.extend(edges.iter().map(|nid| {
+            let ends = graph.edge_ends(*nid).map(|(a, b)| {
+                let mut v = [0u8; 64];
+                let (x, y) = v.split_at_mut(32);
+                x.copy_from_slice(&a.0);
+                y.copy_from_slice(&b.0);
+                v
+            });
+            (*nid, ends)
+        }));
+    }
+
+    /// Rows in the batch.
+    pub(crate) fn len(&self) -> usize {
+        self.peers.len() + self.edges.len()
+    }
+
+    /// What the batch covers, to mark it changed again when writing it failed.
+    pub(crate) fn dirty(&self) -> Dirty {
+        Dirty {
+            peers: self.peers.iter().map(|(fp, _)| *fp).collect(),
+            edges: self.edges.iter().map(|(nid, _)| *nid).collect::<HashSet<_>>(),
+        }
+    }
+}
+
+/// The open database.
+pub(crate) struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    fn err(&self, e: impl std::fmt::Display) -> TrackerError {
+        err(&self.path, e)
+    }
+
+    /// Opens (creating if needed) the database at `path`. A file that is not a redb database, or one of another
+    /// layout, is an error naming it.
+    pub(crate) fn open(path: &Path) -> Result<Store, TrackerError> {
+        let db = Database::create(path).map_err(|e| err(path, e))?;
+        let store = Store { db, path: path.to_path_buf() };
+        let tx = store.db.begin_write().map_err(|e| store.err(e))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| store.err(e))?;
+            let format = meta.get("format").map_err(|e| store.err(e))?.map(|v| v.value().to_vec());
+            match format.as_deref() {
+                None => {
+                    meta.insert("format", [FORMAT].as_slice()).map_err(|e| store.err(e))?;
+                }
+                Some([FORMAT]) => {}
+                Some(other) => {
+                    return Err(store.err(format!(
+                        "layout {other:?}, this tracker reads layout [{FORMAT}]; move the file away to start with \
+                         an empty graph"
+                    )))
+                }
+            }
+            tx.open_table(PEERS).map_err(|e| store.err(e))?;
+            tx.open_table(EDGES).map_err(|e| store.err(e))?;
+        }
+        tx.commit().map_err(|e| store.err(e))?;
+        Ok(store)
+    }
+
+    /// Reads every peer and edge.
+    pub(crate) fn load(&self) -> Result<Loaded, TrackerError> {
+        let damaged =
+            |what: String| self.err(format!("{what}: the file is damaged; move it away to start with an empty graph"));
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let mut out = Loaded::default();
+        let peers = tx.open_table(PEERS).map_err(|e| self.err(e))?;
+        for item in peers.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let fp = <[u8; 32]>::try_from(k.value())
+                .map(Fingerprint)
+                .map_err(|_| damaged("a peer key of the wrong length".into()))?;
+            let row: PeerRow =
+                opts().deserialize(v.value()).map_err(|e| damaged(format!("peer {}: {e}", fp.short())))?;
+            let key = PublicKey::from_der(&row.key).map_err(|e| damaged(format!("peer {}: {e}", fp.short())))?;
+            if key.fingerprint() != fp {
+                return Err(damaged(format!("peer {}: its key has another fingerprint", fp.short())));
+            }
+            let stored = Stored { key, addr: row.addr, chains: row.chains, family: row.family, avoided: row.avoided };
+            out.peers.push((fp, stored));
+        }
+        let edges = tx.open_table(EDGES).map_err(|e| self.err(e))?;
+        for item in edges.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            let (a, b) = v.value().split_at_checked(32).ok_or_else(|| damaged(format!("edge {}", k.value())))?;
+            let (Ok(a), Ok(b)) = (<[u8; 32]>::try_from(a), <[u8; 32]>::try_from(b)) else {
+                return Err(damaged(format!("edge {}: ends of the wrong length", k.value())));
+            };
+            out.edges.push((NeighborId(k.value()), Fingerprint(a), Fingerprint(b)));
+        }
+        Ok(out)
+    }
+
+    /// Writes a batch in one transaction, synced to disk before it returns.
+    pub(crate) fn write(&self, batch: &Batch) -> Result<(), TrackerError> {
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        tx.set_durability(Durability::Immediate).map_err(|e| self.err(e))?;
+        {
+            let mut peers = tx.open_table(PEERS).map_err(|e| self.err(e))?;
+            for (fp, row) in &batch.peers {
+                match row {
+                    Some(row) => peers.insert(fp.0.as_slice(), row.as_slice()).map(drop),
+                    None => peers.remove(fp.0.as_slice()).map(drop),
+                }
+                .map_err(|e| self.err(e))?;
+            }
+            let mut edges = tx.open_table(EDGES).map_err(|e| self.err(e))?;
+            for (nid, ends) in &batch.edges {
+                match ends {
+                    Some(ends) => edges.insert(nid.0, ends.as_slice()).map(drop),
+                    None => edges.remove(nid.0).map(drop),
+                }
+                .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> TrackerError {
+    TrackerError::Store { path: path.display().to_string(), message: e.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_and_damaged_rows_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tracker.redb");
+        std::fs::write(&path, vec![0x5a; 10_000]).unwrap();
+        let e = Store::open(&path).err().expect("garbage opened").to_string();
+        assert!(e.contains("tracker.redb"), "{e}");
+
+        let path = dir.path().join("rows.redb");
+        let store = Store::open(&path).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        tx.open_table(PEERS).unwrap().insert([7u8; 32].as_slice(), [0xffu8; 40].as_slice()).unwrap();
+        tx.commit().unwrap();
+        let e = store.load().unwrap_err().to_string();
+        assert!(e.contains("rows.redb") && e.contains("damaged"), "{e}");
+
+        let path = dir.path().join("edges.redb");
+        let store = Store::open(&path).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        tx.open_table(EDGES).unwrap().insert(5u64, [1u8; 10].as_slice()).unwrap();
+        tx.commit().unwrap();
+        assert!(store.load().unwrap_err().to_string().contains("damaged"));
+    }
+}
