@@ -87,6 +87,22 @@ pub struct Peer<K> {
 }
 
 impl<K> Peer<K> {
+    /// A peer with no edges yet (announced now, or restored from the state database).
+    fn new(key: K, addr: SocketAddr, chains: Vec<ChainId>, family: Vec<Fingerprint>, now: Instant) -> Peer<K> {
+        Peer {
+            key,
+            addr,
+            chains,
+            family,
+            last_seen: now,
+            avoided: false,
+            blamed_by: HashSet::new(),
+            edges: FpMap::default(),
+            prefix: Net::diversity(addr.ip()),
+            restored: false,
+        }
+    }
+
     /// Number of neighbors.
     pub fn degree(&self) -> usize {
         self.edges.len()
@@ -296,18 +312,7 @@ impl<K> Graph<K> {
                 }
                 self.census.check(addr.ip()).map_err(GraphError::OverLimit)?;
                 self.census.add(addr.ip());
-                let peer = Peer {
-                    key,
-                    addr,
-                    chains,
-                    family,
-                    last_seen: now,
-                    avoided: false,
-                    blamed_by: HashSet::new(),
-                    edges: FpMap::default(),
-                    prefix: Net::diversity(addr.ip()),
-                    restored: false,
-                };
+                let peer = Peer::new(key, addr, chains, family, now);
                 self.peers.insert(id, peer);
                 self.index_peer(id);
                 self.set_seen(id, now);

@@ -184,6 +184,16 @@ async fn raw_tcp(dir: &Path, bytes: u64) -> Result<f64, PeerError> {
     }
 }
 
+/// `anomos [--log-level LEVEL] CMD --listen LISTEN --tracker TRACKER --tracker-fp FP --data-dir DATA`.
+fn node_args(level: Option<&str>, cmd: &str, listen: &str, tracker: &str, fp: &str, data: &Path) -> Vec<String> {
+    let mut a: Vec<String> = level.map(|l| vec!["--log-level".into(), l.into()]).unwrap_or_default();
+    let data = data.display().to_string();
+    a.extend(
+        [cmd, "--listen", listen, "--tracker", tracker, "--tracker-fp", fp, "--data-dir", &data].map(String::from),
+    );
+    a
+}
+
 fn field<'a>(line: &'a str, k: &str) -> Option<&'a str> {
     line.split_whitespace().find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
 }
@@ -237,22 +247,9 @@ async fn fetch_once(
         .to_vec();
     let (t, _, fp) = spawn_ready_in(Some(&ns(1)), "tracker", &targs, &dir.join("tracker.log")).await?;
     procs.push(t);
+    let tracker = addr(1, PORT);
     let common = |host: usize, name: &str| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "--log-level",
-            "warn",
-            "peer",
-            "--listen",
-            &addr(host, PORT),
-            "--tracker",
-            &addr(1, PORT),
-            "--tracker-fp",
-            &fp,
-            "--data-dir",
-            &d(name),
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut a = node_args(Some("warn"), "peer", &addr(host, PORT), &tracker, &fp, &dir.join(name));
         a.extend(window.iter().cloned());
         a
     };
@@ -272,29 +269,22 @@ async fn fetch_once(
     }
     // Two announce intervals: every peer knows its neighbors (what a user's long-running overlay looks like).
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut fargs: Vec<String> = [
-        "fetch",
-        "--listen",
-        &addr(REQUESTER, PORT),
-        "--tracker",
-        &addr(1, PORT),
-        "--tracker-fp",
-        &fp,
-        "--data-dir",
-        &d("requester"),
-        "--chain",
-        "regtest",
-        "--relays",
-        "2",
-        "--circuits",
-        &circuits.to_string(),
-        "--timeout",
-        "600",
-        "--progress-interval",
-        "3600000",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut fargs = node_args(None, "fetch", &addr(REQUESTER, PORT), &tracker, &fp, &dir.join("requester"));
+    fargs.extend(
+        [
+            "--chain",
+            "regtest",
+            "--relays",
+            "2",
+            "--circuits",
+            &circuits.to_string(),
+            "--timeout",
+            "600",
+            "--progress-interval",
+            "3600000",
+        ]
+        .map(String::from),
+    );
     fargs.extend(window.iter().cloned());
     let started = Instant::now();
     let (mut f, mut lines) = spawn_piped(Some(&ns(REQUESTER)), "fetch", &fargs, &dir.join("fetch.log"))?;
@@ -340,27 +330,8 @@ async fn seed_chain(root: &Path, blocks: u32, txs: usize, quiet: bool) -> Result
             .map(String::from)
             .to_vec();
     let (mut tracker, taddr, fp) = spawn_ready_in(None, "seed-tracker", &targs, &root.join("seed-tracker.log")).await?;
-    let a: Vec<String> = [
-        "--log-level",
-        "info",
-        "peer",
-        "--listen",
-        "127.0.0.1:0",
-        "--tracker",
-        &taddr,
-        "--tracker-fp",
-        &fp,
-        "--data-dir",
-        &dir.join("peer").display().to_string(),
-        "--serve",
-        "regtest",
-        "--mine",
-        &blocks.to_string(),
-        "--mine-txs",
-        &txs.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut a = node_args(Some("info"), "peer", "127.0.0.1:0", &taddr, &fp, &dir.join("peer"));
+    a.extend(["--serve", "regtest", "--mine", &blocks.to_string(), "--mine-txs", &txs.to_string()].map(String::from));
     let log = root.join("seed.log");
     let (mut p, _lines) = spawn_piped(None, "seed", &a, &log)?;
     let deadline = Instant::now() + Duration::from_secs(600);

@@ -36,18 +36,7 @@ impl<K> Graph<K> {
         for c in &chains {
             self.serving.entry(c.clone()).or_default().insert(id);
         }
-        let peer = Peer {
-            key,
-            addr,
-            chains,
-            family,
-            last_seen: now,
-            avoided,
-            blamed_by: HashSet::new(),
-            edges: FpMap::default(),
-            prefix: Net::diversity(addr.ip()),
-            restored: true,
-        };
+        let peer = Peer { avoided, restored: true, ..Peer::new(key, addr, chains, family, now) };
         self.peers.insert(id, peer);
         self.index_peer(id);
         self.set_seen(id, now);
