@@ -508,7 +508,8 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         if !self.headers_done || self.writing || !self.to_store.is_empty() || !self.in_flight.is_empty() {
             return false;
         }
-        if self.circuits.values().any(|c| c.headers_req.is_some()) {
+        // (A circuit still shaking hands holds up nothing: its pipelined `getheaders` counts once it is ready.)
+        if self.circuits.values().any(|c| c.ready && c.headers_req.is_some()) {
             return false;
         }
         let s = read(self.store);

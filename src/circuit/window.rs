@@ -27,15 +27,22 @@
 
 use std::time::{Duration, Instant};
 
-/// Window state of one circuit direction at its receiver.
+/// Window state of one circuit direction at its receiver: 16 bytes while idle (the epoch state is allocated with
+/// the first SENDME's worth of drained cells; relayed circuits by the thousand stay small).
 #[derive(Debug, Clone)]
 pub struct Tuner {
     window: u32,
-    min: u32,
-    max: u32,
+    min: u16,
+    max: u16,
+    busy: Option<Box<Busy>>,
+}
+
+/// The epoch state of a circuit direction that has carried data.
+#[derive(Debug, Clone)]
+struct Busy {
     /// Cells drained in the current epoch, and when it began.
     epoch_cells: u32,
-    epoch_start: Option<Instant>,
+    epoch_start: Instant,
     /// Credit still to withhold after a shrink larger than one SENDME.
     debt: u32,
     /// Drain rates (cells/s) of the last epochs; the target uses the highest.
@@ -44,19 +51,12 @@ pub struct Tuner {
 }
 
 impl Tuner {
-    /// A tuner starting at `min` (the announced window), never above `max` (the announced maximum).
+    /// A tuner starting at `min` (the announced window), never above `max` (the announced maximum); both are
+    /// u16 on the wire.
     pub fn new(min: u32, max: u32) -> Tuner {
-        let min = min.max(1);
-        Tuner {
-            window: min,
-            min,
-            max: max.max(min),
-            epoch_cells: 0,
-            epoch_start: None,
-            debt: 0,
-            rates: [0.0; 4],
-            epochs: 0,
-        }
+        let wire = |w: u32| u16::try_from(w).unwrap_or(u16::MAX);
+        let min = wire(min.max(1));
+        Tuner { window: u32::from(min), min, max: wire(max).max(min), busy: None }
     }
 
     /// The current window.
@@ -64,52 +64,61 @@ impl Tuner {
         self.window
     }
 
+    /// Credit still withheld after a shrink.
+    pub fn debt(&self) -> u32 {
+        self.busy.as_ref().map_or(0, |b| b.debt)
+    }
+
     /// `drained` more cells have left (a SENDME's worth): the credit to return now (0 = none this time). `rtt` is
     /// the smoothed RTT of the link they arrived on, `tight` whether the node's cell pool is under pressure,
     /// `queued` how many cells of this circuit and direction still wait here.
     pub fn on_drained(&mut self, drained: u32, now: Instant, rtt: Option<Duration>, tight: bool, queued: u32) -> u32 {
+        let Tuner { window, min, max, busy } = self;
+        let (min, max) = (u32::from(*min), u32::from(*max));
+        let b = busy.get_or_insert_with(|| {
+            Box::new(Busy { epoch_cells: 0, epoch_start: now, debt: 0, rates: [0.0; 4], epochs: 0 })
+        });
         let mut grant = drained;
-        let start = *self.epoch_start.get_or_insert(now);
-        self.epoch_cells = self.epoch_cells.saturating_add(drained);
-        if self.epoch_cells >= self.window.max(drained.saturating_mul(8)) {
-            let elapsed = now.saturating_duration_since(start).as_secs_f64().max(1e-6);
-            let slot = usize::from(self.epochs) % self.rates.len();
-            if let Some(r) = self.rates.get_mut(slot) {
-                *r = (f64::from(self.epoch_cells) / elapsed) as f32;
+        b.epoch_cells = b.epoch_cells.saturating_add(drained);
+        if b.epoch_cells >= (*window).max(drained.saturating_mul(8)) {
+            let elapsed = now.saturating_duration_since(b.epoch_start).as_secs_f64().max(1e-6);
+            let slot = usize::from(b.epochs) % b.rates.len();
+            if let Some(r) = b.rates.get_mut(slot) {
+                *r = (f64::from(b.epoch_cells) / elapsed) as f32;
             }
-            self.epochs = self.epochs.wrapping_add(1);
-            let rate = f64::from(self.rates.iter().copied().fold(0.0f32, f32::max));
+            b.epochs = b.epochs.wrapping_add(1);
+            let rate = f64::from(b.rates.iter().copied().fold(0.0f32, f32::max));
             let target = match rtt {
                 Some(rtt) if !tight => {
                     let t = 2.0 * rate * rtt.as_secs_f64() + 2.0 * f64::from(drained);
-                    (t.min(f64::from(self.max)) as u32).clamp(self.min, self.max)
+                    (t.min(f64::from(max)) as u32).clamp(min, max)
                 }
                 // No RTT (an in-memory link) or a tight pool: the announced window.
-                _ => self.min,
+                _ => min,
             };
-            let standing = queued.saturating_mul(4) >= self.window;
-            let next = if target > self.window {
-                target.min(self.window.saturating_mul(2)).min(self.max)
+            let standing = queued.saturating_mul(4) >= *window;
+            let next = if target > *window {
+                target.min(window.saturating_mul(2)).min(max)
             } else if standing || tight {
-                target.max(self.window - self.window / 4).max(self.min)
+                target.max(*window - *window / 4).max(min)
             } else {
-                self.window
+                *window
             };
-            if next > self.window {
-                let more = next - self.window;
+            if next > *window {
+                let more = next - *window;
                 // Growth first repays any debt left from an earlier shrink.
-                let repay = more.min(self.debt);
-                self.debt -= repay;
+                let repay = more.min(b.debt);
+                b.debt -= repay;
                 grant = grant.saturating_add(more - repay);
             } else {
-                self.debt = self.debt.saturating_add(self.window - next);
+                b.debt = b.debt.saturating_add(*window - next);
             }
-            self.window = next;
-            self.epoch_cells = 0;
-            self.epoch_start = Some(now);
+            *window = next;
+            b.epoch_cells = 0;
+            b.epoch_start = now;
         }
-        let withheld = grant.min(self.debt);
-        self.debt -= withheld;
+        let withheld = grant.min(b.debt);
+        b.debt -= withheld;
         grant - withheld
     }
 }
@@ -143,12 +152,18 @@ mod tests {
                 let g = t.on_drained(32, now, rtt, tight, 0);
                 outstanding += i64::from(g) - 32;
                 assert!(outstanding <= i64::from(t.window()), "credit beyond the window");
-                if t.debt == 0 {
+                if t.debt() == 0 {
                     assert_eq!(outstanding, i64::from(t.window()), "growth is granted at once");
                 }
             }
         }
         t
+    }
+
+    #[test]
+    fn an_idle_tuner_is_small() {
+        assert!(std::mem::size_of::<Tuner>() <= 16, "{}", std::mem::size_of::<Tuner>());
+        assert!(Tuner::new(128, 2048).busy.is_none());
     }
 
     #[test]
