@@ -4,7 +4,8 @@
 //!
 //! * with `--max-sessions` given, the tracker does not start (clear error): the operator asked for it;
 //! * with the default (derived from `--max-peers`), the soft limit goes up to the hard one and the session limit
-//!   is cut to what fits, with a warning saying what to raise. A tracker started with default flags on a host
+//!   is cut to what fits, with an INFO line saying what to raise (a WARN per connection dropped once the cap is
+//!   reached). A tracker started with default flags on a host
 //!   with a low hard limit thus still runs, sized to the host.
 
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
@@ -30,7 +31,9 @@ pub(crate) fn sessions_for(args: &TrackerArgs) -> Result<usize, TrackerError> {
     };
     let sessions = usize::try_from(got.saturating_sub(args.probes_limit() as u64 + MARGIN)).unwrap_or(usize::MAX);
     let sessions = sessions.clamp(16, args.sessions_limit());
-    tracing::warn!(
+    // INFO, not WARN: nothing the operator asked for is refused (only the default was cut to the host), and a tracker
+    // that reaches the cap says so at WARN for every connection it drops ("too many sessions").
+    tracing::info!(
         open_files = got, sessions, wanted = args.sessions_limit(), max_peers = args.max_peers, reason = %refused,
         "the open-file limit caps the sessions: connections beyond them are refused until others close; raise \
          the hard limit (ulimit -Hn, LimitNOFILE) to hold --max-peers peers"
