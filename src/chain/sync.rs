@@ -759,11 +759,13 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             return;
         }
         c.ready = true;
+        // The pipelined `getheaders` is normally still outstanding (its answer follows the verack).
+        let headers_idle = c.headers_req.is_none();
         debug!(circuit = id, "handshake done");
         if self.opts.follow {
             self.send(id, &Message::SendHeaders);
         }
-        if c_headers_idle(self.circuits.get(&id)) {
+        if headers_idle {
             self.get_headers(id, no_stop());
         }
         self.assign();
@@ -1018,11 +1020,6 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
 }
 
 /// A copy of an error for reports (circuit errors keep their text).
-/// Whether a circuit has no `getheaders` outstanding (the pipelined one was answered already, or none was sent).
-fn c_headers_idle(c: Option<&Circ>) -> bool {
-    c.is_some_and(|c| c.headers_req.is_none())
-}
-
 fn clone_error(e: &ChainError) -> ChainError {
     match e {
         ChainError::Malformed(b) => ChainError::Malformed(b.clone()),
