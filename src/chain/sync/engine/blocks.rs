@@ -1,0 +1,231 @@
+//! The engine's headers and blocks: `getheaders` and what answers it, `getdata` spread over the ready circuits,
+//! and blocks checked and committed.
+
+use super::*;
+
+impl<F: FnMut(SyncEvent)> Engine<'_, F> {
+    /// Sends `getheaders` with our locator (or, unrooted, for the genesis header).
+    pub(super) fn get_headers(&mut self, id: usize, stop: BlockHash) {
+        let (locator, stop) = {
+            let s = read(self.store);
+            if s.is_rooted() {
+                (s.locator(), stop)
+            } else {
+                (Vec::new(), self.params.genesis_hash)
+            }
+        };
+        self.send_getheaders(id, locator, stop);
+    }
+
+    pub(super) fn send_getheaders(&mut self, id: usize, locator_hashes: Vec<BlockHash>, stop_hash: BlockHash) {
+        if let Some(c) = self.circuits.get_mut(&id) {
+            c.headers_req = Some(Instant::now());
+        }
+        let req = GetHeadersMessage { version: PROTOCOL_VERSION, locator_hashes, stop_hash };
+        self.send(id, &Message::GetHeaders(req));
+    }
+
+    pub(super) fn on_headers(&mut self, id: usize, headers: Vec<Header>) -> Result<(), ChainError> {
+        if headers.len() > MAX_HEADERS {
+            return Err(ChainError::Protocol(format!("{} headers in one message", headers.len())));
+        }
+        let answer = match self.circuits.get_mut(&id) {
+            Some(c) => c.headers_req.take().is_some(),
+            None => return Ok(()),
+        };
+        let Some(first) = headers.first().copied() else {
+            if answer {
+                self.headers_done = true;
+            }
+            return Ok(());
+        };
+        let rooted = read(self.store).is_rooted();
+        if !rooted {
+            check_genesis_header(self.params, &first)?;
+            let params = self.params;
+            self.headers_new +=
+                write(self.store).insert_headers_checked(&[first], |_, h| check_genesis_header(params, h))? as u64;
+            info!(genesis = %first.block_hash(), "learned the genesis header of {}", params.name);
+            self.low_water = 0;
+            self.get_headers(id, no_stop());
+            return Ok(());
+        }
+        // An announcement that does not connect: ask for the headers between.
+        if !answer && read(self.store).entry(&first.prev_blockhash).is_none() {
+            let last = headers.last().map_or(first.block_hash(), Header::block_hash);
+            self.get_headers(id, last);
+            return Ok(());
+        }
+        for pair in headers.windows(2) {
+            if let [a, b] = pair {
+                if let Err(e) = check_linkage(a, b) {
+                    // Keep what is valid before the break, then fail.
+                    let upto = headers.iter().position(|h| h == b).unwrap_or(0);
+                    self.accept_headers(headers.get(..upto).unwrap_or_default())?;
+                    return Err(ChainError::invalid_header(b.block_hash(), e));
+                }
+            }
+        }
+        let before = read(self.store).best_tip();
+        self.accept_headers(&headers)?;
+        if answer {
+            if headers.len() == MAX_HEADERS {
+                let last = headers.last().map_or(first.block_hash(), Header::block_hash);
+                let locator = read(self.store).locator_from(&last);
+                self.send_getheaders(id, locator, no_stop());
+            } else {
+                self.headers_done = true;
+            }
+        }
+        if read(self.store).best_tip() != before {
+            if !read(self.store).is_active(&before.0) {
+                // A reorg: heights at and below the old tip may hold other blocks now.
+                self.low_water = 0;
+            }
+            self.assign();
+        }
+        Ok(())
+    }
+
+    /// Checks and stores headers (in one write); counts the new ones.
+    pub(super) fn accept_headers(&mut self, headers: &[Header]) -> Result<(), ChainError> {
+        if headers.is_empty() {
+            return Ok(());
+        }
+        let now = unix_now();
+        let params = self.params;
+        let result = write(self.store)
+            .insert_headers_checked(headers, |s, h| check_header(s, params, h, now).map(|_| ()))
+            .map(|n| n as u64);
+        let new = match &result {
+            Ok(n) => *n,
+            Err(_) => 0,
+        };
+        self.headers_new += new;
+        let n = result?;
+        if n > 0 {
+            self.progress(SyncPhase::Headers);
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_block(
+        &mut self,
+        id: usize,
+        block: Block,
+        checked: Option<Result<(), BtcError>>,
+    ) -> Result<(), ChainError> {
+        let hash = block.block_hash();
+        let Some(c) = self.circuits.get_mut(&id) else { return Ok(()) };
+        let Some(pos) = c.in_flight.iter().position(|h| *h == hash) else {
+            // A block we know but did not ask this circuit for is a wrong answer to a getdata
+            // (requests are answered once, in order); one we do not know is unsolicited.
+            if read(self.store).entry(&hash).is_some() {
+                return Err(ChainError::Protocol(format!("sent block {hash}, which we did not ask it for")));
+            }
+            debug!(circuit = id, %hash, "unsolicited block ignored");
+            return Ok(());
+        };
+        c.in_flight.remove(pos);
+        if c.in_flight.is_empty() {
+            c.waiting_since = Instant::now();
+        }
+        self.in_flight.remove(&hash);
+        if read(self.store).has_block(&hash) || self.storing.contains(&hash) {
+            self.refetched += 1;
+        }
+        if let Some(Err(e)) = checked {
+            return Err(ChainError::invalid_block(hash, e));
+        }
+        if checked.is_none() {
+            check_block(&block).map_err(|e| ChainError::invalid_block(hash, e))?;
+        }
+        let height = read(self.store)
+            .height_of(&hash)
+            .ok_or_else(|| ChainError::Store(format!("block {hash} has no header")))?;
+        check_block_contextual(&block, self.params, height)?;
+        self.to_store.push(block);
+        self.flush_blocks();
+        self.assign();
+        Ok(())
+    }
+
+    /// Starts a commit of the waiting blocks unless one is running.
+    pub(super) fn flush_blocks(&mut self) {
+        if self.writing || self.to_store.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.to_store);
+        let hashes: Vec<BlockHash> = batch.iter().map(Block::block_hash).collect();
+        self.storing.extend(hashes.iter().copied());
+        self.writing = true;
+        let store = self.store.clone();
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || write(&store).insert_blocks(&batch))
+                .await
+                .unwrap_or_else(|e| Err(ChainError::Store(format!("store task: {e}"))));
+            let _ = tx.send(Ev::Stored { hashes, result });
+        });
+    }
+
+    /// Spreads missing best-chain blocks over ready circuits with free slots.
+    pub(super) fn assign(&mut self) {
+        let budget = self.opts.window.max(1) * self.circuits.len().max(1) * 2;
+        if self.storing.len() + self.to_store.len() >= budget {
+            return;
+        }
+        let free: Vec<(usize, usize)> = self
+            .circuits
+            .iter()
+            .filter(|(_, c)| c.ready)
+            .map(|(id, c)| (*id, self.opts.window.saturating_sub(c.in_flight.len())))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        if free.is_empty() {
+            return;
+        }
+        let want: usize = free.iter().map(|(_, n)| n).sum::<usize>() * 2;
+        let candidates: Vec<BlockHash> = {
+            let s = read(self.store);
+            let mut first_missing = None;
+            let mut out = Vec::new();
+            for (height, hash) in s.missing_from(self.low_water) {
+                first_missing.get_or_insert(height);
+                if self.in_flight.contains_key(&hash) || self.storing.contains(&hash) {
+                    continue;
+                }
+                if self.to_store.iter().any(|b| b.block_hash() == hash) {
+                    continue;
+                }
+                out.push(hash);
+                if out.len() >= want {
+                    break;
+                }
+            }
+            if s.is_rooted() {
+                self.low_water = first_missing.unwrap_or_else(|| s.best_tip().1.saturating_add(1));
+            }
+            out
+        };
+        let mut taken: HashSet<BlockHash> = HashSet::new();
+        for (id, n) in free {
+            let Some(c) = self.circuits.get_mut(&id) else { continue };
+            let mine: Vec<BlockHash> =
+                candidates.iter().filter(|h| !taken.contains(*h) && !c.refused.contains(*h)).take(n).copied().collect();
+            if mine.is_empty() {
+                continue;
+            }
+            if c.in_flight.is_empty() {
+                c.waiting_since = Instant::now();
+            }
+            c.in_flight.extend_from_slice(&mine);
+            self.requested += mine.len() as u64;
+            for h in &mine {
+                taken.insert(*h);
+                self.in_flight.insert(*h, id);
+            }
+            self.send(id, &Message::GetData(mine.into_iter().map(Inventory::WitnessBlock).collect()));
+        }
+    }
+}
