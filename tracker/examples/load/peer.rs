@@ -1,7 +1,10 @@
 //! One simulated peer: its own 127.x address, where it answers the tracker's reachability probes, and a
-//! tracker client that behaves like the real one (`src/tracker_client.rs`): one session, reused while it has been
-//! idle for less than `reuse_idle` (30 s, as the peer does), otherwise replaced; a kept session the tracker
-//! closed is replaced once. Announces follow the interval the tracker hands out.
+//! tracker client that behaves like the real one (`src/tracker_client.rs`): one session, opened with a full
+//! handshake and a ticket request, then resumed on a new connection for every request (the real client keeps a
+//! connection for 2 s after a request; a simulated peer makes no second request within 2 s, so it closes at once
+//! and holds no descriptor between requests). With `--no-resume` it keeps the session's connection instead while
+//! idle under `reuse_idle` (75 s, the client before session tickets). Announces follow the interval the tracker
+//! hands out.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 use anomos_proto::identity::PublicKey;
 use anomos_proto::ids::ChainId;
 use anomos_proto::link::{decode_probe_body, PROBE_MAGIC};
-use anomos_proto::tracker::{self, Announce, FromTracker, ToTracker, TrackerChannel};
+use anomos_proto::tracker::{self, Announce, FromTracker, ResumeAnswer, Ticket, ToTracker, TrackerChannel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Mutex};
@@ -33,6 +36,8 @@ pub struct Ctx {
     pub tracker_key: PublicKey,
     pub chains: Vec<ChainId>,
     pub reuse_idle: Duration,
+    /// Resume sessions with tickets (the real client); false: keep connections (`--no-resume`).
+    pub resume: bool,
     /// Move each peer's announces to a random phase after its first one.
     pub spread: bool,
     pub start: Instant,
@@ -79,7 +84,12 @@ impl Session {
             TrackerChannel::connect(&mut rand::rngs::OsRng, &ctx.tracker_key).map_err(|e| format!("proto:{e}"))?;
         io("hello", stream.write_all(&hello)).await?;
         let mut reply = [0u8; tracker::EPHEMERAL_LEN];
-        io("hello", stream.read_exact(&mut reply)).await?;
+        // The tracker sheds a connection here, before any RSA work, when too many channel set-ups are in progress
+        // (or every connection slot is taken): a closed connection is its "busy, retry later".
+        io("hello", stream.read_exact(&mut reply)).await.map_err(|e| match e.as_str() {
+            "io:UnexpectedEof" | "io:ConnectionReset" => "shed:closed-before-hello".to_string(),
+            _ => e,
+        })?;
         let chan = handshake.finish(&reply).map_err(|e| format!("proto:{e}"))?;
         let mut s = Session { stream, chan };
         let nonce = match s.recv().await? {
@@ -89,6 +99,36 @@ impl Session {
         let signature = key.sign(&tracker::hello_signed_bytes(&ctx.tracker_key.fingerprint(), &nonce))?;
         match s.request(&ToTracker::Hello { public_key: key.der.clone(), signature }).await? {
             FromTracker::Welcome { .. } => Ok(s),
+            other => Err(format!("unexpected:{other:?}")),
+        }
+    }
+
+    /// Resumes the session of `ticket` (SPEC §3.4); `None` when the tracker does not hold it.
+    async fn resume(ctx: &Ctx, ticket: &Ticket, from: IpAddr) -> Result<Option<Self>, String> {
+        let sock = TcpSocket::new_v4().map_err(|e| err_kind(&e))?;
+        sock.bind(SocketAddr::new(from, 0)).map_err(|e| err_kind(&e))?;
+        let mut stream = io("connect", sock.connect(ctx.tracker)).await?;
+        stream.set_nodelay(true).map_err(|e| err_kind(&e))?;
+        let (hello, hs) = TrackerChannel::resume(&mut rand::rngs::OsRng, &ctx.tracker_key.fingerprint(), ticket);
+        io("resume", stream.write_all(&hello)).await?;
+        let mut status = [0u8; 1];
+        io("resume", stream.read_exact(&mut status)).await?;
+        if ResumeAnswer::from_byte(status[0]).map_err(|e| format!("proto:{e}"))? == ResumeAnswer::Unknown {
+            return Ok(None);
+        }
+        let mut e_t = [0u8; tracker::EPHEMERAL_LEN];
+        io("resume", stream.read_exact(&mut e_t)).await?;
+        let chan = hs.finish(&e_t).map_err(|e| format!("proto:{e}"))?;
+        Ok(Some(Session { stream, chan }))
+    }
+
+    /// Asks for the session's ticket.
+    async fn ticket(&mut self) -> Result<(Ticket, Duration), String> {
+        match self.request(&ToTracker::Resumable).await? {
+            FromTracker::Ticket { ticket, lifetime_secs } => Ok((
+                Ticket { id: ticket, secret: self.chan.resumption_secret().clone() },
+                Duration::from_secs(u64::from(lifetime_secs)),
+            )),
             other => Err(format!("unexpected:{other:?}")),
         }
     }
@@ -115,11 +155,21 @@ impl Session {
     }
 }
 
+/// A simulated peer's session: the kept connection (`--no-resume`) and the ticket (its last use, lifetime).
+#[derive(Default)]
+struct PeerSession {
+    conn: Option<(Session, Instant)>,
+    ticket: Option<(Ticket, Instant, Duration)>,
+}
+
+/// A ticket is not presented within this margin of its lifetime (as the real client).
+const TICKET_MARGIN: Duration = Duration::from_secs(10);
+
 /// A simulated peer.
 pub struct Peer {
     pub listen: SocketAddr,
     key: PeerKey,
-    session: Mutex<Option<(Session, Instant)>>,
+    session: Mutex<PeerSession>,
     pub joined: AtomicBool,
     /// Successful announces so far.
     pub announces: AtomicU64,
@@ -133,37 +183,62 @@ impl Peer {
         Arc::new(Peer {
             listen: addr_of(k, port),
             key,
-            session: Mutex::new(None),
+            session: Mutex::new(PeerSession::default()),
             joined: AtomicBool::new(false),
             announces: AtomicU64::new(0),
             table: std::sync::Mutex::new(Vec::new()),
         })
     }
 
-    /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if any.
+    /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if it needed
+    /// a full one (resumptions are recorded as `resumes`).
     pub async fn request(&self, ctx: &Ctx, msg: &ToTracker) -> Result<(FromTracker, Option<Duration>), String> {
         let mut slot = self.session.lock().await;
-        if let Some((mut s, used)) = slot.take() {
+        if let Some((mut s, used)) = slot.conn.take() {
             if used.elapsed() < ctx.reuse_idle {
                 match s.request(msg).await {
                     Err(e) if e.starts_with("io:") => {} // closed by the tracker: reconnect once
                     r => {
                         if r.is_ok() || r.as_ref().is_err_and(|e| e.starts_with("tracker:")) {
-                            *slot = Some((s, Instant::now()));
+                            slot.conn = Some((s, Instant::now()));
                         }
                         return r.map(|reply| (reply, None));
                     }
                 }
             }
         }
+        let fresh = slot.ticket.as_ref().filter(|(_, used, life)| used.elapsed() + TICKET_MARGIN < *life);
+        if let Some((ticket, _, _)) = fresh.cloned() {
+            let t = Instant::now();
+            match Session::resume(ctx, &ticket, self.listen.ip()).await.map_err(|e| format!("resume/{e}"))? {
+                Some(mut s) => {
+                    ctx.stats.resumes.record(ctx.start, t.elapsed());
+                    let r = s.request(msg).await;
+                    if r.is_ok() || r.as_ref().is_err_and(|e| e.starts_with("tracker:")) {
+                        if let Some((_, used, _)) = slot.ticket.as_mut() {
+                            *used = Instant::now();
+                        }
+                    }
+                    return r.map(|reply| (reply, None)); // the connection closes here (dropped)
+                }
+                None => {
+                    ctx.stats.note(ctx.start, "resume/unknown-ticket (full handshake instead)");
+                    slot.ticket = None;
+                }
+            }
+        }
         let t = Instant::now();
         let mut s = Session::connect(ctx, &self.key, self.listen.ip()).await.map_err(|e| format!("session/{e}"))?;
+        if ctx.resume {
+            let (ticket, life) = s.ticket().await.map_err(|e| format!("session/ticket/{e}"))?;
+            slot.ticket = Some((ticket, Instant::now(), life));
+        }
         let setup = t.elapsed();
         ctx.stats.sessions.record(ctx.start, setup);
         let r = s.request(msg).await;
-        let keep = !ctx.reuse_idle.is_zero();
+        let keep = !ctx.resume && !ctx.reuse_idle.is_zero();
         if keep && (r.is_ok() || r.as_ref().is_err_and(|e| e.starts_with("tracker:"))) {
-            *slot = Some((s, Instant::now()));
+            slot.conn = Some((s, Instant::now()));
         }
         r.map(|reply| (reply, Some(setup)))
     }
@@ -202,7 +277,7 @@ impl Peer {
                         Ok((reply, _)) => format!("unexpected:{reply:?}"),
                         Err(e) => e,
                     };
-                    ctx.stats.error(ctx.start, format!("announce/{kind}"));
+                    ctx.stats.failure(ctx.start, format!("announce/{kind}"));
                     let w = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     w
@@ -227,7 +302,7 @@ impl Peer {
             }
             Ok((FromTracker::Circuits(_), _)) => ctx.stats.error(ctx.start, "circuit/empty"),
             Ok((reply, _)) => ctx.stats.error(ctx.start, format!("circuit/unexpected:{reply:?}")),
-            Err(e) => ctx.stats.error(ctx.start, format!("circuit/{e}")),
+            Err(e) => ctx.stats.failure(ctx.start, format!("circuit/{e}")),
         }
         false
     }
