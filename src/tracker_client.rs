@@ -79,15 +79,21 @@ impl TrackerSession {
     /// Resumes the session of `ticket` on a new connection (`ResumeHello`, SPEC §3.4): `Ok(None)` when the
     /// tracker does not hold the ticket (expired, evicted, restarted: do a full handshake). The tracker is
     /// authenticated as for a full session: only it knows the resumption secret, so only its replies open.
-    pub async fn resume(addr: SocketAddr, tracker_fp: &Fingerprint, ticket: &Ticket) -> Result<Option<Self>, PeerError> {
+    pub async fn resume(
+        addr: SocketAddr,
+        tracker_fp: &Fingerprint,
+        ticket: &Ticket,
+    ) -> Result<Option<Self>, PeerError> {
         let mut stream = timeout(IO_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| PeerError::Timeout("tracker connect"))??;
         stream.set_nodelay(true)?;
-        let (hello, handshake) = TrackerChannel::resume(&mut rand::rngs::OsRng, tracker_fp, ticket);
+        let (hello, handshake) = TrackerChannel::resume(&mut rand::rngs::OsRng, tracker_fp, ticket)?;
         stream.write_all(&hello).await?;
         let mut status = [0u8; 1];
-        timeout(IO_TIMEOUT, stream.read_exact(&mut status)).await.map_err(|_| PeerError::Timeout("tracker resume"))??;
+        timeout(IO_TIMEOUT, stream.read_exact(&mut status))
+            .await
+            .map_err(|_| PeerError::Timeout("tracker resume"))??;
         if ResumeAnswer::from_byte(status[0])? == ResumeAnswer::Unknown {
             return Ok(None);
         }

@@ -116,6 +116,13 @@ struct Args {
     /// Open-file limit set for the tracker and the generator.
     #[arg(long, default_value_t = 1_048_576)]
     nofile: u64,
+    /// Generator threads that sign (probe answers first, then Hellos).
+    #[arg(long, default_value_t = 1)]
+    sign_threads: usize,
+    /// Full session set-ups (Hello signatures) the generator runs at once; more peers wait their turn (the
+    /// generator's own pacing: each real peer would sign on its own machine).
+    #[arg(long, default_value_t = 64)]
+    handshakes_at_once: usize,
     /// Seed of the key pool (keys are cached per seed in the temp dir).
     #[arg(long, default_value_t = 16)]
     key_seed: u64,
@@ -327,6 +334,8 @@ async fn run(args: Args) -> Result<(), String> {
         start: Instant::now(),
         stats: Stats::default(),
         stop: stop_rx,
+        signer: peer::Signer::start(args.sign_threads),
+        handshakes: tokio::sync::Semaphore::new(args.handshakes_at_once.max(1)),
     });
     let s = &ctx.stats;
     let since = |t: Instant| t.duration_since(ctx.start).as_secs_f32();

@@ -191,7 +191,7 @@ impl TrackerArgs {
             || self.max_connections == Some(0)
         {
             return bad(
-                "--max-peers, --max-pending-circuits, --max-sessions and --max-connections must be positive".into(),
+                "--max-peers, --max-pending-circuits, --max-sessions and --max-connections must be positive".into()
             );
         }
         if self.max_sessions_per_ip == 0 || self.hello_rate == 0 || self.hello_burst == 0 {

@@ -30,6 +30,53 @@ const SIG_PROBE: &[u8] = b"anomos probe v1";
 /// The real client's I/O timeout per step.
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The generator's RSA signing, on its own threads: probe answers first (the tracker gives them 5 s), then
+/// session Hellos. Signing inline on the async workers let a join wave's Hellos delay probe answers past the
+/// tracker's timeout and the peers' next frames past the tracker's idle timeout: errors of the generator, not of
+/// the tracker. Each simulated peer would sign on its own machine; here they share these threads.
+pub struct Signer {
+    queue: std::sync::Mutex<(std::collections::VecDeque<Job>, std::collections::VecDeque<Job>)>,
+    ready: std::sync::Condvar,
+}
+
+type Job = (Arc<Peer>, Vec<u8>, tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>);
+
+impl Signer {
+    /// `threads` signing threads.
+    pub fn start(threads: usize) -> Arc<Self> {
+        let s = Arc::new(Signer { queue: std::sync::Mutex::default(), ready: std::sync::Condvar::new() });
+        for _ in 0..threads.max(1) {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || loop {
+                let job = {
+                    let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
+                    loop {
+                        if let Some(j) = q.0.pop_front().or_else(|| q.1.pop_front()) {
+                            break j;
+                        }
+                        q = s.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                    }
+                };
+                let (peer, msg, tx) = job;
+                let _ = tx.send(peer.key.sign(&msg));
+            });
+        }
+        s
+    }
+
+    /// Signs `msg` with `peer`'s key; `probe` answers go before Hellos.
+    pub async fn sign(&self, peer: &Arc<Peer>, msg: Vec<u8>, probe: bool) -> Result<Vec<u8>, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let lane = if probe { &mut q.0 } else { &mut q.1 };
+            lane.push_back((Arc::clone(peer), msg, tx));
+        }
+        self.ready.notify_one();
+        rx.await.map_err(|_| "sign: signer gone".to_string())?
+    }
+}
+
 /// What every peer shares.
 pub struct Ctx {
     pub tracker: SocketAddr,
@@ -43,6 +90,9 @@ pub struct Ctx {
     pub start: Instant,
     pub stats: Stats,
     pub stop: watch::Receiver<bool>,
+    pub signer: Arc<Signer>,
+    /// Full session set-ups (a Hello signature each) the generator runs at once; more peers wait their turn.
+    pub handshakes: tokio::sync::Semaphore,
 }
 
 /// The loopback address of peer `k`: 127.A.B.C with C in 1..=254, starting at 127.10.0.1 (127.0.0.1 is the
@@ -75,7 +125,7 @@ async fn io<T>(what: &str, f: impl std::future::Future<Output = std::io::Result<
 }
 
 impl Session {
-    async fn connect(ctx: &Ctx, key: &PeerKey, from: IpAddr) -> Result<Self, String> {
+    async fn connect(ctx: &Ctx, peer: &Arc<Peer>, from: IpAddr) -> Result<Self, String> {
         let sock = TcpSocket::new_v4().map_err(|e| err_kind(&e))?;
         sock.bind(SocketAddr::new(from, 0)).map_err(|e| err_kind(&e))?;
         let mut stream = io("connect", sock.connect(ctx.tracker)).await?;
@@ -96,8 +146,9 @@ impl Session {
             FromTracker::Challenge { nonce } => nonce,
             other => return Err(format!("unexpected:{other:?}")),
         };
-        let signature = key.sign(&tracker::hello_signed_bytes(&ctx.tracker_key.fingerprint(), &nonce))?;
-        match s.request(&ToTracker::Hello { public_key: key.der.clone(), signature }).await? {
+        let signed = tracker::hello_signed_bytes(&ctx.tracker_key.fingerprint(), &nonce);
+        let signature = ctx.signer.sign(peer, signed, false).await?;
+        match s.request(&ToTracker::Hello { public_key: peer.key.der.clone(), signature }).await? {
             FromTracker::Welcome { .. } => Ok(s),
             other => Err(format!("unexpected:{other:?}")),
         }
@@ -109,7 +160,8 @@ impl Session {
         sock.bind(SocketAddr::new(from, 0)).map_err(|e| err_kind(&e))?;
         let mut stream = io("connect", sock.connect(ctx.tracker)).await?;
         stream.set_nodelay(true).map_err(|e| err_kind(&e))?;
-        let (hello, hs) = TrackerChannel::resume(&mut rand::rngs::OsRng, &ctx.tracker_key.fingerprint(), ticket);
+        let (hello, hs) = TrackerChannel::resume(&mut rand::rngs::OsRng, &ctx.tracker_key.fingerprint(), ticket)
+            .map_err(|e| format!("proto:{e}"))?;
         io("resume", stream.write_all(&hello)).await?;
         let mut status = [0u8; 1];
         io("resume", stream.read_exact(&mut status)).await?;
@@ -192,7 +244,11 @@ impl Peer {
 
     /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if it needed
     /// a full one (resumptions are recorded as `resumes`).
-    pub async fn request(&self, ctx: &Ctx, msg: &ToTracker) -> Result<(FromTracker, Option<Duration>), String> {
+    pub async fn request(
+        self: &Arc<Self>,
+        ctx: &Ctx,
+        msg: &ToTracker,
+    ) -> Result<(FromTracker, Option<Duration>), String> {
         let mut slot = self.session.lock().await;
         if let Some((mut s, used)) = slot.conn.take() {
             if used.elapsed() < ctx.reuse_idle {
@@ -227,8 +283,9 @@ impl Peer {
                 }
             }
         }
+        let _turn = ctx.handshakes.acquire().await.map_err(|_| "closed".to_string())?;
         let t = Instant::now();
-        let mut s = Session::connect(ctx, &self.key, self.listen.ip()).await.map_err(|e| format!("session/{e}"))?;
+        let mut s = Session::connect(ctx, self, self.listen.ip()).await.map_err(|e| format!("session/{e}"))?;
         if ctx.resume {
             let (ticket, life) = s.ticket().await.map_err(|e| format!("session/ticket/{e}"))?;
             slot.ticket = Some((ticket, Instant::now(), life));
@@ -292,7 +349,7 @@ impl Peer {
 
     /// One circuit request; the latency is recorded when at least one circuit was granted. Returns whether one
     /// was.
-    pub async fn request_circuit(&self, ctx: &Ctx, chain: ChainId, relays: u8) -> bool {
+    pub async fn request_circuit(self: &Arc<Self>, ctx: &Ctx, chain: ChainId, relays: u8) -> bool {
         let t = Instant::now();
         let req = ToTracker::RequestCircuits(tracker::CircuitRequest { chain, count: 1, relays });
         match self.request(ctx, &req).await {
@@ -352,7 +409,7 @@ async fn answer_probe(ctx: Arc<Ctx>, peer: Arc<Peer>, mut s: TcpStream) {
         return;
     };
     let der = &peer.key.der;
-    let Ok(sig) = peer.key.sign(&[SIG_PROBE, &nonce, der].concat()) else {
+    let Ok(sig) = ctx.signer.sign(&peer, [SIG_PROBE, &nonce, der].concat(), true).await else {
         ctx.stats.error(ctx.start, "probe/sign");
         return;
     };

@@ -170,7 +170,7 @@ pub async fn open_channel_from(
 pub async fn resume(t: &Tracker, ticket: &anomos_proto::tracker::Ticket) -> Result<Option<Client>, String> {
     use anomos_proto::tracker::{ResumeAnswer, EPHEMERAL_LEN};
     let mut stream = TcpStream::connect(t.addr).await.map_err(|e| e.to_string())?;
-    let (hello, hs) = TrackerChannel::resume(&mut OsRng, &t.key.fingerprint(), ticket);
+    let (hello, hs) = TrackerChannel::resume(&mut OsRng, &t.key.fingerprint(), ticket).map_err(|e| e.to_string())?;
     stream.write_all(&hello).await.map_err(|e| e.to_string())?;
     let mut status = [0u8; 1];
     stream.read_exact(&mut status).await.map_err(|e| e.to_string())?;
