@@ -93,6 +93,10 @@ pub struct Ctx {
     pub signer: Arc<Signer>,
     /// Full session set-ups (a Hello signature each) the generator runs at once; more peers wait their turn.
     pub handshakes: tokio::sync::Semaphore,
+    /// Tracker connections the generator has open at once (its open-file limit is shared by 100,000 simulated
+    /// peers that would each have their own): a request waits for a slot before it connects. Latencies are
+    /// measured from the slot, so the generator's own queue is not counted as the tracker's.
+    pub conns: tokio::sync::Semaphore,
 }
 
 /// The loopback address of peer `k`: 127.A.B.C with C in 1..=254, starting at 127.10.0.1 (127.0.0.1 is the
@@ -164,7 +168,11 @@ impl Session {
             .map_err(|e| format!("proto:{e}"))?;
         io("resume", stream.write_all(&hello)).await?;
         let mut status = [0u8; 1];
-        io("resume", stream.read_exact(&mut status)).await?;
+        // Closed before any answer: the tracker's connection limit (close at once), or a tracker stopping.
+        io("resume", stream.read_exact(&mut status)).await.map_err(|e| match e.as_str() {
+            "io:UnexpectedEof" | "io:ConnectionReset" => "shed:closed-before-answer".to_string(),
+            _ => e,
+        })?;
         if ResumeAnswer::from_byte(status[0]).map_err(|e| format!("proto:{e}"))? == ResumeAnswer::Unknown {
             return Ok(None);
         }
@@ -207,6 +215,10 @@ impl Session {
     }
 }
 
+/// A reply, how long a full session set-up took (if one was needed), and the whole request from its connection
+/// slot on, less any wait for the generator's own handshake slot.
+pub type Reply = (FromTracker, Option<Duration>, Duration);
+
 /// A simulated peer's session: the kept connection (`--no-resume`) and the ticket (its last use, lifetime).
 #[derive(Default)]
 struct PeerSession {
@@ -244,11 +256,20 @@ impl Peer {
 
     /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if it needed
     /// a full one (resumptions are recorded as `resumes`).
-    pub async fn request(
+    pub async fn request(self: &Arc<Self>, ctx: &Ctx, msg: &ToTracker) -> Result<Reply, String> {
+        let _conn = ctx.conns.acquire().await.map_err(|_| "closed".to_string())?;
+        let t0 = Instant::now();
+        let (reply, setup, waited) = self.request_now(ctx, msg).await?;
+        Ok((reply, setup, t0.elapsed().saturating_sub(waited)))
+    }
+
+    /// [`Peer::request`] once it has a connection slot; also returns how long it waited for the generator's own
+    /// handshake slot.
+    async fn request_now(
         self: &Arc<Self>,
         ctx: &Ctx,
         msg: &ToTracker,
-    ) -> Result<(FromTracker, Option<Duration>), String> {
+    ) -> Result<(FromTracker, Option<Duration>, Duration), String> {
         let mut slot = self.session.lock().await;
         if let Some((mut s, used)) = slot.conn.take() {
             if used.elapsed() < ctx.reuse_idle {
@@ -258,7 +279,7 @@ impl Peer {
                         if r.is_ok() || r.as_ref().is_err_and(|e| e.starts_with("tracker:")) {
                             slot.conn = Some((s, Instant::now()));
                         }
-                        return r.map(|reply| (reply, None));
+                        return r.map(|reply| (reply, None, Duration::ZERO));
                     }
                 }
             }
@@ -275,7 +296,7 @@ impl Peer {
                             *used = Instant::now();
                         }
                     }
-                    return r.map(|reply| (reply, None)); // the connection closes here (dropped)
+                    return r.map(|reply| (reply, None, Duration::ZERO)); // the connection closes here (dropped)
                 }
                 None => {
                     ctx.stats.note(ctx.start, "resume/unknown-ticket (full handshake instead)");
@@ -283,7 +304,10 @@ impl Peer {
                 }
             }
         }
+        // The generator's own pacing of Hello signatures: the wait is not the tracker's, so it is left out.
+        let w = Instant::now();
         let _turn = ctx.handshakes.acquire().await.map_err(|_| "closed".to_string())?;
+        let waited = w.elapsed();
         let t = Instant::now();
         let mut s = Session::connect(ctx, self, self.listen.ip()).await.map_err(|e| format!("session/{e}"))?;
         if ctx.resume {
@@ -297,7 +321,7 @@ impl Peer {
         if keep && (r.is_ok() || r.as_ref().is_err_and(|e| e.starts_with("tracker:"))) {
             slot.conn = Some((s, Instant::now()));
         }
-        r.map(|reply| (reply, Some(setup)))
+        r.map(|reply| (reply, Some(setup), waited))
     }
 
     /// Announces at the tracker's interval until stopped; after a failure retries after 1, 2, 4 … 30 s.
@@ -306,12 +330,13 @@ impl Peer {
         let mut backoff = Duration::from_secs(1);
         let msg = ToTracker::Announce(Announce { listen: self.listen, chains: ctx.chains.clone(), family: Vec::new() });
         loop {
-            let t = Instant::now();
             let wait = match self.request(&ctx, &msg).await {
-                Ok((FromTracker::Announced(a), setup)) => {
-                    let total = t.elapsed();
-                    ctx.stats.announce_total.record(ctx.start, total);
-                    ctx.stats.announces.record(ctx.start, total - setup.unwrap_or_default());
+                Ok((FromTracker::Announced(a), setup, took)) => {
+                    // Latencies of announces by peers that have joined (a join is measured by `joins`).
+                    if self.joined.load(Ordering::Relaxed) {
+                        ctx.stats.announce_total.record(ctx.start, took);
+                        ctx.stats.announces.record(ctx.start, took.saturating_sub(setup.unwrap_or_default()));
+                    }
                     let interval = Duration::from_secs(u64::from(a.interval_secs.clamp(1, 3600)));
                     *self.table.lock().unwrap_or_else(|e| e.into_inner()) =
                         a.neighbors.iter().map(|n| (n.id.0, n.addr)).collect();
@@ -331,11 +356,12 @@ impl Peer {
                 }
                 other => {
                     let kind = match other {
-                        Ok((reply, _)) => format!("unexpected:{reply:?}"),
+                        Ok((reply, _, _)) => format!("unexpected:{reply:?}"),
                         Err(e) => e,
                     };
                     ctx.stats.failure(ctx.start, format!("announce/{kind}"));
-                    let w = backoff;
+                    // Jittered, as the real peer (src/node/neighbors.rs).
+                    let w = backoff.mul_f64(0.5 + rand::random::<f64>());
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     w
                 }
@@ -350,15 +376,17 @@ impl Peer {
     /// One circuit request; the latency is recorded when at least one circuit was granted. Returns whether one
     /// was.
     pub async fn request_circuit(self: &Arc<Self>, ctx: &Ctx, chain: ChainId, relays: u8) -> bool {
-        let t = Instant::now();
         let req = ToTracker::RequestCircuits(tracker::CircuitRequest { chain, count: 1, relays });
         match self.request(ctx, &req).await {
-            Ok((FromTracker::Circuits(c), _)) if !c.circuits.is_empty() => {
-                ctx.stats.grants.record(ctx.start, t.elapsed());
+            Ok((FromTracker::Circuits(c), setup, took)) if !c.circuits.is_empty() => {
+                // A full session set-up, if one was needed, is counted (the peer waited for it); the wait for
+                // the generator's own handshake slot is not.
+                let _ = setup;
+                ctx.stats.grants.record(ctx.start, took);
                 return true;
             }
-            Ok((FromTracker::Circuits(_), _)) => ctx.stats.error(ctx.start, "circuit/empty"),
-            Ok((reply, _)) => ctx.stats.error(ctx.start, format!("circuit/unexpected:{reply:?}")),
+            Ok((FromTracker::Circuits(_), _, _)) => ctx.stats.error(ctx.start, "circuit/empty"),
+            Ok((reply, _, _)) => ctx.stats.error(ctx.start, format!("circuit/unexpected:{reply:?}")),
             Err(e) => ctx.stats.failure(ctx.start, format!("circuit/{e}")),
         }
         false
