@@ -257,9 +257,18 @@ impl Peer {
     /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if it needed
     /// a full one (resumptions are recorded as `resumes`).
     pub async fn request(self: &Arc<Self>, ctx: &Ctx, msg: &ToTracker) -> Result<Reply, String> {
+        // A peer that will need a full set-up takes its handshake slot before its connection slot: the other way
+        // round, peers waiting for one of the 64 handshake slots held the connection slots that resuming peers
+        // needed, their announces came too late and they expired.
+        let full = {
+            let slot = self.session.lock().await;
+            let fresh = slot.ticket.as_ref().is_some_and(|(_, used, life)| used.elapsed() + TICKET_MARGIN < *life);
+            !(fresh || slot.conn.as_ref().is_some_and(|(_, used)| used.elapsed() < ctx.reuse_idle))
+        };
+        let _turn = if full { Some(ctx.handshakes.acquire().await.map_err(|_| "closed".to_string())?) } else { None };
         let _conn = ctx.conns.acquire().await.map_err(|_| "closed".to_string())?;
         let t0 = Instant::now();
-        let (reply, setup, waited) = self.request_now(ctx, msg).await?;
+        let (reply, setup, waited) = self.request_now(ctx, msg, full).await?;
         Ok((reply, setup, t0.elapsed().saturating_sub(waited)))
     }
 
@@ -269,6 +278,7 @@ impl Peer {
         self: &Arc<Self>,
         ctx: &Ctx,
         msg: &ToTracker,
+        has_turn: bool,
     ) -> Result<(FromTracker, Option<Duration>, Duration), String> {
         let mut slot = self.session.lock().await;
         if let Some((mut s, used)) = slot.conn.take() {
@@ -306,7 +316,8 @@ impl Peer {
         }
         // The generator's own pacing of Hello signatures: the wait is not the tracker's, so it is left out.
         let w = Instant::now();
-        let _turn = ctx.handshakes.acquire().await.map_err(|_| "closed".to_string())?;
+        let _turn =
+            if has_turn { None } else { Some(ctx.handshakes.acquire().await.map_err(|_| "closed".to_string())?) };
         let waited = w.elapsed();
         let t = Instant::now();
         let mut s = Session::connect(ctx, self, self.listen.ip()).await.map_err(|e| format!("session/{e}"))?;
