@@ -57,6 +57,8 @@ const CELLS_DATA_SEED: u64 = 5001;
 
 const TRACKER_PEER_SEED: u64 = 4001;
 const TRACKER_SEED: u64 = 4002;
+const RESUME_PEER_SEED: u64 = 4003;
+const RESUME_TRACKER_SEED: u64 = 4004;
 
 fn rng(seed: u64) -> ChaCha20Rng {
     ChaCha20Rng::seed_from_u64(seed)
@@ -123,6 +125,7 @@ fn main() {
     let lv = link_vector(&out, &ids, &tcv.tcs[0]);
     cells_vector(&out, &tcv.tcs[0]);
     let tv = tracker_vector(&out, &ids);
+    resume_vector(&out, &ids, &tv);
     if let Some(dir) = corpus {
         fuzz_corpus(&dir, &tcv, &lv, &tv, &out);
     }
@@ -567,6 +570,8 @@ cell.N.hex       the {CELL_LEN}-byte plaintext cell: circ_id u32 BE | command u8
 
 struct TrackerVector {
     client_hello: Vec<u8>,
+    /// The session's resumption secret (both ends).
+    resumption: Secret,
     /// (direction is p2t, bincode plaintext, frame)
     frames: Vec<(bool, Vec<u8>, Vec<u8>)>,
 }
@@ -720,7 +725,94 @@ frame.4: Announced.interval_secs, Announced.neighbor.I.{{id (u64 hex), addr, pub
         doc.hex(&format!("frame.4.neighbor.{i}.public_key"), &nb.public_key);
     }
     doc.write(&out.join("tracker").join("channel.txt"));
-    TrackerVector { client_hello, frames }
+    assert_eq!(peer.resumption_secret(), trk.resumption_secret());
+    assert_eq!(peer.resumption_secret(), &kdf(&salt, &[&s, &tfp.0, &dh], b"resume"));
+    TrackerVector { client_hello, resumption: peer.resumption_secret().clone(), frames }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// (f) tracker session resumption (SPEC §3.4)
+
+fn resume_vector(out: &Path, ids: &[Identity], tv: &TrackerVector) {
+    let t_id = &ids[2];
+    let tfp = t_id.fingerprint();
+    let mut prng = rng(RESUME_PEER_SEED);
+    let mut trng = rng(RESUME_TRACKER_SEED);
+    // The tracker's rng yields the ticket id (16 bytes) when it issues the ticket, then its X25519 secret for the
+    // resumed connection; the peer's its X25519 secret.
+    let mut id = [0u8; tracker::TICKET_LEN];
+    trng.fill_bytes(&mut id);
+    let (mut e_p_secret, mut e_t_secret) = ([0u8; 32], [0u8; 32]);
+    prng.clone().fill_bytes(&mut e_p_secret);
+    trng.clone().fill_bytes(&mut e_t_secret);
+    let ticket = tracker::Ticket { id, secret: tv.resumption.clone() };
+    let issued = FromTracker::Ticket { ticket: id, lifetime_secs: 90 };
+    let (hello, hs) = TrackerChannel::resume(&mut prng, &tfp, &ticket).expect("resume");
+    let (got_id, e_p) = TrackerChannel::resume_hello(&hello).expect("parse");
+    assert_eq!(got_id, id);
+    let (answer, mut trk) = TrackerChannel::accept_resume(&mut trng, &tfp, &id, &tv.resumption, &e_p).expect("accept");
+    let mut peer = hs.finish(&answer[1..]).expect("finish");
+    let e_t: [u8; 32] = answer[1..].try_into().expect("e_t");
+    let dh =
+        *x25519_dalek::StaticSecret::from(e_p_secret).diffie_hellman(&x25519_dalek::PublicKey::from(e_t)).as_bytes();
+    let salt = sha256(&[b"anomos tracker resume v1", &id, &e_p, &e_t]);
+    let ikm: [&[u8]; 3] = [&tv.resumption.0, &tfp.0, &dh];
+    let (k_p2t, k_t2p) = (kdf(&salt, &ikm, b"resume p2t"), kdf(&salt, &ikm, b"resume t2p"));
+
+    let mut doc = Doc::new(&format!(
+        "anomos-proto known-answer vectors: a tracker session resumed on a new connection (SPEC §3.4).
+The session is the one of channel.txt (tracker = ../keys/id2_2048.pem). Each side uses ONE rng, in protocol order
+(tracker: 16 bytes of ticket id when it issues the ticket, then TrackerChannel::accept_resume; peer:
+TrackerChannel::resume).
+resumption_secret   rs = HKDF-SHA256(salt=SHA256(\"anomos tracker v1\" || e_p || e_t), ikm=s || tracker fingerprint || dh,
+                    info=\"resume\"), with e_p, e_t, s and dh of channel.txt
+ticket_frame.plain  bincode of FromTracker::Ticket{{ticket, lifetime_secs = 90}}, the reply to ToTracker::Resumable
+                    (whose bincode is resumable.plain)
+ticket              the ticket id: the first 16 bytes of the tracker's rng
+resume_hello        \"ANOMOSR1\" | version u16 BE | ticket | e_p
+peer_x25519_secret  the first 32 bytes of the peer's rng; e_p = X25519(secret, 9)
+resume_answer       0x00 (accepted) | e_t; the tracker's X25519 secret = the next 32 bytes of its rng
+tracker_x25519_secret
+dh                  X25519(peer secret, e_t)
+k_p2t, k_t2p        HKDF-SHA256(salt=SHA256(\"anomos tracker resume v1\" || ticket || e_p || e_t),
+                    ikm=rs || tracker fingerprint || dh, info=\"resume p2t\" / \"resume t2p\")
+frame.N.*           as in channel.txt: frame.0 an Announce (p2t #0), frame.1 its Announced (t2p #0); counters start
+                    at 0 on every connection
+{FORMAT}"
+    ));
+    doc.kv("tracker.key", "id2_2048.pem");
+    doc.rng_seed("peer.rng_seed", RESUME_PEER_SEED);
+    doc.rng_seed("tracker.rng_seed", RESUME_TRACKER_SEED);
+    doc.hex("resumption_secret", &tv.resumption.0);
+    doc.hex("resumable.plain", &tracker::encode(&ToTracker::Resumable).expect("enc"));
+    doc.hex("ticket_frame.plain", &tracker::encode(&issued).expect("enc"));
+    doc.hex("ticket", &id);
+    doc.hex("resume_hello", &hello);
+    doc.hex("peer_x25519_secret", &e_p_secret);
+    doc.hex("resume_answer", &answer);
+    doc.hex("tracker_x25519_secret", &e_t_secret);
+    doc.hex("dh", &dh);
+    doc.hex("k_p2t", &k_p2t.0);
+    doc.hex("k_t2p", &k_t2p.0);
+    doc.blank();
+    let (p2t_plain, t2p_plain) = (&tv.frames[3].1, &tv.frames[4].1);
+    let announce: ToTracker = tracker::decode(p2t_plain).expect("announce");
+    let reply: FromTracker = tracker::decode(t2p_plain).expect("reply");
+    let f = peer.seal(&announce).expect("seal");
+    assert_eq!(AeadCounter::new(&k_p2t).seal(b"", p2t_plain).expect("seal"), f[4..].to_vec(), "derived key");
+    assert_eq!(trk.open::<ToTracker>(&f[4..]).expect("open"), announce);
+    doc.kv("frame.0.dir", "p2t");
+    doc.kv("frame.0.type", "ToTracker::Announce");
+    doc.hex("frame.0.plain", p2t_plain);
+    doc.hex("frame.0.frame", &f);
+    let f = trk.seal(&reply).expect("seal");
+    assert_eq!(AeadCounter::new(&k_t2p).seal(b"", t2p_plain).expect("seal"), f[4..].to_vec(), "derived key");
+    assert_eq!(peer.open::<FromTracker>(&f[4..]).expect("open"), reply);
+    doc.kv("frame.1.dir", "t2p");
+    doc.kv("frame.1.type", "FromTracker::Announced");
+    doc.hex("frame.1.plain", t2p_plain);
+    doc.hex("frame.1.frame", &f);
+    doc.write(&out.join("tracker").join("resume.txt"));
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,15 @@
 //! with an RSA-PSS signature over `"anomos tracker hello v1" | tracker_fp | nonce` (proof of key possession, bound
 //! to this session). Then any number of requests, each answered by one reply.
 //!
+//! **Resumption.** A session outlives its connection: after `Welcome` the peer may ask for a ticket
+//! (`Resumable` → `Ticket{ticket, lifetime_secs}`), and later open a new connection with
+//! `ResumeHello = "ANOMOSR1" | ver u16 | ticket[16] | X25519 e_P[32]` instead of a ClientHello. The tracker answers
+//! `0x00 | e_T[32]` (or `0x01` for a ticket it does not hold, and closes); both sides derive the connection's keys
+//! from the session's resumption secret `rs` (an HKDF output of the full handshake that no one else can compute)
+//! and a fresh X25519 exchange: `salt = SHA256("anomos tracker resume v1" | ticket | e_P | e_T)`,
+//! `k_p2t = HKDF(salt, rs | tracker_fp | dh, "resume p2t")`, `k_t2p = …"resume t2p"`. No RSA on either side; the
+//! first peer frame that opens proves possession of `rs` (SPEC §3.4, §10).
+//!
 //! **Encoding.** bincode 1.3 `DefaultOptions` (varint integers, little endian) with a byte limit of
 //! [`MAX_FRAME`] and trailing bytes rejected; every decoded message is then checked by `validate()`.
 
@@ -51,8 +60,21 @@ pub const MAX_CIRCUITS_PER_REQUEST: u8 = 16;
 pub const MAX_RELAYS: u8 = 6;
 /// Longest free-text field.
 pub const MAX_TEXT: usize = 256;
+/// First bytes of a resumed tracker session (SPEC §3.4).
+pub const RESUME_MAGIC: [u8; 8] = *b"ANOMOSR1";
+/// Length of a session ticket's id.
+pub const TICKET_LEN: usize = 16;
+/// `ResumeHello`: magic, version u16 BE, ticket id, the peer's ephemeral X25519 key.
+pub const RESUME_HELLO_LEN: usize = 8 + 2 + TICKET_LEN + EPHEMERAL_LEN;
+/// First byte of the tracker's answer to `ResumeHello`: accepted, its ephemeral key follows.
+pub const RESUME_ACCEPTED: u8 = 0;
+/// First byte of the tracker's answer to `ResumeHello`: no such ticket (unknown, expired or evicted); the tracker
+/// closes and the peer does a full handshake.
+pub const RESUME_UNKNOWN: u8 = 1;
 
 const SIG_HELLO: &[u8] = b"anomos tracker hello v1";
+const SALT_CHANNEL: &[u8] = b"anomos tracker v1";
+const SALT_RESUME: &[u8] = b"anomos tracker resume v1";
 
 /// bincode options for every tracker message: fixed limit, no trailing bytes.
 fn opts() -> impl Options {
@@ -85,6 +107,8 @@ pub enum ToTracker {
     RequestCircuits(CircuitRequest),
     /// Tell the tracker something failed.
     Report(FailureReport),
+    /// Ask for a session ticket, to resume this session later on a new connection without RSA (SPEC §3.4).
+    Resumable,
 }
 
 /// Tracker → peer.
@@ -108,6 +132,14 @@ pub enum FromTracker {
     Ack,
     /// The request was refused.
     Error(TrackerError),
+    /// Reply to `Resumable`: the ticket that resumes this session (with the session's resumption secret, which
+    /// both ends derived from the full handshake and which is never sent).
+    Ticket {
+        /// The ticket's id, sent in clear in `ResumeHello`.
+        ticket: [u8; TICKET_LEN],
+        /// The ticket expires after this many seconds without a connection using it.
+        lifetime_secs: u32,
+    },
 }
 
 /// Announce body.
@@ -288,7 +320,7 @@ impl ToTracker {
                     return Err(invalid("circuit request", format!("relays {} (1..={MAX_RELAYS})", r.relays)));
                 }
             }
-            ToTracker::Report(_) => {}
+            ToTracker::Report(_) | ToTracker::Resumable => {}
         }
         Ok(())
     }
@@ -329,39 +361,84 @@ impl FromTracker {
 pub struct TrackerChannel {
     send: AeadCounter,
     recv: AeadCounter,
+    resumption: Secret,
 }
 
-fn channel_keys(
-    s: &[u8; 32],
+/// The keys of one connection: (p2t, t2p, the session's resumption secret).
+type Keys = (Secret, Secret, Secret);
+
+/// A full handshake's keys: `HKDF(SHA256("anomos tracker v1" | e_P | e_T), s | tracker_fp | dh, info)` with
+/// info `"p2t"`, `"t2p"` and `"resume"` (the session's resumption secret).
+fn channel_keys(s: &[u8; 32], tracker_fp: &Fingerprint, e_p: &[u8; 32], e_t: &[u8; 32], dh: &[u8; 32]) -> Keys {
+    let salt = crate::crypto::sha256(&[SALT_CHANNEL, e_p, e_t]);
+    let ikm: [&[u8]; 3] = [s, &tracker_fp.0, dh];
+    (kdf(&salt, &ikm, b"p2t"), kdf(&salt, &ikm, b"t2p"), kdf(&salt, &ikm, b"resume"))
+}
+
+/// A resumed connection's keys: `HKDF(SHA256("anomos tracker resume v1" | ticket | e_P | e_T), rs | tracker_fp |
+/// dh, info)` with info `"resume p2t"` and `"resume t2p"`; the resumption secret stays the session's.
+fn resume_keys(
+    rs: &Secret,
+    ticket: &[u8; TICKET_LEN],
     tracker_fp: &Fingerprint,
     e_p: &[u8; 32],
     e_t: &[u8; 32],
     dh: &[u8; 32],
-) -> (Secret, Secret) {
-    let salt = crate::crypto::sha256(&[b"anomos tracker v1", e_p, e_t]);
-    (kdf(&salt, &[s, &tracker_fp.0, dh], b"p2t"), kdf(&salt, &[s, &tracker_fp.0, dh], b"t2p"))
+) -> Keys {
+    let salt = crate::crypto::sha256(&[SALT_RESUME, ticket, e_p, e_t]);
+    let ikm: [&[u8]; 3] = [&rs.0, &tracker_fp.0, dh];
+    (kdf(&salt, &ikm, b"resume p2t"), kdf(&salt, &ikm, b"resume t2p"), rs.clone())
+}
+
+/// What a peer keeps to resume its session: the ticket's id (from `FromTracker::Ticket`) and the session's
+/// resumption secret (from [`TrackerChannel::resumption_secret`]).
+#[derive(Clone, Debug)]
+pub struct Ticket {
+    /// The id the tracker issued.
+    pub id: [u8; TICKET_LEN],
+    /// The session's resumption secret.
+    pub secret: Secret,
+}
+
+/// An ephemeral X25519 secret and its public key. X25519 runs in AWS-LC: at a tracker serving 100,000 peers
+/// every resumed connection costs two X25519 operations, and AWS-LC's are about 2.4× faster than the pure-Rust
+/// backend's (measured here: 74 vs 175 µs for a key and a shared secret). The function is the same (RFC 7748,
+/// clamping included), so the bytes on the wire and the vectors of Appendix A are unchanged.
+struct Ephemeral {
+    secret: aws_lc_rs::agreement::PrivateKey,
+    public: [u8; 32],
 }
 
 /// An X25519 secret from the first 32 bytes the rng yields (drawn before anything else, so a seeded rng
 /// makes the known-answer vectors reproducible whatever the RSA code does with its randomness).
-fn x25519_secret(rng: &mut (impl RngCore + CryptoRng)) -> x25519_dalek::StaticSecret {
+fn x25519_secret(rng: &mut (impl RngCore + CryptoRng)) -> Result<Ephemeral> {
+    use aws_lc_rs::agreement::{PrivateKey, X25519};
     let mut b = [0u8; 32];
     rng.fill_bytes(&mut b);
-    x25519_dalek::StaticSecret::from(b)
+    let bad = |_| ProtoError::Invalid { what: "X25519 key", detail: "refused by AWS-LC".into() };
+    let secret = PrivateKey::from_private_key(&X25519, &b).map_err(|_| bad(()))?;
+    let public = secret.compute_public_key().map_err(|_| bad(()))?;
+    let public: [u8; 32] = public.as_ref().try_into().map_err(|_| bad(()))?;
+    Ok(Ephemeral { secret, public })
 }
 
-fn x25519(secret: x25519_dalek::StaticSecret, peer: &[u8; 32]) -> Result<[u8; 32]> {
-    let ss = secret.diffie_hellman(&x25519_dalek::PublicKey::from(*peer));
-    if !ss.was_contributory() {
-        return Err(ProtoError::Invalid { what: "X25519 share", detail: "low-order point".into() });
+/// The shared secret; an all-zero result (a low-order share from the other side) is refused: the exchange
+/// must be contributory (§1.2).
+fn x25519(eph: Ephemeral, peer: &[u8; 32]) -> Result<[u8; 32]> {
+    use aws_lc_rs::agreement::{agree, UnparsedPublicKey, X25519};
+    let low = || ProtoError::Invalid { what: "X25519 share", detail: "low-order point".into() };
+    let dh: [u8; 32] =
+        agree(&eph.secret, UnparsedPublicKey::new(&X25519, peer), low(), |k| k.try_into().map_err(|_| low()))?;
+    if dh == [0u8; 32] {
+        return Err(low());
     }
-    Ok(*ss.as_bytes())
+    Ok(dh)
 }
 
 /// The peer's side of the channel set-up, between sending ClientHello and reading the tracker's key.
 pub struct ClientHandshake {
     s: [u8; 32],
-    eph: x25519_dalek::StaticSecret,
+    eph: Ephemeral,
     e_p: [u8; 32],
     tracker_fp: Fingerprint,
 }
@@ -375,8 +452,52 @@ impl ClientHandshake {
             expected: EPHEMERAL_LEN,
         })?;
         let dh = x25519(self.eph, &e_t)?;
-        let (p2t, t2p) = channel_keys(&self.s, &self.tracker_fp, &self.e_p, &e_t, &dh);
-        Ok(TrackerChannel { send: AeadCounter::new(&p2t), recv: AeadCounter::new(&t2p) })
+        let (p2t, t2p, resumption) = channel_keys(&self.s, &self.tracker_fp, &self.e_p, &e_t, &dh);
+        Ok(TrackerChannel { send: AeadCounter::new(&p2t), recv: AeadCounter::new(&t2p), resumption })
+    }
+}
+
+/// The peer's side of a resumption, between sending `ResumeHello` and reading the tracker's answer.
+pub struct ResumeHandshake {
+    ticket: Ticket,
+    eph: Ephemeral,
+    e_p: [u8; 32],
+    tracker_fp: Fingerprint,
+}
+
+/// The tracker's answer to a `ResumeHello`, from its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResumeAnswer {
+    /// Accepted: [`EPHEMERAL_LEN`] bytes of the tracker's ephemeral key follow.
+    Accepted,
+    /// The tracker does not hold the ticket: do a full handshake (and forget the ticket).
+    Unknown,
+}
+
+impl ResumeAnswer {
+    /// Parses the first byte of the answer.
+    pub fn from_byte(b: u8) -> Result<Self> {
+        match b {
+            RESUME_ACCEPTED => Ok(ResumeAnswer::Accepted),
+            RESUME_UNKNOWN => Ok(ResumeAnswer::Unknown),
+            other => Err(invalid("resume answer", format!("status {other}"))),
+        }
+    }
+}
+
+impl ResumeHandshake {
+    /// Completes the resumed channel with the tracker's 32-byte ephemeral key (the bytes after
+    /// [`RESUME_ACCEPTED`]).
+    pub fn finish(self, e_t: &[u8]) -> Result<TrackerChannel> {
+        let e_t: [u8; 32] = e_t.try_into().map_err(|_| ProtoError::BadLength {
+            what: "tracker ephemeral key",
+            len: e_t.len(),
+            expected: EPHEMERAL_LEN,
+        })?;
+        let dh = x25519(self.eph, &e_t)?;
+        let (p2t, t2p, resumption) =
+            resume_keys(&self.ticket.secret, &self.ticket.id, &self.tracker_fp, &self.e_p, &e_t, &dh);
+        Ok(TrackerChannel { send: AeadCounter::new(&p2t), recv: AeadCounter::new(&t2p), resumption })
     }
 }
 
@@ -384,8 +505,8 @@ impl TrackerChannel {
     /// Peer side: the ClientHello to send, and the handshake to finish with the tracker's reply.
     pub fn connect<R: RngCore + CryptoRng>(rng: &mut R, tracker: &PublicKey) -> Result<(Vec<u8>, ClientHandshake)> {
         // Randomness order: ephemeral secret (32 bytes), channel secret (32 bytes), then OAEP.
-        let eph = x25519_secret(rng);
-        let e_p = *x25519_dalek::PublicKey::from(&eph).as_bytes();
+        let eph = x25519_secret(rng)?;
+        let e_p = eph.public;
         let mut s = [0u8; 32];
         rng.fill_bytes(&mut s);
         let ct = tracker.encrypt(rng, &s)?;
@@ -427,17 +548,80 @@ impl TrackerChannel {
         let mut e_p_arr = [0u8; 32];
         e_p_arr.copy_from_slice(e_p);
         // Randomness: our ephemeral secret (32 bytes) only; the OAEP decryption blinds with AWS-LC's own RNG.
-        let eph = x25519_secret(rng);
+        let eph = x25519_secret(rng)?;
         let s = tracker.decrypt(ct, "tracker hello")?;
         let s: [u8; 32] = s.as_slice().try_into().map_err(|_| ProtoError::BadLength {
             what: "tracker hello secret",
             len: s.len(),
             expected: 32,
         })?;
-        let e_t = *x25519_dalek::PublicKey::from(&eph).as_bytes();
+        let e_t = eph.public;
         let dh = x25519(eph, &e_p_arr)?;
-        let (p2t, t2p) = channel_keys(&s, &tracker.fingerprint(), &e_p_arr, &e_t, &dh);
-        Ok((e_t, TrackerChannel { send: AeadCounter::new(&t2p), recv: AeadCounter::new(&p2t) }))
+        let (p2t, t2p, resumption) = channel_keys(&s, &tracker.fingerprint(), &e_p_arr, &e_t, &dh);
+        Ok((e_t, TrackerChannel { send: AeadCounter::new(&t2p), recv: AeadCounter::new(&p2t), resumption }))
+    }
+
+    /// The session's resumption secret (both ends derive it; it is never sent). With the id of a ticket the
+    /// tracker issued for this session it makes a [`Ticket`].
+    pub fn resumption_secret(&self) -> &Secret {
+        &self.resumption
+    }
+
+    /// Peer side: the `ResumeHello` that resumes the session of `ticket`, and the handshake to finish with the
+    /// tracker's answer. Randomness: the 32-byte X25519 secret only.
+    pub fn resume<R: RngCore + CryptoRng>(
+        rng: &mut R,
+        tracker_fp: &Fingerprint,
+        ticket: &Ticket,
+    ) -> Result<(Vec<u8>, ResumeHandshake)> {
+        let eph = x25519_secret(rng)?;
+        let e_p = eph.public;
+        let mut hello = Vec::with_capacity(RESUME_HELLO_LEN);
+        hello.extend_from_slice(&RESUME_MAGIC);
+        hello.extend_from_slice(&TRACKER_VERSION.to_be_bytes());
+        hello.extend_from_slice(&ticket.id);
+        hello.extend_from_slice(&e_p);
+        Ok((hello, ResumeHandshake { ticket: ticket.clone(), eph, e_p, tracker_fp: *tracker_fp }))
+    }
+
+    /// Tracker side: parses a complete `ResumeHello`: the ticket id and the peer's ephemeral key.
+    pub fn resume_hello(hello: &[u8]) -> Result<([u8; TICKET_LEN], [u8; EPHEMERAL_LEN])> {
+        if hello.len() != RESUME_HELLO_LEN {
+            return Err(ProtoError::BadLength { what: "resume hello", len: hello.len(), expected: RESUME_HELLO_LEN });
+        }
+        let mut p = hello;
+        let magic: [u8; 8] = take_array(&mut p, "resume hello magic")?;
+        if magic != RESUME_MAGIC {
+            return Err(ProtoError::BadMagic(magic));
+        }
+        let ver = take_u16(&mut p, "resume hello version")?;
+        if ver != TRACKER_VERSION {
+            return Err(ProtoError::BadVersion(ver));
+        }
+        let ticket: [u8; TICKET_LEN] = take_array(&mut p, "resume hello ticket")?;
+        let e_p: [u8; EPHEMERAL_LEN] = take_array(&mut p, "resume hello key")?;
+        Ok((ticket, e_p))
+    }
+
+    /// Tracker side: resumes the session whose ticket `ticket` holds `secret`, for a peer whose ephemeral key is
+    /// `e_p`. Returns the answer to send (`RESUME_ACCEPTED | e_T`) and the channel. Randomness: the 32-byte X25519
+    /// secret only. The peer has proved nothing yet: the connection is authenticated once its first frame opens.
+    pub fn accept_resume<R: RngCore + CryptoRng>(
+        rng: &mut R,
+        tracker_fp: &Fingerprint,
+        ticket: &[u8; TICKET_LEN],
+        secret: &Secret,
+        e_p: &[u8; EPHEMERAL_LEN],
+    ) -> Result<([u8; 1 + EPHEMERAL_LEN], Self)> {
+        let eph = x25519_secret(rng)?;
+        let e_t = eph.public;
+        let dh = x25519(eph, e_p)?;
+        let (p2t, t2p, resumption) = resume_keys(secret, ticket, tracker_fp, e_p, &e_t, &dh);
+        let mut answer = [RESUME_ACCEPTED; 1 + EPHEMERAL_LEN];
+        if let Some(k) = answer.get_mut(1..) {
+            k.copy_from_slice(&e_t);
+        }
+        Ok((answer, TrackerChannel { send: AeadCounter::new(&t2p), recv: AeadCounter::new(&p2t), resumption }))
     }
 
     /// Seals a message into a complete frame (length prefix included).
@@ -534,4 +718,114 @@ pub fn check_fetched_key(der: &[u8], pinned: &Fingerprint) -> Result<PublicKey> 
         });
     }
     Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
+
+    /// A full handshake between a fresh tracker identity and a peer; returns both channels.
+    fn full(tracker: &Identity) -> (TrackerChannel, TrackerChannel) {
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let (hello, hs) = TrackerChannel::connect(&mut rng, tracker.public()).unwrap();
+        let (e_t, t) = TrackerChannel::accept(&mut rng, tracker, &hello[CLIENT_HELLO_HEADER..]).unwrap();
+        (hs.finish(&e_t).unwrap(), t)
+    }
+
+    fn tracker_identity() -> Identity {
+        Identity::generate(&mut ChaCha20Rng::seed_from_u64(7), 2048).unwrap()
+    }
+
+    /// Seals `msg` on one end and opens it on the other.
+    fn pass(from: &mut TrackerChannel, to: &mut TrackerChannel, msg: &ToTracker) -> Result<ToTracker> {
+        let frame = from.seal(msg)?;
+        to.open(&frame[4..])
+    }
+
+    #[test]
+    fn a_session_resumes_on_a_new_connection_with_new_keys_and_no_rsa() {
+        let tracker = tracker_identity();
+        let fp = tracker.fingerprint();
+        let (peer, trk) = full(&tracker);
+        assert_eq!(peer.resumption_secret(), trk.resumption_secret(), "both ends derive the resumption secret");
+        let ticket = Ticket { id: [9; TICKET_LEN], secret: peer.resumption_secret().clone() };
+        let mut rng = ChaCha20Rng::seed_from_u64(2);
+        let (hello, hs) = TrackerChannel::resume(&mut rng, &fp, &ticket).unwrap();
+        assert_eq!(hello.len(), RESUME_HELLO_LEN);
+        let (id, e_p) = TrackerChannel::resume_hello(&hello).unwrap();
+        assert_eq!(id, ticket.id);
+        let (answer, mut t) = TrackerChannel::accept_resume(&mut rng, &fp, &id, trk.resumption_secret(), &e_p).unwrap();
+        assert_eq!(ResumeAnswer::from_byte(answer[0]).unwrap(), ResumeAnswer::Accepted);
+        let mut p = hs.finish(&answer[1..]).unwrap();
+        assert_eq!(pass(&mut p, &mut t, &ToTracker::Resumable).unwrap(), ToTracker::Resumable);
+        let reply = t.seal(&FromTracker::Ack).unwrap();
+        assert_eq!(p.open::<FromTracker>(&reply[4..]).unwrap(), FromTracker::Ack);
+        assert_eq!(p.resumption_secret(), trk.resumption_secret(), "the session's secret carries over");
+        // The resumed keys differ from the full handshake's: a frame of one does not open under the other.
+        let (mut p0, _) = full(&tracker);
+        let mut t2 = TrackerChannel::accept_resume(&mut rng, &fp, &id, trk.resumption_secret(), &e_p).unwrap().1;
+        assert!(pass(&mut p0, &mut t2, &ToTracker::Resumable).is_err());
+    }
+
+    #[test]
+    fn a_replayed_or_forged_resume_hello_yields_keys_only_the_ticket_holder_has() {
+        let tracker = tracker_identity();
+        let fp = tracker.fingerprint();
+        let (peer, trk) = full(&tracker);
+        let ticket = Ticket { id: [3; TICKET_LEN], secret: peer.resumption_secret().clone() };
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let (hello, hs) = TrackerChannel::resume(&mut rng, &fp, &ticket).unwrap();
+        let (id, e_p) = TrackerChannel::resume_hello(&hello).unwrap();
+        let (a1, mut t1) = TrackerChannel::accept_resume(&mut rng, &fp, &id, trk.resumption_secret(), &e_p).unwrap();
+        // Replay: the tracker's fresh e_T gives new keys, so the recorded connection's frames do not open.
+        let (a2, mut t2) = TrackerChannel::accept_resume(&mut rng, &fp, &id, trk.resumption_secret(), &e_p).unwrap();
+        assert_ne!(a1, a2, "a fresh tracker share per connection");
+        let mut p = hs.finish(&a1[1..]).unwrap();
+        let recorded = p.seal(&ToTracker::Resumable).unwrap();
+        assert!(t2.open::<ToTracker>(&recorded[4..]).is_err(), "a replayed first frame does not open");
+        assert_eq!(t1.open::<ToTracker>(&recorded[4..]).unwrap(), ToTracker::Resumable);
+        // Someone who knows the ticket id (it is sent in clear) but not the secret cannot make a frame that opens.
+        let thief = Ticket { id: ticket.id, secret: Secret([0; 32]) };
+        let (h, hs) = TrackerChannel::resume(&mut rng, &fp, &thief).unwrap();
+        let (id, e_p) = TrackerChannel::resume_hello(&h).unwrap();
+        let (a, mut t) = TrackerChannel::accept_resume(&mut rng, &fp, &id, trk.resumption_secret(), &e_p).unwrap();
+        let mut forged = hs.finish(&a[1..]).unwrap();
+        assert!(pass(&mut forged, &mut t, &ToTracker::Resumable).is_err());
+        // Another tracker key (fingerprint) gives other keys too.
+        let other = Fingerprint([1; 32]);
+        let (h, hs) = TrackerChannel::resume(&mut rng, &other, &ticket).unwrap();
+        let (id, e_p) = TrackerChannel::resume_hello(&h).unwrap();
+        let (a, mut t) = TrackerChannel::accept_resume(&mut rng, &fp, &id, trk.resumption_secret(), &e_p).unwrap();
+        let mut wrong = hs.finish(&a[1..]).unwrap();
+        assert!(pass(&mut wrong, &mut t, &ToTracker::Resumable).is_err());
+    }
+
+    #[test]
+    fn resume_hellos_and_answers_are_checked() {
+        let ticket = Ticket { id: [1; TICKET_LEN], secret: Secret([2; 32]) };
+        let fp = Fingerprint([4; 32]);
+        let (hello, _) = TrackerChannel::resume(&mut ChaCha20Rng::seed_from_u64(3), &fp, &ticket).unwrap();
+        assert!(TrackerChannel::resume_hello(&hello[..RESUME_HELLO_LEN - 1]).is_err(), "short");
+        let mut bad = hello.clone();
+        bad[0] = b'X';
+        assert!(matches!(TrackerChannel::resume_hello(&bad), Err(ProtoError::BadMagic(_))));
+        let mut bad = hello.clone();
+        bad[9] = 2;
+        assert!(matches!(TrackerChannel::resume_hello(&bad), Err(ProtoError::BadVersion(2))));
+        // A low-order share is refused (contributory check), as in the full handshake.
+        let (id, _) = TrackerChannel::resume_hello(&hello).unwrap();
+        let low = [0u8; 32];
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        assert!(TrackerChannel::accept_resume(&mut rng, &fp, &id, &ticket.secret, &low).is_err());
+        assert_eq!(ResumeAnswer::from_byte(1).unwrap(), ResumeAnswer::Unknown);
+        assert!(ResumeAnswer::from_byte(2).is_err());
+        // The new messages round-trip.
+        let t = FromTracker::Ticket { ticket: [5; TICKET_LEN], lifetime_secs: 90 };
+        assert_eq!(decode::<FromTracker>(&encode(&t).unwrap()).unwrap(), t);
+        assert_eq!(decode::<ToTracker>(&encode(&ToTracker::Resumable).unwrap()).unwrap(), ToTracker::Resumable);
+        assert_eq!(encode(&ToTracker::Resumable).unwrap(), vec![4]);
+    }
 }

@@ -536,3 +536,51 @@ fn committed_tracker_frames_open_and_decode_on_both_ends() {
         assert!(types.iter().any(|t| t == want), "transcript lacks {want}");
     }
 }
+
+#[test]
+fn committed_resumption_derives_from_the_channel_session_and_opens_on_both_ends() {
+    let c = Vectors::load("tracker/channel.txt");
+    let v = Vectors::load("tracker/resume.txt");
+    let t_id = identity(v.s("tracker.key"));
+    let tfp = t_id.fingerprint();
+    // The resumption secret of channel.txt's session, from the documented formula.
+    let hello = c.hex("client_hello");
+    let e_p0 = &hello[hello.len() - EPHEMERAL_LEN..];
+    let salt0 = anomos_proto::crypto::sha256(&[b"anomos tracker v1", e_p0, &c.hex("server_hello")]);
+    let rs = kdf(&salt0, &[&c.arr::<32>("channel_secret"), &tfp.0, &c.arr::<32>("dh")], b"resume");
+    assert_eq!(rs.0, v.arr::<32>("resumption_secret"));
+    assert_eq!(tracker::encode(&ToTracker::Resumable).unwrap(), v.hex("resumable.plain"));
+    let issued: FromTracker = tracker::decode(&v.hex("ticket_frame.plain")).unwrap();
+    let FromTracker::Ticket { ticket, lifetime_secs } = issued else { panic!("not a ticket: {issued:?}") };
+    assert_eq!((ticket, lifetime_secs), (v.arr::<16>("ticket"), 90));
+    // Randomness order: the tracker's ticket id, then its X25519 secret; the peer's X25519 secret.
+    let (mut prng, mut trng) = (v.rng("peer.rng_seed"), v.rng("tracker.rng_seed"));
+    let mut id = [0u8; 16];
+    trng.fill_bytes(&mut id);
+    assert_eq!(id, ticket);
+    let t = tracker::Ticket { id, secret: rs.clone() };
+    let (resume_hello, hs) = TrackerChannel::resume(&mut prng, &tfp, &t).unwrap();
+    assert_eq!(resume_hello, v.hex("resume_hello"));
+    let (got, e_p) = TrackerChannel::resume_hello(&resume_hello).unwrap();
+    assert_eq!(got, id);
+    let (answer, mut trk) = TrackerChannel::accept_resume(&mut trng, &tfp, &id, &rs, &e_p).unwrap();
+    assert_eq!(answer.to_vec(), v.hex("resume_answer"));
+    let mut peer = hs.finish(&answer[1..]).unwrap();
+    let e_t: [u8; 32] = answer[1..].try_into().unwrap();
+    let dh = *x25519_dalek::StaticSecret::from(v.arr::<32>("peer_x25519_secret"))
+        .diffie_hellman(&x25519_dalek::PublicKey::from(e_t))
+        .as_bytes();
+    assert_eq!(dh, v.arr::<32>("dh"));
+    let salt = anomos_proto::crypto::sha256(&[b"anomos tracker resume v1", &id, &e_p, &e_t]);
+    let k_p2t = kdf(&salt, &[&rs.0, &tfp.0, &dh], b"resume p2t");
+    let k_t2p = kdf(&salt, &[&rs.0, &tfp.0, &dh], b"resume t2p");
+    assert_eq!((k_p2t.0, k_t2p.0), (v.arr("k_p2t"), v.arr("k_t2p")));
+    let f0 = v.hex("frame.0.frame");
+    let msg: ToTracker = trk.open(&f0[4..]).unwrap();
+    assert_eq!(tracker::encode(&msg).unwrap(), v.hex("frame.0.plain"));
+    assert_eq!(peer.seal(&msg).unwrap(), f0, "the peer seals the committed frame");
+    let f1 = v.hex("frame.1.frame");
+    let reply: FromTracker = peer.open(&f1[4..]).unwrap();
+    assert_eq!(tracker::encode(&reply).unwrap(), v.hex("frame.1.plain"));
+    assert_eq!(trk.seal(&reply).unwrap(), f1, "the tracker seals the committed frame");
+}

@@ -41,8 +41,10 @@ impl Node {
                 Err(e) => {
                     self.stats.announces_failed.fetch_add(1, Ordering::Relaxed);
                     self.tracker_state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
-                    warn!("announce failed (retrying in {:.1}s): {e}", backoff.as_secs_f64());
-                    let w = backoff;
+                    // Jittered (×0.5–1.5): after a tracker restart every peer's announce fails at once, and
+                    // unjittered retries would come back as one wave each time (SPEC §3.4).
+                    let w = backoff.mul_f64(0.5 + rand::random::<f64>());
+                    warn!("announce failed (retrying in {:.1}s): {e}", w.as_secs_f64());
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     w
                 }

@@ -79,10 +79,20 @@ pub struct TrackerArgs {
     #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = parse_positive)]
     pub max_pending_circuits: usize,
 
-    /// Most concurrent peer connections; more are closed at once [default: --max-peers + 1024: every peer keeps
-    /// one session open between its announces, plus room for reconnects and key fetches].
+    /// Most sessions kept resumable (session tickets, in memory: no descriptor each); past it the least recently
+    /// used is dropped and its peer does a full handshake next time [default: --max-peers + 1024].
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub max_sessions: Option<usize>,
+
+    /// Most concurrent peer connections (one descriptor each); more are closed at once [default: --max-peers / 10
+    /// + 1024: a peer that resumes its session holds a connection only for a few seconds per announce].
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub max_connections: Option<usize>,
+
+    /// Seconds a connection whose session has a ticket may sit without a request before the tracker closes it
+    /// (the session stays resumable for --idle-timeout).
+    #[arg(long, value_name = "SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub conn_idle_timeout: u64,
 
     /// Most concurrent connections from one IP address (an IPv6 /64 counts as one); more are closed at once (a
     /// single-host test overlay needs about 4 per peer).
@@ -102,8 +112,9 @@ pub struct TrackerArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub hello_timeout: u64,
 
-    /// Seconds an authenticated session may sit without a request [default: 2 × --interval + 30, so a peer's
-    /// session outlives the wait between two of its announces and is reused by the next one].
+    /// Seconds an authenticated session may sit unused: a ticket expires after this long without a connection
+    /// using it, and a connection of a session without a ticket is closed after this long without a request
+    /// [default: 2 × --interval + 30, so a peer's session outlives the wait between two of its announces].
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idle_timeout: Option<u64>,
 
@@ -174,14 +185,20 @@ impl TrackerArgs {
         if self.interval == 0 || self.tc_ttl == 0 {
             return bad("--interval and --tc-ttl must be positive".into());
         }
-        if self.max_peers == 0 || self.max_pending_circuits == 0 || self.max_sessions == Some(0) {
-            return bad("--max-peers, --max-pending-circuits and --max-sessions must be positive".into());
+        if self.max_peers == 0
+            || self.max_pending_circuits == 0
+            || self.max_sessions == Some(0)
+            || self.max_connections == Some(0)
+        {
+            return bad(
+                "--max-peers, --max-pending-circuits, --max-sessions and --max-connections must be positive".into()
+            );
         }
         if self.max_sessions_per_ip == 0 || self.hello_rate == 0 || self.hello_burst == 0 {
             return bad("--max-sessions-per-ip, --hello-rate and --hello-burst must be positive".into());
         }
-        if self.hello_timeout == 0 || self.idle_timeout == Some(0) {
-            return bad("--hello-timeout and --idle-timeout must be positive".into());
+        if self.hello_timeout == 0 || self.idle_timeout == Some(0) || self.conn_idle_timeout == 0 {
+            return bad("--hello-timeout, --idle-timeout and --conn-idle-timeout must be positive".into());
         }
         if let Some(addr) = self.metrics {
             crate::metrics::check_addr(addr, self.metrics_allow_remote).map_err(TrackerError::Config)?;
@@ -189,9 +206,22 @@ impl TrackerArgs {
         Ok(())
     }
 
-    /// Most concurrent peer connections: `--max-sessions`, or `--max-peers` + 1024.
+    /// Most sessions kept resumable (tickets): `--max-sessions`, or `--max-peers` + 1024.
     pub fn sessions_limit(&self) -> usize {
         self.max_sessions.unwrap_or_else(|| self.max_peers.saturating_add(1024))
+    }
+
+    /// Most concurrent peer connections: `--max-connections`, or `--max-peers` / 10 + 1024. At the default 30 s
+    /// interval 100,000 peers make 3,333 announces a second; a peer that resumes holds its connection for the
+    /// announce and at most a few seconds after (`--conn-idle-timeout`; the reference peer closes after 2 s), so
+    /// about 7,000–17,000 are open at once, joins and key fetches included.
+    pub fn connections_limit(&self) -> usize {
+        self.max_connections.unwrap_or_else(|| (self.max_peers / 10).saturating_add(1024))
+    }
+
+    /// How long a connection of a session with a ticket may sit without a request (`--conn-idle-timeout`).
+    pub fn conn_idle(&self) -> Duration {
+        Duration::from_secs(self.conn_idle_timeout)
     }
 
     /// How long an authenticated session may sit without a request: `--idle-timeout`, or 2 × interval + 30 s.
@@ -204,10 +234,10 @@ impl TrackerArgs {
         (self.sessions_limit() / 64).clamp(16, 512)
     }
 
-    /// Open files the tracker needs: a descriptor per session and per running probe, and a margin for the
-    /// listeners, the state database, the metrics endpoint and logging.
+    /// Open files the tracker needs: a descriptor per connection and per running probe, and a margin for the
+    /// listeners, the state database, the metrics endpoint and logging. Sessions need none: they resume.
     pub fn files_needed(&self) -> u64 {
-        (self.sessions_limit() + self.probes_limit() + 256) as u64
+        (self.connections_limit() + self.probes_limit() + 256) as u64
     }
 
     /// The state database (`<data-dir>/tracker.redb`).
@@ -262,7 +292,8 @@ mod tests {
         assert_eq!(a.data_dir, PathBuf::from("./anomos-tracker-data"));
         assert_eq!((a.key_bits, a.neighbors, a.interval, a.tc_ttl), (2048, 4, 30, 120));
         assert_eq!((a.max_peers, a.max_pending_circuits, a.max_sessions), (100_000, 100_000, None));
-        assert_eq!((a.sessions_limit(), a.probes_limit(), a.files_needed()), (101_024, 512, 101_792));
+        assert_eq!((a.sessions_limit(), a.probes_limit(), a.files_needed()), (101_024, 512, 11_792));
+        assert_eq!((a.max_connections, a.connections_limit(), a.conn_idle()), (None, 11_024, Duration::from_secs(5)));
         assert_eq!((a.max_sessions_per_ip, a.hello_rate, a.hello_burst), (64, 100, 200));
         assert_eq!((a.hello_timeout, a.idle_timeout, a.idle()), (10, None, Duration::from_secs(90)));
         let small = TrackerArgs { max_peers: 10, interval: 5, ..TrackerArgs::default() };
@@ -280,6 +311,8 @@ mod tests {
         assert!(Cli::try_parse_from(["t", "--neighbors", "31"]).is_err());
         assert!(Cli::try_parse_from(["t", "--interval", "0"]).is_err());
         assert!(Cli::try_parse_from(["t", "--max-sessions", "0"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--max-connections", "0"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--conn-idle-timeout", "0"]).is_err());
         let remote = Cli::try_parse_from(["t", "--metrics", "0.0.0.0:9100"]).unwrap();
         assert!(remote.args.validate().is_err(), "a non-loopback metrics address needs the flag");
         let allowed = Cli::try_parse_from(["t", "--metrics", "0.0.0.0:9100", "--metrics-allow-remote"]).unwrap();
@@ -300,6 +333,7 @@ mod tests {
             "[default: 100000]",
             "[default: 120]",
             "--max-peers + 1024",
+            "--max-peers / 10",
             "2 × --interval + 30",
         ] {
             assert!(help.contains(d), "help lacks {d}: {help}");

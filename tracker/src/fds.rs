@@ -1,9 +1,9 @@
-//! The open-file limit: every peer keeps a session (a socket) open between its announces, so a tracker sized for
-//! `--max-peers` needs about as many descriptors. The soft limit is raised at start to what the configuration
+//! The open-file limit: a descriptor per open connection (`--max-connections`; sessions resume on new
+//! connections, SPEC §3.4, so peers hold none between announces) and per running probe. The soft limit is raised at start to what the configuration
 //! needs (and the hard limit with it, where the process may: CAP_SYS_RESOURCE). If the OS refuses:
 //!
-//! * with `--max-sessions` given, the tracker does not start (clear error): the operator asked for it;
-//! * with the default (derived from `--max-peers`), the soft limit goes up to the hard one and the session limit
+//! * with `--max-connections` given, the tracker does not start (clear error): the operator asked for it;
+//! * with the default (derived from `--max-peers`), the soft limit goes up to the hard one and the connection limit
 //!   is cut to what fits, with an INFO line saying what to raise (a WARN per connection dropped once the cap is
 //!   reached). A tracker started with default flags on a host
 //!   with a low hard limit thus still runs, sized to the host.
@@ -16,12 +16,12 @@ use crate::error::TrackerError;
 /// Descriptors kept aside for the listeners, the state database, the metrics endpoint and logging.
 const MARGIN: u64 = 256;
 
-/// The session limit the tracker runs with, after raising the open-file limit as far as it may.
-pub(crate) fn sessions_for(args: &TrackerArgs) -> Result<usize, TrackerError> {
+/// The connection limit the tracker runs with, after raising the open-file limit as far as it may.
+pub(crate) fn connections_for(args: &TrackerArgs) -> Result<usize, TrackerError> {
     let needed = args.files_needed();
     let refused = match raise_to(needed) {
-        Ok(_) => return Ok(args.sessions_limit()),
-        Err(e) if args.max_sessions.is_some() => return Err(e),
+        Ok(_) => return Ok(args.connections_limit()),
+        Err(e) if args.max_connections.is_some() => return Err(e),
         Err(e) => e,
     };
     let hard = getrlimit(Resource::Nofile).maximum;
@@ -29,16 +29,17 @@ pub(crate) fn sessions_for(args: &TrackerArgs) -> Result<usize, TrackerError> {
         Some(h) => raise_to(h).ok().and_then(|f| f.now).unwrap_or(h),
         None => needed,
     };
-    let sessions = usize::try_from(got.saturating_sub(args.probes_limit() as u64 + MARGIN)).unwrap_or(usize::MAX);
-    let sessions = sessions.clamp(16, args.sessions_limit());
+    let conns = usize::try_from(got.saturating_sub(args.probes_limit() as u64 + MARGIN)).unwrap_or(usize::MAX);
+    let conns = conns.clamp(16, args.connections_limit());
     // INFO, not WARN: nothing the operator asked for is refused (only the default was cut to the host), and a tracker
-    // that reaches the cap says so at WARN for every connection it drops ("too many sessions").
+    // that reaches the cap says so at WARN for every connection it drops ("too many connections").
     tracing::info!(
-        open_files = got, sessions, wanted = args.sessions_limit(), max_peers = args.max_peers, reason = %refused,
-        "the open-file limit caps the sessions: connections beyond them are refused until others close; raise \
-         the hard limit (ulimit -Hn, LimitNOFILE) to hold --max-peers peers"
+        open_files = got, connections = conns, wanted = args.connections_limit(), max_peers = args.max_peers,
+        reason = %refused,
+        "the open-file limit caps the connections open at once: more are refused until others close; raise \
+         the hard limit (ulimit -Hn, LimitNOFILE) to the wanted connections + 800"
     );
-    Ok(sessions)
+    Ok(conns)
 }
 
 /// What was done about the limit.
@@ -62,7 +63,7 @@ pub(crate) fn raise_to(needed: u64) -> Result<Files, TrackerError> {
     setrlimit(Resource::Nofile, Rlimit { current: Some(needed), maximum }).map_err(|e| {
         let hard = cur.maximum.map_or("unlimited".to_string(), |h| h.to_string());
         TrackerError::Files(format!(
-            "this configuration needs {needed} open files (a session per peer: --max-peers / --max-sessions), but \
+            "this configuration needs {needed} open files (a connection each: --max-peers / --max-connections), but \
              the limit is {} (hard {hard}) and raising it failed ({e}): raise it (`ulimit -n {needed}`, systemd \
              LimitNOFILE={needed}) or lower --max-peers",
             cur.current.unwrap_or(0)
@@ -88,13 +89,13 @@ mod tests {
         // Needs at most the current hard limit: always possible.
         let hard = getrlimit(Resource::Nofile).maximum.unwrap_or(1 << 20).min(1 << 20);
         let small = TrackerArgs { max_peers: 100, ..TrackerArgs::default() };
-        assert_eq!(sessions_for(&small).unwrap(), 1124);
+        assert_eq!(connections_for(&small).unwrap(), 1034);
         // Far above any hard limit: the default is cut to what fits, an explicit limit is an error.
-        let huge = TrackerArgs { max_peers: 1 << 40, ..TrackerArgs::default() };
-        let s = sessions_for(&huge).unwrap();
+        let huge = TrackerArgs { max_peers: 1 << 44, ..TrackerArgs::default() };
+        let s = connections_for(&huge).unwrap();
         assert!(s >= 16 && (s as u64) <= hard, "{s}");
-        let explicit = TrackerArgs { max_sessions: Some(1 << 40), ..TrackerArgs::default() };
-        assert!(sessions_for(&explicit).unwrap_err().to_string().contains("open files"));
+        let explicit = TrackerArgs { max_connections: Some(1 << 40), ..TrackerArgs::default() };
+        assert!(connections_for(&explicit).unwrap_err().to_string().contains("open files"));
     }
 
     #[test]

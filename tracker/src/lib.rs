@@ -14,6 +14,7 @@
 //! * [`diversity`]: network prefixes, admission limits per address and network.
 //! * `circuits`: tracking-code issuing and the memory of issued circuits.
 //! * `probe`: the reachability check.
+//! * `tickets`: session tickets, so that a session resumes on a new connection without RSA (SPEC §3.4).
 //! * `store`: the state database (redb); `fds`: the open-file limit; `timed_lock`: the measured state lock;
 //!   `limits`: per-address connection and channel set-up limits.
 //! * [`metrics`]: Prometheus text exposition and the small HTTP responder behind `--metrics` (shared with
@@ -34,6 +35,7 @@ mod probe;
 mod server;
 mod service;
 mod store;
+mod tickets;
 mod timed_lock;
 
 pub use config::TrackerArgs;

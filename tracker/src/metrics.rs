@@ -175,12 +175,15 @@ crate::label_enum!(
         ProbeBusy => "probe-busy",
         /// A reporter over its failure-report rate.
         ReportRate => "report-rate",
-        /// All sessions in use.
+        /// All connections in use (`--max-connections`; the label predates session resumption).
         SessionLimit => "session-limit",
-        /// The source address' sessions all in use.
+        /// The source address' connections all in use (`--max-sessions-per-ip`).
         SessionLimitPerIp => "session-limit-per-ip",
         /// A request from a peer that has not announced (`ErrorCode::UnknownPeer`).
         UnknownPeer => "unknown-peer",
+        /// A resumption with a ticket the tracker does not hold (expired, evicted, or from before a restart): the
+        /// peer does a full handshake.
+        UnknownTicket => "unknown-ticket",
         /// The announced address failed the probe (`ErrorCode::Unreachable`).
         Unreachable => "unreachable",
         /// An announced address that cannot be used (unspecified, multicast, ...).

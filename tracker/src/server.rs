@@ -1,10 +1,12 @@
 //! Startup, the accept loop, and one session per TCP connection (channel setup, authentication, framing).
 //!
-//! A session either answers a key fetch (`"ANOMOSK1"`) and closes, or reads the 12-byte ClientHello header and
+//! A connection either answers a key fetch (`"ANOMOSK1"`) and closes; or reads the 12-byte ClientHello header and
 //! its RSA ciphertext, opens the channel, sends `Challenge`, requires a valid `Hello` (all within
-//! [`HELLO_TIMEOUT`]) and replies `Welcome`; then it answers requests one by one, closing after its idle timeout
-//! (2 × the announce interval + 30 s by default, so a peer reuses one session for all its announces) without a
-//! request. Anything malformed drops that connection only, with one warning naming the peer address
+//! [`HELLO_TIMEOUT`]) and replies `Welcome`; or resumes a session from its ticket (`"ANOMOSR1"`, no RSA,
+//! module `tickets`). Then it answers requests one by one. A connection whose session has a ticket is closed after
+//! `--conn-idle-timeout` (5 s) without a request — the session stays resumable — so the tracker's descriptors
+//! follow the connections in use, not the peers; one without a ticket (a peer that never asks for one) after the
+//! session idle timeout (2 × the announce interval + 30 s). Anything malformed drops that connection only, with one warning naming the peer address
 //! and the reason. Per source address, concurrent connections and the rate of ClientHellos (each an RSA
 //! decryption) are limited (module `limits`).
 
@@ -17,7 +19,7 @@ use std::time::Duration;
 use anomos_proto::identity::{load_or_create_identity, Fingerprint, Identity, PublicKey};
 use anomos_proto::tracker::{
     encode_key_answer, verify_hello, ErrorCode, FromTracker, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER,
-    EPHEMERAL_LEN, KEY_FETCH_MAGIC,
+    EPHEMERAL_LEN, KEY_FETCH_MAGIC, RESUME_HELLO_LEN, RESUME_MAGIC, RESUME_UNKNOWN,
 };
 use anomos_proto::ProtoError;
 use rand::rngs::OsRng;
@@ -34,6 +36,7 @@ use crate::error::TrackerError;
 use crate::limits::{Limits, BUSY};
 use crate::metrics::Refusal;
 use crate::service::{error_reply, Service};
+use crate::tickets::{TicketId, Tickets};
 
 /// Default time allowed from connecting to a verified `Hello` (`--hello-timeout`).
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,12 +110,14 @@ pub async fn run_until(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TrackerError> {
     args.validate()?;
-    let max_sessions = crate::fds::sessions_for(&args)?;
+    let max_sessions = crate::fds::connections_for(&args)?;
+    let tickets = Arc::new(Tickets::new(args.sessions_limit(), args.idle()));
     let identity = Arc::new(load_key(&args).await?);
     let listener =
         TcpListener::bind(args.listen).await.map_err(|e| TrackerError::io(format!("binding {}", args.listen), e))?;
     let listen = listener.local_addr().map_err(|e| TrackerError::io("reading the bound address", e))?;
-    let timeouts = Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: args.idle() };
+    let timeouts =
+        Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: args.idle(), conn_idle: args.conn_idle() };
     let limits = Limits::new(&args);
     let metrics_addr = args.metrics;
     let (neighbors, interval) = (args.neighbors, args.interval);
@@ -125,14 +130,25 @@ pub async fn run_until(
         "state database opened"
     );
     let service = Arc::new(service);
+    let kept = service.take_tickets();
+    let kept_n = kept.len();
+    for (t, key) in kept {
+        let idle = Duration::from_secs(u64::from(t.idle_secs));
+        tickets.restore(t.id, Arc::new(key), anomos_proto::crypto::Secret(t.secret), idle);
+    }
+    tickets.restored();
+    if kept_n > 0 {
+        info!(tickets = tickets.len(), "session tickets restored: peers resume without a full handshake");
+    }
     let sessions = Arc::new(Semaphore::new(max_sessions));
     let mut tasks = JoinSet::new();
     let _metrics = match metrics_addr {
         Some(addr) => {
-            let (svc, sess) = (Arc::clone(&service), Arc::clone(&sessions));
+            let (svc, sess, tk) = (Arc::clone(&service), Arc::clone(&sessions), Arc::downgrade(&tickets));
             let gauges = crate::service::TrackerGauges {
                 service: Arc::downgrade(&svc),
                 open_sessions: Box::new(move || max_sessions - sess.available_permits()),
+                tickets: Box::new(move || tk.upgrade().map_or(0, |t| t.len())),
             };
             let registry = Arc::new(svc.metrics.registry(gauges));
             let (bound, task) = crate::metrics::serve(addr, registry)
@@ -175,6 +191,7 @@ pub async fn run_until(
     });
     let hk = Arc::clone(&service);
     let hk_limits = Arc::clone(&limits);
+    let hk_tickets = Arc::clone(&tickets);
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -182,6 +199,7 @@ pub async fn run_until(
             tick.tick().await;
             hk.housekeeping();
             hk_limits.prune();
+            hk_tickets.prune();
         }
     });
 
@@ -199,7 +217,7 @@ pub async fn run_until(
                     }
                 };
                 let Ok(permit) = Arc::clone(&sessions).try_acquire_owned() else {
-                    warn!(%addr, limit = max_sessions, "connection dropped: too many sessions");
+                    warn!(%addr, limit = max_sessions, "connection dropped: too many connections (--max-connections)");
                     service.metrics.refused.inc(Refusal::SessionLimit);
                     drop(stream);
                     continue;
@@ -210,11 +228,17 @@ pub async fn run_until(
                     drop(stream);
                     continue;
                 };
-                let (service, identity, limits) = (Arc::clone(&service), Arc::clone(&identity), Arc::clone(&limits));
+                let shared = Shared {
+                    service: Arc::clone(&service),
+                    identity: Arc::clone(&identity),
+                    limits: Arc::clone(&limits),
+                    tickets: Arc::clone(&tickets),
+                    timeouts,
+                };
                 tasks.spawn(async move {
                     let _permit = permit;
                     let _slot = slot;
-                    match session(service, identity, limits, timeouts, stream, addr.ip()).await {
+                    match session(shared, stream, addr.ip()).await {
                         Ok(()) => debug!(%addr, "session closed"),
                         Err(e) => warn!(%addr, reason = %e, "connection dropped"),
                     }
@@ -226,6 +250,13 @@ pub async fn run_until(
                 let (peers, edges, remembered) = service.sizes();
                 tasks.shutdown().await;
                 let saved = service.persist().await;
+                let kept = tickets.export();
+                let (svc, n) = (Arc::clone(&service), kept.len());
+                match tokio::task::spawn_blocking(move || svc.save_tickets(&kept)).await {
+                    Ok(Ok(())) => debug!(tickets = n, "session tickets kept for the next start"),
+                    Ok(Err(e)) => warn!(error = %e, "keeping the session tickets failed: peers do a full handshake"),
+                    Err(e) => warn!(error = %e, "keeping the session tickets failed"),
+                }
                 info!(sessions_closed = open, peers, edges, circuits_remembered = remembered,
                     "shutdown: tracker stopped (peers and edges are in the state database)");
                 return saved.map(drop);
@@ -279,6 +310,10 @@ enum SessionError {
     Proto(#[from] ProtoError),
     #[error("{0}")]
     Refused(&'static str),
+    /// A resumption with a ticket the tracker does not hold (answered, then closed; the peer does a full
+    /// handshake): routine after a restart or a long silence, so not worth a warning.
+    #[error("unknown session ticket")]
+    UnknownTicket,
 }
 
 /// The channel and the stream it runs over.
@@ -320,27 +355,55 @@ impl Conn {
 #[derive(Debug, Clone, Copy)]
 struct Timeouts {
     hello: Duration,
+    /// A session's lifetime unused (`--idle-timeout`): the idle timeout of a connection without a ticket.
     idle: Duration,
+    /// The idle timeout of a connection whose session has a ticket (`--conn-idle-timeout`).
+    conn_idle: Duration,
 }
 
-async fn session(
+/// What every connection's task shares.
+struct Shared {
     service: Arc<Service>,
     identity: Arc<Identity>,
     limits: Arc<Limits>,
+    tickets: Arc<Tickets>,
     timeouts: Timeouts,
-    stream: TcpStream,
-    remote_ip: IpAddr,
-) -> Result<(), SessionError> {
+}
+
+/// How a connection began.
+enum Opened {
+    /// A key fetch, answered.
+    KeyFetch,
+    /// A full handshake: a new session.
+    Full(Conn, PublicKey),
+    /// A session resumed from its ticket (authenticated once its first frame opens).
+    Resumed(Conn, Arc<PublicKey>, TicketId),
+}
+
+async fn session(sh: Shared, stream: TcpStream, remote_ip: IpAddr) -> Result<(), SessionError> {
+    let Shared { service, identity, limits, tickets, timeouts } = sh;
     let _ = stream.set_nodelay(true);
-    let hs = tokio::time::timeout(timeouts.hello, handshake(stream, &identity, &limits, remote_ip))
+    let hs = tokio::time::timeout(timeouts.hello, handshake(stream, &identity, &limits, &tickets, remote_ip))
         .await
         .map_err(|_| SessionError::Timeout("hello"))
         .and_then(|r| r);
-    let (mut conn, key) = match hs {
-        Ok(Some(x)) => x,
-        Ok(None) => {
+    let (mut conn, key, mut ticket) = match hs {
+        Ok(Opened::Full(conn, key)) => {
+            service.metrics.sessions.inc();
+            (conn, Arc::new(key), None)
+        }
+        Ok(Opened::Resumed(conn, key, id)) => {
+            service.metrics.resumptions.inc();
+            (conn, key, Some(id))
+        }
+        Ok(Opened::KeyFetch) => {
             service.metrics.key_fetches.inc();
             return Ok(()); // a key fetch, answered
+        }
+        Err(SessionError::UnknownTicket) => {
+            service.metrics.refused.inc(Refusal::UnknownTicket);
+            debug!(ip = %remote_ip, "resumption with an unknown ticket: the peer does a full handshake");
+            return Ok(());
         }
         Err(e) => {
             service.metrics.refused.inc(match &e {
@@ -351,16 +414,22 @@ async fn session(
             return Err(e);
         }
     };
-    service.metrics.sessions.inc();
     let peer = key.fingerprint();
-    debug!(peer = %peer.short(), "session authenticated");
+    debug!(peer = %peer.short(), resumed = ticket.is_some(), "session authenticated");
     loop {
-        let msg = match tokio::time::timeout(timeouts.idle, conn.recv()).await {
+        // A connection whose session can resume is closed soon after its last request: the descriptor is what a
+        // tracker of 100,000 peers runs short of, and the peer reconnects without RSA.
+        let idle = if ticket.is_some() { timeouts.conn_idle } else { timeouts.idle };
+        let msg = match tokio::time::timeout(idle, conn.recv()).await {
+            Err(_) if ticket.is_some() => return Ok(()),
             Err(_) => return Err(SessionError::Timeout("a request (idle)")),
             Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(msg))) => msg,
             Ok(Err(e)) => return Err(e),
         };
+        if let Some(id) = &ticket {
+            tickets.touch(id);
+        }
         let reply = match msg.validate() {
             Err(e) => {
                 service.metrics.refused.inc(Refusal::BadRequest);
@@ -374,20 +443,29 @@ async fn session(
                 ToTracker::Announce(a) => service.announce(&key, a, remote_ip).await,
                 ToTracker::RequestCircuits(r) => service.request_circuits(peer, r).await,
                 ToTracker::Report(r) => service.report(peer, r),
+                ToTracker::Resumable => {
+                    // One ticket per session: asked again, the same one.
+                    let secret = conn.chan.resumption_secret();
+                    let id = *ticket.get_or_insert_with(|| tickets.issue(Arc::clone(&key), secret.clone()));
+                    let lifetime_secs = u32::try_from(tickets.lifetime().as_secs()).unwrap_or(u32::MAX);
+                    FromTracker::Ticket { ticket: id, lifetime_secs }
+                }
             },
         };
         conn.send(&reply).await?;
     }
 }
 
-/// Channel setup and authentication; returns the connection and the peer's verified key, or `None` after
-/// answering a key fetch (`"ANOMOSK1"`: a peer that pins our fingerprint asks for the full public key).
+/// Channel setup and authentication: a full handshake (returns the connection and the peer's verified key), a
+/// resumption (the connection, the session's key and its ticket), or a key fetch, answered (`"ANOMOSK1"`: a peer
+/// that pins our fingerprint asks for the full public key).
 async fn handshake(
     mut stream: TcpStream,
     identity: &Arc<Identity>,
     limits: &Limits,
+    tickets: &Tickets,
     remote_ip: IpAddr,
-) -> Result<Option<(Conn, PublicKey)>, SessionError> {
+) -> Result<Opened, SessionError> {
     let mut header = [0u8; CLIENT_HELLO_HEADER];
     let magic_len = KEY_FETCH_MAGIC.len();
     let (magic, rest) = header.split_at_mut(magic_len);
@@ -398,7 +476,10 @@ async fn handshake(
             .await
             .map_err(|_| SessionError::Timeout("the peer to read the key"))??;
         debug!("tracker key fetched");
-        return Ok(None);
+        return Ok(Opened::KeyFetch);
+    }
+    if *magic == RESUME_MAGIC {
+        return resume(stream, identity, tickets).await;
     }
     stream.read_exact(rest).await?;
     let ct_len = TrackerChannel::hello_ct_len(&header)?;
@@ -440,11 +521,32 @@ async fn handshake(
     match verified {
         Ok(key) => {
             conn.send(&FromTracker::Welcome { peer_id: key.fingerprint() }).await?;
-            Ok(Some((conn, key)))
+            Ok(Opened::Full(conn, key))
         }
         Err(e) => {
             let _ = conn.send(&error_reply(ErrorCode::Unauthenticated, e.to_string())).await;
             Err(e.into())
         }
     }
+}
+
+/// A `ResumeHello` (SPEC §3.4): look the ticket up, answer `RESUME_ACCEPTED | e_T` and derive the connection's keys
+/// from the session's resumption secret and a fresh X25519 exchange (two X25519 operations, no RSA; not rate-limited
+/// like ClientHellos, which cost a decryption). Unknown tickets get `RESUME_UNKNOWN` and the connection closes.
+async fn resume(mut stream: TcpStream, identity: &Identity, tickets: &Tickets) -> Result<Opened, SessionError> {
+    let mut hello = [0u8; RESUME_HELLO_LEN];
+    let (magic, rest) = hello.split_at_mut(RESUME_MAGIC.len());
+    magic.copy_from_slice(&RESUME_MAGIC);
+    stream.read_exact(rest).await?;
+    let (id, e_p) = TrackerChannel::resume_hello(&hello)?;
+    let Some(session) = tickets.resume(&id) else {
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&[RESUME_UNKNOWN])).await;
+        return Err(SessionError::UnknownTicket);
+    };
+    let (answer, chan) =
+        TrackerChannel::accept_resume(&mut OsRng, &identity.fingerprint(), &id, &session.secret, &e_p)?;
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&answer))
+        .await
+        .map_err(|_| SessionError::Timeout("the peer to read our resume answer"))??;
+    Ok(Opened::Resumed(Conn { stream, chan }, session.key, id))
 }

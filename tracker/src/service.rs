@@ -71,8 +71,10 @@ pub(crate) struct TrackerMetrics {
     pub(crate) reports: EnumCounter<ReportKind>,
     /// Peers expired for silence.
     pub(crate) expired: Counter,
-    /// Sessions authenticated.
+    /// Sessions authenticated (full handshakes).
     pub(crate) sessions: Counter,
+    /// Sessions resumed on a new connection with a ticket.
+    pub(crate) resumptions: Counter,
     /// Key fetches answered.
     pub(crate) key_fetches: Counter,
 }
@@ -441,6 +443,7 @@ impl TrackerMetrics {
         let mut r = Registry::default();
         r.register_collector(Box::new(gauges));
         r.register("anomos_tracker_sessions", "Sessions authenticated", self.sessions.clone());
+        r.register("anomos_tracker_resumptions", "Sessions resumed with a ticket", self.resumptions.clone());
         r.register("anomos_tracker_key_fetches", "Key fetches answered", self.key_fetches.clone());
         r.register("anomos_tracker_announces", "Successful announces", self.announces.clone());
         r.register("anomos_tracker_new_peers", "Announces from peers the tracker did not know", self.new_peers.clone());
@@ -459,6 +462,8 @@ pub(crate) struct TrackerGauges {
     pub(crate) service: std::sync::Weak<Service>,
     /// Peer connections open now.
     pub(crate) open_sessions: Box<dyn Fn() -> usize + Send + Sync>,
+    /// Session tickets held now.
+    pub(crate) tickets: Box<dyn Fn() -> usize + Send + Sync>,
 }
 
 impl std::fmt::Debug for TrackerGauges {
@@ -481,6 +486,7 @@ impl Collector for TrackerGauges {
             n(remembered),
         )?;
         metrics::gauge(&mut enc, "anomos_tracker_sessions", "Peer connections open now.", n((self.open_sessions)()))?;
+        metrics::gauge(&mut enc, "anomos_tracker_tickets", "Sessions resumable with a ticket.", n((self.tickets)()))?;
         let lock = service.lock_stats();
         metrics::gauge(
             &mut enc,

@@ -29,6 +29,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PEERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("peers");
 /// NeighborID → the two ends' fingerprints (64 bytes).
 const EDGES: TableDefinition<u64, &[u8]> = TableDefinition::new("edges");
+/// Session tickets at shutdown (SPEC §3.4): ticket id (16 bytes) → the peer's fingerprint (32) | the session's
+/// resumption secret (32) | seconds since the ticket was last used (u32 BE). Read and deleted at start, so
+/// peers resume across a restart instead of all doing a full handshake (an RSA decryption each) at once.
+const TICKETS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("tickets");
 /// Layout version written to `meta`.
 const FORMAT: u8 = 1;
 /// Largest peer row: a key (≤ 600 bytes DER), an address, up to 8 chains and 16 family members fit well within.
@@ -46,6 +50,15 @@ struct PeerRow {
     chains: Vec<ChainId>,
     family: Vec<Fingerprint>,
     avoided: bool,
+}
+
+/// A session ticket kept across a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredTicket {
+    pub(crate) id: [u8; 16],
+    pub(crate) peer: Fingerprint,
+    pub(crate) secret: [u8; 32],
+    pub(crate) idle_secs: u32,
 }
 
 /// What the database held.
@@ -138,9 +151,52 @@ impl Store {
             }
             tx.open_table(PEERS).map_err(|e| store.err(e))?;
             tx.open_table(EDGES).map_err(|e| store.err(e))?;
+            tx.open_table(TICKETS).map_err(|e| store.err(e))?;
         }
         tx.commit().map_err(|e| store.err(e))?;
         Ok(store)
+    }
+
+    /// Replaces the stored tickets with `tickets` (at shutdown).
+    pub(crate) fn save_tickets(&self, tickets: &[StoredTicket]) -> Result<(), TrackerError> {
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        tx.set_durability(Durability::Immediate).map_err(|e| self.err(e))?;
+        {
+            let mut t = tx.open_table(TICKETS).map_err(|e| self.err(e))?;
+            t.retain(|_, _| false).map_err(|e| self.err(e))?;
+            for st in tickets {
+                let row = [&st.peer.0[..], &st.secret, &st.idle_secs.to_be_bytes()].concat();
+                t.insert(st.id.as_slice(), row.as_slice()).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Reads the stored tickets and deletes them (at start: the secrets stay on disk only while the tracker is
+    /// down). Rows of the wrong shape are skipped: a ticket is only an optimization.
+    pub(crate) fn take_tickets(&self) -> Result<Vec<StoredTicket>, TrackerError> {
+        let mut out = Vec::new();
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        tx.set_durability(Durability::Immediate).map_err(|e| self.err(e))?;
+        {
+            let mut t = tx.open_table(TICKETS).map_err(|e| self.err(e))?;
+            for item in t.iter().map_err(|e| self.err(e))? {
+                let (k, v) = item.map_err(|e| self.err(e))?;
+                let (Ok(id), v) = (<[u8; 16]>::try_from(k.value()), v.value()) else { continue };
+                let (Some(peer), Some(secret), Some(idle)) = (v.get(..32), v.get(32..64), v.get(64..68)) else {
+                    continue;
+                };
+                let (Ok(peer), Ok(secret), Ok(idle)) =
+                    (<[u8; 32]>::try_from(peer), <[u8; 32]>::try_from(secret), <[u8; 4]>::try_from(idle))
+                else {
+                    continue;
+                };
+                out.push(StoredTicket { id, peer: Fingerprint(peer), secret, idle_secs: u32::from_be_bytes(idle) });
+            }
+            t.retain(|_, _| false).map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
     }
 
     /// Reads every peer and edge.
@@ -209,6 +265,21 @@ fn err(path: &Path, e: impl std::fmt::Display) -> TrackerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tickets_are_kept_across_a_restart_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tracker.redb");
+        let t = |i: u8| StoredTicket { id: [i; 16], peer: Fingerprint([i; 32]), secret: [i + 1; 32], idle_secs: 7 };
+        {
+            let store = Store::open(&path).unwrap();
+            store.save_tickets(&[t(1), t(2)]).unwrap();
+            store.save_tickets(&[t(3)]).unwrap(); // replaces
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.take_tickets().unwrap(), vec![t(3)]);
+        assert!(store.take_tickets().unwrap().is_empty(), "read once: deleted at start");
+    }
 
     #[test]
     fn garbage_and_damaged_rows_are_errors_naming_the_file() {

@@ -216,8 +216,52 @@ async fn garbage_drops_only_that_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_resumes_on_new_connections_which_close_when_idle() {
+    let t = start(|a| a.conn_idle_timeout = 1).await;
+    let p = fake_peer(1).await;
+    let mut c = connect(&t, p.id()).await;
+    let ticket = c.ticket().await;
+    assert_eq!(c.ticket().await.id, ticket.id, "asked again, the same ticket");
+    let table = c.announce_ok(p.listen).await;
+    // A connection whose session has a ticket is closed after --conn-idle-timeout; a session without one is not.
+    let mut plain = connect(&t, &ids()[2]).await;
+    assert!(c.closed_within(Duration::from_secs(3)).await, "idle ticketed connection closed");
+    assert!(!plain.closed_within(Duration::from_millis(200)).await, "a connection without a ticket stays");
+    // Resumed: the same session (no Hello, no probe), any number of times, each a new connection.
+    for _ in 0..3 {
+        let mut r = resume(&t, &ticket).await.unwrap().expect("ticket held");
+        assert_eq!(r.announce_ok(p.listen).await, table);
+    }
+    // A ticket the tracker never issued: "unknown", then closed.
+    let forged = anomos_proto::tracker::Ticket { id: [0xab; 16], secret: ticket.secret.clone() };
+    assert!(resume(&t, &forged).await.unwrap().is_none());
+    // The right id with the wrong secret: the first frame does not open, the connection is closed unanswered.
+    let wrong = anomos_proto::tracker::Ticket { id: ticket.id, secret: anomos_proto::crypto::Secret([1; 32]) };
+    let mut w = resume(&t, &wrong).await.unwrap().expect("the id is known");
+    w.send(&ToTracker::Announce(Announce { listen: p.listen, chains: vec![], family: vec![] })).await;
+    assert!(w.recv().await.is_err(), "not authenticated: closed");
+    // The real ticket still works.
+    let mut r = resume(&t, &ticket).await.unwrap().expect("ticket held");
+    r.announce_ok(p.listen).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_expire_unused_after_the_session_idle_timeout() {
+    let t = start(|a| a.idle_timeout = Some(2)).await;
+    let p = fake_peer(1).await;
+    let mut c = connect(&t, p.id()).await;
+    let ticket = c.ticket().await;
+    c.announce_ok(p.listen).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    resume(&t, &ticket).await.unwrap().expect("used 1.2 s ago: held").announce_ok(p.listen).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(resume(&t, &ticket).await.unwrap().is_none(), "unused for longer than --idle-timeout: gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_limit_closes_extra_connections() {
-    let t = start(|a| a.max_sessions = Some(1)).await;
+    let t = start(|a| a.max_connections = Some(1)).await;
     let first = connect(&t, &ids()[1]).await;
     // Over the limit the connection is closed at once: not even the tracker's hello comes back.
     assert!(open_channel(t.addr, &t.key).await.is_err(), "over the limit the connection is closed at once");

@@ -1,7 +1,10 @@
 //! One simulated peer: its own 127.x address, where it answers the tracker's reachability probes, and a
-//! tracker client that behaves like the real one (`src/tracker_client.rs`): one session, reused while it has been
-//! idle for less than `reuse_idle` (30 s, as the peer does), otherwise replaced; a kept session the tracker
-//! closed is replaced once. Announces follow the interval the tracker hands out.
+//! tracker client that behaves like the real one (`src/tracker_client.rs`): one session, opened with a full
+//! handshake and a ticket request, then resumed on a new connection for every request (the real client keeps a
+//! connection for 2 s after a request; a simulated peer makes no second request within 2 s, so it closes at once
+//! and holds no descriptor between requests). With `--no-resume` it keeps the session's connection instead while
+//! idle under `reuse_idle` (75 s, the client before session tickets). Announces follow the interval the tracker
+//! hands out.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 use anomos_proto::identity::PublicKey;
 use anomos_proto::ids::ChainId;
 use anomos_proto::link::{decode_probe_body, PROBE_MAGIC};
-use anomos_proto::tracker::{self, Announce, FromTracker, ToTracker, TrackerChannel};
+use anomos_proto::tracker::{self, Announce, FromTracker, ResumeAnswer, Ticket, ToTracker, TrackerChannel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Mutex};
@@ -27,17 +30,73 @@ const SIG_PROBE: &[u8] = b"anomos probe v1";
 /// The real client's I/O timeout per step.
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The generator's RSA signing, on its own threads: probe answers first (the tracker gives them 5 s), then
+/// session Hellos. Signing inline on the async workers let a join wave's Hellos delay probe answers past the
+/// tracker's timeout and the peers' next frames past the tracker's idle timeout: errors of the generator, not of
+/// the tracker. Each simulated peer would sign on its own machine; here they share these threads.
+pub struct Signer {
+    queue: std::sync::Mutex<(std::collections::VecDeque<Job>, std::collections::VecDeque<Job>)>,
+    ready: std::sync::Condvar,
+}
+
+type Job = (Arc<Peer>, Vec<u8>, tokio::sync::oneshot::Sender<Result<Vec<u8>, String>>);
+
+impl Signer {
+    /// `threads` signing threads.
+    pub fn start(threads: usize) -> Arc<Self> {
+        let s = Arc::new(Signer { queue: std::sync::Mutex::default(), ready: std::sync::Condvar::new() });
+        for _ in 0..threads.max(1) {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || loop {
+                let job = {
+                    let mut q = s.queue.lock().unwrap_or_else(|e| e.into_inner());
+                    loop {
+                        if let Some(j) = q.0.pop_front().or_else(|| q.1.pop_front()) {
+                            break j;
+                        }
+                        q = s.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                    }
+                };
+                let (peer, msg, tx) = job;
+                let _ = tx.send(peer.key.sign(&msg));
+            });
+        }
+        s
+    }
+
+    /// Signs `msg` with `peer`'s key; `probe` answers go before Hellos.
+    pub async fn sign(&self, peer: &Arc<Peer>, msg: Vec<u8>, probe: bool) -> Result<Vec<u8>, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let lane = if probe { &mut q.0 } else { &mut q.1 };
+            lane.push_back((Arc::clone(peer), msg, tx));
+        }
+        self.ready.notify_one();
+        rx.await.map_err(|_| "sign: signer gone".to_string())?
+    }
+}
+
 /// What every peer shares.
 pub struct Ctx {
     pub tracker: SocketAddr,
     pub tracker_key: PublicKey,
     pub chains: Vec<ChainId>,
     pub reuse_idle: Duration,
+    /// Resume sessions with tickets (the real client); false: keep connections (`--no-resume`).
+    pub resume: bool,
     /// Move each peer's announces to a random phase after its first one.
     pub spread: bool,
     pub start: Instant,
     pub stats: Stats,
     pub stop: watch::Receiver<bool>,
+    pub signer: Arc<Signer>,
+    /// Full session set-ups (a Hello signature each) the generator runs at once; more peers wait their turn.
+    pub handshakes: tokio::sync::Semaphore,
+    /// Tracker connections the generator has open at once (its open-file limit is shared by 100,000 simulated
+    /// peers that would each have their own): a request waits for a slot before it connects. Latencies are
+    /// measured from the slot, so the generator's own queue is not counted as the tracker's.
+    pub conns: tokio::sync::Semaphore,
 }
 
 /// The loopback address of peer `k`: 127.A.B.C with C in 1..=254, starting at 127.10.0.1 (127.0.0.1 is the
@@ -70,7 +129,7 @@ async fn io<T>(what: &str, f: impl std::future::Future<Output = std::io::Result<
 }
 
 impl Session {
-    async fn connect(ctx: &Ctx, key: &PeerKey, from: IpAddr) -> Result<Self, String> {
+    async fn connect(ctx: &Ctx, peer: &Arc<Peer>, from: IpAddr) -> Result<Self, String> {
         let sock = TcpSocket::new_v4().map_err(|e| err_kind(&e))?;
         sock.bind(SocketAddr::new(from, 0)).map_err(|e| err_kind(&e))?;
         let mut stream = io("connect", sock.connect(ctx.tracker)).await?;
@@ -79,16 +138,57 @@ impl Session {
             TrackerChannel::connect(&mut rand::rngs::OsRng, &ctx.tracker_key).map_err(|e| format!("proto:{e}"))?;
         io("hello", stream.write_all(&hello)).await?;
         let mut reply = [0u8; tracker::EPHEMERAL_LEN];
-        io("hello", stream.read_exact(&mut reply)).await?;
+        // The tracker sheds a connection here, before any RSA work, when too many channel set-ups are in progress
+        // (or every connection slot is taken): a closed connection is its "busy, retry later".
+        io("hello", stream.read_exact(&mut reply)).await.map_err(|e| match e.as_str() {
+            "io:UnexpectedEof" | "io:ConnectionReset" => "shed:closed-before-hello".to_string(),
+            _ => e,
+        })?;
         let chan = handshake.finish(&reply).map_err(|e| format!("proto:{e}"))?;
         let mut s = Session { stream, chan };
         let nonce = match s.recv().await? {
             FromTracker::Challenge { nonce } => nonce,
             other => return Err(format!("unexpected:{other:?}")),
         };
-        let signature = key.sign(&tracker::hello_signed_bytes(&ctx.tracker_key.fingerprint(), &nonce))?;
-        match s.request(&ToTracker::Hello { public_key: key.der.clone(), signature }).await? {
+        let signed = tracker::hello_signed_bytes(&ctx.tracker_key.fingerprint(), &nonce);
+        let signature = ctx.signer.sign(peer, signed, false).await?;
+        match s.request(&ToTracker::Hello { public_key: peer.key.der.clone(), signature }).await? {
             FromTracker::Welcome { .. } => Ok(s),
+            other => Err(format!("unexpected:{other:?}")),
+        }
+    }
+
+    /// Resumes the session of `ticket` (SPEC §3.4); `None` when the tracker does not hold it.
+    async fn resume(ctx: &Ctx, ticket: &Ticket, from: IpAddr) -> Result<Option<Self>, String> {
+        let sock = TcpSocket::new_v4().map_err(|e| err_kind(&e))?;
+        sock.bind(SocketAddr::new(from, 0)).map_err(|e| err_kind(&e))?;
+        let mut stream = io("connect", sock.connect(ctx.tracker)).await?;
+        stream.set_nodelay(true).map_err(|e| err_kind(&e))?;
+        let (hello, hs) = TrackerChannel::resume(&mut rand::rngs::OsRng, &ctx.tracker_key.fingerprint(), ticket)
+            .map_err(|e| format!("proto:{e}"))?;
+        io("resume", stream.write_all(&hello)).await?;
+        let mut status = [0u8; 1];
+        // Closed before any answer: the tracker's connection limit (close at once), or a tracker stopping.
+        io("resume", stream.read_exact(&mut status)).await.map_err(|e| match e.as_str() {
+            "io:UnexpectedEof" | "io:ConnectionReset" => "shed:closed-before-answer".to_string(),
+            _ => e,
+        })?;
+        if ResumeAnswer::from_byte(status[0]).map_err(|e| format!("proto:{e}"))? == ResumeAnswer::Unknown {
+            return Ok(None);
+        }
+        let mut e_t = [0u8; tracker::EPHEMERAL_LEN];
+        io("resume", stream.read_exact(&mut e_t)).await?;
+        let chan = hs.finish(&e_t).map_err(|e| format!("proto:{e}"))?;
+        Ok(Some(Session { stream, chan }))
+    }
+
+    /// Asks for the session's ticket.
+    async fn ticket(&mut self) -> Result<(Ticket, Duration), String> {
+        match self.request(&ToTracker::Resumable).await? {
+            FromTracker::Ticket { ticket, lifetime_secs } => Ok((
+                Ticket { id: ticket, secret: self.chan.resumption_secret().clone() },
+                Duration::from_secs(u64::from(lifetime_secs)),
+            )),
             other => Err(format!("unexpected:{other:?}")),
         }
     }
@@ -115,11 +215,25 @@ impl Session {
     }
 }
 
+/// A reply, how long a full session set-up took (if one was needed), and the whole request from its connection
+/// slot on, less any wait for the generator's own handshake slot.
+pub type Reply = (FromTracker, Option<Duration>, Duration);
+
+/// A simulated peer's session: the kept connection (`--no-resume`) and the ticket (its last use, lifetime).
+#[derive(Default)]
+struct PeerSession {
+    conn: Option<(Session, Instant)>,
+    ticket: Option<(Ticket, Instant, Duration)>,
+}
+
+/// A ticket is not presented within this margin of its lifetime (as the real client).
+const TICKET_MARGIN: Duration = Duration::from_secs(10);
+
 /// A simulated peer.
 pub struct Peer {
     pub listen: SocketAddr,
     key: PeerKey,
-    session: Mutex<Option<(Session, Instant)>>,
+    session: Mutex<PeerSession>,
     pub joined: AtomicBool,
     /// Successful announces so far.
     pub announces: AtomicU64,
@@ -133,39 +247,92 @@ impl Peer {
         Arc::new(Peer {
             listen: addr_of(k, port),
             key,
-            session: Mutex::new(None),
+            session: Mutex::new(PeerSession::default()),
             joined: AtomicBool::new(false),
             announces: AtomicU64::new(0),
             table: std::sync::Mutex::new(Vec::new()),
         })
     }
 
-    /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if any.
-    pub async fn request(&self, ctx: &Ctx, msg: &ToTracker) -> Result<(FromTracker, Option<Duration>), String> {
+    /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if it needed
+    /// a full one (resumptions are recorded as `resumes`).
+    pub async fn request(self: &Arc<Self>, ctx: &Ctx, msg: &ToTracker) -> Result<Reply, String> {
+        // A peer that will need a full set-up takes its handshake slot before its connection slot: the other way
+        // round, peers waiting for one of the 64 handshake slots held the connection slots that resuming peers
+        // needed, their announces came too late and they expired.
+        let full = {
+            let slot = self.session.lock().await;
+            let fresh = slot.ticket.as_ref().is_some_and(|(_, used, life)| used.elapsed() + TICKET_MARGIN < *life);
+            !(fresh || slot.conn.as_ref().is_some_and(|(_, used)| used.elapsed() < ctx.reuse_idle))
+        };
+        let _turn = if full { Some(ctx.handshakes.acquire().await.map_err(|_| "closed".to_string())?) } else { None };
+        let _conn = ctx.conns.acquire().await.map_err(|_| "closed".to_string())?;
+        let t0 = Instant::now();
+        let (reply, setup, waited) = self.request_now(ctx, msg, full).await?;
+        Ok((reply, setup, t0.elapsed().saturating_sub(waited)))
+    }
+
+    /// [`Peer::request`] once it has a connection slot; also returns how long it waited for the generator's own
+    /// handshake slot.
+    async fn request_now(
+        self: &Arc<Self>,
+        ctx: &Ctx,
+        msg: &ToTracker,
+        has_turn: bool,
+    ) -> Result<(FromTracker, Option<Duration>, Duration), String> {
         let mut slot = self.session.lock().await;
-        if let Some((mut s, used)) = slot.take() {
+        if let Some((mut s, used)) = slot.conn.take() {
             if used.elapsed() < ctx.reuse_idle {
                 match s.request(msg).await {
                     Err(e) if e.starts_with("io:") => {} // closed by the tracker: reconnect once
                     r => {
                         if r.is_ok() || r.as_ref().is_err_and(|e| e.starts_with("tracker:")) {
-                            *slot = Some((s, Instant::now()));
+                            slot.conn = Some((s, Instant::now()));
                         }
-                        return r.map(|reply| (reply, None));
+                        return r.map(|reply| (reply, None, Duration::ZERO));
                     }
                 }
             }
         }
+        let fresh = slot.ticket.as_ref().filter(|(_, used, life)| used.elapsed() + TICKET_MARGIN < *life);
+        if let Some((ticket, _, _)) = fresh.cloned() {
+            let t = Instant::now();
+            match Session::resume(ctx, &ticket, self.listen.ip()).await.map_err(|e| format!("resume/{e}"))? {
+                Some(mut s) => {
+                    ctx.stats.resumes.record(ctx.start, t.elapsed());
+                    let r = s.request(msg).await;
+                    if r.is_ok() || r.as_ref().is_err_and(|e| e.starts_with("tracker:")) {
+                        if let Some((_, used, _)) = slot.ticket.as_mut() {
+                            *used = Instant::now();
+                        }
+                    }
+                    return r.map(|reply| (reply, None, Duration::ZERO)); // the connection closes here (dropped)
+                }
+                None => {
+                    ctx.stats.note(ctx.start, "resume/unknown-ticket (full handshake instead)");
+                    slot.ticket = None;
+                }
+            }
+        }
+        // The generator's own pacing of Hello signatures: the wait is not the tracker's, so it is left out.
+        let w = Instant::now();
+        let _turn =
+            if has_turn { None } else { Some(ctx.handshakes.acquire().await.map_err(|_| "closed".to_string())?) };
+        let waited = w.elapsed();
         let t = Instant::now();
-        let mut s = Session::connect(ctx, &self.key, self.listen.ip()).await.map_err(|e| format!("session/{e}"))?;
+        let mut s = Session::connect(ctx, self, self.listen.ip()).await.map_err(|e| format!("session/{e}"))?;
+        if ctx.resume {
+            let (ticket, life) = s.ticket().await.map_err(|e| format!("session/ticket/{e}"))?;
+            slot.ticket = Some((ticket, Instant::now(), life));
+        }
         let setup = t.elapsed();
         ctx.stats.sessions.record(ctx.start, setup);
         let r = s.request(msg).await;
-        let keep = !ctx.reuse_idle.is_zero();
+        let keep = !ctx.resume && !ctx.reuse_idle.is_zero();
         if keep && (r.is_ok() || r.as_ref().is_err_and(|e| e.starts_with("tracker:"))) {
-            *slot = Some((s, Instant::now()));
+            slot.conn = Some((s, Instant::now()));
         }
-        r.map(|reply| (reply, Some(setup)))
+        r.map(|reply| (reply, Some(setup), waited))
     }
 
     /// Announces at the tracker's interval until stopped; after a failure retries after 1, 2, 4 … 30 s.
@@ -174,12 +341,13 @@ impl Peer {
         let mut backoff = Duration::from_secs(1);
         let msg = ToTracker::Announce(Announce { listen: self.listen, chains: ctx.chains.clone(), family: Vec::new() });
         loop {
-            let t = Instant::now();
             let wait = match self.request(&ctx, &msg).await {
-                Ok((FromTracker::Announced(a), setup)) => {
-                    let total = t.elapsed();
-                    ctx.stats.announce_total.record(ctx.start, total);
-                    ctx.stats.announces.record(ctx.start, total - setup.unwrap_or_default());
+                Ok((FromTracker::Announced(a), setup, took)) => {
+                    // Latencies of announces by peers that have joined (a join is measured by `joins`).
+                    if self.joined.load(Ordering::Relaxed) {
+                        ctx.stats.announce_total.record(ctx.start, took);
+                        ctx.stats.announces.record(ctx.start, took.saturating_sub(setup.unwrap_or_default()));
+                    }
                     let interval = Duration::from_secs(u64::from(a.interval_secs.clamp(1, 3600)));
                     *self.table.lock().unwrap_or_else(|e| e.into_inner()) =
                         a.neighbors.iter().map(|n| (n.id.0, n.addr)).collect();
@@ -199,11 +367,12 @@ impl Peer {
                 }
                 other => {
                     let kind = match other {
-                        Ok((reply, _)) => format!("unexpected:{reply:?}"),
+                        Ok((reply, _, _)) => format!("unexpected:{reply:?}"),
                         Err(e) => e,
                     };
-                    ctx.stats.error(ctx.start, format!("announce/{kind}"));
-                    let w = backoff;
+                    ctx.stats.failure(ctx.start, format!("announce/{kind}"));
+                    // Jittered, as the real peer (src/node/neighbors.rs).
+                    let w = backoff.mul_f64(0.5 + rand::random::<f64>());
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     w
                 }
@@ -217,17 +386,19 @@ impl Peer {
 
     /// One circuit request; the latency is recorded when at least one circuit was granted. Returns whether one
     /// was.
-    pub async fn request_circuit(&self, ctx: &Ctx, chain: ChainId, relays: u8) -> bool {
-        let t = Instant::now();
+    pub async fn request_circuit(self: &Arc<Self>, ctx: &Ctx, chain: ChainId, relays: u8) -> bool {
         let req = ToTracker::RequestCircuits(tracker::CircuitRequest { chain, count: 1, relays });
         match self.request(ctx, &req).await {
-            Ok((FromTracker::Circuits(c), _)) if !c.circuits.is_empty() => {
-                ctx.stats.grants.record(ctx.start, t.elapsed());
+            Ok((FromTracker::Circuits(c), setup, took)) if !c.circuits.is_empty() => {
+                // A full session set-up, if one was needed, is counted (the peer waited for it); the wait for
+                // the generator's own handshake slot is not.
+                let _ = setup;
+                ctx.stats.grants.record(ctx.start, took);
                 return true;
             }
-            Ok((FromTracker::Circuits(_), _)) => ctx.stats.error(ctx.start, "circuit/empty"),
-            Ok((reply, _)) => ctx.stats.error(ctx.start, format!("circuit/unexpected:{reply:?}")),
-            Err(e) => ctx.stats.error(ctx.start, format!("circuit/{e}")),
+            Ok((FromTracker::Circuits(_), _, _)) => ctx.stats.error(ctx.start, "circuit/empty"),
+            Ok((reply, _, _)) => ctx.stats.error(ctx.start, format!("circuit/unexpected:{reply:?}")),
+            Err(e) => ctx.stats.failure(ctx.start, format!("circuit/{e}")),
         }
         false
     }
@@ -277,7 +448,7 @@ async fn answer_probe(ctx: Arc<Ctx>, peer: Arc<Peer>, mut s: TcpStream) {
         return;
     };
     let der = &peer.key.der;
-    let Ok(sig) = peer.key.sign(&[SIG_PROBE, &nonce, der].concat()) else {
+    let Ok(sig) = ctx.signer.sign(&peer, [SIG_PROBE, &nonce, der].concat(), true).await else {
         ctx.stats.error(ctx.start, "probe/sign");
         return;
     };

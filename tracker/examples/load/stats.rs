@@ -36,8 +36,10 @@ pub fn pct(sorted: &[f32], p: f64) -> f64 {
 /// Everything the peers and the circuit driver report.
 #[derive(Default)]
 pub struct Stats {
-    /// Session set-ups (connect, channel, Hello/Welcome).
+    /// Full session set-ups (connect, channel, Hello/Welcome, and the ticket request).
     pub sessions: Series,
+    /// Session resumptions with a ticket (connect, ResumeHello, the tracker's answer).
+    pub resumes: Series,
     /// Announce request → reply (the tracker's probe of our listener included).
     pub announces: Series,
     /// What the peer waited for one announce: session set-up when it needed one, plus the announce.
@@ -50,6 +52,13 @@ pub struct Stats {
     pub probes: Series,
     /// Failures by kind, with the time they happened.
     errors: Mutex<Vec<(f32, String)>>,
+    /// The tracker's "busy, retry later" answers, by kind: `tracker:Full` (every probe slot busy, or no room) and
+    /// a connection closed before the ServerHello (too many channel set-ups in progress, or every connection slot
+    /// taken). The protocol defines both as shedding that the peer answers by backing off and retrying (SPEC §3.4,
+    /// §3.9), so they are not errors; they are printed, and counted in the last line as `retries=`.
+    retries: Mutex<Vec<(f32, String)>>,
+    /// Events worth a count that are neither (a ticket the tracker no longer held, e.g. after its restart).
+    notes: Mutex<Vec<(f32, String)>>,
 }
 
 impl Stats {
@@ -58,16 +67,43 @@ impl Stats {
         self.errors.lock().unwrap_or_else(|e| e.into_inner()).push((at, kind.into()));
     }
 
+    /// A failed request: a retry if the tracker shed it (see `retries`), else an error.
+    pub fn failure(&self, start: Instant, kind: String) {
+        let shed = kind.contains("tracker:Full") || kind.contains("shed:");
+        let at = start.elapsed().as_secs_f32();
+        let list = if shed { &self.retries } else { &self.errors };
+        list.lock().unwrap_or_else(|e| e.into_inner()).push((at, kind));
+    }
+
+    pub fn note(&self, start: Instant, kind: impl Into<String>) {
+        let at = start.elapsed().as_secs_f32();
+        self.notes.lock().unwrap_or_else(|e| e.into_inner()).push((at, kind.into()));
+    }
+
     /// Errors by kind within `[from, to)` seconds.
     pub fn errors(&self, from: f32, to: f32) -> BTreeMap<String, u64> {
-        let mut m = BTreeMap::new();
-        for (at, k) in self.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            if *at >= from && *at < to {
-                *m.entry(k.clone()).or_insert(0) += 1;
-            }
-        }
-        m
+        count(&self.errors, from, to)
     }
+
+    /// Retries (shed requests) by kind within `[from, to)` seconds.
+    pub fn retries(&self, from: f32, to: f32) -> BTreeMap<String, u64> {
+        count(&self.retries, from, to)
+    }
+
+    /// Notes by kind within `[from, to)` seconds.
+    pub fn notes(&self, from: f32, to: f32) -> BTreeMap<String, u64> {
+        count(&self.notes, from, to)
+    }
+}
+
+fn count(list: &Mutex<Vec<(f32, String)>>, from: f32, to: f32) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for (at, k) in list.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        if *at >= from && *at < to {
+            *m.entry(k.clone()).or_insert(0) += 1;
+        }
+    }
+    m
 }
 
 /// `kind=count,kind=count` or `0`.

@@ -21,6 +21,29 @@ pub(crate) struct Restored {
 }
 
 impl Service {
+    /// The tickets kept across the last restart (read and deleted from the database), with their peers' keys.
+    /// Tickets of peers the graph no longer holds are dropped.
+    pub(crate) fn take_tickets(&self) -> Vec<(crate::store::StoredTicket, PublicKey)> {
+        let Some(store) = &self.store else { return Vec::new() };
+        let tickets = match store.take_tickets() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "reading the kept session tickets failed: peers do a full handshake");
+                return Vec::new();
+            }
+        };
+        let st = self.lock();
+        tickets.into_iter().filter_map(|t| st.graph.get(&t.peer).map(|p| (t, p.key.clone()))).collect()
+    }
+
+    /// Keeps the session tickets in the database until the next start (at shutdown).
+    pub(crate) fn save_tickets(&self, tickets: &[crate::store::StoredTicket]) -> Result<(), TrackerError> {
+        match &self.store {
+            Some(store) => store.save_tickets(tickets),
+            None => Ok(()),
+        }
+    }
+
     /// Opens the state database (`<data-dir>/tracker.redb`) and restores the graph it holds: every stored peer is
     /// live from now, with its edges and their NeighborIDs.
     pub(crate) fn open(args: TrackerArgs) -> Result<(Service, Restored), TrackerError> {

@@ -166,6 +166,22 @@ pub async fn open_channel_from(
     Ok(Client { stream, chan })
 }
 
+/// Resumes a session with `ticket` (SPEC §3.4): `Ok(None)` if the tracker answered "unknown ticket".
+pub async fn resume(t: &Tracker, ticket: &anomos_proto::tracker::Ticket) -> Result<Option<Client>, String> {
+    use anomos_proto::tracker::{ResumeAnswer, EPHEMERAL_LEN};
+    let mut stream = TcpStream::connect(t.addr).await.map_err(|e| e.to_string())?;
+    let (hello, hs) = TrackerChannel::resume(&mut OsRng, &t.key.fingerprint(), ticket).map_err(|e| e.to_string())?;
+    stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+    let mut status = [0u8; 1];
+    stream.read_exact(&mut status).await.map_err(|e| e.to_string())?;
+    if ResumeAnswer::from_byte(status[0]).map_err(|e| e.to_string())? == ResumeAnswer::Unknown {
+        return Ok(None);
+    }
+    let mut e_t = [0u8; EPHEMERAL_LEN];
+    stream.read_exact(&mut e_t).await.map_err(|e| e.to_string())?;
+    Ok(Some(Client { chan: hs.finish(&e_t).map_err(|e| e.to_string())?, stream }))
+}
+
 /// A fully authenticated session for identity `id`.
 pub async fn connect(t: &Tracker, id: &Identity) -> Client {
     connect_from(t, id, [127, 0, 0, 1].into()).await
@@ -202,6 +218,22 @@ impl Client {
             Ok(msg)
         };
         tokio::time::timeout(TIMEOUT, read).await.map_err(|_| "timeout".to_string())?
+    }
+
+    /// Asks for the session's ticket.
+    pub async fn ticket(&mut self) -> anomos_proto::tracker::Ticket {
+        match self.call(ToTracker::Resumable).await {
+            FromTracker::Ticket { ticket, .. } => {
+                anomos_proto::tracker::Ticket { id: ticket, secret: self.chan.resumption_secret().clone() }
+            }
+            other => panic!("expected a ticket, got {other:?}"),
+        }
+    }
+
+    /// Whether the tracker closed the connection (EOF or reset) within `within`.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        let mut b = [0u8; 1];
+        matches!(tokio::time::timeout(within, self.stream.read(&mut b)).await, Ok(Ok(0) | Err(_)))
     }
 
     pub async fn call(&mut self, msg: ToTracker) -> FromTracker {
