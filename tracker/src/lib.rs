@@ -14,6 +14,7 @@
 //! * [`diversity`]: network prefixes, admission limits per address and network.
 //! * `circuits`: tracking-code issuing and the memory of issued circuits.
 //! * `probe`: the reachability check.
+//! * `replica`: several instances sharing one state through etcd (`--etcd`, the `etcd` feature).
 //! * `store`: the state database (redb); `fds`: the open-file limit; `timed_lock`: the measured state lock;
 //!   `limits`: per-address connection and channel set-up limits.
 //! * [`metrics`]: Prometheus text exposition and the small HTTP responder behind `--metrics` (shared with
@@ -31,6 +32,7 @@ pub mod graph;
 mod limits;
 pub mod metrics;
 mod probe;
+mod replica;
 mod server;
 mod service;
 mod store;

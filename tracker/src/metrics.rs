@@ -179,6 +179,8 @@ crate::label_enum!(
         SessionLimit => "session-limit",
         /// The source address' sessions all in use.
         SessionLimitPerIp => "session-limit-per-ip",
+        /// A replica that cannot serve: cut off from etcd, or its changes kept conflicting (`ErrorCode::Unavailable`).
+        Unavailable => "unavailable",
         /// A request from a peer that has not announced (`ErrorCode::UnknownPeer`).
         UnknownPeer => "unknown-peer",
         /// The announced address failed the probe (`ErrorCode::Unreachable`).
