@@ -323,7 +323,7 @@ pub(crate) fn apply_peer(
     }
 }
 
-/// Puts an edge (or its absence) into the graph. An edge counts only if both ends' records are older than it: an
+/// Puts an edge (or its absence) into the graph. An edge counts only if neither end's record is newer than it: an
 /// edge left behind by a peer whose record expired and was created again is not the new record's.
 pub(crate) fn apply_edge(graph: &mut Graph<PublicKey>, revs: &Revisions, nid: NeighborId, record: Option<EdgeRecord>) {
     match record {
@@ -348,8 +348,9 @@ pub(crate) fn apply_edge(graph: &mut Graph<PublicKey>, revs: &Revisions, nid: Ne
     }
 }
 
-/// Whether an edge record is valid against the peers' records (see [`apply_edge`]).
+/// Whether an edge record is valid against the peers' records (see [`apply_edge`]): neither end's record is newer
+/// than the edge (a newcomer's record and its first edges are created in one transaction, at one revision).
 pub(crate) fn edge_valid(revs: &Revisions, e: &EdgeRecord) -> bool {
-    let older = |fp: &Fingerprint| revs.peers.get(fp).is_some_and(|(c, _)| *c < e.create);
+    let older = |fp: &Fingerprint| revs.peers.get(fp).is_some_and(|(c, _)| *c <= e.create);
     older(&e.a) && older(&e.b)
 }
