@@ -206,7 +206,7 @@ pub async fn launch(cfg: PeerConfig, service: Option<Arc<dyn Service>>) -> Resul
         match fetch_tracker_key(addr, &pinned).await {
             Ok(k) => break k,
             Err(PeerError::Proto(e)) => return Err(PeerError::Config(format!("refusing the tracker at {addr}: {e}"))),
-            Err(e) if at % addrs.len().max(1) != 0 => {
+            Err(e) if !at.is_multiple_of(addrs.len().max(1)) => {
                 info!("tracker {addr} not reachable ({e}); trying the next address")
             }
             Err(e) => {

@@ -274,7 +274,10 @@ async fn three_replicas_on_etcd_survive_losing_one_under_load() {
         t.await.unwrap();
     }
 
-    let l = log.lock().unwrap();
+    let l = {
+        let l = log.lock().unwrap();
+        Log { circuits: l.circuits.clone(), announces: l.announces.clone() }
+    };
     let after: Vec<&Outcome> = l.circuits.iter().filter(|o| o.started >= kill_at).collect();
     let failed: Vec<&Outcome> = after.iter().copied().filter(|o| o.result.is_err()).collect();
     let failed_over: Vec<&Outcome> = after
@@ -301,7 +304,6 @@ async fn three_replicas_on_etcd_survive_losing_one_under_load() {
     let failed_announces: Vec<&Outcome> =
         l.announces.iter().filter(|o| o.started >= kill_at && o.result.is_err()).collect();
     assert!(failed_announces.is_empty(), "announces failed after the kill: {failed_announces:#?}");
-    drop(l);
 
     // The survivors agree: each peer's table is the same from both (same NeighborIDs), edges are symmetric and
     // every NeighborID names exactly one edge. (A round of announces that changes nothing may take a few tries

@@ -97,7 +97,7 @@ impl Etcd {
             let record = match value {
                 None => None,
                 Some(v) => match crate::store::decode_peer(&fp, v) {
-                    Ok(stored) => Some(PeerRecord { stored, create, modified }),
+                    Ok(stored) => Some(Box::new(PeerRecord { stored, create, modified })),
                     Err(e) => {
                         warn!(key = %rest, error = %e, "etcd: an undecodable peer record (ignored)");
                         return Decoded::Other;
@@ -166,8 +166,9 @@ impl Etcd {
         let now = Instant::now();
         let mut n_peers = 0;
         for (fp, r) in peers {
-            if graph.set_peer(fp, r.stored, now) {
-                revs.peers.insert(fp, (r.create, r.modified));
+            let PeerRecord { stored, create, modified } = *r;
+            if graph.set_peer(fp, stored, now) {
+                revs.peers.insert(fp, (create, modified));
                 n_peers += 1;
             }
         }

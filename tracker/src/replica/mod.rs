@@ -189,7 +189,7 @@ pub(crate) struct EdgeRecord {
 /// Keys read back from the shared state in one snapshot (`None`: absent).
 #[derive(Debug, Default)]
 pub(crate) struct Truth {
-    pub(crate) peers: Vec<(Fingerprint, Option<PeerRecord>)>,
+    pub(crate) peers: Vec<(Fingerprint, Option<Box<PeerRecord>>)>,
     pub(crate) edges: Vec<(NeighborId, Option<EdgeRecord>)>,
 }
 
@@ -197,7 +197,7 @@ pub(crate) struct Truth {
 #[derive(Debug, Clone)]
 pub(crate) enum Change {
     /// A peer's record (None: deleted).
-    Peer(Fingerprint, Option<PeerRecord>),
+    Peer(Fingerprint, Option<Box<PeerRecord>>),
     /// An edge (None: deleted).
     Edge(NeighborId, Option<EdgeRecord>),
 }
@@ -299,7 +299,7 @@ pub(crate) fn apply_peer(
     graph: &mut Graph<PublicKey>,
     revs: &mut Revisions,
     fp: Fingerprint,
-    record: Option<PeerRecord>,
+    record: Option<Box<PeerRecord>>,
     now: std::time::Instant,
 ) -> Vec<NeighborId> {
     match record {
@@ -311,8 +311,9 @@ pub(crate) fn apply_peer(
                 // Another incarnation: the old one's edges are not the new one's.
                 graph.remove_peer(&fp);
             }
-            if graph.set_peer(fp, r.stored, now) {
-                revs.peers.insert(fp, (r.create, r.modified));
+            let PeerRecord { stored, create, modified } = *r;
+            if graph.set_peer(fp, stored, now) {
+                revs.peers.insert(fp, (create, modified));
             }
             Vec::new()
         }
