@@ -30,6 +30,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(15);
 /// What every peer shares.
 pub struct Ctx {
     pub tracker: SocketAddr,
+    /// Further addresses of a replicated tracker (`examples/replicas.rs`); empty for one tracker. With them a peer
+    /// starts at address k mod n and fails over as the real client does: on a failed connect (1.5 s at most), a
+    /// failed or timed-out request or an `Unavailable` reply it moves to the next address and asks there.
+    pub replicas: Vec<SocketAddr>,
     pub tracker_key: PublicKey,
     pub chains: Vec<ChainId>,
     pub reuse_idle: Duration,
@@ -70,10 +74,15 @@ async fn io<T>(what: &str, f: impl std::future::Future<Output = std::io::Result<
 }
 
 impl Session {
-    async fn connect(ctx: &Ctx, key: &PeerKey, from: IpAddr) -> Result<Self, String> {
+    async fn connect(ctx: &Ctx, key: &PeerKey, from: IpAddr, to: SocketAddr) -> Result<Self, String> {
         let sock = TcpSocket::new_v4().map_err(|e| err_kind(&e))?;
         sock.bind(SocketAddr::new(from, 0)).map_err(|e| err_kind(&e))?;
-        let mut stream = io("connect", sock.connect(ctx.tracker)).await?;
+        let connect_timeout = if ctx.replicas.is_empty() { IO_TIMEOUT } else { Duration::from_millis(1500) };
+        let mut stream = match timeout(connect_timeout, sock.connect(to)).await {
+            Err(_) => return Err("timeout:connect".into()),
+            Ok(Err(e)) => return Err(err_kind(&e)),
+            Ok(Ok(s)) => s,
+        };
         stream.set_nodelay(true).map_err(|e| err_kind(&e))?;
         let (hello, handshake) =
             TrackerChannel::connect(&mut rand::rngs::OsRng, &ctx.tracker_key).map_err(|e| format!("proto:{e}"))?;
@@ -120,6 +129,10 @@ pub struct Peer {
     pub listen: SocketAddr,
     key: PeerKey,
     session: Mutex<Option<(Session, Instant)>>,
+    /// Index of the tracker address in use (with replicas).
+    at: std::sync::atomic::AtomicUsize,
+    /// Requests that moved to another replica.
+    pub failovers: AtomicU64,
     pub joined: AtomicBool,
     /// Successful announces so far.
     pub announces: AtomicU64,
@@ -134,14 +147,43 @@ impl Peer {
             listen: addr_of(k, port),
             key,
             session: Mutex::new(None),
+            at: std::sync::atomic::AtomicUsize::new(k),
+            failovers: AtomicU64::new(0),
             joined: AtomicBool::new(false),
             announces: AtomicU64::new(0),
             table: std::sync::Mutex::new(Vec::new()),
         })
     }
 
-    /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if any.
+    /// The tracker address in use.
+    fn addr(&self, ctx: &Ctx) -> SocketAddr {
+        let n = ctx.replicas.len() + 1;
+        match self.at.load(Ordering::Relaxed) % n {
+            0 => ctx.tracker,
+            i => ctx.replicas[i - 1],
+        }
+    }
+
+    /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if any. With
+    /// replicas, a failure that moves the real client to the next address does so here (each address once).
     pub async fn request(&self, ctx: &Ctx, msg: &ToTracker) -> Result<(FromTracker, Option<Duration>), String> {
+        let n = ctx.replicas.len() + 1;
+        let mut r = self.request_once(ctx, msg).await;
+        for _ in 1..n {
+            match &r {
+                Err(e) if e.contains("io:") || e.contains("timeout:") || e.ends_with("tracker:Unavailable") => {
+                    *self.session.lock().await = None;
+                    self.at.fetch_add(1, Ordering::Relaxed);
+                    self.failovers.fetch_add(1, Ordering::Relaxed);
+                    r = self.request_once(ctx, msg).await;
+                }
+                _ => break,
+            }
+        }
+        r
+    }
+
+    async fn request_once(&self, ctx: &Ctx, msg: &ToTracker) -> Result<(FromTracker, Option<Duration>), String> {
         let mut slot = self.session.lock().await;
         if let Some((mut s, used)) = slot.take() {
             if used.elapsed() < ctx.reuse_idle {
@@ -157,7 +199,8 @@ impl Peer {
             }
         }
         let t = Instant::now();
-        let mut s = Session::connect(ctx, &self.key, self.listen.ip()).await.map_err(|e| format!("session/{e}"))?;
+        let to = self.addr(ctx);
+        let mut s = Session::connect(ctx, &self.key, self.listen.ip(), to).await.map_err(|e| format!("session/{e}"))?;
         let setup = t.elapsed();
         ctx.stats.sessions.record(ctx.start, setup);
         let r = s.request(msg).await;
