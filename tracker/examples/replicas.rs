@@ -140,7 +140,13 @@ fn tracker_bin(args: &Args) -> Result<PathBuf, String> {
 }
 
 /// Starts replica `i` (data in `dir/r<i>`, the key copied from replica 0's) and reads its ready line.
-fn start_replica(args: &Args, dir: &Path, i: usize, etcd: &str, prefix: &str) -> Result<(Proc, SocketAddr, Fingerprint), String> {
+fn start_replica(
+    args: &Args,
+    dir: &Path,
+    i: usize,
+    etcd: &str,
+    prefix: &str,
+) -> Result<(Proc, SocketAddr, Fingerprint), String> {
     let data = dir.join(format!("r{i}"));
     std::fs::create_dir_all(&data).map_err(|e| e.to_string())?;
     if i > 0 {
@@ -266,7 +272,10 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let join_s = join_start.elapsed().as_secs_f64();
     let join_n = joined();
-    eprintln!("replicas: {join_n}/{n} joined in {join_s:.1} s; {} s of circuits, then replica 0 is killed", args.warm_secs);
+    eprintln!(
+        "replicas: {join_n}/{n} joined in {join_s:.1} s; {} s of circuits, then replica 0 is killed",
+        args.warm_secs
+    );
     let live: Vec<Arc<Peer>> = peers.iter().filter(|p| p.joined.load(Ordering::Relaxed)).cloned().collect();
     if live.is_empty() {
         return Err("no peer joined".into());
@@ -305,12 +314,32 @@ async fn run(args: Args) -> Result<(), String> {
     println!("  peers joined                       {join_n}/{n} in {join_s:.1} s");
     println!("  errors during the join             {}", fmt_errors(&s.errors(0.0, since(warm0))));
     println!("before the kill ({} s):", args.warm_secs);
-    println!("  grants / p50 / p99 (ms)            {} / {} / {}", grants_before.len(), ms(pct(&grants_before, 50.0)), ms(pct(&grants_before, 99.0)));
-    println!("  announces / p50 / p99 (ms)         {} / {} / {}", ann_before.len(), ms(pct(&ann_before, 50.0)), ms(pct(&ann_before, 99.0)));
+    println!(
+        "  grants / p50 / p99 (ms)            {} / {} / {}",
+        grants_before.len(),
+        ms(pct(&grants_before, 50.0)),
+        ms(pct(&grants_before, 99.0))
+    );
+    println!(
+        "  announces / p50 / p99 (ms)         {} / {} / {}",
+        ann_before.len(),
+        ms(pct(&ann_before, 50.0)),
+        ms(pct(&ann_before, 99.0))
+    );
     println!("  errors                             {}", fmt_errors(&err_before));
     println!("after killing one replica ({} s + 3 s to finish):", args.after_secs);
-    println!("  grants / p50 / p99 (ms)            {} / {} / {}", grants_after.len(), ms(pct(&grants_after, 50.0)), ms(pct(&grants_after, 99.0)));
-    println!("  announces / p50 / p99 (ms)         {} / {} / {}", ann_after.len(), ms(pct(&ann_after, 50.0)), ms(pct(&ann_after, 99.0)));
+    println!(
+        "  grants / p50 / p99 (ms)            {} / {} / {}",
+        grants_after.len(),
+        ms(pct(&grants_after, 50.0)),
+        ms(pct(&grants_after, 99.0))
+    );
+    println!(
+        "  announces / p50 / p99 (ms)         {} / {} / {}",
+        ann_after.len(),
+        ms(pct(&ann_after, 50.0)),
+        ms(pct(&ann_after, 99.0))
+    );
     println!("  requests that failed over          {failovers}");
     println!("  slowest request (ms, incl. failover) {}", ms(f64::from(slowest)));
     println!("  circuit requests failed            {circ_failed_after}   (target 0 after the peer's failover, <= 2 s)");

@@ -379,7 +379,6 @@ fn cluster_value(args: &TrackerArgs, fingerprint: &Fingerprint) -> String {
 pub(crate) async fn open(
     args: TrackerArgs,
     fingerprint: Fingerprint,
-    listen: SocketAddr,
 ) -> Result<(Service, crate::service::Restored, Arc<Etcd>, i64), TrackerError> {
     let bad = |m: String| TrackerError::Config(m);
     let opts = ConnectOptions::new()
@@ -438,7 +437,6 @@ pub(crate) async fn open(
     let shared: Arc<dyn Shared> = etcd.clone();
     let service = Service::replicated(args, loaded.graph, loaded.revs, shared);
     tokio::spawn(delete_orphans(Arc::downgrade(&etcd), rx));
-    let _ = listen;
     Ok((service, restored, etcd, revision))
 }
 

@@ -58,7 +58,7 @@ pub(crate) async fn open(
 ) -> Result<(crate::service::Service, crate::service::Restored, Replica), crate::error::TrackerError> {
     #[cfg(feature = "etcd")]
     {
-        let (service, restored, etcd, revision) = etcd::open(args.clone(), fingerprint, listen).await?;
+        let (service, restored, etcd, revision) = etcd::open(args.clone(), fingerprint).await?;
         Ok((service, restored, Replica { etcd, args, listen, revision }))
     }
     #[cfg(not(feature = "etcd"))]
@@ -280,12 +280,16 @@ pub(crate) fn stage(
 pub(crate) fn committed(revs: &mut Revisions, staged: &Staged, rev: i64) {
     for w in &staged.writes {
         match w {
+            // The watch may already have brought a later revision: never go back.
             Write::Peer(fp, _, Some(_)) => {
-                revs.peers.insert(*fp, (rev, rev));
+                let r = revs.peers.entry(*fp).or_insert((rev, rev));
+                if r.1 < rev {
+                    *r = (rev, rev);
+                }
             }
             Write::Peer(fp, _, None) | Write::Touch(fp) => {
                 if let Some(r) = revs.peers.get_mut(fp) {
-                    r.1 = rev;
+                    r.1 = r.1.max(rev);
                 }
             }
             Write::Edge(..) | Write::DeleteEdge(_) => {}
