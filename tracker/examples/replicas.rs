@@ -20,6 +20,8 @@
 mod keys;
 #[path = "load/peer.rs"]
 mod peer;
+// Shared with examples/load.rs, which also reads the tracker's CPU time, memory and descriptors.
+#[allow(dead_code)]
 #[path = "load/stats.rs"]
 mod stats;
 

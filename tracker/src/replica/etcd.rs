@@ -184,6 +184,7 @@ impl Etcd {
             }
         }
         graph.track_changes();
+        revs.watched = revision;
         Ok(Loaded { graph, revs, revision, peers: n_peers, edges: n_edges, orphans, replicas })
     }
 
@@ -285,8 +286,8 @@ impl Etcd {
         Ok(t?.unwrap_or(0))
     }
 
-    async fn read_inner(&self, peers: &[Fingerprint], edges: &[NeighborId]) -> Result<Truth, String> {
-        let mut truth = Truth::default();
+    async fn read_inner(&self, peers: &[Fingerprint], edges: &[NeighborId], at: i64) -> Result<Truth, String> {
+        let mut truth = Truth { revision: at, ..Truth::default() };
         let keys: Vec<(String, Option<Fingerprint>, Option<NeighborId>)> = peers
             .iter()
             .map(|fp| (self.peer_key(fp), Some(*fp), None))
@@ -294,7 +295,8 @@ impl Etcd {
             .collect();
         let mut kv = self.client.kv_client();
         for chunk in keys.chunks(OPS_PER_TXN) {
-            let ops: Vec<TxnOp> = chunk.iter().map(|(k, ..)| TxnOp::get(k.clone(), None)).collect();
+            let ops: Vec<TxnOp> =
+                chunk.iter().map(|(k, ..)| TxnOp::get(k.clone(), Some(GetOptions::new().with_revision(at)))).collect();
             let r = call(kv.txn(Txn::new().and_then(ops))).await.inspect_err(|e| self.cut_off(e.clone()))?;
             for ((_, fp, nid), resp) in chunk.iter().zip(r.op_responses()) {
                 let TxnOpResponse::Get(g) = resp else { continue };
@@ -333,8 +335,13 @@ impl Shared for Etcd {
         Box::pin(self.commit_inner(staged))
     }
 
-    fn read<'a>(&'a self, peers: &'a [Fingerprint], edges: &'a [NeighborId]) -> BoxFuture<'a, Result<Truth, String>> {
-        Box::pin(self.read_inner(peers, edges))
+    fn read<'a>(
+        &'a self,
+        peers: &'a [Fingerprint],
+        edges: &'a [NeighborId],
+        at: i64,
+    ) -> BoxFuture<'a, Result<Truth, String>> {
+        Box::pin(self.read_inner(peers, edges, at))
     }
 }
 

@@ -168,6 +168,49 @@ impl Staged {
 #[derive(Debug, Default)]
 pub(crate) struct Revisions {
     pub(crate) peers: HashMap<Fingerprint, (i64, i64)>,
+    /// The revision the watch has applied every change up to (the load's, then each event's).
+    pub(crate) watched: i64,
+    /// Keys changed here at a revision (by the watch or by this instance's own commits) within the last
+    /// [`RECENT`]: keys read back at an older revision must not overwrite them.
+    recent: HashMap<Key, (i64, std::time::Instant)>,
+    recent_log: std::collections::VecDeque<(std::time::Instant, Key)>,
+}
+
+/// How long [`Revisions`] remembers which keys changed at which revision: far longer than a read back can take
+/// (each etcd call is bounded by 3 s).
+const RECENT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// A key of the shared state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Key {
+    Peer(Fingerprint),
+    Edge(NeighborId),
+}
+
+impl Revisions {
+    /// Records that `key` is held here as of `rev`.
+    pub(crate) fn changed(&mut self, key: Key, rev: i64) {
+        let now = std::time::Instant::now();
+        let e = self.recent.entry(key).or_insert((rev, now));
+        if e.0 <= rev {
+            *e = (rev, now);
+        }
+        self.recent_log.push_back((now, key));
+        while let Some((t, k)) = self.recent_log.front().copied() {
+            if now.duration_since(t) < RECENT {
+                break;
+            }
+            self.recent_log.pop_front();
+            if self.recent.get(&k).is_some_and(|(_, at)| *at == t) {
+                self.recent.remove(&k);
+            }
+        }
+    }
+
+    /// Whether this instance holds `key` at a revision later than `rev`.
+    pub(crate) fn newer_than(&self, key: Key, rev: i64) -> bool {
+        self.recent.get(&key).is_some_and(|(r, _)| *r > rev)
+    }
 }
 
 /// A peer's record as read from the shared state.
@@ -186,15 +229,18 @@ pub(crate) struct EdgeRecord {
     pub(crate) create: i64,
 }
 
-/// Keys read back from the shared state in one snapshot (`None`: absent).
+/// Keys read back from the shared state at one revision (`None`: absent).
 #[derive(Debug, Default)]
 pub(crate) struct Truth {
+    /// The revision read at.
+    pub(crate) revision: i64,
     pub(crate) peers: Vec<(Fingerprint, Option<Box<PeerRecord>>)>,
     pub(crate) edges: Vec<(NeighborId, Option<EdgeRecord>)>,
 }
 
 /// A key's new state, from the watch or read back.
 #[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
 pub(crate) enum Change {
     /// A peer's record (None: deleted).
     Peer(Fingerprint, Option<Box<PeerRecord>>),
@@ -221,8 +267,14 @@ pub(crate) trait Shared: Send + Sync {
     /// Runs `staged` as one transaction (granting new peers' leases first and keeping the announcing peer's alive);
     /// returns the revision it committed at.
     fn commit<'a>(&'a self, staged: &'a Staged) -> BoxFuture<'a, Result<i64, CommitError>>;
-    /// Reads peers and edges back in one snapshot.
-    fn read<'a>(&'a self, peers: &'a [Fingerprint], edges: &'a [NeighborId]) -> BoxFuture<'a, Result<Truth, String>>;
+    /// Reads peers and edges back as they were at revision `at` (the one the watch has applied up to, so that
+    /// what is read agrees with everything else the graph holds).
+    fn read<'a>(
+        &'a self,
+        peers: &'a [Fingerprint],
+        edges: &'a [NeighborId],
+        at: i64,
+    ) -> BoxFuture<'a, Result<Truth, String>>;
 }
 
 /// Under the state lock, right after a request changed `graph`: the transaction that makes `dirty` (what it
@@ -279,6 +331,10 @@ pub(crate) fn stage(
 /// After `staged` committed at `rev`: the graph holds its records at that revision.
 pub(crate) fn committed(revs: &mut Revisions, staged: &Staged, rev: i64) {
     for w in &staged.writes {
+        match w {
+            Write::Peer(fp, ..) | Write::Touch(fp) => revs.changed(Key::Peer(*fp), rev),
+            Write::Edge(nid, ..) | Write::DeleteEdge(nid) => revs.changed(Key::Edge(*nid), rev),
+        }
         match w {
             // The watch may already have brought a later revision: never go back.
             Write::Peer(fp, _, Some(_)) => {

@@ -80,7 +80,7 @@ async fn watch(etcd: &Etcd, service: &Weak<Service>, from: i64) -> String {
                 EventType::Delete => None,
             };
             match etcd.decode(kv.key(), value, kv.create_revision(), kv.mod_revision()) {
-                Decoded::Change(c) => changes.push(c),
+                Decoded::Change(c) => changes.push((c, kv.mod_revision())),
                 Decoded::Replica(name, present) => {
                     let mut r = etcd.replicas.lock().unwrap_or_else(|e| e.into_inner());
                     if present {

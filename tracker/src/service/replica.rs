@@ -59,30 +59,40 @@ impl Service {
                 replica::committed(&mut self.lock().revs, &staged, rev);
                 Ok(())
             }
-            Err(CommitError::Conflict) => {
-                let (peers, edges) = staged.keys();
-                match shared.read(&peers, &edges).await {
-                    Ok(truth) => {
-                        let changes = truth
-                            .peers
-                            .into_iter()
-                            .map(|(fp, r)| Change::Peer(fp, r))
-                            .chain(truth.edges.into_iter().map(|(nid, e)| Change::Edge(nid, e)));
-                        self.apply(changes.collect());
-                        Err(Retry::Again)
-                    }
+            // Another instance got there first, or the announcing peer's lease had ended: put the touched keys back
+            // as etcd had them at the revision the watch has applied (undoing this request's uncommitted changes
+            // without going back behind anything newer), then the request runs again.
+            Err(CommitError::Conflict | CommitError::Expired(_)) => {
+                match self.read_back(shared.as_ref(), &staged).await {
+                    Ok(()) => Err(Retry::Again),
                     Err(e) => Err(Retry::Refuse(e)),
                 }
             }
-            Err(CommitError::Expired(fp)) => {
-                let mut st = self.lock();
-                st.revs.peers.remove(&fp);
-                st.graph.remove_peer(&fp);
-                st.graph.take_changes();
-                Err(Retry::Again)
-            }
             Err(CommitError::Unavailable(e)) => Err(Retry::Refuse(e)),
         }
+    }
+
+    /// Reads the keys `staged` touches at the watch's revision and puts them into the graph, except those held
+    /// here at a later revision (the watch moved on meanwhile, or this instance committed them).
+    async fn read_back(&self, shared: &dyn Shared, staged: &Staged) -> Result<(), String> {
+        let (peers, edges) = staged.keys();
+        let at = self.lock().revs.watched;
+        let truth = shared.read(&peers, &edges, at).await?;
+        let now = Instant::now();
+        let mut st = self.lock();
+        let State { graph, revs, .. } = &mut *st;
+        for (fp, record) in truth.peers {
+            if !revs.newer_than(replica::Key::Peer(fp), truth.revision) {
+                replica::apply_peer(graph, revs, fp, record, now);
+            }
+        }
+        for (nid, record) in truth.edges {
+            if !revs.newer_than(replica::Key::Edge(nid), truth.revision) {
+                replica::apply_edge(graph, revs, nid, record);
+            }
+        }
+        graph.take_changes();
+        Ok(())
     }
 
     /// A short random pause before attempt `n` of a conflicting request (instances racing for one peer's edges
@@ -92,18 +102,26 @@ impl Service {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
-    /// Puts what the shared state holds into the graph (a watch's events, or keys read back); returns the edges
-    /// that went with removed peers (their keys are deleted from the shared state by the caller).
-    pub(crate) fn apply(&self, changes: Vec<Change>) -> Vec<NeighborId> {
+    /// Puts the watch's events (each with its revision) into the graph; returns the edges that went with removed
+    /// peers (their keys are deleted from the shared state by the caller).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn apply(&self, changes: Vec<(Change, i64)>) -> Vec<NeighborId> {
         let now = Instant::now();
         let mut orphans = Vec::new();
         let mut st = self.lock();
         let State { graph, revs, .. } = &mut *st;
-        for c in changes {
+        for (c, rev) in changes {
             match c {
-                Change::Peer(fp, record) => orphans.extend(replica::apply_peer(graph, revs, fp, record, now)),
-                Change::Edge(nid, record) => replica::apply_edge(graph, revs, nid, record),
+                Change::Peer(fp, record) => {
+                    revs.changed(replica::Key::Peer(fp), rev);
+                    orphans.extend(replica::apply_peer(graph, revs, fp, record, now));
+                }
+                Change::Edge(nid, record) => {
+                    revs.changed(replica::Key::Edge(nid), rev);
+                    replica::apply_edge(graph, revs, nid, record);
+                }
             }
+            revs.watched = revs.watched.max(rev);
         }
         graph.take_changes();
         orphans
