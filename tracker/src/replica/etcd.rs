@@ -295,9 +295,14 @@ impl Etcd {
             .collect();
         let mut kv = self.client.kv_client();
         for chunk in keys.chunks(OPS_PER_TXN) {
-            let ops: Vec<TxnOp> =
-                chunk.iter().map(|(k, ..)| TxnOp::get(k.clone(), Some(GetOptions::new().with_revision(at)))).collect();
+            let opts = || (at > 0).then(|| GetOptions::new().with_revision(at));
+            let ops: Vec<TxnOp> = chunk.iter().map(|(k, ..)| TxnOp::get(k.clone(), opts())).collect();
             let r = call(kv.txn(Txn::new().and_then(ops))).await.inspect_err(|e| self.cut_off(e.clone()))?;
+            if at == 0 {
+                // The latest revision; several chunks may see several, the oldest counts.
+                let rev = r.header().map_or(0, |h| h.revision());
+                truth.revision = if truth.revision == 0 { rev } else { truth.revision.min(rev) };
+            }
             for ((_, fp, nid), resp) in chunk.iter().zip(r.op_responses()) {
                 let TxnOpResponse::Get(g) = resp else { continue };
                 let found = g.kvs().first();

@@ -267,8 +267,7 @@ pub(crate) trait Shared: Send + Sync {
     /// Runs `staged` as one transaction (granting new peers' leases first and keeping the announcing peer's alive);
     /// returns the revision it committed at.
     fn commit<'a>(&'a self, staged: &'a Staged) -> BoxFuture<'a, Result<i64, CommitError>>;
-    /// Reads peers and edges back as they were at revision `at` (the one the watch has applied up to, so that
-    /// what is read agrees with everything else the graph holds).
+    /// Reads peers and edges back as they were at revision `at` (0: the latest; [`Truth::revision`] says which).
     fn read<'a>(
         &'a self,
         peers: &'a [Fingerprint],

@@ -7,7 +7,7 @@ use anomos_proto::ids::NeighborId;
 
 /// Attempts of one request's transaction before it is refused with `Unavailable` (each after a conflict, reading
 /// the keys back first).
-pub(crate) const COMMIT_ATTEMPTS: u32 = 8;
+pub(crate) const COMMIT_ATTEMPTS: u32 = 10;
 
 /// Why a commit did not happen, for the request that made it.
 pub(super) enum Retry {
@@ -60,8 +60,9 @@ impl Service {
                 Ok(())
             }
             // Another instance got there first, or the announcing peer's lease had ended: put the touched keys back
-            // as etcd had them at the revision the watch has applied (undoing this request's uncommitted changes
-            // without going back behind anything newer), then the request runs again.
+            // as etcd has them now (undoing this request's uncommitted changes, and taking in the other instance's
+            // before the watch brings them, so that the next attempt does not conflict on them again), except those
+            // held here at a later revision; then the request runs again.
             Err(CommitError::Conflict | CommitError::Expired(_)) => {
                 match self.read_back(shared.as_ref(), &staged).await {
                     Ok(()) => Err(Retry::Again),
@@ -72,22 +73,24 @@ impl Service {
         }
     }
 
-    /// Reads the keys `staged` touches at the watch's revision and puts them into the graph, except those held
-    /// here at a later revision (the watch moved on meanwhile, or this instance committed them).
+    /// Reads the keys `staged` touches and puts them into the graph, except those held here at a later revision
+    /// (the watch moved on meanwhile, or this instance committed them). The watch's older events for these keys,
+    /// still on their way, may undo them for a moment; its later ones restore them.
     async fn read_back(&self, shared: &dyn Shared, staged: &Staged) -> Result<(), String> {
         let (peers, edges) = staged.keys();
-        let at = self.lock().revs.watched;
-        let truth = shared.read(&peers, &edges, at).await?;
+        let truth = shared.read(&peers, &edges, 0).await?;
         let now = Instant::now();
         let mut st = self.lock();
         let State { graph, revs, .. } = &mut *st;
         for (fp, record) in truth.peers {
             if !revs.newer_than(replica::Key::Peer(fp), truth.revision) {
+                revs.changed(replica::Key::Peer(fp), truth.revision);
                 replica::apply_peer(graph, revs, fp, record, now);
             }
         }
         for (nid, record) in truth.edges {
             if !revs.newer_than(replica::Key::Edge(nid), truth.revision) {
+                revs.changed(replica::Key::Edge(nid), truth.revision);
                 replica::apply_edge(graph, revs, nid, record);
             }
         }
@@ -111,6 +114,14 @@ impl Service {
         let mut st = self.lock();
         let State { graph, revs, .. } = &mut *st;
         for (c, rev) in changes {
+            revs.watched = revs.watched.max(rev);
+            let key = match &c {
+                Change::Peer(fp, _) => replica::Key::Peer(*fp),
+                Change::Edge(nid, _) => replica::Key::Edge(*nid),
+            };
+            if revs.newer_than(key, rev) {
+                continue; // already read back or committed here at a later revision
+            }
             match c {
                 Change::Peer(fp, record) => {
                     revs.changed(replica::Key::Peer(fp), rev);
@@ -121,7 +132,6 @@ impl Service {
                     replica::apply_edge(graph, revs, nid, record);
                 }
             }
-            revs.watched = revs.watched.max(rev);
         }
         graph.take_changes();
         orphans
