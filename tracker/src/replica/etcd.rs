@@ -197,15 +197,8 @@ impl Etcd {
 
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, CommitError> {
         let mut kv = self.client.kv_client();
-        match call(kv.txn(txn)).await {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                // The transaction may or may not have happened: the graph may hold changes etcd lacks.
-                self.cut_off(e.clone());
-                self.resync.notify_one();
-                Err(CommitError::Unavailable(e))
-            }
-        }
+        // On an error the transaction may or may not have happened: the caller reads its keys back.
+        call(kv.txn(txn)).await.map_err(CommitError::Unavailable)
     }
 
     async fn commit_inner(&self, staged: &Staged) -> Result<i64, CommitError> {
@@ -217,10 +210,7 @@ impl Etcd {
                 Ok(_) => {}
                 // Granted by an earlier attempt, or the record exists after all (the transaction will say).
                 Err(e) if e.contains("lease already exists") => {}
-                Err(e) => {
-                    self.cut_off(e.clone());
-                    return Err(CommitError::Unavailable(e));
-                }
+                Err(e) => return Err(CommitError::Unavailable(e)),
             }
         }
         let txn = async {
@@ -270,15 +260,8 @@ impl Etcd {
             match tokio::time::timeout(CALL_TIMEOUT, lease.keep_alive(lease_id(&fp))).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(EtcdError::LeaseKeepAliveError(m))) if m.contains("not found") => Err(CommitError::Expired(fp)),
-                Ok(Err(e)) => {
-                    let e = format!("etcd: {e}");
-                    self.cut_off(e.clone());
-                    Err(CommitError::Unavailable(e))
-                }
-                Err(_) => {
-                    self.cut_off(timeout_err());
-                    Err(CommitError::Unavailable(timeout_err()))
-                }
+                Ok(Err(e)) => Err(CommitError::Unavailable(format!("etcd: {e}"))),
+                Err(_) => Err(CommitError::Unavailable(timeout_err())),
             }
         };
         let (t, k) = tokio::join!(txn, keep);
@@ -297,7 +280,7 @@ impl Etcd {
         for chunk in keys.chunks(OPS_PER_TXN) {
             let opts = || (at > 0).then(|| GetOptions::new().with_revision(at));
             let ops: Vec<TxnOp> = chunk.iter().map(|(k, ..)| TxnOp::get(k.clone(), opts())).collect();
-            let r = call(kv.txn(Txn::new().and_then(ops))).await.inspect_err(|e| self.cut_off(e.clone()))?;
+            let r = call(kv.txn(Txn::new().and_then(ops))).await?;
             if at == 0 {
                 // The latest revision; several chunks may see several, the oldest counts.
                 let rev = r.header().map_or(0, |h| h.revision());
@@ -334,6 +317,11 @@ pub(super) enum Decoded {
 impl Shared for Etcd {
     fn available(&self) -> Result<(), String> {
         self.health.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn lost(&self, why: String) {
+        self.cut_off(why);
+        self.resync.notify_one();
     }
 
     fn commit<'a>(&'a self, staged: &'a Staged) -> BoxFuture<'a, Result<i64, CommitError>> {
@@ -472,8 +460,8 @@ async fn delete_orphans(etcd: std::sync::Weak<Etcd>, mut rx: mpsc::UnboundedRece
     }
 }
 
-/// Registers this instance (`r/<listen address>`, a 5 s lease) and keeps the registration alive every second; a
-/// keep-alive unanswered within [`CALL_TIMEOUT`] cuts the instance off. Runs until the service is gone.
+/// Registers this instance (`r/<listen address>`, a 5 s lease) and keeps the registration alive every second.
+/// Runs until the service is gone.
 pub(super) async fn register(etcd: Arc<Etcd>, listen: SocketAddr, service: std::sync::Weak<Service>) {
     let key = format!("{}r/{listen}", etcd.prefix);
     loop {
@@ -502,22 +490,23 @@ pub(super) async fn register(etcd: Arc<Etcd>, listen: SocketAddr, service: std::
                         Err(e) => Err(format!("etcd: {e}")),
                     }
                 };
+                // The registration only tells operators (and the other instances' logs) who is up; whether this
+                // instance may serve is the watch's business (etcd's gRPC keep-alive ends it on a dead
+                // connection), so a late renewal is only logged.
                 match tokio::time::timeout(CALL_TIMEOUT, alive).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
-                        etcd.cut_off(e);
-                        etcd.resync.notify_one();
+                        warn!(error = %e, "replica: renewing this instance's registration failed; registering again");
                         break;
                     }
                     Err(_) => {
-                        etcd.cut_off(timeout_err());
-                        etcd.resync.notify_one();
+                        warn!("replica: renewing this instance's registration timed out; registering again");
                         break;
                     }
                 }
             },
             Err(e) => {
-                etcd.cut_off(e);
+                warn!(error = %e, "replica: registering this instance in etcd failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }

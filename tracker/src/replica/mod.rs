@@ -256,7 +256,8 @@ pub(crate) enum CommitError {
     Conflict,
     /// The peer's lease had ended (its record is gone or going): drop it here and try again as a new peer.
     Expired(Fingerprint),
-    /// etcd cannot be reached or refused: the instance stops serving until it has resynchronized.
+    /// etcd could not be reached or refused, or did not answer in time (the transaction may or may not have
+    /// happened): the keys are read back and the request refused.
     Unavailable(String),
 }
 
@@ -264,6 +265,9 @@ pub(crate) enum CommitError {
 pub(crate) trait Shared: Send + Sync {
     /// `Err(why)` while this instance must not serve (cut off from etcd, or not yet synchronized).
     fn available(&self) -> Result<(), String>;
+    /// The graph may differ from etcd in ways a read back could not repair: refuse requests until the whole state
+    /// has been read again.
+    fn lost(&self, why: String);
     /// Runs `staged` as one transaction (granting new peers' leases first and keeping the announcing peer's alive);
     /// returns the revision it committed at.
     fn commit<'a>(&'a self, staged: &'a Staged) -> BoxFuture<'a, Result<i64, CommitError>>;

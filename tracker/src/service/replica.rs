@@ -66,10 +66,21 @@ impl Service {
             Err(CommitError::Conflict | CommitError::Expired(_)) => {
                 match self.read_back(shared.as_ref(), &staged).await {
                     Ok(()) => Err(Retry::Again),
-                    Err(e) => Err(Retry::Refuse(e)),
+                    Err(e) => {
+                        shared.lost(e.clone());
+                        Err(Retry::Refuse(e))
+                    }
                 }
             }
-            Err(CommitError::Unavailable(e)) => Err(Retry::Refuse(e)),
+            // etcd failed or was too slow: whatever happened to the transaction, the graph gets etcd's keys back
+            // (the watch brings the transaction later if it did happen). Only when etcd cannot even be read is the
+            // instance cut off until a whole resynchronization.
+            Err(CommitError::Unavailable(e)) => {
+                if let Err(again) = self.read_back(shared.as_ref(), &staged).await {
+                    shared.lost(again);
+                }
+                Err(Retry::Refuse(e))
+            }
         }
     }
 
