@@ -50,10 +50,14 @@ fn etcd_binary() -> Option<std::path::PathBuf> {
 
 /// Starts etcd on free loopback ports with its data in `dir`; returns it and its client URL once it answers.
 fn start_etcd(bin: &std::path::Path, dir: &std::path::Path) -> (Proc, String) {
-    let (client, peer) = (free_port(), free_port());
+    start_etcd_on(bin, dir, (free_port(), free_port()))
+}
+
+/// [`start_etcd`] on the given client and peer ports (to start it again where it was).
+fn start_etcd_on(bin: &std::path::Path, dir: &std::path::Path, (client, peer): (u16, u16)) -> (Proc, String) {
     let url = format!("http://127.0.0.1:{client}");
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let log = std::fs::File::create(dir.join("etcd.log")).unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log")).unwrap();
     let child = Command::new(bin)
         .args(["--name", "t", "--data-dir"])
         .arg(dir.join("etcd-data"))
@@ -148,7 +152,9 @@ impl Failover {
             }
             let c = self.session.as_mut().unwrap();
             let r = match send(c, msg).await {
-                Ok(()) => tokio::time::timeout(Duration::from_secs(5), c.recv()).await.unwrap_or(Err("timeout".into())),
+                Ok(()) => {
+                    tokio::time::timeout(Duration::from_secs(10), c.recv()).await.unwrap_or(Err("timeout".into()))
+                }
                 Err(e) => Err(e),
             };
             match r {
@@ -356,4 +362,84 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> 
         out.push(f.await);
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_cut_off_from_etcd_refuses_rather_than_diverges_and_serves_again_when_it_is_back() {
+    let Some(bin) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ports = (free_port(), free_port());
+    let (etcd, url) = start_etcd_on(&bin, dir.path(), ports);
+    let _ = ids();
+    let (_a, a) = start_replica(&dir.path().join("a"), &url);
+    let (_b, b) = start_replica(&dir.path().join("b"), &url);
+    let peers: Vec<FakePeer> = futures_join((1..=6).map(fake_peer)).await;
+    let announce =
+        |p: &FakePeer| ToTracker::Announce(Announce { listen: p.listen, chains: vec![chain()], family: vec![] });
+    let circuit = ToTracker::RequestCircuits(CircuitRequest { chain: chain(), count: 1, relays: 1 });
+    let unavailable = |r: &Result<FromTracker, String>| r.as_ref().err().is_some_and(|e| e.contains("cannot serve"));
+    // Peers 1-5 join through replica a.
+    for p in &peers[..5] {
+        let mut c = Failover { addrs: vec![a], at: 0, id: p.id(), session: None };
+        for _ in 0..2 {
+            assert!(matches!(c.request(&announce(p)).await.0, Ok(FromTracker::Announced(_))));
+        }
+    }
+    let mut one = Failover { addrs: vec![a], at: 0, id: peers[0].id(), session: None };
+    let t = Instant::now();
+    while !matches!(one.request(&circuit).await.0, Ok(FromTracker::Circuits(_))) {
+        assert!(t.elapsed() < Duration::from_secs(20), "no circuit before etcd went away");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // etcd goes away: a newcomer's announce is refused, and once the watch has noticed, so are circuit requests.
+    drop(etcd);
+    let cut = Instant::now();
+    let mut newcomer = Failover { addrs: vec![a], at: 0, id: peers[5].id(), session: None };
+    let r = newcomer.request(&announce(&peers[5])).await.0;
+    assert!(unavailable(&r), "a newcomer's announce without etcd: {r:?}");
+    loop {
+        let r = one.request(&circuit).await.0;
+        if unavailable(&r) {
+            break;
+        }
+        assert!(cut.elapsed() < Duration::from_secs(15), "circuits still served 15 s after etcd went away: {r:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("replica refusing {:.1} s after etcd went away", cut.elapsed().as_secs_f64());
+
+    // etcd is back: the replica reads the state again and serves; the newcomer joins; both replicas agree.
+    let (_etcd, _) = start_etcd_on(&bin, dir.path(), ports);
+    let back = Instant::now();
+    loop {
+        let r = one.request(&circuit).await.0;
+        if matches!(r, Ok(FromTracker::Circuits(_))) {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(30), "no circuit 30 s after etcd came back: {r:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    eprintln!("replica serving again {:.1} s after etcd came back", back.elapsed().as_secs_f64());
+    let r = newcomer.request(&announce(&peers[5])).await.0;
+    assert!(matches!(r, Ok(FromTracker::Announced(_))), "the newcomer after etcd came back: {r:?}");
+    let mut agreed = false;
+    for _ in 0..20 {
+        let mut views = Vec::new();
+        for addr in [a, b] {
+            let mut view = BTreeMap::new();
+            for p in &peers {
+                let mut c = Failover { addrs: vec![addr], at: 0, id: p.id(), session: None };
+                if let (Ok(r), _) = c.request(&announce(p)).await {
+                    view.insert(p.n, table(&r));
+                }
+            }
+            views.push(view);
+        }
+        if views[0] == views[1] && views[0].len() == peers.len() {
+            agreed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(agreed, "the replicas disagree after etcd came back");
 }
