@@ -34,7 +34,8 @@ pub(crate) struct Etcd {
     peer_ttl: i64,
     /// `Err(why)` while the instance must not serve; the watch task clears it after a resynchronization.
     health: Mutex<Result<(), String>>,
-    /// Asks the watch task to resynchronize (a commit failed half-way: the graph may hold changes etcd lacks).
+    /// Asks the watch task to resynchronize (a failed commit's keys could not be read back: the graph may hold
+    /// changes etcd lacks).
     pub(super) resync: Notify,
     /// Edges of expired peers to delete.
     orphans: mpsc::UnboundedSender<NeighborId>,

@@ -1,6 +1,6 @@
 //! Keeping an instance's graph current: one watch over the whole prefix from the revision the graph was loaded
-//! at. When the watch fails (etcd lost, history compacted past it) or a commit failed half-way, the instance
-//! refuses requests, loads everything again and watches from there.
+//! at. When the watch fails (etcd lost, history compacted past it) or a request's keys could not be read back after
+//! a failed commit, the instance refuses requests, loads everything again and watches from there.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
