@@ -16,8 +16,11 @@ pub struct PeerConfig {
     pub advertise: Option<SocketAddr>,
     /// Where keys and state live.
     pub data_dir: PathBuf,
-    /// Tracker address.
+    /// Tracker address (the first of `--tracker`).
     pub tracker: SocketAddr,
+    /// Further addresses of the same (replicated) tracker, from `--tracker a,b,c`: the client starts at a random
+    /// one of all of them and moves to the next when one fails (SPEC §3.10 "Replicas").
+    pub tracker_replicas: Vec<SocketAddr>,
     /// Pinned tracker fingerprint (hex).
     pub tracker_fp: String,
     /// Identity key size for a newly created key.
@@ -82,6 +85,7 @@ impl PeerConfig {
             advertise: None,
             data_dir,
             tracker,
+            tracker_replicas: Vec::new(),
             tracker_fp,
             key_bits: 2048,
             serve: Vec::new(),
@@ -107,6 +111,11 @@ impl PeerConfig {
             metrics_allow_remote: false,
             control: true,
         }
+    }
+
+    /// Every tracker address: `tracker` first, then `tracker_replicas`.
+    pub fn tracker_addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.tracker).chain(self.tracker_replicas.iter().copied()).collect()
     }
 
     /// SENDME batch: credit is returned in steps of a quarter window.

@@ -3,6 +3,7 @@
 //! [`CONN_KEEP`], and resumes the session on a new connection with the ticket (no RSA on either side, §3.4).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,9 @@ pub const CONN_KEEP: Duration = Duration::from_secs(2);
 const TICKET_MARGIN: Duration = Duration::from_secs(10);
 /// How long a tracker that did not issue a ticket is not asked again.
 const NO_TICKETS_FOR: Duration = Duration::from_secs(600);
+/// With several tracker addresses (replicas), how long a TCP connect may take before the next address is tried:
+/// a failover completes within 2 s even when a replica's host is gone without a reset (SPEC §3.10 "Replicas").
+const FAILOVER_CONNECT: Duration = Duration::from_millis(1500);
 
 /// An open session with the tracker, after Hello/Welcome.
 pub struct TrackerSession {
@@ -47,7 +51,17 @@ async fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>, PeerError> {
 impl TrackerSession {
     /// Connects, proves the channel to the pinned key, and authenticates with our identity.
     pub async fn connect(addr: SocketAddr, tracker_key: &PublicKey, me: &Identity) -> Result<Self, PeerError> {
-        let mut stream = timeout(IO_TIMEOUT, TcpStream::connect(addr))
+        Self::connect_within(addr, tracker_key, me, IO_TIMEOUT).await
+    }
+
+    /// [`connect`](Self::connect) with its own time for the TCP connect.
+    async fn connect_within(
+        addr: SocketAddr,
+        tracker_key: &PublicKey,
+        me: &Identity,
+        connect_timeout: Duration,
+    ) -> Result<Self, PeerError> {
+        let mut stream = timeout(connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| PeerError::Timeout("tracker connect"))??;
         stream.set_nodelay(true)?;
@@ -83,8 +97,9 @@ impl TrackerSession {
         addr: SocketAddr,
         tracker_fp: &Fingerprint,
         ticket: &Ticket,
+        connect_timeout: Duration,
     ) -> Result<Option<Self>, PeerError> {
-        let mut stream = timeout(IO_TIMEOUT, TcpStream::connect(addr))
+        let mut stream = timeout(connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| PeerError::Timeout("tracker connect"))??;
         stream.set_nodelay(true)?;
@@ -134,8 +149,14 @@ impl TrackerSession {
 /// the connection kept for [`REUSE_IDLE`] instead.
 ///
 /// Reuse links nothing new: every session is authenticated with the peer's identity anyway (SPEC.md §3).
+///
+/// A replicated tracker has several addresses (`--tracker a,b,c`): the client starts at a random one and stays
+/// with it; when a connect or a read fails or times out, or the replica answers `Unavailable`, it moves to the next
+/// at once and sends the request there (each address at most once per request).
 pub struct TrackerClient {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
+    /// Index in `addrs` of the replica in use.
+    current: AtomicUsize,
     key: PublicKey,
     me: Arc<Identity>,
     state: Arc<tokio::sync::Mutex<ClientState>>,
@@ -174,7 +195,36 @@ impl ClientState {
 impl TrackerClient {
     /// A client for the tracker at `addr` pinned to `key`; connects on the first request.
     pub fn new(addr: SocketAddr, key: PublicKey, me: Arc<Identity>) -> Self {
-        TrackerClient { addr, key, me, state: Arc::default() }
+        Self::with_addrs(vec![addr], key, me)
+    }
+
+    /// A client for a tracker reachable at any of `addrs` (its replicas, all presenting `key`).
+    pub fn with_addrs(addrs: Vec<SocketAddr>, key: PublicKey, me: Arc<Identity>) -> Self {
+        let start = rand::Rng::gen_range(&mut rand::thread_rng(), 0..addrs.len().max(1));
+        TrackerClient { addrs, current: AtomicUsize::new(start), key, me, state: Arc::default() }
+    }
+
+    /// The address in use.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.addrs.get(self.current.load(Ordering::Relaxed) % self.addrs.len().max(1)).copied()
+    }
+
+    /// Whether `e` moves the client to the next replica (only when it has several).
+    fn fails_over(&self, e: &PeerError) -> bool {
+        self.addrs.len() > 1
+            && match e {
+                PeerError::Io(_) | PeerError::Timeout(_) => true,
+                PeerError::Tracker(m) => m.starts_with(UNAVAILABLE),
+                _ => false,
+            }
+    }
+
+    /// Moves to the next replica (the session, its connection and ticket, belonged to the one left).
+    fn next(&self, st: &mut ClientState, why: &PeerError) {
+        *st = ClientState { uses: st.uses, ..ClientState::default() };
+        let from = self.addr();
+        self.current.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("tracker {from:?} failed ({why}); using {:?}", self.addr());
     }
 
     /// Sends one request and reads its reply, over the kept connection if there is a fresh one, else over a
@@ -185,8 +235,9 @@ impl TrackerClient {
             if used.elapsed() < st.keep() {
                 match s.request(msg).await {
                     // Only a closed connection is retried: the tracker never saw the request. A timeout or a
-                    // tracker error is the answer.
+                    // tracker error is the answer (with replicas, the next replica is asked instead).
                     Err(PeerError::Io(e)) => tracing::debug!("kept tracker connection closed ({e}); reconnecting"),
+                    Err(e) if self.fails_over(&e) => self.next(&mut st, &e),
                     r => {
                         self.keep(&mut st, s, &r);
                         return r;
@@ -194,25 +245,49 @@ impl TrackerClient {
                 }
             }
         }
-        let mut s = match st.fresh_ticket() {
-            Some(t) => match TrackerSession::resume(self.addr, &self.key.fingerprint(), &t).await? {
-                Some(s) => s,
-                None => {
-                    tracing::debug!("the tracker no longer holds our session ticket; new session");
-                    st.ticket = None;
-                    self.open(&mut st).await?
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let last = tries >= self.addrs.len();
+            let addr = self.addr().ok_or_else(|| PeerError::Config("no tracker address".into()))?;
+            let wait = if last { IO_TIMEOUT } else { FAILOVER_CONNECT };
+            let r = match self.session_at(&mut st, addr, wait).await {
+                Ok(mut s) => {
+                    let r = s.request(msg).await;
+                    if !r.as_ref().is_err_and(|e| self.fails_over(e)) {
+                        self.keep(&mut st, s, &r);
+                    }
+                    r
                 }
-            },
-            None => self.open(&mut st).await?,
-        };
-        let r = s.request(msg).await;
-        self.keep(&mut st, s, &r);
-        r
+                Err(e) => Err(e),
+            };
+            match r {
+                Err(e) if !last && self.fails_over(&e) => self.next(&mut st, &e),
+                r => return r,
+            }
+        }
+    }
+
+    /// A session at `addr` (connect within `wait`): resumed with the ticket if it has a fresh one, else new.
+    async fn session_at(
+        &self,
+        st: &mut ClientState,
+        addr: SocketAddr,
+        wait: Duration,
+    ) -> Result<TrackerSession, PeerError> {
+        if let Some(t) = st.fresh_ticket() {
+            if let Some(s) = TrackerSession::resume(addr, &self.key.fingerprint(), &t, wait).await? {
+                return Ok(s);
+            }
+            tracing::debug!("the tracker no longer holds our session ticket; new session");
+            st.ticket = None;
+        }
+        self.open(st, addr, wait).await
     }
 
     /// A new session (full handshake), with a ticket for the next connections if the tracker issues them.
-    async fn open(&self, st: &mut ClientState) -> Result<TrackerSession, PeerError> {
-        let mut s = TrackerSession::connect(self.addr, &self.key, &self.me).await?;
+    async fn open(&self, st: &mut ClientState, addr: SocketAddr, wait: Duration) -> Result<TrackerSession, PeerError> {
+        let mut s = TrackerSession::connect_within(addr, &self.key, &self.me, wait).await?;
         if st.no_tickets.is_some_and(|t| t.elapsed() < NO_TICKETS_FOR) {
             return Ok(s);
         }
@@ -224,7 +299,7 @@ impl TrackerClient {
                     "the tracker closed the session on a ticket request ({e}): it issues none; keeping sessions open"
                 );
                 st.no_tickets = Some(Instant::now());
-                return TrackerSession::connect(self.addr, &self.key, &self.me).await;
+                return TrackerSession::connect_within(addr, &self.key, &self.me, wait).await;
             }
             Err(e) => return Err(e),
         }
@@ -253,6 +328,9 @@ impl TrackerClient {
     }
 }
 
+/// How [`TrackerSession::request`] words an `Unavailable` error reply.
+const UNAVAILABLE: &str = "Unavailable:";
+
 /// Whether a session is still usable after a request ended with `r`: it is after a reply, including a tracker
 /// error reply; after a timeout or an I/O or decoding error its framing state is unknown.
 fn keeps_session(r: &Result<FromTracker, PeerError>) -> bool {
@@ -272,4 +350,83 @@ pub async fn fetch_tracker_key(
     let mut der = vec![0u8; tracker::key_answer_len(prefix)?];
     timeout(IO_TIMEOUT, s.read_exact(&mut der)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
     Ok(tracker::check_fetched_key(&der, pinned)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anomos_proto::ids::ChainId;
+    use anomos_proto::tracker::CircuitRequest;
+    use rand::SeedableRng;
+
+    /// A tracker in this process with `key`, stopped when `stop` is dropped or sent.
+    async fn tracker(
+        key: &Identity,
+        dir: &std::path::Path,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+        anomos_proto::identity::save_identity(&dir.join("tracker.key"), key).unwrap();
+        let args = anomos_tracker::TrackerArgs {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.to_path_buf(),
+            allow_same_ip: true,
+            max_peers: 16,
+            ..Default::default()
+        };
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = anomos_tracker::run_until(args, Some(ready_tx), async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        });
+        (ready_rx.await.unwrap().listen, stop_tx, task)
+    }
+
+    fn circuits() -> ToTracker {
+        ToTracker::RequestCircuits(CircuitRequest { chain: ChainId::new("regtest").unwrap(), count: 1, relays: 1 })
+    }
+
+    /// The tracker answers a peer that never announced with `UnknownPeer`: proof that a session got through.
+    fn answered(r: &Result<FromTracker, PeerError>) -> bool {
+        matches!(r, Err(PeerError::Tracker(m)) if m.starts_with("UnknownPeer"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_with_several_addresses_fails_over_within_two_seconds() {
+        let mut rng = seeded();
+        let tracker_key = Identity::generate(&mut rng, 2048).unwrap();
+        let me = Arc::new(Identity::generate(&mut rng, 2048).unwrap());
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, stop_a, task_a) = tracker(&tracker_key, da.path()).await;
+        let (b, _stop_b, _task_b) = tracker(&tracker_key, db.path()).await;
+        // A port nobody listens on: its connect is refused.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+
+        let client = TrackerClient::with_addrs(vec![dead, a, b], tracker_key.public().clone(), me.clone());
+        client.current.store(0, Ordering::Relaxed);
+        let t = Instant::now();
+        assert!(answered(&client.request(&circuits()).await));
+        assert_eq!(client.addr(), Some(a), "a refused address is skipped");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+        // The replica in use stops (its kept session closes): the next request is answered by the next one.
+        let _ = stop_a.send(());
+        task_a.await.unwrap();
+        let t = Instant::now();
+        assert!(answered(&client.request(&circuits()).await));
+        assert!(t.elapsed() < Duration::from_secs(2), "failover took {:?}", t.elapsed());
+        assert_eq!(client.addr(), Some(b));
+        // And it stays there.
+        assert!(answered(&client.request(&circuits()).await));
+        assert_eq!(client.addr(), Some(b));
+
+        // One address: the error is the answer, nothing else is tried.
+        let single = TrackerClient::new(dead, tracker_key.public().clone(), me);
+        assert!(matches!(single.request(&circuits()).await, Err(PeerError::Io(_))));
+    }
+
+    fn seeded() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(7)
+    }
 }

@@ -277,6 +277,9 @@ pub enum ErrorCode {
     NoPath,
     /// The announced address (or its network) already holds as many live peers as the tracker admits.
     AddressLimit,
+    /// This instance of a replicated tracker cannot serve now (it lost its connection to the shared state); a
+    /// peer configured with several tracker addresses tries the next one at once (SPEC §3.8, §3.10 "Replicas").
+    Unavailable,
 }
 
 /// An error reply.

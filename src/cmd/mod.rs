@@ -34,9 +34,10 @@ pub struct NodeArgs {
     /// Address to announce instead of the bound one (e.g. behind port forwarding).
     #[arg(long, value_name = "ADDR")]
     pub advertise: Option<SocketAddr>,
-    /// Tracker address.
-    #[arg(long, value_name = "ADDR", env = "ANOMOS_TRACKER")]
-    pub tracker: SocketAddr,
+    /// Tracker address; for a tracker run as replicas, every replica's address, comma-separated (the peer starts
+    /// at a random one and moves to the next at once when one fails; all must present the pinned key).
+    #[arg(long, value_name = "ADDR[,ADDR…]", env = "ANOMOS_TRACKER", value_delimiter = ',', required = true)]
+    pub tracker: Vec<SocketAddr>,
     /// Pinned tracker key fingerprint (hex SHA-256 of its SubjectPublicKeyInfo; printed by the tracker at start).
     #[arg(long, value_name = "HEX", env = "ANOMOS_TRACKER_FP")]
     pub tracker_fp: String,
@@ -116,7 +117,9 @@ pub struct NodeArgs {
 impl NodeArgs {
     /// The peer configuration these flags describe.
     pub fn config(&self) -> PeerConfig {
-        let mut c = PeerConfig::new(self.listen, self.tracker, self.tracker_fp.clone(), self.data_dir.clone());
+        let first = self.tracker.first().copied().unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7700)));
+        let mut c = PeerConfig::new(self.listen, first, self.tracker_fp.clone(), self.data_dir.clone());
+        c.tracker_replicas = self.tracker.iter().skip(1).copied().collect();
         c.advertise = self.advertise;
         c.key_bits = self.key_bits;
         c.max_circuits = self.max_circuits;
@@ -193,15 +196,21 @@ pub async fn launch(cfg: PeerConfig, service: Option<Arc<dyn Service>>) -> Resul
         info!(fingerprint = %id.fingerprint(), "created a new identity key");
     }
     // The tracker may not be up yet: keep trying, with backoff. A key that does not match the pin is fatal.
+    // With several addresses (a replicated tracker) each is tried in turn; every one must present the pinned key.
     let mut backoff = Duration::from_millis(200);
+    let addrs = cfg.tracker_addrs();
+    let mut at = 0usize;
     let tracker_key = loop {
-        match fetch_tracker_key(cfg.tracker, &pinned).await {
+        let addr = addrs.get(at % addrs.len().max(1)).copied().unwrap_or(cfg.tracker);
+        at += 1;
+        match fetch_tracker_key(addr, &pinned).await {
             Ok(k) => break k,
-            Err(PeerError::Proto(e)) => {
-                return Err(PeerError::Config(format!("refusing the tracker at {}: {e}", cfg.tracker)))
+            Err(PeerError::Proto(e)) => return Err(PeerError::Config(format!("refusing the tracker at {addr}: {e}"))),
+            Err(e) if !at.is_multiple_of(addrs.len().max(1)) => {
+                info!("tracker {addr} not reachable ({e}); trying the next address")
             }
             Err(e) => {
-                warn!("tracker {} not reachable yet ({e}); retrying in {:.1}s", cfg.tracker, backoff.as_secs_f64());
+                warn!("tracker {addr} not reachable yet ({e}); retrying in {:.1}s", backoff.as_secs_f64());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }

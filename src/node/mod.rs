@@ -159,7 +159,7 @@ impl Node {
             cells: budget.clone(),
             control: control_cells.clone(),
         };
-        let tracker = Arc::new(TrackerClient::new(cfg.tracker, tracker_key.clone(), identity.clone()));
+        let tracker = Arc::new(TrackerClient::with_addrs(cfg.tracker_addrs(), tracker_key.clone(), identity.clone()));
         let node = Arc::new(Node {
             cfg,
             identity,

@@ -336,6 +336,7 @@ async fn run(args: Args) -> Result<(), String> {
     let chain = ChainId::new("regtest").map_err(|e| e.to_string())?;
     let ctx = Arc::new(Ctx {
         tracker: addr,
+        replicas: Vec::new(),
         tracker_key,
         chains: vec![chain.clone()],
         reuse_idle: if args.no_resume { Duration::from_secs(args.reuse_idle_secs) } else { Duration::ZERO },

@@ -131,6 +131,17 @@ pub struct TrackerArgs {
     /// can reach the port sees them).
     #[arg(long)]
     pub metrics_allow_remote: bool,
+
+    /// Run as one of several replicas sharing one state through etcd, at these endpoints (comma-separated, e.g.
+    /// http://10.0.0.5:2379,http://10.0.0.6:2379) [default: off, the state is in <data-dir>/tracker.redb]. Every
+    /// replica needs the same tracker.key; peers list every replica's address in --tracker. Needs a tracker
+    /// built with `--features etcd`.
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+
+    /// Key prefix of the shared state in etcd (one etcd can hold several overlays under different prefixes).
+    #[arg(long, value_name = "PREFIX", default_value = "/anomos/tracker/")]
+    pub etcd_prefix: String,
 }
 
 fn parse_key_bits(s: &str) -> Result<usize, String> {
@@ -203,7 +214,28 @@ impl TrackerArgs {
         if let Some(addr) = self.metrics {
             crate::metrics::check_addr(addr, self.metrics_allow_remote).map_err(TrackerError::Config)?;
         }
+        if !self.etcd.is_empty() {
+            if !cfg!(feature = "etcd") {
+                return bad("--etcd: this anomos-tracker was built without etcd support (build it with `cargo \
+                            build --release -p anomos-tracker --features etcd`)"
+                    .into());
+            }
+            if let Some(e) = self.etcd.iter().find(|e| !e.starts_with("http://")) {
+                return bad(format!(
+                    "--etcd {e:?}: an endpoint URL http://HOST:PORT expected (this build speaks no TLS to etcd: keep \
+                     etcd on a private network, docs/OPERATORS.md)"
+                ));
+            }
+            if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
+                return bad(format!("--etcd-prefix {:?}: must start and end with '/'", self.etcd_prefix));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the state is shared with other replicas through etcd (`--etcd`).
+    pub fn replicated(&self) -> bool {
+        !self.etcd.is_empty()
     }
 
     /// Most sessions kept resumable (tickets): `--max-sessions`, or `--max-peers` + 1024.

@@ -442,6 +442,7 @@ mod fphash;
 mod index;
 mod neighbors;
 mod paths;
+mod replica;
 mod restore;
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,7 @@
 //! * `circuits`: tracking-code issuing and the memory of issued circuits.
 //! * `probe`: the reachability check.
 //! * `tickets`: session tickets, so that a session resumes on a new connection without RSA (SPEC §3.4).
+//! * `replica`: several instances sharing one state through etcd (`--etcd`, the `etcd` feature).
 //! * `store`: the state database (redb); `fds`: the open-file limit; `timed_lock`: the measured state lock;
 //!   `limits`: per-address connection and channel set-up limits.
 //! * [`metrics`]: Prometheus text exposition and the small HTTP responder behind `--metrics` (shared with
@@ -32,6 +33,7 @@ pub mod graph;
 mod limits;
 pub mod metrics;
 mod probe;
+mod replica;
 mod server;
 mod service;
 mod store;

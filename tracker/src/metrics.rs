@@ -179,6 +179,8 @@ crate::label_enum!(
         SessionLimit => "session-limit",
         /// The source address' connections all in use (`--max-sessions-per-ip`).
         SessionLimitPerIp => "session-limit-per-ip",
+        /// A replica that cannot serve: cut off from etcd, or its changes kept conflicting (`ErrorCode::Unavailable`).
+        Unavailable => "unavailable",
         /// A request from a peer that has not announced (`ErrorCode::UnknownPeer`).
         UnknownPeer => "unknown-peer",
         /// A resumption with a ticket the tracker does not hold (expired, evicted, or from before a restart): the

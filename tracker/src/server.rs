@@ -122,13 +122,20 @@ pub async fn run_until(
     let metrics_addr = args.metrics;
     let (neighbors, interval) = (args.neighbors, args.interval);
     let db = args.db_path();
-    let (service, restored) = tokio::task::spawn_blocking(move || Service::open(args))
-        .await
-        .map_err(|e| TrackerError::io("loading the state database", std::io::Error::other(e)))??;
-    info!(
-        path = %db.display(), peers = restored.peers, edges = restored.edges, dropped = restored.dropped,
-        "state database opened"
-    );
+    let (service, replica) = if args.replicated() {
+        // Replicas keep their state in etcd (crate::replica), not in tracker.redb.
+        let (service, _, replica) = crate::replica::open(args, identity.fingerprint(), listen).await?;
+        (service, Some(replica))
+    } else {
+        let (service, restored) = tokio::task::spawn_blocking(move || Service::open(args))
+            .await
+            .map_err(|e| TrackerError::io("loading the state database", std::io::Error::other(e)))??;
+        info!(
+            path = %db.display(), peers = restored.peers, edges = restored.edges, dropped = restored.dropped,
+            "state database opened"
+        );
+        (service, None)
+    };
     let service = Arc::new(service);
     let kept = service.take_tickets();
     let kept_n = kept.len();
@@ -142,6 +149,9 @@ pub async fn run_until(
     }
     let sessions = Arc::new(Semaphore::new(max_sessions));
     let mut tasks = JoinSet::new();
+    if let Some(replica) = replica {
+        replica.start(&service, &mut tasks);
+    }
     let _metrics = match metrics_addr {
         Some(addr) => {
             let (svc, sess, tk) = (Arc::clone(&service), Arc::clone(&sessions), Arc::downgrade(&tickets));

@@ -28,6 +28,9 @@ use crate::store::Store;
 use crate::timed_lock::{TimedGuard, TimedMutex};
 
 mod persist;
+mod replica;
+
+pub(crate) use persist::Restored;
 
 /// Requests with more onion layers than this build their tracking codes on the blocking pool.
 const INLINE_LAYERS: usize = 8;
@@ -42,6 +45,8 @@ struct State {
     reports: HashMap<Fingerprint, (Instant, u32)>,
     /// Peers reported unreachable whose re-probe is running.
     probing: HashSet<Fingerprint>,
+    /// With replicas: the revisions at which the graph holds the shared records (empty otherwise).
+    revs: crate::replica::Revisions,
 }
 
 /// Failure reports one peer may make per [`REPORT_WINDOW`]; more are acknowledged and ignored. Each report can
@@ -90,8 +95,10 @@ pub(crate) struct Service {
     state: TimedMutex<State>,
     /// Reachability probes running at once: newcomers' probes are bounded and paced by these slots.
     probes: tokio::sync::Semaphore,
-    /// The state database (`None` only in unit tests).
+    /// The state database (`None` in unit tests and for replicas).
     store: Option<Arc<Store>>,
+    /// The state shared with other replicas (etcd), when `--etcd` is given.
+    replica: Option<Arc<dyn crate::replica::Shared>>,
     /// Counters.
     pub(crate) metrics: TrackerMetrics,
 }
@@ -127,9 +134,17 @@ impl Service {
             rng: StdRng::from_rng(OsRng).unwrap_or_else(|_| StdRng::from_entropy()),
             reports: HashMap::new(),
             probing: HashSet::new(),
+            revs: Default::default(),
         };
         let probes = tokio::sync::Semaphore::new(args.probes_limit());
-        Service { args, state: TimedMutex::new(state), probes, store, metrics: TrackerMetrics::default() }
+        Service {
+            args,
+            state: TimedMutex::new(state),
+            probes,
+            store,
+            replica: None,
+            metrics: TrackerMetrics::default(),
+        }
     }
 
     fn lock(&self) -> TimedGuard<'_, State> {
@@ -140,6 +155,9 @@ impl Service {
     /// `remote_ip` is where the session came from: the announced address must be on the same host, so the
     /// reachability probe cannot be pointed at third parties (the tracker would be a reflector).
     pub(crate) async fn announce(&self, key: &PublicKey, ann: Announce, remote_ip: IpAddr) -> FromTracker {
+        if let Some(refused) = self.unavailable() {
+            return refused;
+        }
         let id = key.fingerprint();
         let listen = ann.listen;
         if unusable_listen_ip(listen.ip()) {
@@ -187,30 +205,59 @@ impl Service {
             }
         }
 
-        let mut st = self.lock();
-        let State { graph, rng, .. } = &mut *st;
-        let done =
-            match graph.announce_with_family(id, key.clone(), listen, ann.chains, ann.family, Instant::now(), rng) {
-                Ok(done) => done,
-                Err(GraphError::OverLimit(over)) => {
-                    warn!(peer = %id.short(), %listen, %over, "announce refused: address limit");
-                    self.metrics.refused.inc(Refusal::AddressLimit);
-                    return error_reply(ErrorCode::AddressLimit, over.to_string());
-                }
-                Err(_) => {
-                    warn!(peer = %id.short(), "announce refused: tracker full");
-                    self.metrics.refused.inc(Refusal::Full);
-                    return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
-                }
+        // With replicas the changes are committed before the reply; after a conflict (another instance changed a
+        // peer involved) the graph holds the shared state again and the announce is done again.
+        let mut attempt = 0;
+        let (done, neighbors, peers) = loop {
+            let (done, neighbors, peers, staged) = {
+                let mut st = self.lock();
+                let State { graph, rng, .. } = &mut *st;
+                let (chains, family) = (ann.chains.clone(), ann.family.clone());
+                let done =
+                    match graph.announce_with_family(id, key.clone(), listen, chains, family, Instant::now(), rng) {
+                        Ok(done) => done,
+                        Err(GraphError::OverLimit(over)) => {
+                            warn!(peer = %id.short(), %listen, %over, "announce refused: address limit");
+                            self.metrics.refused.inc(Refusal::AddressLimit);
+                            return error_reply(ErrorCode::AddressLimit, over.to_string());
+                        }
+                        Err(_) => {
+                            warn!(peer = %id.short(), "announce refused: tracker full");
+                            self.metrics.refused.inc(Refusal::Full);
+                            return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
+                        }
+                    };
+                let neighbors: Vec<NeighborInfo> = graph
+                    .neighbors(&id)
+                    .into_iter()
+                    .take(MAX_NEIGHBORS)
+                    .map(|(nid, _, p)| NeighborInfo { id: nid, addr: p.addr, public_key: p.key.der().to_vec() })
+                    .collect();
+                let peers = graph.len();
+                let staged = self.stage(&mut st, Some(id));
+                (done, neighbors, peers, staged)
             };
-        let neighbors: Vec<NeighborInfo> = graph
-            .neighbors(&id)
-            .into_iter()
-            .take(MAX_NEIGHBORS)
-            .map(|(nid, _, p)| NeighborInfo { id: nid, addr: p.addr, public_key: p.key.der().to_vec() })
-            .collect();
-        let peers = graph.len();
-        drop(st);
+            match self.commit(staged).await {
+                Ok(()) => break (done, neighbors, peers),
+                Err(replica::Retry::Again) if attempt + 1 < replica::COMMIT_ATTEMPTS => {
+                    attempt += 1;
+                    debug!(peer = %id.short(), attempt, "announce conflicted with another replica; again");
+                    Self::backoff(attempt).await;
+                }
+                Err(e) => {
+                    let why = match e {
+                        replica::Retry::Refuse(why) => why,
+                        replica::Retry::Again => "its changes kept conflicting with other replicas'".into(),
+                    };
+                    warn!(peer = %id.short(), reason = %why, "announce refused: not shared");
+                    self.metrics.refused.inc(Refusal::Unavailable);
+                    return error_reply(
+                        ErrorCode::Unavailable,
+                        format!("this tracker replica cannot serve now ({why})"),
+                    );
+                }
+            }
+        };
         self.metrics.announces.inc();
         if done.is_new {
             self.metrics.new_peers.inc();
@@ -240,6 +287,9 @@ impl Service {
         let forget_at = Instant::now() + Duration::from_secs(self.args.tc_ttl) + REMEMBER_AFTER_EXPIRY;
         let relays = usize::from(req.relays);
         self.metrics.circuit_requests.inc();
+        if let Some(refused) = self.unavailable() {
+            return refused;
+        }
         let plan = {
             let mut st = self.lock();
             let State { graph, book, rng, .. } = &mut *st;
@@ -303,6 +353,9 @@ impl Service {
     ///   once, and out of everyone's when [`CORROBORATING_REPORTERS`] distinct reporters blamed it or when it
     ///   fails the probe that the report starts. Both last until its next announce. (SPEC §3.11, issue 7.)
     pub(crate) fn report(self: &Arc<Self>, reporter: Fingerprint, rep: FailureReport) -> FromTracker {
+        if let Some(refused) = self.unavailable() {
+            return refused;
+        }
         let mut st = self.lock();
         let now = Instant::now();
         let kind = rep.kind;
@@ -336,7 +389,7 @@ impl Service {
             Ok(culprit) => {
                 let reporters = st.graph.blame(&culprit, reporter);
                 if reporters >= CORROBORATING_REPORTERS {
-                    let newly = st.graph.avoid(&culprit);
+                    let newly = self.avoid_shared(&mut st, culprit);
                     info!(
                         reporter = %reporter.short(), ?kind, circuit = ?rep.circuit, avoided = %culprit.short(),
                         reporters, newly, "failure reported; corroborated, left out of every path"
@@ -373,7 +426,7 @@ impl Service {
             st.probing.remove(&culprit);
             match result {
                 Err(e) => {
-                    let newly = st.graph.avoid(&culprit);
+                    let newly = service.avoid_shared(&mut st, culprit);
                     info!(
                         avoided = %culprit.short(), newly, error = %e,
                         "failure reported and confirmed: the peer failed the probe"

@@ -22,7 +22,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrackerError;
-use crate::graph::{Dirty, Graph, Stored};
+use crate::graph::{Dirty, Graph, Peer, Stored};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Fingerprint (32 bytes) → [`PeerRow`] (bincode).
@@ -61,6 +61,28 @@ pub(crate) struct StoredTicket {
     pub(crate) idle_secs: u32,
 }
 
+/// A peer's stored row (the same bytes in redb and, for replicas, in etcd).
+pub(crate) fn encode_peer(p: &Peer<PublicKey>) -> Option<Vec<u8>> {
+    let row = PeerRow {
+        key: p.key.der().to_vec(),
+        addr: p.addr,
+        chains: p.chains.clone(),
+        family: p.family.clone(),
+        avoided: p.avoided,
+    };
+    opts().serialize(&row).ok()
+}
+
+/// Decodes peer `fp`'s row, checked: within its byte limit, a valid key whose fingerprint is `fp`.
+pub(crate) fn decode_peer(fp: &Fingerprint, bytes: &[u8]) -> Result<Stored<PublicKey>, String> {
+    let row: PeerRow = opts().deserialize(bytes).map_err(|e| format!("peer {}: {e}", fp.short()))?;
+    let key = PublicKey::from_der(&row.key).map_err(|e| format!("peer {}: {e}", fp.short()))?;
+    if key.fingerprint() != *fp {
+        return Err(format!("peer {}: its key has another fingerprint", fp.short()));
+    }
+    Ok(Stored { key, addr: row.addr, chains: row.chains, family: row.family, avoided: row.avoided })
+}
+
 /// What the database held.
 #[derive(Debug, Default)]
 pub(crate) struct Loaded {
@@ -78,19 +100,7 @@ pub(crate) struct Batch {
 impl Batch {
     /// Adds the current rows of `peers` and `edges` (those no longer in `graph` are deleted).
     pub(crate) fn add(&mut self, graph: &Graph<PublicKey>, peers: &[Fingerprint], edges: &[NeighborId]) {
-        self.peers.extend(peers.iter().map(|fp| {
-            let row = graph.get(fp).and_then(|p| {
-                let row = PeerRow {
-                    key: p.key.der().to_vec(),
-                    addr: p.addr,
-                    chains: p.chains.clone(),
-                    family: p.family.clone(),
-                    avoided: p.avoided,
-                };
-                opts().serialize(&row).ok()
-            });
-            (*fp, row)
-        }));
+        self.peers.extend(peers.iter().map(|fp| (*fp, graph.get(fp).and_then(encode_peer))));
         self.edges.extend(edges.iter().map(|nid| {
             let ends = graph.edge_ends(*nid).map(|(a, b)| {
                 let mut v = [0u8; 64];
@@ -113,6 +123,7 @@ impl Batch {
         Dirty {
             peers: self.peers.iter().map(|(fp, _)| *fp).collect(),
             edges: self.edges.iter().map(|(nid, _)| *nid).collect::<HashSet<_>>(),
+            ..Dirty::default()
         }
     }
 }
@@ -211,13 +222,7 @@ impl Store {
             let fp = <[u8; 32]>::try_from(k.value())
                 .map(Fingerprint)
                 .map_err(|_| damaged("a peer key of the wrong length".into()))?;
-            let row: PeerRow =
-                opts().deserialize(v.value()).map_err(|e| damaged(format!("peer {}: {e}", fp.short())))?;
-            let key = PublicKey::from_der(&row.key).map_err(|e| damaged(format!("peer {}: {e}", fp.short())))?;
-            if key.fingerprint() != fp {
-                return Err(damaged(format!("peer {}: its key has another fingerprint", fp.short())));
-            }
-            let stored = Stored { key, addr: row.addr, chains: row.chains, family: row.family, avoided: row.avoided };
+            let stored = decode_peer(&fp, v.value()).map_err(damaged)?;
             out.peers.push((fp, stored));
         }
         let edges = tx.open_table(EDGES).map_err(|e| self.err(e))?;

@@ -80,6 +80,10 @@ impl Signer {
 /// What every peer shares.
 pub struct Ctx {
     pub tracker: SocketAddr,
+    /// Further addresses of a replicated tracker (`examples/replicas.rs`); empty for one tracker. With them a peer
+    /// starts at address k mod n and fails over as the real client does: on a failed connect (1.5 s at most), a
+    /// failed or timed-out request or an `Unavailable` reply it moves to the next address and asks there.
+    pub replicas: Vec<SocketAddr>,
     pub tracker_key: PublicKey,
     pub chains: Vec<ChainId>,
     pub reuse_idle: Duration,
@@ -128,11 +132,21 @@ async fn io<T>(what: &str, f: impl std::future::Future<Output = std::io::Result<
     }
 }
 
+/// Connects `sock` to the tracker at `to`; with replicas within 1.5 s (as the real client, which then fails over).
+async fn connect(ctx: &Ctx, sock: TcpSocket, to: SocketAddr) -> Result<TcpStream, String> {
+    let limit = if ctx.replicas.is_empty() { IO_TIMEOUT } else { Duration::from_millis(1500) };
+    match timeout(limit, sock.connect(to)).await {
+        Err(_) => Err("timeout:connect".into()),
+        Ok(Err(e)) => Err(err_kind(&e)),
+        Ok(Ok(s)) => Ok(s),
+    }
+}
+
 impl Session {
-    async fn connect(ctx: &Ctx, peer: &Arc<Peer>, from: IpAddr) -> Result<Self, String> {
+    async fn connect(ctx: &Ctx, peer: &Arc<Peer>, from: IpAddr, to: SocketAddr) -> Result<Self, String> {
         let sock = TcpSocket::new_v4().map_err(|e| err_kind(&e))?;
         sock.bind(SocketAddr::new(from, 0)).map_err(|e| err_kind(&e))?;
-        let mut stream = io("connect", sock.connect(ctx.tracker)).await?;
+        let mut stream = connect(ctx, sock, to).await?;
         stream.set_nodelay(true).map_err(|e| err_kind(&e))?;
         let (hello, handshake) =
             TrackerChannel::connect(&mut rand::rngs::OsRng, &ctx.tracker_key).map_err(|e| format!("proto:{e}"))?;
@@ -159,10 +173,10 @@ impl Session {
     }
 
     /// Resumes the session of `ticket` (SPEC §3.4); `None` when the tracker does not hold it.
-    async fn resume(ctx: &Ctx, ticket: &Ticket, from: IpAddr) -> Result<Option<Self>, String> {
+    async fn resume(ctx: &Ctx, ticket: &Ticket, from: IpAddr, to: SocketAddr) -> Result<Option<Self>, String> {
         let sock = TcpSocket::new_v4().map_err(|e| err_kind(&e))?;
         sock.bind(SocketAddr::new(from, 0)).map_err(|e| err_kind(&e))?;
-        let mut stream = io("connect", sock.connect(ctx.tracker)).await?;
+        let mut stream = connect(ctx, sock, to).await?;
         stream.set_nodelay(true).map_err(|e| err_kind(&e))?;
         let (hello, hs) = TrackerChannel::resume(&mut rand::rngs::OsRng, &ctx.tracker_key.fingerprint(), ticket)
             .map_err(|e| format!("proto:{e}"))?;
@@ -234,6 +248,10 @@ pub struct Peer {
     pub listen: SocketAddr,
     key: PeerKey,
     session: Mutex<PeerSession>,
+    /// Index of the tracker address in use (with replicas).
+    at: std::sync::atomic::AtomicUsize,
+    /// Requests that moved to another replica.
+    pub failovers: AtomicU64,
     pub joined: AtomicBool,
     /// Successful announces so far.
     pub announces: AtomicU64,
@@ -248,15 +266,45 @@ impl Peer {
             listen: addr_of(k, port),
             key,
             session: Mutex::new(PeerSession::default()),
+            at: std::sync::atomic::AtomicUsize::new(k),
+            failovers: AtomicU64::new(0),
             joined: AtomicBool::new(false),
             announces: AtomicU64::new(0),
             table: std::sync::Mutex::new(Vec::new()),
         })
     }
 
+    /// The tracker address in use.
+    fn addr(&self, ctx: &Ctx) -> SocketAddr {
+        let n = ctx.replicas.len() + 1;
+        match self.at.load(Ordering::Relaxed) % n {
+            0 => ctx.tracker,
+            i => ctx.replicas.get(i - 1).copied().unwrap_or(ctx.tracker),
+        }
+    }
+
     /// Sends `msg` as the real client does; returns the reply and how long the session set-up took, if it needed
-    /// a full one (resumptions are recorded as `resumes`).
+    /// a full one (resumptions are recorded as `resumes`). With replicas, a failure that moves the real client to
+    /// the next address does so here (each address once; the session, and its ticket, belong to one replica).
     pub async fn request(self: &Arc<Self>, ctx: &Ctx, msg: &ToTracker) -> Result<Reply, String> {
+        let n = ctx.replicas.len() + 1;
+        let mut r = self.request_once(ctx, msg).await;
+        for _ in 1..n {
+            match &r {
+                Err(e) if e.contains("io:") || e.contains("timeout:") || e.ends_with("tracker:Unavailable") => {
+                    *self.session.lock().await = PeerSession::default();
+                    self.at.fetch_add(1, Ordering::Relaxed);
+                    self.failovers.fetch_add(1, Ordering::Relaxed);
+                    r = self.request_once(ctx, msg).await;
+                }
+                _ => break,
+            }
+        }
+        r
+    }
+
+    /// One request at the current address.
+    async fn request_once(self: &Arc<Self>, ctx: &Ctx, msg: &ToTracker) -> Result<Reply, String> {
         // A peer that will need a full set-up takes its handshake slot before its connection slot: the other way
         // round, peers waiting for one of the 64 handshake slots held the connection slots that resuming peers
         // needed, their announces came too late and they expired.
@@ -297,7 +345,7 @@ impl Peer {
         let fresh = slot.ticket.as_ref().filter(|(_, used, life)| used.elapsed() + TICKET_MARGIN < *life);
         if let Some((ticket, _, _)) = fresh.cloned() {
             let t = Instant::now();
-            match Session::resume(ctx, &ticket, self.listen.ip()).await.map_err(|e| format!("resume/{e}"))? {
+            match Session::resume(ctx, &ticket, self.listen.ip(), self.addr(ctx)).await.map_err(|e| format!("resume/{e}"))? {
                 Some(mut s) => {
                     ctx.stats.resumes.record(ctx.start, t.elapsed());
                     let r = s.request(msg).await;
@@ -320,7 +368,7 @@ impl Peer {
             if has_turn { None } else { Some(ctx.handshakes.acquire().await.map_err(|_| "closed".to_string())?) };
         let waited = w.elapsed();
         let t = Instant::now();
-        let mut s = Session::connect(ctx, self, self.listen.ip()).await.map_err(|e| format!("session/{e}"))?;
+        let mut s = Session::connect(ctx, self, self.listen.ip(), self.addr(ctx)).await.map_err(|e| format!("session/{e}"))?;
         if ctx.resume {
             let (ticket, life) = s.ticket().await.map_err(|e| format!("session/ticket/{e}"))?;
             slot.ticket = Some((ticket, Instant::now(), life));

@@ -56,6 +56,9 @@ pub struct Dirty {
     pub peers: HashSet<Fingerprint>,
     /// Edges added or removed.
     pub edges: HashSet<NeighborId>,
+    /// The ends of the edges in `edges` that were linked or unlinked (a replica needs the ends of a removed edge
+    /// to guard the change, `crate::replica`).
+    pub ends: HashMap<NeighborId, (Fingerprint, Fingerprint)>,
 }
 
 impl<K> Graph<K> {
@@ -78,6 +81,7 @@ impl<K> Graph<K> {
         if let Some(d) = &mut self.dirty {
             d.peers.extend(changes.peers);
             d.edges.extend(changes.edges);
+            d.ends.extend(changes.ends);
         }
     }
 
@@ -90,6 +94,14 @@ impl<K> Graph<K> {
     pub(super) fn touch_edge(&mut self, nid: NeighborId) {
         if let Some(d) = &mut self.dirty {
             d.edges.insert(nid);
+        }
+    }
+
+    /// [`touch_edge`](Self::touch_edge) of an edge linked or unlinked between `a` and `b`.
+    fn touch_ends(&mut self, nid: NeighborId, a: Fingerprint, b: Fingerprint) {
+        if let Some(d) = &mut self.dirty {
+            d.edges.insert(nid);
+            d.ends.insert(nid, (a, b));
         }
     }
 
@@ -167,7 +179,7 @@ impl<K> Graph<K> {
             p.edges.insert(other, nid);
             self.rebucket(&me, old);
         }
-        self.touch_edge(nid);
+        self.touch_ends(nid, a, b);
     }
 
     /// Removes the edge `nid` from both its ends; returns them.
@@ -179,7 +191,7 @@ impl<K> Graph<K> {
             p.edges.remove(&other);
             self.rebucket(&me, old);
         }
-        self.touch_edge(nid);
+        self.touch_ends(nid, a, b);
         Some((a, b))
     }
 
