@@ -345,7 +345,10 @@ impl Peer {
         let fresh = slot.ticket.as_ref().filter(|(_, used, life)| used.elapsed() + TICKET_MARGIN < *life);
         if let Some((ticket, _, _)) = fresh.cloned() {
             let t = Instant::now();
-            match Session::resume(ctx, &ticket, self.listen.ip(), self.addr(ctx)).await.map_err(|e| format!("resume/{e}"))? {
+            match Session::resume(ctx, &ticket, self.listen.ip(), self.addr(ctx))
+                .await
+                .map_err(|e| format!("resume/{e}"))?
+            {
                 Some(mut s) => {
                     ctx.stats.resumes.record(ctx.start, t.elapsed());
                     let r = s.request(msg).await;
@@ -368,7 +371,8 @@ impl Peer {
             if has_turn { None } else { Some(ctx.handshakes.acquire().await.map_err(|_| "closed".to_string())?) };
         let waited = w.elapsed();
         let t = Instant::now();
-        let mut s = Session::connect(ctx, self, self.listen.ip(), self.addr(ctx)).await.map_err(|e| format!("session/{e}"))?;
+        let mut s =
+            Session::connect(ctx, self, self.listen.ip(), self.addr(ctx)).await.map_err(|e| format!("session/{e}"))?;
         if ctx.resume {
             let (ticket, life) = s.ticket().await.map_err(|e| format!("session/ticket/{e}"))?;
             slot.ticket = Some((ticket, Instant::now(), life));
