@@ -2,13 +2,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use anomos_net::{Net, Stream};
 use anomos_proto::identity::{Identity, PublicKey};
 use anomos_proto::tracker::{self, FromTracker, ToTracker, TrackerChannel};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::time::{timeout, Instant};
 
 use crate::error::PeerError;
 
@@ -21,11 +21,11 @@ const REUSE_IDLE: Duration = Duration::from_secs(75);
 
 /// An open session with the tracker, after Hello/Welcome.
 pub struct TrackerSession {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     chan: TrackerChannel,
 }
 
-async fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>, PeerError> {
+async fn read_frame(stream: &mut (impl AsyncRead + Unpin + ?Sized)) -> Result<Vec<u8>, PeerError> {
     let mut len = [0u8; 4];
     timeout(IO_TIMEOUT, stream.read_exact(&mut len)).await.map_err(|_| PeerError::Timeout("tracker reply"))??;
     let n = TrackerChannel::frame_len(len)?;
@@ -35,12 +35,20 @@ async fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>, PeerError> {
 }
 
 impl TrackerSession {
-    /// Connects, proves the channel to the pinned key, and authenticates with our identity.
+    /// Connects (TCP), proves the channel to the pinned key, and authenticates with our identity.
     pub async fn connect(addr: SocketAddr, tracker_key: &PublicKey, me: &Identity) -> Result<Self, PeerError> {
-        let mut stream = timeout(IO_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| PeerError::Timeout("tracker connect"))??;
-        stream.set_nodelay(true)?;
+        Self::connect_via(&anomos_net::Tcp, addr, tracker_key, me).await
+    }
+
+    /// [`TrackerSession::connect`] over the transport `net`.
+    pub async fn connect_via(
+        net: &dyn anomos_net::Transport,
+        addr: SocketAddr,
+        tracker_key: &PublicKey,
+        me: &Identity,
+    ) -> Result<Self, PeerError> {
+        let mut stream =
+            timeout(IO_TIMEOUT, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
         let (hello, handshake) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_key)?;
         stream.write_all(&hello).await?;
         let mut reply = [0u8; tracker::EPHEMERAL_LEN];
@@ -84,6 +92,7 @@ impl TrackerSession {
 ///
 /// Reuse links nothing new: every session is authenticated with the peer's identity anyway (SPEC.md §3).
 pub struct TrackerClient {
+    net: Net,
     addr: SocketAddr,
     key: PublicKey,
     me: Arc<Identity>,
@@ -91,9 +100,9 @@ pub struct TrackerClient {
 }
 
 impl TrackerClient {
-    /// A client for the tracker at `addr` pinned to `key`; connects on the first request.
-    pub fn new(addr: SocketAddr, key: PublicKey, me: Arc<Identity>) -> Self {
-        TrackerClient { addr, key, me, session: tokio::sync::Mutex::new(None) }
+    /// A client for the tracker at `addr` pinned to `key`, reached over `net`; connects on the first request.
+    pub fn new(net: Net, addr: SocketAddr, key: PublicKey, me: Arc<Identity>) -> Self {
+        TrackerClient { net, addr, key, me, session: tokio::sync::Mutex::new(None) }
     }
 
     /// Sends one request and reads its reply, over the kept session if there is a fresh one.
@@ -114,7 +123,7 @@ impl TrackerClient {
                 }
             }
         }
-        let mut s = TrackerSession::connect(self.addr, &self.key, &self.me).await?;
+        let mut s = TrackerSession::connect_via(&*self.net, self.addr, &self.key, &self.me).await?;
         let r = s.request(msg).await;
         if keeps_session(&r) {
             *slot = Some((s, Instant::now()));
@@ -129,13 +138,22 @@ fn keeps_session(r: &Result<FromTracker, PeerError>) -> bool {
     matches!(r, Ok(_) | Err(PeerError::Tracker(_) | PeerError::NoPath(_)))
 }
 
-/// Fetches the tracker's public key and checks it against the pinned fingerprint.
+/// Fetches the tracker's public key (over TCP) and checks it against the pinned fingerprint.
 pub async fn fetch_tracker_key(
     addr: SocketAddr,
     pinned: &anomos_proto::identity::Fingerprint,
 ) -> Result<PublicKey, PeerError> {
+    fetch_tracker_key_via(&anomos_net::Tcp, addr, pinned).await
+}
+
+/// [`fetch_tracker_key`] over the transport `net`.
+pub async fn fetch_tracker_key_via(
+    net: &dyn anomos_net::Transport,
+    addr: SocketAddr,
+    pinned: &anomos_proto::identity::Fingerprint,
+) -> Result<PublicKey, PeerError> {
     let mut s =
-        timeout(IO_TIMEOUT, TcpStream::connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??;
+        timeout(IO_TIMEOUT, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
     s.write_all(&tracker::KEY_FETCH_MAGIC).await?;
     let mut prefix = [0u8; 2];
     timeout(IO_TIMEOUT, s.read_exact(&mut prefix)).await.map_err(|_| PeerError::Timeout("tracker key"))??;

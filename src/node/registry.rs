@@ -91,15 +91,19 @@ impl Neighbors {
     /// Remembers that a dialer claiming `fp` was refused just now.
     pub fn knocked(&self, fp: &Fingerprint) {
         let mut k = self.knocked.lock().unwrap_or_else(|e| e.into_inner());
-        k.retain(|_, t| t.elapsed() < KNOCK_FRESH);
+        k.retain(|_, t| anomos_net::rt::since(*t) < KNOCK_FRESH);
         if k.len() < KNOCKED_MAX || k.contains_key(fp) {
-            k.insert(*fp, Instant::now());
+            k.insert(*fp, anomos_net::rt::now());
         }
     }
 
     /// Whether a dialer claiming `fp` was refused within [`KNOCK_FRESH`].
     pub fn recently_knocked(&self, fp: &Fingerprint) -> bool {
-        self.knocked.lock().unwrap_or_else(|e| e.into_inner()).get(fp).is_some_and(|t| t.elapsed() < KNOCK_FRESH)
+        self.knocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(fp)
+            .is_some_and(|t| anomos_net::rt::since(*t) < KNOCK_FRESH)
     }
 }
 
@@ -189,6 +193,7 @@ impl Links {
                 return;
             }
             tokio::select! {
+                biased; // in order: the same outcome in every run of a simulation
                 _ = link_changed => {}
                 _ = table_changed => {}
             }
@@ -206,6 +211,7 @@ impl Links {
                 return Some(l);
             }
             tokio::select! {
+                biased; // in order: the same outcome in every run of a simulation
                 _ = tokio::time::sleep_until(deadline) => return self.link(nid),
                 _ = link_changed => {}
                 _ = table_changed => {

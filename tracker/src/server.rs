@@ -14,6 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anomos_net::{Net, Stream};
 use anomos_proto::identity::{load_or_create_identity, Fingerprint, Identity, PublicKey};
 use anomos_proto::tracker::{
     encode_key_answer, verify_hello, ErrorCode, FromTracker, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER,
@@ -24,7 +25,6 @@ use rand::rngs::OsRng;
 use rand::RngCore;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -106,20 +106,31 @@ pub async fn run_until(
     ready: Option<oneshot::Sender<Ready>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TrackerError> {
+    run_on(anomos_net::tcp(), args, ready, shutdown).await
+}
+
+/// [`run_until`] over the transport `net` (a simulated network in `tests/simulation.rs`): the tracker listens and
+/// probes peers through it. The metrics endpoint, if any, stays on TCP.
+pub async fn run_on(
+    net: Net,
+    args: TrackerArgs,
+    ready: Option<oneshot::Sender<Ready>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TrackerError> {
     args.validate()?;
     let max_sessions = crate::fds::sessions_for(&args)?;
     let identity = Arc::new(load_key(&args).await?);
-    let listener =
-        TcpListener::bind(args.listen).await.map_err(|e| TrackerError::io(format!("binding {}", args.listen), e))?;
+    let listener = net.bind(args.listen).await.map_err(|e| TrackerError::io(format!("binding {}", args.listen), e))?;
     let listen = listener.local_addr().map_err(|e| TrackerError::io("reading the bound address", e))?;
     let timeouts = Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: args.idle() };
     let limits = Limits::new(&args);
     let metrics_addr = args.metrics;
     let (neighbors, interval) = (args.neighbors, args.interval);
     let db = args.db_path();
-    let (service, restored) = tokio::task::spawn_blocking(move || Service::open(args))
+    let (mut service, restored) = anomos_net::rt::spawn_blocking(move || Service::open(args))
         .await
         .map_err(|e| TrackerError::io("loading the state database", std::io::Error::other(e)))??;
+    service.net = net;
     info!(
         path = %db.display(), peers = restored.peers, edges = restored.edges, dropped = restored.dropped,
         "state database opened"
@@ -188,9 +199,21 @@ pub async fn run_until(
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
+            // In this order, so a simulation replays: a stop first, then reaping, then new connections.
+            biased;
+            () = &mut shutdown => {
+                let open = max_sessions - sessions.available_permits();
+                let (peers, edges, remembered) = service.sizes();
+                tasks.shutdown().await;
+                let saved = service.persist().await;
+                info!(sessions_closed = open, peers, edges, circuits_remembered = remembered,
+                    "shutdown: tracker stopped (peers and edges are in the state database)");
+                return saved.map(drop);
+            }
+            Some(_) = tasks.join_next() => {}
             accepted = listener.accept() => {
                 let (stream, addr) = match accepted {
-                    Ok(x) => x,
+                    Ok(c) => (c.stream, c.peer),
                     Err(e) => {
                         // Usually out of file descriptors: back off instead of spinning.
                         warn!(error = %e, "accept failed");
@@ -220,16 +243,6 @@ pub async fn run_until(
                     }
                 });
             }
-            Some(_) = tasks.join_next() => {}
-            () = &mut shutdown => {
-                let open = max_sessions - sessions.available_permits();
-                let (peers, edges, remembered) = service.sizes();
-                tasks.shutdown().await;
-                let saved = service.persist().await;
-                info!(sessions_closed = open, peers, edges, circuits_remembered = remembered,
-                    "shutdown: tracker stopped (peers and edges are in the state database)");
-                return saved.map(drop);
-            }
         }
     }
 }
@@ -256,7 +269,7 @@ async fn load_key(args: &TrackerArgs) -> Result<Identity, TrackerError> {
     builder.create(&dir).map_err(|e| TrackerError::io(format!("creating {}", dir.display()), e))?;
     let path = args.key_path();
     let bits = args.key_bits;
-    let (identity, created) = tokio::task::spawn_blocking(move || load_or_create_identity(&path, bits))
+    let (identity, created) = anomos_net::rt::spawn_blocking(move || load_or_create_identity(&path, bits))
         .await
         .map_err(|e| TrackerError::io("loading the identity key", std::io::Error::other(e)))??;
     let path = args.key_path();
@@ -283,7 +296,7 @@ enum SessionError {
 
 /// The channel and the stream it runs over.
 struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     chan: TrackerChannel,
 }
 
@@ -328,10 +341,9 @@ async fn session(
     identity: Arc<Identity>,
     limits: Arc<Limits>,
     timeouts: Timeouts,
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     remote_ip: IpAddr,
 ) -> Result<(), SessionError> {
-    let _ = stream.set_nodelay(true);
     let hs = tokio::time::timeout(timeouts.hello, handshake(stream, &identity, &limits, remote_ip))
         .await
         .map_err(|_| SessionError::Timeout("hello"))
@@ -383,7 +395,7 @@ async fn session(
 /// Channel setup and authentication; returns the connection and the peer's verified key, or `None` after
 /// answering a key fetch (`"ANOMOSK1"`: a peer that pins our fingerprint asks for the full public key).
 async fn handshake(
-    mut stream: TcpStream,
+    mut stream: Box<dyn Stream>,
     identity: &Arc<Identity>,
     limits: &Limits,
     remote_ip: IpAddr,
@@ -416,7 +428,7 @@ async fn handshake(
     stream.read_exact(&mut rest).await?;
     // RSA decryption takes a few milliseconds: keep it off the async workers.
     let id = Arc::clone(identity);
-    let (reply, chan) = tokio::task::spawn_blocking(move || TrackerChannel::accept(&mut OsRng, &id, &rest))
+    let (reply, chan) = anomos_net::rt::spawn_blocking(move || TrackerChannel::accept(&mut OsRng, &id, &rest))
         .await
         .map_err(|_| SessionError::Refused("channel setup task failed"))??;
     drop(_slot);
