@@ -70,7 +70,10 @@ impl Neighbors {
 
     /// Every neighbor.
     pub fn all(&self) -> Vec<(Fingerprint, NeighborEntry)> {
-        self.table().iter().map(|(k, v)| (*k, v.clone())).collect()
+        // In fingerprint order (not the map's): dials start in the same order in every run of a simulation.
+        let mut v: Vec<(Fingerprint, NeighborEntry)> = self.table().iter().map(|(k, v)| (*k, v.clone())).collect();
+        v.sort_unstable_by_key(|(fp, _)| *fp);
+        v
     }
 
     /// Whether `nid` is one of our edges.
@@ -126,7 +129,10 @@ impl Links {
 
     /// Every live link.
     pub fn all(&self) -> Vec<Arc<Link>> {
-        self.map().values().cloned().collect()
+        // In neighbor order (not the map's), so what is done to every link happens in the same order in every run.
+        let mut v: Vec<Arc<Link>> = self.map().values().cloned().collect();
+        v.sort_unstable_by_key(|l| (l.peer, l.serial));
+        v
     }
 
     /// Number of live links.
