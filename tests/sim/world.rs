@@ -298,6 +298,8 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<AtomicU
             node: None,
             addr: SocketAddr::new(net.ip(host), PEER_PORT),
         });
+        let fp = keys::pool()[1 + i].fingerprint().short();
+        world.record(format_args!("peer {i} host={host} fp={fp} serving={} hostile={}", i < serving, i >= honest));
         world.start_peer(i, false).await;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..500))).await;
     }
