@@ -11,14 +11,15 @@
 
 mod sim;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sim::world::{self, Outcome, Scenario};
 
-/// Seeds a plain `cargo test --release --test simulation` runs (≈ 1 minute on the 2-core reference machine).
-const DEFAULT_SEEDS: u64 = 24;
+/// Seeds a plain `cargo test --release --test simulation` runs (≈ 1 minute on the 2-core reference machine); a
+/// debug build (`cargo test --workspace`) runs 2.
+const DEFAULT_SEEDS: u64 = if cfg!(debug_assertions) { 2 } else { 10 };
 /// Seeds that once failed (each a fixed bug, kept as a regression test).
 const REGRESSIONS: &[u64] = &[];
 /// Wall time a run may go without simulated progress before it is declared stuck (a blocked thread: a lock
@@ -33,7 +34,7 @@ fn replay_command(seed: u64) -> String {
 /// it from this one: a run whose simulated clock stops for [`STALL`] of wall time is reported as a freeze.
 fn run_seed(seed: u64, scenario: Scenario, log: bool) -> Result<Outcome, String> {
     sim::install_panic_hook();
-    let progress = Arc::new(AtomicU64::new(0));
+    let progress = Arc::new(world::Progress::default());
     let (tx, rx) = std::sync::mpsc::channel();
     let p2 = progress.clone();
     std::thread::Builder::new()
@@ -51,6 +52,11 @@ fn run_seed(seed: u64, scenario: Scenario, log: bool) -> Result<Outcome, String>
     loop {
         match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(out) => {
+                if out.violation.is_some() {
+                    for l in &out.log {
+                        println!("{l}");
+                    }
+                }
                 return match &out.violation {
                     None => Ok(out),
                     Some(v) => Err(format!(
@@ -59,15 +65,16 @@ fn run_seed(seed: u64, scenario: Scenario, log: bool) -> Result<Outcome, String>
                         v.what,
                         replay_command(seed)
                     )),
-                }
+                };
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                let p = progress.load(Ordering::Relaxed);
+                let p = progress.secs.load(Ordering::Relaxed);
                 if p != last.0 {
                     last = (p, Instant::now());
                 } else if last.1.elapsed() > STALL {
                     return Err(format!(
-                        "seed {seed}: the simulation froze after {p} simulated seconds (no simulated progress for {STALL:?} of wall time: a thread is blocked, e.g. a lock taken twice)\n  replay: {}",
+                        "seed {seed}: the simulation froze at {p} s simulated (no simulated progress for {STALL:?} of wall time: a thread is blocked, e.g. a lock taken twice); the harness's last action: {}\n  replay: {}",
+                        progress.last.lock().unwrap(),
                         replay_command(seed)
                     ));
                 }
