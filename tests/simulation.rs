@@ -146,6 +146,7 @@ fn simulation() {
     for seed in base..base + n {
         match run_seed(seed, Scenario::default(), false) {
             Ok(out) => {
+                println!("seed {seed}: ok, {:.0} s simulated, trace {:016x}", out.sim_time.as_secs_f64(), out.trace.0);
                 sim_total += out.sim_time;
                 for (k, v) in out.stats {
                     *totals.entry(k).or_default() += v;
