@@ -645,8 +645,51 @@ async fn probe(t: &dyn Transport, addr: SocketAddr, bound: Duration) -> Result<(
     }
 }
 
-/// After the network healed and everything restarted: every honest peer gets a working circuit (three tries).
+/// The tracker's graph as the live peers hold it: every edge named by both ends with the same NeighborID, and no
+/// NeighborID on two edges. Empty if consistent; else what is not.
+fn graph_faults(w: &World) -> Vec<String> {
+    let g = graph(w);
+    let mut out = Vec::new();
+    let mut owners: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+    for (a, nbs) in g.iter().enumerate() {
+        for (b, _, nid) in nbs {
+            let back = g[*b].iter().find(|(x, _, _)| *x == a).map(|(_, _, n)| *n);
+            if w.peers[*b].node.is_some() && back != Some(*nid) {
+                out.push(format!(
+                    "peer {a} has edge {:016x} to peer {b}, which has {:?}",
+                    nid.0,
+                    back.map(|n| format!("{:016x}", n.0))
+                ));
+            }
+            let pair = (a.min(*b), a.max(*b));
+            if let Some(p) = owners.insert(nid.0, pair) {
+                if p != pair {
+                    out.push(format!("NeighborID {:016x} on two edges: {p:?} and {pair:?}", nid.0));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// After the network healed and everything restarted: the graph is symmetric with unique NeighborIDs (as the peers
+/// hold it, within a few announce intervals), and every honest peer gets a working circuit.
 async fn final_check(world: Arc<tokio::sync::Mutex<World>>) {
+    for round in 0..4 {
+        let faults = graph_faults(&*world.lock().await);
+        if faults.is_empty() {
+            break;
+        }
+        if round == 3 {
+            let w = world.lock().await;
+            w.fail(format!(
+                "the overlay graph is not symmetric with unique NeighborIDs after 15 s more: {}",
+                faults.join("; ")
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
     let (nodes, shared, start) = {
         let w = world.lock().await;
         let nodes: Vec<(usize, Arc<Node>)> = (0..w.peers.len())
