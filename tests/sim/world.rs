@@ -330,7 +330,7 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
     let mut tasks = Vec::new();
     // The honest workload: circuits from requesters to the serving peers, echoing numbered messages.
     for w in 0..3 {
-        tasks.push(tokio::spawn(workload(world.clone(), StdRng::seed_from_u64(seed ^ (w + 1) * 0x9e37), faults_end)));
+        tasks.push(tokio::spawn(workload(world.clone(), StdRng::seed_from_u64(seed ^ ((w + 1) * 0x9e37)), faults_end)));
     }
     // Hostile peers.
     tasks.push(tokio::spawn(hostile_driver(world.clone(), StdRng::seed_from_u64(seed ^ 0xbad), faults_end)));
@@ -545,16 +545,14 @@ async fn faults(world: Arc<tokio::sync::Mutex<World>>, mut rng: StdRng, until: I
                     restarts.push((now + Duration::from_millis(rng.gen_range(500..30_000)), Some(i)));
                 }
             }
-            85..=89 => {
-                if w.net.is_alive(w.tracker_host) && !restarts.iter().any(|r| r.1.is_none()) {
-                    w.record(format_args!("fault: kill tracker"));
-                    w.net.kill(w.tracker_host);
-                    if let Some(t) = &w.tracker_task {
-                        t.abort();
-                    }
-                    w.shared.count("tracker kills");
-                    restarts.push((now + Duration::from_millis(rng.gen_range(1000..20_000)), None));
+            85..=89 if w.net.is_alive(w.tracker_host) && !restarts.iter().any(|r| r.1.is_none()) => {
+                w.record(format_args!("fault: kill tracker"));
+                w.net.kill(w.tracker_host);
+                if let Some(t) = &w.tracker_task {
+                    t.abort();
                 }
+                w.shared.count("tracker kills");
+                restarts.push((now + Duration::from_millis(rng.gen_range(1000..20_000)), None));
             }
             _ => {}
         }
