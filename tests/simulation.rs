@@ -20,8 +20,10 @@ use sim::world::{self, Outcome, Scenario};
 /// Seeds a plain `cargo test --release --test simulation` runs (≈ 1 minute on the 2-core reference machine); a
 /// debug build (`cargo test --workspace`) runs 2.
 const DEFAULT_SEEDS: u64 = if cfg!(debug_assertions) { 2 } else { 10 };
-/// Seeds that once failed (each a fixed bug, kept as a regression test).
-const REGRESSIONS: &[u64] = &[];
+/// Seeds that once failed, kept as regression tests (docs/RELIABILITY.md, "Deterministic simulation": what each
+/// found). 1061: an honest circuit stalled for 120 s through a hostile relay that injected a BREAK on its own
+/// circuit id (the simulator now judges circuits over honest relays only).
+const REGRESSIONS: &[u64] = &[1061];
 /// Wall time a run may go without simulated progress before it is declared stuck (a blocked thread: a lock
 /// taken twice, a blocking call that never returns).
 const STALL: Duration = Duration::from_secs(30);
