@@ -59,7 +59,7 @@ impl Stats {
     }
 }
 
-/// Seconds since the Unix epoch.
+/// Seconds since the Unix epoch (the simulated clock in a simulation: `anomos_net::rt`).
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    anomos_net::rt::unix_now()
 }

@@ -5,13 +5,13 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use anomos_net::{Net, Stream, Transport};
 use anomos_proto::identity::{Fingerprint, Identity, PublicKey};
 use anomos_proto::tracker::{self, FromTracker, ResumeAnswer, Ticket, ToTracker, TrackerChannel};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::time::{timeout, Instant};
 
 use crate::error::PeerError;
 
@@ -35,11 +35,11 @@ const FAILOVER_CONNECT: Duration = Duration::from_millis(1500);
 
 /// An open session with the tracker, after Hello/Welcome.
 pub struct TrackerSession {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     chan: TrackerChannel,
 }
 
-async fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>, PeerError> {
+async fn read_frame(stream: &mut (impl AsyncRead + Unpin + ?Sized)) -> Result<Vec<u8>, PeerError> {
     let mut len = [0u8; 4];
     timeout(IO_TIMEOUT, stream.read_exact(&mut len)).await.map_err(|_| PeerError::Timeout("tracker reply"))??;
     let n = TrackerChannel::frame_len(len)?;
@@ -51,20 +51,21 @@ async fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>, PeerError> {
 impl TrackerSession {
     /// Connects, proves the channel to the pinned key, and authenticates with our identity.
     pub async fn connect(addr: SocketAddr, tracker_key: &PublicKey, me: &Identity) -> Result<Self, PeerError> {
-        Self::connect_within(addr, tracker_key, me, IO_TIMEOUT).await
+        Self::connect_via(&anomos_net::Tcp, addr, tracker_key, me, IO_TIMEOUT).await
     }
 
-    /// [`connect`](Self::connect) with its own time for the TCP connect.
-    async fn connect_within(
+    /// [`connect`](Self::connect) over the transport `net`, with its own time for the connect.
+    pub async fn connect_via(
+        net: &dyn Transport,
         addr: SocketAddr,
         tracker_key: &PublicKey,
         me: &Identity,
         connect_timeout: Duration,
     ) -> Result<Self, PeerError> {
-        let mut stream = timeout(connect_timeout, TcpStream::connect(addr))
+        let mut stream = timeout(connect_timeout, net.connect(addr))
             .await
-            .map_err(|_| PeerError::Timeout("tracker connect"))??;
-        stream.set_nodelay(true)?;
+            .map_err(|_| PeerError::Timeout("tracker connect"))??
+            .stream;
         let (hello, handshake) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_key)?;
         stream.write_all(&hello).await?;
         let mut reply = [0u8; tracker::EPHEMERAL_LEN];
@@ -94,15 +95,16 @@ impl TrackerSession {
     /// tracker does not hold the ticket (expired, evicted, restarted: do a full handshake). The tracker is
     /// authenticated as for a full session: only it knows the resumption secret, so only its replies open.
     pub async fn resume(
+        net: &dyn Transport,
         addr: SocketAddr,
         tracker_fp: &Fingerprint,
         ticket: &Ticket,
         connect_timeout: Duration,
     ) -> Result<Option<Self>, PeerError> {
-        let mut stream = timeout(connect_timeout, TcpStream::connect(addr))
+        let mut stream = timeout(connect_timeout, net.connect(addr))
             .await
-            .map_err(|_| PeerError::Timeout("tracker connect"))??;
-        stream.set_nodelay(true)?;
+            .map_err(|_| PeerError::Timeout("tracker connect"))??
+            .stream;
         let (hello, handshake) = TrackerChannel::resume(&mut rand::rngs::OsRng, tracker_fp, ticket)?;
         stream.write_all(&hello).await?;
         let mut status = [0u8; 1];
@@ -154,6 +156,7 @@ impl TrackerSession {
 /// with it; when a connect or a read fails or times out, or the replica answers `Unavailable`, it moves to the next
 /// at once and sends the request there (each address at most once per request).
 pub struct TrackerClient {
+    net: Net,
     addrs: Vec<SocketAddr>,
     /// Index in `addrs` of the replica in use.
     current: AtomicUsize,
@@ -194,14 +197,14 @@ impl ClientState {
 
 impl TrackerClient {
     /// A client for the tracker at `addr` pinned to `key`; connects on the first request.
-    pub fn new(addr: SocketAddr, key: PublicKey, me: Arc<Identity>) -> Self {
-        Self::with_addrs(vec![addr], key, me)
+    pub fn new(net: Net, addr: SocketAddr, key: PublicKey, me: Arc<Identity>) -> Self {
+        Self::with_addrs(net, vec![addr], key, me)
     }
 
     /// A client for a tracker reachable at any of `addrs` (its replicas, all presenting `key`).
-    pub fn with_addrs(addrs: Vec<SocketAddr>, key: PublicKey, me: Arc<Identity>) -> Self {
+    pub fn with_addrs(net: Net, addrs: Vec<SocketAddr>, key: PublicKey, me: Arc<Identity>) -> Self {
         let start = rand::Rng::gen_range(&mut rand::thread_rng(), 0..addrs.len().max(1));
-        TrackerClient { addrs, current: AtomicUsize::new(start), key, me, state: Arc::default() }
+        TrackerClient { net, addrs, current: AtomicUsize::new(start), key, me, state: Arc::default() }
     }
 
     /// The address in use.
@@ -276,7 +279,7 @@ impl TrackerClient {
         wait: Duration,
     ) -> Result<TrackerSession, PeerError> {
         if let Some(t) = st.fresh_ticket() {
-            if let Some(s) = TrackerSession::resume(addr, &self.key.fingerprint(), &t, wait).await? {
+            if let Some(s) = TrackerSession::resume(&*self.net, addr, &self.key.fingerprint(), &t, wait).await? {
                 return Ok(s);
             }
             tracing::debug!("the tracker no longer holds our session ticket; new session");
@@ -287,7 +290,7 @@ impl TrackerClient {
 
     /// A new session (full handshake), with a ticket for the next connections if the tracker issues them.
     async fn open(&self, st: &mut ClientState, addr: SocketAddr, wait: Duration) -> Result<TrackerSession, PeerError> {
-        let mut s = TrackerSession::connect_within(addr, &self.key, &self.me, wait).await?;
+        let mut s = TrackerSession::connect_via(&*self.net, addr, &self.key, &self.me, wait).await?;
         if st.no_tickets.is_some_and(|t| t.elapsed() < NO_TICKETS_FOR) {
             return Ok(s);
         }
@@ -299,7 +302,7 @@ impl TrackerClient {
                     "the tracker closed the session on a ticket request ({e}): it issues none; keeping sessions open"
                 );
                 st.no_tickets = Some(Instant::now());
-                return TrackerSession::connect_within(addr, &self.key, &self.me, wait).await;
+                return TrackerSession::connect_via(&*self.net, addr, &self.key, &self.me, wait).await;
             }
             Err(e) => return Err(e),
         }
@@ -337,13 +340,22 @@ fn keeps_session(r: &Result<FromTracker, PeerError>) -> bool {
     matches!(r, Ok(_) | Err(PeerError::Tracker(_) | PeerError::NoPath(_)))
 }
 
-/// Fetches the tracker's public key and checks it against the pinned fingerprint.
+/// Fetches the tracker's public key (over TCP) and checks it against the pinned fingerprint.
 pub async fn fetch_tracker_key(
     addr: SocketAddr,
     pinned: &anomos_proto::identity::Fingerprint,
 ) -> Result<PublicKey, PeerError> {
+    fetch_tracker_key_via(&anomos_net::Tcp, addr, pinned).await
+}
+
+/// [`fetch_tracker_key`] over the transport `net`.
+pub async fn fetch_tracker_key_via(
+    net: &dyn Transport,
+    addr: SocketAddr,
+    pinned: &anomos_proto::identity::Fingerprint,
+) -> Result<PublicKey, PeerError> {
     let mut s =
-        timeout(IO_TIMEOUT, TcpStream::connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??;
+        timeout(IO_TIMEOUT, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
     s.write_all(&tracker::KEY_FETCH_MAGIC).await?;
     let mut prefix = [0u8; 2];
     timeout(IO_TIMEOUT, s.read_exact(&mut prefix)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
@@ -403,7 +415,8 @@ mod tests {
         // A port nobody listens on: its connect is refused.
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
 
-        let client = TrackerClient::with_addrs(vec![dead, a, b], tracker_key.public().clone(), me.clone());
+        let client =
+            TrackerClient::with_addrs(anomos_net::tcp(), vec![dead, a, b], tracker_key.public().clone(), me.clone());
         client.current.store(0, Ordering::Relaxed);
         let t = Instant::now();
         assert!(answered(&client.request(&circuits()).await));
@@ -422,7 +435,7 @@ mod tests {
         assert_eq!(client.addr(), Some(b));
 
         // One address: the error is the answer, nothing else is tried.
-        let single = TrackerClient::new(dead, tracker_key.public().clone(), me);
+        let single = TrackerClient::new(anomos_net::tcp(), dead, tracker_key.public().clone(), me);
         assert!(matches!(single.request(&circuits()).await, Err(PeerError::Io(_))));
     }
 

@@ -322,7 +322,7 @@ impl Conversation<'_> {
             Ok(()) => {
                 let store = self.svc.store.clone();
                 let tx2 = tx.clone();
-                let added = tokio::task::spawn_blocking(move || write(&store).add_pool_tx(&tx2, unix_now()))
+                let added = anomos_net::rt::spawn_blocking(move || write(&store).add_pool_tx(&tx2, unix_now()))
                     .await
                     .map_err(|e| ChainError::Store(format!("pool task: {e}")))??;
                 added.map_err(|r| (if r == super::store::PoolReject::Duplicate { 0x12 } else { 0x10 }, r.to_string()))

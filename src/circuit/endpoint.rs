@@ -299,7 +299,7 @@ impl Endpoint {
             let rtt = self.link.writer.rtt();
             // Delivered but unread messages are what waits here.
             let queued = u32::try_from(st.buffered / CELL_PAYLOAD_LEN).unwrap_or(u32::MAX);
-            let g = st.tuner.on_drained(self.batch, std::time::Instant::now(), rtt, pool_tight(&self.link), queued);
+            let g = st.tuner.on_drained(self.batch, anomos_net::rt::now(), rtt, pool_tight(&self.link), queued);
             st.allow += g;
             send_credit(&self.link, self.circ_id, g);
         }

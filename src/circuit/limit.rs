@@ -16,12 +16,12 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(rate: u32, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
-        TokenBucket { tokens: burst, rate: f64::from(rate.max(1)), burst, last: Instant::now() }
+        TokenBucket { tokens: burst, rate: f64::from(rate.max(1)), burst, last: anomos_net::rt::now() }
     }
 
     /// Takes a token if there is one.
     pub fn take(&mut self) -> bool {
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
         if self.tokens >= 1.0 {

@@ -94,7 +94,7 @@ impl Router {
         let hook = self.peel_hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
         tokio::spawn(async move {
             let key = router.identity.clone();
-            let peeled = tokio::task::spawn_blocking(move || {
+            let peeled = anomos_net::rt::spawn_blocking(move || {
                 let r = tc::peel(&tc_bytes, &key);
                 #[cfg(test)]
                 if let Some(h) = hook {

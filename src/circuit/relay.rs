@@ -13,7 +13,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
 
 use anomos_proto::cell::{BreakReason, Cell, CircId, Command, DenyReason};
 use anomos_proto::circuit::HopLayer;
@@ -344,7 +343,7 @@ impl OnDrain for RelayCircuit {
                 // (The next link's writer lock is a leaf: taking it under our credit lock cannot deadlock.)
                 let queued = u32::try_from(next.link.writer.queued(next.id)).unwrap_or(u32::MAX);
                 let tight = pool_tight(&prev.link);
-                let g = c.tuner.on_drained(self.batch, Instant::now(), rtt, tight, queued);
+                let g = c.tuner.on_drained(self.batch, anomos_net::rt::now(), rtt, tight, queued);
                 c.allow += g;
                 g
             } else {

@@ -111,6 +111,13 @@ impl Router {
         })
     }
 
+    /// Every link's circuit table, in link order (not the map's: the same order in every run of a simulation).
+    fn tables(&self) -> Vec<Arc<LinkCircuits>> {
+        let mut v: Vec<(u64, Arc<LinkCircuits>)> = self.attached().iter().map(|(k, lc)| (*k, lc.clone())).collect();
+        v.sort_unstable_by_key(|(k, _)| *k);
+        v.into_iter().map(|(_, lc)| lc).collect()
+    }
+
     fn attached(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<LinkCircuits>>> {
         self.attached.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -171,7 +178,7 @@ impl Router {
     /// (relayed ones in both directions). Returns how many circuits it broke.
     pub fn shutdown(&self) -> usize {
         self.shutting_down.store(true, Ordering::Relaxed);
-        let tables: Vec<Arc<LinkCircuits>> = self.attached().values().cloned().collect();
+        let tables = self.tables();
         let snapshots: Vec<_> = tables.into_iter().map(|lc| (lc.snapshot(), lc)).collect();
         // Relayed circuits are counted before any is torn down: a relay circuit has a route on each of its two
         // links, and tearing it down from its out-link's route first closed it before its in-link's was counted.
@@ -206,7 +213,7 @@ impl Router {
 
     /// Circuits alive here, by role (a relayed circuit is counted once, on its in-link).
     pub fn by_role(&self) -> CircuitsByRole {
-        let tables: Vec<Arc<LinkCircuits>> = self.attached().values().cloned().collect();
+        let tables = self.tables();
         let mut c = CircuitsByRole::default();
         for lc in tables {
             for (_, r) in lc.snapshot() {

@@ -230,14 +230,19 @@ impl LinkCircuits {
         }
     }
 
-    /// Removes every entry (the link is down); returns them.
+    /// Removes every entry (the link is down); returns them in id order (not the map's: teardowns then happen in
+    /// the same order in every run of a simulation).
     pub fn drain(&self) -> Vec<(CircId, Route)> {
-        self.routes().drain().collect()
+        let mut v: Vec<(CircId, Route)> = self.routes().drain().collect();
+        v.sort_unstable_by_key(|(id, _)| *id);
+        v
     }
 
-    /// A copy of every entry.
+    /// A copy of every entry, in id order.
     pub fn snapshot(&self) -> Vec<(CircId, Route)> {
-        self.routes().iter().map(|(id, r)| (*id, r.clone())).collect()
+        let mut v: Vec<(CircId, Route)> = self.routes().iter().map(|(id, r)| (*id, r.clone())).collect();
+        v.sort_unstable_by_key(|(id, _)| *id);
+        v
     }
 
     /// Number of circuits on the link.

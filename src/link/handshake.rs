@@ -1,16 +1,16 @@
-//! The link handshake over TCP (SPEC §5.3), as dialer and as acceptor; an authenticated link then runs in
+//! The link handshake over a transport connection (SPEC §5.3), as dialer and as acceptor; an authenticated link then runs in
 //! [`super::run`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anomos_net::Stream;
 use anomos_proto::identity::{Identity, PublicKey};
 use anomos_proto::ids::NeighborId;
 use anomos_proto::link::{self as plink, Acceptor, AuthStatus, Dialer, LinkCipher, HELLO_LEN};
 use anomos_proto::ProtoError;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
 use tracing::{debug, info};
 
@@ -25,12 +25,16 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (SPEC §5.3): a dialer that learned of our edge before we did gets its link instead of a refusal.
 pub const REFUSAL_RECHECK: Duration = Duration::from_secs(2);
 
-async fn read_exact_timeout(s: &mut TcpStream, buf: &mut [u8], what: &'static str) -> Result<(), PeerError> {
+async fn read_exact_timeout(
+    s: &mut (impl AsyncRead + Unpin + ?Sized),
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), PeerError> {
     timeout(HANDSHAKE_TIMEOUT, s.read_exact(buf)).await.map_err(|_| PeerError::Timeout(what))??;
     Ok(())
 }
 
-async fn read_auth(s: &mut TcpStream, what: &'static str) -> Result<Vec<u8>, PeerError> {
+async fn read_auth(s: &mut (impl AsyncRead + Unpin + ?Sized), what: &'static str) -> Result<Vec<u8>, PeerError> {
     let mut prefix = [0u8; 2];
     read_exact_timeout(s, &mut prefix, what).await?;
     let len = plink::auth_frame_len(prefix)?;
@@ -43,7 +47,7 @@ async fn read_auth(s: &mut TcpStream, what: &'static str) -> Result<Vec<u8>, Pee
 
 /// Runs CPU-heavy handshake work (RSA) off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PeerError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| PeerError::Internal(format!("handshake task: {e}")))
+    anomos_net::rt::spawn_blocking(f).await.map_err(|e| PeerError::Internal(format!("handshake task: {e}")))
 }
 
 /// Dials a neighbor and runs the link until it ends.
@@ -54,10 +58,10 @@ pub async fn dial(
     addr: SocketAddr,
     key: PublicKey,
 ) -> Result<(), PeerError> {
-    let mut s = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+    let mut s = timeout(HANDSHAKE_TIMEOUT, settings.net.connect(addr))
         .await
-        .map_err(|_| PeerError::Timeout("link connect"))??;
-    s.set_nodelay(true)?;
+        .map_err(|_| PeerError::Timeout("link connect"))??
+        .stream;
     let (dialer, hello) = Dialer::start(&mut rand::rngs::OsRng, key, nid);
     s.write_all(&hello).await?;
     let mut reply = [0u8; HELLO_LEN];
@@ -67,8 +71,8 @@ pub async fn dial(
     s.write_all(&auth).await?;
     let msg = read_auth(&mut s, "link auth reply").await?;
     let cipher = dialer.on_auth_reply(&msg)?;
-    let rtt = super::rtt::probe(&s);
-    let (rd, wr) = s.into_split();
+    let rtt = s.rtt_probe();
+    let (rd, wr) = s.split();
     super::run(host, settings, rd, wr, cipher, rtt).await;
     Ok(())
 }
@@ -78,15 +82,15 @@ pub async fn dial(
 pub async fn accept(
     host: Arc<dyn LinkHost>,
     settings: &LinkSettings,
-    s: TcpStream,
+    s: Box<dyn Stream>,
     remote: SocketAddr,
     deadline: tokio::time::Instant,
 ) -> Result<(), PeerError> {
     let (s, cipher) = tokio::time::timeout_at(deadline, accept_handshake(&host, settings, s, remote, deadline))
         .await
         .map_err(|_| PeerError::Timeout("link handshake (too slow)"))??;
-    let rtt = super::rtt::probe(&s);
-    let (rd, wr) = s.into_split();
+    let rtt = s.rtt_probe();
+    let (rd, wr) = s.split();
     super::run(host, settings, rd, wr, cipher, rtt).await;
     Ok(())
 }
@@ -94,10 +98,10 @@ pub async fn accept(
 async fn accept_handshake(
     host: &Arc<dyn LinkHost>,
     settings: &LinkSettings,
-    mut s: TcpStream,
+    mut s: Box<dyn Stream>,
     remote: SocketAddr,
     deadline: tokio::time::Instant,
-) -> Result<(TcpStream, LinkCipher), PeerError> {
+) -> Result<(Box<dyn Stream>, LinkCipher), PeerError> {
     let mut hello = [0u8; HELLO_LEN];
     hello[..8].copy_from_slice(&plink::LINK_MAGIC);
     read_exact_timeout(&mut s, &mut hello[8..], "link hello").await?;

@@ -96,6 +96,8 @@ pub struct LinkSettings {
     pub cells: Arc<Pool>,
     /// The node's count of queued control cells.
     pub control: Arc<Pool>,
+    /// How links are dialed (TCP, or a simulated network).
+    pub net: anomos_net::Net,
 }
 
 /// An established neighbor link.
@@ -243,6 +245,8 @@ pub async fn run<R, W>(
     // The link ends when the reader does, or when the writer gives up (write stall, control-queue overflow,
     // socket error) or the link is closed from elsewhere (replaced by a newer link, retired, OPEN flood).
     let reason: String = tokio::select! {
+        // In order (the reader first): the same outcome in every run of a simulation.
+        biased;
         r = reader => r,
         why = writer.wait_closed() => match why {
             Some(w) => w.to_string(),

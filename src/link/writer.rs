@@ -438,6 +438,7 @@ impl LinkWriter {
             }
             if batch.is_empty() {
                 tokio::select! {
+                    biased; // in order: the same outcome in every run of a simulation
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(keepalive) => {
                         let _ = self.push_control(Cell::padding());
@@ -460,8 +461,8 @@ impl LinkWriter {
                 .await
                 .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
             if let Some(probe) = rtt.as_mut() {
-                if rtt_read.is_none_or(|t| t.elapsed() >= RTT_REFRESH) {
-                    let now = Instant::now();
+                if rtt_read.is_none_or(|t| anomos_net::rt::since(t) >= RTT_REFRESH) {
+                    let now = anomos_net::rt::now();
                     rtt_read = Some(now);
                     if let Some(d) = probe() {
                         match rtt_min {

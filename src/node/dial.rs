@@ -123,7 +123,7 @@ impl Node {
                         since = Instant::now();
                     }
                     failures += 1;
-                    let wait = dial_backoff(failures, &mut rand::thread_rng());
+                    let wait = anomos_net::rt::with_rng(|mut r| dial_backoff(failures, &mut r));
                     if link::is_refused(&e) {
                         // The neighbor has not learned of our edge yet (it refreshes when it refuses us).
                         debug!(peer = %fp.short(), "neighbor does not know us yet; retrying");

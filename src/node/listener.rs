@@ -6,9 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anomos_net::{Listener, Stream};
 use anomos_proto::link::{self as plink, LINK_MAGIC, PROBE_MAGIC};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
@@ -58,11 +58,11 @@ impl Node {
         Ok(ConnSlot { node: self.clone(), ip })
     }
 
-    pub(super) async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+    pub(super) async fn accept_loop(self: Arc<Self>, listener: Box<dyn Listener>) {
         let probes = Arc::new(Semaphore::new(4));
         loop {
             let (s, remote) = match listener.accept().await {
-                Ok(x) => x,
+                Ok(c) => (c.stream, c.peer),
                 Err(e) => {
                     // Usually out of file descriptors: back off instead of spinning.
                     warn!("accept: {e}");
@@ -94,11 +94,10 @@ impl Node {
 
     async fn serve_connection(
         self: Arc<Self>,
-        mut s: TcpStream,
+        mut s: Box<dyn Stream>,
         remote: SocketAddr,
         probes: Arc<Semaphore>,
     ) -> Result<(), PeerError> {
-        let _ = s.set_nodelay(true);
         // Everything before a link is up (magic, handshake) or a probe is answered shares one deadline, so a
         // slow or silent connection (slowloris) holds its slot only that long.
         let deadline = tokio::time::Instant::now() + self.cfg.handshake_timeout;
@@ -118,9 +117,10 @@ impl Node {
                 .map_err(|_| PeerError::Timeout("probe (too slow)"))??;
             let nonce = plink::decode_probe_body(&body)?;
             let me = self.identity.clone();
-            let answer = tokio::task::spawn_blocking(move || plink::answer_probe(&me, &nonce, &mut rand::rngs::OsRng))
-                .await
-                .map_err(|e| PeerError::Internal(format!("probe task: {e}")))?;
+            let answer =
+                anomos_net::rt::spawn_blocking(move || plink::answer_probe(&me, &nonce, &mut rand::rngs::OsRng))
+                    .await
+                    .map_err(|e| PeerError::Internal(format!("probe task: {e}")))?;
             tokio::time::timeout(self.cfg.handshake_timeout, s.write_all(&answer))
                 .await
                 .map_err(|_| PeerError::Timeout("the prober to read the answer"))??;

@@ -24,10 +24,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anomos_net::{Listener, Net};
 use anomos_proto::identity::{Fingerprint, Identity, PublicKey};
 use anomos_proto::ids::NeighborId;
 use anomos_proto::tracker::{CircuitGrant, CircuitRequest, FailureReport, FromTracker, ToTracker};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
@@ -96,15 +96,27 @@ pub struct Node {
 }
 
 impl Node {
-    /// Binds the listening port and builds the node (nothing runs until [`Node::start`]).
+    /// Binds the listening port (TCP) and builds the node (nothing runs until [`Node::start`]).
     pub async fn bind(
         cfg: PeerConfig,
         identity: Identity,
         tracker_key: PublicKey,
         service: Option<Arc<dyn Service>>,
-    ) -> Result<(Arc<Self>, TcpListener), PeerError> {
+    ) -> Result<(Arc<Self>, Box<dyn Listener>), PeerError> {
+        Self::bind_on(anomos_net::tcp(), cfg, identity, tracker_key, service).await
+    }
+
+    /// [`Node::bind`] over the transport `net` (a simulated network in `tests/simulation.rs`). The node dials
+    /// neighbors and the tracker and listens through it.
+    pub async fn bind_on(
+        net: Net,
+        cfg: PeerConfig,
+        identity: Identity,
+        tracker_key: PublicKey,
+        service: Option<Arc<dyn Service>>,
+    ) -> Result<(Arc<Self>, Box<dyn Listener>), PeerError> {
         cfg.validate().map_err(PeerError::Config)?;
-        let listener = TcpListener::bind(cfg.listen).await?;
+        let listener = net.bind(cfg.listen).await?;
         let listen_addr = listener.local_addr()?;
         let trace = match &cfg.cell_trace {
             Some(p) => Some(Arc::new(Trace::open(p)?)),
@@ -158,8 +170,10 @@ impl Node {
             idle_timeout: cfg.link_idle_timeout,
             cells: budget.clone(),
             control: control_cells.clone(),
+            net: net.clone(),
         };
-        let tracker = Arc::new(TrackerClient::with_addrs(cfg.tracker_addrs(), tracker_key.clone(), identity.clone()));
+        let tracker =
+            Arc::new(TrackerClient::with_addrs(net, cfg.tracker_addrs(), tracker_key.clone(), identity.clone()));
         let node = Arc::new(Node {
             cfg,
             identity,
@@ -192,7 +206,7 @@ impl Node {
     }
 
     /// Starts the accept loop, the announce loop, the report task and (if configured) the stats log.
-    pub fn start(self: &Arc<Self>, listener: TcpListener) {
+    pub fn start(self: &Arc<Self>, listener: Box<dyn Listener>) {
         tokio::spawn(self.clone().accept_loop(listener));
         tokio::spawn(self.clone().announce_loop());
         if !self.cfg.stats_interval.is_zero() {
@@ -222,7 +236,7 @@ impl Node {
                 return;
             }
             let node = self.clone();
-            let _ = tokio::task::spawn_blocking(move || node.save_replay(false)).await;
+            let _ = anomos_net::rt::spawn_blocking(move || node.save_replay(false)).await;
         }
     }
 
@@ -312,8 +326,9 @@ impl Node {
         let circuits = self.router.shutdown();
         let links = self.links.all();
         // Let the BREAKs (control cells jump the queues) reach the neighbors before the sockets close.
-        let deadline = Instant::now() + flush;
-        while Instant::now() < deadline && links.iter().any(|l| l.writer.control_queued() > 0 && !l.writer.is_closed())
+        let deadline = tokio::time::Instant::now() + flush;
+        while tokio::time::Instant::now() < deadline
+            && links.iter().any(|l| l.writer.control_queued() > 0 && !l.writer.is_closed())
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -322,7 +337,8 @@ impl Node {
             l.close("shutting down");
         }
         let node = self.clone();
-        let replay_tags = tokio::task::spawn_blocking(move || node.save_replay(true)).await.ok().flatten().unwrap_or(0);
+        let replay_tags =
+            anomos_net::rt::spawn_blocking(move || node.save_replay(true)).await.ok().flatten().unwrap_or(0);
         if let Some(p) = self.control_path.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = std::fs::remove_file(p);
         }

@@ -50,6 +50,7 @@ impl Node {
                 }
             };
             tokio::select! {
+                biased; // in order: the same outcome in every run of a simulation
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.neighbors.reannounce.notified() => {
                     // Early announces are spaced by REANNOUNCE_MIN; requests meanwhile are coalesced into the

@@ -70,7 +70,10 @@ impl Neighbors {
 
     /// Every neighbor.
     pub fn all(&self) -> Vec<(Fingerprint, NeighborEntry)> {
-        self.table().iter().map(|(k, v)| (*k, v.clone())).collect()
+        // In fingerprint order (not the map's): dials start in the same order in every run of a simulation.
+        let mut v: Vec<(Fingerprint, NeighborEntry)> = self.table().iter().map(|(k, v)| (*k, v.clone())).collect();
+        v.sort_unstable_by_key(|(fp, _)| *fp);
+        v
     }
 
     /// Whether `nid` is one of our edges.
@@ -91,15 +94,19 @@ impl Neighbors {
     /// Remembers that a dialer claiming `fp` was refused just now.
     pub fn knocked(&self, fp: &Fingerprint) {
         let mut k = self.knocked.lock().unwrap_or_else(|e| e.into_inner());
-        k.retain(|_, t| t.elapsed() < KNOCK_FRESH);
+        k.retain(|_, t| anomos_net::rt::since(*t) < KNOCK_FRESH);
         if k.len() < KNOCKED_MAX || k.contains_key(fp) {
-            k.insert(*fp, Instant::now());
+            k.insert(*fp, anomos_net::rt::now());
         }
     }
 
     /// Whether a dialer claiming `fp` was refused within [`KNOCK_FRESH`].
     pub fn recently_knocked(&self, fp: &Fingerprint) -> bool {
-        self.knocked.lock().unwrap_or_else(|e| e.into_inner()).get(fp).is_some_and(|t| t.elapsed() < KNOCK_FRESH)
+        self.knocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(fp)
+            .is_some_and(|t| anomos_net::rt::since(*t) < KNOCK_FRESH)
     }
 }
 
@@ -122,7 +129,10 @@ impl Links {
 
     /// Every live link.
     pub fn all(&self) -> Vec<Arc<Link>> {
-        self.map().values().cloned().collect()
+        // In neighbor order (not the map's), so what is done to every link happens in the same order in every run.
+        let mut v: Vec<Arc<Link>> = self.map().values().cloned().collect();
+        v.sort_unstable_by_key(|l| (l.peer, l.serial));
+        v
     }
 
     /// Number of live links.
@@ -189,6 +199,7 @@ impl Links {
                 return;
             }
             tokio::select! {
+                biased; // in order: the same outcome in every run of a simulation
                 _ = link_changed => {}
                 _ = table_changed => {}
             }
@@ -206,6 +217,7 @@ impl Links {
                 return Some(l);
             }
             tokio::select! {
+                biased; // in order: the same outcome in every run of a simulation
                 _ = tokio::time::sleep_until(deadline) => return self.link(nid),
                 _ = link_changed => {}
                 _ = table_changed => {

@@ -378,7 +378,7 @@ mod tests {
 
     #[test]
     fn book_is_bounded_and_forgets_in_order() {
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let mut b = CircuitBook::new(3);
         for h in 1..=5u64 {
             b.insert(h, record(now, h));
@@ -396,7 +396,7 @@ mod tests {
 
     #[test]
     fn targets_in_use_are_the_requesters_unreported_circuits() {
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let mut b = CircuitBook::new(4);
         let with = |requester: u8, target: u8, secs: u64| CircuitRecord {
             requester: fp(requester),

@@ -6,7 +6,8 @@
 //! (`<data-dir>/tracker.redb`), so a restarted tracker keeps its graph.
 //!
 //! * [`config`]: the command-line arguments ([`TrackerArgs`]).
-//! * `server`: startup, accept loop, sessions and framing ([`run`], [`run_until`]); also answers the key fetch
+//! * `server`: startup, accept loop, sessions and framing ([`run`], [`run_until`], [`run_on`] over another
+//!   transport: `anomos_net`); also answers the key fetch
 //!   (`ANOMOSK1`) that lets a peer pinning the tracker's fingerprint obtain its full public key.
 //! * `service`: what each request does (announce with reachability check, circuits, failure reports).
 //! * [`graph`]: the overlay graph, neighbor choice and path finding — pure, synchronous, unit-tested (public for
@@ -42,5 +43,5 @@ mod timed_lock;
 
 pub use config::TrackerArgs;
 pub use error::TrackerError;
-pub use server::{run, run_until, shutdown_signal, Ready, HELLO_TIMEOUT};
+pub use server::{run, run_on, run_until, shutdown_signal, Ready, HELLO_TIMEOUT};
 pub use service::{REPORTS_PER_WINDOW, REPORT_WINDOW};

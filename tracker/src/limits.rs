@@ -100,7 +100,7 @@ impl Limits {
     /// Takes one channel set-up token for `ip`; false if it is over its rate.
     pub(crate) fn hello(&self, ip: IpAddr) -> bool {
         let ip = limit_key(ip);
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let (rate, burst) = (self.rate, self.burst);
         let mut st = self.lock();
         let fresh = || Bucket { tokens: burst, last: now };
@@ -122,7 +122,7 @@ impl Limits {
 
     /// Forgets buckets that have refilled (they hold no information).
     pub(crate) fn prune(&self) {
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let (rate, burst) = (self.rate, self.burst);
         self.lock().hellos.retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
     }

@@ -4,13 +4,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use anomos_net::Transport;
 use anomos_proto::identity::{Fingerprint, MAX_RSA_BYTES, MAX_SPKI_LEN};
 use anomos_proto::link::{encode_probe, verify_probe_answer, MAX_PROBE_ANSWER};
 use anomos_proto::ProtoError;
 use rand::RngCore;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// How long connecting, asking and reading the answer may take together.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,12 +32,18 @@ pub enum ProbeError {
     WrongKey(String),
 }
 
-/// Checks that `addr` answers a fresh probe with the key whose fingerprint is `expected`.
-pub async fn check(addr: SocketAddr, expected: &Fingerprint, timeout: Duration) -> Result<(), ProbeError> {
+/// Checks (dialing over `net`) that `addr` answers a fresh probe with the key whose fingerprint is `expected`.
+pub async fn check(
+    net: &dyn Transport,
+    addr: SocketAddr,
+    expected: &Fingerprint,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
     let mut nonce = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let answer =
-        tokio::time::timeout(timeout, exchange(addr, &nonce)).await.map_err(|_| ProbeError::Timeout(timeout))??;
+    let answer = tokio::time::timeout(timeout, exchange(net, addr, &nonce))
+        .await
+        .map_err(|_| ProbeError::Timeout(timeout))??;
     let key = verify_probe_answer(&nonce, &answer)?;
     if key.fingerprint() != *expected {
         return Err(ProbeError::WrongKey(key.fingerprint().short()));
@@ -46,8 +52,8 @@ pub async fn check(addr: SocketAddr, expected: &Fingerprint, timeout: Duration) 
 }
 
 /// Sends the probe and reads `der_len u16 | der | sig_len u16 | sig`, bounding each length before reading.
-async fn exchange(addr: SocketAddr, nonce: &[u8; 32]) -> Result<Vec<u8>, ProbeError> {
-    let mut s = TcpStream::connect(addr).await?;
+async fn exchange(net: &dyn Transport, addr: SocketAddr, nonce: &[u8; 32]) -> Result<Vec<u8>, ProbeError> {
+    let mut s = net.connect(addr).await?.stream;
     s.write_all(&encode_probe(nonce)).await?;
     let mut answer = Vec::with_capacity(MAX_PROBE_ANSWER);
     for (what, limit) in [("probe key", MAX_SPKI_LEN), ("probe signature", MAX_RSA_BYTES)] {

@@ -16,6 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anomos_net::{Net, Stream};
 use anomos_proto::identity::{load_or_create_identity, Fingerprint, Identity, PublicKey};
 use anomos_proto::tracker::{
     encode_key_answer, verify_hello, ErrorCode, FromTracker, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER,
@@ -26,7 +27,6 @@ use rand::rngs::OsRng;
 use rand::RngCore;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -109,12 +109,22 @@ pub async fn run_until(
     ready: Option<oneshot::Sender<Ready>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TrackerError> {
+    run_on(anomos_net::tcp(), args, ready, shutdown).await
+}
+
+/// [`run_until`] over the transport `net` (a simulated network in `tests/simulation.rs`): the tracker listens and
+/// probes peers through it. The metrics endpoint, if any, stays on TCP.
+pub async fn run_on(
+    net: Net,
+    args: TrackerArgs,
+    ready: Option<oneshot::Sender<Ready>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TrackerError> {
     args.validate()?;
     let max_sessions = crate::fds::connections_for(&args)?;
     let tickets = Arc::new(Tickets::new(args.sessions_limit(), args.idle()));
     let identity = Arc::new(load_key(&args).await?);
-    let listener =
-        TcpListener::bind(args.listen).await.map_err(|e| TrackerError::io(format!("binding {}", args.listen), e))?;
+    let listener = net.bind(args.listen).await.map_err(|e| TrackerError::io(format!("binding {}", args.listen), e))?;
     let listen = listener.local_addr().map_err(|e| TrackerError::io("reading the bound address", e))?;
     let timeouts =
         Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: args.idle(), conn_idle: args.conn_idle() };
@@ -122,12 +132,12 @@ pub async fn run_until(
     let metrics_addr = args.metrics;
     let (neighbors, interval) = (args.neighbors, args.interval);
     let db = args.db_path();
-    let (service, replica) = if args.replicated() {
+    let (mut service, replica) = if args.replicated() {
         // Replicas keep their state in etcd (crate::replica), not in tracker.redb.
         let (service, _, replica) = crate::replica::open(args, identity.fingerprint(), listen).await?;
         (service, Some(replica))
     } else {
-        let (service, restored) = tokio::task::spawn_blocking(move || Service::open(args))
+        let (service, restored) = anomos_net::rt::spawn_blocking(move || Service::open(args))
             .await
             .map_err(|e| TrackerError::io("loading the state database", std::io::Error::other(e)))??;
         info!(
@@ -136,6 +146,7 @@ pub async fn run_until(
         );
         (service, None)
     };
+    service.net = net;
     let service = Arc::new(service);
     let kept = service.take_tickets();
     let kept_n = kept.len();
@@ -216,9 +227,28 @@ pub async fn run_until(
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
+            // In this order, so a simulation replays: a stop first, then reaping, then new connections.
+            biased;
+            () = &mut shutdown => {
+                let open = max_sessions - sessions.available_permits();
+                let (peers, edges, remembered) = service.sizes();
+                tasks.shutdown().await;
+                let saved = service.persist().await;
+                let kept = tickets.export();
+                let (svc, n) = (Arc::clone(&service), kept.len());
+                match anomos_net::rt::spawn_blocking(move || svc.save_tickets(&kept)).await {
+                    Ok(Ok(())) => debug!(tickets = n, "session tickets kept for the next start"),
+                    Ok(Err(e)) => warn!(error = %e, "keeping the session tickets failed: peers do a full handshake"),
+                    Err(e) => warn!(error = %e, "keeping the session tickets failed"),
+                }
+                info!(sessions_closed = open, peers, edges, circuits_remembered = remembered,
+                    "shutdown: tracker stopped (peers and edges are in the state database)");
+                return saved.map(drop);
+            }
+            Some(_) = tasks.join_next() => {}
             accepted = listener.accept() => {
                 let (stream, addr) = match accepted {
-                    Ok(x) => x,
+                    Ok(c) => (c.stream, c.peer),
                     Err(e) => {
                         // Usually out of file descriptors: back off instead of spinning.
                         warn!(error = %e, "accept failed");
@@ -254,23 +284,6 @@ pub async fn run_until(
                     }
                 });
             }
-            Some(_) = tasks.join_next() => {}
-            () = &mut shutdown => {
-                let open = max_sessions - sessions.available_permits();
-                let (peers, edges, remembered) = service.sizes();
-                tasks.shutdown().await;
-                let saved = service.persist().await;
-                let kept = tickets.export();
-                let (svc, n) = (Arc::clone(&service), kept.len());
-                match tokio::task::spawn_blocking(move || svc.save_tickets(&kept)).await {
-                    Ok(Ok(())) => debug!(tickets = n, "session tickets kept for the next start"),
-                    Ok(Err(e)) => warn!(error = %e, "keeping the session tickets failed: peers do a full handshake"),
-                    Err(e) => warn!(error = %e, "keeping the session tickets failed"),
-                }
-                info!(sessions_closed = open, peers, edges, circuits_remembered = remembered,
-                    "shutdown: tracker stopped (peers and edges are in the state database)");
-                return saved.map(drop);
-            }
         }
     }
 }
@@ -297,7 +310,7 @@ async fn load_key(args: &TrackerArgs) -> Result<Identity, TrackerError> {
     builder.create(&dir).map_err(|e| TrackerError::io(format!("creating {}", dir.display()), e))?;
     let path = args.key_path();
     let bits = args.key_bits;
-    let (identity, created) = tokio::task::spawn_blocking(move || load_or_create_identity(&path, bits))
+    let (identity, created) = anomos_net::rt::spawn_blocking(move || load_or_create_identity(&path, bits))
         .await
         .map_err(|e| TrackerError::io("loading the identity key", std::io::Error::other(e)))??;
     let path = args.key_path();
@@ -328,7 +341,7 @@ enum SessionError {
 
 /// The channel and the stream it runs over.
 struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     chan: TrackerChannel,
 }
 
@@ -390,9 +403,8 @@ enum Opened {
     Resumed(Conn, Arc<PublicKey>, TicketId),
 }
 
-async fn session(sh: Shared, stream: TcpStream, remote_ip: IpAddr) -> Result<(), SessionError> {
+async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Result<(), SessionError> {
     let Shared { service, identity, limits, tickets, timeouts } = sh;
-    let _ = stream.set_nodelay(true);
     let hs = tokio::time::timeout(timeouts.hello, handshake(stream, &identity, &limits, &tickets, remote_ip))
         .await
         .map_err(|_| SessionError::Timeout("hello"))
@@ -470,7 +482,7 @@ async fn session(sh: Shared, stream: TcpStream, remote_ip: IpAddr) -> Result<(),
 /// resumption (the connection, the session's key and its ticket), or a key fetch, answered (`"ANOMOSK1"`: a peer
 /// that pins our fingerprint asks for the full public key).
 async fn handshake(
-    mut stream: TcpStream,
+    mut stream: Box<dyn Stream>,
     identity: &Arc<Identity>,
     limits: &Limits,
     tickets: &Tickets,
@@ -507,7 +519,7 @@ async fn handshake(
     stream.read_exact(&mut rest).await?;
     // RSA decryption takes a few milliseconds: keep it off the async workers.
     let id = Arc::clone(identity);
-    let (reply, chan) = tokio::task::spawn_blocking(move || TrackerChannel::accept(&mut OsRng, &id, &rest))
+    let (reply, chan) = anomos_net::rt::spawn_blocking(move || TrackerChannel::accept(&mut OsRng, &id, &rest))
         .await
         .map_err(|_| SessionError::Refused("channel setup task failed"))??;
     drop(_slot);
@@ -543,7 +555,7 @@ async fn handshake(
 /// A `ResumeHello` (SPEC §3.4): look the ticket up, answer `RESUME_ACCEPTED | e_T` and derive the connection's keys
 /// from the session's resumption secret and a fresh X25519 exchange (two X25519 operations, no RSA; not rate-limited
 /// like ClientHellos, which cost a decryption). Unknown tickets get `RESUME_UNKNOWN` and the connection closes.
-async fn resume(mut stream: TcpStream, identity: &Identity, tickets: &Tickets) -> Result<Opened, SessionError> {
+async fn resume(mut stream: Box<dyn Stream>, identity: &Identity, tickets: &Tickets) -> Result<Opened, SessionError> {
     let mut hello = [0u8; RESUME_HELLO_LEN];
     let (magic, rest) = hello.split_at_mut(RESUME_MAGIC.len());
     magic.copy_from_slice(&RESUME_MAGIC);

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anomos_proto::identity::{Fingerprint, PublicKey};
 use anomos_proto::tracker::{
@@ -101,6 +101,8 @@ pub(crate) struct Service {
     replica: Option<Arc<dyn crate::replica::Shared>>,
     /// Counters.
     pub(crate) metrics: TrackerMetrics,
+    /// How reachability probes dial (TCP, or a simulated network).
+    pub(crate) net: anomos_net::Net,
 }
 
 /// An error reply (message cut to what the protocol allows).
@@ -117,7 +119,7 @@ pub(crate) fn error_reply(code: ErrorCode, message: impl Into<String>) -> FromTr
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    anomos_net::rt::unix_now()
 }
 
 /// Addresses a peer can never be reached at.
@@ -131,7 +133,8 @@ impl Service {
         let state = State {
             graph,
             book: CircuitBook::new(args.max_pending_circuits),
-            rng: StdRng::from_rng(OsRng).unwrap_or_else(|_| StdRng::from_entropy()),
+            // From the OS (or, in a simulation, from its seed: the graph's choices then replay).
+            rng: StdRng::from_seed(anomos_net::rt::seed_rng()),
             reports: HashMap::new(),
             probing: HashSet::new(),
             revs: Default::default(),
@@ -143,6 +146,7 @@ impl Service {
             probes,
             store,
             replica: None,
+            net: anomos_net::tcp(),
             metrics: TrackerMetrics::default(),
         }
     }
@@ -198,7 +202,7 @@ impl Service {
                 self.metrics.refused.inc(Refusal::ProbeBusy);
                 return error_reply(ErrorCode::Full, "too many reachability checks running; announce again later");
             };
-            if let Err(e) = probe::check(listen, &id, PROBE_TIMEOUT).await {
+            if let Err(e) = probe::check(&*self.net, listen, &id, PROBE_TIMEOUT).await {
                 warn!(peer = %id.short(), %listen, reason = %e, "announce refused: reachability check failed");
                 self.metrics.refused.inc(Refusal::Unreachable);
                 return error_reply(ErrorCode::Unreachable, format!("{listen} did not answer with your key: {e}"));
@@ -213,20 +217,27 @@ impl Service {
                 let mut st = self.lock();
                 let State { graph, rng, .. } = &mut *st;
                 let (chains, family) = (ann.chains.clone(), ann.family.clone());
-                let done =
-                    match graph.announce_with_family(id, key.clone(), listen, chains, family, Instant::now(), rng) {
-                        Ok(done) => done,
-                        Err(GraphError::OverLimit(over)) => {
-                            warn!(peer = %id.short(), %listen, %over, "announce refused: address limit");
-                            self.metrics.refused.inc(Refusal::AddressLimit);
-                            return error_reply(ErrorCode::AddressLimit, over.to_string());
-                        }
-                        Err(_) => {
-                            warn!(peer = %id.short(), "announce refused: tracker full");
-                            self.metrics.refused.inc(Refusal::Full);
-                            return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
-                        }
-                    };
+                let done = match graph.announce_with_family(
+                    id,
+                    key.clone(),
+                    listen,
+                    chains,
+                    family,
+                    anomos_net::rt::now(),
+                    rng,
+                ) {
+                    Ok(done) => done,
+                    Err(GraphError::OverLimit(over)) => {
+                        warn!(peer = %id.short(), %listen, %over, "announce refused: address limit");
+                        self.metrics.refused.inc(Refusal::AddressLimit);
+                        return error_reply(ErrorCode::AddressLimit, over.to_string());
+                    }
+                    Err(_) => {
+                        warn!(peer = %id.short(), "announce refused: tracker full");
+                        self.metrics.refused.inc(Refusal::Full);
+                        return error_reply(ErrorCode::Full, "the tracker has no room for more peers");
+                    }
+                };
                 let neighbors: Vec<NeighborInfo> = graph
                     .neighbors(&id)
                     .into_iter()
@@ -284,7 +295,7 @@ impl Service {
     /// `RequestCircuits`: find paths, build a tracking code per path, remember the circuits.
     pub(crate) async fn request_circuits(&self, peer: Fingerprint, req: CircuitRequest) -> FromTracker {
         let expires = unix_now().saturating_add(self.args.tc_ttl);
-        let forget_at = Instant::now() + Duration::from_secs(self.args.tc_ttl) + REMEMBER_AFTER_EXPIRY;
+        let forget_at = anomos_net::rt::now() + Duration::from_secs(self.args.tc_ttl) + REMEMBER_AFTER_EXPIRY;
         let relays = usize::from(req.relays);
         self.metrics.circuit_requests.inc();
         if let Some(refused) = self.unavailable() {
@@ -297,8 +308,15 @@ impl Service {
             // circuit should not land on a peer another of its circuits uses.
             let busy = book.targets_in_use(&peer);
             let count = usize::from(req.count);
-            let paths = match graph.find_paths_preferring(&peer, &req.chain, count, relays, &busy, Instant::now(), rng)
-            {
+            let paths = match graph.find_paths_preferring(
+                &peer,
+                &req.chain,
+                count,
+                relays,
+                &busy,
+                anomos_net::rt::now(),
+                rng,
+            ) {
                 Ok(paths) => paths,
                 Err(GraphError::UnknownPeer) => {
                     info!(peer = %peer.short(), "circuit request refused: peer not announced");
@@ -314,7 +332,7 @@ impl Service {
             circuits::plan(graph, book, &paths, &req.chain, expires, forget_at, rng)
         };
         let issued = if plan.layers() > INLINE_LAYERS {
-            match tokio::task::spawn_blocking(move || plan.build(&mut OsRng)).await {
+            match anomos_net::rt::spawn_blocking(move || plan.build(&mut OsRng)).await {
                 Ok(issued) => issued,
                 Err(e) => {
                     warn!(peer = %peer.short(), error = %e, "building tracking codes failed");
@@ -357,7 +375,7 @@ impl Service {
             return refused;
         }
         let mut st = self.lock();
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let kind = rep.kind;
         self.metrics.reports.inc(ReportKind::from(&kind));
         if !Self::report_allowed(&mut st.reports, reporter, now, self.args.max_peers) {
@@ -421,7 +439,7 @@ impl Service {
         }
         let service = self.clone();
         tokio::spawn(async move {
-            let result = probe::check(addr, &culprit, PROBE_TIMEOUT).await;
+            let result = probe::check(&*service.net, addr, &culprit, PROBE_TIMEOUT).await;
             let mut st = service.lock();
             st.probing.remove(&culprit);
             match result {
@@ -473,7 +491,7 @@ impl Service {
 
     /// Expires silent peers and forgets old circuits.
     pub(crate) fn housekeeping(&self) {
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let mut st = self.lock();
         let expired = st.graph.expire(now);
         let forgotten = st.book.prune(now);

@@ -74,7 +74,7 @@ impl Tickets {
     pub(crate) fn issue(&self, key: Arc<PublicKey>, secret: Secret) -> TicketId {
         let mut id = [0u8; TICKET_LEN];
         rand::rngs::OsRng.fill_bytes(&mut id);
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let mut st = self.lock();
         st.expire(now, self.lifetime);
         while st.map.len() >= self.max && st.evict_oldest() {}
@@ -86,7 +86,7 @@ impl Tickets {
     /// The session of ticket `id`, if it is held and not expired. Not a use by itself: the ticket id travels in
     /// clear, so only a request that opened under the resumed keys ([`Tickets::touch`]) keeps a ticket alive.
     pub(crate) fn resume(&self, id: &TicketId) -> Option<Resumed> {
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let st = self.lock();
         let e = st.map.get(id)?;
         if now.duration_since(e.used) >= self.lifetime {
@@ -97,7 +97,7 @@ impl Tickets {
 
     /// Marks ticket `id` used now (a request on a connection of its session): it lives another `lifetime`.
     pub(crate) fn touch(&self, id: &TicketId) {
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let mut st = self.lock();
         if let Some(e) = st.map.get_mut(id) {
             // Queue a use at most once a second per ticket: the queue stays O(tickets), not O(requests).
@@ -110,7 +110,7 @@ impl Tickets {
 
     /// Every ticket with its peer, secret and seconds since its last use (to keep them across a restart).
     pub(crate) fn export(&self) -> Vec<crate::store::StoredTicket> {
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let st = self.lock();
         st.map
             .iter()
@@ -130,7 +130,7 @@ impl Tickets {
         if idle >= self.lifetime {
             return;
         }
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let used = now.checked_sub(idle).unwrap_or(now);
         let mut st = self.lock();
         if st.map.len() >= self.max {
@@ -148,7 +148,7 @@ impl Tickets {
 
     /// Drops the tickets unused for `lifetime` (housekeeping).
     pub(crate) fn prune(&self) {
-        self.lock().expire(Instant::now(), self.lifetime);
+        self.lock().expire(anomos_net::rt::now(), self.lifetime);
     }
 }
 

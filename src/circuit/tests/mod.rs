@@ -182,6 +182,7 @@ impl Peer {
             idle_timeout: Duration::from_secs(30),
             cells: self.cells.clone(),
             control: self.control.clone(),
+            net: anomos_net::tcp(),
         };
         let link = Link::new(NeighborId(nid), identity(peer).fingerprint(), dialer, &settings);
         link.set_send_window(window, window);

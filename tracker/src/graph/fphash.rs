@@ -31,6 +31,13 @@ pub(crate) struct KeyedState {
 
 impl Default for KeyedState {
     fn default() -> Self {
+        if anomos_net::rt::is_simulated() {
+            // Keys from the simulation's seed: the graph's iteration orders (neighbor lists, path candidates) then
+            // replay with it.
+            let s = anomos_net::rt::seed_rng();
+            let word = |i: usize| s.get(i..i + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+            return KeyedState { k0: word(0), k1: word(8) | 1 };
+        }
         let s = RandomState::new();
         KeyedState { k0: s.hash_one(0x616e_6f6d_6f73u64), k1: s.hash_one(0x006b_6579_6564_u64) | 1 }
     }

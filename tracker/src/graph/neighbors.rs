@@ -168,7 +168,9 @@ impl<K> Graph<K> {
         };
         let mut splittable: Vec<(NeighborId, Fingerprint, Fingerprint)> =
             edges.into_iter().filter(|(_, a, b)| *a != id && *b != id && fits(a) && fits(b)).collect();
-        // HashMap order is not random enough to rely on: shuffle.
+        // HashMap order is not random enough to rely on, nor the same in two runs: sort, then shuffle (a simulation
+        // with a seeded generator then replays).
+        splittable.sort_unstable_by_key(|(nid, _, _)| *nid);
         splittable.shuffle(rng);
         let mut added = 0;
         for (nid, a, b) in splittable {

@@ -50,7 +50,7 @@ impl Service {
         let store = Store::open(&args.db_path())?;
         let loaded = store.load()?;
         let mut graph = Graph::new(args.graph_config());
-        let now = Instant::now();
+        let now = anomos_net::rt::now();
         let mut dropped = Dirty::default();
         let (mut peers, mut edges) = (0, 0);
         for (fp, stored) in loaded.peers {
@@ -96,7 +96,7 @@ impl Service {
             batch.add(&self.lock().graph, &[], chunk);
         }
         let rows = batch.len();
-        let written = tokio::task::spawn_blocking(move || {
+        let written = anomos_net::rt::spawn_blocking(move || {
             let r = store.write(&batch);
             (r, batch)
         })

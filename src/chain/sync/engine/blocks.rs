@@ -162,7 +162,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         let store = self.store.clone();
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
-            let result = tokio::task::spawn_blocking(move || write(&store).insert_blocks(&batch))
+            let result = anomos_net::rt::spawn_blocking(move || write(&store).insert_blocks(&batch))
                 .await
                 .unwrap_or_else(|e| Err(ChainError::Store(format!("store task: {e}"))));
             let _ = tx.send(Ev::Stored { hashes, result });

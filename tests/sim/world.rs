@@ -1,0 +1,948 @@
+//! One simulated run: a real tracker and real peers (honest and hostile) on the simulated network, a workload of
+//! honest circuits, faults and hostile cells drawn from the seed, and the invariants checked as it runs.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anomos::{CircuitStream, Node, PeerConfig, PeerError, Service};
+use anomos_net::Transport;
+use anomos_proto::cell::{BreakReason, Cell, CircId, Command, DenyReason, DIALER_CIRC_BIT};
+use anomos_proto::circuit::HopLayer;
+use anomos_proto::crypto::Secret;
+use anomos_proto::identity::{Fingerprint, PublicKey};
+use anomos_proto::ids::{ChainId, NeighborId};
+use anomos_proto::tc::{self, HopSpec, Layer, LayerKind};
+use anomos_proto::tracker::{CircuitRequest, FailureKind, FailureReport};
+use clap::Parser;
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::keys;
+use super::net::{HostId, NetParams, SimHost, SimNet};
+
+/// The chain every serving peer serves (an echo service).
+pub const CHAIN: &str = "simnet";
+/// What the simulated wall clock says at the start.
+pub const EPOCH: u64 = 1_800_000_000;
+const TRACKER_PORT: u16 = 7700;
+const PEER_PORT: u16 = 8633;
+
+#[derive(Parser)]
+struct T {
+    #[command(flatten)]
+    a: anomos_tracker::TrackerArgs,
+}
+
+/// What the watchdog thread sees of a run: simulated seconds so far and the last thing the harness did.
+#[derive(Default)]
+pub struct Progress {
+    /// Simulated seconds since the run started (advanced by the run's main loop).
+    pub secs: AtomicU64,
+    /// The last fault or hostile action.
+    pub last: Mutex<String>,
+}
+
+/// What went wrong in a run (the first violated invariant).
+#[derive(Debug, Clone)]
+pub struct Violation {
+    /// Simulated time it was seen at.
+    pub at: Duration,
+    /// What.
+    pub what: String,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The trace's hash and event count.
+    pub trace: (u64, u64),
+    /// Simulated time the run took.
+    pub sim_time: Duration,
+    /// Counters (for the summary).
+    pub stats: BTreeMap<&'static str, u64>,
+    /// The first violated invariant, if any.
+    pub violation: Option<Violation>,
+    /// The trace's events (when logging).
+    pub log: Vec<String>,
+}
+
+/// The knobs of a run: the defaults, or a deliberately smaller scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Honest peers (range drawn from).
+    pub honest: (usize, usize),
+    /// Hostile peers (range drawn from).
+    pub hostile: (usize, usize),
+    /// Simulated time of the fault phase.
+    pub faults_for: Duration,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario { honest: (10, 24), hostile: (1, 4), faults_for: Duration::from_secs(90) }
+    }
+}
+
+/// Shared between the run's tasks: the first violation and counters.
+#[derive(Default)]
+struct Shared {
+    violation: Mutex<Option<Violation>>,
+    stats: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Shared {
+    fn fail(&self, start: Instant, what: String) {
+        let mut v = self.violation.lock().unwrap();
+        if v.is_none() {
+            *v = Some(Violation { at: start.elapsed(), what });
+        }
+    }
+
+    fn count(&self, what: &'static str) {
+        *self.stats.lock().unwrap().entry(what).or_default() += 1;
+    }
+
+    fn failed(&self) -> bool {
+        self.violation.lock().unwrap().is_some()
+    }
+}
+
+/// An echo service: every message comes back; how each circuit ended is kept by its token.
+struct Echo {
+    net: SimNet,
+    ends: Arc<Mutex<BTreeMap<u64, String>>>,
+}
+
+impl Service for Echo {
+    fn accept(&self, mut stream: CircuitStream) {
+        let ends = self.ends.clone();
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            let mut token = None;
+            let why = loop {
+                match stream.recv().await {
+                    Ok(m) => {
+                        if token.is_none() && m.len() >= 8 {
+                            token = Some(u64::from_be_bytes(m[..8].try_into().unwrap()));
+                        }
+                        if let Err(e) = stream.send(m).await {
+                            break format!("{e}");
+                        }
+                    }
+                    Err(e) => break format!("{e}"),
+                }
+            };
+            if let Some(t) = token {
+                net.record(format_args!("target end token={t} {why}"));
+                ends.lock().unwrap().insert(t, why);
+            }
+        });
+    }
+}
+
+struct Peer {
+    host: HostId,
+    key: usize,
+    dir: tempfile::TempDir,
+    serving: bool,
+    hostile: bool,
+    node: Option<Arc<Node>>,
+    addr: SocketAddr,
+}
+
+struct World {
+    seed: u64,
+    net: SimNet,
+    start: Instant,
+    shared: Arc<Shared>,
+    tracker_host: HostId,
+    tracker_addr: SocketAddr,
+    tracker_dir: tempfile::TempDir,
+    tracker_fp: Fingerprint,
+    tracker_task: Option<JoinHandle<()>>,
+    peers: Vec<Peer>,
+    ends: Arc<Mutex<BTreeMap<u64, String>>>,
+    observer: Arc<SimHost>,
+    progress: Arc<Progress>,
+}
+
+fn peer_config(
+    tracker: SocketAddr,
+    fp: &Fingerprint,
+    addr: SocketAddr,
+    dir: &std::path::Path,
+    serving: bool,
+) -> PeerConfig {
+    let mut cfg = PeerConfig::new(addr, tracker, fp.to_hex(), dir.to_path_buf());
+    cfg.stats_interval = Duration::ZERO;
+    cfg.control = false;
+    cfg.max_conns_per_ip = 64;
+    cfg.max_queued_cells = 16_384;
+    cfg.max_circuits = 2_000;
+    cfg.link_queue_cap = 8_192;
+    // A fixed window: auto-tuning needs an RTT, which a simulated link does not report.
+    cfg.circuit_window_max = cfg.circuit_window;
+    if serving {
+        cfg.serve = vec![ChainId::new(CHAIN).unwrap()];
+    }
+    cfg
+}
+
+impl World {
+    fn record(&self, what: std::fmt::Arguments<'_>) {
+        let line = what.to_string();
+        self.net.record(format_args!("{line}"));
+        *self.progress.last.lock().unwrap() = format!("{:.1} s: {line}", self.start.elapsed().as_secs_f64());
+    }
+
+    fn fail(&self, what: String) {
+        self.shared.fail(self.start, what);
+    }
+
+    async fn start_tracker(&mut self) {
+        let t = if self.tracker_task.is_some() {
+            self.net.restart(self.tracker_host)
+        } else {
+            self.net.transport(self.tracker_host)
+        };
+        let dir = self.tracker_dir.path().to_str().unwrap().to_string();
+        let listen = self.tracker_addr.to_string();
+        let args = T::parse_from([
+            "t",
+            "--listen",
+            &listen,
+            "--data-dir",
+            &dir,
+            "--allow-same-ip",
+            "--interval",
+            "2",
+            "--neighbors",
+            "4",
+        ])
+        .a;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let shared = self.shared.clone();
+        let start = self.start;
+        self.tracker_task = Some(tokio::spawn(async move {
+            if let Err(e) = anomos_tracker::run_on(t, args, Some(tx), std::future::pending()).await {
+                shared.fail(start, format!("tracker ended: {e}"));
+            }
+        }));
+        let ready = rx.await.expect("tracker ready");
+        assert_eq!(ready.fingerprint, self.tracker_fp);
+    }
+
+    async fn start_peer(&mut self, i: usize, restart: bool) {
+        let p = &self.peers[i];
+        let t: Arc<dyn Transport> = if restart { self.net.restart(p.host) } else { self.net.transport(p.host) };
+        let mut cfg = peer_config(self.tracker_addr, &self.tracker_fp, p.addr, p.dir.path(), p.serving);
+        if p.hostile {
+            // Hostile peers relay nothing (every OPEN through them is denied circuit-limit): a relay that silently
+            // drops a circuit's cells stalls that circuit until the application gives up on it (the chain sync's
+            // stall timeout), which no relay-level invariant can rule out. So the "deliver or break" invariant
+            // concerns circuits over honest peers only, and hostile peers attack from the side, over their links.
+            cfg.max_circuits = 1;
+        }
+        let id = keys::pool()[p.key].clone();
+        let tkey = keys::pool()[0].public().clone();
+        let service: Option<Arc<dyn Service>> =
+            p.serving.then(|| Arc::new(Echo { net: self.net.clone(), ends: self.ends.clone() }) as Arc<dyn Service>);
+        match Node::bind_on(t, cfg, id, tkey, service).await {
+            Ok((node, l)) => {
+                node.start(l);
+                self.peers[i].node = Some(node);
+            }
+            Err(e) => self.fail(format!("peer {i} did not start: {e}")),
+        }
+    }
+
+    fn alive(&self, i: usize) -> bool {
+        self.net.is_alive(self.peers[i].host) && self.peers[i].node.is_some()
+    }
+}
+
+/// Runs one seed.
+pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progress>) -> Outcome {
+    let _sim = anomos_net::rt::simulate(seed, EPOCH);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let lat_hi = Duration::from_millis(rng.gen_range(2..=120));
+    let params = NetParams {
+        latency: (Duration::from_micros(200), lat_hi),
+        jitter: Duration::from_millis(rng.gen_range(0..=20)),
+        bytes_per_ms: (200, rng.gen_range(500..=100_000)),
+        cap: 256 * 1024,
+        slow_conn: rng.gen_range(0.0..0.2),
+    };
+    let net = SimNet::new(seed, params.clone(), log);
+    net.record(format_args!("seed {seed} params {params:?}"));
+    let tracker_host = net.add_host();
+    let observer = net.transport(net.add_host());
+    let tracker_addr = SocketAddr::new(net.ip(tracker_host), TRACKER_PORT);
+    let tracker_dir = tempfile::tempdir().unwrap();
+    anomos_proto::identity::save_identity(&tracker_dir.path().join("tracker.key"), &keys::pool()[0]).unwrap();
+    let honest = rng.gen_range(scenario.honest.0..=scenario.honest.1);
+    let hostile = rng.gen_range(scenario.hostile.0..=scenario.hostile.1);
+    let serving = rng.gen_range(2..=3).min(honest);
+    let mut world = World {
+        seed,
+        net: net.clone(),
+        start: Instant::now(),
+        shared: Arc::new(Shared::default()),
+        tracker_host,
+        tracker_addr,
+        tracker_dir,
+        tracker_fp: keys::pool()[0].fingerprint(),
+        tracker_task: None,
+        peers: Vec::new(),
+        ends: Arc::new(Mutex::new(BTreeMap::new())),
+        observer,
+        progress,
+    };
+    world.record(format_args!("honest={honest} serving={serving} hostile={hostile}"));
+    world.start_tracker().await;
+    for i in 0..honest + hostile {
+        let host = net.add_host();
+        world.peers.push(Peer {
+            host,
+            key: 1 + i,
+            dir: tempfile::tempdir().unwrap(),
+            serving: i < serving,
+            hostile: i >= honest,
+            node: None,
+            addr: SocketAddr::new(net.ip(host), PEER_PORT),
+        });
+        let fp = keys::pool()[1 + i].fingerprint().short();
+        world.record(format_args!("peer {i} host={host} fp={fp} serving={} hostile={}", i < serving, i >= honest));
+        world.start_peer(i, false).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..500))).await;
+    }
+    // Let the overlay form.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    world.record(format_args!("formed"));
+    let world = Arc::new(tokio::sync::Mutex::new(world));
+
+    let faults_end = Instant::now() + scenario.faults_for;
+    let mut tasks = Vec::new();
+    // The honest workload: circuits from requesters to the serving peers, echoing numbered messages.
+    for w in 0..3 {
+        tasks.push(tokio::spawn(workload(world.clone(), StdRng::seed_from_u64(seed ^ ((w + 1) * 0x9e37)), faults_end)));
+    }
+    // Hostile peers.
+    tasks.push(tokio::spawn(hostile_driver(world.clone(), StdRng::seed_from_u64(seed ^ 0xbad), faults_end)));
+    // Faults.
+    tasks.push(tokio::spawn(faults(world.clone(), StdRng::seed_from_u64(seed ^ 0xfa17), faults_end)));
+    // Invariants, continuously.
+    let checker = tokio::spawn(checker(world.clone()));
+
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let w = world.lock().await;
+        w.progress.secs.store(w.start.elapsed().as_secs(), Ordering::Relaxed);
+        if Instant::now() >= faults_end || w.shared.failed() {
+            break;
+        }
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    // Recovery: heal, bring back everything dead, let it settle, then every honest peer must get a working circuit.
+    {
+        let mut w = world.lock().await;
+        w.net.heal();
+        w.record(format_args!("recovery"));
+        if !w.net.is_alive(w.tracker_host) {
+            w.start_tracker().await;
+        }
+        for i in 0..w.peers.len() {
+            if !w.net.is_alive(w.peers[i].host) {
+                w.start_peer(i, true).await;
+            }
+        }
+    }
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        {
+            let w = world.lock().await;
+            w.progress.secs.store(w.start.elapsed().as_secs(), Ordering::Relaxed);
+        }
+    }
+    if !world.lock().await.shared.failed() {
+        final_check(world.clone()).await;
+    }
+    checker.abort();
+    let w = world.lock().await;
+    if let Some(t) = &w.tracker_task {
+        t.abort();
+    }
+    let violation = w.shared.violation.lock().unwrap().clone();
+    let stats = w.shared.stats.lock().unwrap().clone();
+    let sim_time = w.start.elapsed();
+    for p in &w.peers {
+        if let Some(n) = &p.node {
+            // Stop the nodes' loops (the runtime is dropped right after; nothing is flushed).
+            n.request_reannounce();
+        }
+    }
+    Outcome { trace: net.trace_hash(), sim_time, stats, violation, log: net.trace_log() }
+}
+
+/// One honest circuit: open from `from` to a serving peer over `relays` relays, echo `msgs` numbered messages;
+/// each must come back once and in order, or the circuit must end with a reason (at both ends). Returns whether
+/// it delivered everything.
+async fn echo_circuit(
+    world: &Arc<tokio::sync::Mutex<World>>,
+    node: Arc<Node>,
+    token: u64,
+    relays: u8,
+    msgs: usize,
+    bound: Duration,
+) -> Result<bool, String> {
+    let req = CircuitRequest { chain: ChainId::new(CHAIN).unwrap(), count: 1, relays };
+    let net = world.lock().await.net.clone();
+    let streams = match tokio::time::timeout(bound, node.request_circuits(req)).await {
+        Err(_) => return Err(format!("circuit request not answered within {bound:?}")),
+        Ok(Err(e)) => {
+            net.record(format_args!("circuit token={token} not granted: {}", short(&e)));
+            return Ok(false);
+        }
+        Ok(Ok(s)) => s,
+    };
+    let Some(mut s) = streams.into_iter().next() else {
+        net.record(format_args!("circuit token={token} did not open"));
+        return Ok(false);
+    };
+    net.record(format_args!("circuit token={token} open hops={}", s.hops));
+    for seq in 0..msgs as u64 {
+        let mut m = token.to_be_bytes().to_vec();
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.resize(16 + (seq as usize * 977) % 3000, (seq % 251) as u8);
+        let sent = tokio::time::timeout(bound, s.send(m.clone())).await;
+        let got = match sent {
+            Err(_) => return Err(format!("circuit token={token}: send of message {seq} blocked for {bound:?}")),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => match tokio::time::timeout(bound, s.recv()).await {
+                Err(_) => {
+                    return Err(format!(
+                        "circuit token={token}: message {seq} neither echoed nor the circuit broken within {bound:?}"
+                    ))
+                }
+                Ok(r) => r,
+            },
+        };
+        match got {
+            Ok(back) if back == m => {}
+            Ok(back) => {
+                let seq_back = back.get(8..16).map(|b| u64::from_be_bytes(b.try_into().unwrap()));
+                return Err(format!(
+                    "circuit token={token}: expected message {seq} back, got {} bytes (seq {seq_back:?}): out of order, duplicated or corrupted",
+                    back.len()
+                ));
+            }
+            Err(e) => {
+                net.record(format_args!("circuit token={token} ended at {seq}: {}", short(&e)));
+                if !matches!(e, PeerError::Broken(_)) {
+                    return Err(format!("circuit token={token}: ended without a reason: {e}"));
+                }
+                return Ok(false);
+            }
+        }
+    }
+    s.close().await;
+    net.record(format_args!("circuit token={token} delivered {msgs}"));
+    Ok(true)
+}
+
+fn short(e: &PeerError) -> String {
+    let s = e.to_string();
+    s.chars().take(80).collect()
+}
+
+async fn workload(world: Arc<tokio::sync::Mutex<World>>, mut rng: StdRng, until: Instant) {
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..4000))).await;
+        let (node, token) = {
+            let w = world.lock().await;
+            let honest: Vec<usize> = (0..w.peers.len()).filter(|&i| !w.peers[i].hostile && w.alive(i)).collect();
+            if honest.is_empty() {
+                continue;
+            }
+            let i = honest[rng.gen_range(0..honest.len())];
+            (w.peers[i].node.clone().unwrap(), rng.next_u64())
+        };
+        let relays = rng.gen_range(1..=3);
+        let msgs = rng.gen_range(1..=40);
+        let w2 = world.clone();
+        let shared = world.lock().await.shared.clone();
+        let start = world.lock().await.start;
+        tokio::spawn(async move {
+            match echo_circuit(&w2, node, token, relays, msgs, Duration::from_secs(120)).await {
+                Ok(true) => shared.count("circuits delivered"),
+                Ok(false) => shared.count("circuits broken or refused"),
+                Err(e) => shared.fail(start, e),
+            }
+        });
+    }
+}
+
+/// Faults drawn from the seed until `until`.
+async fn faults(world: Arc<tokio::sync::Mutex<World>>, mut rng: StdRng, until: Instant) {
+    let mut restarts: Vec<(Instant, Option<usize>)> = Vec::new();
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(500..6000))).await;
+        let mut w = world.lock().await;
+        // Restarts that are due.
+        let now = Instant::now();
+        let due: Vec<Option<usize>> = restarts.iter().filter(|r| r.0 <= now).map(|r| r.1).collect();
+        restarts.retain(|r| r.0 > now);
+        for r in due {
+            match r {
+                Some(i) => {
+                    w.record(format_args!("fault: restart peer {i}"));
+                    w.start_peer(i, true).await;
+                    w.shared.count("peer restarts");
+                }
+                None => {
+                    w.record(format_args!("fault: restart tracker"));
+                    w.start_tracker().await;
+                    w.shared.count("tracker restarts");
+                }
+            }
+        }
+        let n = w.peers.len();
+        match rng.gen_range(0..100) {
+            0..=29 => {
+                if let Some((a, b)) = w.net.cut_one(rng.gen()) {
+                    w.record(format_args!("fault: cut {a}-{b}"));
+                    w.shared.count("connections cut");
+                }
+            }
+            30..=49 => {
+                let a = w.peers[rng.gen_range(0..n)].host;
+                let b = if rng.gen_bool(0.2) { w.tracker_host } else { w.peers[rng.gen_range(0..n)].host };
+                if a != b {
+                    w.net.partition(a, b);
+                    w.shared.count("partitions");
+                }
+            }
+            50..=64 => {
+                w.net.heal();
+            }
+            65..=84 => {
+                // Kill an honest peer (keep most of the overlay up) and restart it later with its data dir.
+                let alive: Vec<usize> = (0..n).filter(|&i| w.alive(i) && !w.peers[i].hostile).collect();
+                let dead = (0..n).filter(|&i| !w.net.is_alive(w.peers[i].host)).count();
+                if alive.len() > 4 && dead < n / 4 {
+                    let i = alive[rng.gen_range(0..alive.len())];
+                    w.record(format_args!("fault: kill peer {i}"));
+                    w.net.kill(w.peers[i].host);
+                    w.peers[i].node = None;
+                    w.shared.count("peer kills");
+                    restarts.push((now + Duration::from_millis(rng.gen_range(500..30_000)), Some(i)));
+                }
+            }
+            85..=89 if w.net.is_alive(w.tracker_host) && !restarts.iter().any(|r| r.1.is_none()) => {
+                w.record(format_args!("fault: kill tracker"));
+                w.net.kill(w.tracker_host);
+                if let Some(t) = &w.tracker_task {
+                    t.abort();
+                }
+                w.shared.count("tracker kills");
+                restarts.push((now + Duration::from_millis(rng.gen_range(1000..20_000)), None));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The invariants checked every simulated second while the run goes on.
+async fn checker(world: Arc<tokio::sync::Mutex<World>>) {
+    let mut tick = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tick += 1;
+        let w = world.lock().await;
+        if let Some(p) = super::take_panic() {
+            w.fail(format!("panic: {p}"));
+        }
+        for (i, p) in w.peers.iter().enumerate() {
+            let Some(node) = &p.node else { continue };
+            if p.hostile || !w.net.is_alive(p.host) {
+                continue;
+            }
+            let g = node.gauges();
+            if node.budget.used() > node.cfg.max_queued_cells {
+                w.fail(format!(
+                    "peer {i}: {} DATA cells queued, over --max-queued-cells {}",
+                    node.budget.used(),
+                    node.cfg.max_queued_cells
+                ));
+            }
+            if g.max_link_queue > 2 * node.cfg.link_queue_cap {
+                w.fail(format!(
+                    "peer {i}: a link queue of {} cells, over twice the cap {}",
+                    g.max_link_queue, node.cfg.link_queue_cap
+                ));
+            }
+            if g.circuits > node.cfg.max_circuits + node.cfg.max_circuits / 2 {
+                w.fail(format!("peer {i}: {} circuits, over --max-circuits {}", g.circuits, node.cfg.max_circuits));
+            }
+            if g.conns > node.cfg.max_conns {
+                w.fail(format!("peer {i}: {} connections, over --max-conns {}", g.conns, node.cfg.max_conns));
+            }
+            // Every 5 s each live honest peer must answer a reachability probe within 10 s (its listener, its
+            // handshake path and its RSA signing are not stuck).
+            if tick % 5 == (i as u64) % 5 {
+                let (obs, addr, shared, start, net, host) =
+                    (w.observer.clone(), p.addr, w.shared.clone(), w.start, w.net.clone(), p.host);
+                tokio::spawn(async move {
+                    match probe(&*obs, addr, Duration::from_secs(10)).await {
+                        Ok(()) => {}
+                        // Killed meanwhile, or partitioned from nobody (the observer is never partitioned): only a
+                        // live peer that does not answer is a failure; a busy refusal is an answer.
+                        // Only silence counts: a refusal, a reset (a cut connection) or a busy answer is an answer.
+                        Err(e) if net.is_alive(host) && e.starts_with("no answer") => {
+                            shared.fail(start, format!("peer {i} did not answer a probe within 10 s: {e}"))
+                        }
+                        Err(_) => {}
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Asks `addr` who it is (SPEC §3.9) and checks the signed answer.
+async fn probe(t: &dyn Transport, addr: SocketAddr, bound: Duration) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nonce = [7u8; 32];
+    let r = tokio::time::timeout(bound, async {
+        let mut s = t.connect(addr).await.map_err(|e| e.to_string())?.stream;
+        s.write_all(&anomos_proto::link::encode_probe(&nonce)).await.map_err(|e| e.to_string())?;
+        let mut answer = Vec::new();
+        for _ in 0..2 {
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await.map_err(|e| format!("busy or closed: {e}"))?;
+            let n = u16::from_be_bytes(len) as usize;
+            let mut body = vec![0u8; n];
+            s.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+            answer.extend_from_slice(&len);
+            answer.extend_from_slice(&body);
+        }
+        anomos_proto::link::verify_probe_answer(&nonce, &answer).map_err(|e| e.to_string())?;
+        Ok::<(), String>(())
+    })
+    .await;
+    match r {
+        Err(_) => Err(format!("no answer within {bound:?}")),
+        Ok(r) => r,
+    }
+}
+
+/// The tracker's graph as the live peers hold it: every edge named by both ends with the same NeighborID, and no
+/// NeighborID on two edges. Empty if consistent; else what is not.
+fn graph_faults(w: &World) -> Vec<String> {
+    let g = graph(w);
+    let mut out = Vec::new();
+    let mut owners: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+    for (a, nbs) in g.iter().enumerate() {
+        for (b, _, nid) in nbs {
+            let back = g[*b].iter().find(|(x, _, _)| *x == a).map(|(_, _, n)| *n);
+            if w.peers[*b].node.is_some() && back != Some(*nid) {
+                out.push(format!(
+                    "peer {a} has edge {:016x} to peer {b}, which has {:?}",
+                    nid.0,
+                    back.map(|n| format!("{:016x}", n.0))
+                ));
+            }
+            let pair = (a.min(*b), a.max(*b));
+            if let Some(p) = owners.insert(nid.0, pair) {
+                if p != pair {
+                    out.push(format!("NeighborID {:016x} on two edges: {p:?} and {pair:?}", nid.0));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// After the network healed and everything restarted: the graph is symmetric with unique NeighborIDs (as the peers
+/// hold it, within a few announce intervals), and every honest peer gets a working circuit.
+async fn final_check(world: Arc<tokio::sync::Mutex<World>>) {
+    for round in 0..4 {
+        let faults = graph_faults(&*world.lock().await);
+        if faults.is_empty() {
+            break;
+        }
+        if round == 3 {
+            let w = world.lock().await;
+            w.fail(format!(
+                "the overlay graph is not symmetric with unique NeighborIDs after 15 s more: {}",
+                faults.join("; ")
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let (nodes, shared, start) = {
+        let w = world.lock().await;
+        let nodes: Vec<(usize, Arc<Node>)> = (0..w.peers.len())
+            .filter(|&i| !w.peers[i].hostile)
+            .filter_map(|i| w.peers[i].node.clone().map(|n| (i, n)))
+            .collect();
+        (nodes, w.shared.clone(), w.start)
+    };
+    let mut checks = Vec::new();
+    for (i, node) in nodes {
+        let w2 = world.clone();
+        let shared = shared.clone();
+        checks.push(tokio::spawn(async move {
+            for attempt in 0..6u64 {
+                let token = 0xf1_0000 + i as u64 * 8 + attempt;
+                match echo_circuit(&w2, node.clone(), token, 1, 3, Duration::from_secs(60)).await {
+                    Ok(true) => return,
+                    Ok(false) => tokio::time::sleep(Duration::from_secs(5)).await,
+                    Err(e) => {
+                        shared.fail(start, format!("after healing, peer {i}: {e}"));
+                        return;
+                    }
+                }
+            }
+            // Every try failed. Tolerated only when this peer has a hostile neighbor: hostile peers deny every OPEN
+            // circuit-limit, unpeeled, so no tag lets the tracker blame them and it may keep choosing them.
+            let behind_hostile = {
+                let w = w2.lock().await;
+                (0..w.peers.len()).any(|j| {
+                    w.peers[j].hostile && node.neighbor_by_fp(&keys::pool()[w.peers[j].key].fingerprint()).is_some()
+                })
+            };
+            if behind_hostile {
+                shared.count("final checks failed behind a hostile neighbor");
+            } else {
+                shared.fail(
+                    start,
+                    format!("after healing and 40 s to settle, peer {i} got no working circuit in 6 tries"),
+                );
+            }
+        }));
+    }
+    for c in checks {
+        let _ = c.await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Hostile peers: real nodes (valid keys, admitted by the tracker, real links) whose links we make carry
+// whatever cells we like.
+// ---------------------------------------------------------------------------------------------------------
+
+/// The overlay as the honest peers see it: for each peer, its neighbors' indices, keys and edges.
+fn graph(w: &World) -> Vec<Vec<(usize, PublicKey, NeighborId)>> {
+    let fps: Vec<Fingerprint> = w.peers.iter().map(|p| keys::pool()[p.key].fingerprint()).collect();
+    w.peers
+        .iter()
+        .map(|p| match &p.node {
+            None => Vec::new(),
+            Some(n) => {
+                fps.iter().enumerate().filter_map(|(j, fp)| n.neighbor_by_fp(fp).map(|(k, nid)| (j, k, nid))).collect()
+            }
+        })
+        .collect()
+}
+
+fn secret(rng: &mut StdRng) -> Secret {
+    let mut s = [0u8; 32];
+    rng.fill_bytes(&mut s);
+    Secret(s)
+}
+
+/// A TC along `hops` (key of each hop, the edge it is entered by); the last hop is a target of `chain`.
+fn build_tc(
+    rng: &mut StdRng,
+    hops: &[(PublicKey, NeighborId)],
+    chain: &str,
+    expires: u64,
+) -> Option<Box<[u8; tc::TC_LEN]>> {
+    let e2e = secret(rng);
+    let specs: Vec<HopSpec> = hops
+        .iter()
+        .enumerate()
+        .map(|(i, (key, prev))| {
+            let mut tag = [0u8; 16];
+            rng.fill_bytes(&mut tag);
+            let kind = match hops.get(i + 1) {
+                Some((_, next)) => LayerKind::Relay { next: *next },
+                None => LayerKind::Target {
+                    chain: ChainId::new(chain).unwrap_or_else(|_| ChainId::new(CHAIN).unwrap()),
+                    session: {
+                        let mut s = [0u8; 16];
+                        rng.fill_bytes(&mut s);
+                        s
+                    },
+                    e2e_secret: e2e.clone(),
+                },
+            };
+            HopSpec {
+                key: key.clone(),
+                layer: Layer { prev: *prev, kind, hop_secret: secret(rng), expires, replay_tag: tag },
+            }
+        })
+        .collect();
+    let _ = HopLayer::new(&e2e);
+    tc::build(&specs, &mut rand::rngs::OsRng).ok()
+}
+
+async fn hostile_driver(world: Arc<tokio::sync::Mutex<World>>, mut rng: StdRng, until: Instant) {
+    let mut sent_opens: Vec<Cell> = Vec::new();
+    let mut next_id: CircId = 1;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(50..1500))).await;
+        let w = world.lock().await;
+        let bad: Vec<usize> = (0..w.peers.len()).filter(|&i| w.peers[i].hostile && w.alive(i)).collect();
+        if bad.is_empty() {
+            return;
+        }
+        let h = bad[rng.gen_range(0..bad.len())];
+        let g = graph(&w);
+        let Some(hnode) = w.peers[h].node.clone() else { continue };
+        let mine = &g[h];
+        if mine.is_empty() {
+            continue;
+        }
+        let (r, rkey, e) = mine[rng.gen_range(0..mine.len())].clone();
+        let Some(link) = hnode.link(e) else { continue };
+        let ours = |id: CircId| if link.dialer { id | DIALER_CIRC_BIT } else { id & !DIALER_CIRC_BIT };
+        next_id = next_id.wrapping_add(1).max(1) & !DIALER_CIRC_BIT;
+        let id = ours(next_id);
+        let now = anomos_net::rt::unix_now();
+        let action = rng.gen_range(0..100);
+        let mut cells: Vec<Cell> = Vec::new();
+        let what: String;
+        match action {
+            0..=24 => {
+                // The self-loop: a relay layer at r whose next hop is the edge the OPEN comes in on (next == prev).
+                let hops = [(rkey.clone(), e), (keys::pool()[w.peers[h].key].public().clone(), e)];
+                if let Some(tc) = build_tc(&mut rng, &hops, CHAIN, now + 600) {
+                    cells.push(Cell::open(id, &tc));
+                }
+                what = format!("OPEN loop next==prev at peer {r}");
+            }
+            25..=49 => {
+                // A path of our choosing through the real graph: a random walk that may revisit peers (loops
+                // through r and back), may take an edge that does not exist, and may end anywhere.
+                let mut hops = vec![(rkey.clone(), e)];
+                let mut at = r;
+                let len = rng.gen_range(1..=5);
+                for _ in 0..len {
+                    if rng.gen_bool(0.15) {
+                        hops.push((rkey.clone(), NeighborId(rng.next_u64())));
+                        break;
+                    }
+                    let nb = &g[at];
+                    if nb.is_empty() {
+                        break;
+                    }
+                    let (j, k, nid) = nb[rng.gen_range(0..nb.len())].clone();
+                    hops.push((k, nid));
+                    at = j;
+                }
+                let chain = if rng.gen_bool(0.8) { CHAIN } else { "nochain" };
+                let expires = if rng.gen_bool(0.9) { now + 600 } else { now.saturating_sub(rng.gen_range(0..200)) };
+                if let Some(tc) = build_tc(&mut rng, &hops, chain, expires) {
+                    cells.push(Cell::open(id, &tc));
+                    // Pipelined DATA behind the OPEN.
+                    for _ in 0..rng.gen_range(0..20) {
+                        cells.push(random_cell(&mut rng, id, Command::Data));
+                    }
+                }
+                what = format!("OPEN path of {} hops from peer {r}", hops.len());
+            }
+            50..=69 => {
+                // DATA/SENDME/BREAK/CONFIRM/DENY on ids of either half, in whatever state they are.
+                let n = rng.gen_range(1..40);
+                for _ in 0..n {
+                    let cid = if rng.gen_bool(0.5) {
+                        rng.gen_range(1..64) | (rng.gen::<u32>() & DIALER_CIRC_BIT)
+                    } else {
+                        id
+                    };
+                    let cmd = [Command::Data, Command::Sendme, Command::Break, Command::Confirm, Command::Deny]
+                        [rng.gen_range(0..5)];
+                    cells.push(random_cell(&mut rng, cid, cmd));
+                }
+                what = format!("{n} random control/DATA cells to peer {r}");
+            }
+            70..=79 => {
+                // Replays of OPENs sent before, here or on another link.
+                if sent_opens.is_empty() {
+                    continue;
+                }
+                let c = sent_opens[rng.gen_range(0..sent_opens.len())].clone();
+                let tcb = c.open_tc().unwrap();
+                cells.push(Cell::open(id, &tcb));
+                what = format!("replayed OPEN to peer {r}");
+            }
+            80..=89 => {
+                // A flood of OPENs with junk TCs or DATA on one id, within and beyond the rate limits.
+                let n = rng.gen_range(50..800);
+                let junk = rng.gen_bool(0.5);
+                for k in 0..n {
+                    if junk {
+                        let mut tcb = [0u8; tc::TC_LEN];
+                        rng.fill_bytes(&mut tcb[..64]);
+                        next_id = next_id.wrapping_add(1).max(1) & !DIALER_CIRC_BIT;
+                        cells.push(Cell::open(ours(next_id), &tcb));
+                    } else {
+                        cells.push(random_cell(&mut rng, id, if k % 7 == 0 { Command::Sendme } else { Command::Data }));
+                    }
+                }
+                what = format!("flood of {n} cells ({}) to peer {r}", if junk { "OPENs" } else { "DATA/SENDME" });
+            }
+            _ => {
+                // Lying failure reports to the tracker.
+                let kind = match rng.gen_range(0..4) {
+                    0 => FailureKind::NeighborUnreachable,
+                    1 => FailureKind::CircuitDenied(rng.gen()),
+                    2 => FailureKind::CircuitBroken(rng.gen()),
+                    _ => FailureKind::Misbehaving,
+                };
+                let nb = if rng.gen_bool(0.7) { Some(e) } else { Some(NeighborId(rng.next_u64())) };
+                hnode.report(FailureReport {
+                    kind,
+                    neighbor: nb,
+                    circuit: rng.gen_bool(0.5).then(|| rng.next_u64()),
+                    hop_tag: None,
+                });
+                what = format!("lying report about peer {r}");
+            }
+        }
+        for c in &cells {
+            if c.command == Command::Open {
+                sent_opens.push(c.clone());
+                if sent_opens.len() > 64 {
+                    sent_opens.remove(0);
+                }
+            }
+            let _ = link.writer.push_control(c.clone());
+        }
+        w.record(format_args!("hostile {h}: {what}"));
+        w.shared.count("hostile actions");
+    }
+}
+
+fn random_cell(rng: &mut StdRng, id: CircId, cmd: Command) -> Cell {
+    match cmd {
+        Command::Sendme => Cell::sendme(id, if rng.gen_bool(0.8) { rng.gen_range(1..64) } else { rng.gen() }),
+        Command::Break => Cell::brk(id, BreakReason::from_code(rng.gen_range(0..12)), None),
+        Command::Deny => Cell::deny(id, DenyReason::from_code(rng.gen_range(0..12)), None),
+        _ => {
+            let mut c = Cell::new(id, cmd);
+            rng.fill_bytes(&mut c.payload[..]);
+            c
+        }
+    }
+}
