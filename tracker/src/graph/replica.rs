@@ -15,12 +15,7 @@ impl<K> Graph<K> {
             }
             return ok;
         }
-        let Stored { key, addr, mut chains, mut family, avoided } = stored;
-        chains.sort_unstable();
-        chains.dedup();
-        family.sort_unstable();
-        family.dedup();
-        family.retain(|f| *f != id);
+        let Stored { key, addr, chains, family, avoided } = stored.normalized(&id);
         let Some(p) = self.peers.get_mut(&id) else { return false };
         let old_ip = p.addr.ip();
         let old_chains = std::mem::replace(&mut p.chains, chains.clone());

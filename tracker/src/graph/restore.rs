@@ -18,6 +18,19 @@ pub struct Stored<K> {
     pub avoided: bool,
 }
 
+impl<K> Stored<K> {
+    /// Chains and family sorted and without duplicates, the family without the peer `id` itself (as an announce
+    /// stores them).
+    pub(crate) fn normalized(mut self, id: &Fingerprint) -> Self {
+        self.chains.sort_unstable();
+        self.chains.dedup();
+        self.family.sort_unstable();
+        self.family.dedup();
+        self.family.retain(|f| f != id);
+        self
+    }
+}
+
 impl<K> Graph<K> {
     /// Puts back a stored peer, live from `now` (so it has a full expiry period to announce again) and marked
     /// [`restored`](Peer::restored). Not restored (false) when known already or the graph is full. Admission
@@ -26,12 +39,7 @@ impl<K> Graph<K> {
         if self.peers.contains_key(&id) || self.peers.len() >= self.cfg.max_peers {
             return false;
         }
-        let Stored { key, addr, mut chains, mut family, avoided } = stored;
-        chains.sort_unstable();
-        chains.dedup();
-        family.sort_unstable();
-        family.dedup();
-        family.retain(|f| *f != id);
+        let Stored { key, addr, chains, family, avoided } = stored.normalized(&id);
         self.census.add(addr.ip());
         for c in &chains {
             self.serving.entry(c.clone()).or_default().insert(id);
