@@ -304,6 +304,16 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
         progress,
     };
     world.record(format_args!("honest={honest} serving={serving} hostile={hostile}"));
+    // The watchdog's heartbeat: simulated seconds, whatever phase the run is in (it stops only if the thread does).
+    let ticker = {
+        let (progress, start) = (world.progress.clone(), world.start);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                progress.secs.store(start.elapsed().as_secs(), Ordering::Relaxed);
+            }
+        })
+    };
     world.start_tracker().await;
     for i in 0..honest + hostile {
         let host = net.add_host();
@@ -375,6 +385,7 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
         final_check(world.clone()).await;
     }
     checker.abort();
+    ticker.abort();
     let w = world.lock().await;
     if let Some(t) = &w.tracker_task {
         t.abort();
