@@ -22,8 +22,9 @@ use sim::world::{self, Outcome, Scenario};
 const DEFAULT_SEEDS: u64 = if cfg!(debug_assertions) { 2 } else { 10 };
 /// Seeds that once failed, kept as regression tests (docs/RELIABILITY.md, "Deterministic simulation": what each
 /// found). 1061: an honest circuit stalled for 120 s through a hostile relay that injected a BREAK on its own
-/// circuit id (the simulator now judges circuits over honest relays only).
-const REGRESSIONS: &[u64] = &[1061];
+/// circuit id (the simulator now judges circuits over honest relays only). 10071: after healing, a peer with no
+/// 1-relay path to a serving peer (the final check now tries 1, 2 and 3 relays).
+const REGRESSIONS: &[u64] = &[1061, 10071];
 /// Wall time a run may go without simulated progress before it is declared stuck (a blocked thread: a lock
 /// taken twice, a blocking call that never returns).
 const STALL: Duration = Duration::from_secs(30);
