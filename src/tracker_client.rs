@@ -203,7 +203,7 @@ impl TrackerClient {
 
     /// A client for a tracker reachable at any of `addrs` (its replicas, all presenting `key`).
     pub fn with_addrs(net: Net, addrs: Vec<SocketAddr>, key: PublicKey, me: Arc<Identity>) -> Self {
-        let start = rand::Rng::gen_range(&mut rand::thread_rng(), 0..addrs.len().max(1));
+        let start = anomos_net::rt::with_rng(|r| rand::Rng::gen_range(r, 0..addrs.len().max(1)));
         TrackerClient { net, addrs, current: AtomicUsize::new(start), key, me, state: Arc::default() }
     }
 

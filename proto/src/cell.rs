@@ -124,6 +124,9 @@ reason_enum!(
         Protocol = 10 => "protocol",
         /// The path loops: a relay layer names the edge the OPEN came in on as its next hop.
         Loop = 11 => "loop",
+        /// The next hop refused the OPEN without peeling it (an untagged `circuit-limit`); the tag is that of the
+        /// relay passing the refusal back, so the tracker can name the hop after it (SPEC §4.7, §7.5).
+        NextRefused = 12 => "next-refused",
     }
 );
 

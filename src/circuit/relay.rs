@@ -243,9 +243,17 @@ impl RelayCircuit {
                 let _ = self.inward.link.writer.push(Cell::new(self.inward.id, Command::Confirm));
             }
             Command::Deny if dir == Dir::Bwd => {
-                // Pass the refusal back unchanged (its tag names the hop that refused) and forget the circuit.
+                // Pass the refusal back (its tag names the hop that refused) and forget the circuit. A refusal
+                // without a tag came from our successor, which did not peel (it was full or over its rate): we
+                // say so with our own tag, so that the requester's report names the hop after us, and an untagged
+                // `circuit-limit` reaching a requester can only come from its first hop (SPEC §7.5).
                 if self.close_once() {
-                    let mut c = cell;
+                    let mut c = match cell.deny_fields() {
+                        Ok((DenyReason::CircuitLimit, None)) => {
+                            Cell::deny(self.inward.id, DenyReason::NextRefused, Some(self.tag))
+                        }
+                        _ => cell,
+                    };
                     c.circ_id = self.inward.id;
                     self.leave_tables();
                     self.outward.link.writer.remove_circuit(self.outward.id);

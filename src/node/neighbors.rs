@@ -43,7 +43,8 @@ impl Node {
                     self.tracker_state.lock().unwrap_or_else(|e| e.into_inner()).last_error = Some(e.to_string());
                     // Jittered (×0.5–1.5): after a tracker restart every peer's announce fails at once, and
                     // unjittered retries would come back as one wave each time (SPEC §3.4).
-                    let w = backoff.mul_f64(0.5 + rand::random::<f64>());
+                    // Drawn from `rt::with_rng`, so a simulation replays it.
+                    let w = backoff.mul_f64(0.5 + anomos_net::rt::with_rng(|r| rand::Rng::gen::<f64>(r)));
                     warn!("announce failed (retrying in {:.1}s): {e}", w.as_secs_f64());
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                     w

@@ -48,8 +48,19 @@ impl CircuitRecord {
             FailureKind::Misbehaving => self.hops.last().copied().ok_or("empty path"),
             // Each reason names its culprit explicitly (SPEC §3.10, open issue 6).
             FailureKind::CircuitDenied(code) => match DenyReason::from_code(code) {
+                // Refused unpeeled, so without a tag: every relay passes such a refusal back as `next-refused`
+                // with its own tag, so an untagged one reaching the requester came from its first hop.
+                DenyReason::CircuitLimit if hop_tag.is_none() => hop(0),
                 // The hop refused for itself: it is full, or it does not serve the chain it announced.
                 DenyReason::CircuitLimit | DenyReason::NoSuchChain => hop(tagged()?),
+                // The tagged relay's successor refused unpeeled (it was full or over its OPEN rate).
+                DenyReason::NextRefused => {
+                    let i = tagged()?;
+                    if i + 1 >= self.hops.len() {
+                        return Err("the target claims a refusal by its successor");
+                    }
+                    hop(i + 1)
+                }
                 // The hop could not reach its successor: the successor is suspect (and gets probed).
                 DenyReason::NoSuchNeighbor => hop(tagged()? + 1),
                 // A timeout is not attributable: every hop waits on the same downstream, and the hop nearest the
@@ -368,7 +379,18 @@ mod tests {
         }
         // The requester's own link to the first hop failed (its report has no tag): the first hop is the suspect.
         assert_eq!(r.blame(broken(BreakReason::LinkFailed), None), Ok(fp(1)));
-        assert!(r.blame(denied(DenyReason::CircuitLimit), None).is_err());
+        // A refusal without a tag (circuit-limit, unpeeled) reaches the requester untagged only from its first
+        // hop: relays pass a successor's as `next-refused` with their own tag, which names the hop after them.
+        assert_eq!(r.blame(denied(DenyReason::CircuitLimit), None), Ok(fp(1)));
+        assert_eq!(r.blame(denied(DenyReason::NextRefused), Some([1; 16])), Ok(fp(2)));
+        assert_eq!(r.blame(denied(DenyReason::NextRefused), Some([2; 16])), Ok(fp(3)));
+        assert!(r.blame(denied(DenyReason::NextRefused), Some([3; 16])).is_err(), "the target relays to nobody");
+        assert!(r.blame(denied(DenyReason::NextRefused), None).is_err());
+        assert!(r.blame(denied(DenyReason::NextRefused), Some([9; 16])).is_err());
+        // Other untagged refusals still blame nobody.
+        for d in [DenyReason::BadTc, DenyReason::Protocol, DenyReason::NoSuchChain, DenyReason::NoSuchNeighbor] {
+            assert!(r.blame(denied(d), None).is_err(), "{d}");
+        }
         // A timeout names the hop that gave up first, not the one that stalled: nobody is blamed.
         assert!(r.blame(denied(DenyReason::Timeout), Some([1; 16])).is_err());
         assert!(r.blame(denied(DenyReason::CircuitLimit), Some([9; 16])).is_err());

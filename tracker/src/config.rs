@@ -118,6 +118,11 @@ pub struct TrackerArgs {
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idle_timeout: Option<u64>,
 
+    /// Seconds a requester's failure report keeps the peer it blames out of that requester's paths (and, with a
+    /// second reporter's, out of everyone's); the blamed peer's announces do not end it.
+    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub blame_secs: u64,
+
     /// Lifetime of issued tracking codes, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub tc_ttl: u64,
@@ -302,6 +307,7 @@ impl TrackerArgs {
                 per_ipv6_48: self.max_per_ipv6_48,
             },
             fixed_degree: self.fixed_degree,
+            blame_lasts: Duration::from_secs(self.blame_secs),
         }
     }
 }

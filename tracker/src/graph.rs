@@ -29,13 +29,12 @@ use rand::seq::SliceRandom;
 use rand::RngCore;
 
 use crate::diversity::{AdmissionLimits, Census, Net, OverLimit};
+pub use blame::{Blamers, BLAME_LASTS, CORROBORATING_REPORTERS, MAX_BLAMERS};
 use fphash::{FpMap, FpSet};
 pub use index::Dirty;
 use index::Sampler;
 pub use restore::Stored;
 
-/// Most reporters remembered per blamed peer (between two of its announces).
-pub const MAX_BLAMERS: usize = 16;
 /// Node expansions one path request may spend in depth-first search.
 const SEARCH_BUDGET: usize = 20_000;
 /// Node expansions one target may take from that budget.
@@ -60,6 +59,8 @@ pub struct GraphConfig {
     pub admission: AdmissionLimits,
     /// Keep `target_degree` whatever the overlay's size (otherwise it is raised to ⌈ln N⌉ for N peers).
     pub fixed_degree: bool,
+    /// How long a reporter's blame of a peer lasts ([`BLAME_LASTS`] by default).
+    pub blame_lasts: Duration,
 }
 
 /// One announced peer.
@@ -73,12 +74,14 @@ pub struct Peer<K> {
     pub chains: Vec<ChainId>,
     /// Time of its last successful announce.
     pub last_seen: Instant,
-    /// Left out of everyone's paths since its last announce (a failed probe, or blamed by enough reporters).
+    /// Left out of everyone's paths and given no new edges since a failed probe or the blame of
+    /// [`CORROBORATING_REPORTERS`] reporters, until its next announce.
     pub avoided: bool,
     /// Fingerprints it declared as its operator's other peers (honoured when declared both ways).
     pub family: Vec<Fingerprint>,
-    /// Requesters whose failure reports blamed it since its last announce: their own paths leave it out.
-    blamed_by: HashSet<Fingerprint>,
+    /// Requesters whose failure reports blamed it in the last `blame_lasts`: their own paths leave it out
+    /// whenever they have another.
+    blamed_by: Blamers,
     edges: FpMap<Fingerprint, NeighborId>,
     /// Its /16 (IPv6 /32).
     prefix: Net,
@@ -96,7 +99,7 @@ impl<K> Peer<K> {
             family,
             last_seen: now,
             avoided: false,
-            blamed_by: HashSet::new(),
+            blamed_by: Blamers::default(),
             edges: FpMap::default(),
             prefix: Net::diversity(addr.ip()),
             restored: false,
@@ -290,6 +293,8 @@ impl<K> Graph<K> {
                     self.census.add(addr.ip());
                 }
                 let Some(p) = self.peers.get_mut(&id) else { return Err(GraphError::UnknownPeer) };
+                // An announce ends an avoidance (the peer is back; avoided peers are probed again first), not
+                // the blame of single reporters (`blamed_by`).
                 let was_avoided = p.avoided;
                 let was_restored = std::mem::take(&mut p.restored);
                 let stored_changed = changed || was_avoided || p.chains != chains || p.family != family;
@@ -299,7 +304,6 @@ impl<K> Graph<K> {
                 p.chains = chains;
                 p.family = family;
                 p.avoided = false;
-                p.blamed_by.clear();
                 self.set_seen(id, now);
                 if stored_changed {
                     self.touch_peer(id);
@@ -370,19 +374,12 @@ impl<K> Graph<K> {
         }
     }
 
-    /// Records that `reporter` blamed `id` in a failure report: `id` is left out of `reporter`'s paths until it
-    /// announces again. Returns how many distinct reporters have blamed it since its last announce (0 if
-    /// unknown). At most [`MAX_BLAMERS`] are remembered; past that the count stays at the cap.
-    pub fn blame(&mut self, id: &Fingerprint, reporter: Fingerprint) -> usize {
-        match self.peers.get_mut(id) {
-            Some(p) => {
-                if p.blamed_by.len() < MAX_BLAMERS {
-                    p.blamed_by.insert(reporter);
-                }
-                p.blamed_by.len()
-            }
-            None => 0,
-        }
+    /// Records that `reporter` blamed `id` in a failure report at `now`: `id` is left out of `reporter`'s paths
+    /// for `blame_lasts`, whatever it announces meanwhile. Returns how many distinct reporters' blame of it is
+    /// live (0 if unknown). At most [`MAX_BLAMERS`] are remembered; past that the count stays at the cap.
+    pub fn blame(&mut self, id: &Fingerprint, reporter: Fingerprint, now: Instant) -> usize {
+        let lasts = self.cfg.blame_lasts;
+        self.peers.get_mut(id).map_or(0, |p| p.blamed_by.add(reporter, now, lasts))
     }
 
     /// Marks a peer as avoided; returns whether it was known and not avoided before.
@@ -438,6 +435,7 @@ impl<K> Graph<K> {
     }
 }
 
+mod blame;
 mod fphash;
 mod index;
 mod neighbors;

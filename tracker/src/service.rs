@@ -55,9 +55,10 @@ pub const REPORTS_PER_WINDOW: u32 = 20;
 /// The window of [`REPORTS_PER_WINDOW`].
 pub const REPORT_WINDOW: Duration = Duration::from_secs(60);
 /// Distinct reporters whose circuit reports (denied, broken, misbehaving) must blame a peer that still answers
-/// its probe before it is left out of everyone's paths; below that it is left out of the reporters' own paths
-/// only. One peer's word cannot take another out of the overlay (SPEC open issue 7).
-pub const CORROBORATING_REPORTERS: usize = 2;
+/// its probe, within [`crate::graph::BLAME_LASTS`], before it is left out of everyone's paths; below that it is
+/// left out of the reporters' own paths only. One peer's word cannot take another out of the overlay (SPEC open
+/// issue 7).
+pub use crate::graph::CORROBORATING_REPORTERS;
 
 /// The tracker's counters (what `--metrics` exposes), incremented where each event happens.
 #[derive(Debug, Default)]
@@ -368,8 +369,9 @@ impl Service {
     /// * A peer reported unreachable is probed (in the background) and avoided by everyone only if the probe
     ///   fails: a peer cannot get a neighbor that is up taken out of paths by dropping their link.
     /// * A peer blamed for a circuit (denied, broken, misbehaving) is left out of the reporter's own paths at
-    ///   once, and out of everyone's when [`CORROBORATING_REPORTERS`] distinct reporters blamed it or when it
-    ///   fails the probe that the report starts. Both last until its next announce. (SPEC §3.11, issue 7.)
+    ///   once and for [`crate::graph::BLAME_LASTS`] (its announces do not end it), and out of everyone's while
+    ///   [`CORROBORATING_REPORTERS`] distinct reporters' blame is live, or until its next announce when it fails
+    ///   the probe that the report starts. (SPEC §3.10, open issues 6–7.)
     pub(crate) fn report(self: &Arc<Self>, reporter: Fingerprint, rep: FailureReport) -> FromTracker {
         if let Some(refused) = self.unavailable() {
             return refused;
@@ -405,7 +407,7 @@ impl Service {
                 self.probe_then_avoid(&mut st, culprit);
             }
             Ok(culprit) => {
-                let reporters = st.graph.blame(&culprit, reporter);
+                let reporters = st.graph.blame(&culprit, reporter, now);
                 if reporters >= CORROBORATING_REPORTERS {
                     let newly = self.avoid_shared(&mut st, culprit);
                     info!(

@@ -280,8 +280,14 @@ async fn session_limit_closes_extra_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_reports_avoid_peers_until_reannounce() {
-    // Five peers, everyone neighbors everyone: a one-relay request for 4 circuits reaches every other peer.
-    let t = start(|a| a.neighbors = 4).await;
+    // Five peers, everyone neighbors everyone: a one-relay request for 4 circuits reaches every other peer. Blame
+    // lasts 1 s here (`--blame-secs`; 600 by default).
+    let t = start(|a| {
+        a.neighbors = 4;
+        a.blame_secs = 1;
+    })
+    .await;
+    let lapse = Duration::from_millis(1_100);
     let mut o = Overlay::new(&t, 5).await;
     for table in &o.tables {
         assert_eq!(table.len(), 4);
@@ -319,12 +325,16 @@ async fn failure_reports_avoid_peers_until_reannounce() {
     o.clients[0].report(FailureKind::NeighborUnreachable, Some(edge_2_3), None, None).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, all);
 
-    // CircuitDenied(circuit-limit) with a hop's tag: that hop is avoided (by the reporter).
+    // CircuitDenied(circuit-limit) with a hop's tag: that hop is avoided (by the reporter) — also after it
+    // announces again (it chooses when it announces), until the blame lapses.
     let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
     let (path, tags) = o.trace(0, &g, 2);
     o.clients[0].report(FailureKind::CircuitDenied(4), None, Some(g.circuit), Some(tags[0])).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[0]]));
     o.clients[path[0]].announce_ok(o.peers[path[0]].listen).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[0]]), "an announce ended the blame");
+    tokio::time::sleep(lapse).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, all, "the blame did not lapse");
 
     // CircuitBroken(link-failed) with the first relay's tag: the peer after it (across the failed link) is avoided.
     let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
@@ -334,10 +344,24 @@ async fn failure_reports_avoid_peers_until_reannounce() {
     assert_eq!(o.used_by(0, 4, 1, 1).await, all);
     o.clients[0].report(FailureKind::CircuitBroken(2), None, Some(g.circuit), Some(tags[0])).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[1]]));
-    o.clients[path[1]].announce_ok(o.peers[path[1]].listen).await;
+    tokio::time::sleep(lapse).await;
 
-    // Without a tag: logged only.
+    // CircuitDenied(next-refused) with the first relay's tag: the peer after it refused unpeeled.
+    let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
+    let (path, tags) = o.trace(0, &g, 2);
+    o.clients[0].report(FailureKind::CircuitDenied(12), None, Some(g.circuit), Some(tags[0])).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[1]]));
+    tokio::time::sleep(lapse).await;
+
+    // CircuitDenied(circuit-limit) without a tag: only the first hop refuses unpeeled toward the requester.
+    let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
+    let (path, _) = o.trace(0, &g, 2);
     o.clients[0].report(FailureKind::CircuitDenied(4), None, Some(g.circuit), None).await;
+    assert_eq!(o.used_by(0, 4, 1, 1).await, &all - &HashSet::from([path[0]]));
+    tokio::time::sleep(lapse).await;
+
+    // Other refusals without a tag: logged only.
+    o.clients[0].report(FailureKind::CircuitDenied(1), None, Some(g.circuit), None).await;
     assert_eq!(o.used_by(0, 4, 1, 1).await, all);
 
     // Misbehaving: the circuit's target is avoided.
@@ -348,10 +372,15 @@ async fn failure_reports_avoid_peers_until_reannounce() {
 }
 
 /// A circuit report (denied, broken, misbehaving) against a peer that still answers its probe takes it out of the
-/// reporter's paths only; a second reporter takes it out of everyone's (SPEC §3.11, open issue 7).
+/// reporter's paths only; a second reporter takes it out of everyone's until it announces again. Each reporter's
+/// own blame lasts until it lapses, announces notwithstanding (SPEC §3.10, open issue 7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_reporter_cannot_take_a_reachable_peer_out_of_everyones_paths() {
-    let t = start(|a| a.neighbors = 4).await;
+    let t = start(|a| {
+        a.neighbors = 4;
+        a.blame_secs = 2;
+    })
+    .await;
     let mut o = Overlay::new(&t, 5).await;
     // Peer 0 blames the first relay of one of its circuits.
     let g = o.clients[0].circuits_ok(1, 2).await.remove(0);
@@ -383,9 +412,13 @@ async fn one_reporter_cannot_take_a_reachable_peer_out_of_everyones_paths() {
             "a peer blamed by two reporters is still in {r}'s paths"
         );
     }
-    // Until it announces again.
+    // Its announce ends that (a probe comes first), but not the reporters' own blame (it chooses when it
+    // announces); that lapses with time.
     o.clients[blamed].announce_ok(o.peers[blamed].listen).await;
-    assert!(o.used_by(0, 4, 1, 1).await.contains(&blamed), "a re-announced peer stays out of the reporter's paths");
+    assert!(o.used_by(others[1], 4, 1, 1).await.contains(&blamed), "a re-announced peer stays avoided");
+    assert!(!o.used_by(0, 4, 1, 3).await.contains(&blamed), "an announce ended a reporter's blame");
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    assert!(o.used_by(0, 4, 1, 1).await.contains(&blamed), "a peer stays out of paths after its blame lapsed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -137,6 +137,31 @@ async fn deny_from_downstream_goes_back_unchanged_and_both_ids_are_forgotten() {
 }
 
 #[tokio::test]
+async fn an_untagged_refusal_from_downstream_goes_back_as_next_refused_with_the_relays_tag() {
+    let t = relay(Knobs::default());
+    // R's own layer with a known replay tag.
+    let mut mine = layer(10, Some(20), soon());
+    mine.replay_tag = [0x3c; 16];
+    let tcb = tc(vec![(t.r.public(), mine), (identity(2).public().clone(), layer(20, None, soon()))]);
+    let id = t.a.id();
+    t.a.send(Cell::open(id, &tcb));
+    let out = t.b.wait("OPEN forwarded to B", |c| c.command == Command::Open).await.circ_id;
+    // B refuses without peeling (over its rate, or out of circuit slots): no tag.
+    t.b.send(Cell::deny(out, DenyReason::CircuitLimit, None));
+    let d = t.a.wait_on(id, Command::Deny).await;
+    assert_eq!(d.deny_fields().unwrap(), (DenyReason::NextRefused, Some([0x3c; 16])));
+    assert_eq!(t.r.router.by_role(), Default::default());
+    // Any other refusal, tagged or not, goes back unchanged: an untagged `bad-tc` may be R's own doing (a
+    // corrupted TC), so R must not turn it into blame for B.
+    for (reason, tag) in [(DenyReason::BadTc, None), (DenyReason::CircuitLimit, Some([5; 16]))] {
+        let (id, out) = t.open().await;
+        t.b.send(Cell::deny(out, reason, tag));
+        let d = t.a.wait_on(id, Command::Deny).await;
+        assert_eq!(d.deny_fields().unwrap(), (reason, tag));
+    }
+}
+
+#[tokio::test]
 async fn break_is_acknowledged_and_passed_on_from_either_side() {
     let t = relay(Knobs::default());
     // From upstream, graceful: ACKBREAK to A, BREAK `finished` to B behind the data.

@@ -25,6 +25,10 @@ impl<K> Graph<K> {
     /// too, and the overlay cannot have prefix-diverse paths anyway (it spans fewer /16s than a path has nodes,
     /// or `allow_same_ip`), are hops in one /16 allowed. Families are always kept apart.
     ///
+    /// Peers the requester blamed (its failure reports, for `blame_lasts`) are left out of all of that; only when
+    /// no path at all avoids them are they used again: a requester whose neighbors it all blamed during an outage
+    /// is not cut off once they are back.
+    ///
     /// The targets in `busy` (those of the requester's circuits that may still be open,
     /// [`CircuitBook::targets_in_use`](crate::circuits::CircuitBook::targets_in_use)) are tried only after every
     /// other target: a replacement circuit goes to a target the requester is not already using whenever the
@@ -55,10 +59,20 @@ impl<K> Graph<K> {
             .filter(|h| prefixes >= h + 2)
             .map(|h| (true, h))
             .chain((relays..=longest).filter(|_| relaxable).map(|h| (false, h)));
-        for (apart, hops) in attempts {
-            let paths = self.search(requester, chain, count, hops, busy, apart, now, rng);
-            if !paths.is_empty() {
-                return Ok(paths);
+        let attempts: Vec<(bool, usize)> = attempts.collect();
+        // Whether the requester's blame left out any peer its searches reached: only then can a second round
+        // that ignores blame find more.
+        let mut blame_mattered = false;
+        for heed_blame in [true, false] {
+            if !heed_blame && !blame_mattered {
+                break;
+            }
+            for &(apart, hops) in &attempts {
+                let (paths, skipped) = self.search(requester, chain, count, hops, busy, apart, heed_blame, now, rng);
+                if !paths.is_empty() {
+                    return Ok(paths);
+                }
+                blame_mattered |= skipped;
             }
         }
         Err(GraphError::NoPath)
@@ -82,13 +96,14 @@ impl<K> Graph<K> {
         relays: usize,
         busy: &HashSet<Fingerprint>,
         apart: bool,
+        heed_blame: bool,
         now: Instant,
         rng: &mut impl RngCore,
-    ) -> Vec<Vec<Fingerprint>> {
+    ) -> (Vec<Vec<Fingerprint>>, bool) {
         // Lower bounds on the hop distance from the requester, through usable peers. Targets are taken from
         // them, so a request costs what the requester's neighborhood holds, not what the overlay holds.
-        let Some(serving) = self.serving.get(chain) else { return Vec::new() };
-        let dist = self.distances_from(requester, relays + 1, serving, now);
+        let Some(serving) = self.serving.get(chain) else { return (Vec::new(), false) };
+        let (dist, skipped) = self.distances_from(requester, relays + 1, serving, heed_blame, now);
         let mut targets: Vec<Fingerprint> = dist
             .iter()
             .filter(|(fp, d)| **d >= 1 && *fp != requester && serving.contains(*fp))
@@ -133,19 +148,22 @@ impl<K> Graph<K> {
                 paths.push(rev);
             }
         }
-        paths
+        (paths, skipped)
     }
 
     /// Breadth-first hop distances from `from` (excluded as an intermediate) over peers usable in `from`'s
     /// paths, up to `max`. Peers at distance `max` can only be targets, so only those in `serving` are kept:
     /// the search touches the peers within `max - 1` hops and their edges, not the whole `max`-hop ball.
+    /// `heed_blame`: peers `from` blamed are not usable; the flag returned says whether that left any out.
     fn distances_from(
         &self,
         from: &Fingerprint,
         max: usize,
         serving: &FpSet<Fingerprint>,
+        heed_blame: bool,
         now: Instant,
-    ) -> FpMap<Fingerprint, usize> {
+    ) -> (FpMap<Fingerprint, usize>, bool) {
+        let mut skipped = false;
         let mut dist = FpMap::default();
         let mut queue = VecDeque::new();
         dist.insert(*from, 0);
@@ -163,7 +181,9 @@ impl<K> Graph<K> {
                     continue;
                 }
                 let Some(q) = self.peers.get(next) else { continue };
-                if !q.avoided && !q.blamed_by.contains(from) && q.live(now, self.cfg.expire_after) {
+                let blamed = heed_blame && q.blamed_by.by(from, now);
+                skipped |= blamed;
+                if !q.avoided && !blamed && q.live(now, self.cfg.expire_after) {
                     dist.insert(*next, d + 1);
                     if d + 1 < max {
                         queue.push_back(*next);
@@ -171,7 +191,7 @@ impl<K> Graph<K> {
                 }
             }
         }
-        dist
+        (dist, skipped)
     }
 }
 

@@ -23,10 +23,7 @@ impl<K> Graph<K> {
         p.addr = addr;
         p.prefix = Net::diversity(addr.ip());
         p.family = family;
-        if p.avoided && !avoided {
-            // Readmitted by an announce to another instance: blame here ends with it too.
-            p.blamed_by.clear();
-        }
+        // Readmitted by an announce to another instance: this instance's live blame stands (it ends with time).
         p.avoided = avoided;
         if old_ip != addr.ip() {
             self.census.remove(old_ip);

@@ -13,6 +13,7 @@ fn cfg(target: usize) -> GraphConfig {
         expire_after: Duration::from_secs(90),
         admission: AdmissionLimits::NONE,
         fixed_degree: true,
+        blame_lasts: super::BLAME_LASTS,
     }
 }
 

@@ -1,0 +1,158 @@
+//! Who blamed a peer, and for how long it counts (SPEC §3.10 "Failure reports").
+//!
+//! A requester's failure report that names a peer leaves that peer out of the requester's own paths for
+//! [`BLAME_LASTS`] (tracker `--blame-secs`) whenever the requester has a path without it, and once
+//! [`CORROBORATING_REPORTERS`] distinct reporters' blame is live, out of everyone's paths until the peer's next
+//! announce (the graph's `avoided`). A reporter's blame used to end at the blamed peer's next announce, which the
+//! peer itself chooses: a hop that refused every OPEN and re-announced every interval was chosen again at once
+//! (found by the simulator, issue 13). Now only time ends it; at most [`MAX_BLAMERS`] reporters are remembered per
+//! peer (a reporter's repeat refreshes its entry).
+
+use std::time::{Duration, Instant};
+
+use anomos_proto::identity::Fingerprint;
+
+/// Most reporters remembered per blamed peer.
+pub const MAX_BLAMERS: usize = 16;
+/// How long one reporter's blame lasts (default of `--blame-secs`).
+pub const BLAME_LASTS: Duration = Duration::from_secs(600);
+/// Distinct reporters whose live blame leaves a peer out of everyone's paths.
+pub const CORROBORATING_REPORTERS: usize = 2;
+
+/// The reporters that blamed one peer, each with the time its blame ends.
+#[derive(Debug, Default, Clone)]
+pub struct Blamers(Vec<(Fingerprint, Instant)>);
+
+impl Blamers {
+    /// Records a report of `reporter` at `now`, its blame lasting `lasts`; returns how many distinct reporters'
+    /// blame is live. When [`MAX_BLAMERS`] are live a new reporter is not remembered (the count stays at the cap).
+    pub fn add(&mut self, reporter: Fingerprint, now: Instant, lasts: Duration) -> usize {
+        self.0.retain(|(_, until)| now < *until);
+        let until = now + lasts;
+        if let Some(e) = self.0.iter_mut().find(|(r, _)| *r == reporter) {
+            e.1 = until;
+        } else if self.0.len() < MAX_BLAMERS {
+            self.0.push((reporter, until));
+        }
+        self.0.len()
+    }
+
+    /// Whether `reporter`'s blame is live at `now`.
+    pub fn by(&self, reporter: &Fingerprint, now: Instant) -> bool {
+        self.0.iter().any(|(r, until)| r == reporter && now < *until)
+    }
+
+    /// Distinct reporters whose blame is live at `now`.
+    pub fn live(&self, now: Instant) -> usize {
+        self.0.iter().filter(|(_, until)| now < *until).count()
+    }
+
+    /// Whether enough reporters' blame is live to leave the peer out of everyone's paths.
+    pub fn corroborated(&self, now: Instant) -> bool {
+        self.live(now) >= CORROBORATING_REPORTERS
+    }
+
+    /// Forgets every reporter.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(i: u8) -> Fingerprint {
+        Fingerprint([i; 32])
+    }
+
+    #[test]
+    fn blame_lasts_its_time_then_ends_and_corroboration_needs_two_live_reporters() {
+        let t0 = Instant::now();
+        let mut b = Blamers::default();
+        assert_eq!(b.add(fp(1), t0, BLAME_LASTS), 1);
+        assert_eq!(b.add(fp(1), t0 + Duration::from_secs(1), BLAME_LASTS), 1, "a repeat is one reporter");
+        assert!(b.by(&fp(1), t0 + BLAME_LASTS));
+        assert!(!b.by(&fp(2), t0));
+        assert!(!b.corroborated(t0 + Duration::from_secs(2)));
+        assert_eq!(b.add(fp(2), t0 + Duration::from_secs(2), BLAME_LASTS), 2);
+        assert!(b.corroborated(t0 + Duration::from_secs(2)));
+        // The first reporter's blame (refreshed at t0 + 1 s) ends first; then corroboration ends.
+        let later = t0 + Duration::from_secs(1) + BLAME_LASTS;
+        assert!(!b.by(&fp(1), later));
+        assert!(b.by(&fp(2), later));
+        assert!(!b.corroborated(later));
+        assert_eq!(b.add(fp(3), later, BLAME_LASTS), 2, "the expired reporter no longer counts");
+    }
+
+    /// A requester's paths leave out the peers it blamed while it has others, announces of the blamed peers
+    /// notwithstanding; when every path needs a blamed peer it gets one rather than none; blame then lapses.
+    #[test]
+    fn a_requesters_paths_avoid_whom_it_blamed_while_there_is_another_way() {
+        use super::super::{Graph, GraphConfig};
+        use crate::diversity::AdmissionLimits;
+        use anomos_proto::ids::ChainId;
+        use rand::SeedableRng;
+        let chain = ChainId::new("regtest").unwrap();
+        let cfg = GraphConfig {
+            target_degree: 4,
+            max_degree: 6,
+            allow_same_ip: false,
+            max_peers: 100,
+            expire_after: Duration::from_secs(3600),
+            admission: AdmissionLimits::NONE,
+            fixed_degree: true,
+            blame_lasts: BLAME_LASTS,
+        };
+        let mut g: Graph<()> = Graph::new(cfg);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let t0 = Instant::now();
+        let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
+        for _ in 0..2 {
+            for i in 1..=12u8 {
+                g.announce(fp(i), (), addr(i), vec![chain.clone()], t0, &mut rng).unwrap();
+            }
+        }
+        let me = fp(1);
+        let neighbors: Vec<Fingerprint> = g.get(&me).unwrap().edges.keys().copied().collect();
+        assert!(neighbors.len() >= 2);
+        let first_hops = |g: &Graph<()>, now: Instant, rng: &mut rand::rngs::StdRng| {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..40 {
+                for p in g.find_paths(&me, &chain, 4, 1, now, rng).unwrap() {
+                    seen.insert(p[1]);
+                }
+            }
+            seen
+        };
+        // Blame one neighbor; it re-announces; it is still not a first hop (nor anywhere) of our paths.
+        let t1 = t0 + Duration::from_secs(1);
+        g.blame(&neighbors[0], me, t1);
+        g.announce(neighbors[0], (), g.get(&neighbors[0]).unwrap().addr, vec![chain.clone()], t1, &mut rng).unwrap();
+        assert!(!first_hops(&g, t1, &mut rng).contains(&neighbors[0]), "a blamed neighbor was used");
+        // Blame them all: paths still come (through blamed peers), not `NoPath`.
+        for n in &neighbors {
+            g.blame(n, me, t1);
+        }
+        assert!(!first_hops(&g, t1, &mut rng).is_empty());
+        // Another requester is not affected by our blame.
+        assert!(g.find_paths(&fp(2), &chain, 1, 1, t1, &mut rng).is_ok());
+        // After the blame lapsed, every neighbor is a first hop again (some time).
+        let later = t1 + BLAME_LASTS;
+        let hops = first_hops(&g, later, &mut rng);
+        assert!(neighbors.iter().all(|n| hops.contains(n)), "{hops:?} vs {neighbors:?}");
+    }
+
+    #[test]
+    fn at_most_max_blamers_are_remembered_and_expired_ones_make_room() {
+        let t0 = Instant::now();
+        let mut b = Blamers::default();
+        for i in 0..40u8 {
+            assert_eq!(b.add(fp(i), t0, BLAME_LASTS), (i as usize + 1).min(MAX_BLAMERS));
+        }
+        assert!(!b.by(&fp(39), t0), "beyond the cap, not remembered");
+        assert_eq!(b.add(fp(39), t0 + BLAME_LASTS, BLAME_LASTS), 1);
+        b.clear();
+        assert_eq!(b.live(t0 + BLAME_LASTS), 0);
+    }
+}
