@@ -23,7 +23,6 @@ use super::stream::CircuitStream;
 use super::table::{LinkCircuits, Opening, OpeningState, Route};
 use crate::link::budget::Unit;
 use crate::link::writer::{Drain, PushError};
-use crate::stats::unix_now;
 
 /// An OPEN admitted and being peeled here.
 struct Peeling {
@@ -145,7 +144,7 @@ impl Router {
         if layer.prev != p.lc.link.nid {
             return self.refuse(&p, DenyReason::WrongLink, tag);
         }
-        match layer.check_expiry(unix_now(), self.cfg.clock_skew.as_secs()) {
+        match layer.check_expiry(self.clock.unix_now(), self.cfg.clock_skew.as_secs()) {
             Ok(()) => {}
             Err(e @ ProtoError::ExpiryTooFar { .. }) => {
                 warn!(link = %p.lc.link.peer.short(), circ = p.id, "circuit denied: expired ({e}; no tracker issues such a layer)");

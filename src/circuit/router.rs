@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use anomos_net::Clock;
 use anomos_proto::cell::{BreakReason, Cell, CircId, Command, DenyReason};
 use anomos_proto::circuit::Role;
 use anomos_proto::identity::Identity;
@@ -21,7 +22,7 @@ use super::{CircuitConfig, CircuitsByRole, LinkDirectory, Reporter, Service, Tra
 use crate::error::PeerError;
 use crate::link::budget::{Pool, Share};
 use crate::link::{CellSink, Link, Violation};
-use crate::stats::{unix_now, Stats};
+use crate::stats::Stats;
 
 /// What a [`Router`] is built from: the narrow handles the circuit layer needs, nothing more.
 pub struct RouterParts {
@@ -29,6 +30,8 @@ pub struct RouterParts {
     pub cfg: CircuitConfig,
     /// Our identity (peels OPENs).
     pub identity: Arc<Identity>,
+    /// Our host's wall clock (TC expiries, the replay cache).
+    pub clock: Clock,
     /// Live links by NeighborID.
     pub links: Arc<dyn LinkDirectory>,
     /// Failure reports for the tracker.
@@ -51,6 +54,7 @@ pub struct RouterParts {
 pub struct Router {
     pub(super) cfg: CircuitConfig,
     pub(super) identity: Arc<Identity>,
+    pub(super) clock: Clock,
     pub(super) links: Arc<dyn LinkDirectory>,
     pub(super) reporter: Reporter,
     pub(super) service: Option<Arc<dyn Service>>,
@@ -95,6 +99,7 @@ impl Router {
             local_cells: p.cells.share(),
             cfg: p.cfg,
             identity: p.identity,
+            clock: p.clock,
             links: p.links,
             reporter: p.reporter,
             service: p.service,
@@ -402,7 +407,7 @@ impl Router {
     /// Records a replay tag that arrived over `edge` (until its expiry plus the skew tolerance).
     pub(super) fn replay_check(&self, tag: [u8; 16], expires: u64, edge: NeighborId) -> Result<(), ReplayRefusal> {
         let horizon = expires.saturating_add(self.cfg.clock_skew.as_secs());
-        self.replay.lock().unwrap_or_else(|e| e.into_inner()).check(tag, horizon, edge, unix_now())
+        self.replay.lock().unwrap_or_else(|e| e.into_inner()).check(tag, horizon, edge, self.clock.unix_now())
     }
 
     /// Replay tags remembered now.
@@ -418,7 +423,7 @@ impl Router {
             if !force && !rc.dirty() {
                 return None;
             }
-            let data = rc.encode(unix_now());
+            let data = rc.encode(self.clock.unix_now());
             let n = (data.len() - 20) / 32;
             (data, rc.version(), n)
         };

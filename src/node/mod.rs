@@ -129,7 +129,8 @@ impl Node {
         let neighbors = Arc::new(Neighbors::default());
         let links = Links::new(neighbors.clone());
         let (reporter, reports) = Reporter::channel(REPORT_QUEUE);
-        let replay = ReplayCache::load(&cfg.data_dir.join(REPLAY_FILE), unix_now(), REPLAY_CAP);
+        let clock = net.clock();
+        let replay = ReplayCache::load(&cfg.data_dir.join(REPLAY_FILE), clock.unix_now(), REPLAY_CAP);
         let router = Router::new(RouterParts {
             cfg: CircuitConfig {
                 window: cfg.circuit_window,
@@ -144,6 +145,7 @@ impl Node {
                 origin_link_wait: Duration::from_secs(5),
             },
             identity: identity.clone(),
+            clock,
             links: links.clone(),
             reporter: reporter.clone(),
             service,

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use anomos_net::{BoxFuture, Conn, Listener, ReadHalf, Stream, Transport, WriteHalf};
+use anomos_net::{BoxFuture, Clock, Conn, Listener, ReadHalf, Stream, Transport, WriteHalf};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -89,6 +89,8 @@ struct HostState {
     ip: IpAddr,
     incarnation: u64,
     alive: bool,
+    /// Seconds its wall clock is ahead of the true one (negative: behind).
+    skew: i64,
 }
 
 struct ListenerEntry {
@@ -181,8 +183,15 @@ impl SimNet {
         let mut st = self.st();
         let id = st.hosts.len();
         let ip = IpAddr::V4(Ipv4Addr::new(10, (id / 250) as u8, (id % 250 + 1) as u8, 1));
-        st.hosts.push(HostState { ip, incarnation: 1, alive: true });
+        st.hosts.push(HostState { ip, incarnation: 1, alive: true, skew: 0 });
         id
+    }
+
+    /// Sets the host's clock skew (seconds ahead of the true clock; negative: behind).
+    pub fn set_skew(&self, h: HostId, secs: i64) {
+        let mut st = self.st();
+        st.hosts[h].skew = secs;
+        trace(&st.trace, format_args!("skew host={h} {secs:+}s"));
     }
 
     /// The host's address.
@@ -411,6 +420,10 @@ impl SimHost {
 }
 
 impl Transport for SimHost {
+    fn clock(&self) -> Clock {
+        Clock::skewed(self.net.st().hosts[self.host].skew)
+    }
+
     fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Conn>> {
         Box::pin(async move {
             match self.plan_connect(addr) {

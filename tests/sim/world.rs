@@ -31,6 +31,8 @@ pub const CHAIN: &str = "simnet";
 pub const EPOCH: u64 = 1_800_000_000;
 const TRACKER_PORT: u16 = 7700;
 const PEER_PORT: u16 = 8633;
+/// Most seconds a host's clock is off (either way).
+const SKEW: i64 = 25;
 
 #[derive(Parser)]
 struct T {
@@ -281,6 +283,9 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
     let net = SimNet::new(seed, params.clone(), log);
     net.record(format_args!("seed {seed} params {params:?}"));
     let tracker_host = net.add_host();
+    // Every host's wall clock is off by up to SKEW either way: two hosts differ by at most 2·SKEW, within the
+    // clock-skew tolerance the peers allow (`--clock-skew`, 60 s; SPEC §4.7).
+    net.set_skew(tracker_host, rng.gen_range(-SKEW..=SKEW));
     let observer = net.transport(net.add_host());
     let tracker_addr = SocketAddr::new(net.ip(tracker_host), TRACKER_PORT);
     let tracker_dir = tempfile::tempdir().unwrap();
@@ -317,6 +322,7 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
     world.start_tracker().await;
     for i in 0..honest + hostile {
         let host = net.add_host();
+        net.set_skew(host, rng.gen_range(-SKEW..=SKEW));
         world.peers.push(Peer {
             host,
             key: 1 + i,

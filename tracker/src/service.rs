@@ -119,10 +119,6 @@ pub(crate) fn error_reply(code: ErrorCode, message: impl Into<String>) -> FromTr
     FromTracker::Error(WireError { code, message })
 }
 
-fn unix_now() -> u64 {
-    anomos_net::rt::unix_now()
-}
-
 /// Addresses a peer can never be reached at.
 fn unusable_listen_ip(ip: IpAddr) -> bool {
     ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
@@ -295,7 +291,8 @@ impl Service {
 
     /// `RequestCircuits`: find paths, build a tracking code per path, remember the circuits.
     pub(crate) async fn request_circuits(&self, peer: Fingerprint, req: CircuitRequest) -> FromTracker {
-        let expires = unix_now().saturating_add(self.args.tc_ttl);
+        // Our host's wall clock (a simulation skews it).
+        let expires = self.net.clock().unix_now().saturating_add(self.args.tc_ttl);
         let forget_at = anomos_net::rt::now() + Duration::from_secs(self.args.tc_ttl) + REMEMBER_AFTER_EXPIRY;
         let relays = usize::from(req.relays);
         self.metrics.circuit_requests.inc();

@@ -14,6 +14,31 @@ async fn deny_of(w: &Wire, tc: &[u8; tc::TC_LEN]) -> DenyReason {
     deny_reason(&w.wait_on(id, Command::Deny).await)
 }
 
+/// The expiry check reads the hop's own clock (`Transport::clock`): a hop whose clock runs ahead accepts a layer
+/// that expired by the true clock within the skew tolerance (60 s here), and refuses one beyond it.
+#[tokio::test]
+async fn expiry_is_judged_on_the_hops_own_clock_within_the_skew_tolerance() {
+    let now = unix_now();
+    // 50 s ahead: a layer that expires in 5 s (true clock) is 45 s past expiry here, within the 60 s tolerance.
+    let r = Peer::new(0, Knobs { serve: true, skew: 50, ..Knobs::default() });
+    let a = r.link(10, 1, true, 8);
+    let id = a.id();
+    a.send(Cell::open(id, &tc(vec![(r.public(), layer(10, None, now + 5))])));
+    let c = a.wait("an answer", |c| c.circ_id == id && matches!(c.command, Command::Confirm | Command::Deny)).await;
+    assert_eq!(c.command, Command::Confirm, "refused: {:?}", c.deny_fields());
+    // 90 s ahead: the same layer is 85 s past expiry there.
+    let r = Peer::new(0, Knobs { serve: true, skew: 90, ..Knobs::default() });
+    let a = r.link(10, 1, true, 8);
+    assert_eq!(deny_of(&a, &tc(vec![(r.public(), layer(10, None, now + 5))])).await, DenyReason::Expired);
+    // 90 s behind: a layer that expired 80 s ago by the true clock has not expired there.
+    let r = Peer::new(0, Knobs { serve: true, skew: -90, ..Knobs::default() });
+    let a = r.link(10, 1, true, 8);
+    let id = a.id();
+    a.send(Cell::open(id, &tc(vec![(r.public(), layer(10, None, now - 80))])));
+    let c = a.wait("an answer", |c| c.circ_id == id && matches!(c.command, Command::Confirm | Command::Deny)).await;
+    assert_eq!(c.command, Command::Confirm, "refused: {:?}", c.deny_fields());
+}
+
 #[tokio::test]
 async fn every_failed_check_is_answered_with_its_reason() {
     let r = Peer::new(0, Knobs { serve: true, ..Knobs::default() });

@@ -122,6 +122,8 @@ pub(super) struct Knobs {
     pub(super) max_circuits: usize,
     pub(super) serve: bool,
     pub(super) link_wait: Duration,
+    /// Seconds this peer's wall clock is ahead of the true one (negative: behind).
+    pub(super) skew: i64,
 }
 
 impl Default for Knobs {
@@ -133,6 +135,7 @@ impl Default for Knobs {
             max_circuits: 1000,
             serve: false,
             link_wait: Duration::from_millis(300),
+            skew: 0,
         }
     }
 }
@@ -159,6 +162,7 @@ impl Peer {
                 origin_link_wait: Duration::from_millis(500),
             },
             identity: id.clone(),
+            clock: anomos_net::Clock::skewed(k.skew),
             links: dir.clone(),
             reporter,
             service: k.serve.then(|| Arc::new(Echo) as Arc<dyn Service>),

@@ -11,6 +11,10 @@
 //!   wall clock ([`rt::unix_now`]) and the seed of the tracker's graph RNG ([`rt::seed_rng`]). Outside a
 //!   simulation they are tokio's blocking pool, `SystemTime`, and the OS's randomness.
 //!
+//! * [`Clock`]: a host's wall clock as its node or tracker reads it (for TC expiries and the replay cache):
+//!   [`rt::unix_now`] in production; a simulation skews each host's (within the protocol's tolerance). A
+//!   [`Transport`] says which clock its host has ([`Transport::clock`]).
+//!
 //! Handles are passed down narrowly: a layer gets the `Arc<dyn Transport>` it dials or listens with, never the
 //! node or tracker that owns it.
 
@@ -82,6 +86,34 @@ pub trait Transport: Send + Sync + 'static {
     fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Conn>>;
     /// Binds a listening socket at `addr` (port 0: any free port).
     fn bind(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<Box<dyn Listener>>>;
+    /// The wall clock of the host this transport belongs to (production: the machine's).
+    fn clock(&self) -> Clock {
+        Clock::default()
+    }
+}
+
+/// A host's wall clock: [`rt::unix_now`] moved by a fixed skew (zero in production; a simulation gives each host
+/// its own, within the clock-skew tolerance the protocol allows, SPEC §4.7).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Clock {
+    skew_secs: i64,
+}
+
+impl Clock {
+    /// A clock `skew_secs` ahead of (negative: behind) the true one.
+    pub fn skewed(skew_secs: i64) -> Clock {
+        Clock { skew_secs }
+    }
+
+    /// Seconds since the Unix epoch on this clock.
+    pub fn unix_now(&self) -> u64 {
+        rt::unix_now().saturating_add_signed(self.skew_secs)
+    }
+
+    /// The skew, in seconds.
+    pub fn skew_secs(&self) -> i64 {
+        self.skew_secs
+    }
 }
 
 /// The transport handle layers hold.
