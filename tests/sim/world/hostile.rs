@@ -1,9 +1,11 @@
 //! Hostile peers: real nodes (valid keys, admitted by the tracker, real links) whose links the driver makes carry
 //! whatever cells it likes (OPENs with TCs it builds along paths of its choosing, cells on any id, replays, floods,
-//! lying reports).
+//! lying reports, and tracker requests of every kind: circuit-request bursts with counts and lengths in and out of
+//! range, announces of foreign or dead addresses, oversized chain and family lists, ticket requests, a second Hello).
 
 use super::checks::graph;
 use super::*;
+use anomos_proto::tracker::ToTracker;
 
 fn secret(rng: &mut StdRng) -> Secret {
     let mut s = [0u8; 32];
@@ -153,6 +155,27 @@ pub(super) async fn hostile_driver(world: Arc<tokio::sync::Mutex<World>>, mut rn
                 }
                 what = format!("flood of {n} cells ({}) to peer {r}", if junk { "OPENs" } else { "DATA/SENDME" });
             }
+            95..=99 => {
+                // Requests of every kind to the tracker, over a session of the hostile peer's own (in a task of
+                // its own: the tracker may be down, and the harness must not wait on it).
+                let others: Vec<SocketAddr> = w.peers.iter().map(|p| p.addr).collect();
+                let client = anomos::tracker_client::TrackerClient::new(
+                    w.net.transport(w.peers[h].host),
+                    w.tracker_addr,
+                    keys::pool()[0].public().clone(),
+                    Arc::new(keys::pool()[w.peers[h].key].clone()),
+                );
+                let (msgs, label) = tracker_requests(&mut rng, w.peers[h].addr, &others);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(60), async {
+                        for m in &msgs {
+                            let _ = client.request(m).await;
+                        }
+                    })
+                    .await;
+                });
+                what = format!("tracker requests: {label}");
+            }
             _ => {
                 // Lying failure reports to the tracker.
                 let kind = match rng.gen_range(0..4) {
@@ -182,6 +205,70 @@ pub(super) async fn hostile_driver(world: Arc<tokio::sync::Mutex<World>>, mut rn
         }
         w.record(format_args!("hostile {h}: {what}"));
         w.shared.count("hostile actions");
+    }
+}
+
+/// One hostile peer's burst of tracker requests (listening at `me`; `others` are every peer's addresses).
+fn tracker_requests(rng: &mut StdRng, me: SocketAddr, others: &[SocketAddr]) -> (Vec<ToTracker>, &'static str) {
+    use anomos_proto::tracker::{Announce, MAX_CHAINS, MAX_FAMILY};
+    let chain = |rng: &mut StdRng| ChainId::new(if rng.gen_bool(0.7) { CHAIN } else { "nochain" }).unwrap();
+    match rng.gen_range(0..6) {
+        0 => {
+            let n = rng.gen_range(1..40);
+            let reqs = (0..n)
+                .map(|_| {
+                    ToTracker::RequestCircuits(CircuitRequest {
+                        chain: chain(rng),
+                        count: rng.gen_range(0..=20),
+                        relays: rng.gen_range(0..=8),
+                    })
+                })
+                .collect();
+            (reqs, "circuit requests, in and out of range")
+        }
+        1 => {
+            let listen = others[rng.gen_range(0..others.len())];
+            (
+                vec![ToTracker::Announce(Announce { listen, chains: vec![chain(rng)], family: vec![] })],
+                "announce of another peer's address",
+            )
+        }
+        2 => {
+            let listen = SocketAddr::new(me.ip(), me.port().wrapping_add(rng.gen_range(1..100)));
+            (vec![ToTracker::Announce(Announce { listen, chains: vec![], family: vec![] })], "announce of a dead port")
+        }
+        3 => {
+            let chains = (0..rng.gen_range(0..=MAX_CHAINS + 4))
+                .map(|i| ChainId::new(&format!("c{i}")).unwrap_or_else(|_| chain(rng)))
+                .collect();
+            let family = (0..rng.gen_range(0..=MAX_FAMILY + 4))
+                .map(|_| keys::pool()[rng.gen_range(0..keys::POOL)].fingerprint())
+                .collect();
+            (
+                vec![ToTracker::Announce(Announce { listen: me, chains, family })],
+                "announce with long chain and family lists",
+            )
+        }
+        4 => {
+            let hello = ToTracker::Hello { public_key: vec![0x30; rng.gen_range(0..600)], signature: vec![7; 256] };
+            (
+                vec![ToTracker::Resumable, ToTracker::Resumable, hello, ToTracker::Resumable],
+                "tickets and a second Hello",
+            )
+        }
+        _ => {
+            let reps = (0..rng.gen_range(20..60))
+                .map(|_| {
+                    ToTracker::Report(FailureReport {
+                        kind: FailureKind::CircuitDenied(rng.gen()),
+                        neighbor: None,
+                        circuit: Some(rng.next_u64()),
+                        hop_tag: Some([rng.gen(); 16]),
+                    })
+                })
+                .collect();
+            (reps, "a burst of reports on unknown circuits")
+        }
     }
 }
 
