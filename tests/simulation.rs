@@ -28,7 +28,9 @@ const DEFAULT_SEEDS: u64 = if cfg!(debug_assertions) { 2 } else { 10 };
 /// nobody (SPEC revision 10: `next-refused`, and an untagged one blames the first hop); 30: the same once blamed,
 /// because a blamed hop's announce ended its blame (now it lasts `--blame-secs`); 32: a requester that had blamed
 /// the only other serving peer during an outage got no path at all (blame now gives way when no path avoids it).
-const REGRESSIONS: &[u64] = &[4, 13, 30, 32, 1061, 10071];
+/// 40723: a late joiner whose three neighbors were all hostile and blamed got no circuit (blamed neighbors no
+/// longer count toward its degree: it gets others).
+const REGRESSIONS: &[u64] = &[4, 13, 30, 32, 1061, 10071, 40723];
 /// Wall time a run may go without simulated progress before it is declared stuck (a blocked thread: a lock
 /// taken twice, a blocking call that never returns).
 const STALL: Duration = Duration::from_secs(30);

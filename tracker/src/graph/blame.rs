@@ -135,12 +135,34 @@ mod tests {
             g.blame(n, me, t1);
         }
         assert!(!first_hops(&g, t1, &mut rng).is_empty());
+        // A newcomer that blames all its neighbors gets unblamed ones beside them at its next announce (up to the
+        // maximum degree), and its paths then start there.
+        let late = fp(13);
+        g.announce(late, (), addr(13), vec![], t1, &mut rng).unwrap();
+        let first: Vec<Fingerprint> = g.get(&late).unwrap().edges.keys().copied().collect();
+        assert!(!first.is_empty() && first.len() < 6, "{}", first.len());
+        for n in &first {
+            g.blame(n, late, t1);
+        }
+        // (Every older peer is at the maximum degree by now: three more join, so that there is someone to add.)
+        for i in 20..23u8 {
+            g.announce(fp(i), (), addr(i), vec![], t1, &mut rng).unwrap();
+        }
+        g.announce(late, (), addr(13), vec![], t1, &mut rng).unwrap();
+        let now_nb: Vec<Fingerprint> = g.get(&late).unwrap().edges.keys().copied().collect();
+        assert!(now_nb.len() > first.len() && now_nb.len() <= 6, "{} -> {}", first.len(), now_nb.len());
+        for _ in 0..20 {
+            for p in g.find_paths(&late, &chain, 2, 1, t1, &mut rng).unwrap() {
+                assert!(!first.contains(&p[1]), "a blamed neighbor was the first hop though others exist");
+            }
+        }
         // Another requester is not affected by our blame.
         assert!(g.find_paths(&fp(2), &chain, 1, 1, t1, &mut rng).is_ok());
         // After the blame lapsed, every neighbor is a first hop again (some time).
         let later = t1 + BLAME_LASTS;
         let hops = first_hops(&g, later, &mut rng);
-        assert!(neighbors.iter().all(|n| hops.contains(n)), "{hops:?} vs {neighbors:?}");
+        let current: Vec<Fingerprint> = g.get(&me).unwrap().edges.keys().copied().collect();
+        assert!(current.iter().all(|n| hops.contains(n)), "{hops:?} vs {current:?}");
     }
 
     #[test]

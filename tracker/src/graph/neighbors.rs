@@ -76,7 +76,9 @@ impl<K> Graph<K> {
     }
 
     /// Adds random edges until `id` has the target degree or no candidate is left (after dropping its
-    /// non-diverse edges when strict).
+    /// non-diverse edges when strict). Neighbors `id` blamed (its live failure reports) do not count toward the
+    /// target, up to the maximum degree: a peer whose neighbors all refuse its circuits gets others (found by the
+    /// simulator, seed 40723: a late joiner whose three neighbors were all hostile).
     pub(super) fn top_up(&mut self, id: Fingerprint, now: Instant, rng: &mut impl RngCore) -> usize {
         let (target, max) = self.degrees();
         let strict = self.strict_neighbors();
@@ -86,8 +88,10 @@ impl<K> Graph<K> {
         let Some(me) = self.peers.get(&id) else {
             return 0;
         };
-        let have = me.degree();
-        if have >= target {
+        let blamed = |fp: &Fingerprint| self.peers.get(fp).is_some_and(|p| p.blamed_by.by(&id, now));
+        let have = me.edges.keys().filter(|fp| !blamed(fp)).count();
+        let room = max.saturating_sub(me.degree());
+        if have >= target || room == 0 {
             return 0;
         }
         let my_ip = me.addr.ip();
@@ -101,6 +105,7 @@ impl<K> Graph<K> {
                 *fp != id
                     && !me.edges.contains_key(fp)
                     && !p.avoided
+                    && !p.blamed_by.by(&id, now)
                     && p.live(now, self.cfg.expire_after)
                     && p.degree() < max
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
@@ -111,7 +116,7 @@ impl<K> Graph<K> {
         candidates.shuffle(rng);
         // Stable: peers still below the target degree first, each group in random order.
         candidates.sort_by_key(|(saturated, _)| *saturated);
-        let want = target - have;
+        let want = (target - have).min(room);
         let mut chosen: Vec<Fingerprint> = Vec::with_capacity(want);
         // First pass: diverse edges only (also against the neighbors chosen in this pass), so diverse candidates
         // come before the others. Second pass, when not strict: whatever is left.
