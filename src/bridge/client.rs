@@ -136,7 +136,9 @@ impl ClientBridge {
         BridgeStats::bump(&self.stats.active, 1);
         info!(%remote, hops = stream.hops, "bridge: connection joined to a new circuit");
         if let Err(e) = forward(&stream.sender(), first, &ctx).await {
-            warn!(%remote, "bridge: circuit failed at once: {e}");
+            // Said as a connection that ended, with the circuit's reason (e.g. `upstream-unavailable`: the serving
+            // peer broke the circuit as it opened), like one that ends later (`splice`).
+            warn!(%remote, "bridged connection ended before its first message went out: {e}");
         } else {
             splice(tcp, stream, reader, &ctx).await;
         }

@@ -66,6 +66,8 @@ struct State {
     buffered: usize,
     opened: Option<oneshot::Sender<Result<(), PeerError>>>,
     closed: bool,
+    /// Why the circuit ended, once a BREAK or a link failure ended it (a later send fails with it).
+    ended_by: Option<BreakReason>,
 }
 
 /// What the application receives.
@@ -172,6 +174,7 @@ impl Endpoint {
                 buffered: 0,
                 opened: Some(otx),
                 closed: false,
+                ended_by: None,
             }),
             permits: Semaphore::new(send_window as usize),
             events: etx,
@@ -219,11 +222,14 @@ impl Endpoint {
     }
 
     async fn send_record(&self, kind: RecordType, data: &[u8]) -> Result<(), PeerError> {
-        let permit = self.permits.acquire().await.map_err(|_| PeerError::Broken(BreakReason::Finished))?;
+        // A send on an ended circuit fails with the reason it ended (a BREAK's), not a bare `finished`: the bridge
+        // logs it, and "upstream-unavailable" is what its operator needs to read.
+        let ended = |st: &State| PeerError::Broken(st.ended_by.unwrap_or(BreakReason::Finished));
+        let Ok(permit) = self.permits.acquire().await else { return Err(ended(&self.lock())) };
         permit.forget();
         let mut st = self.lock();
         if st.closed {
-            return Err(PeerError::Broken(BreakReason::Finished));
+            return Err(ended(&st));
         }
         let session = st.session.as_mut().ok_or(PeerError::Broken(BreakReason::Protocol))?;
         // `seal` writes the whole payload, so a recycled buffer needs no zeroing.
@@ -319,6 +325,7 @@ impl Endpoint {
     pub fn closed(&self, reason: BreakReason) {
         let mut st = self.lock();
         st.closed = true;
+        st.ended_by.get_or_insert(reason);
         if let Some(tx) = st.opened.take() {
             let _ = tx.send(Err(PeerError::Broken(reason)));
         }

@@ -129,6 +129,9 @@ async fn shutdown_breaks_every_circuit_and_refuses_new_ones() {
     let mut s = q.router.open_circuit(&grant(&r, soon())).await.expect("opens");
     assert_eq!(r.router.shutdown(), 1);
     assert!(matches!(s.recv().await, Err(crate::PeerError::Broken(BreakReason::Shutdown))));
+    // A send on the ended circuit fails with the reason it ended (the bridge logs it), not a bare `finished`.
+    let sent = s.send(b"late".to_vec()).await;
+    assert!(matches!(sent, Err(crate::PeerError::Broken(BreakReason::Shutdown))), "{sent:?}");
     let err = q.router.open_circuit(&grant(&r, soon())).await.err().expect("refused");
     assert!(matches!(err, crate::PeerError::Denied(DenyReason::CircuitLimit)), "{err}");
 }
