@@ -51,11 +51,6 @@ impl Blamers {
     pub fn corroborated(&self, now: Instant) -> bool {
         self.live(now) >= CORROBORATING_REPORTERS
     }
-
-    /// Forgets every reporter.
-    pub fn clear(&mut self) {
-        self.0.clear();
-    }
 }
 
 #[cfg(test)]
@@ -174,7 +169,5 @@ mod tests {
         }
         assert!(!b.by(&fp(39), t0), "beyond the cap, not remembered");
         assert_eq!(b.add(fp(39), t0 + BLAME_LASTS, BLAME_LASTS), 1);
-        b.clear();
-        assert_eq!(b.live(t0 + BLAME_LASTS), 0);
     }
 }
