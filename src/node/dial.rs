@@ -141,12 +141,12 @@ impl Node {
                         if failures == UNREACHABLE_AFTER {
                             // Once per outage, when it is not a blip (a neighbor that restarts is back by now).
                             warn!(
-                                peer = %fp.short(), %addr, failures,
+                                peer = %fp.short(), failures,
                                 "neighbor unreachable: {e}; reported to the tracker, redialing with backoff (up to {}s)",
                                 DIAL_BACKOFF_MAX.as_secs()
                             );
                         } else if lost {
-                            info!(peer = %fp.short(), %addr, "neighbor's link dropped and a redial failed ({e}); reported to the tracker");
+                            info!(peer = %fp.short(), "neighbor's link dropped and a redial failed ({e}); reported to the tracker");
                         } else {
                             debug!(peer = %fp.short(), failures, next_in = ?wait, "dial failed: {e}");
                         }
