@@ -231,8 +231,10 @@ fn op_true() -> ScriptBuf {
     Builder::new().push_opcode(OP_TRUE).into_script()
 }
 
+/// Seconds since the Unix epoch: the wall clock, or a simulation's clock ([`anomos_net::rt::unix_now`]), so block
+/// times, `version` timestamps and the future-time check replay in a simulation.
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    anomos_net::rt::unix_now()
 }
 
 #[cfg(test)]

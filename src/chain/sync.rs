@@ -37,7 +37,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anomos_proto::btc::{Message, NetParams};
 use anomos_proto::btc::{ServiceFlags, VersionMessage};

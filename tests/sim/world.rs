@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use super::keys;
 use super::net::{HostId, NetParams, SimHost, SimNet};
 
+mod chain;
 mod checks;
 mod hostile;
 
@@ -155,6 +156,8 @@ struct Peer {
     key: usize,
     dir: tempfile::TempDir,
     serving: bool,
+    /// Serves the regtest chain (honestly or not).
+    chain: Option<chain::Role>,
     hostile: bool,
     node: Option<Arc<Node>>,
     addr: SocketAddr,
@@ -174,6 +177,10 @@ struct World {
     ends: Arc<Mutex<BTreeMap<u64, String>>>,
     observer: Arc<SimHost>,
     progress: Arc<Progress>,
+    /// The regtest chain the chain-serving peers serve.
+    chain: Arc<chain::Reference>,
+    /// Chain syncs under way.
+    syncs: chain::Syncs,
 }
 
 fn peer_config(
@@ -181,7 +188,7 @@ fn peer_config(
     fp: &Fingerprint,
     addr: SocketAddr,
     dir: &std::path::Path,
-    serving: bool,
+    serve: Option<ChainId>,
 ) -> PeerConfig {
     let mut cfg = PeerConfig::new(addr, tracker, fp.to_hex(), dir.to_path_buf());
     cfg.stats_interval = Duration::ZERO;
@@ -192,9 +199,7 @@ fn peer_config(
     cfg.link_queue_cap = 8_192;
     // A fixed window: auto-tuning needs an RTT, which a simulated link does not report.
     cfg.circuit_window_max = cfg.circuit_window;
-    if serving {
-        cfg.serve = vec![ChainId::new(CHAIN).unwrap()];
-    }
+    cfg.serve = serve.into_iter().collect();
     cfg
 }
 
@@ -245,7 +250,12 @@ impl World {
     async fn start_peer(&mut self, i: usize, restart: bool) {
         let p = &self.peers[i];
         let t: Arc<dyn Transport> = if restart { self.net.restart(p.host) } else { self.net.transport(p.host) };
-        let mut cfg = peer_config(self.tracker_addr, &self.tracker_fp, p.addr, p.dir.path(), p.serving);
+        let serve = match (p.serving, p.chain) {
+            (true, _) => Some(ChainId::new(CHAIN).unwrap()),
+            (false, Some(_)) => Some(chain::chain_id()),
+            (false, None) => None,
+        };
+        let mut cfg = peer_config(self.tracker_addr, &self.tracker_fp, p.addr, p.dir.path(), serve);
         if p.hostile {
             // Hostile peers relay nothing (every OPEN through them is denied circuit-limit): a relay that silently
             // drops a circuit's cells stalls that circuit until the application gives up on it (the chain sync's
@@ -255,8 +265,11 @@ impl World {
         }
         let id = keys::pool()[p.key].clone();
         let tkey = keys::pool()[0].public().clone();
-        let service: Option<Arc<dyn Service>> =
-            p.serving.then(|| Arc::new(Echo { net: self.net.clone(), ends: self.ends.clone() }) as Arc<dyn Service>);
+        let service: Option<Arc<dyn Service>> = match (p.serving, p.chain) {
+            (true, _) => Some(Arc::new(Echo { net: self.net.clone(), ends: self.ends.clone() })),
+            (false, Some(role)) => Some(chain::service(&self.chain, role)),
+            (false, None) => None,
+        };
         match Node::bind_on(t, cfg, id, tkey, service).await {
             Ok((node, l)) => {
                 node.start(l);
@@ -296,6 +309,7 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
     let honest = rng.gen_range(scenario.honest.0..=scenario.honest.1);
     let hostile = rng.gen_range(scenario.hostile.0..=scenario.hostile.1);
     let serving = rng.gen_range(2..=3).min(honest);
+    let chain_roles = chain::Role::draw(&mut rng);
     let mut world = World {
         seed,
         net: net.clone(),
@@ -310,8 +324,10 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
         ends: Arc::new(Mutex::new(BTreeMap::new())),
         observer,
         progress,
+        chain: Arc::new(chain::Reference::mine()),
+        syncs: Arc::default(),
     };
-    world.record(format_args!("honest={honest} serving={serving} hostile={hostile}"));
+    world.record(format_args!("honest={honest} serving={serving} chain={chain_roles:?} hostile={hostile}"));
     // The watchdog's heartbeat: simulated seconds, whatever phase the run is in (it stops only if the thread does).
     let ticker = {
         let (progress, start) = (world.progress.clone(), world.start);
@@ -331,6 +347,7 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
             key: 1 + i,
             dir: tempfile::tempdir().unwrap(),
             serving: i < serving,
+            chain: (i >= serving).then(|| chain_roles.get(i - serving).copied()).flatten(),
             hostile: i >= honest,
             node: None,
             addr: SocketAddr::new(net.ip(host), PEER_PORT),
@@ -351,6 +368,8 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
     for w in 0..3 {
         tasks.push(tokio::spawn(workload(world.clone(), StdRng::seed_from_u64(seed ^ ((w + 1) * 0x9e37)), faults_end)));
     }
+    // Chain syncs.
+    tasks.push(tokio::spawn(chain::workload(world.clone(), StdRng::seed_from_u64(seed ^ 0xc4a1), faults_end)));
     // Hostile peers.
     tasks.push(tokio::spawn(hostile::hostile_driver(world.clone(), StdRng::seed_from_u64(seed ^ 0xbad), faults_end)));
     // Faults.
@@ -370,10 +389,12 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
         t.abort();
     }
     // Recovery: heal, bring back everything dead, let it settle, then every honest peer must get a working circuit.
+    let healed;
     {
         let mut w = world.lock().await;
         w.net.heal();
         w.record(format_args!("recovery"));
+        healed = Instant::now();
         if !w.net.is_alive(w.tracker_host) {
             w.start_tracker().await;
         }
@@ -383,6 +404,7 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
             }
         }
     }
+    chain::start_one(&*world.lock().await, &mut StdRng::seed_from_u64(seed ^ 0xc4a2));
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         {
@@ -393,6 +415,8 @@ pub async fn run(seed: u64, scenario: Scenario, log: bool, progress: Arc<Progres
     if !world.lock().await.shared.failed() {
         checks::final_check(world.clone()).await;
     }
+    chain::wait_all(world.clone(), healed).await;
+    chain::stop(&*world.lock().await);
     checker.abort();
     ticker.abort();
     let w = world.lock().await;
@@ -561,6 +585,7 @@ async fn faults(world: Arc<tokio::sync::Mutex<World>>, mut rng: StdRng, until: I
                     w.record(format_args!("fault: kill peer {i}"));
                     w.net.kill(w.peers[i].host);
                     w.peers[i].node = None;
+                    chain::abandon(&w, i);
                     w.shared.count("peer kills");
                     restarts.push((now + Duration::from_millis(rng.gen_range(500..30_000)), Some(i)));
                 }

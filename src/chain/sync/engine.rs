@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anomos_proto::btc::ServiceFlags;
 use anomos_proto::btc::{check_block, check_linkage, BtcError, GetHeadersMessage, Inventory, Message, NetParams};
