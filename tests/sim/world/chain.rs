@@ -38,6 +38,21 @@ impl Reference {
         Reference { blocks, tip }
     }
 
+    /// The served chain's height.
+    pub(super) fn height(&self) -> u32 {
+        BLOCKS
+    }
+
+    /// The served block at `h` (at most [`Reference::height`]).
+    pub(super) fn block(&self, h: u32) -> Block {
+        self.blocks[h as usize].clone()
+    }
+
+    /// The served block hash at `h` (at most [`Reference::height`]).
+    pub(super) fn hash_at(&self, h: u32) -> BlockHash {
+        self.blocks[h as usize].block_hash()
+    }
+
     /// A serving peer's store: the whole chain.
     fn store(&self) -> SharedStore {
         let mut store = ChainStore::new(ChainParams::regtest()).expect("a regtest store");
@@ -111,15 +126,21 @@ pub(super) fn service(reference: &Reference, role: Role) -> Arc<dyn Service> {
     Arc::new(ChainService::new(reference.store()).with_misbehave(misbehave))
 }
 
-/// A sync under way.
+/// A sync (or a lying conversation) under way.
 pub(super) struct Running {
     peer: usize,
+    what: &'static str,
     started: Instant,
     task: JoinHandle<()>,
 }
 
-/// The syncs under way, by token.
+/// The syncs (and lying conversations) under way, by token.
 pub(super) type Syncs = Arc<Mutex<BTreeMap<u64, Running>>>;
+
+/// Registers a lying conversation of peer `i`: ended if the peer is killed, bounded like a sync.
+pub(super) fn register(tasks: &Syncs, token: u64, i: usize, task: JoinHandle<()>) {
+    tasks.lock().unwrap().insert(token, Running { peer: i, what: "lying requester", started: Instant::now(), task });
+}
 
 /// Starts a sync from peer `i` (alive, honest) over `relays` relays.
 pub(super) fn start_sync(w: &World, i: usize, token: u64, relays: u8) {
@@ -157,7 +178,7 @@ pub(super) fn start_sync(w: &World, i: usize, token: u64, relays: u8) {
         }
         task_syncs.lock().unwrap().remove(&token);
     });
-    syncs.lock().unwrap().insert(token, Running { peer: i, started: Instant::now(), task });
+    syncs.lock().unwrap().insert(token, Running { peer: i, what: "chain sync", started: Instant::now(), task });
 }
 
 /// Peer `i` was killed: its syncs end with it.
@@ -168,8 +189,8 @@ pub(super) fn abandon(w: &World, i: usize) {
             return true;
         }
         r.task.abort();
-        w.net.record(format_args!("chain sync token={token} abandoned: peer {i} killed"));
-        w.shared.count("chain syncs abandoned (peer killed)");
+        w.net.record(format_args!("{} token={token} abandoned: peer {i} killed", r.what));
+        w.shared.count("chain tasks abandoned (peer killed)");
         false
     });
 }
@@ -182,7 +203,7 @@ fn candidates(w: &World) -> Vec<usize> {
         .collect()
 }
 
-/// Starts syncs from random honest peers until `until`.
+/// Starts syncs (and, one time in three, lying conversations) from random honest peers until `until`.
 pub(super) async fn workload(world: Arc<tokio::sync::Mutex<World>>, mut rng: StdRng, until: Instant) {
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(3_000..25_000))).await;
@@ -191,7 +212,12 @@ pub(super) async fn workload(world: Arc<tokio::sync::Mutex<World>>, mut rng: Std
         if c.is_empty() {
             continue;
         }
-        start_sync(&w, c[rng.gen_range(0..c.len())], rng.next_u64(), rng.gen_range(1..=3));
+        let i = c[rng.gen_range(0..c.len())];
+        if rng.gen_range(0..3) == 0 {
+            super::liar::start(&w, i, rng.next_u64(), StdRng::seed_from_u64(rng.next_u64()));
+        } else {
+            start_sync(&w, i, rng.next_u64(), rng.gen_range(1..=3));
+        }
     }
 }
 
@@ -216,15 +242,12 @@ pub(super) async fn wait_all(world: Arc<tokio::sync::Mutex<World>>, healed: Inst
                 let late: Vec<String> = syncs
                     .iter()
                     .map(|(t, r)| {
-                        format!(
-                            "token={t} from peer {} (started at {:.0} s)",
-                            r.peer,
-                            (r.started - w.start).as_secs_f64()
-                        )
+                        let at = (r.started - w.start).as_secs_f64();
+                        format!("{} token={t} from peer {} (started at {at:.0} s)", r.what, r.peer)
                     })
                     .collect();
                 drop(syncs);
-                w.fail(format!("chain syncs not done {SYNC_BOUND:?} after the network healed: {}", late.join(", ")));
+                w.fail(format!("not done {SYNC_BOUND:?} after the network healed: {}", late.join(", ")));
                 return;
             }
         }
