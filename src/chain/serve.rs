@@ -214,6 +214,9 @@ impl Conversation<'_> {
         loop {
             let limit = if self.handshaken { IDLE_TIMEOUT } else { HANDSHAKE_TIMEOUT };
             tokio::select! {
+                // In order, so a simulation replays (a requester that floods requests delays only its own
+                // announcements; the broadcast channel skips what it misses).
+                biased;
                 msg = self.peer.recv_timeout(limit, "the next request") => {
                     let msg = match msg {
                         Ok(m) => m,

@@ -173,6 +173,8 @@ async fn reader(
 ) {
     loop {
         tokio::select! {
+            // In order (a simulation replays; an abort goes first).
+            biased;
             c = &mut ctl => {
                 match c {
                     Ok(Ctl::Abort(r)) => stream.abort(r),
