@@ -101,8 +101,14 @@ impl Node {
             if self.is_shutting_down() {
                 break;
             }
-            // A link is up already (the neighbor knocked, or restarted and dialed us): dial when it is gone.
+            // A link is up already (the neighbor knocked, or restarted and dialed us): it is reachable; dial when
+            // the link is gone.
             if self.links.link(n.nid).is_some() {
+                if failures >= UNREACHABLE_AFTER || reported {
+                    info!(peer = %fp.short(), failures, "neighbor reachable again (it dialed us)");
+                }
+                self.dial_troubles.map().remove(&n.nid);
+                (failures, reported) = (0, false);
                 self.links.wait_gone(n.nid).await;
                 lost = true;
                 continue;
@@ -168,13 +174,21 @@ impl Node {
                     wait
                 }
             };
-            // Wait out the backoff, but dial at once if an announce tells us the neighbor moved.
+            // Wait out the backoff, but go on at once if an announce tells us the neighbor moved, or if the neighbor
+            // dials us meanwhile (then its link is watched from the start, and its loss reported at once: with only
+            // the backoff, a link that came and went while we slept would go unnoticed here).
             let deadline = tokio::time::Instant::now() + wait;
             loop {
                 let changed = self.neighbors.changed.notified();
                 let moved = self.neighbors.get(&fp).is_none_or(|e| e.addr != addr);
-                if moved || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                if moved {
                     break;
+                }
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                tokio::select! {
+                    biased; // in order: the same outcome in every run of a simulation
+                    _ = self.links.wait_link(n.nid, left) => break, // up, or the backoff is over
+                    _ = changed => {}
                 }
             }
         }
