@@ -160,6 +160,67 @@ mod tests {
         assert!(current.iter().all(|n| hops.contains(n)), "{hops:?} vs {current:?}");
     }
 
+    /// A peer at the maximum degree whose neighbors it blamed take the room of others drops edges to them at its
+    /// next announce, as many as it is short of the target, and gets fresh (unblamed) neighbors instead.
+    #[test]
+    fn a_peer_at_the_maximum_degree_sheds_neighbors_it_blamed() {
+        use super::super::{Graph, GraphConfig};
+        use crate::diversity::AdmissionLimits;
+        use rand::SeedableRng;
+        let cfg = GraphConfig {
+            target_degree: 4,
+            max_degree: 6,
+            allow_same_ip: false,
+            max_peers: 100,
+            expire_after: Duration::from_secs(3600),
+            admission: AdmissionLimits::NONE,
+            fixed_degree: true,
+            blame_lasts: BLAME_LASTS,
+        };
+        let mut g: Graph<()> = Graph::new(cfg);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let t0 = Instant::now();
+        let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
+        for i in 1..=30u8 {
+            g.announce(fp(i), (), addr(i), vec![], t0, &mut rng).unwrap();
+        }
+        let me = fp(1);
+        // Fill `me` up to the maximum degree.
+        for i in 2..=30u8 {
+            if g.get(&me).unwrap().degree() >= 6 {
+                break;
+            }
+            if g.edge(&me, &fp(i)).is_none() && g.get(&fp(i)).unwrap().degree() < 6 {
+                g.add_edge(me, fp(i), &mut rng);
+            }
+        }
+        let before: Vec<Fingerprint> = g.get(&me).unwrap().edges.keys().copied().collect();
+        assert_eq!(before.len(), 6);
+        // Blamed neighbors within what the maximum leaves room for: nothing is dropped.
+        let t1 = t0 + Duration::from_secs(1);
+        g.blame(&before[0], me, t1);
+        g.blame(&before[1], me, t1);
+        g.announce(me, (), addr(1), vec![], t1, &mut rng).unwrap();
+        assert_eq!(g.get(&me).unwrap().degree(), 6);
+        assert!(g.edge(&me, &before[0]).is_some() && g.edge(&me, &before[1]).is_some());
+        // Four blamed of six: two short of the target with no room, so two blamed edges go and two fresh come.
+        g.blame(&before[2], me, t1);
+        g.blame(&before[3], me, t1);
+        g.announce(me, (), addr(1), vec![], t1, &mut rng).unwrap();
+        let after: Vec<Fingerprint> = g.get(&me).unwrap().edges.keys().copied().collect();
+        assert_eq!(after.len(), 6, "{after:?}");
+        let blamed_left = after.iter().filter(|f| before[..4].contains(f)).count();
+        assert_eq!(blamed_left, 2, "{before:?} -> {after:?}");
+        assert_eq!(after.iter().filter(|f| !before.contains(f)).count(), 2, "two fresh neighbors");
+        for f in &after {
+            assert!(g.edge(f, &me).is_some(), "edges stay symmetric");
+        }
+        // The shed neighbors lost an edge, nothing else: they get others at their own next announce.
+        for f in before[..4].iter().filter(|f| !after.contains(f)) {
+            assert!(g.edge(f, &me).is_none());
+        }
+    }
+
     #[test]
     fn at_most_max_blamers_are_remembered_and_expired_ones_make_room() {
         let t0 = Instant::now();

@@ -85,6 +85,7 @@ impl<K> Graph<K> {
         if strict {
             self.prune_crowded(id, rng);
         }
+        self.shed_blamed(id, now, target, max);
         let Some(me) = self.peers.get(&id) else {
             return 0;
         };
@@ -140,6 +141,35 @@ impl<K> Graph<K> {
             self.add_edge(id, *other, rng);
         }
         chosen.len() + self.split_edges_for(id, now, strict, rng)
+    }
+
+    /// Neighbors `id` blamed (they refused its circuits) do not count toward its target degree, so it gets others
+    /// beside them; but at the maximum degree there is no room for others, and a peer whose blamed neighbors are
+    /// the only first hops toward what it wants would keep getting paths through them (seed 70191 of the
+    /// simulation: a requester with two refusing neighbors and four that led nowhere near the chain's serving
+    /// peers). So the edges to as many blamed neighbors as needed to make that room are dropped (in fingerprint
+    /// order). The neighbor loses an edge it would not serve anyway and gets another at its own next announce;
+    /// both drop the link when their next announce no longer lists the edge. Returns the edges dropped.
+    fn shed_blamed(&mut self, id: Fingerprint, now: Instant, target: usize, max: usize) -> usize {
+        let Some(me) = self.peers.get(&id) else { return 0 };
+        let mut blamed: Vec<(Fingerprint, NeighborId)> = me
+            .edges
+            .iter()
+            .filter(|(fp, _)| self.peers.get(fp).is_some_and(|p| p.blamed_by.by(&id, now)))
+            .map(|(fp, nid)| (*fp, *nid))
+            .collect();
+        let have = me.degree() - blamed.len();
+        let room = max.saturating_sub(me.degree());
+        let short = target.saturating_sub(have);
+        if short <= room {
+            return 0;
+        }
+        blamed.sort_unstable_by_key(|(fp, _)| *fp);
+        let n = (short - room).min(blamed.len());
+        for (_, nid) in blamed.into_iter().take(n) {
+            self.unlink(nid);
+        }
+        n
     }
 
     /// When every other peer is at the maximum degree, a newcomer would get few neighbors or one, and a peer
