@@ -128,7 +128,15 @@ fn sync_2000_blocks_over_4_circuits_survives_kill_9_and_resumes_without_refetchi
         assert!(requested >= blocks, "{done}");
     }
     assert!(done.contains("height=2000"), "{done}");
-    assert_eq!(num(&done, "circuits"), 4, "4 circuits to distinct serving peers: {done}");
+    // 4 asked for, to distinct serving peers. The graph is random: in about one run in seven (2 of 15 measured)
+    // only 3 of the 4 serving peers have a 2-relay path from the requester that the tracker may use, and it issues
+    // 3 (`requested=4 issued=3` in its log, from the first run on); the resumed sync then runs over 3.
+    let circuits = num(&done, "circuits");
+    assert!(
+        (3..=4).contains(&circuits),
+        "4 circuits to distinct serving peers: {done}\n{log}\n{}",
+        o.tracker.log_text()
+    );
     let after = info(&o, "requester", "regtest");
     assert!(after.contains("blocks=2000") && after.contains("missing=0"), "{after}");
 
