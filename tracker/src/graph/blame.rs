@@ -61,6 +61,20 @@ mod tests {
         Fingerprint([i; 32])
     }
 
+    /// Degree 4 (at most 6), distinct addresses, blame as in production.
+    fn graph_cfg() -> super::super::GraphConfig {
+        super::super::GraphConfig {
+            target_degree: 4,
+            max_degree: 6,
+            allow_same_ip: false,
+            max_peers: 100,
+            expire_after: Duration::from_secs(3600),
+            admission: crate::diversity::AdmissionLimits::NONE,
+            fixed_degree: true,
+            blame_lasts: BLAME_LASTS,
+        }
+    }
+
     #[test]
     fn blame_lasts_its_time_then_ends_and_corroboration_needs_two_live_reporters() {
         let t0 = Instant::now();
@@ -84,22 +98,11 @@ mod tests {
     /// notwithstanding; when every path needs a blamed peer it gets one rather than none; blame then lapses.
     #[test]
     fn a_requesters_paths_avoid_whom_it_blamed_while_there_is_another_way() {
-        use super::super::{Graph, GraphConfig};
-        use crate::diversity::AdmissionLimits;
+        use super::super::Graph;
         use anomos_proto::ids::ChainId;
         use rand::SeedableRng;
         let chain = ChainId::new("regtest").unwrap();
-        let cfg = GraphConfig {
-            target_degree: 4,
-            max_degree: 6,
-            allow_same_ip: false,
-            max_peers: 100,
-            expire_after: Duration::from_secs(3600),
-            admission: AdmissionLimits::NONE,
-            fixed_degree: true,
-            blame_lasts: BLAME_LASTS,
-        };
-        let mut g: Graph<()> = Graph::new(cfg);
+        let mut g: Graph<()> = Graph::new(graph_cfg());
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let t0 = Instant::now();
         let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
@@ -164,20 +167,9 @@ mod tests {
     /// next announce, as many as it is short of the target, and gets fresh (unblamed) neighbors instead.
     #[test]
     fn a_peer_at_the_maximum_degree_sheds_neighbors_it_blamed() {
-        use super::super::{Graph, GraphConfig};
-        use crate::diversity::AdmissionLimits;
+        use super::super::Graph;
         use rand::SeedableRng;
-        let cfg = GraphConfig {
-            target_degree: 4,
-            max_degree: 6,
-            allow_same_ip: false,
-            max_peers: 100,
-            expire_after: Duration::from_secs(3600),
-            admission: AdmissionLimits::NONE,
-            fixed_degree: true,
-            blame_lasts: BLAME_LASTS,
-        };
-        let mut g: Graph<()> = Graph::new(cfg);
+        let mut g: Graph<()> = Graph::new(graph_cfg());
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let t0 = Instant::now();
         let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
