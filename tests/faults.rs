@@ -168,7 +168,15 @@ fn tracker_killed_circuits_keep_carrying_data_peers_back_off_and_reannounce_afte
     };
     eprintln!("relay0 announce backoffs while the tracker is down: {backoffs:?}");
     assert!(backoffs.len() >= 4, "relay0 did not keep retrying: {backoffs:?}");
-    assert!(backoffs.windows(2).all(|w| w[1] >= w[0]) && backoffs[3] > backoffs[0], "no backoff: {backoffs:?}");
+    // The n-th retry waits 0.5 s × 2^n (capped at 30 s) × a jitter of 0.5–1.5 (SPEC §3.4), logged to 0.1 s: two
+    // draws in a row may decrease, but each lies in its own band, and the bands double.
+    for (n, b) in backoffs.iter().enumerate() {
+        let base = (0.5 * f64::from(1u32 << n.min(6))).min(30.0);
+        assert!(
+            (0.5 * base - 0.051..=1.5 * base + 0.051).contains(b),
+            "retry {n} waited {b} s, not 0.5–1.5 × {base} s: {backoffs:?}"
+        );
+    }
 
     // Restart with the same key, port and data directory: every peer announces again, and new circuits work.
     net.tracker.restart();
