@@ -247,7 +247,11 @@ pub(super) async fn wait_all(world: Arc<tokio::sync::Mutex<World>>, healed: Inst
                     })
                     .collect();
                 drop(syncs);
-                w.fail(format!("not done {SYNC_BOUND:?} after the network healed: {}", late.join(", ")));
+                let overlay = super::checks::overlay(&w);
+                w.fail(format!(
+                    "not done {SYNC_BOUND:?} after the network healed: {}\n  overlay: {overlay}",
+                    late.join(", ")
+                ));
                 return;
             }
         }

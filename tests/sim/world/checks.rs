@@ -101,6 +101,28 @@ pub(super) fn graph(w: &World) -> Vec<Vec<(usize, PublicKey, NeighborId)>> {
         .collect()
 }
 
+/// The overlay as the peers hold it, one line per peer: its index, its kind (`chain` serving, `liar` lying,
+/// `hostile`, `down`) and its neighbors' indices. Printed with a failure that depends on the graph.
+pub(super) fn overlay(w: &World) -> String {
+    graph(w)
+        .iter()
+        .enumerate()
+        .map(|(i, nbs)| {
+            let p = &w.peers[i];
+            let kind = match (&p.node, p.hostile, &p.chain) {
+                (None, _, _) => "down",
+                (_, true, _) => "hostile",
+                (_, _, Some(chain::Role::Honest)) => "chain",
+                (_, _, Some(_)) => "liar",
+                _ => "honest",
+            };
+            let nbs: Vec<String> = nbs.iter().map(|(j, _, _)| j.to_string()).collect();
+            format!("{i} {kind}: [{}]", nbs.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The tracker's graph as the live peers hold it: every edge named by both ends with the same NeighborID, and no
 /// NeighborID on two edges. Empty if consistent; else what is not.
 fn graph_faults(w: &World) -> Vec<String> {
