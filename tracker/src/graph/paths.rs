@@ -21,9 +21,13 @@ impl<K> Graph<K> {
     /// nodes in one /16 (IPv6 /32) or one declared family. Relays already used by an earlier path of the same
     /// request are avoided when another path exists.
     ///
-    /// When no such path exists, paths with one relay more are tried (up to `MAX_RELAYS`). Only when that fails
-    /// too, and the overlay cannot have prefix-diverse paths anyway (it spans fewer /16s than a path has nodes,
-    /// or `allow_same_ip`), are hops in one /16 allowed. Families are always kept apart.
+    /// When no such path exists, paths with one relay more are tried. When those fail too, and a usable serving
+    /// peer is within `MAX_RELAYS + 1` hops at all, two longer lengths are tried, from the least that can reach
+    /// the nearest one (at least two relays more than asked), never more than `MAX_RELAYS`: a requester whose
+    /// near neighborhood holds only peers it blamed is not left with them, or with nothing, while a usable target
+    /// is a few hops farther (found by the simulator, issue 13). Only when that fails too, and the overlay cannot
+    /// have prefix-diverse paths anyway (it spans fewer /16s than a path has nodes, or `allow_same_ip`), are hops
+    /// in one /16 allowed. Families are always kept apart.
     ///
     /// Peers the requester blamed (its failure reports, for `blame_lasts`) are left out of all of that; only when
     /// no path at all avoids them are they used again: a requester whose neighbors it all blamed during an outage
@@ -49,17 +53,17 @@ impl<K> Graph<K> {
         if me.edges.is_empty() || relays == 0 || count == 0 {
             return Err(GraphError::NoPath);
         }
-        let longest = (relays + 1).min(usize::from(anomos_proto::tracker::MAX_RELAYS)).max(relays);
+        let most = usize::from(anomos_proto::tracker::MAX_RELAYS);
+        let longest = (relays + 1).min(most).max(relays);
         // A path of h relays has h + 2 nodes: with fewer /16s in the overlay it cannot keep them apart, and the
         // (costly, fruitless) attempt is skipped. Hops in one /16 are allowed only where the overlay itself has
         // too few /16s for the requested length, or under allow_same_ip.
         let prefixes = self.census.prefixes();
         let relaxable = self.cfg.allow_same_ip || prefixes < relays + 2;
-        let attempts = (relays..=longest)
-            .filter(|h| prefixes >= h + 2)
-            .map(|h| (true, h))
-            .chain((relays..=longest).filter(|_| relaxable).map(|h| (false, h)));
-        let attempts: Vec<(bool, usize)> = attempts.collect();
+        let attempts = |lengths: std::ops::RangeInclusive<usize>| -> Vec<(bool, usize)> {
+            let apart = lengths.clone().filter(|h| prefixes >= h + 2).map(|h| (true, h));
+            apart.chain(lengths.filter(|_| relaxable).map(|h| (false, h))).collect()
+        };
         // Whether the requester's blame left out any peer its searches reached: only then can a second round
         // that ignores blame find more.
         let mut blame_mattered = false;
@@ -67,15 +71,77 @@ impl<K> Graph<K> {
             if !heed_blame && !blame_mattered {
                 break;
             }
-            for &(apart, hops) in &attempts {
+            let mut tried = attempts(relays..=longest);
+            // Longer paths only when these gave nothing, and only if a usable target is in reach at all: from the
+            // least length that can reach the nearest one (paths of h relays reach h + 1 hops), two lengths.
+            let farther = |g: &Self| match g.nearest_target(requester, chain, heed_blame, now) {
+                Some(d) => {
+                    let from = (longest + 1).max(d.saturating_sub(1));
+                    attempts(from..=(from + 1).min(most))
+                }
+                None => Vec::new(),
+            };
+            let mut extended = false;
+            while let Some((apart, hops)) = (!tried.is_empty()).then(|| tried.remove(0)) {
                 let (paths, skipped) = self.search(requester, chain, count, hops, busy, apart, heed_blame, now, rng);
                 if !paths.is_empty() {
                     return Ok(paths);
                 }
                 blame_mattered |= skipped;
+                if tried.is_empty() && !extended {
+                    extended = true;
+                    tried = farther(self);
+                }
             }
         }
         Err(GraphError::NoPath)
+    }
+
+    /// The hop distance from `requester` to the nearest peer serving `chain` that its paths may use (over usable
+    /// peers, as [`distances_from`](Self::distances_from)), if it is at most `MAX_RELAYS + 1`. The breadth-first
+    /// search stops at the first level holding one, or after [`SEARCH_BUDGET`] peers: what a request costs stays
+    /// bounded when the chain is served only far away or not at all.
+    fn nearest_target(
+        &self,
+        requester: &Fingerprint,
+        chain: &ChainId,
+        heed_blame: bool,
+        now: Instant,
+    ) -> Option<usize> {
+        let serving = self.serving.get(chain)?;
+        let max = usize::from(anomos_proto::tracker::MAX_RELAYS) + 1;
+        let mut seen: FpSet<Fingerprint> = FpSet::default();
+        seen.insert(*requester);
+        let mut level = vec![*requester];
+        let mut budget = SEARCH_BUDGET;
+        for d in 1..=max {
+            let mut next = Vec::new();
+            for n in &level {
+                let Some(p) = self.peers.get(n) else { continue };
+                for fp in p.edges.keys() {
+                    if budget == 0 {
+                        return None;
+                    }
+                    budget -= 1;
+                    if !seen.insert(*fp) {
+                        continue;
+                    }
+                    let Some(q) = self.peers.get(fp) else { continue };
+                    if q.avoided
+                        || (heed_blame && q.blamed_by.by(requester, now))
+                        || !q.live(now, self.cfg.expire_after)
+                    {
+                        continue;
+                    }
+                    if serving.contains(fp) && self.may_share_path(fp, requester, false) {
+                        return Some(d);
+                    }
+                    next.push(*fp);
+                }
+            }
+            level = next;
+        }
+        None
     }
 
     /// Whether `a` and `b` may both be on one path: not one family, and (if `apart`) not in one /16.

@@ -1,0 +1,78 @@
+//! Path lengths: a request gets the relays it asked for when the graph has such a path, and longer paths (never
+//! more than `MAX_RELAYS`) when it has none (SPEC §3.10 "Reach").
+
+use super::*;
+
+/// `n` peers on a line `0 - 1 - … - n-1`, each on its own /16; only the last serves the chain.
+fn line(n: usize, rng: &mut StdRng, now: Instant) -> Graph<()> {
+    let mut g: Graph<()> = Graph::new(cfg(0));
+    for i in 0..n {
+        let chains = if i == n - 1 { vec![chain()] } else { vec![] };
+        g.announce(fp(i), (), honest_addr(i), chains, now, rng).unwrap();
+    }
+    for i in 0..n - 1 {
+        g.add_edge(fp(i), fp(i + 1), rng);
+    }
+    g
+}
+
+#[test]
+fn a_request_finds_a_path_one_relay_longer_when_none_exists() {
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(50);
+    // R - a - b - c - T: no path with two relays, exactly one with three.
+    let g = line(5, &mut rng, now);
+    let p = g.find_paths(&fp(0), &chain(), 1, 2, now, &mut rng).unwrap();
+    assert_eq!(p, vec![(0..5).map(fp).collect::<Vec<_>>()]);
+}
+
+/// Two relays more than asked, and more: as many as reach the nearest target, up to `MAX_RELAYS`; none beyond.
+#[test]
+fn a_request_gets_the_length_that_reaches_the_nearest_target_up_to_the_maximum() {
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(51);
+    let most = usize::from(anomos_proto::tracker::MAX_RELAYS);
+    // The target is 4 hops away: 1 relay asked, 3 given.
+    let g = line(5, &mut rng, now);
+    let p = g.find_paths(&fp(0), &chain(), 1, 1, now, &mut rng).unwrap();
+    assert_eq!(p, vec![(0..5).map(fp).collect::<Vec<_>>()]);
+    // MAX_RELAYS + 1 hops away: the longest path there is, still given for 1 relay asked.
+    let g = line(most + 2, &mut rng, now);
+    let p = g.find_paths(&fp(0), &chain(), 1, 1, now, &mut rng).unwrap();
+    assert_eq!(p, vec![(0..most + 2).map(fp).collect::<Vec<_>>()]);
+    // One hop farther: no path has few enough relays.
+    let g = line(most + 3, &mut rng, now);
+    assert_eq!(g.find_paths(&fp(0), &chain(), 1, 1, now, &mut rng), Err(GraphError::NoPath));
+    assert_eq!(g.find_paths(&fp(0), &chain(), 1, most, now, &mut rng), Err(GraphError::NoPath));
+}
+
+/// Seeds 100186, 100194 and 110196 of the simulation: near the requester there is only a serving peer it blamed
+/// (it lied) and a neighbor it blamed (it refuses every OPEN) next to the honest serving peer; the honest one is
+/// 4 hops away over peers it did not blame. It gets the honest one, over 3 relays, rather than a path through
+/// the peers it blamed.
+#[test]
+fn a_farther_target_over_unblamed_peers_comes_before_near_paths_through_blamed_ones() {
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(52);
+    let mut g: Graph<()> = Graph::new(cfg(0));
+    // 0 requester; 1 refusing neighbor; 2 lying server; 3, 4, 5 honest relays; 6 honest server.
+    for i in 0..7 {
+        let chains = if i == 2 || i == 6 { vec![chain()] } else { vec![] };
+        g.announce(fp(i), (), honest_addr(i), chains, now, &mut rng).unwrap();
+    }
+    for (a, b) in [(0, 1), (1, 2), (1, 6), (0, 3), (3, 4), (4, 5), (5, 6)] {
+        g.add_edge(fp(a), fp(b), &mut rng);
+    }
+    g.blame(&fp(1), fp(0), now);
+    g.blame(&fp(2), fp(0), now);
+    for relays in [1, 2, 3] {
+        let p = g.find_paths(&fp(0), &chain(), 1, relays, now, &mut rng).unwrap();
+        assert_eq!(p, vec![[0, 3, 4, 5, 6].map(fp).to_vec()], "{relays} relays asked");
+    }
+    // Another requester, which blamed nobody, gets the lengths it asks for, the liar included.
+    let p = g.find_paths(&fp(3), &chain(), 4, 2, now, &mut rng).unwrap();
+    let mut targets: Vec<Fingerprint> = p.iter().filter_map(|p| p.last().copied()).collect();
+    targets.sort_unstable();
+    assert_eq!(targets, vec![fp(2), fp(6)], "{p:?}");
+    assert!(p.iter().all(|p| p.len() == 4), "{p:?}");
+}
