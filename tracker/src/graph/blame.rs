@@ -207,9 +207,70 @@ mod tests {
         for f in &after {
             assert!(g.edge(f, &me).is_some(), "edges stay symmetric");
         }
-        // The shed neighbors lost an edge, nothing else: they get others at their own next announce.
-        for f in before[..4].iter().filter(|f| !after.contains(f)) {
-            assert!(g.edge(f, &me).is_none());
+        // The shed neighbors lost an edge, nothing else: they get others at their own next announce, never `me`
+        // again while its blame lasts (seed 210158: the edge came back at every announce of the shed neighbor).
+        let shed: Vec<Fingerprint> = before[..4].iter().filter(|f| !after.contains(f)).copied().collect();
+        assert_eq!(shed.len(), 2);
+        for round in 2..6u64 {
+            let t = t1 + Duration::from_secs(round);
+            for f in &shed {
+                g.announce(*f, (), addr(f.0[0]), vec![], t, &mut rng).unwrap();
+                assert!(g.edge(f, &me).is_none(), "round {round}: the shed neighbor got the edge back");
+            }
+            g.announce(me, (), addr(1), vec![], t, &mut rng).unwrap();
+            let now: Vec<Fingerprint> = g.get(&me).unwrap().edges.keys().copied().collect();
+            assert_eq!(now.len(), 6);
+            assert!(now.iter().all(|f| after.contains(f)), "round {round}: {after:?} -> {now:?}: not settled");
+        }
+    }
+
+    /// Seed 210158 of the simulation: a peer at the maximum degree shed a neighbor it blamed, found no fresh one,
+    /// and the shed neighbor, now below the target, was given the edge back at its own next announce, every
+    /// interval. Neither end of a new edge may have blamed the other.
+    #[test]
+    fn a_shed_neighbor_does_not_get_the_edge_back_while_the_blame_lasts() {
+        use super::super::Graph;
+        use rand::SeedableRng;
+        let mut g: Graph<()> = Graph::new(graph_cfg());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+        let t0 = Instant::now();
+        // `me` (1) on its own address; 2–13 share one, so none of them may neighbor another anew: `me` is the
+        // only candidate of each.
+        let addr = |i: u8| {
+            if i == 1 {
+                std::net::SocketAddr::from(([127, 1, 1, 1], 8000))
+            } else {
+                std::net::SocketAddr::from(([127, 1, 2, 1], 8000 + u16::from(i)))
+            }
+        };
+        for i in 1..=13u8 {
+            g.announce(fp(i), (), addr(i), vec![], t0, &mut rng).unwrap();
+        }
+        // Whatever the announces made, the test's own graph: `me`–{2..7} (the maximum), 2–{8,9,10}, 3–{11,12,13}.
+        let all: Vec<anomos_proto::ids::NeighborId> = g.edges.keys().copied().collect();
+        for nid in all {
+            g.unlink(nid);
+        }
+        for (a, b) in (2..=7).map(|j| (1, j)).chain([(2, 8), (2, 9), (2, 10), (3, 11), (3, 12), (3, 13)]) {
+            g.add_edge(fp(a), fp(b), &mut rng);
+        }
+        let me = fp(1);
+        // `me` blames four neighbors (two more than the maximum leaves room for) and every non-neighbor.
+        let t1 = t0 + Duration::from_secs(1);
+        for i in [2, 3, 4, 5, 8, 9, 10, 11, 12, 13] {
+            g.blame(&fp(i), me, t1);
+        }
+        g.announce(me, (), addr(1), vec![], t1, &mut rng).unwrap();
+        assert!(g.edge(&me, &fp(2)).is_none() && g.edge(&me, &fp(3)).is_none(), "the first two blamed are shed");
+        assert_eq!(g.get(&me).unwrap().degree(), 4, "and nobody fresh is left to fill in");
+        for round in 2..6u64 {
+            let t = t0 + Duration::from_secs(round);
+            for i in [2u8, 3] {
+                g.announce(fp(i), (), addr(i), vec![], t, &mut rng).unwrap();
+                assert!(g.edge(&fp(i), &me).is_none(), "round {round}: peer {i} got the edge it was shed from back");
+            }
+            g.announce(me, (), addr(1), vec![], t, &mut rng).unwrap();
+            assert_eq!(g.get(&me).unwrap().degree(), 4, "round {round}");
         }
     }
 

@@ -38,6 +38,15 @@ impl<K> Graph<K> {
             || p.edges.keys().any(|n| Some(n) != except && self.peers.get(n).is_some_and(|q| q.prefix == prefix))
     }
 
+    /// Whether either of two peers blamed the other (a live failure report): no new edge joins them. Without the
+    /// reverse direction, a peer that shed a neighbor it blamed (see `shed_blamed`) was given that neighbor back
+    /// at the neighbor's own next announce, under a new NeighborID, every interval for as long as the blame
+    /// lasted: the edge never settled and both ends rebuilt their link each time (found by the simulator, seed
+    /// 210158: an honest serving peer at the maximum degree and a hostile neighbor announcing every 2 s).
+    fn estranged(&self, a: &Fingerprint, pa: &Peer<K>, b: &Fingerprint, pb: &Peer<K>, now: Instant) -> bool {
+        pb.blamed_by.by(a, now) || pa.blamed_by.by(b, now)
+    }
+
     /// Candidate peers for new edges: all of a small graph; of a large one, half the sample drawn uniformly from
     /// the peers below the target degree (the degree index) and the rest from all peers, so an announce costs
     /// O(sample), not O(peers), and still finds the few peers that need neighbors in a saturated graph.
@@ -106,7 +115,7 @@ impl<K> Graph<K> {
                 *fp != id
                     && !me.edges.contains_key(fp)
                     && !p.avoided
-                    && !p.blamed_by.by(&id, now)
+                    && !self.estranged(&id, me, fp, p, now)
                     && p.live(now, self.cfg.expire_after)
                     && p.degree() < max
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
@@ -191,6 +200,7 @@ impl<K> Graph<K> {
                     && p.live(now, self.cfg.expire_after)
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
                     && !family(&id, me, fp, p)
+                    && !self.estranged(&id, me, fp, p, now)
             })
         };
         let edges: Vec<(NeighborId, Fingerprint, Fingerprint)> = if self.all.len() <= FULL_SCAN {
