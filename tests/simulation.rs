@@ -32,7 +32,7 @@ const DEFAULT_SEEDS: u64 = if cfg!(debug_assertions) { 2 } else { 10 };
 /// longer count toward its degree: it gets others). 70191: a chain sync never finished: its requester, at the
 /// maximum degree, had two refusing neighbors and four that led nowhere near the chain's serving peers (a peer
 /// at the maximum now sheds edges to neighbors it blamed, so others fit).
-const REGRESSIONS: &[u64] = &[4, 13, 30, 32, 1061, 10071, 40723, 70191, 100186, 100194, 110196];
+const REGRESSIONS: &[u64] = &[4, 13, 30, 32, 1061, 10071, 40723, 70191, 100186, 100194, 110196, 210158, 210264];
 /// Wall time a run may go without simulated progress before it is declared stuck (a blocked thread: a lock
 /// taken twice, a blocking call that never returns).
 const STALL: Duration = Duration::from_secs(30);
