@@ -353,9 +353,11 @@ impl Service {
             }
         }
         self.metrics.circuits_issued.inc_by(grants.len() as u64);
+        // The paths of one request have one length: the requested one, or longer where the graph had no such path.
+        let hops = grants.first().map_or(0, |g| g.hop_secrets.len());
         info!(
             peer = %peer.short(), chain = %req.chain, requested = req.count, issued = grants.len(),
-            hops = relays + 1, "circuits issued"
+            relays, hops, "circuits issued"
         );
         FromTracker::Circuits(CircuitReply { circuits: grants })
     }

@@ -38,15 +38,6 @@ impl<K> Graph<K> {
             || p.edges.keys().any(|n| Some(n) != except && self.peers.get(n).is_some_and(|q| q.prefix == prefix))
     }
 
-    /// Whether either of two peers blamed the other (a live failure report): no new edge joins them. Without the
-    /// reverse direction, a peer that shed a neighbor it blamed (see `shed_blamed`) was given that neighbor back
-    /// at the neighbor's own next announce, under a new NeighborID, every interval for as long as the blame
-    /// lasted: the edge never settled and both ends rebuilt their link each time (found by the simulator, seed
-    /// 210158: an honest serving peer at the maximum degree and a hostile neighbor announcing every 2 s).
-    fn estranged(&self, a: &Fingerprint, pa: &Peer<K>, b: &Fingerprint, pb: &Peer<K>, now: Instant) -> bool {
-        pb.blamed_by.by(a, now) || pa.blamed_by.by(b, now)
-    }
-
     /// Candidate peers for new edges: all of a small graph; of a large one, half the sample drawn uniformly from
     /// the peers below the target degree (the degree index) and the rest from all peers, so an announce costs
     /// O(sample), not O(peers), and still finds the few peers that need neighbors in a saturated graph.
@@ -87,21 +78,25 @@ impl<K> Graph<K> {
     /// Adds random edges until `id` has the target degree or no candidate is left (after dropping its
     /// non-diverse edges when strict). Neighbors `id` blamed (its live failure reports) do not count toward the
     /// target, up to the maximum degree: a peer whose neighbors all refuse its circuits gets others (found by the
-    /// simulator, seed 40723: a late joiner whose three neighbors were all hostile).
+    /// simulator, seed 40723: a late joiner whose three neighbors were all hostile); at the maximum, edges to
+    /// blamed neighbors make room for the fresh neighbors found, one for one (`shed_blamed`).
     pub(super) fn top_up(&mut self, id: Fingerprint, now: Instant, rng: &mut impl RngCore) -> usize {
         let (target, max) = self.degrees();
         let strict = self.strict_neighbors();
         if strict {
             self.prune_crowded(id, rng);
         }
-        self.shed_blamed(id, now, target, max);
         let Some(me) = self.peers.get(&id) else {
             return 0;
         };
         let blamed = |fp: &Fingerprint| self.peers.get(fp).is_some_and(|p| p.blamed_by.by(&id, now));
-        let have = me.edges.keys().filter(|fp| !blamed(fp)).count();
+        let n_blamed = me.edges.keys().filter(|fp| blamed(fp)).count();
+        let have = me.degree() - n_blamed;
         let room = max.saturating_sub(me.degree());
-        if have >= target || room == 0 {
+        // At the maximum degree, edges to blamed neighbors may make room, but only for fresh neighbors actually
+        // found (see `shed_blamed`).
+        let sheddable = target.saturating_sub(have).saturating_sub(room).min(n_blamed);
+        if have >= target || room + sheddable == 0 {
             return 0;
         }
         let my_ip = me.addr.ip();
@@ -115,7 +110,7 @@ impl<K> Graph<K> {
                 *fp != id
                     && !me.edges.contains_key(fp)
                     && !p.avoided
-                    && !self.estranged(&id, me, fp, p, now)
+                    && !p.blamed_by.by(&id, now)
                     && p.live(now, self.cfg.expire_after)
                     && p.degree() < max
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
@@ -126,7 +121,7 @@ impl<K> Graph<K> {
         candidates.shuffle(rng);
         // Stable: peers still below the target degree first, each group in random order.
         candidates.sort_by_key(|(saturated, _)| *saturated);
-        let want = (target - have).min(room);
+        let want = (target - have).min(room + sheddable);
         let mut chosen: Vec<Fingerprint> = Vec::with_capacity(want);
         // First pass: diverse edges only (also against the neighbors chosen in this pass), so diverse candidates
         // come before the others. Second pass, when not strict: whatever is left.
@@ -146,6 +141,7 @@ impl<K> Graph<K> {
                 mine.insert(prefix);
             }
         }
+        self.shed_blamed(id, now, chosen.len().saturating_sub(room));
         for other in &chosen {
             self.add_edge(id, *other, rng);
         }
@@ -156,10 +152,17 @@ impl<K> Graph<K> {
     /// beside them; but at the maximum degree there is no room for others, and a peer whose blamed neighbors are
     /// the only first hops toward what it wants would keep getting paths through them (seed 70191 of the
     /// simulation: a requester with two refusing neighbors and four that led nowhere near the chain's serving
-    /// peers). So the edges to as many blamed neighbors as needed to make that room are dropped (in fingerprint
-    /// order). The neighbor loses an edge it would not serve anyway and gets another at its own next announce;
-    /// both drop the link when their next announce no longer lists the edge. Returns the edges dropped.
-    fn shed_blamed(&mut self, id: Fingerprint, now: Instant, target: usize, max: usize) -> usize {
+    /// peers). So `top_up` drops the edges to `n` blamed neighbors (in fingerprint order), `n` being the fresh
+    /// neighbors it found beyond the room it had: a blamed edge goes only when a fresh one takes its slot. (It once
+    /// went whenever the peer was short: with no fresh neighbor to be had, the shed neighbor, now below the target
+    /// itself, got the edge back at its own next announce under a new NeighborID, every interval, and the graph
+    /// never settled; seeds 210158 and 210264.) The neighbor loses an edge it would not serve anyway and gets
+    /// another at its own next announce; both drop the link when their next announce no longer lists the edge.
+    /// Returns the edges dropped.
+    fn shed_blamed(&mut self, id: Fingerprint, now: Instant, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
         let Some(me) = self.peers.get(&id) else { return 0 };
         let mut blamed: Vec<(Fingerprint, NeighborId)> = me
             .edges
@@ -167,14 +170,8 @@ impl<K> Graph<K> {
             .filter(|(fp, _)| self.peers.get(fp).is_some_and(|p| p.blamed_by.by(&id, now)))
             .map(|(fp, nid)| (*fp, *nid))
             .collect();
-        let have = me.degree() - blamed.len();
-        let room = max.saturating_sub(me.degree());
-        let short = target.saturating_sub(have);
-        if short <= room {
-            return 0;
-        }
         blamed.sort_unstable_by_key(|(fp, _)| *fp);
-        let n = (short - room).min(blamed.len());
+        let n = n.min(blamed.len());
         for (_, nid) in blamed.into_iter().take(n) {
             self.unlink(nid);
         }
@@ -200,7 +197,6 @@ impl<K> Graph<K> {
                     && p.live(now, self.cfg.expire_after)
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
                     && !family(&id, me, fp, p)
-                    && !self.estranged(&id, me, fp, p, now)
             })
         };
         let edges: Vec<(NeighborId, Fingerprint, Fingerprint)> = if self.all.len() <= FULL_SCAN {

@@ -25,7 +25,7 @@ impl<K> Graph<K> {
     /// peer is within `MAX_RELAYS + 1` hops at all, two longer lengths are tried, from the least that can reach
     /// the nearest one (at least two relays more than asked), never more than `MAX_RELAYS`: a requester whose
     /// near neighborhood holds only peers it blamed is not left with them, or with nothing, while a usable target
-    /// is a few hops farther (found by the simulator, issue 13). Only when that fails too, and the overlay cannot
+    /// is a few hops farther (SPEC open issue 23: seeds 100186, 100194, 110196 of the simulator). Only when that fails too, and the overlay cannot
     /// have prefix-diverse paths anyway (it spans fewer /16s than a path has nodes, or `allow_same_ip`), are hops
     /// in one /16 allowed. Families are always kept apart.
     ///
@@ -74,7 +74,7 @@ impl<K> Graph<K> {
             let mut tried = attempts(relays..=longest);
             // Longer paths only when these gave nothing, and only if a usable target is in reach at all: from the
             // least length that can reach the nearest one (paths of h relays reach h + 1 hops), two lengths.
-            let farther = |g: &Self| match g.nearest_target(requester, chain, heed_blame, now) {
+            let farther = |g: &Self| match g.nearest_target(requester, chain, heed_blame, !relaxable, now) {
                 Some(d) => {
                     let from = (longest + 1).max(d.saturating_sub(1));
                     attempts(from..=(from + 1).min(most))
@@ -98,14 +98,16 @@ impl<K> Graph<K> {
     }
 
     /// The hop distance from `requester` to the nearest peer serving `chain` that its paths may use (over usable
-    /// peers, as [`distances_from`](Self::distances_from)), if it is at most `MAX_RELAYS + 1`. The breadth-first
-    /// search stops at the first level holding one, or after [`SEARCH_BUDGET`] peers: what a request costs stays
-    /// bounded when the chain is served only far away or not at all.
+    /// peers, as [`distances_from`](Self::distances_from); not in the requester's /16 when `apart`), if it is at
+    /// most `MAX_RELAYS + 1`. The breadth-first search stops at the first level holding one, or after
+    /// [`SEARCH_BUDGET`] edges examined: what a request costs stays bounded when the chain is served only far away
+    /// or not at all (and in a large overlay, at degree 10–12, that budget ends the search within 4 hops).
     fn nearest_target(
         &self,
         requester: &Fingerprint,
         chain: &ChainId,
         heed_blame: bool,
+        apart: bool,
         now: Instant,
     ) -> Option<usize> {
         let serving = self.serving.get(chain)?;
@@ -133,7 +135,7 @@ impl<K> Graph<K> {
                     {
                         continue;
                     }
-                    if serving.contains(fp) && self.may_share_path(fp, requester, false) {
+                    if serving.contains(fp) && self.may_share_path(fp, requester, apart) {
                         return Some(d);
                     }
                     next.push(*fp);

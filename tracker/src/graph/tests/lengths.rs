@@ -76,3 +76,23 @@ fn a_farther_target_over_unblamed_peers_comes_before_near_paths_through_blamed_o
     assert_eq!(targets, vec![fp(2), fp(6)], "{p:?}");
     assert!(p.iter().all(|p| p.len() == 4), "{p:?}");
 }
+
+/// Where prefixes must differ, a serving peer in the requester's own /16 cannot end its path, so it does not fix
+/// how far the longer lengths go (found in review): the usable target 6 hops away is reached over 5 relays.
+#[test]
+fn a_target_in_the_requesters_own_prefix_does_not_cut_the_longer_lengths_short() {
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(53);
+    let mut g: Graph<()> = Graph::new(cfg(0));
+    // 0 - 1 - 2 - 3, where 3 serves from 0's /16; 0 - 4 - 5 - 6 - 7 - 8 - 9, where 9 serves from its own.
+    for i in 0..10 {
+        let chains = if i == 3 || i == 9 { vec![chain()] } else { vec![] };
+        let a = if i == 3 { SocketAddr::from(([1, 0, 7, 7], 8000)) } else { honest_addr(i) };
+        g.announce(fp(i), (), a, chains, now, &mut rng).unwrap();
+    }
+    for (a, b) in [(0, 1), (1, 2), (2, 3), (0, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9)] {
+        g.add_edge(fp(a), fp(b), &mut rng);
+    }
+    let p = g.find_paths(&fp(0), &chain(), 1, 1, now, &mut rng).unwrap();
+    assert_eq!(p, vec![[0, 4, 5, 6, 7, 8, 9].map(fp).to_vec()]);
+}
