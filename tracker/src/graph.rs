@@ -39,6 +39,10 @@ pub use restore::Stored;
 const SEARCH_BUDGET: usize = 20_000;
 /// Node expansions one target may take from that budget.
 const TARGET_BUDGET: usize = 2_000;
+/// Edges one path search's distance BFS may examine: a few milliseconds under the graph lock. Requests for up to
+/// 4 relays stay well within it at 100,000 peers (degree 12: about 190,000 edges for 4); for 5 or 6 relays the
+/// BFS ends early and the search works from the peers it reached (SPEC open issue 24).
+const BFS_BUDGET: usize = 200_000;
 /// Degree buckets of the degree index (the last also holds any higher degree).
 const DEGREE_BUCKETS: usize = anomos_proto::tracker::MAX_NEIGHBORS + 1;
 

@@ -171,7 +171,7 @@ impl<K> Graph<K> {
         // Lower bounds on the hop distance from the requester, through usable peers. Targets are taken from
         // them, so a request costs what the requester's neighborhood holds, not what the overlay holds.
         let Some(serving) = self.serving.get(chain) else { return (Vec::new(), false) };
-        let (dist, skipped) = self.distances_from(requester, relays + 1, serving, heed_blame, now);
+        let (dist, skipped) = self.distances_from(requester, relays + 1, serving, heed_blame, now, BFS_BUDGET);
         let mut targets: Vec<Fingerprint> = dist
             .iter()
             .filter(|(fp, d)| **d >= 1 && *fp != requester && serving.contains(*fp))
@@ -220,16 +220,17 @@ impl<K> Graph<K> {
     }
 
     /// Breadth-first hop distances from `from` (excluded as an intermediate) over peers usable in `from`'s
-    /// paths, up to `max`. Peers at distance `max` can only be targets, so only those in `serving` are kept:
+    /// paths, up to `max`, examining at most `budget` edges (a search passes [`BFS_BUDGET`]). Peers at distance `max` can only be targets, so only those in `serving` are kept:
     /// the search touches the peers within `max - 1` hops and their edges, not the whole `max`-hop ball.
     /// `heed_blame`: peers `from` blamed are not usable; the flag returned says whether that left any out.
-    fn distances_from(
+    pub(super) fn distances_from(
         &self,
         from: &Fingerprint,
         max: usize,
         serving: &FpSet<Fingerprint>,
         heed_blame: bool,
         now: Instant,
+        mut budget: usize,
     ) -> (FpMap<Fingerprint, usize>, bool) {
         let mut skipped = false;
         let mut dist = FpMap::default();
@@ -244,6 +245,11 @@ impl<K> Graph<K> {
             let Some(p) = self.peers.get(&n) else {
                 continue;
             };
+            // Out of budget: the distances found so far are exact (breadth first), only fewer peers have one.
+            if budget < p.edges.len() {
+                break;
+            }
+            budget -= p.edges.len();
             for next in p.edges.keys() {
                 if (d + 1 == max && !serving.contains(next)) || dist.contains_key(next) {
                     continue;

@@ -96,3 +96,22 @@ fn a_target_in_the_requesters_own_prefix_does_not_cut_the_longer_lengths_short()
     let p = g.find_paths(&fp(0), &chain(), 1, 1, now, &mut rng).unwrap();
     assert_eq!(p, vec![[0, 4, 5, 6, 7, 8, 9].map(fp).to_vec()]);
 }
+
+/// The distance BFS stops at its edge budget (SPEC open issue 24); what it found by then is exact.
+#[test]
+fn the_distance_search_keeps_to_its_budget_and_what_it_found_is_exact() {
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(54);
+    let g = build(2000, 4, now, &mut rng);
+    let serving = g.serving.get(&chain()).unwrap();
+    let (full, _) = g.distances_from(&fp(0), 7, serving, true, now, usize::MAX);
+    assert!(full.len() > 1500, "the whole graph is within 7 hops: {}", full.len());
+    for budget in [50, 500, 5_000] {
+        let (part, _) = g.distances_from(&fp(0), 7, serving, true, now, budget);
+        // At most one peer per edge examined (and the start).
+        assert!(part.len() <= budget + 1 && part.len() < full.len(), "{budget}: {} peers", part.len());
+        for (fp, d) in &part {
+            assert_eq!(full.get(fp), Some(d), "{budget}: a distance found early differs");
+        }
+    }
+}
