@@ -109,18 +109,25 @@ impl Node {
             let host: Arc<dyn link::LinkHost> = self.host.clone();
             link::accept(host, &self.link_settings, s, remote, deadline).await
         } else if magic == PROBE_MAGIC {
-            // Each probe costs us an RSA signature: serve at most a few at once.
-            let _permit = probes.try_acquire().map_err(|_| PeerError::Busy("too many probes at once"))?;
             let mut body = [0u8; 34];
             tokio::time::timeout_at(deadline, s.read_exact(&mut body))
                 .await
                 .map_err(|_| PeerError::Timeout("probe (too slow)"))??;
             let nonce = plink::decode_probe_body(&body)?;
+            // Each probe costs us an RSA signature: at most a few are signed at once, the others wait their turn
+            // (first come, first served) until the deadline. A slot is held only while signing, never while the
+            // prober sends or reads: a prober that stalls holds none. (It once held one from the magic on, so four
+            // connections that sent the magic and stalled failed every tracker probe; found in review, session 10.)
+            let permit = tokio::time::timeout_at(deadline, probes.acquire())
+                .await
+                .map_err(|_| PeerError::Busy("too many probes at once"))?
+                .map_err(|_| PeerError::Internal("probe slots closed".into()))?;
             let me = self.identity.clone();
             let answer =
                 anomos_net::rt::spawn_blocking(move || plink::answer_probe(&me, &nonce, &mut rand::rngs::OsRng))
                     .await
                     .map_err(|e| PeerError::Internal(format!("probe task: {e}")))?;
+            drop(permit);
             tokio::time::timeout(self.cfg.handshake_timeout, s.write_all(&answer))
                 .await
                 .map_err(|_| PeerError::Timeout("the prober to read the answer"))??;

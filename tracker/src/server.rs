@@ -509,14 +509,16 @@ async fn handshake(
     if !limits.hello(remote_ip) {
         return Err(SessionError::Refused("ClientHello rate exceeded (--hello-rate)"));
     }
+    let mut rest = vec![0u8; ct_len + EPHEMERAL_LEN];
+    stream.read_exact(&mut rest).await?;
     // A join wave beyond what the CPU decrypts in time would queue connections until their Hello timeout, every
-    // one costing a decryption for nothing: past HANDSHAKES_AT_ONCE set-ups in progress, close at once instead
-    // (the peer retries with its backoff), so the work done is work that completes.
+    // one costing a decryption for nothing: past HANDSHAKES_AT_ONCE decryptions in progress, close at once instead
+    // (the peer retries with its backoff), so the work done is work that completes. The slot is taken only once
+    // the whole hello is here: a client that sends the header and stalls holds none (it once held one until its
+    // timeout, and a few such clients kept every newcomer out; found in review, session 10).
     let Ok(_slot) = limits.handshakes.try_acquire() else {
         return Err(SessionError::Refused(BUSY));
     };
-    let mut rest = vec![0u8; ct_len + EPHEMERAL_LEN];
-    stream.read_exact(&mut rest).await?;
     // RSA decryption takes a few milliseconds: keep it off the async workers.
     let id = Arc::clone(identity);
     let (reply, chan) = anomos_net::rt::spawn_blocking(move || TrackerChannel::accept(&mut OsRng, &id, &rest))

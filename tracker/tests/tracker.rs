@@ -518,3 +518,29 @@ async fn failure_reports_beyond_the_rate_are_ignored() {
     o.clients[2].report(FailureKind::CircuitDenied(4), None, Some(g.circuit), Some(tags[0])).await;
     assert!(!o.used_by(2, 4, 1, 3).await.contains(&path[0]), "a report within the rate was ignored");
 }
+
+/// A client that sends a ClientHello's header and stalls holds no channel set-up slot: 40 of them (more than the
+/// 32 set-ups decrypted at once), each from its own address, do not keep a newcomer out (found in review,
+/// session 10: the slot used to be taken before the rest of the hello was read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_hellos_hold_no_set_up_slot() {
+    use anomos_proto::tracker::{TrackerChannel, CLIENT_HELLO_HEADER};
+    use tokio::io::AsyncWriteExt;
+    let t = start(|_| {}).await;
+    let (hello, _) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_id().public()).unwrap();
+    let mut stalled = Vec::new();
+    for i in 0..40u8 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(std::net::SocketAddr::from(([127, 0, 9, 1 + i], 0))).unwrap();
+        let mut s = socket.connect(t.addr).await.unwrap();
+        s.write_all(&hello[..CLIENT_HELLO_HEADER]).await.unwrap();
+        stalled.push(s);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let p = fake_peer(1).await;
+    let c = open_channel(t.addr, tracker_id().public()).await;
+    assert!(c.is_ok(), "a full hello was refused while stalled ones waited: {:?}", c.err());
+    let mut c = connect(&t, p.id()).await;
+    c.announce_ok(p.listen).await;
+    drop(stalled);
+}
