@@ -71,6 +71,48 @@ fn limit_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Reachability probes in flight per address (an IPv6 /64 as one), so one address cannot hold the tracker's probe
+/// slots: a known peer that re-announces with a new port each time needs a probe each time, and its listener can
+/// stall every one for the probe's whole timeout (found in review, session 10). Two matches the default admission
+/// limit of live peers per address (`--max-per-ipv4`).
+pub(crate) const PROBES_PER_ADDRESS: usize = 2;
+
+/// Counts per address, each count held by an [`AddressSlot`] and released when it drops.
+#[derive(Default)]
+pub(crate) struct AddressSlots(Mutex<HashMap<IpAddr, usize>>);
+
+/// One of an address's slots in an [`AddressSlots`].
+pub(crate) struct AddressSlot {
+    slots: Arc<AddressSlots>,
+    ip: IpAddr,
+}
+
+impl AddressSlots {
+    /// A slot for `ip` if it holds fewer than `max`.
+    pub(crate) fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let ip = limit_key(ip);
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot { slots: Arc::clone(self), ip })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 impl Limits {
     pub(crate) fn new(args: &TrackerArgs) -> Arc<Self> {
         Arc::new(Limits {

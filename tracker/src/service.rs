@@ -96,6 +96,8 @@ pub(crate) struct Service {
     state: TimedMutex<State>,
     /// Reachability probes running at once: newcomers' probes are bounded and paced by these slots.
     probes: tokio::sync::Semaphore,
+    /// Announce probes in flight per address ([`crate::limits::PROBES_PER_ADDRESS`]).
+    probing_addrs: Arc<crate::limits::AddressSlots>,
     /// The state database (`None` in unit tests and for replicas).
     store: Option<Arc<Store>>,
     /// The state shared with other replicas (etcd), when `--etcd` is given.
@@ -141,6 +143,7 @@ impl Service {
             args,
             state: TimedMutex::new(state),
             probes,
+            probing_addrs: Arc::default(),
             store,
             replica: None,
             net: anomos_net::tcp(),
@@ -194,6 +197,14 @@ impl Service {
             !st.graph.get(&id).is_some_and(|p| p.addr == listen && !p.avoided)
         };
         if needs_probe {
+            let Some(_mine) = self.probing_addrs.take(listen.ip(), crate::limits::PROBES_PER_ADDRESS) else {
+                warn!(peer = %id.short(), %listen, "announce refused: this address's reachability checks are running");
+                self.metrics.refused.inc(Refusal::ProbeBusy);
+                return error_reply(
+                    ErrorCode::Full,
+                    "reachability checks of this address are running; announce again later",
+                );
+            };
             let Ok(Ok(_slot)) = tokio::time::timeout(PROBE_SLOT_WAIT, self.probes.acquire()).await else {
                 warn!(peer = %id.short(), %listen, "announce refused: every probe slot busy");
                 self.metrics.refused.inc(Refusal::ProbeBusy);

@@ -544,3 +544,39 @@ async fn stalled_hellos_hold_no_set_up_slot() {
     c.announce_ok(p.listen).await;
     drop(stalled);
 }
+
+/// One address cannot hold the tracker's probe slots: a known peer re-announcing from 20 sessions at once, each
+/// with a new port where a listener accepts and never answers, gets at most 2 probes at once (the others are
+/// refused with `Full` at once); a newcomer at another address is probed and admitted meanwhile (found in
+/// review, session 10: 20 such announces held all 16 slots for the probe timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_two_probe_slots() {
+    let t = start(|a| a.max_sessions = Some(1024)).await;
+    let ip: std::net::IpAddr = [127, 0, 8, 1].into();
+    let a = fake_peer_at(1, ip).await;
+    connect_from(&t, a.id(), ip).await.announce_ok(a.listen).await;
+    // 20 silent listeners on that address, and 20 sessions announcing them.
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(tokio::net::TcpListener::bind((ip, 0)).await.unwrap());
+    }
+    let mut pending = tokio::task::JoinSet::new();
+    for l in &silent {
+        let listen = l.local_addr().unwrap();
+        let mut c = connect_from(&t, a.id(), ip).await;
+        pending.spawn(async move { c.announce(listen, vec![]).await });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let b = fake_peer_at(2, [127, 0, 8, 2].into()).await;
+    let started = std::time::Instant::now();
+    connect_from(&t, b.id(), [127, 0, 8, 2].into()).await.announce_ok(b.listen).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "the newcomer waited {:?}", started.elapsed());
+    let mut refused_at_once = 0;
+    while let Some(r) = pending.join_next().await {
+        if error_code(&r.unwrap()) == Some(ErrorCode::Full) {
+            refused_at_once += 1;
+        }
+    }
+    assert!(refused_at_once >= 18, "{refused_at_once} of 20 refused");
+    drop(silent);
+}
