@@ -16,6 +16,11 @@ use tokio::time::{timeout, Instant};
 use crate::error::PeerError;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest one request may take as a whole, from waiting for the client's lock through reconnects and
+/// failovers to the reply: the lock serializes a peer's announces, circuit requests and reports, so a tracker (or
+/// path) that answers each step just inside its own timeout must not hold all of them for minutes (found in
+/// review, session 10). Twice the tracker's longest answer (a probe wait and a probe, 10 s) and then some.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 /// A kept session older than this (since its last request) is replaced instead of reused: the tracker closes
 /// sessions idle for its `--idle-timeout` (by default 2 × its announce interval + 30 s, 90 s at the default 30 s
 /// interval, SPEC §3.4), and writing into one it already closed costs a round trip to find out. 75 s covers the
@@ -231,8 +236,14 @@ impl TrackerClient {
     }
 
     /// Sends one request and reads its reply, over the kept connection if there is a fresh one, else over a
-    /// resumed session, else over a new one.
+    /// resumed session, else over a new one; all of it within [`REQUEST_DEADLINE`].
     pub async fn request(&self, msg: &ToTracker) -> Result<FromTracker, PeerError> {
+        timeout(REQUEST_DEADLINE, self.request_unbounded(msg))
+            .await
+            .map_err(|_| PeerError::Timeout("tracker request (the whole exchange)"))?
+    }
+
+    async fn request_unbounded(&self, msg: &ToTracker) -> Result<FromTracker, PeerError> {
         let mut st = self.state.lock().await;
         if let Some((mut s, used)) = st.conn.take() {
             if used.elapsed() < st.keep() {
@@ -437,6 +448,42 @@ mod tests {
         // One address: the error is the answer, nothing else is tried.
         let single = TrackerClient::new(anomos_net::tcp(), dead, tracker_key.public().clone(), me);
         assert!(matches!(single.request(&circuits()).await, Err(PeerError::Io(_))));
+    }
+
+    /// Three "replicas" that accept and never answer: without the overall deadline the request took one connect
+    /// and a 15 s read per address; now the whole exchange ends within `REQUEST_DEADLINE`, and a second request
+    /// queued behind the first on the client's lock also gets its answer (a timeout) within the deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_ends_within_its_deadline_however_the_tracker_stalls() {
+        let mut rng = seeded();
+        let tracker_key = Identity::generate(&mut rng, 2048).unwrap();
+        let me = Arc::new(Identity::generate(&mut rng, 2048).unwrap());
+        let mut addrs = Vec::new();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(l.local_addr().unwrap());
+            held.push(tokio::spawn(async move {
+                let mut conns = Vec::new();
+                while let Ok((c, _)) = l.accept().await {
+                    conns.push(c);
+                }
+            }));
+        }
+        let client = Arc::new(TrackerClient::with_addrs(anomos_net::tcp(), addrs, tracker_key.public().clone(), me));
+        let t = Instant::now();
+        let other = {
+            let c = client.clone();
+            tokio::spawn(async move { c.request(&circuits()).await })
+        };
+        let r = client.request(&circuits()).await;
+        assert!(matches!(r, Err(PeerError::Timeout(_))), "{r:?}");
+        let r2 = other.await.unwrap();
+        assert!(matches!(r2, Err(PeerError::Timeout(_))), "{r2:?}");
+        assert!(t.elapsed() <= REQUEST_DEADLINE + Duration::from_secs(1), "{:?}", t.elapsed());
+        for h in held {
+            h.abort();
+        }
     }
 
     fn seeded() -> rand::rngs::StdRng {
