@@ -45,6 +45,13 @@ async fn read_auth(s: &mut (impl AsyncRead + Unpin + ?Sized), what: &'static str
     Ok(msg)
 }
 
+/// Writes all of `buf` within [`HANDSHAKE_TIMEOUT`]: a neighbor that stops reading mid-handshake fails the dial
+/// instead of holding it.
+async fn write_all_timeout(s: &mut Box<dyn Stream>, buf: &[u8], what: &'static str) -> Result<(), PeerError> {
+    timeout(HANDSHAKE_TIMEOUT, s.write_all(buf)).await.map_err(|_| PeerError::Timeout(what))??;
+    Ok(())
+}
+
 /// Runs CPU-heavy handshake work (RSA) off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, PeerError> {
     anomos_net::rt::spawn_blocking(f).await.map_err(|e| PeerError::Internal(format!("handshake task: {e}")))
@@ -63,12 +70,12 @@ pub async fn dial(
         .map_err(|_| PeerError::Timeout("link connect"))??
         .stream;
     let (dialer, hello) = Dialer::start(&mut rand::rngs::OsRng, key, nid);
-    s.write_all(&hello).await?;
+    write_all_timeout(&mut s, &hello, "link hello").await?;
     let mut reply = [0u8; HELLO_LEN];
     read_exact_timeout(&mut s, &mut reply, "link reply").await?;
     let id = settings.identity.clone();
     let (dialer, auth) = blocking(move || dialer.on_reply(&reply, &id, &mut rand::rngs::OsRng)).await??;
-    s.write_all(&auth).await?;
+    write_all_timeout(&mut s, &auth, "link auth").await?;
     let msg = read_auth(&mut s, "link auth reply").await?;
     let cipher = dialer.on_auth_reply(&msg)?;
     let rtt = s.rtt_probe();
