@@ -27,6 +27,11 @@ use crate::link::Link;
 
 /// Bytes of delivered-but-unread messages above which an endpoint stops returning credit.
 pub const RECV_BUFFER: usize = 4 * 1024 * 1024;
+/// Longest a send waits for room in the window: the far end returns credit as its application reads, and one
+/// that reads nothing for this long (or withholds credit on purpose) gets the circuit broken with `timeout`, so
+/// what a circuit holds here (a serving task, a bridge's upstream slot) is freed. Found in review, session 10: 32
+/// circuits that asked for blocks and never returned credit held every upstream slot of a bridge for ever.
+pub const CREDIT_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
 enum Onion {
     Requester(OnionStack),
@@ -225,7 +230,15 @@ impl Endpoint {
         // A send on an ended circuit fails with the reason it ended (a BREAK's), not a bare `finished`: the bridge
         // logs it, and "upstream-unavailable" is what its operator needs to read.
         let ended = |st: &State| PeerError::Broken(st.ended_by.unwrap_or(BreakReason::Finished));
-        let Ok(permit) = self.permits.acquire().await else { return Err(ended(&self.lock())) };
+        let permit = match tokio::time::timeout(CREDIT_STALL, self.permits.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(ended(&self.lock())),
+            Err(_) => {
+                tracing::info!(circ = self.circ_id, role = ?self.role, "no send credit for {CREDIT_STALL:?}: breaking the circuit");
+                self.abort(BreakReason::Timeout);
+                return Err(PeerError::Broken(BreakReason::Timeout));
+            }
+        };
         permit.forget();
         let mut st = self.lock();
         if st.closed {

@@ -135,3 +135,31 @@ async fn shutdown_breaks_every_circuit_and_refuses_new_ones() {
     let err = q.router.open_circuit(&grant(&r, soon())).await.err().expect("refused");
     assert!(matches!(err, crate::PeerError::Denied(DenyReason::CircuitLimit)), "{err}");
 }
+
+/// A far end that reads nothing returns no credit: after `CREDIT_STALL` of waiting, the sender breaks the circuit
+/// with `timeout` instead of holding it (and whatever serves it) for ever (found in review, session 10).
+#[tokio::test(start_paused = true)]
+async fn a_send_without_credit_for_the_stall_time_breaks_the_circuit_with_timeout() {
+    let q = Peer::new(1, Knobs::default());
+    let r = Peer::new(0, Knobs { serve: true, ..Knobs::default() });
+    let qw = Arc::new(q.link(5, 0, true, 8));
+    let rw = Arc::new(r.link(5, 1, false, 8));
+    let _p = pump(qw.clone(), rw.clone());
+    let mut s = q.router.open_circuit(&grant(&r, soon())).await.expect("circuit opens");
+    let started = tokio::time::Instant::now();
+    // The target echoes; we never read, so once we buffered `RECV_BUFFER` (4 MiB) of its echo it gets no more
+    // credit, stops reading us, and once it buffered 4 MiB of ours, our own sends wait for its credit in turn.
+    // Both waits end at the stall time.
+    let sent = tokio::time::timeout(Duration::from_secs(300), async {
+        for _ in 0..400 {
+            s.send(vec![0x5a; 50_000]).await?;
+        }
+        Ok::<(), crate::PeerError>(())
+    })
+    .await
+    .expect("the sends end within 300 s");
+    assert!(matches!(sent, Err(crate::PeerError::Broken(BreakReason::Timeout))), "{sent:?}");
+    let waited = started.elapsed();
+    assert!(waited >= crate::circuit::endpoint::CREDIT_STALL, "broken after {waited:?}");
+    assert!(waited < crate::circuit::endpoint::CREDIT_STALL * 2, "broken after {waited:?}");
+}
