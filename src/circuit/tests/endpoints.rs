@@ -145,7 +145,7 @@ async fn a_send_without_credit_for_the_stall_time_breaks_the_circuit_with_timeou
     let qw = Arc::new(q.link(5, 0, true, 8));
     let rw = Arc::new(r.link(5, 1, false, 8));
     let _p = pump(qw.clone(), rw.clone());
-    let mut s = q.router.open_circuit(&grant(&r, soon())).await.expect("circuit opens");
+    let s = q.router.open_circuit(&grant(&r, soon())).await.expect("circuit opens");
     let started = tokio::time::Instant::now();
     // The target echoes; we never read, so once we buffered `RECV_BUFFER` (4 MiB) of its echo it gets no more
     // credit, stops reading us, and once it buffered 4 MiB of ours, our own sends wait for its credit in turn.
