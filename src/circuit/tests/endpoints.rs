@@ -32,6 +32,23 @@ fn pump(x: Arc<Wire>, y: Arc<Wire>) -> Pump {
     }))
 }
 
+/// A requester Q and a serving target R, joined by an in-memory link (window 8) whose cells are pumped.
+struct Joined {
+    q: Peer,
+    r: Peer,
+    qw: Arc<Wire>,
+    _pump: Pump,
+}
+
+fn joined() -> Joined {
+    let q = Peer::new(1, Knobs::default());
+    let r = Peer::new(0, Knobs { serve: true, ..Knobs::default() });
+    let qw = Arc::new(q.link(5, 0, true, 8));
+    let rw = Arc::new(r.link(5, 1, false, 8));
+    let _pump = pump(qw.clone(), rw);
+    Joined { q, r, qw, _pump }
+}
+
 fn grant(r: &Peer, expires: u64) -> CircuitGrant {
     CircuitGrant {
         circuit: 77,
@@ -46,11 +63,7 @@ fn grant(r: &Peer, expires: u64) -> CircuitGrant {
 
 #[tokio::test]
 async fn a_requester_and_a_target_talk_end_to_end_and_close_gracefully() {
-    let q = Peer::new(1, Knobs::default());
-    let r = Peer::new(0, Knobs { serve: true, ..Knobs::default() });
-    let qw = Arc::new(q.link(5, 0, true, 8));
-    let rw = Arc::new(r.link(5, 1, false, 8));
-    let _p = pump(qw.clone(), rw.clone());
+    let Joined { q, r, qw: _qw, _pump } = joined();
     let mut s = q.router.open_circuit(&grant(&r, soon())).await.expect("circuit opens");
     assert_eq!(s.hops, 1);
     // Messages larger than a window of cells make flow control work in both directions.
@@ -67,11 +80,7 @@ async fn a_requester_and_a_target_talk_end_to_end_and_close_gracefully() {
 
 #[tokio::test]
 async fn a_refused_circuit_reports_the_deny_and_a_lost_link_breaks_and_reports() {
-    let q = Peer::new(1, Knobs::default());
-    let r = Peer::new(0, Knobs { serve: true, ..Knobs::default() });
-    let qw = Arc::new(q.link(5, 0, true, 8));
-    let rw = Arc::new(r.link(5, 1, false, 8));
-    let _p = pump(qw.clone(), rw.clone());
+    let Joined { q, r, qw, _pump } = joined();
     // Expired grant: R denies; Q's open fails with the reason and a report goes to the tracker.
     let err = q.router.open_circuit(&grant(&r, unix_now() - 3600)).await.err().expect("denied");
     assert!(matches!(err, crate::PeerError::Denied(DenyReason::Expired)), "{err}");
@@ -121,11 +130,7 @@ async fn a_target_breaks_a_circuit_on_cells_only_a_relay_or_requester_may_get() 
 
 #[tokio::test]
 async fn shutdown_breaks_every_circuit_and_refuses_new_ones() {
-    let q = Peer::new(1, Knobs::default());
-    let r = Peer::new(0, Knobs { serve: true, ..Knobs::default() });
-    let qw = Arc::new(q.link(5, 0, true, 8));
-    let rw = Arc::new(r.link(5, 1, false, 8));
-    let _p = pump(qw.clone(), rw.clone());
+    let Joined { q, r, qw: _qw, _pump } = joined();
     let mut s = q.router.open_circuit(&grant(&r, soon())).await.expect("opens");
     assert_eq!(r.router.shutdown(), 1);
     assert!(matches!(s.recv().await, Err(crate::PeerError::Broken(BreakReason::Shutdown))));
@@ -140,11 +145,7 @@ async fn shutdown_breaks_every_circuit_and_refuses_new_ones() {
 /// with `timeout` instead of holding it (and whatever serves it) for ever (found in review, session 10).
 #[tokio::test(start_paused = true)]
 async fn a_send_without_credit_for_the_stall_time_breaks_the_circuit_with_timeout() {
-    let q = Peer::new(1, Knobs::default());
-    let r = Peer::new(0, Knobs { serve: true, ..Knobs::default() });
-    let qw = Arc::new(q.link(5, 0, true, 8));
-    let rw = Arc::new(r.link(5, 1, false, 8));
-    let _p = pump(qw.clone(), rw.clone());
+    let Joined { q, r, qw: _qw, _pump } = joined();
     let s = q.router.open_circuit(&grant(&r, soon())).await.expect("circuit opens");
     let started = tokio::time::Instant::now();
     // The target echoes; we never read, so once we buffered `RECV_BUFFER` (4 MiB) of its echo it gets no more
