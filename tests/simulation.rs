@@ -31,8 +31,11 @@ const DEFAULT_SEEDS: u64 = if cfg!(debug_assertions) { 2 } else { 10 };
 /// 40723: a late joiner whose three neighbors were all hostile and blamed got no circuit (blamed neighbors no
 /// longer count toward its degree: it gets others). 70191: a chain sync never finished: its requester, at the
 /// maximum degree, had two refusing neighbors and four that led nowhere near the chain's serving peers (a peer
-/// at the maximum now sheds edges to neighbors it blamed, so others fit).
-const REGRESSIONS: &[u64] = &[4, 13, 30, 32, 1061, 10071, 40723, 70191, 100186, 100194, 110196, 210158, 210264];
+/// at the maximum now sheds edges to neighbors it blamed, so others fit). 511030, 511091: an honest serving peer
+/// whose neighbors were all liars or refusing peers, cut off from the requesters that caught the liars (a
+/// `Misbehaving` blame now leaves the liar out as a target only; it still relays).
+const REGRESSIONS: &[u64] =
+    &[4, 13, 30, 32, 1061, 10071, 40723, 70191, 100186, 100194, 110196, 210158, 210264, 511030, 511091];
 /// Wall time a run may go without simulated progress before it is declared stuck (a blocked thread: a lock
 /// taken twice, a blocking call that never returns).
 const STALL: Duration = Duration::from_secs(30);

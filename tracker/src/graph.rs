@@ -29,7 +29,7 @@ use rand::seq::SliceRandom;
 use rand::RngCore;
 
 use crate::diversity::{AdmissionLimits, Census, Net, OverLimit};
-pub use blame::{Blamers, BLAME_LASTS, CORROBORATING_REPORTERS, MAX_BLAMERS};
+pub use blame::{Blamers, Scope, BLAME_LASTS, CORROBORATING_REPORTERS, MAX_BLAMERS};
 use fphash::{FpMap, FpSet};
 pub use index::Dirty;
 use index::Sampler;
@@ -81,6 +81,10 @@ pub struct Peer<K> {
     /// Left out of everyone's paths and given no new edges since a failed probe or the blame of
     /// [`CORROBORATING_REPORTERS`] reporters, until its next announce.
     pub avoided: bool,
+    /// Left out of everyone's paths as a target (it may still relay) since [`CORROBORATING_REPORTERS`] reporters
+    /// blamed it for misbehaving as one ([`Scope::Target`]), until its next announce. Kept by this process only:
+    /// not stored, not shared with replicas.
+    pub avoided_as_target: bool,
     /// Fingerprints it declared as its operator's other peers (honoured when declared both ways).
     pub family: Vec<Fingerprint>,
     /// Requesters whose failure reports blamed it in the last `blame_lasts`: their own paths leave it out
@@ -103,6 +107,7 @@ impl<K> Peer<K> {
             family,
             last_seen: now,
             avoided: false,
+            avoided_as_target: false,
             blamed_by: Blamers::default(),
             edges: FpMap::default(),
             prefix: Net::diversity(addr.ip()),
@@ -308,6 +313,7 @@ impl<K> Graph<K> {
                 p.chains = chains;
                 p.family = family;
                 p.avoided = false;
+                p.avoided_as_target = false;
                 self.set_seen(id, now);
                 if stored_changed {
                     self.touch_peer(id);
@@ -378,12 +384,30 @@ impl<K> Graph<K> {
         }
     }
 
-    /// Records that `reporter` blamed `id` in a failure report at `now`: `id` is left out of `reporter`'s paths
-    /// for `blame_lasts`, whatever it announces meanwhile. Returns how many distinct reporters' blame of it is
-    /// live (0 if unknown). At most [`MAX_BLAMERS`] are remembered; past that the count stays at the cap.
+    /// [`blame_in`](Self::blame_in) with [`Scope::Any`].
     pub fn blame(&mut self, id: &Fingerprint, reporter: Fingerprint, now: Instant) -> usize {
+        self.blame_in(id, reporter, Scope::Any, now)
+    }
+
+    /// Records that `reporter` blamed `id` in a failure report at `now`: `id` is left out of `reporter`'s paths
+    /// (or, for [`Scope::Target`], out of them as a target) for `blame_lasts`, whatever it announces meanwhile.
+    /// Returns how many distinct reporters' blame of it in that scope is live (0 if unknown). At most
+    /// [`MAX_BLAMERS`] are remembered; past that the count stays at the cap.
+    pub fn blame_in(&mut self, id: &Fingerprint, reporter: Fingerprint, scope: Scope, now: Instant) -> usize {
         let lasts = self.cfg.blame_lasts;
-        self.peers.get_mut(id).map_or(0, |p| p.blamed_by.add(reporter, now, lasts))
+        self.peers.get_mut(id).map_or(0, |p| p.blamed_by.add(reporter, scope, now, lasts))
+    }
+
+    /// Marks a peer as avoided as a target ([`Peer::avoided_as_target`]); returns whether it was known and
+    /// neither avoided nor avoided as a target before.
+    pub fn avoid_as_target(&mut self, id: &Fingerprint) -> bool {
+        match self.peers.get_mut(id) {
+            Some(p) if !p.avoided && !p.avoided_as_target => {
+                p.avoided_as_target = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Marks a peer as avoided; returns whether it was known and not avoided before.

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::circuits::{self, CircuitBook, REMEMBER_AFTER_EXPIRY};
 use crate::config::TrackerArgs;
-use crate::graph::{Graph, GraphError};
+use crate::graph::{Graph, GraphError, Scope};
 use crate::metrics::{self, Collector, Counter, EnumCounter, Refusal, Registry, ReportKind};
 use crate::probe::{self, PROBE_TIMEOUT};
 use crate::store::Store;
@@ -378,10 +378,13 @@ impl Service {
     ///
     /// * A peer reported unreachable is probed (in the background) and avoided by everyone only if the probe
     ///   fails: a peer cannot get a neighbor that is up taken out of paths by dropping their link.
-    /// * A peer blamed for a circuit (denied, broken, misbehaving) is left out of the reporter's own paths at
-    ///   once and for [`crate::graph::BLAME_LASTS`] (its announces do not end it), and out of everyone's while
-    ///   [`CORROBORATING_REPORTERS`] distinct reporters' blame is live, or until its next announce when it fails
-    ///   the probe that the report starts. (SPEC §3.10, open issues 6–7.)
+    /// * A peer blamed for a circuit it refused or broke is left out of the reporter's own paths at once and for
+    ///   [`crate::graph::BLAME_LASTS`] (its announces do not end it), and out of everyone's until its next
+    ///   announce once [`CORROBORATING_REPORTERS`] distinct reporters' blame is live, or when it fails the probe
+    ///   that the report starts. (SPEC §3.10, open issues 6–7.)
+    /// * A target blamed for misbehaving (bad data; it answered, so nothing is probed) is left out the same way,
+    ///   but as a target only ([`Scope::Target`]): it may still relay, as the data it carries is protected end to
+    ///   end (SPEC open issue 23).
     pub(crate) fn report(self: &Arc<Self>, reporter: Fingerprint, rep: FailureReport) -> FromTracker {
         if let Some(refused) = self.unavailable() {
             return refused;
@@ -415,6 +418,15 @@ impl Service {
                     "neighbor reported unreachable; probing it"
                 );
                 self.probe_then_avoid(&mut st, culprit);
+            }
+            Ok(culprit) if kind == FailureKind::Misbehaving => {
+                // The target served bad data: left out as a target only; it may still relay (SPEC §3.10).
+                let reporters = st.graph.blame_in(&culprit, reporter, Scope::Target, now);
+                let newly = reporters >= CORROBORATING_REPORTERS && st.graph.avoid_as_target(&culprit);
+                info!(
+                    reporter = %reporter.short(), ?kind, circuit = ?rep.circuit, blamed = %culprit.short(),
+                    reporters, newly, "failure reported; a misbehaving target, left out of the reporter's targets"
+                );
             }
             Ok(culprit) => {
                 let reporters = st.graph.blame(&culprit, reporter, now);

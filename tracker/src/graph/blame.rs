@@ -6,45 +6,79 @@
 //! announce (the graph's `avoided`). A reporter's blame used to end at the blamed peer's next announce, which the
 //! peer itself chooses: a hop that refused every OPEN and re-announced every interval was chosen again at once
 //! (found by the simulator, issue 13). Now only time ends it; at most [`MAX_BLAMERS`] reporters are remembered per
-//! peer (a reporter's repeat refreshes its entry).
+//! peer (a reporter's repeat refreshes its entry). A target blamed for misbehaving is left out as a target only
+//! ([`Scope::Target`]; corroborated: the graph's `avoided_as_target`).
 
 use std::time::{Duration, Instant};
 
 use anomos_proto::identity::Fingerprint;
 
-/// Most reporters remembered per blamed peer.
+/// Most reporters remembered per blamed peer (an entry per reporter and [`Scope`]).
 pub const MAX_BLAMERS: usize = 16;
 /// How long one reporter's blame lasts (default of `--blame-secs`).
 pub const BLAME_LASTS: Duration = Duration::from_secs(600);
-/// Distinct reporters whose live blame leaves a peer out of everyone's paths.
+/// Distinct reporters whose live blame leaves a peer out of everyone's paths (or targets, for [`Scope::Target`]).
 pub const CORROBORATING_REPORTERS: usize = 2;
 
-/// The reporters that blamed one peer, each with the time its blame ends.
+/// In which role a blamed peer is left out.
+///
+/// A peer that refused or broke a circuit is not trusted to carry one: it is left out of paths altogether. A
+/// target that served misbehaving data (`FailureKind::Misbehaving`, which always names the target) is left out as
+/// a target only: it may still relay, because what a relay carries is protected end to end, and a serving peer
+/// whose every neighbor served bad data is otherwise cut off from the requesters that blamed them (seeds 511030
+/// and 511091 of the simulator, SPEC open issue 23).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Not a relay and not a target.
+    Any,
+    /// Not a target; still a relay.
+    Target,
+}
+
+/// The reporters that blamed one peer, each with the scope of its blame and the time that blame ends.
 #[derive(Debug, Default, Clone)]
-pub struct Blamers(Vec<(Fingerprint, Instant)>);
+pub struct Blamers(Vec<(Fingerprint, Scope, Instant)>);
 
 impl Blamers {
-    /// Records a report of `reporter` at `now`, its blame lasting `lasts`; returns how many distinct reporters'
-    /// blame is live. When [`MAX_BLAMERS`] are live a new reporter is not remembered (the count stays at the cap).
-    pub fn add(&mut self, reporter: Fingerprint, now: Instant, lasts: Duration) -> usize {
-        self.0.retain(|(_, until)| now < *until);
+    /// Records a report of `reporter` at `now` in `scope`, its blame lasting `lasts`; returns how many distinct
+    /// reporters' blame that leaves the peer out in that scope is live ([`live`](Self::live) or
+    /// [`live_as_target`](Self::live_as_target)). When [`MAX_BLAMERS`] entries are live a new one is not
+    /// remembered (a repeat of a reporter in the same scope refreshes its entry).
+    pub fn add(&mut self, reporter: Fingerprint, scope: Scope, now: Instant, lasts: Duration) -> usize {
+        self.0.retain(|(_, _, until)| now < *until);
         let until = now + lasts;
-        if let Some(e) = self.0.iter_mut().find(|(r, _)| *r == reporter) {
-            e.1 = until;
+        if let Some(e) = self.0.iter_mut().find(|(r, s, _)| *r == reporter && *s == scope) {
+            e.2 = until;
         } else if self.0.len() < MAX_BLAMERS {
-            self.0.push((reporter, until));
+            self.0.push((reporter, scope, until));
         }
-        self.0.len()
+        match scope {
+            Scope::Any => self.live(now),
+            Scope::Target => self.live_as_target(now),
+        }
     }
 
-    /// Whether `reporter`'s blame is live at `now`.
+    /// Whether `reporter`'s blame that leaves the peer out of its paths altogether is live at `now`.
     pub fn by(&self, reporter: &Fingerprint, now: Instant) -> bool {
-        self.0.iter().any(|(r, until)| r == reporter && now < *until)
+        self.0.iter().any(|(r, s, until)| r == reporter && *s == Scope::Any && now < *until)
     }
 
-    /// Distinct reporters whose blame is live at `now`.
+    /// Whether any blame of `reporter` is live at `now`: the peer is not a target of its paths.
+    pub fn as_target_by(&self, reporter: &Fingerprint, now: Instant) -> bool {
+        self.0.iter().any(|(r, _, until)| r == reporter && now < *until)
+    }
+
+    /// Distinct reporters whose blame that leaves the peer out altogether is live at `now`.
     pub fn live(&self, now: Instant) -> usize {
-        self.0.iter().filter(|(_, until)| now < *until).count()
+        self.0.iter().filter(|(_, s, until)| *s == Scope::Any && now < *until).count()
+    }
+
+    /// Distinct reporters with any blame live at `now` (each leaves the peer out at least as a target).
+    pub fn live_as_target(&self, now: Instant) -> usize {
+        let mut live: Vec<&Fingerprint> = self.0.iter().filter(|(_, _, until)| now < *until).map(|e| &e.0).collect();
+        live.sort_unstable();
+        live.dedup();
+        live.len()
     }
 
     /// Whether enough reporters' blame is live to leave the peer out of everyone's paths.
@@ -79,19 +113,19 @@ mod tests {
     fn blame_lasts_its_time_then_ends_and_corroboration_needs_two_live_reporters() {
         let t0 = Instant::now();
         let mut b = Blamers::default();
-        assert_eq!(b.add(fp(1), t0, BLAME_LASTS), 1);
-        assert_eq!(b.add(fp(1), t0 + Duration::from_secs(1), BLAME_LASTS), 1, "a repeat is one reporter");
+        assert_eq!(b.add(fp(1), Scope::Any, t0, BLAME_LASTS), 1);
+        assert_eq!(b.add(fp(1), Scope::Any, t0 + Duration::from_secs(1), BLAME_LASTS), 1, "a repeat is one reporter");
         assert!(b.by(&fp(1), t0 + BLAME_LASTS));
         assert!(!b.by(&fp(2), t0));
         assert!(!b.corroborated(t0 + Duration::from_secs(2)));
-        assert_eq!(b.add(fp(2), t0 + Duration::from_secs(2), BLAME_LASTS), 2);
+        assert_eq!(b.add(fp(2), Scope::Any, t0 + Duration::from_secs(2), BLAME_LASTS), 2);
         assert!(b.corroborated(t0 + Duration::from_secs(2)));
         // The first reporter's blame (refreshed at t0 + 1 s) ends first; then corroboration ends.
         let later = t0 + Duration::from_secs(1) + BLAME_LASTS;
         assert!(!b.by(&fp(1), later));
         assert!(b.by(&fp(2), later));
         assert!(!b.corroborated(later));
-        assert_eq!(b.add(fp(3), later, BLAME_LASTS), 2, "the expired reporter no longer counts");
+        assert_eq!(b.add(fp(3), Scope::Any, later, BLAME_LASTS), 2, "the expired reporter no longer counts");
     }
 
     /// A requester's paths leave out the peers it blamed while it has others, announces of the blamed peers
@@ -292,13 +326,88 @@ mod tests {
     }
 
     #[test]
+    fn target_blame_leaves_a_peer_a_relay_and_counts_distinct_reporters_across_scopes() {
+        let t0 = Instant::now();
+        let mut b = Blamers::default();
+        assert_eq!(b.add(fp(1), Scope::Target, t0, BLAME_LASTS), 1);
+        assert!(!b.by(&fp(1), t0), "target blame does not leave the peer out as a relay");
+        assert!(b.as_target_by(&fp(1), t0));
+        assert_eq!(b.live(t0), 0);
+        assert_eq!(b.add(fp(1), Scope::Any, t0, BLAME_LASTS), 1, "the same reporter, now in both scopes");
+        assert!(b.by(&fp(1), t0) && b.as_target_by(&fp(1), t0));
+        assert_eq!(b.live_as_target(t0), 1, "one reporter however many scopes");
+        assert_eq!(b.add(fp(2), Scope::Target, t0, BLAME_LASTS), 2);
+        assert!(!b.corroborated(t0), "two reporters, but only one would leave it out as a relay");
+        assert_eq!(b.live_as_target(t0 + BLAME_LASTS), 0, "and it ends with time");
+    }
+
+    /// Seeds 511030 and 511091 of the simulator: the honest serving peer's neighbors all served bad data to the
+    /// requester, which blamed them. Misbehaving blame leaves them out as targets only, so the requester reaches
+    /// the honest peer through them; once two requesters blamed a peer it is no one's target, until it announces.
+    #[test]
+    fn a_target_blamed_for_misbehaving_still_relays_to_an_honest_one() {
+        use super::super::Graph;
+        use anomos_proto::ids::ChainId;
+        use rand::SeedableRng;
+        let chain = ChainId::new("regtest").unwrap();
+        let mut g: Graph<()> = Graph::new(graph_cfg());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let t0 = Instant::now();
+        let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
+        // 1, 2: requesters; 3, 4: liars (serving); 5: the honest server; 6: a relay. Edges: {1,2}–{3,4,6},
+        // {3,4}–{5,6}: the liars are one relay away (through 6), the honest server only through a liar.
+        for i in 1..=6u8 {
+            let chains = if (3..=5).contains(&i) { vec![chain.clone()] } else { vec![] };
+            g.announce(fp(i), (), addr(i), chains, t0, &mut rng).unwrap();
+        }
+        let all: Vec<anomos_proto::ids::NeighborId> = g.edges.keys().copied().collect();
+        for nid in all {
+            g.unlink(nid);
+        }
+        for (a, b) in [(1, 3), (1, 4), (1, 6), (2, 3), (2, 4), (2, 6), (3, 5), (4, 5), (3, 6), (4, 6)] {
+            g.add_edge(fp(a), fp(b), &mut rng);
+        }
+        let paths = |g: &Graph<()>, who: u8, rng: &mut rand::rngs::StdRng| {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..30 {
+                for p in g.find_paths(&fp(who), &chain, 2, 1, t0, rng).unwrap() {
+                    seen.insert(p);
+                }
+            }
+            seen
+        };
+        // Unblamed, the liars are targets too.
+        assert!(paths(&g, 1, &mut rng).iter().any(|p| p[2] == fp(3) || p[2] == fp(4)));
+        // Requester 1 blames both liars for misbehaving: its paths go through them to 5, and only to 5.
+        assert_eq!(g.blame_in(&fp(3), fp(1), Scope::Target, t0), 1);
+        assert_eq!(g.blame_in(&fp(4), fp(1), Scope::Target, t0), 1);
+        let mine = paths(&g, 1, &mut rng);
+        assert!(mine.iter().all(|p| p.len() == 3 && p[2] == fp(5)), "{mine:?}");
+        assert!(mine.iter().any(|p| p[1] == fp(3)) && mine.iter().any(|p| p[1] == fp(4)), "{mine:?}");
+        // Requester 2 is not affected by 1's blame...
+        assert!(paths(&g, 2, &mut rng).iter().any(|p| p[2] == fp(3)));
+        // ...until a second reporter corroborates it: then 3 is no one's target, but still everyone's relay.
+        assert_eq!(g.blame_in(&fp(3), fp(2), Scope::Target, t0), 2);
+        assert!(g.avoid_as_target(&fp(3)));
+        assert!(!g.avoid_as_target(&fp(3)), "already");
+        let theirs = paths(&g, 2, &mut rng);
+        assert!(theirs.iter().all(|p| p[2] != fp(3)), "{theirs:?}");
+        assert!(theirs.iter().any(|p| p[1] == fp(3) && p[2] == fp(5)), "{theirs:?}");
+        // Its next announce ends the shared avoidance; requester 2's own blame stands (it blamed 3, not 4).
+        g.announce(fp(3), (), addr(3), vec![chain.clone()], t0, &mut rng).unwrap();
+        assert!(!g.get(&fp(3)).unwrap().avoided_as_target);
+        let mine = paths(&g, 1, &mut rng);
+        assert!(mine.iter().all(|p| p[2] == fp(5)), "requester 1's blame outlives the announce: {mine:?}");
+    }
+
+    #[test]
     fn at_most_max_blamers_are_remembered_and_expired_ones_make_room() {
         let t0 = Instant::now();
         let mut b = Blamers::default();
         for i in 0..40u8 {
-            assert_eq!(b.add(fp(i), t0, BLAME_LASTS), (i as usize + 1).min(MAX_BLAMERS));
+            assert_eq!(b.add(fp(i), Scope::Any, t0, BLAME_LASTS), (i as usize + 1).min(MAX_BLAMERS));
         }
         assert!(!b.by(&fp(39), t0), "beyond the cap, not remembered");
-        assert_eq!(b.add(fp(39), t0 + BLAME_LASTS, BLAME_LASTS), 1);
+        assert_eq!(b.add(fp(39), Scope::Any, t0 + BLAME_LASTS, BLAME_LASTS), 1);
     }
 }

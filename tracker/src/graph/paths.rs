@@ -135,7 +135,10 @@ impl<K> Graph<K> {
                     {
                         continue;
                     }
-                    if serving.contains(fp) && self.may_share_path(fp, requester, apart) {
+                    if serving.contains(fp)
+                        && self.may_target(q, requester, heed_blame, now)
+                        && self.may_share_path(fp, requester, apart)
+                    {
                         return Some(d);
                     }
                     next.push(*fp);
@@ -144,6 +147,12 @@ impl<K> Graph<K> {
             level = next;
         }
         None
+    }
+
+    /// Whether `q`, usable in `requester`'s paths, may also be their target: not avoided as one, and (when
+    /// `heed_blame`) not blamed by `requester` at all (its [`Scope::Target`] blame leaves `q` a relay).
+    fn may_target(&self, q: &Peer<K>, requester: &Fingerprint, heed_blame: bool, now: Instant) -> bool {
+        !(q.avoided_as_target || (heed_blame && q.blamed_by.as_target_by(requester, now)))
     }
 
     /// Whether `a` and `b` may both be on one path: not one family, and (if `apart`) not in one /16.
@@ -171,13 +180,19 @@ impl<K> Graph<K> {
         // Lower bounds on the hop distance from the requester, through usable peers. Targets are taken from
         // them, so a request costs what the requester's neighborhood holds, not what the overlay holds.
         let Some(serving) = self.serving.get(chain) else { return (Vec::new(), false) };
-        let (dist, skipped) = self.distances_from(requester, relays + 1, serving, heed_blame, now, BFS_BUDGET);
+        let (dist, mut skipped) = self.distances_from(requester, relays + 1, serving, heed_blame, now, BFS_BUDGET);
         let mut targets: Vec<Fingerprint> = dist
             .iter()
             .filter(|(fp, d)| **d >= 1 && *fp != requester && serving.contains(*fp))
             .map(|(fp, _)| *fp)
             .filter(|fp| self.may_share_path(fp, requester, apart))
             .collect();
+        targets.retain(|fp| {
+            let Some(q) = self.peers.get(fp) else { return false };
+            // Blamed as a target by the requester only: a second round that ignores its blame may use it.
+            skipped |= heed_blame && !q.avoided_as_target && q.blamed_by.as_target_by(requester, now);
+            self.may_target(q, requester, heed_blame, now)
+        });
         // HashMap order is not random: sort, then shuffle.
         targets.sort_unstable();
         targets.shuffle(rng);
