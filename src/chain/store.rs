@@ -30,9 +30,11 @@ use bitcoin::{Block, BlockHash, OutPoint, Transaction, Txid, Work};
 use super::ChainError;
 
 mod backend;
+mod cursor;
 mod pool;
 
 pub use backend::{apply_best_update, BestChainUpdate, ChainBackend, MemoryBackend};
+pub use cursor::BranchCursor;
 pub use pool::{PoolReject, PoolTx, MAX_POOL_BYTES, POOL_EXPIRY_SECS};
 
 /// What the store knows about one header.

@@ -20,7 +20,7 @@ use bitcoin::params::Params;
 use bitcoin::script::Builder;
 use bitcoin::{Block, Network};
 
-use super::store::ChainStore;
+use super::store::{BranchCursor, ChainStore};
 use super::{ChainError, Invalid};
 
 /// Number of blocks whose median time a new block must exceed.
@@ -65,8 +65,9 @@ pub fn check_header(store: &ChainStore, params: &NetParams, header: &Header, now
     check_header_pow(header, params).map_err(|e| bad(e.into()))?;
     let height = parent.height.saturating_add(1);
 
-    let parent_hash = header.prev_blockhash;
-    let ancestor = |h: u32| store.ancestor(&parent_hash, h).and_then(|a| store.header(&a));
+    // The walk asks for falling heights: a cursor pays one lookup per height, also on a side branch.
+    let mut branch = BranchCursor::new(store, header.prev_blockhash);
+    let ancestor = |h: u32| branch.as_mut().and_then(|b| b.header_at(h));
     match check_difficulty(params, parent.height, &parent.header, header, ancestor) {
         Ok(()) => {}
         Err(BtcError::UnknownAncestor { height: h }) => {

@@ -148,3 +148,30 @@ fn unknown_parent_and_reopen() {
     assert!(reopened.has_block(&hashes[2]) && !reopened.has_block(&hashes[1]));
     assert_eq!(reopened.block_count(), 2);
 }
+
+/// SPEC open issue 26a: walking a side branch down height by height costs one lookup a height, not a walk back to
+/// the fork for each (about 80,000 lookups here with `ancestor` per height; a 2,000-header message of such
+/// branches cost ~10⁹ under the write lock).
+#[test]
+fn a_branch_cursor_walks_a_side_branch_at_one_lookup_a_height() {
+    let (mut store, hashes) = chain(600);
+    let mut tip = hashes[10];
+    for _ in 0..400 {
+        tip = mine_on(&mut store, tip, 0).unwrap().block_hash();
+    }
+    assert_eq!(store.height_of(&tip), Some(410));
+    assert!(!store.is_active(&tip));
+    let mut cursor = BranchCursor::new(&store, tip).unwrap();
+    for h in (0..=410).rev() {
+        let expected = store.ancestor(&tip, h).and_then(|a| store.header(&a)).unwrap();
+        assert_eq!(cursor.header_at(h), Some(expected), "height {h}");
+    }
+    // 400 steps down the side branch, one onto the best chain, one lookup per height asked.
+    assert!(cursor.steps <= 410 + 411, "{} lookups", cursor.steps);
+    // A height above the cursor starts again from the tip; above the tip there is nothing.
+    let steps = cursor.steps;
+    assert_eq!(cursor.header_at(409), store.header(&store.ancestor(&tip, 409).unwrap()));
+    assert!(cursor.steps - steps <= 2, "{}", cursor.steps - steps);
+    assert_eq!(cursor.header_at(411), None);
+    assert!(BranchCursor::new(&store, BlockHash::all_zeros()).is_none());
+}
