@@ -20,17 +20,23 @@
 //!    circuit for; it is checked (merkle root, no duplicate txs, size/weight, coinbase, witness
 //!    commitment, BIP 34) and stored; blocks arriving while a commit runs are committed
 //!    together in the next. A block we know but did not ask that circuit for is a wrong
-//!    answer (misbehaving); a block we do not know, not asked for, is ignored (unsolicited).
-//!    `notfound` moves the block to other circuits.
+//!    answer (misbehaving); a block we do not know, not asked for, is ignored (unsolicited) and
+//!    is not progress. `notfound` moves the block to other circuits; a circuit that refused 8, or
+//!    has nothing left to do while a block it refused is fetched by no one, is dropped (finished,
+//!    not blamed) for a fresh one. A full `headers` answer that adds nothing and ends no higher
+//!    than where we asked from (the same answer again) is misbehaving.
 //!
 //! A circuit that sends something invalid is broken with [`BreakReason::Misbehaving`] (which
 //! also reports its target to the tracker); one that **stalls** (requests outstanding and no
-//! block for `stall_timeout`), or does not finish its handshake or answer `getheaders` in
-//! time, is broken with [`BreakReason::Timeout`]. Its outstanding requests go to the other
+//! requested block for `stall_timeout`), or does not finish its handshake or answer
+//! `getheaders` in time (from the oldest unanswered one: asking again does not restart the
+//! clock), is broken with [`BreakReason::Timeout`]. Its outstanding requests go to the other
 //! circuits, and a [`CircuitSource`], if given, is asked for a fresh circuit to replace it.
 //!
-//! Without `follow`, the sync ends once some circuit's headers ran out (a reply below 2000),
-//! no `getheaders` is outstanding and every best-chain block is stored. With `follow`, it then
+//! Without `follow`, the sync ends once every ready circuit's headers ran out (a reply below
+//! 2000) with no `getheaders` outstanding, every best-chain block is stored, and no circuit is
+//! still shaking hands (one that is stops holding up the end 3 s after the first circuit's
+//! headers ran out): one liar's quick empty answer does not end it at a stale tip. With `follow`, it then
 //! reports [`SyncEvent::Synced`] and goes on: announced headers (`sendheaders`) and `inv`s of
 //! blocks lead to `getheaders`/`getdata`; each new stored best tip is a [`SyncEvent::NewTip`],
 //! each announced transaction a [`SyncEvent::Tx`].

@@ -2,8 +2,6 @@
 //! headers, blocks and replacements (the parent module documents the behaviour).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -53,9 +51,8 @@ pub(super) async fn drive<F: FnMut(SyncEvent)>(
         to_store: Vec::new(),
         writing: false,
         low_water: 0,
-        epoch: Instant::now(),
         headers_new: 0,
-        headers_done: false,
+        first_done_at: None,
         blocks: 0,
         requested: 0,
         refetched: 0,
@@ -109,10 +106,16 @@ struct Circ {
     in_flight: Vec<BlockHash>,
     /// When `in_flight` last went from empty to non-empty.
     waiting_since: Instant,
-    /// When a `block` last arrived (ms since the engine's epoch; written by the reader).
-    last_block: Arc<AtomicU64>,
-    /// An outstanding `getheaders` (and when it was sent).
+    /// When a block it was asked for last arrived (one nobody asked for does not count: a junk block every few
+    /// seconds would otherwise keep a staller's requests from moving, SPEC open issue 26).
+    last_block: Instant,
+    /// An outstanding `getheaders` (and when the oldest unanswered one was sent: a `getheaders` sent while one
+    /// is outstanding does not move it, so an `inv` every minute cannot keep a silent circuit alive).
     headers_req: Option<Instant>,
+    /// Height of the first locator entry of the last `getheaders` (a full answer must reach past it).
+    headers_from: u32,
+    /// Its headers ran out: it answered a `getheaders` with fewer than 2,000.
+    headers_done: bool,
     /// Blocks this circuit answered `notfound` for.
     refused: HashSet<BlockHash>,
 }
@@ -136,10 +139,10 @@ struct Engine<'a, F: FnMut(SyncEvent)> {
     writing: bool,
     /// No block below this height is missing.
     low_water: u32,
-    epoch: Instant,
     headers_new: u64,
-    /// Some circuit's headers ran out (a reply below 2000).
-    headers_done: bool,
+    /// When the first circuit's headers ran out (circuits still shaking hands hold up the end until
+    /// [`END_GRACE`] after it).
+    first_done_at: Option<Instant>,
     blocks: u64,
     requested: u64,
     refetched: u64,
@@ -156,9 +159,14 @@ struct Engine<'a, F: FnMut(SyncEvent)> {
     seen_txs: HashSet<Txid>,
 }
 
-fn millis_since(epoch: Instant) -> u64 {
-    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
+/// How long after the first circuit's headers ran out a circuit still shaking hands holds up the end of the
+/// initial sync: a fast liar's empty `headers` must not end it at a stale tip while honest circuits are still
+/// coming up, and a silent circuit must not hold it up for its whole handshake timeout.
+const END_GRACE: Duration = Duration::from_secs(3);
+
+/// Blocks one circuit may answer `notfound` for before it is dropped (as finished, not blamed: an honest serving
+/// peer may still be fetching bodies) for another.
+const MAX_REFUSED: usize = 8;
 
 /// Reads one circuit: decodes every message (checking blocks context-free) for the engine,
 /// until the circuit ends or the engine says to abort or close it.
@@ -168,8 +176,6 @@ async fn reader(
     magic: [u8; 4],
     events: mpsc::UnboundedSender<Ev>,
     mut ctl: oneshot::Receiver<Ctl>,
-    last_block: Arc<AtomicU64>,
-    epoch: Instant,
 ) {
     loop {
         tokio::select! {
@@ -189,10 +195,7 @@ async fn reader(
                     let msg = decode_circuit_message(&raw, magic);
                     drop(raw);
                     let checked = match &msg {
-                        Ok(Message::Block(b)) => {
-                            last_block.store(millis_since(epoch), Ordering::Relaxed);
-                            Some(check_block(b))
-                        }
+                        Ok(Message::Block(b)) => Some(check_block(b)),
                         _ => None,
                     };
                     if events.send(Ev::Msg { id, bytes, msg, checked }).is_err() {
@@ -272,11 +275,19 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
     }
 
     fn initial_done(&mut self) -> bool {
-        if !self.headers_done || self.writing || !self.to_store.is_empty() || !self.in_flight.is_empty() {
+        let Some(first_done) = self.first_done_at else { return false };
+        if self.writing || !self.to_store.is_empty() || !self.in_flight.is_empty() {
             return false;
         }
-        // (A circuit still shaking hands holds up nothing: its pipelined `getheaders` counts once it is ready.)
-        if self.circuits.values().any(|c| c.ready && c.headers_req.is_some()) {
+        // Every ready circuit's headers ran out, and none is asked again: one circuit's empty answer does not end
+        // the sync while another knows more (SPEC open issue 26). A circuit still shaking hands holds it up for
+        // `END_GRACE` after the first ran out.
+        let grace_over = Instant::now() >= first_done + END_GRACE;
+        if self
+            .circuits
+            .values()
+            .any(|c| if c.ready { !c.headers_done || c.headers_req.is_some() } else { !grace_over })
+        {
             return false;
         }
         let s = read(self.store);
@@ -289,17 +300,8 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         let hops = stream.hops;
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (ctl_tx, ctl_rx) = oneshot::channel();
-        let last_block = Arc::new(AtomicU64::new(0));
         tokio::spawn(writer(stream.sender(), out_rx));
-        tokio::spawn(reader(
-            id,
-            stream,
-            self.params.magic,
-            self.events_tx.clone(),
-            ctl_rx,
-            last_block.clone(),
-            self.epoch,
-        ));
+        tokio::spawn(reader(id, stream, self.params.magic, self.events_tx.clone(), ctl_rx));
         let now = Instant::now();
         let c = Circ {
             out: out_tx,
@@ -310,8 +312,10 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             ready: false,
             in_flight: Vec::new(),
             waiting_since: now,
-            last_block,
+            last_block: now,
             headers_req: None,
+            headers_from: 0,
+            headers_done: false,
             refused: HashSet::new(),
         };
         self.circuits.insert(id, c);
@@ -379,7 +383,6 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        let now_ms = millis_since(self.epoch);
         let mut failed = Vec::new();
         for (id, c) in &self.circuits {
             if !c.ready {
@@ -396,7 +399,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             }
             if !c.in_flight.is_empty() {
                 let since_wait = now.duration_since(c.waiting_since);
-                let since_block = Duration::from_millis(now_ms.saturating_sub(c.last_block.load(Ordering::Relaxed)));
+                let since_block = now.duration_since(c.last_block);
                 if since_wait.min(since_block) > self.opts.stall_timeout {
                     failed.push((*id, ChainError::Timeout("blocks (stalled)")));
                 }
@@ -479,20 +482,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             _ if !ready => debug!(circuit = id, "ignored during the handshake"),
             Message::Headers(headers) => self.on_headers(id, headers)?,
             Message::Block(block) => self.on_block(id, block, checked)?,
-            Message::NotFound(items) => {
-                let Some(c) = self.circuits.get_mut(&id) else { return Ok(()) };
-                for item in items {
-                    if let Inventory::Block(h) | Inventory::WitnessBlock(h) = item {
-                        if let Some(pos) = c.in_flight.iter().position(|x| *x == h) {
-                            c.in_flight.remove(pos);
-                            c.refused.insert(h);
-                            self.in_flight.remove(&h);
-                            debug!(circuit = id, %h, "block not found there; asking others");
-                        }
-                    }
-                }
-                self.assign();
-            }
+            Message::NotFound(items) => self.on_not_found(id, items)?,
             Message::Inv(items) => {
                 let mut unknown_block = None;
                 for item in items {

@@ -18,8 +18,11 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
     }
 
     pub(super) fn send_getheaders(&mut self, id: usize, locator_hashes: Vec<BlockHash>, stop_hash: BlockHash) {
+        let from = locator_hashes.first().and_then(|h| read(self.store).height_of(h)).unwrap_or(0);
         if let Some(c) = self.circuits.get_mut(&id) {
-            c.headers_req = Some(Instant::now());
+            // The oldest unanswered request keeps its time: the request timeout is not re-armed by asking again.
+            c.headers_req.get_or_insert_with(Instant::now);
+            c.headers_from = from;
         }
         let req = GetHeadersMessage { version: PROTOCOL_VERSION, locator_hashes, stop_hash };
         self.send(id, &Message::GetHeaders(req));
@@ -35,7 +38,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         };
         let Some(first) = headers.first().copied() else {
             if answer {
-                self.headers_done = true;
+                self.headers_ran_out(id);
             }
             return Ok(());
         };
@@ -67,14 +70,22 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             }
         }
         let before = read(self.store).best_tip();
-        self.accept_headers(&headers)?;
+        let new = self.accept_headers(&headers)?;
         if answer {
             if headers.len() == MAX_HEADERS {
                 let last = headers.last().map_or(first.block_hash(), Header::block_hash);
+                // A full answer that adds nothing and ends no higher than where we asked from is the same answer
+                // again: followed, it would be asked for again for ever (SPEC open issue 26).
+                let from = self.circuits.get(&id).map_or(0, |c| c.headers_from);
+                if new == 0 && read(self.store).height_of(&last).is_none_or(|h| h <= from) {
+                    return Err(ChainError::Protocol(format!(
+                        "a full headers answer that adds nothing and ends below height {from}, where it was asked from"
+                    )));
+                }
                 let locator = read(self.store).locator_from(&last);
                 self.send_getheaders(id, locator, no_stop());
             } else {
-                self.headers_done = true;
+                self.headers_ran_out(id);
             }
         }
         if read(self.store).best_tip() != before {
@@ -87,10 +98,18 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         Ok(())
     }
 
-    /// Checks and stores headers (in one write); counts the new ones.
-    pub(super) fn accept_headers(&mut self, headers: &[Header]) -> Result<(), ChainError> {
+    /// Circuit `id` answered a `getheaders` with fewer than 2,000: its headers ran out.
+    fn headers_ran_out(&mut self, id: usize) {
+        if let Some(c) = self.circuits.get_mut(&id) {
+            c.headers_done = true;
+            self.first_done_at.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Checks and stores headers (in one write); counts the new ones, and returns how many were new.
+    pub(super) fn accept_headers(&mut self, headers: &[Header]) -> Result<u64, ChainError> {
         if headers.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let now = unix_now();
         let params = self.params;
@@ -106,7 +125,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         if n > 0 {
             self.progress(SyncPhase::Headers);
         }
-        Ok(())
+        Ok(n)
     }
 
     pub(super) fn on_block(
@@ -127,6 +146,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             return Ok(());
         };
         c.in_flight.remove(pos);
+        c.last_block = Instant::now();
         if c.in_flight.is_empty() {
             c.waiting_since = Instant::now();
         }
@@ -147,6 +167,38 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         self.to_store.push(block);
         self.flush_blocks();
         self.assign();
+        Ok(())
+    }
+
+    /// `notfound` from circuit `id`: its refused blocks go to other circuits. After [`MAX_REFUSED`] refusals, or
+    /// when it has nothing left to do while a block it refused is fetched by nobody (every circuit refused it, or
+    /// the others are busy), it is dropped for another (`NotFound`, broken as finished): `notfound` for everything
+    /// must not stall the sync at no cost (SPEC open issue 26).
+    pub(super) fn on_not_found(&mut self, id: usize, items: Vec<Inventory>) -> Result<(), ChainError> {
+        let Some(c) = self.circuits.get_mut(&id) else { return Ok(()) };
+        let mut last = None;
+        for item in items {
+            if let Inventory::Block(h) | Inventory::WitnessBlock(h) = item {
+                if let Some(pos) = c.in_flight.iter().position(|x| *x == h) {
+                    c.in_flight.remove(pos);
+                    c.refused.insert(h);
+                    self.in_flight.remove(&h);
+                    last = Some(h);
+                    debug!(circuit = id, %h, "block not found there; asking others");
+                }
+            }
+        }
+        self.assign();
+        let (Some(h), Some(c)) = (last, self.circuits.get(&id)) else { return Ok(()) };
+        let unserved = |b: &BlockHash| {
+            !self.in_flight.contains_key(b)
+                && !self.storing.contains(b)
+                && !self.to_store.iter().any(|x| x.block_hash() == *b)
+                && !read(self.store).has_block(b)
+        };
+        if c.refused.len() >= MAX_REFUSED || (c.in_flight.is_empty() && c.refused.iter().any(unserved)) {
+            return Err(ChainError::NotFound(h));
+        }
         Ok(())
     }
 

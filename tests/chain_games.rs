@@ -1,0 +1,228 @@
+//! Serving peers that play games with a requester's sync (SPEC open issue 26): well-formed messages whose meaning
+//! or timing is hostile. Each game used to keep a sync from finishing, or to end it at a stale tip; now each
+//! costs the offending circuit and the sync completes from an honest one. Every sync runs under a deadline, so a
+//! regression fails rather than hangs.
+// Test code: a failed assumption should fail loudly, so unwrap/expect/panic/indexing are fine here.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::time::Duration;
+
+use anomos::chain::wire::BtcPeer;
+use anomos::chain::{self, mine_regtest, sync_with, ChainError, ChainService, ChainStore, SharedStore, SyncOptions};
+use anomos::{CircuitStream, Service};
+use anomos_proto::btc::{Inventory, Message, NetParams, ServiceFlags};
+use bitcoin::hashes::Hash;
+use bitcoin::BlockHash;
+
+/// Longest any sync here may take (each finishes in a few seconds when the engine is right).
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Syncs `client` over `circuits` (no replacements) under [`DEADLINE`].
+async fn sync_all(
+    circuits: Vec<CircuitStream>,
+    client: &SharedStore,
+    opts: SyncOptions,
+) -> Result<chain::SyncReport, ChainError> {
+    let params = regtest();
+    let run = sync_with(circuits, &params, client, &opts, |_| {});
+    tokio::time::timeout(DEADLINE, run).await.expect("the sync never finished")
+}
+
+fn regtest() -> NetParams {
+    NetParams::regtest()
+}
+
+fn mined(n: u32) -> SharedStore {
+    let mut store = ChainStore::new(regtest()).unwrap();
+    mine_regtest(&mut store, n, 0).unwrap();
+    chain::shared(store)
+}
+
+fn empty_store() -> SharedStore {
+    chain::shared(ChainStore::new(regtest()).unwrap())
+}
+
+fn height(store: &SharedStore) -> u32 {
+    store.read().unwrap().best_tip().1
+}
+
+/// What a game-playing serving peer does besides shaking hands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Game {
+    /// Answers `getheaders` honestly, never sends a requested block, and sends a block nobody asked for (one the
+    /// requester does not know) every 300 ms.
+    JunkBlocks,
+    /// Never answers `getheaders`; announces an unknown block (`inv`) every 300 ms.
+    InvOnly,
+    /// Answers every `getheaders` with the same first 2,000 headers.
+    RepeatHeaders,
+    /// Answers `getheaders` honestly and every `getdata` with `notfound`.
+    NotFoundAll,
+    /// Answers every `getheaders` at once with no headers.
+    EmptyHeaders,
+}
+
+/// A serving peer over `stream` for `chain`, playing `game`.
+async fn player(stream: CircuitStream, chain: SharedStore, game: Game) {
+    let mut peer = BtcPeer::new(stream, regtest().magic);
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    let mut n = 0u8;
+    loop {
+        let msg = tokio::select! {
+            m = peer.recv() => match m { Ok(m) => m, Err(_) => return },
+            _ = tick.tick() => {
+                n = n.wrapping_add(1);
+                let sent = match game {
+                    Game::JunkBlocks => {
+                        let mut junk = {
+                            let c = chain.read().unwrap();
+                            c.block(&c.best_tip().0).unwrap().unwrap()
+                        };
+                        junk.header.time += u32::from(n);
+                        peer.send(&Message::Block(junk)).await
+                    }
+                    Game::InvOnly => peer.send(&Message::Inv(vec![Inventory::Block(BlockHash::from_byte_array([n; 32]))])).await,
+                    _ => Ok(()),
+                };
+                if sent.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let sent = match msg {
+            Message::Version(_) => {
+                let h = chain.read().unwrap().best_tip().1;
+                let v = chain::wire::version_message(ServiceFlags::NETWORK, h, false);
+                match peer.send(&Message::Version(v)).await {
+                    Ok(()) => peer.send(&Message::Verack).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Message::GetHeaders(req) => {
+                let headers = match game {
+                    Game::InvOnly => continue,
+                    Game::EmptyHeaders => Vec::new(),
+                    Game::RepeatHeaders => {
+                        let genesis = regtest().genesis_hash;
+                        chain.read().unwrap().headers_after(&[genesis], &BlockHash::all_zeros(), 2000)
+                    }
+                    _ => chain.read().unwrap().headers_after(&req.locator_hashes, &req.stop_hash, 2000),
+                };
+                peer.send(&Message::Headers(headers)).await
+            }
+            Message::GetData(items) if game == Game::NotFoundAll => peer.send(&Message::NotFound(items)).await,
+            Message::Ping(x) => peer.send(&Message::Pong(x)).await,
+            _ => Ok(()),
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// A circuit to `game` played over `chain`.
+fn playing(chain: &SharedStore, game: Game) -> CircuitStream {
+    let (ours, theirs) = CircuitStream::memory_pair();
+    tokio::spawn(player(theirs, chain.clone(), game));
+    ours
+}
+
+/// A circuit to an honest serving peer of `chain`.
+fn honest(chain: &SharedStore) -> CircuitStream {
+    let (ours, theirs) = CircuitStream::memory_pair();
+    ChainService::new(chain.clone()).accept(theirs);
+    ours
+}
+
+/// A source that hands out the given circuits once.
+fn source_of(streams: Vec<CircuitStream>) -> chain::CircuitSource {
+    let pool = std::sync::Arc::new(std::sync::Mutex::new(streams));
+    Box::new(move |n| {
+        let mut p = pool.lock().unwrap();
+        let k = n.min(p.len());
+        let got: Vec<CircuitStream> = p.drain(..k).collect();
+        Box::pin(async move { got })
+    })
+}
+
+/// A block nobody asked for used to count as progress: a staller that sent one every 300 ms kept its requested
+/// blocks for ever. Now it stalls out (timeout, not misbehaving) and a replacement finishes the sync.
+#[tokio::test]
+async fn junk_blocks_do_not_keep_a_staller_alive() {
+    let server = mined(60);
+    let client = empty_store();
+    let opts = SyncOptions { stall_timeout: Duration::from_secs(1), circuits: 1, ..SyncOptions::default() };
+    let params = regtest();
+    let run = chain::run_sync(
+        vec![playing(&server, Game::JunkBlocks)],
+        &params,
+        &client,
+        &opts,
+        Some(source_of(vec![honest(&server)])),
+        |_| {},
+    );
+    let report = tokio::time::timeout(DEADLINE, run).await.expect("the sync never finished").unwrap();
+    assert_eq!((report.blocks, report.replaced), (60, 1));
+    assert!(matches!(report.peer_errors[..], [(0, ChainError::Timeout(_))]), "{:?}", report.peer_errors);
+}
+
+/// An `inv` of an unknown block made the engine ask for headers again and re-armed the request timeout: a
+/// circuit that never answered `getheaders` but announced a block every 300 ms held up the end for ever.
+#[tokio::test]
+async fn announcements_do_not_rearm_an_unanswered_headers_request() {
+    let server = mined(50);
+    let client = empty_store();
+    let opts = SyncOptions { request_timeout: Duration::from_secs(1), ..SyncOptions::default() };
+    let circuits = vec![honest(&server), playing(&server, Game::InvOnly)];
+    let report = sync_all(circuits, &client, opts).await.unwrap();
+    assert_eq!(report.blocks, 50);
+    assert!(matches!(report.peer_errors[..], [(1, ChainError::Timeout("headers"))]), "{:?}", report.peer_errors);
+}
+
+/// The same full `headers` answer again and again was followed by another request for ever.
+#[tokio::test]
+async fn the_same_full_headers_answer_again_is_a_protocol_violation() {
+    let server = mined(2_001);
+    let client = empty_store();
+    let err = sync_all(vec![playing(&server, Game::RepeatHeaders)], &client, SyncOptions::default()).await.unwrap_err();
+    assert!(matches!(&err, ChainError::Protocol(m) if m.contains("adds nothing")), "{err}");
+    assert!(err.is_peer_fault());
+    assert_eq!(height(&client), 2_000, "the first answer was kept");
+}
+
+/// `notfound` for every block cost the circuit nothing: alone, it left nothing in flight and no timer running,
+/// and the sync hung. Now such a circuit is dropped (not blamed: an honest peer may still be fetching bodies).
+#[tokio::test]
+async fn notfound_for_everything_ends_the_circuit() {
+    let server = mined(20);
+    let client = empty_store();
+    let err = sync_all(vec![playing(&server, Game::NotFoundAll)], &client, SyncOptions::default()).await.unwrap_err();
+    assert!(matches!(err, ChainError::NotFound(_)), "{err}");
+    assert!(err.is_peer_fault());
+    // Beside an honest circuit the sync completes.
+    let client = empty_store();
+    let circuits = vec![playing(&server, Game::NotFoundAll), honest(&server)];
+    let report = sync_all(circuits, &client, SyncOptions::default()).await.unwrap();
+    assert_eq!(report.blocks, 20);
+}
+
+/// One circuit's empty `headers` ended the whole sync: a fast liar that answered before the honest circuits
+/// were ready ended it at the genesis block. Now every ready circuit's headers must run out, and a circuit
+/// still shaking hands holds up the end for a grace period.
+#[tokio::test]
+async fn a_fast_empty_headers_answer_does_not_end_the_sync_at_a_stale_tip() {
+    let server = mined(50);
+    let client = empty_store();
+    // The honest end starts answering 300 ms late (what the requester sent waits in the circuit meanwhile).
+    let (late, late_end) = CircuitStream::memory_pair();
+    let s = server.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ChainService::new(s).accept(late_end);
+    });
+    let circuits = vec![playing(&server, Game::EmptyHeaders), late];
+    let report = sync_all(circuits, &client, SyncOptions::default()).await.unwrap();
+    assert_eq!((report.height, report.blocks), (50, 50));
+    assert_eq!(height(&client), 50);
+}
