@@ -226,3 +226,59 @@ async fn a_fast_empty_headers_answer_does_not_end_the_sync_at_a_stale_tip() {
     assert_eq!((report.height, report.blocks), (50, 50));
     assert_eq!(height(&client), 50);
 }
+
+// ---- a requester's games against a serving peer ----
+
+/// A made-up spend of outpoint `[i; 32]:0` with an output script of `script` bytes.
+fn made_up_tx(i: u32, script: usize) -> bitcoin::Transaction {
+    let mut txid = [0u8; 32];
+    txid[..4].copy_from_slice(&i.to_le_bytes());
+    bitcoin::Transaction {
+        version: bitcoin::transaction::Version::TWO,
+        lock_time: bitcoin::absolute::LockTime::ZERO,
+        input: vec![bitcoin::TxIn {
+            previous_output: bitcoin::OutPoint { txid: bitcoin::Txid::from_byte_array(txid), vout: 0 },
+            ..bitcoin::TxIn::default()
+        }],
+        output: vec![bitcoin::TxOut {
+            value: bitcoin::Amount::from_sat(1_000),
+            script_pubkey: bitcoin::ScriptBuf::from_bytes(vec![0x51; script]),
+        }],
+    }
+}
+
+/// A requester that sent made-up transactions as fast as it could filled the pool (no input can be checked
+/// without a UTXO set), each with a commit under the store's write lock. Now one circuit gets a burst of
+/// `TX_BURST`, then `TXS_PER_MINUTE`, and the rest is refused with `reject` before it is checked or stored.
+#[tokio::test]
+async fn a_flood_of_transactions_fills_only_its_circuits_allowance() {
+    let server = mined(5);
+    let (ours, theirs) = CircuitStream::memory_pair();
+    ChainService::new(server.clone()).accept(theirs);
+    let mut peer = BtcPeer::new(ours, regtest().magic);
+    peer.send(&Message::Version(chain::wire::version_message(ServiceFlags::NONE, 0, false))).await.unwrap();
+    let Message::Version(_) = peer.recv().await.unwrap() else { panic!("expected version") };
+    assert_eq!(peer.recv().await.unwrap(), Message::Verack);
+    peer.send(&Message::Verack).await.unwrap();
+    let sent = 200u32;
+    for i in 0..sent {
+        peer.send(&Message::Tx(made_up_tx(i, 100))).await.unwrap();
+    }
+    peer.send(&Message::Ping(7)).await.unwrap();
+    let mut refused = 0;
+    loop {
+        match tokio::time::timeout(DEADLINE, peer.recv()).await.expect("no pong").unwrap() {
+            Message::Pong(7) => break,
+            Message::Reject(r) => {
+                assert_eq!((r.message.as_str(), r.ccode), ("tx", 0x40), "{r:?}");
+                assert!(r.reason.contains("rate"), "{r:?}");
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let pooled = server.read().unwrap().pool_txids().len();
+    // The burst, plus what the rate refilled while the test ran (a second or so: one more at most).
+    assert!((chain::TX_BURST as usize..=chain::TX_BURST as usize + 1).contains(&pooled), "{pooled} pooled");
+    assert_eq!(pooled + refused, sent as usize);
+}

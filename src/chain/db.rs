@@ -10,7 +10,8 @@
 //! * each block body (with its entry in the block index) in its own transaction,
 //! * each pool transaction added or batch removed in its own transaction,
 //!
-//! all with [`redb::Durability::Immediate`] (fsync'd before `commit` returns) unless
+//! all with [`redb::Durability::Immediate`] (fsync'd before `commit` returns; an added pool
+//! transaction excepted: it is made durable by the next such commit) unless
 //! [`ChainBackend::set_durable`] turned that off for a bulk load (then [`ChainBackend::flush`]
 //! makes everything durable at once; commits stay atomic either way). Blocks that arrive
 //! while a commit is running are committed together in the next one. On restart [`super::ChainStore::open`] rebuilds the
@@ -262,7 +263,12 @@ impl ChainBackend for RedbBackend {
     }
 
     fn put_tx(&mut self, ptx: &PoolTx) -> Result<(), ChainError> {
-        let tx = self.write()?;
+        // Not fsync'd: the pool is a cache of others' transactions (Bitcoin Core writes its mempool only at
+        // shutdown), and a commit per transaction under the store's write lock let a requester's flood of
+        // transactions stall every conversation (SPEC open issue 26b). The next durable commit (headers,
+        // blocks) makes it durable; a crash before that loses at most the newest pool entries.
+        let mut tx = self.write()?;
+        tx.set_durability(Durability::None).map_err(se)?;
         {
             let mut value = ptx.added.to_le_bytes().to_vec();
             value.extend_from_slice(&ptx.raw);

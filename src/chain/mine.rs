@@ -16,6 +16,7 @@
 //! coinbase witness), which validation checks. Pool transactions can be mined too
 //! ([`mine_block`]).
 
+use anomos_proto::btc::validate::MAX_BLOCK_WEIGHT;
 use anomos_proto::btc::NetParams;
 use bitcoin::absolute::LockTime;
 use bitcoin::block::{Header, Version};
@@ -55,8 +56,13 @@ pub fn mine_on(store: &mut ChainStore, parent: BlockHash, txs_per_block: usize) 
     mine_block(store, parent, txs_per_block, Vec::new())
 }
 
-/// Mines one block on `parent` with `txs_per_block` made-up spends followed by `include`
-/// (e.g. pool transactions), and stores it.
+/// Weight kept free in a mined block for its header and transaction count (a header is 320 weight units, a
+/// count varint at most 36).
+const BLOCK_WEIGHT_RESERVE: u64 = 4_000;
+
+/// Mines one block on `parent` with `txs_per_block` made-up spends followed by those of `include`
+/// (e.g. pool transactions) that fit in [`MAX_BLOCK_WEIGHT`] (in order, skipping any that do not),
+/// and stores it.
 pub fn mine_block(
     store: &mut ChainStore,
     parent: BlockHash,
@@ -88,7 +94,17 @@ pub fn mine_block(
     let fees = FEE * txs_per_block as u64;
     let mut txdata = vec![coinbase(height, subsidy(height) + fees, extra_nonce)];
     txdata.extend(extra);
-    txdata.extend(include);
+    // Pool transactions are anyone's: eleven of just under the standard 400,000 weight units made a block
+    // that every requester rejected as oversize (SPEC open issue 26). The coinbase's witness commitment,
+    // added below, is inside the reserve.
+    let mut weight: u64 = txdata.iter().map(|t| t.weight().to_wu()).sum::<u64>() + BLOCK_WEIGHT_RESERVE;
+    for tx in include {
+        let w = tx.weight().to_wu();
+        if weight + w <= MAX_BLOCK_WEIGHT {
+            weight += w;
+            txdata.push(tx);
+        }
+    }
 
     let now = unix_now();
     let time = match prev.header.time.checked_add(600) {
@@ -279,6 +295,33 @@ mod tests {
         let mut bad = block.clone();
         bad.txdata[5].input[0].witness = Witness::from_slice(&[[1u8; 71]]);
         assert!(check_block_in_context(&bad, &params, 3).is_err());
+    }
+
+    /// Eleven pool transactions of just under the standard weight (400,000) do not fit in one block: the miner
+    /// takes what fits and the block stays valid (it was oversize, and every requester rejected it).
+    #[test]
+    fn pool_transactions_beyond_the_block_weight_wait_for_the_next_block() {
+        let params = NetParams::regtest();
+        let mut store = ChainStore::new(params.clone()).unwrap();
+        let big = |i: u8| Transaction {
+            version: TxVersion::TWO,
+            lock_time: LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: OutPoint { txid: Txid::from_byte_array([i; 32]), vout: 0 },
+                ..TxIn::default()
+            }],
+            output: vec![TxOut {
+                value: Amount::from_sat(1_000),
+                script_pubkey: ScriptBuf::from_bytes(vec![0x51; 99_000]),
+            }],
+        };
+        let pool: Vec<Transaction> = (1..=11).map(big).collect();
+        assert!(pool.iter().all(|t| crate::chain::validate::check_pool_tx(t).is_ok()));
+        let tip = store.best_tip().0;
+        let block = mine_block(&mut store, tip, 0, pool).unwrap();
+        assert_eq!(block.txdata.len(), 1 + 10, "ten fit");
+        assert!(block.weight().to_wu() <= MAX_BLOCK_WEIGHT);
+        check_block_in_context(&block, &params, 1).unwrap();
     }
 
     #[test]

@@ -44,7 +44,7 @@ use crate::error::PeerError;
 
 pub use db::{open_store, store_path, RedbBackend};
 pub use mine::{mine_block, mine_on, mine_regtest};
-pub use serve::{serve_stream, Announcement, ChainService, Misbehave};
+pub use serve::{serve_stream, Announcement, ChainService, Misbehave, POOL_SHARE_BYTES, TXS_PER_MINUTE, TX_BURST};
 pub use store::{BestChainUpdate, ChainBackend, ChainStore, HeaderEntry, MemoryBackend, PoolTx};
 pub use sync::{run_sync, sync, sync_with, CircuitSource, SyncEvent, SyncOptions, SyncPhase, SyncProgress, SyncReport};
 

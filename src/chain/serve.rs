@@ -48,6 +48,9 @@ use super::{read, write, ChainError, SharedStore, MAX_HEADERS, MAX_INV, MAX_LOCA
 use crate::circuit::CircuitStream;
 use crate::node::Service;
 
+mod txs;
+pub use txs::{TxAllowance, POOL_SHARE_BYTES, TXS_PER_MINUTE, TX_BURST};
+
 /// How long a new circuit may take to send `version`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -153,7 +156,8 @@ impl ChainService {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
         let peer = BtcPeer::new(stream, self.params.magic);
-        let mut conv = Conversation { svc: self, id, peer, handshaken: false, send_headers: false, relay: false };
+        let txs = TxAllowance::new(tokio::time::Instant::now());
+        let mut conv = Conversation { svc: self, id, peer, handshaken: false, send_headers: false, relay: false, txs };
         let r = conv.run().await;
         self.open.fetch_sub(1, Ordering::Relaxed);
         // A requester that broke the protocol (or went silent) gets its circuit broken with that reason, not the
@@ -206,6 +210,8 @@ struct Conversation<'a> {
     send_headers: bool,
     /// Their `version` asked for transaction announcements.
     relay: bool,
+    /// How many more transactions they may hand the pool.
+    txs: TxAllowance,
 }
 
 impl Conversation<'_> {
@@ -320,8 +326,12 @@ impl Conversation<'_> {
     /// A transaction from the requester: into the pool if it passes, then announced to others.
     async fn receive_tx(&mut self, tx: Transaction) -> Result<(), ChainError> {
         let txid = tx.compute_txid();
-        let verdict = match check_pool_tx(&tx) {
-            Err(why) => Err((0x10, why)),
+        let size = tx.total_size();
+        // Beyond its rate or its share of the pool, refused before anything is checked or stored (0x40:
+        // nonstandard, what Bitcoin Core answers for policy refusals).
+        let allowed = self.txs.take(size, tokio::time::Instant::now()).map_err(|why| (0x40, why.to_string()));
+        let verdict = match allowed.and_then(|()| check_pool_tx(&tx).map_err(|why| (0x10, why))) {
+            Err(refused) => Err(refused),
             Ok(()) => {
                 let store = self.svc.store.clone();
                 let tx2 = tx.clone();
@@ -333,11 +343,17 @@ impl Conversation<'_> {
         };
         match verdict {
             Ok(_) => {
-                info!(%txid, size = tx.total_size(), "transaction accepted into the pool");
+                self.txs.pooled(size);
+                info!(%txid, size, "transaction accepted into the pool");
                 let _ = self.svc.announce.send(Announcement::Tx { txid, from: self.id });
             }
             Err((ccode, reason)) => {
-                info!(%txid, "transaction refused: {reason}");
+                // A flood is refused once per transaction: its refusals are not worth a line each.
+                if ccode == 0x40 {
+                    debug!(%txid, "transaction refused: {reason}");
+                } else {
+                    info!(%txid, "transaction refused: {reason}");
+                }
                 let reject =
                     Reject { message: "tx".into(), ccode, reason, hash: Some(txid.to_raw_hash().to_byte_array()) };
                 self.peer.send(&Message::Reject(reject)).await?;
