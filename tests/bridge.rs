@@ -440,3 +440,67 @@ async fn a_node_that_stops_reading_holds_the_client_back() {
     writer.abort();
     eprintln!("test took {:.2}s", t0.elapsed().as_secs_f64());
 }
+
+/// SPEC open issue 26e: the upstream service's 32 connections had no idle limit, so circuits that went quiet
+/// (or only answered the node's pings) held the slots for ever. A requester that sends nothing but ping/pong for
+/// `idle_timeout` loses its circuit (BREAK `timeout`) and its slot; one that keeps asking keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_requester_loses_its_upstream_slot() {
+    // U accepts connections and reads (and drops) what comes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let u_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let opts = BridgeOptions { max_connections: 2, idle_timeout: Duration::from_secs(1), ..BridgeOptions::default() };
+    let upstream = UpstreamService::with_options(u_addr.to_string(), regtest(), opts);
+    let stats = upstream.stats();
+    let magic = regtest().magic;
+    let join = |upstream: &UpstreamService| {
+        let (ours, theirs) = CircuitStream::memory_pair();
+        upstream.accept(theirs);
+        ours
+    };
+    let (idle, busy) = (join(&upstream), join(&upstream));
+    let version = revealing_version("127.0.0.1:8333".parse().unwrap(), "127.0.0.1:18444".parse().unwrap(), 0);
+    for c in [&idle, &busy] {
+        c.send(encode_message(magic, &Message::Version(version.clone()))).await.unwrap();
+        c.send(encode_message(magic, &Message::Verack)).await.unwrap();
+    }
+    // For 2.5 s: one sends only pings, the other asks for headers every 300 ms.
+    let t0 = Instant::now();
+    let (mut idle, busy) = (idle, busy);
+    let ask = Message::GetHeaders(GetHeadersMessage {
+        version: 70016,
+        locator_hashes: vec![regtest().genesis_hash],
+        stop_hash: BlockHash::all_zeros(),
+    });
+    let mut idle_ended = None;
+    while t0.elapsed() < Duration::from_millis(2_500) {
+        let _ = idle.send(encode_message(magic, &Message::Ping(1))).await;
+        busy.send(encode_message(magic, &ask)).await.expect("the active requester lost its circuit");
+        if idle_ended.is_none() {
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), idle.recv()).await {
+                idle_ended = Some((r.map(|_| ()), t0.elapsed()));
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let (result, after) = idle_ended.expect("the idle requester kept its circuit");
+    // (A memory circuit carries no BREAK reason; `idle` counts the splices that ended for idleness, each with
+    // BREAK `timeout`.)
+    assert!(result.is_err(), "{result:?}");
+    assert!(after >= Duration::from_millis(900), "broken after {after:?}");
+    assert_eq!(count(&stats.idle), 1);
+    // Its slot is free again: a third requester is joined, not refused.
+    let _third = join(&upstream);
+    eventually("the third requester joined", WAIT, || count(&stats.joined) == 3).await;
+    assert_eq!(count(&stats.refused), 0);
+}

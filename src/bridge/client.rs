@@ -111,6 +111,7 @@ impl ClientBridge {
             scrub_version: self.opts.scrub_version,
             stats: &self.stats,
             label: remote.to_string(),
+            idle: None,
         };
         let refuse = |why: String| {
             BridgeStats::bump(&self.stats.refused, 1);

@@ -102,6 +102,9 @@ pub struct BridgeOptions {
     pub circuit_timeout: Duration,
     /// Upstream service: how long the TCP connect to the upstream node may take. Default 10 s.
     pub connect_timeout: Duration,
+    /// Upstream service: a circuit whose requester sends nothing but `ping`/`pong` for this long is broken
+    /// (`timeout`), so that abandoned circuits do not hold the `max_connections` slots. Default 10 min.
+    pub idle_timeout: Duration,
 }
 
 impl Default for BridgeOptions {
@@ -112,6 +115,7 @@ impl Default for BridgeOptions {
             first_message_timeout: Duration::from_secs(60),
             circuit_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -132,6 +136,8 @@ pub struct BridgeStats {
     pub bad_tcp_data: AtomicU64,
     /// Joined connections that ended because the circuit delivered something that is not a valid envelope.
     pub bad_circuit_data: AtomicU64,
+    /// Joined circuits broken because their requester sent nothing but `ping`/`pong` for the idle limit.
+    pub idle: AtomicU64,
     /// Envelopes sent into circuits.
     pub messages_to_circuit: AtomicU64,
     /// Bytes sent into circuits (whole envelopes).

@@ -33,6 +33,8 @@ pub enum End {
     CircuitError(String),
     /// The circuit delivered a message that is not exactly one valid envelope of our network.
     BadCircuitData(String),
+    /// The circuit's end sent nothing but `ping`/`pong` for the idle limit (upstream side only).
+    Idle(std::time::Duration),
 }
 
 impl fmt::Display for End {
@@ -44,6 +46,7 @@ impl fmt::Display for End {
             End::CircuitClosed(r) => write!(f, "circuit ended: {r}"),
             End::CircuitError(e) => write!(f, "circuit error: {e}"),
             End::BadCircuitData(e) => write!(f, "circuit delivered an invalid envelope: {e}"),
+            End::Idle(d) => write!(f, "the requester sent nothing but ping/pong for {d:?}"),
         }
     }
 }
@@ -164,6 +167,14 @@ pub(crate) struct SpliceCtx<'a> {
     pub stats: &'a BridgeStats,
     /// For log lines: the TCP peer.
     pub label: String,
+    /// End the splice (BREAK `timeout`) when the circuit delivers nothing but `ping`/`pong` for this long.
+    pub idle: Option<std::time::Duration>,
+}
+
+/// Whether a checked envelope is a `ping` or `pong` (keep-alives: they do not make a bridged requester active).
+fn keepalive(msg: &[u8]) -> bool {
+    let command = msg.get(4..16).unwrap_or_default();
+    matches!(command.split(|&b| b == 0).next(), Some(b"ping" | b"pong"))
 }
 
 /// The wire bytes to send into the circuit for an envelope read from TCP: the bytes received (a decoded
@@ -249,13 +260,24 @@ pub(crate) async fn splice(
         let to_tcp = async {
             // Only a Bitcoin node behind us needs the requester's messages in handshake order.
             let mut order = PreVerack { done: matches!(ctx.side, Side::Client), ..PreVerack::default() };
+            let mut active_until = ctx.idle.map(|d| tokio::time::Instant::now() + d);
             loop {
-                let msg = match stream.recv().await {
+                let received = match (active_until, ctx.idle) {
+                    (Some(t), Some(d)) => match tokio::time::timeout_at(t, stream.recv()).await {
+                        Ok(r) => r,
+                        Err(_) => return End::Idle(d),
+                    },
+                    _ => stream.recv().await,
+                };
+                let msg = match received {
                     Ok(m) => m,
                     Err(e) => return circuit_end(e),
                 };
                 if let Err(why) = check_circuit_envelope(&msg, magic) {
                     return End::BadCircuitData(why);
+                }
+                if let Some(d) = ctx.idle.filter(|_| !keepalive(&msg)) {
+                    active_until = Some(tokio::time::Instant::now() + d);
                 }
                 let now = match order.admit(msg) {
                     Ok(now) => now,
@@ -289,6 +311,11 @@ pub(crate) async fn splice(
             BridgeStats::bump(&ctx.stats.bad_circuit_data, 1);
             warn!(side = ctx.side.name(), peer = %ctx.label, "breaking circuit: invalid envelope from it: {why}");
             stream.abort(ctx.side.blame());
+        }
+        End::Idle(_) => {
+            BridgeStats::bump(&ctx.stats.idle, 1);
+            info!(side = ctx.side.name(), peer = %ctx.label, "breaking an idle bridged circuit (timeout): {end}");
+            stream.abort(BreakReason::Timeout);
         }
         End::TcpError(_) | End::CircuitClosed(_) | End::CircuitError(_) => drop(stream),
     }

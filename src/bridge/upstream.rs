@@ -112,6 +112,7 @@ impl Service for UpstreamService {
                 scrub_version: opts.scrub_version,
                 stats: &stats,
                 label: addr.clone(),
+                idle: Some(opts.idle_timeout),
             };
             splice(tcp, stream, EnvelopeReader::new(magic), &ctx).await;
             stats.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
