@@ -60,6 +60,8 @@ enum Game {
     NotFoundAll,
     /// Answers every `getheaders` at once with no headers.
     EmptyHeaders,
+    /// Answers every `getheaders` with no headers and every `getdata` with `notfound`: a peer with nothing.
+    Bare,
 }
 
 /// A serving peer over `stream` for `chain`, playing `game`.
@@ -102,7 +104,7 @@ async fn player(stream: CircuitStream, chain: SharedStore, game: Game) {
             Message::GetHeaders(req) => {
                 let headers = match game {
                     Game::InvOnly => continue,
-                    Game::EmptyHeaders => Vec::new(),
+                    Game::EmptyHeaders | Game::Bare => Vec::new(),
                     Game::RepeatHeaders => {
                         let genesis = regtest().genesis_hash;
                         chain.read().unwrap().headers_after(&[genesis], &BlockHash::all_zeros(), 2000)
@@ -111,7 +113,9 @@ async fn player(stream: CircuitStream, chain: SharedStore, game: Game) {
                 };
                 peer.send(&Message::Headers(headers)).await
             }
-            Message::GetData(items) if game == Game::NotFoundAll => peer.send(&Message::NotFound(items)).await,
+            Message::GetData(items) if matches!(game, Game::NotFoundAll | Game::Bare) => {
+                peer.send(&Message::NotFound(items)).await
+            }
             Message::Ping(x) => peer.send(&Message::Pong(x)).await,
             _ => Ok(()),
         };
@@ -147,7 +151,8 @@ fn source_of(streams: Vec<CircuitStream>) -> chain::CircuitSource {
 }
 
 /// A block nobody asked for used to count as progress: a staller that sent one every 300 ms kept its requested
-/// blocks for ever. Now it stalls out (timeout, not misbehaving) and a replacement finishes the sync.
+/// blocks for ever. Now it stalls out and a replacement finishes the sync; as it answers the stall's `ping`, it
+/// is withholding the blocks (misbehaving, reported), not stalled by the network.
 #[tokio::test]
 async fn junk_blocks_do_not_keep_a_staller_alive() {
     let server = mined(60);
@@ -164,7 +169,8 @@ async fn junk_blocks_do_not_keep_a_staller_alive() {
     );
     let report = tokio::time::timeout(DEADLINE, run).await.expect("the sync never finished").unwrap();
     assert_eq!((report.blocks, report.replaced), (60, 1));
-    assert!(matches!(report.peer_errors[..], [(0, ChainError::Timeout(_))]), "{:?}", report.peer_errors);
+    assert!(matches!(report.peer_errors[..], [(0, ChainError::Withheld(_))]), "{:?}", report.peer_errors);
+    assert_eq!(report.peer_errors[0].1.break_reason(), anomos_proto::cell::BreakReason::Misbehaving);
 }
 
 /// An `inv` of an unknown block made the engine ask for headers again and re-armed the request timeout: a
@@ -192,14 +198,26 @@ async fn the_same_full_headers_answer_again_is_a_protocol_violation() {
 }
 
 /// `notfound` for every block cost the circuit nothing: alone, it left nothing in flight and no timer running,
-/// and the sync hung. Now such a circuit is dropped (not blamed: an honest peer may still be fetching bodies).
+/// and the sync hung. Now a circuit that sent the headers of the blocks it then refuses withholds them
+/// (misbehaving, reported), and one that claimed nothing is dropped (not blamed) once nobody else can serve what
+/// it refused: the sync ends rather than hangs.
 #[tokio::test]
 async fn notfound_for_everything_ends_the_circuit() {
     let server = mined(20);
     let client = empty_store();
-    let err = sync_all(vec![playing(&server, Game::NotFoundAll)], &client, SyncOptions::default()).await.unwrap_err();
-    assert!(matches!(err, ChainError::NotFound(_)), "{err}");
-    assert!(err.is_peer_fault());
+    let circuits = vec![playing(&server, Game::NotFoundAll), playing(&server, Game::Bare)];
+    let mut failed = Vec::new();
+    let (params, opts) = (regtest(), SyncOptions::default());
+    let run = chain::run_sync(circuits, &params, &client, &opts, None, |e| {
+        if let chain::SyncEvent::CircuitFailed { circuit, error, misbehaving } = e {
+            failed.push((circuit, misbehaving, error));
+        }
+    });
+    let err = tokio::time::timeout(DEADLINE, run).await.expect("the sync never finished").unwrap_err();
+    assert!(matches!(err, ChainError::Withheld(_)), "{err}");
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed.iter().any(|(c, m, e)| *c == 0 && *m && e.contains("withheld")), "{failed:?}");
+    assert!(failed.iter().any(|(c, m, e)| *c == 1 && !*m && e.contains("does not have")), "{failed:?}");
     // Beside an honest circuit the sync completes.
     let client = empty_store();
     let circuits = vec![playing(&server, Game::NotFoundAll), honest(&server)];
@@ -281,4 +299,31 @@ async fn a_flood_of_transactions_fills_only_its_circuits_allowance() {
     // The burst, plus what the rate refilled while the test ran (a second or so: one more at most).
     assert!((chain::TX_BURST as usize..=chain::TX_BURST as usize + 1).contains(&pooled), "{pooled} pooled");
     assert_eq!(pooled + refused, sent as usize);
+}
+
+/// The service's test-only time games (`anomos peer --misbehave stall|not-found`, what the simulator's lying
+/// serving peers play): each costs its circuit and the honest one finishes the sync. The staller answers pings,
+/// and the other refuses blocks whose headers it sent: both withhold (misbehaving).
+#[tokio::test]
+async fn the_services_stall_and_notfound_games_cost_their_circuits() {
+    let server = mined(40);
+    let mut ends = Vec::new();
+    for m in [Some(chain::Misbehave::Stall), Some(chain::Misbehave::NotFound), None] {
+        let (c, s) = CircuitStream::memory_pair();
+        ChainService::new(server.clone()).with_misbehave(m).accept(s);
+        ends.push(c);
+    }
+    let client = empty_store();
+    let opts = SyncOptions { window: 4, stall_timeout: Duration::from_secs(1), ..SyncOptions::default() };
+    let report = sync_all(ends, &client, opts).await.unwrap();
+    assert_eq!((report.height, report.blocks), (40, 40));
+    let failed: Vec<usize> = report.peer_errors.iter().map(|(i, _)| *i).collect();
+    assert!(!failed.contains(&2), "the honest circuit failed: {:?}", report.peer_errors);
+    for (i, e) in &report.peer_errors {
+        match i {
+            0 => assert!(matches!(e, ChainError::Withheld(_)), "{e}"),
+            1 => assert!(matches!(e, ChainError::Withheld(_)), "{e}"),
+            _ => {}
+        }
+    }
 }

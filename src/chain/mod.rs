@@ -122,6 +122,10 @@ pub enum ChainError {
     /// The peer did not answer in time.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// The peer kept answering `ping` but not the requests named: it withholds them (a stall the network cannot
+    /// explain, since a `pong` follows the requests before it on the circuit).
+    #[error("withheld {0} while answering pings")]
+    Withheld(&'static str),
     /// The circuit failed or closed.
     #[error("circuit: {0}")]
     Circuit(#[from] PeerError),
@@ -177,7 +181,8 @@ impl ChainError {
             ChainError::Malformed(_)
             | ChainError::Protocol(_)
             | ChainError::InvalidHeader { .. }
-            | ChainError::InvalidBlock { .. } => BreakReason::Misbehaving,
+            | ChainError::InvalidBlock { .. }
+            | ChainError::Withheld(_) => BreakReason::Misbehaving,
             ChainError::Timeout(_) => BreakReason::Timeout,
             _ => BreakReason::Finished,
         }

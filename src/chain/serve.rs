@@ -71,7 +71,15 @@ pub enum Misbehave {
     BadPow,
     /// `getdata` for a block is answered with another block of the chain (the genesis block).
     WrongBlock,
+    /// Headers are answered honestly, `getdata` for a block never, and a block nobody asked for (one the
+    /// requester cannot know) is sent every [`JUNK_EVERY`]: a staller that looks busy (SPEC open issue 26).
+    Stall,
+    /// `getdata` for a block is answered with `notfound`, always.
+    NotFound,
 }
+
+/// How often a [`Misbehave::Stall`] service sends a junk block.
+pub const JUNK_EVERY: Duration = Duration::from_secs(3);
 
 impl std::str::FromStr for Misbehave {
     type Err = String;
@@ -80,7 +88,9 @@ impl std::str::FromStr for Misbehave {
             "bad-merkle" => Ok(Misbehave::BadMerkle),
             "bad-pow" => Ok(Misbehave::BadPow),
             "wrong-block" => Ok(Misbehave::WrongBlock),
-            _ => Err(format!("{s}: expected bad-merkle, bad-pow or wrong-block")),
+            "stall" => Ok(Misbehave::Stall),
+            "not-found" => Ok(Misbehave::NotFound),
+            _ => Err(format!("{s}: expected bad-merkle, bad-pow, wrong-block, stall or not-found")),
         }
     }
 }
@@ -217,6 +227,9 @@ struct Conversation<'a> {
 impl Conversation<'_> {
     async fn run(&mut self) -> Result<(), ChainError> {
         let mut announcements = self.svc.announce.subscribe();
+        let stall = self.svc.misbehave == Some(Misbehave::Stall);
+        let mut junk = tokio::time::interval(JUNK_EVERY);
+        let mut junk_sent = 0u32;
         loop {
             let limit = if self.handshaken { IDLE_TIMEOUT } else { HANDSHAKE_TIMEOUT };
             tokio::select! {
@@ -237,6 +250,17 @@ impl Conversation<'_> {
                     Err(broadcast::error::RecvError::Lagged(n)) => debug!(missed = n, "announcements skipped"),
                     Err(broadcast::error::RecvError::Closed) => {}
                 },
+                _ = junk.tick(), if stall && self.handshaken => {
+                    junk_sent = junk_sent.wrapping_add(1);
+                    let tip = {
+                        let s = read(&self.svc.store);
+                        s.block(&s.best_tip().0)?
+                    };
+                    if let Some(mut block) = tip {
+                        block.header.time = block.header.time.wrapping_add(junk_sent);
+                        self.peer.send(&Message::Block(block)).await?;
+                    }
+                }
             }
         }
     }
@@ -282,7 +306,15 @@ impl Conversation<'_> {
             Message::Ping(nonce) => self.peer.send(&Message::Pong(nonce)).await?,
             Message::GetHeaders(req) => {
                 check_locator(&req.locator_hashes)?;
-                let mut headers = read(store).headers_after(&req.locator_hashes, &req.stop_hash, MAX_HEADERS);
+                let mut headers = {
+                    let s = read(store);
+                    let mut headers = s.headers_after(&req.locator_hashes, &req.stop_hash, MAX_HEADERS);
+                    // Only headers of blocks we can serve: a requester takes `notfound` for a block whose header
+                    // we sent as withholding (SPEC §9). A store still fetching bodies stops at its first gap.
+                    let servable = headers.iter().position(|h| !s.has_block(&h.block_hash())).unwrap_or(headers.len());
+                    headers.truncate(servable);
+                    headers
+                };
                 if self.svc.misbehave == Some(Misbehave::BadPow) {
                     // With nothing new to send (the requester already has our chain from others), resend the
                     // tip: every answer lies, however the requester's circuits race.
@@ -372,6 +404,10 @@ impl Conversation<'_> {
         let mut missing = Vec::new();
         for item in items {
             match item {
+                Inventory::Block(_) | Inventory::WitnessBlock(_) if self.svc.misbehave == Some(Misbehave::Stall) => {}
+                Inventory::Block(_) | Inventory::WitnessBlock(_) if self.svc.misbehave == Some(Misbehave::NotFound) => {
+                    missing.push(item);
+                }
                 Inventory::Block(h) | Inventory::WitnessBlock(h) => {
                     let witness = matches!(item, Inventory::WitnessBlock(_));
                     let Some(payload) = self.block_payload(&h, witness)? else {

@@ -26,7 +26,8 @@
 //!    not blamed) for a fresh one. A full `headers` answer that adds nothing and ends no higher
 //!    than where we asked from (the same answer again) is misbehaving.
 //!
-//! A circuit that sends something invalid is broken with [`BreakReason::Misbehaving`] (which
+//! A circuit that sends something invalid, or **withholds** (requested blocks stall while it answers
+//! the `ping` sent halfway through the stall), is broken with [`BreakReason::Misbehaving`] (which
 //! also reports its target to the tracker); one that **stalls** (requests outstanding and no
 //! requested block for `stall_timeout`), or does not finish its handshake or answer
 //! `getheaders` in time (from the oldest unanswered one: asking again does not restart the

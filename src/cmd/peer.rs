@@ -45,7 +45,8 @@ pub struct PeerArgs {
     /// Mine a new regtest block every SECS seconds and announce it on every open circuit.
     #[arg(long, value_name = "SECS")]
     pub mine_interval: Option<f64>,
-    /// FOR TESTS ONLY: serve lies (bad-merkle, bad-pow, wrong-block) so requesters' detection can be tested.
+    /// FOR TESTS ONLY: serve lies (bad-merkle, bad-pow, wrong-block) or play for time (stall, not-found) so
+    /// requesters' detection can be tested.
     #[arg(long, value_name = "MODE", hide = true)]
     pub misbehave: Option<Misbehave>,
     /// Serve `--serve CHAIN` from a Bitcoin node's P2P port instead of our own store: each incoming circuit is

@@ -24,6 +24,9 @@ use crate::circuit::{CircuitSender, CircuitStream};
 use super::*;
 
 mod blocks;
+mod io;
+
+use io::{reader, writer};
 
 /// Runs the engine over `streams` (checked by [`super::run_sync`]) until it is done.
 pub(super) async fn drive<F: FnMut(SyncEvent)>(
@@ -36,6 +39,12 @@ pub(super) async fn drive<F: FnMut(SyncEvent)>(
 ) -> Result<SyncReport, ChainError> {
     let (tx, rx) = mpsc::unbounded_channel();
     let target = if opts.circuits > 0 { opts.circuits } else { streams.len().max(1) };
+    // The first height whose block we lack (the first `getheaders` asks from just below it).
+    let low_water = {
+        let s = read(store);
+        let first = s.missing_from(0).next().map(|(h, _)| h);
+        first.unwrap_or_else(|| s.best_tip().1.saturating_add(1))
+    };
     let mut engine = Engine {
         params,
         store,
@@ -50,7 +59,7 @@ pub(super) async fn drive<F: FnMut(SyncEvent)>(
         storing: HashSet::new(),
         to_store: Vec::new(),
         writing: false,
-        low_water: 0,
+        low_water,
         headers_new: 0,
         first_done_at: None,
         blocks: 0,
@@ -66,6 +75,7 @@ pub(super) async fn drive<F: FnMut(SyncEvent)>(
         synced: false,
         last_tip: None,
         seen_txs: HashSet::new(),
+        next_probe: 0,
     };
     for s in streams {
         engine.add_circuit(s, false);
@@ -118,6 +128,12 @@ struct Circ {
     headers_done: bool,
     /// Blocks this circuit answered `notfound` for.
     refused: HashSet<BlockHash>,
+    /// The `ping` sent halfway through a stall, and whether its `pong` came back: the target answers pings, so
+    /// the stall is its own (requests are answered in order), not the network's.
+    probe: Option<u64>,
+    probe_answered: bool,
+    /// The highest header it sent in this conversation (hash, height): it claims every block up to it.
+    sent_headers_to: Option<(BlockHash, u32)>,
 }
 
 struct Engine<'a, F: FnMut(SyncEvent)> {
@@ -157,6 +173,8 @@ struct Engine<'a, F: FnMut(SyncEvent)> {
     synced: bool,
     last_tip: Option<BlockHash>,
     seen_txs: HashSet<Txid>,
+    /// The last stall probe's `ping` nonce.
+    next_probe: u64,
 }
 
 /// How long after the first circuit's headers ran out a circuit still shaking hands holds up the end of the
@@ -167,58 +185,6 @@ const END_GRACE: Duration = Duration::from_secs(3);
 /// Blocks one circuit may answer `notfound` for before it is dropped (as finished, not blamed: an honest serving
 /// peer may still be fetching bodies) for another.
 const MAX_REFUSED: usize = 8;
-
-/// Reads one circuit: decodes every message (checking blocks context-free) for the engine,
-/// until the circuit ends or the engine says to abort or close it.
-async fn reader(
-    id: usize,
-    mut stream: CircuitStream,
-    magic: [u8; 4],
-    events: mpsc::UnboundedSender<Ev>,
-    mut ctl: oneshot::Receiver<Ctl>,
-) {
-    loop {
-        tokio::select! {
-            // In order (a simulation replays; an abort goes first).
-            biased;
-            c = &mut ctl => {
-                match c {
-                    Ok(Ctl::Abort(r)) => stream.abort(r),
-                    Ok(Ctl::Close) => stream.close().await,
-                    Err(_) => drop(stream),
-                }
-                return;
-            }
-            r = stream.recv() => match r {
-                Ok(raw) => {
-                    let bytes = raw.len() as u64;
-                    let msg = decode_circuit_message(&raw, magic);
-                    drop(raw);
-                    let checked = match &msg {
-                        Ok(Message::Block(b)) => Some(check_block(b)),
-                        _ => None,
-                    };
-                    if events.send(Ev::Msg { id, bytes, msg, checked }).is_err() {
-                        return;
-                    }
-                }
-                Err(err) => {
-                    let _ = events.send(Ev::Closed { id, err });
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Sends one circuit's messages in order.
-async fn writer(sender: CircuitSender, mut out: mpsc::UnboundedReceiver<Vec<u8>>) {
-    while let Some(m) = out.recv().await {
-        if sender.send(m).await.is_err() {
-            return;
-        }
-    }
-}
 
 impl<F: FnMut(SyncEvent)> Engine<'_, F> {
     async fn run(mut self) -> Result<SyncReport, ChainError> {
@@ -316,6 +282,9 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             headers_req: None,
             headers_from: 0,
             headers_done: false,
+            probe: None,
+            probe_answered: false,
+            sent_headers_to: None,
             refused: HashSet::new(),
         };
         self.circuits.insert(id, c);
@@ -384,6 +353,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
     fn on_tick(&mut self) {
         let now = Instant::now();
         let mut failed = Vec::new();
+        let mut probes = Vec::new();
         for (id, c) in &self.circuits {
             if !c.ready {
                 if now.duration_since(c.created) > self.opts.handshake_timeout {
@@ -400,13 +370,31 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             if !c.in_flight.is_empty() {
                 let since_wait = now.duration_since(c.waiting_since);
                 let since_block = now.duration_since(c.last_block);
-                if since_wait.min(since_block) > self.opts.stall_timeout {
-                    failed.push((*id, ChainError::Timeout("blocks (stalled)")));
+                let stalled_for = since_wait.min(since_block);
+                if stalled_for > self.opts.stall_timeout {
+                    // A target that answers pings but not `getdata` withholds the blocks (misbehaving, reported);
+                    // a stall with no `pong` either may be the network's (timeout, not blamed).
+                    let err = if c.probe_answered {
+                        ChainError::Withheld("blocks")
+                    } else {
+                        ChainError::Timeout("blocks (stalled)")
+                    };
+                    failed.push((*id, err));
+                } else if stalled_for > self.opts.stall_timeout / 2 && c.probe.is_none() {
+                    probes.push(*id);
                 }
             }
         }
         for (id, e) in failed {
             self.fail(id, e);
+        }
+        for id in probes {
+            self.next_probe = self.next_probe.wrapping_add(1);
+            let nonce = self.next_probe;
+            if let Some(c) = self.circuits.get_mut(&id) {
+                c.probe = Some(nonce);
+            }
+            self.send(id, &Message::Ping(nonce));
         }
         self.want_circuits();
     }
@@ -479,6 +467,11 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
                 self.maybe_ready(id);
             }
             Message::Ping(n) => self.send(id, &Message::Pong(n)),
+            Message::Pong(n) => {
+                if let Some(c) = self.circuits.get_mut(&id).filter(|c| c.probe == Some(n)) {
+                    c.probe_answered = true;
+                }
+            }
             _ if !ready => debug!(circuit = id, "ignored during the handshake"),
             Message::Headers(headers) => self.on_headers(id, headers)?,
             Message::Block(block) => self.on_block(id, block, checked)?,
@@ -565,6 +558,7 @@ fn clone_error(e: &ChainError) -> ChainError {
         ChainError::InvalidBlock { hash, reason } => ChainError::InvalidBlock { hash: *hash, reason: reason.clone() },
         ChainError::NotFound(h) => ChainError::NotFound(*h),
         ChainError::Timeout(w) => ChainError::Timeout(w),
+        ChainError::Withheld(w) => ChainError::Withheld(w),
         ChainError::Circuit(PeerError::Broken(r)) => ChainError::Circuit(PeerError::Broken(*r)),
         ChainError::Circuit(p) => ChainError::Protocol(format!("circuit: {p}")),
         ChainError::UnknownParent { hash, prev } => ChainError::UnknownParent { hash: *hash, prev: *prev },

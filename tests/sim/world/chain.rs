@@ -107,7 +107,11 @@ impl Role {
     pub(super) fn draw(rng: &mut StdRng) -> Vec<Role> {
         let n = rng.gen_range(2..=3);
         let liars = rng.gen_range(0..n);
-        let lies = [Misbehave::BadMerkle, Misbehave::BadPow, Misbehave::WrongBlock];
+        // Lies in what is served, and games with time (a staller that sends junk blocks, `notfound` for
+        // everything). Not an empty `headers` answer: a requester whose every circuit says "nothing new" cannot
+        // tell (SPEC open issue 26d).
+        let lies =
+            [Misbehave::BadMerkle, Misbehave::BadPow, Misbehave::WrongBlock, Misbehave::Stall, Misbehave::NotFound];
         (0..n).map(|i| if i < liars { Role::Liar(lies[rng.gen_range(0..lies.len())]) } else { Role::Honest }).collect()
     }
 }

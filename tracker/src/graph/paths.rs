@@ -35,8 +35,11 @@ impl<K> Graph<K> {
     ///
     /// The targets in `busy` (those of the requester's circuits that may still be open,
     /// [`CircuitBook::targets_in_use`](crate::circuits::CircuitBook::targets_in_use)) are tried only after every
-    /// other target: a replacement circuit goes to a target the requester is not already using whenever the
-    /// graph has one, and to a busy one rather than none.
+    /// other target at every length: a replacement circuit goes to a target the requester is not already using
+    /// whenever the graph has one, over a longer path if need be, and to a busy one rather than none. (The busy
+    /// targets used to go last only among the targets of one length: a requester whose only target at one relay
+    /// stalled every circuit, which blames nobody, was given that target again and again while an honest one was
+    /// two relays away; simulator seed 100186 with stalling serving peers.)
     #[allow(clippy::too_many_arguments)]
     pub fn find_paths_preferring(
         &self,
@@ -67,30 +70,37 @@ impl<K> Graph<K> {
         // Whether the requester's blame left out any peer its searches reached: only then can a second round
         // that ignores blame find more.
         let mut blame_mattered = false;
+        // First without the busy targets (at every length), then with them, last among each length's targets.
+        let busy_passes: &[bool] = if busy.is_empty() { &[true] } else { &[false, true] };
         for heed_blame in [true, false] {
             if !heed_blame && !blame_mattered {
                 break;
             }
-            let mut tried = attempts(relays..=longest);
-            // Longer paths only when these gave nothing, and only if a usable target is in reach at all: from the
-            // least length that can reach the nearest one (paths of h relays reach h + 1 hops), two lengths.
-            let farther = |g: &Self| match g.nearest_target(requester, chain, heed_blame, !relaxable, now) {
-                Some(d) => {
-                    let from = (longest + 1).max(d.saturating_sub(1));
-                    attempts(from..=(from + 1).min(most))
-                }
-                None => Vec::new(),
-            };
-            let mut extended = false;
-            while let Some((apart, hops)) = (!tried.is_empty()).then(|| tried.remove(0)) {
-                let (paths, skipped) = self.search(requester, chain, count, hops, busy, apart, heed_blame, now, rng);
-                if !paths.is_empty() {
-                    return Ok(paths);
-                }
-                blame_mattered |= skipped;
-                if tried.is_empty() && !extended {
-                    extended = true;
-                    tried = farther(self);
+            for &with_busy in busy_passes {
+                let excluded = if with_busy { None } else { Some(busy) };
+                let mut tried = attempts(relays..=longest);
+                // Longer paths only when these gave nothing, and only if a usable target is in reach at all: from
+                // the least length that can reach the nearest one (paths of h relays reach h + 1 hops), two lengths.
+                let farther = |g: &Self| match g.nearest_target(requester, chain, heed_blame, !relaxable, excluded, now)
+                {
+                    Some(d) => {
+                        let from = (longest + 1).max(d.saturating_sub(1));
+                        attempts(from..=(from + 1).min(most))
+                    }
+                    None => Vec::new(),
+                };
+                let mut extended = false;
+                while let Some((apart, hops)) = (!tried.is_empty()).then(|| tried.remove(0)) {
+                    let (paths, skipped) =
+                        self.search(requester, chain, count, hops, busy, with_busy, apart, heed_blame, now, rng);
+                    if !paths.is_empty() {
+                        return Ok(paths);
+                    }
+                    blame_mattered |= skipped;
+                    if tried.is_empty() && !extended {
+                        extended = true;
+                        tried = farther(self);
+                    }
                 }
             }
         }
@@ -108,6 +118,7 @@ impl<K> Graph<K> {
         chain: &ChainId,
         heed_blame: bool,
         apart: bool,
+        excluded: Option<&HashSet<Fingerprint>>,
         now: Instant,
     ) -> Option<usize> {
         let serving = self.serving.get(chain)?;
@@ -136,6 +147,7 @@ impl<K> Graph<K> {
                         continue;
                     }
                     if serving.contains(fp)
+                        && !excluded.is_some_and(|x| x.contains(fp))
                         && self.may_target(q, requester, heed_blame, now)
                         && self.may_share_path(fp, requester, apart)
                     {
@@ -163,7 +175,8 @@ impl<K> Graph<K> {
         }
     }
 
-    /// One attempt of [`find_paths_preferring`](Self::find_paths_preferring) with exactly `relays` relays.
+    /// One attempt of [`find_paths_preferring`](Self::find_paths_preferring) with exactly `relays` relays; the
+    /// targets in `busy` come last, or (without `with_busy`) not at all.
     #[allow(clippy::too_many_arguments)]
     fn search(
         &self,
@@ -172,6 +185,7 @@ impl<K> Graph<K> {
         count: usize,
         relays: usize,
         busy: &HashSet<Fingerprint>,
+        with_busy: bool,
         apart: bool,
         heed_blame: bool,
         now: Instant,
@@ -198,6 +212,9 @@ impl<K> Graph<K> {
         targets.shuffle(rng);
         // Stable: random order within the free targets and within the busy ones.
         targets.sort_by_key(|fp| busy.contains(fp));
+        if !with_busy {
+            targets.retain(|fp| !busy.contains(fp));
+        }
 
         let mut paths = Vec::new();
         let mut used: HashSet<Fingerprint> = HashSet::new();

@@ -4,12 +4,16 @@
 use super::*;
 
 impl<F: FnMut(SyncEvent)> Engine<'_, F> {
-    /// Sends `getheaders` with our locator (or, unrooted, for the genesis header).
+    /// Sends `getheaders` with a locator from the last block we store with none missing below it (or, unrooted,
+    /// for the genesis header). Not from our header tip: the answer then names the blocks we still need, and a
+    /// target that sent us their headers cannot answer `notfound` for them without withholding (SPEC §9). What
+    /// we already have is asked for once per circuit at most (a full answer continues from our tip).
     pub(super) fn get_headers(&mut self, id: usize, stop: BlockHash) {
         let (locator, stop) = {
             let s = read(self.store);
             if s.is_rooted() {
-                (s.locator(), stop)
+                let stored = s.hash_at(self.low_water.saturating_sub(1)).unwrap_or(s.best_tip().0);
+                (s.locator_from(&stored), stop)
             } else {
                 (Vec::new(), self.params.genesis_hash)
             }
@@ -71,6 +75,16 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         }
         let before = read(self.store).best_tip();
         let new = self.accept_headers(&headers)?;
+        // What it sent, it claims to have: the last header (stored now) and so every ancestor of it.
+        if let Some(last) = headers.last() {
+            let hash = last.block_hash();
+            let height = read(self.store).height_of(&hash);
+            if let (Some(c), Some(height)) = (self.circuits.get_mut(&id), height) {
+                if c.sent_headers_to.is_none_or(|(_, h)| height >= h) {
+                    c.sent_headers_to = Some((hash, height));
+                }
+            }
+        }
         if answer {
             if headers.len() == MAX_HEADERS {
                 let last = headers.last().map_or(first.block_hash(), Header::block_hash);
@@ -82,7 +96,16 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
                         "a full headers answer that adds nothing and ends below height {from}, where it was asked from"
                     )));
                 }
-                let locator = read(self.store).locator_from(&last);
+                // From our tip when the answer is on our best chain below it (what lies between we have).
+                let locator = {
+                    let s = read(self.store);
+                    let behind = s.is_active(&last) && s.height_of(&last) < Some(s.best_tip().1);
+                    if behind {
+                        s.locator()
+                    } else {
+                        s.locator_from(&last)
+                    }
+                };
                 self.send_getheaders(id, locator, no_stop());
             } else {
                 self.headers_ran_out(id);
@@ -147,6 +170,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         };
         c.in_flight.remove(pos);
         c.last_block = Instant::now();
+        (c.probe, c.probe_answered) = (None, false);
         if c.in_flight.is_empty() {
             c.waiting_since = Instant::now();
         }
@@ -179,6 +203,15 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         let mut last = None;
         for item in items {
             if let Inventory::Block(h) | Inventory::WitnessBlock(h) = item {
+                // A block on the chain it sent us the headers of, in this conversation: it announced having it.
+                // (A serving peer sends headers only of blocks it stores, SPEC §9.) Honest peers do not do that.
+                let announced = c.sent_headers_to.is_some_and(|(tip, tip_height)| {
+                    let s = read(self.store);
+                    s.height_of(&h).is_some_and(|hh| hh <= tip_height && s.ancestor(&tip, hh) == Some(h))
+                });
+                if announced && c.in_flight.contains(&h) {
+                    return Err(ChainError::Withheld("a block whose header it sent"));
+                }
                 if let Some(pos) = c.in_flight.iter().position(|x| *x == h) {
                     c.in_flight.remove(pos);
                     c.refused.insert(h);

@@ -115,3 +115,36 @@ fn the_distance_search_keeps_to_its_budget_and_what_it_found_is_exact() {
         }
     }
 }
+
+/// Seed 100186 of the simulation with stalling serving peers: the requester's only target at one relay stalled
+/// every circuit (which blames nobody), and each replacement went to it again while an honest target was two
+/// relays away. Busy targets now come after every other target at every length; when nothing else is in reach,
+/// a busy one rather than none.
+#[test]
+fn a_replacement_goes_to_a_free_target_over_a_longer_path_before_a_busy_near_one() {
+    let now = Instant::now();
+    let mut rng = StdRng::seed_from_u64(53);
+    let mut g: Graph<()> = Graph::new(cfg(0));
+    // 0 requester; 1, 2, 3 relays; 4 the near (busy) server; 5 the far one. 0-1-4, 0-2-3-5.
+    for i in 0..6 {
+        let chains = if i >= 4 { vec![chain()] } else { vec![] };
+        g.announce(fp(i), (), honest_addr(i), chains, now, &mut rng).unwrap();
+    }
+    let all: Vec<NeighborId> = g.edges.keys().copied().collect();
+    for nid in all {
+        g.unlink(nid);
+    }
+    for (a, b) in [(0, 1), (1, 4), (0, 2), (2, 3), (3, 5)] {
+        g.add_edge(fp(a), fp(b), &mut rng);
+    }
+    let busy: HashSet<Fingerprint> = [fp(4)].into();
+    let p = g.find_paths_preferring(&fp(0), &chain(), 1, 1, &busy, now, &mut rng).unwrap();
+    assert_eq!(p, vec![vec![fp(0), fp(2), fp(3), fp(5)]], "the free target, over two relays");
+    // Both busy: the near one, at the length asked.
+    let both: HashSet<Fingerprint> = [fp(4), fp(5)].into();
+    let p = g.find_paths_preferring(&fp(0), &chain(), 1, 1, &both, now, &mut rng).unwrap();
+    assert_eq!(p, vec![vec![fp(0), fp(1), fp(4)]]);
+    // Nothing busy: the near one.
+    let p = g.find_paths(&fp(0), &chain(), 1, 1, now, &mut rng).unwrap();
+    assert_eq!(p, vec![vec![fp(0), fp(1), fp(4)]]);
+}
