@@ -62,6 +62,9 @@ enum Game {
     EmptyHeaders,
     /// Answers every `getheaders` with no headers and every `getdata` with `notfound`: a peer with nothing.
     Bare,
+    /// Answers every `getheaders` with no headers, ignores `getdata`, answers pings: Bitcoin Core behind a bridge
+    /// that lacks the blocks (it sends no `notfound` for blocks).
+    Skip,
 }
 
 /// A serving peer over `stream` for `chain`, playing `game`.
@@ -104,7 +107,7 @@ async fn player(stream: CircuitStream, chain: SharedStore, game: Game) {
             Message::GetHeaders(req) => {
                 let headers = match game {
                     Game::InvOnly => continue,
-                    Game::EmptyHeaders | Game::Bare => Vec::new(),
+                    Game::EmptyHeaders | Game::Bare | Game::Skip => Vec::new(),
                     Game::RepeatHeaders => {
                         let genesis = regtest().genesis_hash;
                         chain.read().unwrap().headers_after(&[genesis], &BlockHash::all_zeros(), 2000)
@@ -326,4 +329,41 @@ async fn the_services_stall_and_notfound_games_cost_their_circuits() {
             _ => {}
         }
     }
+}
+
+/// A target that answers pings but skips blocks it never claimed (Bitcoin Core behind a bridge that lacks them:
+/// no `notfound`) is not withholding: it stalls out as a timeout, not blamed. (Withholding needs the headers.)
+#[tokio::test]
+async fn a_stall_on_blocks_the_target_never_claimed_is_a_timeout() {
+    let server = mined(30);
+    let client = empty_store();
+    let opts = SyncOptions { window: 4, stall_timeout: Duration::from_secs(1), ..SyncOptions::default() };
+    let circuits = vec![honest(&server), playing(&server, Game::Skip)];
+    let report = sync_all(circuits, &client, opts).await.unwrap();
+    assert_eq!(report.blocks, 30);
+    for (i, e) in &report.peer_errors {
+        assert_eq!(*i, 1, "{e}");
+        assert!(matches!(e, ChainError::Timeout(_)), "{e}");
+    }
+}
+
+/// An honest serving peer far behind us answers our locator from its first entry it knows, which past the first
+/// eleven are sparse: a full answer of headers we have, ending below where we asked from. That is asked again
+/// from its last header, not called the same answer again (a review of session 11's first version).
+#[tokio::test]
+async fn an_honest_peer_far_behind_us_is_not_a_repeat() {
+    let ours = mined(10_000);
+    // The peer has our first 7,900 blocks.
+    let theirs = {
+        let mut s = ChainStore::new(regtest()).unwrap();
+        let o = ours.read().unwrap();
+        for h in 1..=7_900 {
+            let block = o.block(&o.hash_at(h).unwrap()).unwrap().unwrap();
+            s.insert_block(&block).unwrap();
+        }
+        chain::shared(s)
+    };
+    let report = sync_all(vec![honest(&theirs)], &ours, SyncOptions::default()).await.unwrap();
+    assert!(report.peer_errors.is_empty(), "{:?}", report.peer_errors);
+    assert_eq!((report.headers, report.blocks, report.height), (0, 0, 10_000));
 }

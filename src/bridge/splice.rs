@@ -1,6 +1,7 @@
 //! Joining one TCP connection to one circuit, envelope by envelope, both ways.
 
 use std::fmt;
+use std::time::Duration;
 
 use anomos_proto::btc::envelope::checksum;
 use anomos_proto::btc::{BtcError, Envelope, EnvelopeHeader, EnvelopeReader, HEADER_LEN};
@@ -33,8 +34,8 @@ pub enum End {
     CircuitError(String),
     /// The circuit delivered a message that is not exactly one valid envelope of our network.
     BadCircuitData(String),
-    /// The circuit's end sent nothing but `ping`/`pong` for the idle limit (upstream side only).
-    Idle(std::time::Duration),
+    /// Nothing but `ping`/`pong` crossed for the idle limit while every slot was taken (upstream side only).
+    Idle(Duration),
 }
 
 impl fmt::Display for End {
@@ -46,7 +47,7 @@ impl fmt::Display for End {
             End::CircuitClosed(r) => write!(f, "circuit ended: {r}"),
             End::CircuitError(e) => write!(f, "circuit error: {e}"),
             End::BadCircuitData(e) => write!(f, "circuit delivered an invalid envelope: {e}"),
-            End::Idle(d) => write!(f, "the requester sent nothing but ping/pong for {d:?}"),
+            End::Idle(d) => write!(f, "nothing but ping/pong for {d:?} while every slot was taken"),
         }
     }
 }
@@ -167,11 +168,20 @@ pub(crate) struct SpliceCtx<'a> {
     pub stats: &'a BridgeStats,
     /// For log lines: the TCP peer.
     pub label: String,
-    /// End the splice (BREAK `timeout`) when the circuit delivers nothing but `ping`/`pong` for this long.
-    pub idle: Option<std::time::Duration>,
+    /// End the splice (BREAK `timeout`) when nothing but `ping`/`pong` crossed, either way, for this long while
+    /// every slot is taken.
+    pub idle: Option<IdleLimit>,
 }
 
-/// Whether a checked envelope is a `ping` or `pong` (keep-alives: they do not make a bridged requester active).
+/// When an idle splice gives up its slot (the upstream service's).
+pub(crate) struct IdleLimit {
+    /// How long nothing but `ping`/`pong` may cross before the slot is given up when another circuit needs it.
+    pub after: Duration,
+    /// The service's slots: the splice is ended only when none is free.
+    pub slots: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// Whether a checked envelope is a `ping` or `pong` (keep-alives: they do not make a bridged circuit active).
 fn keepalive(msg: &[u8]) -> bool {
     let command = msg.get(4..16).unwrap_or_default();
     matches!(command.split(|&b| b == 0).next(), Some(b"ping" | b"pong"))
@@ -241,6 +251,14 @@ pub(crate) async fn splice(
 ) -> End {
     let sender = stream.sender();
     let magic = ctx.magic;
+    // When something other than ping/pong last crossed, either way (milliseconds after `base`).
+    let base = tokio::time::Instant::now();
+    let active_ms = std::sync::atomic::AtomicU64::new(0);
+    let touch = || {
+        let ms = u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX);
+        active_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    };
+    let active = || base + Duration::from_millis(active_ms.load(std::sync::atomic::Ordering::Relaxed));
     let end = {
         let (mut rd, mut wr) = tcp.split();
         let to_circuit = async {
@@ -248,8 +266,12 @@ pub(crate) async fn splice(
             loop {
                 match read_envelope(&mut rd, &mut reader, &mut buf).await {
                     Ok(Some(env)) => {
+                        let counts = !matches!(env.command.as_str(), "ping" | "pong");
                         if let Err(e) = forward(&sender, env, ctx).await {
                             return e;
+                        }
+                        if counts {
+                            touch();
                         }
                     }
                     Ok(None) => return End::TcpClosed,
@@ -260,14 +282,25 @@ pub(crate) async fn splice(
         let to_tcp = async {
             // Only a Bitcoin node behind us needs the requester's messages in handshake order.
             let mut order = PreVerack { done: matches!(ctx.side, Side::Client), ..PreVerack::default() };
-            let mut active_until = ctx.idle.map(|d| tokio::time::Instant::now() + d);
             loop {
-                let received = match (active_until, ctx.idle) {
-                    (Some(t), Some(d)) => match tokio::time::timeout_at(t, stream.recv()).await {
-                        Ok(r) => r,
-                        Err(_) => return End::Idle(d),
+                let received = match &ctx.idle {
+                    None => stream.recv().await,
+                    Some(idle) => loop {
+                        // Idle for `after`: checked again every eighth of it (at most 10 s) until a slot is wanted.
+                        let now = tokio::time::Instant::now();
+                        let due = active() + idle.after;
+                        let wake = if now < due { due } else { now + (idle.after / 8).min(Duration::from_secs(10)) };
+                        match tokio::time::timeout_at(wake, stream.recv()).await {
+                            Ok(r) => break r,
+                            Err(_)
+                                if tokio::time::Instant::now() >= active() + idle.after
+                                    && idle.slots.available_permits() == 0 =>
+                            {
+                                return End::Idle(idle.after)
+                            }
+                            Err(_) => {}
+                        }
                     },
-                    _ => stream.recv().await,
                 };
                 let msg = match received {
                     Ok(m) => m,
@@ -276,8 +309,8 @@ pub(crate) async fn splice(
                 if let Err(why) = check_circuit_envelope(&msg, magic) {
                     return End::BadCircuitData(why);
                 }
-                if let Some(d) = ctx.idle.filter(|_| !keepalive(&msg)) {
-                    active_until = Some(tokio::time::Instant::now() + d);
+                if !keepalive(&msg) {
+                    touch();
                 }
                 let now = match order.admit(msg) {
                     Ok(now) => now,

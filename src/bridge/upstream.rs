@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use super::splice::{splice, Side, SpliceCtx};
+use super::splice::{splice, IdleLimit, Side, SpliceCtx};
 use super::{BridgeOptions, BridgeStats};
 use crate::circuit::CircuitStream;
 use crate::node::{Service, UpstreamHealth};
@@ -85,6 +85,7 @@ impl Service for UpstreamService {
         };
         let (addr, magic, opts, stats) = (self.addr.clone(), self.params.magic, self.opts.clone(), self.stats.clone());
         let health = self.health.clone();
+        let slots = self.slots.clone();
         rt.spawn(async move {
             let tcp = match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr.as_str())).await {
                 Ok(Ok(tcp)) => tcp,
@@ -112,7 +113,7 @@ impl Service for UpstreamService {
                 scrub_version: opts.scrub_version,
                 stats: &stats,
                 label: addr.clone(),
-                idle: Some(opts.idle_timeout),
+                idle: Some(IdleLimit { after: opts.idle_timeout, slots }),
             };
             splice(tcp, stream, EnvelopeReader::new(magic), &ctx).await;
             stats.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

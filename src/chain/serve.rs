@@ -306,15 +306,9 @@ impl Conversation<'_> {
             Message::Ping(nonce) => self.peer.send(&Message::Pong(nonce)).await?,
             Message::GetHeaders(req) => {
                 check_locator(&req.locator_hashes)?;
-                let mut headers = {
-                    let s = read(store);
-                    let mut headers = s.headers_after(&req.locator_hashes, &req.stop_hash, MAX_HEADERS);
-                    // Only headers of blocks we can serve: a requester takes `notfound` for a block whose header
-                    // we sent as withholding (SPEC §9). A store still fetching bodies stops at its first gap.
-                    let servable = headers.iter().position(|h| !s.has_block(&h.block_hash())).unwrap_or(headers.len());
-                    headers.truncate(servable);
-                    headers
-                };
+                // Only headers of blocks we can serve: a requester takes `notfound` for a block whose header we
+                // sent as withholding (SPEC §9). A store still fetching bodies stops at its first gap.
+                let mut headers = read(store).servable_headers_after(&req.locator_hashes, &req.stop_hash, MAX_HEADERS);
                 if self.svc.misbehave == Some(Misbehave::BadPow) {
                     // With nothing new to send (the requester already has our chain from others), resend the
                     // tip: every answer lies, however the requester's circuits race.

@@ -448,14 +448,27 @@ impl ChainStore {
     /// best chain (or after genesis if none is), up to `max` headers of the best chain, ending
     /// early with `stop` if it comes. An empty locator asks for the `stop` header alone.
     pub fn headers_after(&self, locator: &[BlockHash], stop: &BlockHash, max: usize) -> Vec<Header> {
+        self.headers_after_inner(locator, stop, max, false)
+    }
+
+    /// [`headers_after`](Self::headers_after), ending before the first block we do not store: what a serving
+    /// peer may claim (a requester takes `notfound` for a block whose header it was sent as withholding).
+    pub fn servable_headers_after(&self, locator: &[BlockHash], stop: &BlockHash, max: usize) -> Vec<Header> {
+        self.headers_after_inner(locator, stop, max, true)
+    }
+
+    fn headers_after_inner(&self, locator: &[BlockHash], stop: &BlockHash, max: usize, stored: bool) -> Vec<Header> {
         if locator.is_empty() {
-            return self.header(stop).into_iter().collect();
+            return self.header(stop).into_iter().filter(|_| !stored || self.has_block(stop)).collect();
         }
         let start = self.fork_point(locator);
         let mut out = Vec::new();
         let mut height = start.saturating_add(1);
         while out.len() < max {
             let Some(hash) = self.hash_at(height) else { break };
+            if stored && !self.has_block(&hash) {
+                break;
+            }
             let Some(header) = self.header(&hash) else { break };
             out.push(header);
             if hash == *stop {

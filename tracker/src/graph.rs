@@ -81,10 +81,11 @@ pub struct Peer<K> {
     /// Left out of everyone's paths and given no new edges since a failed probe or the blame of
     /// [`CORROBORATING_REPORTERS`] reporters, until its next announce.
     pub avoided: bool,
-    /// Left out of everyone's paths as a target (it may still relay) since [`CORROBORATING_REPORTERS`] reporters
-    /// blamed it for misbehaving as one ([`Scope::Target`]), until its next announce. Kept by this process only:
-    /// not stored, not shared with replicas.
-    pub avoided_as_target: bool,
+    /// Left out of everyone's paths as a target (it may still relay) until then, since [`CORROBORATING_REPORTERS`]
+    /// reporters blamed it for misbehaving as one ([`Scope::Target`]): for `blame_lasts`, or until its next
+    /// announce to this instance. Kept by this process only: not stored, not shared with replicas (an announce to
+    /// another replica does not end it here; time does).
+    pub target_avoided_until: Option<Instant>,
     /// Fingerprints it declared as its operator's other peers (honoured when declared both ways).
     pub family: Vec<Fingerprint>,
     /// Requesters whose failure reports blamed it in the last `blame_lasts`: their own paths leave it out
@@ -107,12 +108,17 @@ impl<K> Peer<K> {
             family,
             last_seen: now,
             avoided: false,
-            avoided_as_target: false,
+            target_avoided_until: None,
             blamed_by: Blamers::default(),
             edges: FpMap::default(),
             prefix: Net::diversity(addr.ip()),
             restored: false,
         }
+    }
+
+    /// Whether it is left out of everyone's paths as a target at `now`.
+    pub fn avoided_as_target(&self, now: Instant) -> bool {
+        self.target_avoided_until.is_some_and(|t| now < t)
     }
 
     /// Number of neighbors.
@@ -313,7 +319,7 @@ impl<K> Graph<K> {
                 p.chains = chains;
                 p.family = family;
                 p.avoided = false;
-                p.avoided_as_target = false;
+                p.target_avoided_until = None;
                 self.set_seen(id, now);
                 if stored_changed {
                     self.touch_peer(id);
@@ -398,12 +404,13 @@ impl<K> Graph<K> {
         self.peers.get_mut(id).map_or(0, |p| p.blamed_by.add(reporter, scope, now, lasts))
     }
 
-    /// Marks a peer as avoided as a target ([`Peer::avoided_as_target`]); returns whether it was known and
-    /// neither avoided nor avoided as a target before.
-    pub fn avoid_as_target(&mut self, id: &Fingerprint) -> bool {
+    /// Marks a peer as avoided as a target from `now` ([`Peer::target_avoided_until`]); returns whether it was
+    /// known and neither avoided nor avoided as a target before.
+    pub fn avoid_as_target(&mut self, id: &Fingerprint, now: Instant) -> bool {
+        let lasts = self.cfg.blame_lasts;
         match self.peers.get_mut(id) {
-            Some(p) if !p.avoided && !p.avoided_as_target => {
-                p.avoided_as_target = true;
+            Some(p) if !p.avoided && !p.avoided_as_target(now) => {
+                p.target_avoided_until = Some(now + lasts);
                 true
             }
             _ => false,

@@ -122,8 +122,12 @@ struct Circ {
     /// An outstanding `getheaders` (and when the oldest unanswered one was sent: a `getheaders` sent while one
     /// is outstanding does not move it, so an `inv` every minute cannot keep a silent circuit alive).
     headers_req: Option<Instant>,
-    /// Height of the first locator entry of the last `getheaders` (a full answer must reach past it).
+    /// Height of the first locator entry of the outstanding `getheaders` (a full answer must reach past it).
     headers_from: u32,
+    /// The outstanding `getheaders` asks from the last header of an answer that added nothing: its answer must.
+    headers_strict: bool,
+    /// Asked for headers while a request was outstanding: ask once it is answered.
+    headers_again: bool,
     /// Its headers ran out: it answered a `getheaders` with fewer than 2,000.
     headers_done: bool,
     /// Blocks this circuit answered `notfound` for.
@@ -281,6 +285,8 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             last_block: now,
             headers_req: None,
             headers_from: 0,
+            headers_strict: false,
+            headers_again: false,
             headers_done: false,
             probe: None,
             probe_answered: false,
@@ -372,9 +378,11 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
                 let since_block = now.duration_since(c.last_block);
                 let stalled_for = since_wait.min(since_block);
                 if stalled_for > self.opts.stall_timeout {
-                    // A target that answers pings but not `getdata` withholds the blocks (misbehaving, reported);
-                    // a stall with no `pong` either may be the network's (timeout, not blamed).
-                    let err = if c.probe_answered {
+                    // A target that answers pings but not `getdata` for a block it sent the header of withholds it
+                    // (misbehaving, reported); a stall with no `pong`, or for a block it never claimed (Bitcoin
+                    // Core behind a bridge skips blocks it lacks without `notfound`), is a timeout (not blamed).
+                    let claimed = c.in_flight.first().is_some_and(|h| blocks::announced(self.store, c, h));
+                    let err = if c.probe_answered && claimed {
                         ChainError::Withheld("blocks")
                     } else {
                         ChainError::Timeout("blocks (stalled)")

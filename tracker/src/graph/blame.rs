@@ -7,7 +7,7 @@
 //! peer itself chooses: a hop that refused every OPEN and re-announced every interval was chosen again at once
 //! (found by the simulator, issue 13). Now only time ends it; at most [`MAX_BLAMERS`] reporters are remembered per
 //! peer (a reporter's repeat refreshes its entry). A target blamed for misbehaving is left out as a target only
-//! ([`Scope::Target`]; corroborated: the graph's `avoided_as_target`).
+//! ([`Scope::Target`]; corroborated: the graph's `target_avoided_until`).
 
 use std::time::{Duration, Instant};
 
@@ -388,14 +388,18 @@ mod tests {
         assert!(paths(&g, 2, &mut rng).iter().any(|p| p[2] == fp(3)));
         // ...until a second reporter corroborates it: then 3 is no one's target, but still everyone's relay.
         assert_eq!(g.blame_in(&fp(3), fp(2), Scope::Target, t0), 2);
-        assert!(g.avoid_as_target(&fp(3)));
-        assert!(!g.avoid_as_target(&fp(3)), "already");
+        assert!(g.avoid_as_target(&fp(3), t0));
+        assert!(!g.avoid_as_target(&fp(3), t0), "already");
         let theirs = paths(&g, 2, &mut rng);
         assert!(theirs.iter().all(|p| p[2] != fp(3)), "{theirs:?}");
         assert!(theirs.iter().any(|p| p[1] == fp(3) && p[2] == fp(5)), "{theirs:?}");
         // Its next announce ends the shared avoidance; requester 2's own blame stands (it blamed 3, not 4).
         g.announce(fp(3), (), addr(3), vec![chain.clone()], t0, &mut rng).unwrap();
-        assert!(!g.get(&fp(3)).unwrap().avoided_as_target);
+        assert!(!g.get(&fp(3)).unwrap().avoided_as_target(t0));
+        // Not announced to this instance (a replica's peer announces elsewhere): time ends it.
+        assert!(g.avoid_as_target(&fp(4), t0));
+        assert!(g.get(&fp(4)).unwrap().avoided_as_target(t0 + BLAME_LASTS - Duration::from_secs(1)));
+        assert!(!g.get(&fp(4)).unwrap().avoided_as_target(t0 + BLAME_LASTS));
         let mine = paths(&g, 1, &mut rng);
         assert!(mine.iter().all(|p| p[2] == fp(5)), "requester 1's blame outlives the announce: {mine:?}");
     }

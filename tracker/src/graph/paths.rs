@@ -93,6 +93,13 @@ impl<K> Graph<K> {
                 while let Some((apart, hops)) = (!tried.is_empty()).then(|| tried.remove(0)) {
                     let (paths, skipped) =
                         self.search(requester, chain, count, hops, busy, with_busy, apart, heed_blame, now, rng);
+                    if !paths.is_empty() && paths.len() < count && !with_busy {
+                        // Fewer free targets than asked for at this length: the busy ones make up the rest (the
+                        // search takes the free ones first).
+                        let (more, _) =
+                            self.search(requester, chain, count, hops, busy, true, apart, heed_blame, now, rng);
+                        return Ok(if more.len() > paths.len() { more } else { paths });
+                    }
                     if !paths.is_empty() {
                         return Ok(paths);
                     }
@@ -164,7 +171,7 @@ impl<K> Graph<K> {
     /// Whether `q`, usable in `requester`'s paths, may also be their target: not avoided as one, and (when
     /// `heed_blame`) not blamed by `requester` at all (its [`Scope::Target`] blame leaves `q` a relay).
     fn may_target(&self, q: &Peer<K>, requester: &Fingerprint, heed_blame: bool, now: Instant) -> bool {
-        !(q.avoided_as_target || (heed_blame && q.blamed_by.as_target_by(requester, now)))
+        !(q.avoided_as_target(now) || (heed_blame && q.blamed_by.as_target_by(requester, now)))
     }
 
     /// Whether `a` and `b` may both be on one path: not one family, and (if `apart`) not in one /16.
@@ -204,7 +211,7 @@ impl<K> Graph<K> {
         targets.retain(|fp| {
             let Some(q) = self.peers.get(fp) else { return false };
             // Blamed as a target by the requester only: a second round that ignores its blame may use it.
-            skipped |= heed_blame && !q.avoided_as_target && q.blamed_by.as_target_by(requester, now);
+            skipped |= heed_blame && !q.avoided_as_target(now) && q.blamed_by.as_target_by(requester, now);
             self.may_target(q, requester, heed_blame, now)
         });
         // HashMap order is not random: sort, then shuffle.

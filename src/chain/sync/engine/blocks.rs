@@ -7,8 +7,14 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
     /// Sends `getheaders` with a locator from the last block we store with none missing below it (or, unrooted,
     /// for the genesis header). Not from our header tip: the answer then names the blocks we still need, and a
     /// target that sent us their headers cannot answer `notfound` for them without withholding (SPEC §9). What
-    /// we already have is asked for once per circuit at most (a full answer continues from our tip).
+    /// we already have is asked for once per circuit at most (a full answer continues from our tip). One request
+    /// is outstanding per circuit at a time, so that each answer is matched with the request it answers: asked
+    /// again meanwhile (an `inv`), the request is sent once the outstanding one is answered.
     pub(super) fn get_headers(&mut self, id: usize, stop: BlockHash) {
+        if let Some(c) = self.circuits.get_mut(&id).filter(|c| c.headers_req.is_some()) {
+            c.headers_again = true;
+            return;
+        }
         let (locator, stop) = {
             let s = read(self.store);
             if s.is_rooted() {
@@ -24,7 +30,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
     pub(super) fn send_getheaders(&mut self, id: usize, locator_hashes: Vec<BlockHash>, stop_hash: BlockHash) {
         let from = locator_hashes.first().and_then(|h| read(self.store).height_of(h)).unwrap_or(0);
         if let Some(c) = self.circuits.get_mut(&id) {
-            // The oldest unanswered request keeps its time: the request timeout is not re-armed by asking again.
+            // (One request at a time: nothing re-arms an unanswered request's timeout.)
             c.headers_req.get_or_insert_with(Instant::now);
             c.headers_from = from;
         }
@@ -88,10 +94,14 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
         if answer {
             if headers.len() == MAX_HEADERS {
                 let last = headers.last().map_or(first.block_hash(), Header::block_hash);
-                // A full answer that adds nothing and ends no higher than where we asked from is the same answer
-                // again: followed, it would be asked for again for ever (SPEC open issue 26).
-                let from = self.circuits.get(&id).map_or(0, |c| c.headers_from);
-                if new == 0 && read(self.store).height_of(&last).is_none_or(|h| h <= from) {
+                // A full answer that adds nothing and ends no higher than where we asked from: honest from a peer
+                // behind us or on a fork (it answers from the first locator entry it knows, and past the first
+                // eleven they are sparse), so we ask again from its last header exactly. An answer to *that* which
+                // again adds nothing and ends no higher is the same answer again: followed, it would be asked for
+                // for ever (SPEC open issue 26).
+                let (from, strict) = self.circuits.get(&id).map_or((0, false), |c| (c.headers_from, c.headers_strict));
+                let stale = new == 0 && read(self.store).height_of(&last).is_none_or(|h| h <= from);
+                if stale && strict {
                     return Err(ChainError::Protocol(format!(
                         "a full headers answer that adds nothing and ends below height {from}, where it was asked from"
                     )));
@@ -100,15 +110,26 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
                 let locator = {
                     let s = read(self.store);
                     let behind = s.is_active(&last) && s.height_of(&last) < Some(s.best_tip().1);
-                    if behind {
+                    if behind && !stale {
                         s.locator()
                     } else {
                         s.locator_from(&last)
                     }
                 };
+                if let Some(c) = self.circuits.get_mut(&id) {
+                    c.headers_strict = stale;
+                }
                 self.send_getheaders(id, locator, no_stop());
             } else {
                 self.headers_ran_out(id);
+            }
+            // Asked again while this request was outstanding: now.
+            let again = self
+                .circuits
+                .get_mut(&id)
+                .is_some_and(|c| c.headers_req.is_none() && std::mem::take(&mut c.headers_again));
+            if again {
+                self.get_headers(id, no_stop());
             }
         }
         if read(self.store).best_tip() != before {
@@ -205,15 +226,13 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             if let Inventory::Block(h) | Inventory::WitnessBlock(h) = item {
                 // A block on the chain it sent us the headers of, in this conversation: it announced having it.
                 // (A serving peer sends headers only of blocks it stores, SPEC §9.) Honest peers do not do that.
-                let announced = c.sent_headers_to.is_some_and(|(tip, tip_height)| {
-                    let s = read(self.store);
-                    s.height_of(&h).is_some_and(|hh| hh <= tip_height && s.ancestor(&tip, hh) == Some(h))
-                });
-                if announced && c.in_flight.contains(&h) {
+                if c.in_flight.contains(&h) && announced(self.store, c, &h) {
                     return Err(ChainError::Withheld("a block whose header it sent"));
                 }
                 if let Some(pos) = c.in_flight.iter().position(|x| *x == h) {
                     c.in_flight.remove(pos);
+                    // A stall probe answered before this refusal judges nothing after it.
+                    (c.probe, c.probe_answered) = (None, false);
                     c.refused.insert(h);
                     self.in_flight.remove(&h);
                     last = Some(h);
@@ -303,6 +322,7 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             }
             if c.in_flight.is_empty() {
                 c.waiting_since = Instant::now();
+                (c.probe, c.probe_answered) = (None, false);
             }
             c.in_flight.extend_from_slice(&mine);
             self.requested += mine.len() as u64;
@@ -313,4 +333,13 @@ impl<F: FnMut(SyncEvent)> Engine<'_, F> {
             self.send(id, &Message::GetData(mine.into_iter().map(Inventory::WitnessBlock).collect()));
         }
     }
+}
+
+/// Whether circuit `c`'s target sent, in this conversation, a header at or above block `h` on `h`'s chain: it
+/// claimed to have `h`.
+pub(super) fn announced(store: &SharedStore, c: &Circ, h: &BlockHash) -> bool {
+    c.sent_headers_to.is_some_and(|(tip, tip_height)| {
+        let s = read(store);
+        s.height_of(h).is_some_and(|hh| hh <= tip_height && s.ancestor(&tip, hh) == Some(*h))
+    })
 }
