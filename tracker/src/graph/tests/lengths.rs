@@ -3,17 +3,24 @@
 
 use super::*;
 
-/// `n` peers on a line `0 - 1 - … - n-1`, each on its own /16; only the last serves the chain.
-fn line(n: usize, rng: &mut StdRng, now: Instant) -> Graph<()> {
+/// Peers `0..n`, each on its own /16, those in `serving` serving the chain, with exactly `edges` (degree target 0:
+/// announces add none).
+fn graph_of(n: usize, serving: &[usize], edges: &[(usize, usize)], rng: &mut StdRng, now: Instant) -> Graph<()> {
     let mut g: Graph<()> = Graph::new(cfg(0));
     for i in 0..n {
-        let chains = if i == n - 1 { vec![chain()] } else { vec![] };
+        let chains = if serving.contains(&i) { vec![chain()] } else { vec![] };
         g.announce(fp(i), (), honest_addr(i), chains, now, rng).unwrap();
     }
-    for i in 0..n - 1 {
-        g.add_edge(fp(i), fp(i + 1), rng);
+    for &(a, b) in edges {
+        g.add_edge(fp(a), fp(b), rng);
     }
     g
+}
+
+/// `n` peers on a line `0 - 1 - … - n-1`, each on its own /16; only the last serves the chain.
+fn line(n: usize, rng: &mut StdRng, now: Instant) -> Graph<()> {
+    let edges: Vec<(usize, usize)> = (0..n - 1).map(|i| (i, i + 1)).collect();
+    graph_of(n, &[n - 1], &edges, rng, now)
 }
 
 #[test]
@@ -54,15 +61,9 @@ fn a_request_gets_the_length_that_reaches_the_nearest_target_up_to_the_maximum()
 fn a_farther_target_over_unblamed_peers_comes_before_near_paths_through_blamed_ones() {
     let now = Instant::now();
     let mut rng = StdRng::seed_from_u64(52);
-    let mut g: Graph<()> = Graph::new(cfg(0));
     // 0 requester; 1 refusing neighbor; 2 lying server; 3, 4, 5 honest relays; 6 honest server.
-    for i in 0..7 {
-        let chains = if i == 2 || i == 6 { vec![chain()] } else { vec![] };
-        g.announce(fp(i), (), honest_addr(i), chains, now, &mut rng).unwrap();
-    }
-    for (a, b) in [(0, 1), (1, 2), (1, 6), (0, 3), (3, 4), (4, 5), (5, 6)] {
-        g.add_edge(fp(a), fp(b), &mut rng);
-    }
+    let edges = [(0, 1), (1, 2), (1, 6), (0, 3), (3, 4), (4, 5), (5, 6)];
+    let mut g = graph_of(7, &[2, 6], &edges, &mut rng, now);
     g.blame(&fp(1), fp(0), now);
     g.blame(&fp(2), fp(0), now);
     for relays in [1, 2, 3] {
@@ -124,19 +125,8 @@ fn the_distance_search_keeps_to_its_budget_and_what_it_found_is_exact() {
 fn a_replacement_goes_to_a_free_target_over_a_longer_path_before_a_busy_near_one() {
     let now = Instant::now();
     let mut rng = StdRng::seed_from_u64(53);
-    let mut g: Graph<()> = Graph::new(cfg(0));
     // 0 requester; 1, 2, 3 relays; 4 the near (busy) server; 5 the far one. 0-1-4, 0-2-3-5.
-    for i in 0..6 {
-        let chains = if i >= 4 { vec![chain()] } else { vec![] };
-        g.announce(fp(i), (), honest_addr(i), chains, now, &mut rng).unwrap();
-    }
-    let all: Vec<NeighborId> = g.edges.keys().copied().collect();
-    for nid in all {
-        g.unlink(nid);
-    }
-    for (a, b) in [(0, 1), (1, 4), (0, 2), (2, 3), (3, 5)] {
-        g.add_edge(fp(a), fp(b), &mut rng);
-    }
+    let g = graph_of(6, &[4, 5], &[(0, 1), (1, 4), (0, 2), (2, 3), (3, 5)], &mut rng, now);
     let busy: HashSet<Fingerprint> = [fp(4)].into();
     let p = g.find_paths_preferring(&fp(0), &chain(), 1, 1, &busy, now, &mut rng).unwrap();
     assert_eq!(p, vec![vec![fp(0), fp(2), fp(3), fp(5)]], "the free target, over two relays");
