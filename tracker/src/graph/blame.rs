@@ -404,6 +404,93 @@ mod tests {
         assert!(mine.iter().all(|p| p[2] == fp(5)), "requester 1's blame outlives the announce: {mine:?}");
     }
 
+    /// Seed 900618 of the simulator: an honest serving peer whose other neighbors refused every circuit, blamed
+    /// by many requesters (and re-announcing, which ended their shared avoidance every time), kept them as its
+    /// neighbors, and no path reached it. Neighbors under corroborated blame do not count toward a peer's degree,
+    /// and such peers are no candidates for new edges.
+    #[test]
+    fn neighbors_under_corroborated_blame_do_not_count_toward_a_degree() {
+        use super::super::Graph;
+        use rand::SeedableRng;
+        let mut g: Graph<()> = Graph::new(graph_cfg());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let t0 = Instant::now();
+        let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
+        for i in 1..=14u8 {
+            g.announce(fp(i), (), addr(i), vec![], t0, &mut rng).unwrap();
+        }
+        // The test's own graph: the server 1 has the refusing 2 and 3 and the requester 4 as neighbors; 5..=14
+        // are a ring (degree 2, room for more).
+        let all: Vec<anomos_proto::ids::NeighborId> = g.edges.keys().copied().collect();
+        for nid in all {
+            g.unlink(nid);
+        }
+        for (a, b) in [(1, 2), (1, 3), (1, 4)].into_iter().chain((5..=14).map(|i| (i, if i == 14 { 5 } else { i + 1 })))
+        {
+            g.add_edge(fp(a), fp(b), &mut rng);
+        }
+        // Two requesters blame 2 and 3, and 12; 13 only one (not corroborated). (Whatever they announce, this
+        // blame lasts; the shared avoidance it led to would end at their next announce.)
+        let t1 = t0 + Duration::from_secs(1);
+        for bad in [2u8, 3, 12] {
+            g.blame(&fp(bad), fp(4), t1);
+            g.blame(&fp(bad), fp(5), t1);
+        }
+        g.blame(&fp(13), fp(4), t1);
+        g.announce(fp(1), (), addr(1), vec![], t1, &mut rng).unwrap();
+        let now: Vec<Fingerprint> = g.get(&fp(1)).unwrap().edges.keys().copied().collect();
+        let counted = now.iter().filter(|f| ![fp(2), fp(3)].contains(f)).count();
+        assert_eq!(now.len(), 6, "up to the maximum: {now:?}");
+        assert_eq!(counted, 4, "the refusing neighbors do not count: {now:?}");
+        assert!(!now.contains(&fp(12)), "a peer under corroborated blame is no new neighbor");
+        // Once the blame lapsed, they count again: nothing more is added (and nothing shed below the maximum).
+        let later = t1 + BLAME_LASTS;
+        let again = g.announce(fp(1), (), addr(1), vec![], later, &mut rng).unwrap();
+        assert_eq!((again.added, again.degree), (0, 6));
+    }
+
+    /// Seed 910389 of the simulator: a peer re-joining an overlay whose every other peer was at the maximum
+    /// degree got three neighbors, all refusing its circuits. Splitting an edge for it (`split_edges_for`) went
+    /// by its raw degree, three, one short of the target: nothing was split, and it had no working circuit.
+    #[test]
+    fn a_peer_whose_neighbors_it_blamed_gets_a_split_edge_in_a_full_overlay() {
+        use super::super::Graph;
+        use rand::SeedableRng;
+        let mut g: Graph<()> = Graph::new(graph_cfg());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let t0 = Instant::now();
+        let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
+        for i in 0..8u8 {
+            g.announce(fp(i), (), addr(i), vec![], t0, &mut rng).unwrap();
+        }
+        // Every peer full: the circulant graph on 8 peers with offsets 1, 2, 3 (degree 6, the maximum).
+        let all: Vec<anomos_proto::ids::NeighborId> = g.edges.keys().copied().collect();
+        for nid in all {
+            g.unlink(nid);
+        }
+        for i in 0..8u8 {
+            for d in 1..=3u8 {
+                g.add_edge(fp(i), fp((i + d) % 8), &mut rng);
+            }
+        }
+        let me = fp(100);
+        let first = g.announce(me, (), addr(100), vec![], t0, &mut rng).unwrap();
+        assert_eq!(first.degree, 4, "split edges made the newcomer's neighbors");
+        let blamed: Vec<Fingerprint> = g.get(&me).unwrap().edges.keys().copied().collect();
+        let t1 = t0 + Duration::from_secs(1);
+        for n in &blamed {
+            g.blame(n, me, t1);
+        }
+        let again = g.announce(me, (), addr(100), vec![], t1, &mut rng).unwrap();
+        assert_eq!((again.added, again.degree), (2, 6), "one more edge split for it, up to the maximum");
+        let fresh: Vec<Fingerprint> =
+            g.get(&me).unwrap().edges.keys().filter(|f| !blamed.contains(f)).copied().collect();
+        assert_eq!(fresh.len(), 2, "the split edge's ends are fresh neighbors");
+        for i in 0..8u8 {
+            assert_eq!(g.get(&fp(i)).unwrap().degree(), 6, "the others keep their degree");
+        }
+    }
+
     #[test]
     fn at_most_max_blamers_are_remembered_and_expired_ones_make_room() {
         let t0 = Instant::now();

@@ -14,6 +14,15 @@ const FULL_SCAN: usize = 1024;
 /// Peers drawn at random as candidates from a larger graph.
 const SAMPLE: usize = 256;
 
+/// Whether neighbor `p` does not count toward `id`'s degree (and is no candidate for a new edge of it): `id`
+/// blamed it, or enough reporters did that it is left out of everyone's paths ([`Blamers::corroborated`], for
+/// `blame_lasts`, whatever it announces meanwhile). The second half was found by the simulator (seed 900618): an
+/// honest serving peer whose two other neighbors refused every circuit, blamed by many and re-announcing, kept
+/// them as its only neighbors, and no path reached it.
+fn discounted<K>(p: &Peer<K>, id: &Fingerprint, now: Instant) -> bool {
+    p.blamed_by.by(id, now) || p.blamed_by.corroborated(now)
+}
+
 impl<K> Graph<K> {
     /// Whether only diverse edges may be made (see the module documentation).
     fn strict_neighbors(&self) -> bool {
@@ -76,8 +85,8 @@ impl<K> Graph<K> {
     }
 
     /// Adds random edges until `id` has the target degree or no candidate is left (after dropping its
-    /// non-diverse edges when strict). Neighbors `id` blamed (its live failure reports) do not count toward the
-    /// target, up to the maximum degree: a peer whose neighbors all refuse its circuits gets others (found by the
+    /// non-diverse edges when strict). Neighbors `id` blamed (its live failure reports), or that corroborated
+    /// blame leaves out of everyone's paths ([`discounted`]), do not count toward the target, up to the maximum degree: a peer whose neighbors all refuse its circuits gets others (found by the
     /// simulator, seed 40723: a late joiner whose three neighbors were all hostile); at the maximum, edges to
     /// blamed neighbors make room for the fresh neighbors found, one for one (`shed_blamed`).
     pub(super) fn top_up(&mut self, id: Fingerprint, now: Instant, rng: &mut impl RngCore) -> usize {
@@ -89,7 +98,7 @@ impl<K> Graph<K> {
         let Some(me) = self.peers.get(&id) else {
             return 0;
         };
-        let blamed = |fp: &Fingerprint| self.peers.get(fp).is_some_and(|p| p.blamed_by.by(&id, now));
+        let blamed = |fp: &Fingerprint| self.peers.get(fp).is_some_and(|p| discounted(p, &id, now));
         let n_blamed = me.edges.keys().filter(|fp| blamed(fp)).count();
         let have = me.degree() - n_blamed;
         let room = max.saturating_sub(me.degree());
@@ -110,7 +119,7 @@ impl<K> Graph<K> {
                 *fp != id
                     && !me.edges.contains_key(fp)
                     && !p.avoided
-                    && !p.blamed_by.by(&id, now)
+                    && !discounted(p, &id, now)
                     && p.live(now, self.cfg.expire_after)
                     && p.degree() < max
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
@@ -167,7 +176,7 @@ impl<K> Graph<K> {
         let mut blamed: Vec<(Fingerprint, NeighborId)> = me
             .edges
             .iter()
-            .filter(|(fp, _)| self.peers.get(fp).is_some_and(|p| p.blamed_by.by(&id, now)))
+            .filter(|(fp, _)| self.peers.get(fp).is_some_and(|p| discounted(p, &id, now)))
             .map(|(fp, nid)| (*fp, *nid))
             .collect();
         blamed.sort_unstable_by_key(|(fp, _)| *fp);
@@ -180,20 +189,27 @@ impl<K> Graph<K> {
 
     /// When every other peer is at the maximum degree, a newcomer would get few neighbors or one, and a peer
     /// with one neighbor hands that neighbor every circuit it starts. So, while `id` is at least two short of the
-    /// target degree (and two more fit under the maximum), an edge A–B between usable peers that are not yet its
+    /// target degree (its [`discounted`] neighbors not counted; two more must fit under the maximum), an edge A–B between usable peers that are not yet its
     /// neighbors is replaced by A–`id` and `id`–B: A and B keep their degree, `id` gains two. A and B drop their
     /// link when their next announce no longer lists each other. When `strict`, both new edges must be diverse.
     /// Large graphs offer edges of a random sample of peers. Returns the edges added.
     fn split_edges_for(&mut self, id: Fingerprint, now: Instant, strict: bool, rng: &mut impl RngCore) -> usize {
         let Some(me) = self.peers.get(&id) else { return 0 };
         let (target, max) = self.degrees();
-        if me.degree() + 2 > target || me.degree() + 2 > max {
+        // Short as `top_up` counts: discounted neighbors do not count (seed 910389: a peer re-joining a full
+        // overlay got three neighbors that all refused its circuits, and no edge was split for it).
+        let short = |g: &Self, me: &Peer<K>| {
+            let counted = me.edges.keys().filter(|fp| g.peers.get(fp).is_none_or(|p| !discounted(p, &id, now))).count();
+            counted + 2 <= target && me.degree() + 2 <= max
+        };
+        if !short(self, me) {
             return 0;
         }
         let my_ip = me.addr.ip();
         let fits = |fp: &Fingerprint| {
             self.peers.get(fp).is_some_and(|p| {
                 !p.avoided
+                    && !discounted(p, &id, now)
                     && p.live(now, self.cfg.expire_after)
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
                     && !family(&id, me, fp, p)
@@ -216,7 +232,7 @@ impl<K> Graph<K> {
         let mut added = 0;
         for (nid, a, b) in splittable {
             let Some(me) = self.peers.get(&id) else { break };
-            if me.degree() + 2 > target || me.degree() + 2 > max {
+            if !short(self, me) {
                 break;
             }
             if me.edges.contains_key(&a) || me.edges.contains_key(&b) || !self.edges.contains_key(&nid) {
