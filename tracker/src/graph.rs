@@ -16,8 +16,9 @@
 //! * Paths never hold two hops of one /16 or one family (module `paths`).
 //! * Peers silent for `expire_after` expire; their edges disappear from their neighbors, who are topped up
 //!   again on their next announce.
-//! * Avoided peers (blamed by a failure report) are not used in new paths or new edges until they announce
-//!   again.
+//! * Avoided peers (a failed probe, or corroborated blame) are not used in new paths or new edges until they
+//!   announce again; blamed peers are left out of their reporters' paths, and do not count toward the degree of
+//!   their reporters (or, once corroborated, of anyone) for `blame_lasts` (modules `blame`, `neighbors`).
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -89,7 +90,7 @@ pub struct Peer<K> {
     /// Fingerprints it declared as its operator's other peers (honoured when declared both ways).
     pub family: Vec<Fingerprint>,
     /// Requesters whose failure reports blamed it in the last `blame_lasts`: their own paths leave it out
-    /// whenever they have another.
+    /// whenever they have another, and they do not count it as a neighbor (nor, once corroborated, does anyone).
     blamed_by: Blamers,
     edges: FpMap<Fingerprint, NeighborId>,
     /// Its /16 (IPv6 /32).

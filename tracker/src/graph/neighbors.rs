@@ -18,7 +18,8 @@ const SAMPLE: usize = 256;
 /// blamed it, or enough reporters did that it is left out of everyone's paths ([`Blamers::corroborated`], for
 /// `blame_lasts`, whatever it announces meanwhile). The second half was found by the simulator (seed 900618): an
 /// honest serving peer whose two other neighbors refused every circuit, blamed by many and re-announcing, kept
-/// them as its only neighbors, and no path reached it.
+/// them as its only neighbors, and no path reached it. Only `id`'s own blame makes it drop an edge
+/// (`shed_blamed`): others' blame, which two colluding reporters can aim, only gives it neighbors beside.
 fn discounted<K>(p: &Peer<K>, id: &Fingerprint, now: Instant) -> bool {
     p.blamed_by.by(id, now) || p.blamed_by.corroborated(now)
 }
@@ -86,9 +87,11 @@ impl<K> Graph<K> {
 
     /// Adds random edges until `id` has the target degree or no candidate is left (after dropping its
     /// non-diverse edges when strict). Neighbors `id` blamed (its live failure reports), or that corroborated
-    /// blame leaves out of everyone's paths ([`discounted`]), do not count toward the target, up to the maximum degree: a peer whose neighbors all refuse its circuits gets others (found by the
-    /// simulator, seed 40723: a late joiner whose three neighbors were all hostile); at the maximum, edges to
-    /// blamed neighbors make room for the fresh neighbors found, one for one (`shed_blamed`).
+    /// blame leaves out of everyone's paths ([`discounted`]), do not count toward the target, up to the maximum
+    /// degree: a peer whose neighbors all refuse its circuits gets others (found by the simulator, seed 40723: a
+    /// late joiner whose three neighbors were all hostile); at the maximum, edges to neighbors it blamed itself
+    /// make room for the fresh neighbors found, one for one (`shed_blamed`). A candidate that blamed `id` is not
+    /// chosen either: it would not count `id`.
     pub(super) fn top_up(&mut self, id: Fingerprint, now: Instant, rng: &mut impl RngCore) -> usize {
         let (target, max) = self.degrees();
         let strict = self.strict_neighbors();
@@ -98,13 +101,12 @@ impl<K> Graph<K> {
         let Some(me) = self.peers.get(&id) else {
             return 0;
         };
-        let blamed = |fp: &Fingerprint| self.peers.get(fp).is_some_and(|p| discounted(p, &id, now));
-        let n_blamed = me.edges.keys().filter(|fp| blamed(fp)).count();
-        let have = me.degree() - n_blamed;
+        let have = me.edges.keys().filter(|fp| self.peers.get(fp).is_none_or(|p| !discounted(p, &id, now))).count();
+        let own_blamed = me.edges.keys().filter(|fp| self.peers.get(fp).is_some_and(|p| p.blamed_by.by(&id, now)));
         let room = max.saturating_sub(me.degree());
-        // At the maximum degree, edges to blamed neighbors may make room, but only for fresh neighbors actually
-        // found (see `shed_blamed`).
-        let sheddable = target.saturating_sub(have).saturating_sub(room).min(n_blamed);
+        // At the maximum degree, edges to neighbors `id` blamed may make room, but only for fresh neighbors
+        // actually found (see `shed_blamed`).
+        let sheddable = target.saturating_sub(have).saturating_sub(room).min(own_blamed.count());
         if have >= target || room + sheddable == 0 {
             return 0;
         }
@@ -120,6 +122,7 @@ impl<K> Graph<K> {
                     && !me.edges.contains_key(fp)
                     && !p.avoided
                     && !discounted(p, &id, now)
+                    && !me.blamed_by.by(fp, now)
                     && p.live(now, self.cfg.expire_after)
                     && p.degree() < max
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
@@ -165,9 +168,10 @@ impl<K> Graph<K> {
     /// neighbors it found beyond the room it had: a blamed edge goes only when a fresh one takes its slot. (It once
     /// went whenever the peer was short: with no fresh neighbor to be had, the shed neighbor, now below the target
     /// itself, got the edge back at its own next announce under a new NeighborID, every interval, and the graph
-    /// never settled; seeds 210158 and 210264.) The neighbor loses an edge it would not serve anyway and gets
+    /// never settled; seeds 210158 and 210264.) The neighbor loses an edge `id` would not use anyway and gets
     /// another at its own next announce; both drop the link when their next announce no longer lists the edge.
-    /// Returns the edges dropped.
+    /// Only `id`'s own blame counts here, never others' (which two colluding reporters could aim at the honest
+    /// neighbors of their choice, to have them dropped). Returns the edges dropped.
     fn shed_blamed(&mut self, id: Fingerprint, now: Instant, n: usize) -> usize {
         if n == 0 {
             return 0;
@@ -176,7 +180,7 @@ impl<K> Graph<K> {
         let mut blamed: Vec<(Fingerprint, NeighborId)> = me
             .edges
             .iter()
-            .filter(|(fp, _)| self.peers.get(fp).is_some_and(|p| discounted(p, &id, now)))
+            .filter(|(fp, _)| self.peers.get(fp).is_some_and(|p| p.blamed_by.by(&id, now)))
             .map(|(fp, nid)| (*fp, *nid))
             .collect();
         blamed.sort_unstable_by_key(|(fp, _)| *fp);
@@ -189,20 +193,21 @@ impl<K> Graph<K> {
 
     /// When every other peer is at the maximum degree, a newcomer would get few neighbors or one, and a peer
     /// with one neighbor hands that neighbor every circuit it starts. So, while `id` is at least two short of the
-    /// target degree (its [`discounted`] neighbors not counted; two more must fit under the maximum), an edge A–B between usable peers that are not yet its
-    /// neighbors is replaced by A–`id` and `id`–B: A and B keep their degree, `id` gains two. A and B drop their
+    /// target degree (its [`discounted`] neighbors not counted; two more must fit under the maximum), an edge A–B
+    /// between usable peers that are not yet its neighbors, that it would count and that did not blame it, is
+    /// replaced by A–`id` and `id`–B: A and B keep their degree, `id` gains two. A and B drop their
     /// link when their next announce no longer lists each other. When `strict`, both new edges must be diverse.
     /// Large graphs offer edges of a random sample of peers. Returns the edges added.
     fn split_edges_for(&mut self, id: Fingerprint, now: Instant, strict: bool, rng: &mut impl RngCore) -> usize {
         let Some(me) = self.peers.get(&id) else { return 0 };
         let (target, max) = self.degrees();
         // Short as `top_up` counts: discounted neighbors do not count (seed 910389: a peer re-joining a full
-        // overlay got three neighbors that all refused its circuits, and no edge was split for it).
-        let short = |g: &Self, me: &Peer<K>| {
-            let counted = me.edges.keys().filter(|fp| g.peers.get(fp).is_none_or(|p| !discounted(p, &id, now))).count();
-            counted + 2 <= target && me.degree() + 2 <= max
-        };
-        if !short(self, me) {
+        // overlay got three neighbors that all refused its circuits, and no edge was split for it). The ends of a
+        // split edge are never discounted, so each split adds two that count.
+        let mut counted =
+            me.edges.keys().filter(|fp| self.peers.get(fp).is_none_or(|p| !discounted(p, &id, now))).count();
+        let mut degree = me.degree();
+        if counted + 2 > target || degree + 2 > max {
             return 0;
         }
         let my_ip = me.addr.ip();
@@ -210,6 +215,7 @@ impl<K> Graph<K> {
             self.peers.get(fp).is_some_and(|p| {
                 !p.avoided
                     && !discounted(p, &id, now)
+                    && !me.blamed_by.by(fp, now)
                     && p.live(now, self.cfg.expire_after)
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
                     && !family(&id, me, fp, p)
@@ -232,7 +238,7 @@ impl<K> Graph<K> {
         let mut added = 0;
         for (nid, a, b) in splittable {
             let Some(me) = self.peers.get(&id) else { break };
-            if !short(self, me) {
+            if counted + 2 > target || degree + 2 > max {
                 break;
             }
             if me.edges.contains_key(&a) || me.edges.contains_key(&b) || !self.edges.contains_key(&nid) {
@@ -257,6 +263,8 @@ impl<K> Graph<K> {
             self.add_edge(id, a, rng);
             self.add_edge(id, b, rng);
             added += 2;
+            counted += 2;
+            degree += 2;
         }
         added
     }
