@@ -96,6 +96,17 @@ mod tests {
         Fingerprint([i; 32])
     }
 
+    /// An empty graph of [`graph_cfg`], a generator seeded with `seed`, and the tests' start time.
+    fn setup(seed: u64) -> (super::super::Graph<()>, rand::rngs::StdRng, Instant) {
+        use rand::SeedableRng;
+        (super::super::Graph::new(graph_cfg()), rand::rngs::StdRng::seed_from_u64(seed), Instant::now())
+    }
+
+    /// Peer `i`'s address: one IP per peer.
+    fn addr(i: u8) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 1, i, 1], 8000))
+    }
+
     /// Degree 4 (at most 6), distinct addresses, blame as in production.
     fn graph_cfg() -> super::super::GraphConfig {
         super::super::GraphConfig {
@@ -135,12 +146,9 @@ mod tests {
     fn a_requesters_paths_avoid_whom_it_blamed_while_there_is_another_way() {
         use super::super::Graph;
         use anomos_proto::ids::ChainId;
-        use rand::SeedableRng;
+
         let chain = ChainId::new("regtest").unwrap();
-        let mut g: Graph<()> = Graph::new(graph_cfg());
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let t0 = Instant::now();
-        let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
+        let (mut g, mut rng, t0) = setup(3);
         for _ in 0..2 {
             for i in 1..=12u8 {
                 g.announce(fp(i), (), addr(i), vec![chain.clone()], t0, &mut rng).unwrap();
@@ -202,12 +210,7 @@ mod tests {
     /// next announce, as many as it is short of the target, and gets fresh (unblamed) neighbors instead.
     #[test]
     fn a_peer_at_the_maximum_degree_sheds_neighbors_it_blamed() {
-        use super::super::Graph;
-        use rand::SeedableRng;
-        let mut g: Graph<()> = Graph::new(graph_cfg());
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let t0 = Instant::now();
-        let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
+        let (mut g, mut rng, t0) = setup(5);
         for i in 1..=30u8 {
             g.announce(fp(i), (), addr(i), vec![], t0, &mut rng).unwrap();
         }
@@ -349,12 +352,9 @@ mod tests {
     fn a_target_blamed_for_misbehaving_still_relays_to_an_honest_one() {
         use super::super::Graph;
         use anomos_proto::ids::ChainId;
-        use rand::SeedableRng;
+
         let chain = ChainId::new("regtest").unwrap();
-        let mut g: Graph<()> = Graph::new(graph_cfg());
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let t0 = Instant::now();
-        let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
+        let (mut g, mut rng, t0) = setup(7);
         // 1, 2: requesters; 3, 4: liars (serving); 5: the honest server; 6: a relay. Edges: {1,2}–{3,4,6},
         // {3,4}–{5,6}: the liars are one relay away (through 6), the honest server only through a liar.
         for i in 1..=6u8 {
@@ -469,12 +469,7 @@ mod tests {
     /// by its raw degree, three, one short of the target: nothing was split, and it had no working circuit.
     #[test]
     fn a_peer_whose_neighbors_it_blamed_gets_a_split_edge_in_a_full_overlay() {
-        use super::super::Graph;
-        use rand::SeedableRng;
-        let mut g: Graph<()> = Graph::new(graph_cfg());
-        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        let t0 = Instant::now();
-        let addr = |i: u8| std::net::SocketAddr::from(([127, 1, i, 1], 8000));
+        let (mut g, mut rng, t0) = setup(9);
         for i in 0..8u8 {
             g.announce(fp(i), (), addr(i), vec![], t0, &mut rng).unwrap();
         }
