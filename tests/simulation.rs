@@ -38,10 +38,12 @@ const DEFAULT_SEEDS: u64 = if cfg!(debug_assertions) { 2 } else { 10 };
 /// `notfound` for blocks whose headers the target sent is now withholding, reported). 900618: an honest serving
 /// peer whose other neighbors refused every circuit and were blamed by many kept them as neighbors (neighbors
 /// under corroborated blame no longer count toward a degree). 910389: a peer re-joining a full overlay got three
-/// neighbors that all refused it, and no edge was split for it (the split now counts as `top_up` does).
+/// neighbors that all refused it, and no edge was split for it (the split now counts as `top_up` does). 1100951:
+/// a tracker restarted in the same process could not open its state database, still held by a reachability probe
+/// of the stopped tracker (a probe now holds the transport only).
 const REGRESSIONS: &[u64] = &[
     4, 13, 30, 32, 1061, 10071, 40723, 70191, 100186, 100194, 110196, 210158, 210264, 511030, 511091, 700021, 700041,
-    900618, 910389,
+    900618, 910389, 1100951,
 ];
 /// Wall time a run may go without simulated progress before it is declared stuck (a blocked thread: a lock
 /// taken twice, a blocking call that never returns).

@@ -245,7 +245,9 @@ impl World {
                 shared.fail(start, format!("tracker ended: {e}"));
             }
         }));
-        let ready = rx.await.expect("tracker ready");
+        // A tracker that does not start has recorded why (`tracker ended: …`): the run then ends with that
+        // violation instead of a panic of this thread (seed 1100951).
+        let Ok(ready) = rx.await else { return };
         assert_eq!(ready.fingerprint, self.tracker_fp);
     }
 

@@ -86,15 +86,20 @@ impl Service {
     }
 
     /// Probes `culprit` in the background (unless a probe of it is running) and avoids it for everyone if the
-    /// probe fails.
+    /// probe fails. The probe holds the transport only, not the service: a tracker stopped meanwhile (its
+    /// `run_on` returned or was dropped) is not kept alive by it, and the probe's outcome is then dropped. (It
+    /// held the service, and with it the state database, for up to the probe's timeout after the tracker
+    /// stopped: a tracker restarted in the same process within that time could not open its database. Found
+    /// by the simulator, seed 1100951.)
     pub(super) fn probe_then_avoid(self: &Arc<Self>, st: &mut State, culprit: Fingerprint) {
         let Some(addr) = st.graph.get(&culprit).map(|p| p.addr) else { return };
         if !st.probing.insert(culprit) {
             return; // already being checked
         }
-        let service = self.clone();
+        let (weak, net) = (Arc::downgrade(self), self.net.clone());
         tokio::spawn(async move {
-            let result = probe::check(&*service.net, addr, &culprit, PROBE_TIMEOUT).await;
+            let result = probe::check(&*net, addr, &culprit, PROBE_TIMEOUT).await;
+            let Some(service) = weak.upgrade() else { return };
             let mut st = service.lock();
             st.probing.remove(&culprit);
             match result {
