@@ -78,6 +78,12 @@ pub async fn dial(
     write_all_timeout(&mut s, &auth, "link auth").await?;
     let msg = read_auth(&mut s, "link auth reply").await?;
     let cipher = dialer.on_auth_reply(&msg)?;
+    if host.has_link(nid) {
+        // The neighbor dialed us meanwhile and that link is up: ours would cross it (SPEC §5.2). Dropped before
+        // key confirmation, it never comes up at either end.
+        debug!(neighbor = ?nid, "a link came up during our dial; giving ours up");
+        return Ok(());
+    }
     let rtt = s.rtt_probe();
     let (rd, wr) = s.split();
     super::run(host, settings, rd, wr, cipher, rtt).await;

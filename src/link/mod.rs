@@ -65,6 +65,8 @@ pub trait LinkHost: Send + Sync + 'static {
     fn neighbor(&self, fp: &Fingerprint) -> Option<(PublicKey, NeighborId)>;
     /// Whether a new incoming link over `nid` must be refused as `Busy` (at the link limit).
     fn busy(&self, nid: NeighborId) -> bool;
+    /// Whether a link over `nid` is up (a dialer whose handshake saw one come up meanwhile gives its own up).
+    fn has_link(&self, nid: NeighborId) -> bool;
     /// A dialer claiming `fp` was refused (unknown key, or a signature that did not verify): perhaps an edge we
     /// have not learned of yet. The host asks for a fresh neighbor table (rate-limited) and remembers that `fp`
     /// is trying to reach us (so that its own dial to `fp`, if it is the dialer, waits for this link first).

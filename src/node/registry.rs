@@ -110,49 +110,148 @@ impl Neighbors {
     }
 }
 
-/// Live links by NeighborID (the newest link per edge).
+/// How young the current link over an edge must be for a second link of the other kind (dialed by the other
+/// side) to count as a *crossing* dial rather than a neighbor that restarted (SPEC §5.2): the other side knocks
+/// only after `KNOCK_GRACE` (1.5 s) without a link, so a restarted neighbor's dial comes later than this.
+pub const CROSS_WINDOW: Duration = Duration::from_millis(1500);
+/// How long a link that lost a crossing is kept, draining, at least: an OPEN the neighbor sent on it before it
+/// saw the other link come up still arrives and is served. After that it closes once it carries no circuit.
+pub const DRAIN_LINGER: Duration = Duration::from_secs(10);
+
+/// The links over one edge: the current one (new circuits use it), when it came up, and at most one that lost a
+/// crossing and drains (its circuits finish, no new one is started on it) with the time it began to.
+struct Entry {
+    current: Arc<Link>,
+    up_at: Instant,
+    draining: Option<(Arc<Link>, Instant)>,
+}
+
+/// Live links by NeighborID: one current link per edge (see [`Links::install`] for which), and links draining.
 pub struct Links {
-    map: Mutex<HashMap<NeighborId, Arc<Link>>>,
+    map: Mutex<HashMap<NeighborId, Entry>>,
     changed: Notify,
     neighbors: Arc<Neighbors>,
+    /// Our fingerprint: of two crossing links, the one dialed by the smaller fingerprint stays.
+    me: Fingerprint,
 }
 
 impl Links {
-    /// An empty registry over `neighbors`.
-    pub fn new(neighbors: Arc<Neighbors>) -> Arc<Links> {
-        Arc::new(Links { map: Mutex::new(HashMap::new()), changed: Notify::new(), neighbors })
+    /// An empty registry over `neighbors`, for the node whose fingerprint is `me`.
+    pub fn new(neighbors: Arc<Neighbors>, me: Fingerprint) -> Arc<Links> {
+        Arc::new(Links { map: Mutex::new(HashMap::new()), changed: Notify::new(), neighbors, me })
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<NeighborId, Arc<Link>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<NeighborId, Entry>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every live link.
+    /// Every live link, draining ones included.
     pub fn all(&self) -> Vec<Arc<Link>> {
         // In neighbor order (not the map's), so what is done to every link happens in the same order in every run.
-        let mut v: Vec<Arc<Link>> = self.map().values().cloned().collect();
+        let mut v: Vec<Arc<Link>> = self
+            .map()
+            .values()
+            .flat_map(|e| std::iter::once(e.current.clone()).chain(e.draining.as_ref().map(|d| d.0.clone())))
+            .collect();
         v.sort_unstable_by_key(|l| (l.peer, l.serial));
         v
     }
 
-    /// Number of live links.
-    pub fn len(&self) -> usize {
-        self.map().len()
+    /// Links that lost a crossing and have drained for at least [`DRAIN_LINGER`].
+    pub fn drained(&self) -> Vec<Arc<Link>> {
+        let now = anomos_net::rt::now();
+        let mut v: Vec<Arc<Link>> = self
+            .map()
+            .values()
+            .filter_map(|e| e.draining.as_ref())
+            .filter(|(_, since)| now.saturating_duration_since(*since) >= DRAIN_LINGER)
+            .map(|(l, _)| l.clone())
+            .collect();
+        v.sort_unstable_by_key(|l| (l.peer, l.serial));
+        v
     }
 
+    /// Number of live links (draining ones included: each is a connection).
+    pub fn len(&self) -> usize {
+        self.map().values().map(|e| 1 + usize::from(e.draining.is_some())).sum()
+    }
+
+    /// Whether `link` was dialed by the smaller fingerprint of its two ends (the same answer at both ends).
+    fn canonical(&self, link: &Link) -> bool {
+        if link.dialer {
+            self.me < link.peer
+        } else {
+            link.peer < self.me
+        }
+    }
+
+    /// A link came up (SPEC §5.2, "one link per pair"). With no link over its edge it becomes the current one.
+    /// Beside a current link of the same kind (dialed by the same side), or one up for longer than
+    /// [`CROSS_WINDOW`], it replaces it, which is closed: the neighbor dropped or restarted. Beside a young
+    /// current link of the other kind it is a *crossing* (both sides dialed at once): the link dialed by the
+    /// smaller fingerprint is current and the other drains, at both ends alike, whichever came up first there
+    /// (a circuit already opened on either finishes).
     fn install(&self, link: &Arc<Link>) {
-        let old = self.map().insert(link.nid, link.clone());
-        if let Some(old) = old {
-            // A neighbor that restarted dials again; the new link replaces the old one.
-            old.close("replaced by a newer link to the same neighbor");
+        let now = anomos_net::rt::now();
+        let mut close: Vec<(Arc<Link>, &'static str)> = Vec::new();
+        let mut m = self.map();
+        match m.get_mut(&link.nid) {
+            None => {
+                m.insert(link.nid, Entry { current: link.clone(), up_at: now, draining: None });
+            }
+            Some(e) => {
+                let crossing = e.current.dialer != link.dialer
+                    && now.saturating_duration_since(e.up_at) <= CROSS_WINDOW
+                    && !e.current.writer.is_closed();
+                let drains = if !crossing {
+                    // A link of the neighbor's old incarnation (or one it gave up) is dead at its end.
+                    if e.draining.as_ref().is_some_and(|(d, _)| d.dialer == link.dialer) {
+                        close.extend(
+                            e.draining.take().map(|(d, _)| (d, "replaced by a newer link to the same neighbor")),
+                        );
+                    }
+                    close.push((e.current.clone(), "replaced by a newer link to the same neighbor"));
+                    e.current = link.clone();
+                    e.up_at = now;
+                    None
+                } else if self.canonical(link) {
+                    Some(std::mem::replace(&mut e.current, link.clone()))
+                } else {
+                    Some(link.clone())
+                };
+                if let Some(d) = drains {
+                    info!(peer = %d.peer.short(), dialer = d.dialer, "crossing links: this one drains, the other stays");
+                    if let Some((older, _)) = e.draining.replace((d, now)) {
+                        close.push((older, "superseded by a newer crossing link"));
+                    }
+                }
+            }
+        }
+        drop(m);
+        for (l, why) in close {
+            l.close(why);
         }
         self.changed.notify_waiters();
     }
 
+    /// A link went down: it leaves the registry; a draining link over its edge becomes current if it was.
     fn remove(&self, link: &Arc<Link>) {
+        let now = anomos_net::rt::now();
         let mut m = self.map();
-        if m.get(&link.nid).is_some_and(|l| Arc::ptr_eq(l, link)) {
-            m.remove(&link.nid);
+        if let Some(e) = m.get_mut(&link.nid) {
+            if Arc::ptr_eq(&e.current, link) {
+                match e.draining.take() {
+                    Some((d, _)) if !d.writer.is_closed() => {
+                        e.current = d;
+                        e.up_at = now;
+                    }
+                    _ => {
+                        m.remove(&link.nid);
+                    }
+                }
+            } else if e.draining.as_ref().is_some_and(|(d, _)| Arc::ptr_eq(d, link)) {
+                e.draining = None;
+            }
         }
         drop(m);
         self.changed.notify_waiters();
@@ -161,7 +260,7 @@ impl Links {
 
 impl LinkDirectory for Links {
     fn link(&self, nid: NeighborId) -> Option<Arc<Link>> {
-        self.map().get(&nid).cloned()
+        self.map().get(&nid).map(|e| e.current.clone())
     }
 
     fn expects(&self, nid: NeighborId) -> bool {
@@ -259,6 +358,10 @@ impl LinkHost for Host {
         self.links.len() >= self.max_links && self.links.link(nid).is_none()
     }
 
+    fn has_link(&self, nid: NeighborId) -> bool {
+        self.links.link(nid).is_some()
+    }
+
     fn stranger(&self, fp: &Fingerprint) {
         // Possibly a neighbor the tracker assigned after our last announce: refresh soon. (A known neighbor's
         // fingerprint with a bad signature is not remembered: anyone can claim it, and its dial loop must not wait.)
@@ -309,5 +412,142 @@ impl LinkHost for Host {
                 });
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Crossing dials (SPEC §5.2, open issue 29 until revision 13): both ends keep the same link, whatever order
+    //! each saw the two come up in; a restarted neighbor's link still replaces the old one at once.
+    use super::*;
+    use crate::link::budget::Pool;
+    use crate::link::LinkSettings;
+    use anomos_proto::identity::Identity;
+
+    fn settings() -> LinkSettings {
+        let pem = include_str!("../../proto/tests/vectors/keys/id0_2048.pem");
+        LinkSettings {
+            identity: Arc::new(Identity::from_pkcs8_pem(pem).expect("vector key")),
+            queue_cap: 100,
+            window: 128,
+            max_window: 128,
+            keepalive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            cells: Pool::new("cells", 10_000),
+            control: Pool::new("control", usize::MAX),
+            net: anomos_net::tcp(),
+        }
+    }
+
+    const NID: NeighborId = NeighborId(7);
+    const SMALL: Fingerprint = Fingerprint([1; 32]);
+    const LARGE: Fingerprint = Fingerprint([2; 32]);
+
+    /// One TCP link as its two ends see it: at the smaller fingerprint's node and at the larger's.
+    struct Twin {
+        at_small: Arc<Link>,
+        at_large: Arc<Link>,
+    }
+
+    /// The link dialed by the smaller fingerprint (`canonical`) or by the larger.
+    fn twin(by_small: bool, s: &LinkSettings) -> Twin {
+        Twin { at_small: Link::new(NID, LARGE, by_small, s), at_large: Link::new(NID, SMALL, !by_small, s) }
+    }
+
+    fn registries() -> (Arc<Links>, Arc<Links>) {
+        (Links::new(Arc::new(Neighbors::default()), SMALL), Links::new(Arc::new(Neighbors::default()), LARGE))
+    }
+
+    fn current(l: &Links) -> Arc<Link> {
+        l.link(NID).expect("a current link")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn crossing_links_leave_the_same_one_current_at_both_ends_in_every_order() {
+        let s = settings();
+        for gap_ms in [0u64, 100, 1400] {
+            for small_first_canonical in [true, false] {
+                for large_first_canonical in [true, false] {
+                    let (a, b) = registries();
+                    let (c, k) = (twin(true, &s), twin(false, &s));
+                    let small_order = if small_first_canonical { [&c, &k] } else { [&k, &c] };
+                    let large_order = if large_first_canonical { [&c, &k] } else { [&k, &c] };
+                    a.install(&small_order[0].at_small);
+                    b.install(&large_order[0].at_large);
+                    tokio::time::advance(Duration::from_millis(gap_ms)).await;
+                    a.install(&small_order[1].at_small);
+                    b.install(&large_order[1].at_large);
+                    let case = format!("gap {gap_ms} ms, orders {small_first_canonical}/{large_first_canonical}");
+                    assert!(Arc::ptr_eq(&current(&a), &c.at_small), "{case}: the smaller end");
+                    assert!(Arc::ptr_eq(&current(&b), &c.at_large), "{case}: the larger end");
+                    for l in [&c.at_small, &c.at_large, &k.at_small, &k.at_large] {
+                        assert!(!l.writer.is_closed(), "{case}: a link was closed (its circuits would break)");
+                    }
+                    assert_eq!((a.len(), b.len()), (2, 2), "{case}: the other link drains");
+                    // It drains for DRAIN_LINGER, then counts as drained.
+                    assert!(a.drained().is_empty());
+                    tokio::time::advance(DRAIN_LINGER).await;
+                    assert!(Arc::ptr_eq(&a.drained()[0], &k.at_small), "{case}");
+                    assert!(Arc::ptr_eq(&b.drained()[0], &k.at_large), "{case}");
+                    // Closed, it leaves the registry, and the current link stays.
+                    a.remove(&k.at_small);
+                    assert_eq!(a.len(), 1);
+                    assert!(Arc::ptr_eq(&current(&a), &c.at_small), "{case}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_neighbors_link_replaces_the_old_one_at_once() {
+        let s = settings();
+        // The larger neighbor restarted: its knock comes well after CROSS_WINDOW, and replaces the canonical link.
+        let (a, _) = registries();
+        let old = twin(true, &s);
+        a.install(&old.at_small);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let knock = twin(false, &s);
+        a.install(&knock.at_small);
+        assert!(Arc::ptr_eq(&current(&a), &knock.at_small));
+        assert!(old.at_small.writer.is_closed(), "the old link is closed at once");
+        assert_eq!(a.len(), 1);
+        // A link of the same kind replaces the current one however young: the neighbor gave the old one up.
+        let (_, b) = registries();
+        let first = twin(true, &s);
+        b.install(&first.at_large);
+        let again = twin(true, &s);
+        b.install(&again.at_large);
+        assert!(Arc::ptr_eq(&current(&b), &again.at_large));
+        assert!(first.at_large.writer.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_link_is_promoted_when_the_current_one_goes_down_and_one_drains_at_most() {
+        let s = settings();
+        let (a, _) = registries();
+        let (c, k) = (twin(true, &s), twin(false, &s));
+        a.install(&k.at_small);
+        a.install(&c.at_small);
+        assert!(Arc::ptr_eq(&current(&a), &c.at_small));
+        // The current link goes down: the draining one (still open) takes over, so the edge keeps a link.
+        a.remove(&c.at_small);
+        assert!(Arc::ptr_eq(&current(&a), &k.at_small));
+        assert_eq!(a.len(), 1);
+        // A second crossing within the window: the older draining link is closed, one drains.
+        let (a, _) = registries();
+        let (c1, k1, c2) = (twin(true, &s), twin(false, &s), twin(true, &s));
+        a.install(&c1.at_small);
+        a.install(&k1.at_small);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        // The same kind as the current link: a replacement; the draining link of the other kind stays.
+        a.install(&c2.at_small);
+        assert!(c1.at_small.writer.is_closed());
+        assert!(!k1.at_small.writer.is_closed());
+        assert_eq!(a.len(), 2);
+        let k2 = twin(false, &s);
+        a.install(&k2.at_small);
+        assert!(k1.at_small.writer.is_closed(), "at most one link drains per edge");
+        assert!(Arc::ptr_eq(&current(&a), &c2.at_small));
+        assert_eq!(a.len(), 2);
     }
 }
