@@ -39,6 +39,11 @@ const BAD_CONFIRMATION_CELL: &str = "bad key-confirmation cell";
 /// Why a link ends that the host did not take (it is shutting down).
 const NOT_ACCEPTED: &str = "not accepted by the node (shutting down)";
 
+/// How long a link that began to drain (it lost a crossing, SPEC §5.2) still takes OPENs: those the neighbor sent
+/// before it saw the other link come up. Later ones are refused `circuit-limit`, so a neighbor cannot keep two
+/// links' worth of OPEN rate and circuit-slot shares.
+pub const DRAINING_OPENS: Duration = Duration::from_millis(1500);
+
 /// The link reader's buffer: about 16 cells per read syscall when cells arrive back to back.
 const READ_BUF: usize = 64 * 1024;
 
@@ -122,6 +127,8 @@ pub struct Link {
     peer_window: AtomicU32,
     peer_max_window: AtomicU32,
     close_reason: Mutex<Option<&'static str>>,
+    /// When it began to drain (it lost a crossing; on the clock of `anomos_net::rt::now`).
+    draining_since: Mutex<Option<Instant>>,
 }
 
 static SERIAL: AtomicU64 = AtomicU64::new(1);
@@ -140,7 +147,21 @@ impl Link {
             peer_window: AtomicU32::new(u32::from(anomos_proto::cell::MIN_WINDOW)),
             peer_max_window: AtomicU32::new(u32::from(anomos_proto::cell::MIN_WINDOW)),
             close_reason: Mutex::new(None),
+            draining_since: Mutex::new(None),
         })
+    }
+
+    /// Marks the link as draining from `now` (the node's registry does, when it lost a crossing).
+    pub fn set_draining(&self, now: Instant) {
+        self.draining_since.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(now);
+    }
+
+    /// Whether an OPEN arriving at `now` is refused because the link has drained for over [`DRAINING_OPENS`].
+    pub fn refuses_opens(&self, now: Instant) -> bool {
+        self.draining_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| now.saturating_duration_since(t) > DRAINING_OPENS)
     }
 
     /// Closes the link (its reader and writer end, its circuits break) and records why.

@@ -104,13 +104,6 @@ impl Node {
                 l.close("edge no longer current");
             }
         }
-        // Links that lost a crossing (`Links::install`) close once they drained and carry no circuit.
-        for l in self.links.drained() {
-            if self.router.circuits_on(&l) == 0 {
-                debug!(peer = %l.peer.short(), "closing a drained crossing link");
-                l.close("superseded by the crossing link");
-            }
-        }
     }
 
     /// Dials the neighbors we are responsible for: one link per pair, dialed by the side with the smaller

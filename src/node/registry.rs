@@ -15,7 +15,7 @@ use anomos_proto::identity::{Fingerprint, PublicKey};
 use anomos_proto::ids::NeighborId;
 use anomos_proto::tracker::{FailureKind, FailureReport};
 use tokio::sync::Notify;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::circuit::{LinkDirectory, Reporter, Router};
 use crate::link::{CellSink, Link, LinkHost};
@@ -112,11 +112,17 @@ impl Neighbors {
 
 /// How young the current link over an edge must be for a second link of the other kind (dialed by the other
 /// side) to count as a *crossing* dial rather than a neighbor that restarted (SPEC §5.2): the other side knocks
-/// only after `KNOCK_GRACE` (1.5 s) without a link, so a restarted neighbor's dial comes later than this.
-pub const CROSS_WINDOW: Duration = Duration::from_millis(1500);
-/// How long a link that lost a crossing is kept, draining, at least: an OPEN the neighbor sent on it before it
-/// saw the other link come up still arrives and is served. After that it closes once it carries no circuit.
+/// only after `KNOCK_GRACE` without a link, so a restarted neighbor's dial comes later than this. (Both ends see
+/// the two links come up within about two transits of each other: with round trips under a second or so, both
+/// judge a crossing alike.)
+pub const CROSS_WINDOW: Duration = super::dial::KNOCK_GRACE;
+/// How long a link that lost a crossing is kept, draining, at least: a circuit the neighbor opened on it before it
+/// saw the other link come up is served. After that it closes once it carries no circuit.
 pub const DRAIN_LINGER: Duration = Duration::from_secs(10);
+/// How often a draining link is checked after [`DRAIN_LINGER`].
+const DRAIN_CHECK: Duration = Duration::from_secs(2);
+/// A draining link closes after this long even with circuits on it (a neighbor must not keep two links).
+pub const DRAIN_MAX: Duration = Duration::from_secs(600);
 
 /// The links over one edge: the current one (new circuits use it), when it came up, and at most one that lost a
 /// crossing and drains (its circuits finish, no new one is started on it) with the time it began to.
@@ -157,18 +163,9 @@ impl Links {
         v
     }
 
-    /// Links that lost a crossing and have drained for at least [`DRAIN_LINGER`].
-    pub fn drained(&self) -> Vec<Arc<Link>> {
-        let now = anomos_net::rt::now();
-        let mut v: Vec<Arc<Link>> = self
-            .map()
-            .values()
-            .filter_map(|e| e.draining.as_ref())
-            .filter(|(_, since)| now.saturating_duration_since(*since) >= DRAIN_LINGER)
-            .map(|(l, _)| l.clone())
-            .collect();
-        v.sort_unstable_by_key(|l| (l.peer, l.serial));
-        v
+    /// Whether `link` is the link draining over its edge.
+    fn is_draining(&self, link: &Arc<Link>) -> bool {
+        self.map().get(&link.nid).and_then(|e| e.draining.as_ref()).is_some_and(|(d, _)| Arc::ptr_eq(d, link))
     }
 
     /// Number of live links (draining ones included: each is a connection).
@@ -190,10 +187,12 @@ impl Links {
     /// [`CROSS_WINDOW`], it replaces it, which is closed: the neighbor dropped or restarted. Beside a young
     /// current link of the other kind it is a *crossing* (both sides dialed at once): the link dialed by the
     /// smaller fingerprint is current and the other drains, at both ends alike, whichever came up first there
-    /// (a circuit already opened on either finishes).
-    fn install(&self, link: &Arc<Link>) {
+    /// (a circuit already opened on either finishes). Returns the link that began to drain, if one did.
+    /// (The map lock is held while a link's writer lock is taken to ask whether it is closed: that order only.)
+    fn install(&self, link: &Arc<Link>) -> Option<Arc<Link>> {
         let now = anomos_net::rt::now();
         let mut close: Vec<(Arc<Link>, &'static str)> = Vec::new();
+        let mut began = None;
         let mut m = self.map();
         match m.get_mut(&link.nid) {
             None => {
@@ -204,12 +203,9 @@ impl Links {
                     && now.saturating_duration_since(e.up_at) <= CROSS_WINDOW
                     && !e.current.writer.is_closed();
                 let drains = if !crossing {
-                    // A link of the neighbor's old incarnation (or one it gave up) is dead at its end.
-                    if e.draining.as_ref().is_some_and(|(d, _)| d.dialer == link.dialer) {
-                        close.extend(
-                            e.draining.take().map(|(d, _)| (d, "replaced by a newer link to the same neighbor")),
-                        );
-                    }
+                    // The neighbor dropped or restarted: a link that drained beside the old one goes too (after a
+                    // restart it is dead at the neighbor's end).
+                    close.extend(e.draining.take().map(|(d, _)| (d, "replaced by a newer link to the same neighbor")));
                     close.push((e.current.clone(), "replaced by a newer link to the same neighbor"));
                     e.current = link.clone();
                     e.up_at = now;
@@ -221,6 +217,8 @@ impl Links {
                 };
                 if let Some(d) = drains {
                     info!(peer = %d.peer.short(), dialer = d.dialer, "crossing links: this one drains, the other stays");
+                    d.set_draining(now);
+                    began = Some(d.clone());
                     if let Some((older, _)) = e.draining.replace((d, now)) {
                         close.push((older, "superseded by a newer crossing link"));
                     }
@@ -232,6 +230,27 @@ impl Links {
             l.close(why);
         }
         self.changed.notify_waiters();
+        began
+    }
+
+    /// Closes `link`, draining, once it carries no circuit [`DRAIN_LINGER`] after it began to, or at
+    /// [`DRAIN_MAX`] in any case; stops watching when it closed or became current meanwhile.
+    async fn drain(self: Arc<Self>, link: Arc<Link>, circuits_on: impl Fn(&Link) -> usize) {
+        tokio::time::sleep(DRAIN_LINGER).await;
+        let mut waited = DRAIN_LINGER;
+        loop {
+            if link.writer.is_closed() || !self.is_draining(&link) {
+                return;
+            }
+            let circuits = circuits_on(&link);
+            if circuits == 0 || waited >= DRAIN_MAX {
+                debug!(peer = %link.peer.short(), circuits, "closing a drained crossing link");
+                link.close("superseded by the crossing link");
+                return;
+            }
+            tokio::time::sleep(DRAIN_CHECK).await;
+            waited += DRAIN_CHECK;
+        }
     }
 
     /// A link went down: it leaves the registry; a draining link over its edge becomes current if it was.
@@ -359,7 +378,7 @@ impl LinkHost for Host {
     }
 
     fn has_link(&self, nid: NeighborId) -> bool {
-        self.links.link(nid).is_some()
+        self.links.link(nid).is_some_and(|l| !l.writer.is_closed())
     }
 
     fn stranger(&self, fp: &Fingerprint) {
@@ -383,7 +402,10 @@ impl LinkHost for Host {
         }
         self.stats.links_opened.fetch_add(1, Ordering::Relaxed);
         let sink = self.router.attach(link);
-        self.links.install(link);
+        if let Some(d) = self.links.install(link) {
+            let router = self.router.clone();
+            tokio::spawn(self.links.clone().drain(d, move |l: &Link| router.circuits_on(l)));
+        }
         Some(sink)
     }
 
@@ -484,11 +506,12 @@ mod tests {
                         assert!(!l.writer.is_closed(), "{case}: a link was closed (its circuits would break)");
                     }
                     assert_eq!((a.len(), b.len()), (2, 2), "{case}: the other link drains");
-                    // It drains for DRAIN_LINGER, then counts as drained.
-                    assert!(a.drained().is_empty());
-                    tokio::time::advance(DRAIN_LINGER).await;
-                    assert!(Arc::ptr_eq(&a.drained()[0], &k.at_small), "{case}");
-                    assert!(Arc::ptr_eq(&b.drained()[0], &k.at_large), "{case}");
+                    assert!(a.is_draining(&k.at_small) && b.is_draining(&k.at_large), "{case}");
+                    // OPENs the neighbor sent before it saw the other link are taken; later ones are not.
+                    assert!(!k.at_small.refuses_opens(anomos_net::rt::now()));
+                    tokio::time::advance(crate::link::DRAINING_OPENS + Duration::from_millis(1)).await;
+                    assert!(k.at_small.refuses_opens(anomos_net::rt::now()), "{case}");
+                    assert!(!c.at_small.refuses_opens(anomos_net::rt::now()), "{case}");
                     // Closed, it leaves the registry, and the current link stays.
                     a.remove(&k.at_small);
                     assert_eq!(a.len(), 1);
@@ -539,15 +562,61 @@ mod tests {
         a.install(&c1.at_small);
         a.install(&k1.at_small);
         tokio::time::advance(Duration::from_millis(100)).await;
-        // The same kind as the current link: a replacement; the draining link of the other kind stays.
+        // The same kind as the current link: a replacement (the neighbor dropped or restarted), and the draining
+        // link goes too (after a restart it is dead at the neighbor's end).
         a.install(&c2.at_small);
-        assert!(c1.at_small.writer.is_closed());
-        assert!(!k1.at_small.writer.is_closed());
-        assert_eq!(a.len(), 2);
-        let k2 = twin(false, &s);
-        a.install(&k2.at_small);
-        assert!(k1.at_small.writer.is_closed(), "at most one link drains per edge");
+        assert!(c1.at_small.writer.is_closed() && k1.at_small.writer.is_closed());
+        assert_eq!(a.len(), 1);
+        // Two crossings in a row: at most one link drains per edge.
+        let (k2, k3) = (twin(false, &s), twin(false, &s));
+        assert!(a.install(&k2.at_small).is_some_and(|d| Arc::ptr_eq(&d, &k2.at_small)));
+        assert!(a.install(&k3.at_small).is_some());
+        assert!(k2.at_small.writer.is_closed(), "at most one link drains per edge");
         assert!(Arc::ptr_eq(&current(&a), &c2.at_small));
         assert_eq!(a.len(), 2);
+        // Promotion skips a draining link that is already closed.
+        k3.at_small.close("test");
+        a.remove(&c2.at_small);
+        assert!(a.link(NID).is_none());
+        assert_eq!(a.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_link_closes_once_it_carries_no_circuit_or_at_the_latest_after_drain_max() {
+        use std::sync::atomic::AtomicUsize;
+        let s = settings();
+        for (circuits_until, closes_after) in
+            [(None, DRAIN_LINGER), (Some(30u64), Duration::from_secs(30)), (Some(10_000), DRAIN_MAX)]
+        {
+            let (a, _) = registries();
+            let (c, k) = (twin(true, &s), twin(false, &s));
+            a.install(&c.at_small);
+            let d = a.install(&k.at_small).expect("k drains");
+            let circuits = Arc::new(AtomicUsize::new(usize::from(circuits_until.is_some())));
+            let count = circuits.clone();
+            let task = tokio::spawn(a.clone().drain(d, move |_: &Link| count.load(Ordering::Relaxed)));
+            let start = tokio::time::Instant::now();
+            let end = circuits_until.map(Duration::from_secs);
+            while !k.at_small.writer.is_closed() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if end.is_some_and(|e| start.elapsed() >= e) {
+                    circuits.store(0, Ordering::Relaxed);
+                }
+                assert!(start.elapsed() <= DRAIN_MAX + Duration::from_secs(5), "never closed");
+            }
+            let took = start.elapsed();
+            assert!(took >= closes_after && took <= closes_after + DRAIN_CHECK + Duration::from_secs(1), "{took:?}");
+            assert!(!c.at_small.writer.is_closed());
+            task.await.unwrap();
+        }
+        // Promoted meanwhile (the current link went down): the watch ends and the link stays.
+        let (a, _) = registries();
+        let (c, k) = (twin(true, &s), twin(false, &s));
+        a.install(&c.at_small);
+        let d = a.install(&k.at_small).expect("k drains");
+        let task = tokio::spawn(a.clone().drain(d, |_: &Link| 0));
+        a.remove(&c.at_small);
+        task.await.unwrap();
+        assert!(!k.at_small.writer.is_closed() && Arc::ptr_eq(&current(&a), &k.at_small));
     }
 }
