@@ -183,7 +183,6 @@ mod tests {
     use anomos_proto::identity::Fingerprint;
     use tokio::io::AsyncReadExt;
 
-    use super::super::budget::Pool;
     use super::super::{CellSink, Link, Violation};
     use super::*;
 
@@ -196,17 +195,7 @@ mod tests {
     }
 
     fn settings(id: Arc<Identity>) -> LinkSettings {
-        LinkSettings {
-            identity: id,
-            queue_cap: 100,
-            window: 128,
-            max_window: 128,
-            keepalive: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(30),
-            cells: Pool::new("cells", 10_000),
-            control: Pool::new("control", usize::MAX),
-            net: anomos_net::tcp(),
-        }
+        LinkSettings::for_tests(id)
     }
 
     const NID: NeighborId = NeighborId(42);

@@ -107,6 +107,24 @@ pub struct LinkSettings {
     pub net: anomos_net::Net,
 }
 
+impl LinkSettings {
+    /// Settings for unit tests: `id`, small queues, a 128-cell window, TCP.
+    #[cfg(test)]
+    pub(crate) fn for_tests(id: Arc<Identity>) -> LinkSettings {
+        LinkSettings {
+            identity: id,
+            queue_cap: 100,
+            window: 128,
+            max_window: 128,
+            keepalive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            cells: Pool::new("cells", 10_000),
+            control: Pool::new("control", usize::MAX),
+            net: anomos_net::tcp(),
+        }
+    }
+}
+
 /// An established neighbor link.
 pub struct Link {
     /// The edge.

@@ -2,23 +2,12 @@
 //! each saw the two come up in; a restarted neighbor's link still replaces the old one at once.
 
 use super::*;
-use crate::link::budget::Pool;
 use crate::link::LinkSettings;
 use anomos_proto::identity::Identity;
 
 fn settings() -> LinkSettings {
     let pem = include_str!("../../../proto/tests/vectors/keys/id0_2048.pem");
-    LinkSettings {
-        identity: Arc::new(Identity::from_pkcs8_pem(pem).expect("vector key")),
-        queue_cap: 100,
-        window: 128,
-        max_window: 128,
-        keepalive: Duration::from_secs(5),
-        idle_timeout: Duration::from_secs(30),
-        cells: Pool::new("cells", 10_000),
-        control: Pool::new("control", usize::MAX),
-        net: anomos_net::tcp(),
-    }
+    LinkSettings::for_tests(Arc::new(Identity::from_pkcs8_pem(pem).expect("vector key")))
 }
 
 const NID: NeighborId = NeighborId(7);
