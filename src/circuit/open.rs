@@ -63,7 +63,8 @@ impl Router {
                 return;
             }
         }
-        if self.is_shutting_down() {
+        if self.is_shutting_down() || lc.link.refuses_opens(anomos_net::rt::now()) {
+            // (A link that lost a crossing takes no new circuits once the neighbor has seen the other link.)
             self.deny_unadmitted(lc, id, DenyReason::CircuitLimit);
             return;
         }

@@ -78,6 +78,12 @@ pub async fn dial(
     write_all_timeout(&mut s, &auth, "link auth").await?;
     let msg = read_auth(&mut s, "link auth reply").await?;
     let cipher = dialer.on_auth_reply(&msg)?;
+    if host.has_link(nid) {
+        // The neighbor dialed us meanwhile and that link is up: ours would cross it (SPEC §5.2). Dropped before
+        // key confirmation, it never comes up at either end.
+        debug!(neighbor = ?nid, "a link came up during our dial; giving ours up");
+        return Ok(());
+    }
     let rtt = s.rtt_probe();
     let (rd, wr) = s.split();
     super::run(host, settings, rd, wr, cipher, rtt).await;
@@ -164,4 +170,115 @@ pub fn is_refusal(e: &PeerError) -> bool {
 /// retry later).
 pub fn is_refused(e: &PeerError) -> bool {
     matches!(e, PeerError::Proto(ProtoError::LinkRefused(AuthStatus::Refused)))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The dialer's early give-up on a crossing (SPEC §5.2): over loopback TCP, a dial whose host already has a
+    //! link over the edge when the AUTH_REPLY arrives ends without key confirmation, and neither end's link comes
+    //! up; without that link the same dial comes up at both ends.
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use anomos_proto::identity::Fingerprint;
+    use tokio::io::AsyncReadExt;
+
+    use super::super::{CellSink, Link, Violation};
+    use super::*;
+
+    fn identity(i: usize) -> Arc<Identity> {
+        let pem = match i {
+            0 => include_str!("../../proto/tests/vectors/keys/id0_2048.pem"),
+            _ => include_str!("../../proto/tests/vectors/keys/id1_2048.pem"),
+        };
+        Arc::new(Identity::from_pkcs8_pem(pem).expect("vector key"))
+    }
+
+    fn settings(id: Arc<Identity>) -> LinkSettings {
+        LinkSettings::for_tests(id)
+    }
+
+    const NID: NeighborId = NeighborId(42);
+
+    struct Drop;
+    impl CellSink for Drop {
+        fn cell(&self, _: anomos_proto::cell::Cell) -> Result<(), Violation> {
+            Ok(())
+        }
+    }
+
+    /// A host whose only neighbor is `other`; counts links up; `has_link` as the test says.
+    struct Stub {
+        other: (Fingerprint, PublicKey),
+        has: AtomicBool,
+        ups: AtomicUsize,
+        links: Mutex<Vec<Arc<Link>>>,
+    }
+
+    impl LinkHost for Stub {
+        fn neighbor(&self, fp: &Fingerprint) -> Option<(PublicKey, NeighborId)> {
+            (*fp == self.other.0).then(|| (self.other.1.clone(), NID))
+        }
+        fn busy(&self, _: NeighborId) -> bool {
+            false
+        }
+        fn has_link(&self, _: NeighborId) -> bool {
+            self.has.load(Ordering::Relaxed)
+        }
+        fn stranger(&self, _: &Fingerprint) {}
+        fn table_refreshed(&self, _: Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+            Box::pin(async {})
+        }
+        fn up(&self, link: &Arc<Link>) -> Option<Arc<dyn CellSink>> {
+            self.ups.fetch_add(1, Ordering::Relaxed);
+            self.links.lock().unwrap().push(link.clone());
+            Some(Arc::new(Drop))
+        }
+        fn down(&self, _: &Arc<Link>, _: &str) {}
+    }
+
+    async fn dial_once(dialer_has_link: bool) -> (usize, usize, Result<(), PeerError>) {
+        let (a, b) = (identity(0), identity(1));
+        let stub = |other: &Identity, has: bool| {
+            Arc::new(Stub {
+                other: (other.fingerprint(), other.public().clone()),
+                has: AtomicBool::new(has),
+                ups: AtomicUsize::new(0),
+                links: Mutex::new(Vec::new()),
+            })
+        };
+        let (ha, hb) = (stub(&b, dialer_has_link), stub(&a, false));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sb = settings(b.clone());
+        let hb2: Arc<dyn LinkHost> = hb.clone();
+        let acceptor = tokio::spawn(async move {
+            let (mut s, remote) = listener.accept().await.unwrap();
+            let mut magic = [0u8; 8];
+            s.read_exact(&mut magic).await.unwrap();
+            let s: Box<dyn anomos_net::Stream> = Box::new(s);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let _ = accept(hb2, &sb, s, remote, deadline).await;
+        });
+        let sa = settings(a.clone());
+        let ha2: Arc<dyn LinkHost> = ha.clone();
+        let dialed = tokio::time::timeout(Duration::from_secs(2), dial(ha2, &sa, NID, addr, b.public().clone())).await;
+        // A link that came up runs until closed: the dial is still running then (the timeout fired).
+        let result = dialed.unwrap_or(Ok(()));
+        for l in ha.links.lock().unwrap().iter().chain(hb.links.lock().unwrap().iter()) {
+            l.close("test over");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), acceptor).await;
+        (ha.ups.load(Ordering::Relaxed), hb.ups.load(Ordering::Relaxed), result)
+    }
+
+    #[tokio::test]
+    async fn a_dialer_that_sees_a_link_come_up_meanwhile_gives_its_own_up_before_key_confirmation() {
+        let (up_dialer, up_acceptor, result) = dial_once(true).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!((up_dialer, up_acceptor), (0, 0), "no end brought the crossing link up");
+        // The same dial without a link over the edge comes up at both ends.
+        let (up_dialer, up_acceptor, _) = dial_once(false).await;
+        assert_eq!((up_dialer, up_acceptor), (1, 1));
+    }
 }

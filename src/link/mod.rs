@@ -39,6 +39,11 @@ const BAD_CONFIRMATION_CELL: &str = "bad key-confirmation cell";
 /// Why a link ends that the host did not take (it is shutting down).
 const NOT_ACCEPTED: &str = "not accepted by the node (shutting down)";
 
+/// How long a link that began to drain (it lost a crossing, SPEC §5.2) still takes OPENs: those the neighbor sent
+/// before it saw the other link come up. Later ones are refused `circuit-limit`, so a neighbor cannot keep two
+/// links' worth of OPEN rate and circuit-slot shares.
+pub const DRAINING_OPENS: Duration = Duration::from_millis(1500);
+
 /// The link reader's buffer: about 16 cells per read syscall when cells arrive back to back.
 const READ_BUF: usize = 64 * 1024;
 
@@ -65,6 +70,8 @@ pub trait LinkHost: Send + Sync + 'static {
     fn neighbor(&self, fp: &Fingerprint) -> Option<(PublicKey, NeighborId)>;
     /// Whether a new incoming link over `nid` must be refused as `Busy` (at the link limit).
     fn busy(&self, nid: NeighborId) -> bool;
+    /// Whether a link over `nid` is up (a dialer whose handshake saw one come up meanwhile gives its own up).
+    fn has_link(&self, nid: NeighborId) -> bool;
     /// A dialer claiming `fp` was refused (unknown key, or a signature that did not verify): perhaps an edge we
     /// have not learned of yet. The host asks for a fresh neighbor table (rate-limited) and remembers that `fp`
     /// is trying to reach us (so that its own dial to `fp`, if it is the dialer, waits for this link first).
@@ -100,6 +107,24 @@ pub struct LinkSettings {
     pub net: anomos_net::Net,
 }
 
+impl LinkSettings {
+    /// Settings for unit tests: `id`, small queues, a 128-cell window, TCP.
+    #[cfg(test)]
+    pub(crate) fn for_tests(id: Arc<Identity>) -> LinkSettings {
+        LinkSettings {
+            identity: id,
+            queue_cap: 100,
+            window: 128,
+            max_window: 128,
+            keepalive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            cells: Pool::new("cells", 10_000),
+            control: Pool::new("control", usize::MAX),
+            net: anomos_net::tcp(),
+        }
+    }
+}
+
 /// An established neighbor link.
 pub struct Link {
     /// The edge.
@@ -120,6 +145,8 @@ pub struct Link {
     peer_window: AtomicU32,
     peer_max_window: AtomicU32,
     close_reason: Mutex<Option<&'static str>>,
+    /// When it began to drain (it lost a crossing; on the clock of `anomos_net::rt::now`).
+    draining_since: Mutex<Option<Instant>>,
 }
 
 static SERIAL: AtomicU64 = AtomicU64::new(1);
@@ -138,7 +165,21 @@ impl Link {
             peer_window: AtomicU32::new(u32::from(anomos_proto::cell::MIN_WINDOW)),
             peer_max_window: AtomicU32::new(u32::from(anomos_proto::cell::MIN_WINDOW)),
             close_reason: Mutex::new(None),
+            draining_since: Mutex::new(None),
         })
+    }
+
+    /// Marks the link as draining from `now` (the node's registry does, when it lost a crossing).
+    pub fn set_draining(&self, now: Instant) {
+        self.draining_since.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(now);
+    }
+
+    /// Whether an OPEN arriving at `now` is refused because the link has drained for over [`DRAINING_OPENS`].
+    pub fn refuses_opens(&self, now: Instant) -> bool {
+        self.draining_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| now.saturating_duration_since(t) > DRAINING_OPENS)
     }
 
     /// Closes the link (its reader and writer end, its circuits break) and records why.

@@ -127,7 +127,7 @@ impl Node {
         let budget = Pool::new("queued cells", cfg.max_queued_cells);
         let control_cells = Pool::new("queued control cells", usize::MAX);
         let neighbors = Arc::new(Neighbors::default());
-        let links = Links::new(neighbors.clone());
+        let links = Links::new(neighbors.clone(), identity.fingerprint());
         let (reporter, reports) = Reporter::channel(REPORT_QUEUE);
         let clock = net.clock();
         let replay = ReplayCache::load(&cfg.data_dir.join(REPLAY_FILE), clock.unix_now(), REPLAY_CAP);

@@ -15,7 +15,7 @@ use anomos_proto::identity::{Fingerprint, PublicKey};
 use anomos_proto::ids::NeighborId;
 use anomos_proto::tracker::{FailureKind, FailureReport};
 use tokio::sync::Notify;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::circuit::{LinkDirectory, Reporter, Router};
 use crate::link::{CellSink, Link, LinkHost};
@@ -110,49 +110,167 @@ impl Neighbors {
     }
 }
 
-/// Live links by NeighborID (the newest link per edge).
+/// How young the current link over an edge must be for a second link of the other kind (dialed by the other
+/// side) to count as a *crossing* dial rather than a neighbor that restarted (SPEC §5.2): the other side knocks
+/// only after `KNOCK_GRACE` without a link, so a restarted neighbor's dial comes later than this. (Both ends see
+/// the two links come up within about two transits of each other: with round trips under a second or so, both
+/// judge a crossing alike.)
+pub const CROSS_WINDOW: Duration = super::dial::KNOCK_GRACE;
+/// How long a link that lost a crossing is kept, draining, at least: a circuit the neighbor opened on it before it
+/// saw the other link come up is served. After that it closes once it carries no circuit.
+pub const DRAIN_LINGER: Duration = Duration::from_secs(10);
+/// How often a draining link is checked after [`DRAIN_LINGER`].
+const DRAIN_CHECK: Duration = Duration::from_secs(2);
+/// A draining link closes after this long even with circuits on it (a neighbor must not keep two links).
+pub const DRAIN_MAX: Duration = Duration::from_secs(600);
+
+/// The links over one edge: the current one (new circuits use it), when it came up, and at most one that lost a
+/// crossing and drains (its circuits finish, no new one is started on it) with the time it began to.
+struct Entry {
+    current: Arc<Link>,
+    up_at: Instant,
+    draining: Option<(Arc<Link>, Instant)>,
+}
+
+/// Live links by NeighborID: one current link per edge (see [`Links::install`] for which), and links draining.
 pub struct Links {
-    map: Mutex<HashMap<NeighborId, Arc<Link>>>,
+    map: Mutex<HashMap<NeighborId, Entry>>,
     changed: Notify,
     neighbors: Arc<Neighbors>,
+    /// Our fingerprint: of two crossing links, the one dialed by the smaller fingerprint stays.
+    me: Fingerprint,
 }
 
 impl Links {
-    /// An empty registry over `neighbors`.
-    pub fn new(neighbors: Arc<Neighbors>) -> Arc<Links> {
-        Arc::new(Links { map: Mutex::new(HashMap::new()), changed: Notify::new(), neighbors })
+    /// An empty registry over `neighbors`, for the node whose fingerprint is `me`.
+    pub fn new(neighbors: Arc<Neighbors>, me: Fingerprint) -> Arc<Links> {
+        Arc::new(Links { map: Mutex::new(HashMap::new()), changed: Notify::new(), neighbors, me })
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<NeighborId, Arc<Link>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<NeighborId, Entry>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every live link.
+    /// Every live link, draining ones included.
     pub fn all(&self) -> Vec<Arc<Link>> {
         // In neighbor order (not the map's), so what is done to every link happens in the same order in every run.
-        let mut v: Vec<Arc<Link>> = self.map().values().cloned().collect();
+        let mut v: Vec<Arc<Link>> = self
+            .map()
+            .values()
+            .flat_map(|e| std::iter::once(e.current.clone()).chain(e.draining.as_ref().map(|d| d.0.clone())))
+            .collect();
         v.sort_unstable_by_key(|l| (l.peer, l.serial));
         v
     }
 
-    /// Number of live links.
-    pub fn len(&self) -> usize {
-        self.map().len()
+    /// Whether `link` is the link draining over its edge.
+    fn is_draining(&self, link: &Arc<Link>) -> bool {
+        self.map().get(&link.nid).and_then(|e| e.draining.as_ref()).is_some_and(|(d, _)| Arc::ptr_eq(d, link))
     }
 
-    fn install(&self, link: &Arc<Link>) {
-        let old = self.map().insert(link.nid, link.clone());
-        if let Some(old) = old {
-            // A neighbor that restarted dials again; the new link replaces the old one.
-            old.close("replaced by a newer link to the same neighbor");
+    /// Number of live links (draining ones included: each is a connection).
+    pub fn len(&self) -> usize {
+        self.map().values().map(|e| 1 + usize::from(e.draining.is_some())).sum()
+    }
+
+    /// Whether `link` was dialed by the smaller fingerprint of its two ends (the same answer at both ends).
+    fn canonical(&self, link: &Link) -> bool {
+        if link.dialer {
+            self.me < link.peer
+        } else {
+            link.peer < self.me
+        }
+    }
+
+    /// A link came up (SPEC §5.2, "one link per pair"). With no link over its edge it becomes the current one.
+    /// Beside a current link of the same kind (dialed by the same side), or one up for longer than
+    /// [`CROSS_WINDOW`], it replaces it, which is closed: the neighbor dropped or restarted. Beside a young
+    /// current link of the other kind it is a *crossing* (both sides dialed at once): the link dialed by the
+    /// smaller fingerprint is current and the other drains, at both ends alike, whichever came up first there
+    /// (a circuit already opened on either finishes). Returns the link that began to drain, if one did.
+    /// (The map lock is held while a link's writer lock is taken to ask whether it is closed: that order only.)
+    fn install(&self, link: &Arc<Link>) -> Option<Arc<Link>> {
+        let now = anomos_net::rt::now();
+        let mut close: Vec<(Arc<Link>, &'static str)> = Vec::new();
+        let mut began = None;
+        let mut m = self.map();
+        match m.get_mut(&link.nid) {
+            None => {
+                m.insert(link.nid, Entry { current: link.clone(), up_at: now, draining: None });
+            }
+            Some(e) => {
+                let crossing = e.current.dialer != link.dialer
+                    && now.saturating_duration_since(e.up_at) <= CROSS_WINDOW
+                    && !e.current.writer.is_closed();
+                let drains = if !crossing {
+                    // The neighbor dropped or restarted: a link that drained beside the old one goes too (after a
+                    // restart it is dead at the neighbor's end).
+                    close.extend(e.draining.take().map(|(d, _)| (d, "replaced by a newer link to the same neighbor")));
+                    close.push((e.current.clone(), "replaced by a newer link to the same neighbor"));
+                    e.current = link.clone();
+                    e.up_at = now;
+                    None
+                } else if self.canonical(link) {
+                    Some(std::mem::replace(&mut e.current, link.clone()))
+                } else {
+                    Some(link.clone())
+                };
+                if let Some(d) = drains {
+                    info!(peer = %d.peer.short(), dialer = d.dialer, "crossing links: this one drains, the other stays");
+                    d.set_draining(now);
+                    began = Some(d.clone());
+                    if let Some((older, _)) = e.draining.replace((d, now)) {
+                        close.push((older, "superseded by a newer crossing link"));
+                    }
+                }
+            }
+        }
+        drop(m);
+        for (l, why) in close {
+            l.close(why);
         }
         self.changed.notify_waiters();
+        began
     }
 
+    /// Closes `link`, draining, once it carries no circuit [`DRAIN_LINGER`] after it began to, or at
+    /// [`DRAIN_MAX`] in any case; stops watching when it closed or became current meanwhile.
+    async fn drain(self: Arc<Self>, link: Arc<Link>, circuits_on: impl Fn(&Link) -> usize) {
+        tokio::time::sleep(DRAIN_LINGER).await;
+        let mut waited = DRAIN_LINGER;
+        loop {
+            if link.writer.is_closed() || !self.is_draining(&link) {
+                return;
+            }
+            let circuits = circuits_on(&link);
+            if circuits == 0 || waited >= DRAIN_MAX {
+                debug!(peer = %link.peer.short(), circuits, "closing a drained crossing link");
+                link.close("superseded by the crossing link");
+                return;
+            }
+            tokio::time::sleep(DRAIN_CHECK).await;
+            waited += DRAIN_CHECK;
+        }
+    }
+
+    /// A link went down: it leaves the registry; a draining link over its edge becomes current if it was.
     fn remove(&self, link: &Arc<Link>) {
+        let now = anomos_net::rt::now();
         let mut m = self.map();
-        if m.get(&link.nid).is_some_and(|l| Arc::ptr_eq(l, link)) {
-            m.remove(&link.nid);
+        if let Some(e) = m.get_mut(&link.nid) {
+            if Arc::ptr_eq(&e.current, link) {
+                match e.draining.take() {
+                    Some((d, _)) if !d.writer.is_closed() => {
+                        e.current = d;
+                        e.up_at = now;
+                    }
+                    _ => {
+                        m.remove(&link.nid);
+                    }
+                }
+            } else if e.draining.as_ref().is_some_and(|(d, _)| Arc::ptr_eq(d, link)) {
+                e.draining = None;
+            }
         }
         drop(m);
         self.changed.notify_waiters();
@@ -161,7 +279,7 @@ impl Links {
 
 impl LinkDirectory for Links {
     fn link(&self, nid: NeighborId) -> Option<Arc<Link>> {
-        self.map().get(&nid).cloned()
+        self.map().get(&nid).map(|e| e.current.clone())
     }
 
     fn expects(&self, nid: NeighborId) -> bool {
@@ -259,6 +377,10 @@ impl LinkHost for Host {
         self.links.len() >= self.max_links && self.links.link(nid).is_none()
     }
 
+    fn has_link(&self, nid: NeighborId) -> bool {
+        self.links.link(nid).is_some_and(|l| !l.writer.is_closed())
+    }
+
     fn stranger(&self, fp: &Fingerprint) {
         // Possibly a neighbor the tracker assigned after our last announce: refresh soon. (A known neighbor's
         // fingerprint with a bad signature is not remembered: anyone can claim it, and its dial loop must not wait.)
@@ -280,7 +402,10 @@ impl LinkHost for Host {
         }
         self.stats.links_opened.fetch_add(1, Ordering::Relaxed);
         let sink = self.router.attach(link);
-        self.links.install(link);
+        if let Some(d) = self.links.install(link) {
+            let router = self.router.clone();
+            tokio::spawn(self.links.clone().drain(d, move |l: &Link| router.circuits_on(l)));
+        }
         Some(sink)
     }
 
@@ -311,3 +436,6 @@ impl LinkHost for Host {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;
