@@ -59,7 +59,8 @@ impl TrackerSession {
         Self::connect_via(&anomos_net::Tcp, addr, tracker_key, me, IO_TIMEOUT).await
     }
 
-    /// [`connect`](Self::connect) over the transport `net`, with its own time for the connect.
+    /// [`connect`](Self::connect) over the transport `net`, with its own time for the connect (a version-1
+    /// channel: every tracker speaks it).
     pub async fn connect_via(
         net: &dyn Transport,
         addr: SocketAddr,
@@ -67,21 +68,58 @@ impl TrackerSession {
         me: &Identity,
         connect_timeout: Duration,
     ) -> Result<Self, PeerError> {
+        Self::connect_version(net, addr, tracker_key, me, connect_timeout, tracker::TRACKER_VERSION).await
+    }
+
+    /// [`connect_via`](Self::connect_via) with a channel of `version` (2: the tracker's certified static key, no
+    /// RSA at the tracker; only for a tracker whose key fetch said it speaks it, [`tracker_version`]).
+    pub async fn connect_version(
+        net: &dyn Transport,
+        addr: SocketAddr,
+        tracker_key: &PublicKey,
+        me: &Identity,
+        connect_timeout: Duration,
+        version: u16,
+    ) -> Result<Self, PeerError> {
         let mut stream = timeout(connect_timeout, net.connect(addr))
             .await
             .map_err(|_| PeerError::Timeout("tracker connect"))??
             .stream;
-        let (hello, handshake) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_key)?;
-        stream.write_all(&hello).await?;
-        let mut reply = [0u8; tracker::EPHEMERAL_LEN];
-        timeout(IO_TIMEOUT, stream.read_exact(&mut reply)).await.map_err(|_| PeerError::Timeout("tracker hello"))??;
-        let chan = handshake.finish(&reply)?;
+        let (chan, th) = if version >= tracker::TRACKER_VERSION_2 {
+            let (hello, handshake) = TrackerChannel::connect_v2(&mut rand::rngs::OsRng, tracker_key)?;
+            stream.write_all(&hello).await?;
+            let mut e_t = [0u8; tracker::EPHEMERAL_LEN];
+            let mut len = [0u8; 2];
+            for buf in [&mut e_t[..], &mut len[..]] {
+                timeout(IO_TIMEOUT, stream.read_exact(buf))
+                    .await
+                    .map_err(|_| PeerError::Timeout("tracker hello"))??;
+            }
+            let mut cert = vec![0u8; TrackerChannel::server_hello_v2_cert_len(len)?];
+            timeout(IO_TIMEOUT, stream.read_exact(&mut cert))
+                .await
+                .map_err(|_| PeerError::Timeout("tracker hello"))??;
+            let c = handshake.finish(&e_t, &cert, net.clock().unix_now())?;
+            (c.channel, Some(c.th))
+        } else {
+            let (hello, handshake) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_key)?;
+            stream.write_all(&hello).await?;
+            let mut reply = [0u8; tracker::EPHEMERAL_LEN];
+            timeout(IO_TIMEOUT, stream.read_exact(&mut reply))
+                .await
+                .map_err(|_| PeerError::Timeout("tracker hello"))??;
+            (handshake.finish(&reply)?, None)
+        };
         let mut s = TrackerSession { stream, chan };
         let nonce = match s.recv().await? {
             FromTracker::Challenge { nonce } => nonce,
             other => return Err(PeerError::Tracker(format!("expected challenge, got {other:?}"))),
         };
-        let hello = tracker::make_hello(me, &tracker_key.fingerprint(), &nonce, &mut rand::rngs::OsRng);
+        let fp = tracker_key.fingerprint();
+        let hello = match &th {
+            Some(th) => tracker::make_hello_v2(me, &fp, &nonce, th, &mut rand::rngs::OsRng),
+            None => tracker::make_hello(me, &fp, &nonce, &mut rand::rngs::OsRng),
+        };
         match s.request(&hello).await? {
             FromTracker::Welcome { .. } => Ok(s),
             other => Err(PeerError::Tracker(format!("tracker refused hello: {other:?}"))),
@@ -181,6 +219,8 @@ struct ClientState {
     /// just then): keep connections instead, and ask again after [`NO_TICKETS_FOR`].
     no_tickets: Option<Instant>,
     uses: u64,
+    /// The channel version each tracker address speaks, from its key fetch (SPEC open issue 27).
+    versions: std::collections::HashMap<SocketAddr, u16>,
 }
 
 impl ClientState {
@@ -301,7 +341,22 @@ impl TrackerClient {
 
     /// A new session (full handshake), with a ticket for the next connections if the tracker issues them.
     async fn open(&self, st: &mut ClientState, addr: SocketAddr, wait: Duration) -> Result<TrackerSession, PeerError> {
-        let mut s = TrackerSession::connect_via(&*self.net, addr, &self.key, &self.me, wait).await?;
+        let version = match st.versions.get(&addr) {
+            Some(v) => *v,
+            None => {
+                let (_, v) = tracker_key_version_via(&*self.net, addr, &self.key.fingerprint()).await?;
+                st.versions.insert(addr, v);
+                v
+            }
+        };
+        let mut s = match TrackerSession::connect_version(&*self.net, addr, &self.key, &self.me, wait, version).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Asked again at the next session: the tracker may have been replaced by another version.
+                st.versions.remove(&addr);
+                return Err(e);
+            }
+        };
         if st.no_tickets.is_some_and(|t| t.elapsed() < NO_TICKETS_FOR) {
             return Ok(s);
         }
@@ -313,7 +368,7 @@ impl TrackerClient {
                     "the tracker closed the session on a ticket request ({e}): it issues none; keeping sessions open"
                 );
                 st.no_tickets = Some(Instant::now());
-                return TrackerSession::connect_via(&*self.net, addr, &self.key, &self.me, wait).await;
+                return TrackerSession::connect_version(&*self.net, addr, &self.key, &self.me, wait, version).await;
             }
             Err(e) => return Err(e),
         }
@@ -373,6 +428,28 @@ pub async fn fetch_tracker_key_via(
     let mut der = vec![0u8; tracker::key_answer_len(prefix)?];
     timeout(IO_TIMEOUT, s.read_exact(&mut der)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
     Ok(tracker::check_fetched_key(&der, pinned)?)
+}
+
+/// The tracker's key, as [`fetch_tracker_key_via`], and the highest channel version it speaks: what follows the
+/// key until the tracker closes (nothing from a tracker before version 2, SPEC open issue 27).
+pub async fn tracker_key_version_via(
+    net: &dyn Transport,
+    addr: SocketAddr,
+    pinned: &anomos_proto::identity::Fingerprint,
+) -> Result<(PublicKey, u16), PeerError> {
+    let mut s =
+        timeout(IO_TIMEOUT, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
+    s.write_all(&tracker::KEY_FETCH_MAGIC).await?;
+    let mut prefix = [0u8; 2];
+    timeout(IO_TIMEOUT, s.read_exact(&mut prefix)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
+    let mut der = vec![0u8; tracker::key_answer_len(prefix)?];
+    timeout(IO_TIMEOUT, s.read_exact(&mut der)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
+    let key = tracker::check_fetched_key(&der, pinned)?;
+    // At most 3 bytes until the close (2 expected): more is refused by `key_answer_version`.
+    let mut trailer = Vec::with_capacity(3);
+    let mut limited = (&mut s).take(3);
+    timeout(IO_TIMEOUT, limited.read_to_end(&mut trailer)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
+    Ok((key, tracker::key_answer_version(&trailer)?))
 }
 
 #[cfg(test)]
@@ -484,6 +561,32 @@ mod tests {
         for h in held {
             h.abort();
         }
+    }
+
+    /// A tracker of this revision says it speaks channel version 2 in its key fetch; a client then opens version-2
+    /// sessions (no RSA at the tracker), and version 1 still works. A version-2 handshake pinned to another key
+    /// fails on the certificate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_use_channel_version_2_when_the_tracker_speaks_it_and_version_1_still_works() {
+        let mut rng = seeded();
+        let tracker_key = Identity::generate(&mut rng, 2048).unwrap();
+        let me = Identity::generate(&mut rng, 2048).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _stop, _task) = tracker(&tracker_key, dir.path()).await;
+        let tcp = anomos_net::tcp();
+        let (key, version) = tracker_key_version_via(&*tcp, a, &tracker_key.fingerprint()).await.unwrap();
+        assert_eq!((key.fingerprint(), version), (tracker_key.fingerprint(), tracker::TRACKER_VERSION_2));
+        for v in [tracker::TRACKER_VERSION_2, tracker::TRACKER_VERSION] {
+            let mut s =
+                TrackerSession::connect_version(&*tcp, a, tracker_key.public(), &me, IO_TIMEOUT, v).await.unwrap();
+            assert!(answered(&s.request(&circuits()).await), "version {v}");
+        }
+        let other = Identity::generate(&mut rng, 2048).unwrap();
+        let wrong = TrackerSession::connect_version(&*tcp, a, other.public(), &me, IO_TIMEOUT, 2).await;
+        assert!(wrong.is_err());
+        let client = TrackerClient::new(tcp, a, tracker_key.public().clone(), Arc::new(me));
+        assert!(answered(&client.request(&circuits()).await));
+        assert_eq!(client.state.lock().await.versions.get(&a), Some(&tracker::TRACKER_VERSION_2));
     }
 
     fn seeded() -> rand::rngs::StdRng {

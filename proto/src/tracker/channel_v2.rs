@@ -37,6 +37,53 @@ const SIG_STATIC: &[u8] = b"anomos tracker static v2";
 const SALT_CHANNEL_V2: &[u8] = b"anomos tracker v2";
 const SIG_HELLO_V2: &[u8] = b"anomos tracker hello v2";
 
+/// A ClientHello's 12-byte header, by version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelloHeader {
+    /// Version 1: the OAEP ciphertext's length follows (then the peer's ephemeral key).
+    V1 {
+        /// Length of the OAEP ciphertext.
+        ct_len: usize,
+    },
+    /// Version 2: the peer's ephemeral key follows ([`CLIENT_HELLO_V2_LEN`] in all).
+    V2,
+}
+
+/// Tracker side: parses a ClientHello's 12-byte header of either version.
+pub fn parse_hello_header(header: &[u8]) -> Result<HelloHeader> {
+    if header.get(8..10) == Some(TRACKER_VERSION_2.to_be_bytes().as_slice()) {
+        let mut p = header;
+        let magic: [u8; 8] = take_array(&mut p, "tracker hello magic")?;
+        if magic != TRACKER_MAGIC {
+            return Err(ProtoError::BadMagic(magic));
+        }
+        let _ = take_u16(&mut p, "tracker hello version")?;
+        if take_u16(&mut p, "tracker hello reserved")? != 0 {
+            return Err(invalid("tracker hello v2", "reserved field not zero"));
+        }
+        return Ok(HelloHeader::V2);
+    }
+    TrackerChannel::hello_ct_len(header).map(|ct_len| HelloHeader::V1 { ct_len })
+}
+
+/// Tracker side: the answer to a key fetch with the highest channel version it speaks after the key (a peer of
+/// version 1 reads the key and stops; one of version 2 reads on to the end of the connection).
+pub fn encode_key_answer_v2(key: &PublicKey) -> Vec<u8> {
+    let mut out = encode_key_answer(key);
+    out.extend_from_slice(&TRACKER_VERSION_2.to_be_bytes());
+    out
+}
+
+/// Peer side: the highest channel version a tracker speaks, from what followed the key in its key-fetch answer
+/// until the connection closed: nothing (a tracker before version 2) → 1.
+pub fn key_answer_version(trailer: &[u8]) -> Result<u16> {
+    match trailer {
+        [] => Ok(TRACKER_VERSION),
+        [a, b] => Ok(u16::from_be_bytes([*a, *b]).max(TRACKER_VERSION)),
+        _ => Err(invalid("tracker key answer", "trailer of a wrong length")),
+    }
+}
+
 /// X25519 with a key that may be used again (the tracker's static key, or the peer's ephemeral one used twice).
 fn agree_ref(secret: &aws_lc_rs::agreement::PrivateKey, peer: &[u8; 32]) -> Result<[u8; 32]> {
     use aws_lc_rs::agreement::{agree, UnparsedPublicKey, X25519};

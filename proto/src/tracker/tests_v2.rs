@@ -218,3 +218,25 @@ fn tracker_handshake_cost() {
         );
     }
 }
+
+#[test]
+fn the_key_answer_tells_the_version_and_headers_of_both_versions_parse() {
+    let tracker = identity(0);
+    let v1 = encode_key_answer(tracker.public());
+    let v2 = encode_key_answer_v2(tracker.public());
+    assert_eq!(&v2[..v1.len()], v1.as_slice(), "a version-1 peer reads the same key");
+    assert_eq!(key_answer_version(&v2[v1.len()..]).unwrap(), TRACKER_VERSION_2);
+    assert_eq!(key_answer_version(&[]).unwrap(), TRACKER_VERSION);
+    assert!(key_answer_version(&[0]).is_err());
+    let mut rng = ChaCha20Rng::seed_from_u64(9);
+    let (h1, _) = TrackerChannel::connect(&mut rng, tracker.public()).unwrap();
+    assert_eq!(parse_hello_header(&h1[..12]).unwrap(), HelloHeader::V1 { ct_len: 256 });
+    let (h2, _) = TrackerChannel::connect_v2(&mut rng, tracker.public()).unwrap();
+    assert_eq!(parse_hello_header(&h2[..12]).unwrap(), HelloHeader::V2);
+    let mut bad = h2;
+    bad[11] = 1;
+    assert!(parse_hello_header(&bad[..12]).is_err());
+    bad = h2;
+    bad[9] = 3;
+    assert!(parse_hello_header(&bad[..12]).is_err(), "version 3");
+}
