@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anomos_net::{Net, Stream, Transport};
 use anomos_proto::identity::{Fingerprint, Identity, PublicKey};
+use anomos_proto::probe_v2::ProbeAuth;
 use anomos_proto::tracker::{self, FromTracker, ResumeAnswer, Ticket, ToTracker, TrackerChannel};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
@@ -206,6 +207,8 @@ pub struct TrackerClient {
     key: PublicKey,
     me: Arc<Identity>,
     state: Arc<tokio::sync::Mutex<ClientState>>,
+    /// Where a version-2 session's probe key goes (the node's listener answers probes with it).
+    probe_keys: Option<Arc<crate::node::probe_keys::ProbeKeys>>,
 }
 
 /// The client's session: an open connection (with when it was last used and a use counter for the closer), and
@@ -249,7 +252,13 @@ impl TrackerClient {
     /// A client for a tracker reachable at any of `addrs` (its replicas, all presenting `key`).
     pub fn with_addrs(net: Net, addrs: Vec<SocketAddr>, key: PublicKey, me: Arc<Identity>) -> Self {
         let start = anomos_net::rt::with_rng(|r| rand::Rng::gen_range(r, 0..addrs.len().max(1)));
-        TrackerClient { net, addrs, current: AtomicUsize::new(start), key, me, state: Arc::default() }
+        TrackerClient { net, addrs, current: AtomicUsize::new(start), key, me, state: Arc::default(), probe_keys: None }
+    }
+
+    /// Installs each new version-2 session's probe key into `keys`.
+    pub fn with_probe_keys(mut self, keys: Arc<crate::node::probe_keys::ProbeKeys>) -> Self {
+        self.probe_keys = Some(keys);
+        self
     }
 
     /// The address in use.
@@ -357,6 +366,7 @@ impl TrackerClient {
                 return Err(e);
             }
         };
+        self.install_probe_key(&s, version)?;
         if st.no_tickets.is_some_and(|t| t.elapsed() < NO_TICKETS_FOR) {
             return Ok(s);
         }
@@ -368,11 +378,22 @@ impl TrackerClient {
                     "the tracker closed the session on a ticket request ({e}): it issues none; keeping sessions open"
                 );
                 st.no_tickets = Some(Instant::now());
-                return TrackerSession::connect_version(&*self.net, addr, &self.key, &self.me, wait, version).await;
+                let s = TrackerSession::connect_version(&*self.net, addr, &self.key, &self.me, wait, version).await?;
+                self.install_probe_key(&s, version)?;
+                return Ok(s);
             }
             Err(e) => return Err(e),
         }
         Ok(s)
+    }
+
+    /// A new version-2 session's probe key goes to the listener: the tracker probes an address announced over
+    /// this session with it (SPEC open issue 27).
+    fn install_probe_key(&self, s: &TrackerSession, version: u16) -> Result<(), PeerError> {
+        if let (true, Some(keys)) = (version >= tracker::TRACKER_VERSION_2, &self.probe_keys) {
+            keys.install(ProbeAuth::derive(s.chan.resumption_secret(), &self.me.fingerprint())?);
+        }
+        Ok(())
     }
 
     /// Keeps the connection after a request that ended with `r` if it is still usable, marks the ticket used,

@@ -14,6 +14,7 @@
 mod dial;
 mod listener;
 mod neighbors;
+pub mod probe_keys;
 mod registry;
 pub mod status;
 
@@ -78,6 +79,8 @@ pub struct Node {
     reports: Mutex<Option<mpsc::Receiver<FailureReport>>>,
     /// Our session with the tracker (announces, circuit requests, reports).
     tracker: Arc<TrackerClient>,
+    /// Our version-2 tracker sessions' probe keys (the tracker client installs, the listener answers).
+    probe_keys: Arc<probe_keys::ProbeKeys>,
     announced: Notify,
     dialing: Mutex<HashSet<NeighborId>>,
     dial_troubles: dial::DialTroubles,
@@ -174,8 +177,11 @@ impl Node {
             control: control_cells.clone(),
             net: net.clone(),
         };
-        let tracker =
-            Arc::new(TrackerClient::with_addrs(net, cfg.tracker_addrs(), tracker_key.clone(), identity.clone()));
+        let probe_keys = Arc::new(probe_keys::ProbeKeys::default());
+        let tracker = Arc::new(
+            TrackerClient::with_addrs(net, cfg.tracker_addrs(), tracker_key.clone(), identity.clone())
+                .with_probe_keys(probe_keys.clone()),
+        );
         let node = Arc::new(Node {
             cfg,
             identity,
@@ -192,6 +198,7 @@ impl Node {
             reporter,
             reports: Mutex::new(Some(reports)),
             tracker,
+            probe_keys,
             announced: Notify::new(),
             dialing: Mutex::new(HashSet::new()),
             dial_troubles: dial::DialTroubles::default(),

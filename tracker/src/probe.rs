@@ -7,6 +7,7 @@ use std::time::Duration;
 use anomos_net::Transport;
 use anomos_proto::identity::{Fingerprint, MAX_RSA_BYTES, MAX_SPKI_LEN};
 use anomos_proto::link::{encode_probe, verify_probe_answer, MAX_PROBE_ANSWER};
+use anomos_proto::probe_v2::{ProbeAuth, PROBE_V2_ANSWER_LEN};
 use anomos_proto::ProtoError;
 use rand::RngCore;
 use thiserror::Error;
@@ -48,6 +49,28 @@ pub async fn check(
     if key.fingerprint() != *expected {
         return Err(ProbeError::WrongKey(key.fingerprint().short()));
     }
+    Ok(())
+}
+
+/// Checks (dialing over `net`) that `addr` answers a fresh version-2 probe with the MAC of the session `auth`
+/// (SPEC open issue 27: no RSA signature at the peer; the session proved the key).
+pub async fn check_v2(
+    net: &dyn Transport,
+    addr: SocketAddr,
+    auth: &ProbeAuth,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let mut nonce = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let exchange = async {
+        let mut s = net.connect(addr).await?.stream;
+        s.write_all(&auth.probe(&nonce, addr)).await?;
+        let mut answer = [0u8; PROBE_V2_ANSWER_LEN];
+        s.read_exact(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(timeout, exchange).await.map_err(|_| ProbeError::Timeout(timeout))??;
+    auth.check_answer(&nonce, addr, &answer)?;
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anomos_net::{Net, Stream};
 use anomos_proto::identity::{load_or_create_identity, Fingerprint, Identity, PublicKey};
+use anomos_proto::probe_v2::ProbeAuth;
 use anomos_proto::tracker::{
     encode_key_answer_v2, parse_hello_header, verify_hello, verify_hello_v2, ChannelV2, ErrorCode, FromTracker,
     HelloHeader, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER, CLIENT_HELLO_V2_LEN, EPHEMERAL_LEN, KEY_FETCH_MAGIC,
@@ -406,8 +407,8 @@ struct Shared {
 enum Opened {
     /// A key fetch, answered.
     KeyFetch,
-    /// A full handshake: a new session.
-    Full(Conn, PublicKey),
+    /// A full handshake: a new session (on a version-2 channel: with its probe key).
+    Full(Conn, PublicKey, Option<Box<ProbeAuth>>),
     /// A session resumed from its ticket (authenticated once its first frame opens).
     Resumed(Conn, Arc<PublicKey>, TicketId),
 }
@@ -418,9 +419,12 @@ async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Resu
         .await
         .map_err(|_| SessionError::Timeout("hello"))
         .and_then(|r| r);
+    // A resumed session probes with version 1 (tickets do not record the channel version yet).
+    let mut probe_auth: Option<Box<ProbeAuth>> = None;
     let (mut conn, key, mut ticket) = match hs {
-        Ok(Opened::Full(conn, key)) => {
+        Ok(Opened::Full(conn, key, auth)) => {
             service.metrics.sessions.inc();
+            probe_auth = auth;
             (conn, Arc::new(key), None)
         }
         Ok(Opened::Resumed(conn, key, id)) => {
@@ -471,7 +475,7 @@ async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Resu
                     service.metrics.refused.inc(Refusal::BadRequest);
                     error_reply(ErrorCode::BadRequest, "already authenticated")
                 }
-                ToTracker::Announce(a) => service.announce(&key, a, remote_ip).await,
+                ToTracker::Announce(a) => service.announce(&key, a, remote_ip, probe_auth.as_deref()).await,
                 ToTracker::RequestCircuits(r) => service.request_circuits(peer, r).await,
                 ToTracker::Report(r) => service.report(peer, r),
                 ToTracker::Resumable => {
@@ -581,7 +585,12 @@ async fn authenticate(mut conn: Conn, identity: &Identity, th: Option<[u8; 32]>)
     match verified {
         Ok(key) => {
             conn.send(&FromTracker::Welcome { peer_id: key.fingerprint() }).await?;
-            Ok(Opened::Full(conn, key))
+            // A version-2 session's probes are MACs under a key both ends derive from its resumption secret.
+            let auth = match th {
+                Some(_) => Some(Box::new(ProbeAuth::derive(conn.chan.resumption_secret(), &key.fingerprint())?)),
+                None => None,
+            };
+            Ok(Opened::Full(conn, key, auth))
         }
         Err(e) => {
             let _ = conn.send(&error_reply(ErrorCode::Unauthenticated, e.to_string())).await;
