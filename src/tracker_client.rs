@@ -35,6 +35,8 @@ pub const CONN_KEEP: Duration = Duration::from_secs(2);
 const TICKET_MARGIN: Duration = Duration::from_secs(10);
 /// How long a tracker that did not issue a ticket is not asked again.
 const NO_TICKETS_FOR: Duration = Duration::from_secs(600);
+/// How long a tracker address whose version-2 handshake failed is spoken to in version 1 (SPEC open issue 27).
+const V1_FALLBACK: Duration = Duration::from_secs(600);
 /// With several tracker addresses (replicas), how long a TCP connect may take before the next address is tried:
 /// a failover completes within 2 s even when a replica's host is gone without a reset (SPEC §3.10 "Replicas").
 const FAILOVER_CONNECT: Duration = Duration::from_millis(1500);
@@ -208,7 +210,7 @@ pub struct TrackerClient {
     me: Arc<Identity>,
     state: Arc<tokio::sync::Mutex<ClientState>>,
     /// Where a version-2 session's probe key goes (the node's listener answers probes with it).
-    probe_keys: Option<Arc<crate::node::probe_keys::ProbeKeys>>,
+    probe_keys: Option<Arc<crate::probe_keys::ProbeKeys>>,
 }
 
 /// The client's session: an open connection (with when it was last used and a use counter for the closer), and
@@ -224,6 +226,9 @@ struct ClientState {
     uses: u64,
     /// The channel version each tracker address speaks, from its key fetch (SPEC open issue 27).
     versions: std::collections::HashMap<SocketAddr, u16>,
+    /// Addresses whose version-2 handshake failed on its content (a certificate our clock refuses, say): version 1
+    /// there until then.
+    v1_until: std::collections::HashMap<SocketAddr, Instant>,
 }
 
 impl ClientState {
@@ -256,7 +261,7 @@ impl TrackerClient {
     }
 
     /// Installs each new version-2 session's probe key into `keys`.
-    pub fn with_probe_keys(mut self, keys: Arc<crate::node::probe_keys::ProbeKeys>) -> Self {
+    pub fn with_probe_keys(mut self, keys: Arc<crate::probe_keys::ProbeKeys>) -> Self {
         self.probe_keys = Some(keys);
         self
     }
@@ -350,21 +355,32 @@ impl TrackerClient {
 
     /// A new session (full handshake), with a ticket for the next connections if the tracker issues them.
     async fn open(&self, st: &mut ClientState, addr: SocketAddr, wait: Duration) -> Result<TrackerSession, PeerError> {
-        let version = match st.versions.get(&addr) {
+        let offered = match st.versions.get(&addr) {
             Some(v) => *v,
             None => {
-                let (_, v) = tracker_key_version_via(&*self.net, addr, &self.key.fingerprint()).await?;
+                let (_, v) = tracker_key_version_via(&*self.net, addr, &self.key.fingerprint(), wait).await?;
                 st.versions.insert(addr, v);
                 v
             }
         };
+        let v1_only = st.v1_until.get(&addr).is_some_and(|t| Instant::now() < *t);
+        let version = if v1_only { tracker::TRACKER_VERSION } else { offered };
         let mut s = match TrackerSession::connect_version(&*self.net, addr, &self.key, &self.me, wait, version).await {
             Ok(s) => s,
-            Err(e) => {
-                // Asked again at the next session: the tracker may have been replaced by another version.
+            Err(e @ PeerError::Proto(_)) if version >= tracker::TRACKER_VERSION_2 => {
+                // Refused on its content (a certificate our clock does not accept, say): version 1 at this address
+                // for a while, then its offer is asked again.
+                tracing::info!("tracker {addr}: channel version 2 failed ({e}); version 1 there for {V1_FALLBACK:?}");
+                st.v1_until.insert(addr, Instant::now() + V1_FALLBACK);
                 st.versions.remove(&addr);
                 return Err(e);
             }
+            Err(e @ PeerError::Io(_)) => {
+                // Closed: perhaps busy, perhaps replaced by a tracker of another version; its offer is asked again.
+                st.versions.remove(&addr);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
         };
         self.install_probe_key(&s, version)?;
         if st.no_tickets.is_some_and(|t| t.elapsed() < NO_TICKETS_FOR) {
@@ -457,9 +473,10 @@ pub async fn tracker_key_version_via(
     net: &dyn Transport,
     addr: SocketAddr,
     pinned: &anomos_proto::identity::Fingerprint,
+    connect_timeout: Duration,
 ) -> Result<(PublicKey, u16), PeerError> {
     let mut s =
-        timeout(IO_TIMEOUT, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
+        timeout(connect_timeout, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
     s.write_all(&tracker::KEY_FETCH_MAGIC).await?;
     let mut prefix = [0u8; 2];
     timeout(IO_TIMEOUT, s.read_exact(&mut prefix)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
@@ -595,7 +612,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, _stop, _task) = tracker(&tracker_key, dir.path()).await;
         let tcp = anomos_net::tcp();
-        let (key, version) = tracker_key_version_via(&*tcp, a, &tracker_key.fingerprint()).await.unwrap();
+        let (key, version) = tracker_key_version_via(&*tcp, a, &tracker_key.fingerprint(), IO_TIMEOUT).await.unwrap();
         assert_eq!((key.fingerprint(), version), (tracker_key.fingerprint(), tracker::TRACKER_VERSION_2));
         for v in [tracker::TRACKER_VERSION_2, tracker::TRACKER_VERSION] {
             let mut s =

@@ -4,10 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use anomos::node::probe_keys::ProbeKeys;
+use anomos::probe_keys::ProbeKeys;
 use anomos::tracker_client::TrackerClient;
 use anomos_proto::identity::Identity;
 use anomos_proto::probe_v2::decode_probe_v2;
@@ -35,11 +34,12 @@ async fn tracker(key: &Identity, dir: &std::path::Path) -> (SocketAddr, tokio::s
     (ready_rx.await.unwrap().listen, stop_tx)
 }
 
-/// A probe responder on 127.0.0.1 answering version-2 probes with `keys`; records the last probe version seen.
-async fn responder(keys: Arc<ProbeKeys>) -> (SocketAddr, Arc<AtomicU16>) {
+/// A probe responder on 127.0.0.1 answering version-2 probes with `keys` (version-1 ones not at all); records the
+/// versions of the probes it got.
+async fn responder(keys: Arc<ProbeKeys>) -> (SocketAddr, Arc<Mutex<Vec<u16>>>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let seen = Arc::new(AtomicU16::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
     tokio::spawn(async move {
         loop {
@@ -51,7 +51,7 @@ async fn responder(keys: Arc<ProbeKeys>) -> (SocketAddr, Arc<AtomicU16>) {
                     return;
                 }
                 let version = u16::from_be_bytes([head[8], head[9]]);
-                seen.store(version, Ordering::Relaxed);
+                seen.lock().unwrap().push(version);
                 if version != 2 {
                     return; // not answered: a version-1 probe would fail
                 }
@@ -83,9 +83,10 @@ async fn a_new_peer_is_probed_with_a_mac_under_its_sessions_key() {
     let announce = ToTracker::Announce(Announce { listen, chains: vec![], family: vec![] });
     let reply = client.request(&announce).await;
     assert!(matches!(reply, Ok(FromTracker::Announced(_))), "{reply:?}");
-    assert_eq!(seen.load(Ordering::Relaxed), 2, "the probe was version 2");
+    assert_eq!(*seen.lock().unwrap(), vec![2], "one probe, version 2");
 
-    // Another peer whose responder holds no key of its session: the probe fails, the announce is refused.
+    // Another peer whose responder holds no key of its session: it says so, the tracker probes with version 1
+    // (the peer would sign), which this responder does not answer: the announce is refused.
     let (listen2, seen2) = responder(Arc::new(ProbeKeys::default())).await;
     let other = Arc::new(Identity::generate(&mut rng, 2048).unwrap());
     let client2 = TrackerClient::new(anomos_net::tcp(), t, tracker_key.public().clone(), other)
@@ -96,5 +97,5 @@ async fn a_new_peer_is_probed_with_a_mac_under_its_sessions_key() {
         Err(anomos::PeerError::Tracker(m)) => assert!(m.starts_with(&format!("{:?}", ErrorCode::Unreachable)), "{m}"),
         other => panic!("expected Unreachable, got {other:?}"),
     }
-    assert_eq!(seen2.load(Ordering::Relaxed), 2);
+    assert_eq!(*seen2.lock().unwrap(), vec![2, 1], "version 2, then the fallback to version 1");
 }

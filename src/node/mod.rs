@@ -14,7 +14,6 @@
 mod dial;
 mod listener;
 mod neighbors;
-pub mod probe_keys;
 mod registry;
 pub mod status;
 
@@ -80,7 +79,7 @@ pub struct Node {
     /// Our session with the tracker (announces, circuit requests, reports).
     tracker: Arc<TrackerClient>,
     /// Our version-2 tracker sessions' probe keys (the tracker client installs, the listener answers).
-    probe_keys: Arc<probe_keys::ProbeKeys>,
+    probe_keys: Arc<crate::probe_keys::ProbeKeys>,
     announced: Notify,
     dialing: Mutex<HashSet<NeighborId>>,
     dial_troubles: dial::DialTroubles,
@@ -177,7 +176,7 @@ impl Node {
             control: control_cells.clone(),
             net: net.clone(),
         };
-        let probe_keys = Arc::new(probe_keys::ProbeKeys::default());
+        let probe_keys = Arc::new(crate::probe_keys::ProbeKeys::default());
         let tracker = Arc::new(
             TrackerClient::with_addrs(net, cfg.tracker_addrs(), tracker_key.clone(), identity.clone())
                 .with_probe_keys(probe_keys.clone()),

@@ -20,9 +20,9 @@ use anomos_net::{Net, Stream};
 use anomos_proto::identity::{load_or_create_identity, Fingerprint, Identity, PublicKey};
 use anomos_proto::probe_v2::ProbeAuth;
 use anomos_proto::tracker::{
-    encode_key_answer_v2, parse_hello_header, verify_hello, verify_hello_v2, ChannelV2, ErrorCode, FromTracker,
-    HelloHeader, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER, CLIENT_HELLO_V2_LEN, EPHEMERAL_LEN, KEY_FETCH_MAGIC,
-    RESUME_HELLO_LEN, RESUME_MAGIC, RESUME_UNKNOWN,
+    encode_key_answer, encode_key_answer_v2, parse_hello_header, verify_hello, verify_hello_v2, ChannelV2, ErrorCode,
+    FromTracker, HelloHeader, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER, CLIENT_HELLO_V2_LEN, EPHEMERAL_LEN,
+    KEY_FETCH_MAGIC, RESUME_HELLO_LEN, RESUME_MAGIC, RESUME_UNKNOWN,
 };
 use anomos_proto::ProtoError;
 use rand::rngs::OsRng;
@@ -152,9 +152,7 @@ pub async fn run_on(
     let service = Arc::new(service);
     // The static key of version-2 channels (one RSA signature now, one a day).
     let clock = service.net.clock();
-    let statics = crate::static_key::StaticKeys::new(&identity, clock)
-        .map_err(|e| TrackerError::io("certifying the static channel key", std::io::Error::other(e)))?;
-    let statics = Arc::new(statics);
+    let statics = Arc::new(crate::static_key::StaticKeys::new(Arc::clone(&identity), clock));
     let kept = service.take_tickets();
     let kept_n = kept.len();
     for (t, key) in kept {
@@ -167,7 +165,6 @@ pub async fn run_on(
     }
     let sessions = Arc::new(Semaphore::new(max_sessions));
     let mut tasks = JoinSet::new();
-    tasks.spawn(Arc::clone(&statics).rotate(Arc::clone(&identity), clock));
     if let Some(replica) = replica {
         replica.start(&service, &mut tasks);
     }
@@ -407,8 +404,8 @@ struct Shared {
 enum Opened {
     /// A key fetch, answered.
     KeyFetch,
-    /// A full handshake: a new session (on a version-2 channel: with its probe key).
-    Full(Conn, PublicKey, Option<Box<ProbeAuth>>),
+    /// A full handshake: a new session (`true`: on a version-2 channel, whose probes are version 2).
+    Full(Conn, PublicKey, bool),
     /// A session resumed from its ticket (authenticated once its first frame opens).
     Resumed(Conn, Arc<PublicKey>, TicketId),
 }
@@ -420,11 +417,11 @@ async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Resu
         .map_err(|_| SessionError::Timeout("hello"))
         .and_then(|r| r);
     // A resumed session probes with version 1 (tickets do not record the channel version yet).
-    let mut probe_auth: Option<Box<ProbeAuth>> = None;
+    let mut v2_probes = false;
     let (mut conn, key, mut ticket) = match hs {
-        Ok(Opened::Full(conn, key, auth)) => {
+        Ok(Opened::Full(conn, key, v2)) => {
             service.metrics.sessions.inc();
-            probe_auth = auth;
+            v2_probes = v2;
             (conn, Arc::new(key), None)
         }
         Ok(Opened::Resumed(conn, key, id)) => {
@@ -475,7 +472,14 @@ async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Resu
                     service.metrics.refused.inc(Refusal::BadRequest);
                     error_reply(ErrorCode::BadRequest, "already authenticated")
                 }
-                ToTracker::Announce(a) => service.announce(&key, a, remote_ip, probe_auth.as_deref()).await,
+                ToTracker::Announce(a) => {
+                    // A version-2 session's probe key, derived only when an announce may need it.
+                    let auth = match v2_probes {
+                        true => ProbeAuth::derive(conn.chan.resumption_secret(), &peer).ok(),
+                        false => None,
+                    };
+                    service.announce(&key, a, remote_ip, auth.as_ref()).await
+                }
                 ToTracker::RequestCircuits(r) => service.request_circuits(peer, r).await,
                 ToTracker::Report(r) => service.report(peer, r),
                 ToTracker::Resumable => {
@@ -507,8 +511,12 @@ async fn handshake(
     let (magic, rest) = header.split_at_mut(magic_len);
     stream.read_exact(magic).await?;
     if *magic == KEY_FETCH_MAGIC {
-        // With the highest channel version we speak after the key (version-1 peers stop reading before it).
-        let answer = encode_key_answer_v2(identity.public());
+        // With the highest channel version we speak after the key (version-1 peers stop reading before it); only
+        // version 1 while no valid static key could be made.
+        let answer = match statics.get() {
+            Some(_) => encode_key_answer_v2(identity.public()),
+            None => encode_key_answer(identity.public()),
+        };
         tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&answer))
             .await
             .map_err(|_| SessionError::Timeout("the peer to read the key"))??;
@@ -535,7 +543,9 @@ async fn handshake(
             if let Some(tail) = hello.get_mut(CLIENT_HELLO_HEADER..) {
                 stream.read_exact(tail).await?;
             }
-            let sk = statics.get();
+            let Some(sk) = statics.get() else {
+                return Err(SessionError::Refused("no static channel key: channel version 1 only"));
+            };
             let (reply, ChannelV2 { channel, th }) =
                 TrackerChannel::accept_v2(&mut OsRng, &sk, &identity.fingerprint(), &hello)?;
             tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&reply))
@@ -586,11 +596,7 @@ async fn authenticate(mut conn: Conn, identity: &Identity, th: Option<[u8; 32]>)
         Ok(key) => {
             conn.send(&FromTracker::Welcome { peer_id: key.fingerprint() }).await?;
             // A version-2 session's probes are MACs under a key both ends derive from its resumption secret.
-            let auth = match th {
-                Some(_) => Some(Box::new(ProbeAuth::derive(conn.chan.resumption_secret(), &key.fingerprint())?)),
-                None => None,
-            };
-            Ok(Opened::Full(conn, key, auth))
+            Ok(Opened::Full(conn, key, th.is_some()))
         }
         Err(e) => {
             let _ = conn.send(&error_reply(ErrorCode::Unauthenticated, e.to_string())).await;

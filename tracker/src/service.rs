@@ -219,10 +219,7 @@ impl Service {
                 self.metrics.refused.inc(Refusal::ProbeBusy);
                 return error_reply(ErrorCode::Full, "too many reachability checks running; announce again later");
             };
-            let checked = match probe {
-                Some(auth) => probe::check_v2(&*self.net, listen, auth, PROBE_TIMEOUT).await,
-                None => probe::check(&*self.net, listen, &id, PROBE_TIMEOUT).await,
-            };
+            let checked = probe::check_either(&*self.net, listen, &id, probe, PROBE_TIMEOUT).await;
             if let Err(e) = checked {
                 warn!(peer = %id.short(), %listen, reason = %e, "announce refused: reachability check failed");
                 self.metrics.refused.inc(Refusal::Unreachable);

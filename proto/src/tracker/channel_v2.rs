@@ -1,5 +1,4 @@
-//! The tracker channel, version 2 (SPEC open issue 27; draft, not yet spoken by the tracker or the peer): no RSA
-//! on the tracker's side of a join. The tracker holds a static X25519 key `B` that its RSA identity certifies
+//! The tracker channel, version 2 (SPEC open issue 27): no RSA on the tracker's side of a join. The tracker holds a static X25519 key `B` that its RSA identity certifies
 //! (a short-lived certificate, sent in every ServerHello); the peer authenticates the tracker by an X25519
 //! exchange with `B` (as Tor's ntor) instead of encrypting a secret to the RSA key:
 //!
@@ -16,8 +15,10 @@
 //!
 //! Only the holder of `B`'s secret derives the keys, so the first frame that opens authenticates the tracker;
 //! the certificate (inside `th`) binds `B` to the pinned fingerprint, and `Hello` bound to `th` cannot be relayed
-//! into another connection by someone holding `B`'s secret. Frames, the session and resumption are as in
-//! version 1.
+//! into another connection by someone holding `B`'s secret. But whoever holds `B`'s secret can pose as the tracker
+//! to any peer doing a full handshake until the certificate's end (plus the skew allowed): rotating the key does
+//! not revoke a stolen one, so certificates are short (48 h in the reference, 7 days at most). Frames, the
+//! session and resumption are as in version 1.
 
 use super::*;
 use crate::crypto::sha256;
@@ -30,8 +31,11 @@ pub const CLIENT_HELLO_V2_LEN: usize = CLIENT_HELLO_HEADER + EPHEMERAL_LEN;
 pub const MAX_STATIC_CERT: usize = 32 + 8 + 8 + 2 + MAX_RSA_BYTES;
 /// Longest a certificate may be valid (a stolen static key is good for at most this long).
 pub const MAX_CERT_LIFETIME_SECS: u64 = 7 * 24 * 3600;
-/// Clock skew tolerated when checking a certificate's dates (as elsewhere, SPEC §4.7).
+/// Clock skew tolerated when checking a certificate's dates (wider than the TC expiry's, SPEC §4.7: a peer whose
+/// clock is off still joins, and the certificate's short life bounds a stolen key, not this).
 pub const CERT_SKEW_SECS: u64 = 600;
+/// How far before its making a certificate's validity starts (peers whose clocks are behind accept it at once).
+pub const CERT_BACKDATE_SECS: u64 = 3600;
 
 const SIG_STATIC: &[u8] = b"anomos tracker static v2";
 const SALT_CHANNEL_V2: &[u8] = b"anomos tracker v2";
@@ -74,13 +78,14 @@ pub fn encode_key_answer_v2(key: &PublicKey) -> Vec<u8> {
     out
 }
 
-/// Peer side: the highest channel version a tracker speaks, from what followed the key in its key-fetch answer
-/// until the connection closed: nothing (a tracker before version 2) → 1.
+/// Peer side: the channel version to speak with a tracker, from what followed the key in its key-fetch answer
+/// until the connection closed: nothing (a tracker before version 2) → 1; else the first two bytes, capped at the
+/// highest version we speak (a later tracker may send more after them).
 pub fn key_answer_version(trailer: &[u8]) -> Result<u16> {
     match trailer {
         [] => Ok(TRACKER_VERSION),
-        [a, b] => Ok(u16::from_be_bytes([*a, *b]).max(TRACKER_VERSION)),
-        _ => Err(invalid("tracker key answer", "trailer of a wrong length")),
+        [a, b, ..] => Ok(u16::from_be_bytes([*a, *b]).clamp(TRACKER_VERSION, TRACKER_VERSION_2)),
+        _ => Err(invalid("tracker key answer", "a one-byte trailer")),
     }
 }
 
@@ -179,8 +184,8 @@ pub struct StaticKey {
 }
 
 impl StaticKey {
-    /// A fresh static key certified by `tracker` from `now` for `lifetime_secs` (at most
-    /// [`MAX_CERT_LIFETIME_SECS`]).
+    /// A fresh static key certified by `tracker` from [`CERT_BACKDATE_SECS`] before `now` until `lifetime_secs`
+    /// after it (the whole at most [`MAX_CERT_LIFETIME_SECS`]).
     pub fn generate<R: RngCore + CryptoRng>(
         rng: &mut R,
         tracker: &Identity,
@@ -188,9 +193,10 @@ impl StaticKey {
         lifetime_secs: u64,
     ) -> Result<Self> {
         let (secret, key) = x25519_key(rng)?;
-        let not_after = now.saturating_add(lifetime_secs.min(MAX_CERT_LIFETIME_SECS));
-        let signature = tracker.sign(rng, &cert_signed_bytes(&tracker.fingerprint(), &key, now, not_after));
-        let cert = StaticCert { key, not_before: now, not_after, signature };
+        let not_before = now.saturating_sub(CERT_BACKDATE_SECS);
+        let not_after = now.saturating_add(lifetime_secs.min(MAX_CERT_LIFETIME_SECS - CERT_BACKDATE_SECS));
+        let signature = tracker.sign(rng, &cert_signed_bytes(&tracker.fingerprint(), &key, not_before, not_after));
+        let cert = StaticCert { key, not_before, not_after, signature };
         let cert_bytes = cert.encode();
         Ok(StaticKey { secret, cert, cert_bytes })
     }

@@ -74,10 +74,12 @@ fn certificates_are_refused_when_forged_expired_early_too_long_or_malformed() {
     let sk = StaticKey::generate(&mut rng, &tracker, NOW, 2 * DAY).unwrap();
     let cert = sk.cert().clone();
     cert.verify(tracker.public(), NOW).unwrap();
+    assert_eq!(cert.not_before, NOW - CERT_BACKDATE_SECS, "backdated, for peers whose clocks are behind");
     // Within the skew either side of the dates; not beyond.
-    cert.verify(tracker.public(), NOW - CERT_SKEW_SECS).unwrap();
+    let start = NOW - CERT_BACKDATE_SECS;
+    cert.verify(tracker.public(), start - CERT_SKEW_SECS).unwrap();
     cert.verify(tracker.public(), NOW + 2 * DAY + CERT_SKEW_SECS).unwrap();
-    assert!(cert.verify(tracker.public(), NOW - CERT_SKEW_SECS - 1).is_err(), "not yet valid");
+    assert!(cert.verify(tracker.public(), start - CERT_SKEW_SECS - 1).is_err(), "not yet valid");
     assert!(cert.verify(tracker.public(), NOW + 2 * DAY + CERT_SKEW_SECS + 1).is_err(), "expired");
     // Signed by another key than the pinned one.
     assert!(cert.verify(identity(1).public(), NOW).is_err());
@@ -86,7 +88,7 @@ fn certificates_are_refused_when_forged_expired_early_too_long_or_malformed() {
         let mut c = cert.clone();
         match f {
             0 => c.key[0] ^= 1,
-            1 => c.not_before -= 1,
+            1 => c.not_before += 1,
             _ => c.not_after += 1,
         }
         assert!(c.verify(tracker.public(), NOW).is_err(), "field {f}");
@@ -112,6 +114,7 @@ fn certificates_are_refused_when_forged_expired_early_too_long_or_malformed() {
     // Generating one caps the lifetime.
     let capped = StaticKey::generate(&mut rng, &tracker, NOW, 30 * DAY).unwrap();
     assert_eq!(capped.cert().not_after - capped.cert().not_before, MAX_CERT_LIFETIME_SECS);
+    capped.cert().verify(tracker.public(), NOW).unwrap();
     // Encoding: exact round trip; truncated, trailing bytes and oversize refused.
     let bytes = cert.encode();
     assert_eq!(StaticCert::decode(&bytes).unwrap(), cert);
@@ -142,27 +145,35 @@ fn a_tampered_server_hello_or_another_static_key_gives_keys_that_do_not_match() 
     let (server_hello, mut t) = TrackerChannel::accept_v2(&mut rng, &sk, &fp, &hello).unwrap();
     let mut e_t: [u8; 32] = server_hello[..32].try_into().unwrap();
     e_t[5] ^= 0x40;
-    if let Ok(mut p) = hs.finish(&e_t, &server_hello[34..], NOW) {
-        assert!(pass(&mut p.channel, &mut t.channel).is_err());
-    }
+    // (A changed key may also be refused outright as a low-order point; this one is not.)
+    let mut p = hs.finish(&e_t, &server_hello[34..], NOW).unwrap();
+    assert!(pass(&mut p.channel, &mut t.channel).is_err());
 }
 
 #[test]
 fn whoever_holds_the_static_key_cannot_relay_a_peers_hello_into_its_own_session() {
-    // The attacker holds `sk` (stolen) and sits between a victim and the real tracker: two handshakes, two
-    // transcripts. The victim's Hello, signed over the first, does not verify in the second.
+    // The attacker holds `sk` (stolen) and sits between a victim and the real tracker. It relays the victim's very
+    // ClientHello to the tracker and answers the victim itself with its own e_T (with the tracker's it would lack
+    // dh_e). It reads the victim's frames and relays the tracker's Challenge nonce; but the victim's Hello is
+    // signed over the attacker's transcript, and the tracker's differs (another e_T).
     let tracker = identity(0);
     let fp = tracker.fingerprint();
     let mut rng = ChaCha20Rng::seed_from_u64(4);
     let sk = StaticKey::generate(&mut rng, &tracker, NOW, DAY).unwrap();
-    let (victim, _) = handshake(&sk, &fp, tracker.public(), NOW).unwrap();
-    let (_, real) = handshake(&sk, &fp, tracker.public(), NOW + 1).unwrap();
+    let (hello, victim_hs) = TrackerChannel::connect_v2(&mut rng, tracker.public()).unwrap();
+    let (_, real) = TrackerChannel::accept_v2(&mut rng, &sk, &fp, &hello).unwrap();
+    let (to_victim, _) = TrackerChannel::accept_v2(&mut rng, &sk, &fp, &hello).unwrap();
+    let e_t: [u8; 32] = to_victim[..32].try_into().unwrap();
+    let victim = victim_hs.finish(&e_t, &to_victim[34..], NOW).unwrap();
+    assert_ne!(victim.th, real.th);
     let peer = identity(2);
     let nonce = [9u8; 32];
     let ToTracker::Hello { public_key, signature } = make_hello_v2(&peer, &fp, &nonce, &victim.th, &mut rng) else {
         unreachable!()
     };
     assert!(verify_hello_v2(&public_key, &signature, &fp, &nonce, &real.th).is_err());
+    // The signature itself is good: only the binding to the transcript refuses it.
+    assert!(verify_hello_v2(&public_key, &signature, &fp, &nonce, &victim.th).is_ok());
 }
 
 #[test]
@@ -228,6 +239,7 @@ fn the_key_answer_tells_the_version_and_headers_of_both_versions_parse() {
     assert_eq!(key_answer_version(&v2[v1.len()..]).unwrap(), TRACKER_VERSION_2);
     assert_eq!(key_answer_version(&[]).unwrap(), TRACKER_VERSION);
     assert!(key_answer_version(&[0]).is_err());
+    assert_eq!(key_answer_version(&[0, 9, 1, 2]).unwrap(), TRACKER_VERSION_2, "a later tracker's longer trailer");
     let mut rng = ChaCha20Rng::seed_from_u64(9);
     let (h1, _) = TrackerChannel::connect(&mut rng, tracker.public()).unwrap();
     assert_eq!(parse_hello_header(&h1[..12]).unwrap(), HelloHeader::V1 { ct_len: 256 });

@@ -1,6 +1,6 @@
 //! The probe keys of our version-2 tracker sessions (SPEC open issue 27): the tracker client installs one after
-//! each new session, the listener answers a version-2 probe with the one it names. The handle gives neither the
-//! session's secret nor the key out: only answers.
+//! each new session, the node's listener answers a version-2 probe with the one it is under. The handle gives
+//! neither the session's secret nor the key out: only answers. (Below both: neither depends on the other.)
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -37,7 +37,7 @@ impl ProbeKeys {
     pub fn answer(&self, probe: &ProbeV2, announced: SocketAddr) -> [u8; PROBE_V2_ANSWER_LEN] {
         let k = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let previous = k.previous.as_ref().filter(|(_, at)| anomos_net::rt::since(*at) < KEEP_PREVIOUS).map(|(a, _)| a);
-        match k.current.iter().chain(previous).find(|a| a.id == probe.id) {
+        match k.current.iter().chain(previous).find(|a| a.owns(probe)) {
             Some(a) => a.answer(probe, announced),
             None => {
                 let mut out = [0u8; PROBE_V2_ANSWER_LEN];
