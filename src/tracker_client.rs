@@ -457,14 +457,7 @@ pub async fn fetch_tracker_key_via(
     addr: SocketAddr,
     pinned: &anomos_proto::identity::Fingerprint,
 ) -> Result<PublicKey, PeerError> {
-    let mut s =
-        timeout(IO_TIMEOUT, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
-    s.write_all(&tracker::KEY_FETCH_MAGIC).await?;
-    let mut prefix = [0u8; 2];
-    timeout(IO_TIMEOUT, s.read_exact(&mut prefix)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
-    let mut der = vec![0u8; tracker::key_answer_len(prefix)?];
-    timeout(IO_TIMEOUT, s.read_exact(&mut der)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
-    Ok(tracker::check_fetched_key(&der, pinned)?)
+    Ok(key_fetch(net, addr, pinned, IO_TIMEOUT).await?.0)
 }
 
 /// The tracker's key, as [`fetch_tracker_key_via`], and the highest channel version it speaks: what follows the
@@ -475,6 +468,21 @@ pub async fn tracker_key_version_via(
     pinned: &anomos_proto::identity::Fingerprint,
     connect_timeout: Duration,
 ) -> Result<(PublicKey, u16), PeerError> {
+    let (key, mut s) = key_fetch(net, addr, pinned, connect_timeout).await?;
+    // At most 3 bytes until the close (2 expected; a later tracker may send more, ignored).
+    let mut trailer = Vec::with_capacity(3);
+    let mut limited = (&mut s).take(3);
+    timeout(IO_TIMEOUT, limited.read_to_end(&mut trailer)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
+    Ok((key, tracker::key_answer_version(&trailer)?))
+}
+
+/// A key fetch (`ANOMOSK1`): the tracker's key, checked against the pin, and the connection (positioned after it).
+async fn key_fetch(
+    net: &dyn Transport,
+    addr: SocketAddr,
+    pinned: &anomos_proto::identity::Fingerprint,
+    connect_timeout: Duration,
+) -> Result<(PublicKey, Box<dyn Stream>), PeerError> {
     let mut s =
         timeout(connect_timeout, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
     s.write_all(&tracker::KEY_FETCH_MAGIC).await?;
@@ -482,12 +490,7 @@ pub async fn tracker_key_version_via(
     timeout(IO_TIMEOUT, s.read_exact(&mut prefix)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
     let mut der = vec![0u8; tracker::key_answer_len(prefix)?];
     timeout(IO_TIMEOUT, s.read_exact(&mut der)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
-    let key = tracker::check_fetched_key(&der, pinned)?;
-    // At most 3 bytes until the close (2 expected): more is refused by `key_answer_version`.
-    let mut trailer = Vec::with_capacity(3);
-    let mut limited = (&mut s).take(3);
-    timeout(IO_TIMEOUT, limited.read_to_end(&mut trailer)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
-    Ok((key, tracker::key_answer_version(&trailer)?))
+    Ok((tracker::check_fetched_key(&der, pinned)?, s))
 }
 
 #[cfg(test)]
