@@ -99,3 +99,31 @@ async fn a_new_peer_is_probed_with_a_mac_under_its_sessions_key() {
     }
     assert_eq!(*seen2.lock().unwrap(), vec![2, 1], "version 2, then the fallback to version 1");
 }
+
+/// A real node (its own listener, its own tracker client) joins a tracker of this revision: its probe is answered
+/// by a MAC (version 2), and it signs none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_node_joins_with_a_version_2_probe_and_signs_none() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let tracker_key = Identity::generate(&mut rng, 2048).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (t, _stop) = tracker(&tracker_key, dir.path()).await;
+    let ndir = tempfile::tempdir().unwrap();
+    let cfg = anomos::PeerConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        t,
+        tracker_key.fingerprint().to_hex(),
+        ndir.path().to_path_buf(),
+    );
+    let key = anomos::tracker_client::fetch_tracker_key(t, &tracker_key.fingerprint()).await.unwrap();
+    let (node, l) = anomos::Node::bind(cfg, Identity::generate(&mut rng, 2048).unwrap(), key, None).await.unwrap();
+    node.start(l);
+    for _ in 0..100 {
+        if node.tracker_state().last_ok_unix.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(node.tracker_state().last_ok_unix.is_some(), "the node announced: {:?}", node.tracker_state());
+    assert_eq!(node.probes_answered(), (0, 1), "one probe, version 2");
+}

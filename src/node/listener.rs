@@ -132,6 +132,7 @@ impl Node {
                     .await
                     .map_err(|_| PeerError::Timeout("the prober to read the answer"))??;
                 debug!(%remote, status = answer.first().copied().unwrap_or(0), "answered reachability probe (v2)");
+                self.stats.probes_answered[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(());
             }
             let mut body = [0u8; 34];
@@ -158,6 +159,7 @@ impl Node {
                 .await
                 .map_err(|_| PeerError::Timeout("the prober to read the answer"))??;
             debug!(%remote, "answered reachability probe");
+            self.stats.probes_answered[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         } else {
             Err(PeerError::Proto(anomos_proto::ProtoError::BadMagic(magic)))

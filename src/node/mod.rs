@@ -294,6 +294,12 @@ impl Node {
         self.chain.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The tracker's reachability probes this node answered: (version 1, version 2).
+    pub fn probes_answered(&self) -> (u64, u64) {
+        let [v1, v2] = &self.stats.probes_answered;
+        (v1.load(Ordering::Relaxed), v2.load(Ordering::Relaxed))
+    }
+
     /// The last announce's outcome.
     pub fn tracker_state(&self) -> TrackerState {
         self.tracker_state.lock().unwrap_or_else(|e| e.into_inner()).clone()
