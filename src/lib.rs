@@ -20,6 +20,7 @@ pub mod error;
 pub mod link;
 pub mod metrics;
 pub mod node;
+pub mod probe_keys;
 pub mod stats;
 pub mod tracker_client;
 

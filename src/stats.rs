@@ -36,6 +36,8 @@ pub struct Stats {
     pub announces_ok: AtomicU64,
     /// Failed announces.
     pub announces_failed: AtomicU64,
+    /// The tracker's reachability probes answered: version 1 (signed) and version 2 (a MAC, SPEC §3.9).
+    pub probes_answered: [AtomicU64; 2],
 }
 
 impl Stats {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anomos_net::{Net, Stream, Transport};
 use anomos_proto::identity::{Fingerprint, Identity, PublicKey};
+use anomos_proto::probe_v2::ProbeAuth;
 use anomos_proto::tracker::{self, FromTracker, ResumeAnswer, Ticket, ToTracker, TrackerChannel};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
@@ -34,6 +35,8 @@ pub const CONN_KEEP: Duration = Duration::from_secs(2);
 const TICKET_MARGIN: Duration = Duration::from_secs(10);
 /// How long a tracker that did not issue a ticket is not asked again.
 const NO_TICKETS_FOR: Duration = Duration::from_secs(600);
+/// How long a tracker address whose version-2 handshake failed is spoken to in version 1 (SPEC open issue 27).
+const V1_FALLBACK: Duration = Duration::from_secs(600);
 /// With several tracker addresses (replicas), how long a TCP connect may take before the next address is tried:
 /// a failover completes within 2 s even when a replica's host is gone without a reset (SPEC §3.10 "Replicas").
 const FAILOVER_CONNECT: Duration = Duration::from_millis(1500);
@@ -59,7 +62,8 @@ impl TrackerSession {
         Self::connect_via(&anomos_net::Tcp, addr, tracker_key, me, IO_TIMEOUT).await
     }
 
-    /// [`connect`](Self::connect) over the transport `net`, with its own time for the connect.
+    /// [`connect`](Self::connect) over the transport `net`, with its own time for the connect (a version-1
+    /// channel: every tracker speaks it).
     pub async fn connect_via(
         net: &dyn Transport,
         addr: SocketAddr,
@@ -67,21 +71,58 @@ impl TrackerSession {
         me: &Identity,
         connect_timeout: Duration,
     ) -> Result<Self, PeerError> {
+        Self::connect_version(net, addr, tracker_key, me, connect_timeout, tracker::TRACKER_VERSION).await
+    }
+
+    /// [`connect_via`](Self::connect_via) with a channel of `version` (2: the tracker's certified static key, no
+    /// RSA at the tracker; only for a tracker whose key fetch said it speaks it, [`tracker_version`]).
+    pub async fn connect_version(
+        net: &dyn Transport,
+        addr: SocketAddr,
+        tracker_key: &PublicKey,
+        me: &Identity,
+        connect_timeout: Duration,
+        version: u16,
+    ) -> Result<Self, PeerError> {
         let mut stream = timeout(connect_timeout, net.connect(addr))
             .await
             .map_err(|_| PeerError::Timeout("tracker connect"))??
             .stream;
-        let (hello, handshake) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_key)?;
-        stream.write_all(&hello).await?;
-        let mut reply = [0u8; tracker::EPHEMERAL_LEN];
-        timeout(IO_TIMEOUT, stream.read_exact(&mut reply)).await.map_err(|_| PeerError::Timeout("tracker hello"))??;
-        let chan = handshake.finish(&reply)?;
+        let (chan, th) = if version >= tracker::TRACKER_VERSION_2 {
+            let (hello, handshake) = TrackerChannel::connect_v2(&mut rand::rngs::OsRng, tracker_key)?;
+            stream.write_all(&hello).await?;
+            let mut e_t = [0u8; tracker::EPHEMERAL_LEN];
+            let mut len = [0u8; 2];
+            for buf in [&mut e_t[..], &mut len[..]] {
+                timeout(IO_TIMEOUT, stream.read_exact(buf))
+                    .await
+                    .map_err(|_| PeerError::Timeout("tracker hello"))??;
+            }
+            let mut cert = vec![0u8; TrackerChannel::server_hello_v2_cert_len(len)?];
+            timeout(IO_TIMEOUT, stream.read_exact(&mut cert))
+                .await
+                .map_err(|_| PeerError::Timeout("tracker hello"))??;
+            let c = handshake.finish(&e_t, &cert, net.clock().unix_now())?;
+            (c.channel, Some(c.th))
+        } else {
+            let (hello, handshake) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_key)?;
+            stream.write_all(&hello).await?;
+            let mut reply = [0u8; tracker::EPHEMERAL_LEN];
+            timeout(IO_TIMEOUT, stream.read_exact(&mut reply))
+                .await
+                .map_err(|_| PeerError::Timeout("tracker hello"))??;
+            (handshake.finish(&reply)?, None)
+        };
         let mut s = TrackerSession { stream, chan };
         let nonce = match s.recv().await? {
             FromTracker::Challenge { nonce } => nonce,
             other => return Err(PeerError::Tracker(format!("expected challenge, got {other:?}"))),
         };
-        let hello = tracker::make_hello(me, &tracker_key.fingerprint(), &nonce, &mut rand::rngs::OsRng);
+        let fp = tracker_key.fingerprint();
+        let hello = match &th {
+            Some(th) => tracker::make_hello_v2(me, &fp, &nonce, th, &mut rand::rngs::OsRng),
+            None => tracker::make_hello(me, &fp, &nonce, &mut rand::rngs::OsRng),
+        };
         match s.request(&hello).await? {
             FromTracker::Welcome { .. } => Ok(s),
             other => Err(PeerError::Tracker(format!("tracker refused hello: {other:?}"))),
@@ -168,6 +209,8 @@ pub struct TrackerClient {
     key: PublicKey,
     me: Arc<Identity>,
     state: Arc<tokio::sync::Mutex<ClientState>>,
+    /// Where a version-2 session's probe key goes (the node's listener answers probes with it).
+    probe_keys: Option<Arc<crate::probe_keys::ProbeKeys>>,
 }
 
 /// The client's session: an open connection (with when it was last used and a use counter for the closer), and
@@ -181,6 +224,11 @@ struct ClientState {
     /// just then): keep connections instead, and ask again after [`NO_TICKETS_FOR`].
     no_tickets: Option<Instant>,
     uses: u64,
+    /// The channel version each tracker address speaks, from its key fetch (SPEC open issue 27).
+    versions: std::collections::HashMap<SocketAddr, u16>,
+    /// Addresses whose version-2 handshake failed on its content (a certificate our clock refuses, say): version 1
+    /// there until then.
+    v1_until: std::collections::HashMap<SocketAddr, Instant>,
 }
 
 impl ClientState {
@@ -209,7 +257,13 @@ impl TrackerClient {
     /// A client for a tracker reachable at any of `addrs` (its replicas, all presenting `key`).
     pub fn with_addrs(net: Net, addrs: Vec<SocketAddr>, key: PublicKey, me: Arc<Identity>) -> Self {
         let start = anomos_net::rt::with_rng(|r| rand::Rng::gen_range(r, 0..addrs.len().max(1)));
-        TrackerClient { net, addrs, current: AtomicUsize::new(start), key, me, state: Arc::default() }
+        TrackerClient { net, addrs, current: AtomicUsize::new(start), key, me, state: Arc::default(), probe_keys: None }
+    }
+
+    /// Installs each new version-2 session's probe key into `keys`.
+    pub fn with_probe_keys(mut self, keys: Arc<crate::probe_keys::ProbeKeys>) -> Self {
+        self.probe_keys = Some(keys);
+        self
     }
 
     /// The address in use.
@@ -301,7 +355,34 @@ impl TrackerClient {
 
     /// A new session (full handshake), with a ticket for the next connections if the tracker issues them.
     async fn open(&self, st: &mut ClientState, addr: SocketAddr, wait: Duration) -> Result<TrackerSession, PeerError> {
-        let mut s = TrackerSession::connect_via(&*self.net, addr, &self.key, &self.me, wait).await?;
+        let offered = match st.versions.get(&addr) {
+            Some(v) => *v,
+            None => {
+                let (_, v) = tracker_key_version_via(&*self.net, addr, &self.key.fingerprint(), wait).await?;
+                st.versions.insert(addr, v);
+                v
+            }
+        };
+        let v1_only = st.v1_until.get(&addr).is_some_and(|t| Instant::now() < *t);
+        let version = if v1_only { tracker::TRACKER_VERSION } else { offered };
+        let mut s = match TrackerSession::connect_version(&*self.net, addr, &self.key, &self.me, wait, version).await {
+            Ok(s) => s,
+            Err(e @ PeerError::Proto(_)) if version >= tracker::TRACKER_VERSION_2 => {
+                // Refused on its content (a certificate our clock does not accept, say): version 1 at this address
+                // for a while, then its offer is asked again.
+                tracing::info!("tracker {addr}: channel version 2 failed ({e}); version 1 there for {V1_FALLBACK:?}");
+                st.v1_until.insert(addr, Instant::now() + V1_FALLBACK);
+                st.versions.remove(&addr);
+                return Err(e);
+            }
+            Err(e @ PeerError::Io(_)) => {
+                // Closed: perhaps busy, perhaps replaced by a tracker of another version; its offer is asked again.
+                st.versions.remove(&addr);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        self.install_probe_key(&s, version)?;
         if st.no_tickets.is_some_and(|t| t.elapsed() < NO_TICKETS_FOR) {
             return Ok(s);
         }
@@ -313,11 +394,22 @@ impl TrackerClient {
                     "the tracker closed the session on a ticket request ({e}): it issues none; keeping sessions open"
                 );
                 st.no_tickets = Some(Instant::now());
-                return TrackerSession::connect_via(&*self.net, addr, &self.key, &self.me, wait).await;
+                let s = TrackerSession::connect_version(&*self.net, addr, &self.key, &self.me, wait, version).await?;
+                self.install_probe_key(&s, version)?;
+                return Ok(s);
             }
             Err(e) => return Err(e),
         }
         Ok(s)
+    }
+
+    /// A new version-2 session's probe key goes to the listener: the tracker probes an address announced over
+    /// this session with it (SPEC open issue 27).
+    fn install_probe_key(&self, s: &TrackerSession, version: u16) -> Result<(), PeerError> {
+        if let (true, Some(keys)) = (version >= tracker::TRACKER_VERSION_2, &self.probe_keys) {
+            keys.install(ProbeAuth::derive(s.chan.resumption_secret(), &self.me.fingerprint())?);
+        }
+        Ok(())
     }
 
     /// Keeps the connection after a request that ended with `r` if it is still usable, marks the ticket used,
@@ -365,14 +457,40 @@ pub async fn fetch_tracker_key_via(
     addr: SocketAddr,
     pinned: &anomos_proto::identity::Fingerprint,
 ) -> Result<PublicKey, PeerError> {
+    Ok(key_fetch(net, addr, pinned, IO_TIMEOUT).await?.0)
+}
+
+/// The tracker's key, as [`fetch_tracker_key_via`], and the highest channel version it speaks: what follows the
+/// key until the tracker closes (nothing from a tracker before version 2, SPEC open issue 27).
+pub async fn tracker_key_version_via(
+    net: &dyn Transport,
+    addr: SocketAddr,
+    pinned: &anomos_proto::identity::Fingerprint,
+    connect_timeout: Duration,
+) -> Result<(PublicKey, u16), PeerError> {
+    let (key, mut s) = key_fetch(net, addr, pinned, connect_timeout).await?;
+    // At most 3 bytes until the close (2 expected; a later tracker may send more, ignored).
+    let mut trailer = Vec::with_capacity(3);
+    let mut limited = (&mut s).take(3);
+    timeout(IO_TIMEOUT, limited.read_to_end(&mut trailer)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
+    Ok((key, tracker::key_answer_version(&trailer)?))
+}
+
+/// A key fetch (`ANOMOSK1`): the tracker's key, checked against the pin, and the connection (positioned after it).
+async fn key_fetch(
+    net: &dyn Transport,
+    addr: SocketAddr,
+    pinned: &anomos_proto::identity::Fingerprint,
+    connect_timeout: Duration,
+) -> Result<(PublicKey, Box<dyn Stream>), PeerError> {
     let mut s =
-        timeout(IO_TIMEOUT, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
+        timeout(connect_timeout, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
     s.write_all(&tracker::KEY_FETCH_MAGIC).await?;
     let mut prefix = [0u8; 2];
     timeout(IO_TIMEOUT, s.read_exact(&mut prefix)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
     let mut der = vec![0u8; tracker::key_answer_len(prefix)?];
     timeout(IO_TIMEOUT, s.read_exact(&mut der)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
-    Ok(tracker::check_fetched_key(&der, pinned)?)
+    Ok((tracker::check_fetched_key(&der, pinned)?, s))
 }
 
 #[cfg(test)]
@@ -484,6 +602,32 @@ mod tests {
         for h in held {
             h.abort();
         }
+    }
+
+    /// A tracker of this revision says it speaks channel version 2 in its key fetch; a client then opens version-2
+    /// sessions (no RSA at the tracker), and version 1 still works. A version-2 handshake pinned to another key
+    /// fails on the certificate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sessions_use_channel_version_2_when_the_tracker_speaks_it_and_version_1_still_works() {
+        let mut rng = seeded();
+        let tracker_key = Identity::generate(&mut rng, 2048).unwrap();
+        let me = Identity::generate(&mut rng, 2048).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, _stop, _task) = tracker(&tracker_key, dir.path()).await;
+        let tcp = anomos_net::tcp();
+        let (key, version) = tracker_key_version_via(&*tcp, a, &tracker_key.fingerprint(), IO_TIMEOUT).await.unwrap();
+        assert_eq!((key.fingerprint(), version), (tracker_key.fingerprint(), tracker::TRACKER_VERSION_2));
+        for v in [tracker::TRACKER_VERSION_2, tracker::TRACKER_VERSION] {
+            let mut s =
+                TrackerSession::connect_version(&*tcp, a, tracker_key.public(), &me, IO_TIMEOUT, v).await.unwrap();
+            assert!(answered(&s.request(&circuits()).await), "version {v}");
+        }
+        let other = Identity::generate(&mut rng, 2048).unwrap();
+        let wrong = TrackerSession::connect_version(&*tcp, a, other.public(), &me, IO_TIMEOUT, 2).await;
+        assert!(wrong.is_err());
+        let client = TrackerClient::new(tcp, a, tracker_key.public().clone(), Arc::new(me));
+        assert!(answered(&client.request(&circuits()).await));
+        assert_eq!(client.state.lock().await.versions.get(&a), Some(&tracker::TRACKER_VERSION_2));
     }
 
     fn seeded() -> rand::rngs::StdRng {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod identity;
 pub mod ids;
 pub mod link;
+pub mod probe_v2;
 pub mod tc;
 pub mod tracker;
 

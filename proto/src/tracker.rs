@@ -362,6 +362,10 @@ impl FromTracker {
 
 mod channel;
 pub use channel::*;
+mod channel_v2;
+pub use channel_v2::*;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_v2;

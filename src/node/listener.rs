@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anomos_net::{Listener, Stream};
 use anomos_proto::link::{self as plink, LINK_MAGIC, PROBE_MAGIC};
+use anomos_proto::probe_v2::{decode_probe_v2, PROBE_V2_LEN, PROBE_VERSION_2};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
@@ -109,8 +110,34 @@ impl Node {
             let host: Arc<dyn link::LinkHost> = self.host.clone();
             link::accept(host, &self.link_settings, s, remote, deadline).await
         } else if magic == PROBE_MAGIC {
+            let mut version = [0u8; 2];
+            tokio::time::timeout_at(deadline, s.read_exact(&mut version))
+                .await
+                .map_err(|_| PeerError::Timeout("probe (too slow)"))??;
+            if u16::from_be_bytes(version) == PROBE_VERSION_2 {
+                // A MAC under our tracker session's probe key: no signature, no slot (SPEC open issue 27).
+                let mut body = [0u8; PROBE_V2_LEN - 8];
+                if let Some(rest) = body.get_mut(2..) {
+                    tokio::time::timeout_at(deadline, s.read_exact(rest))
+                        .await
+                        .map_err(|_| PeerError::Timeout("probe (too slow)"))??;
+                }
+                if let Some(v) = body.get_mut(..2) {
+                    v.copy_from_slice(&version);
+                }
+                let probe = decode_probe_v2(&body)?;
+                let announced = self.cfg.advertise.unwrap_or(self.listen_addr);
+                let answer = self.probe_keys.answer(&probe, announced);
+                tokio::time::timeout(self.cfg.handshake_timeout, s.write_all(&answer))
+                    .await
+                    .map_err(|_| PeerError::Timeout("the prober to read the answer"))??;
+                debug!(%remote, status = answer.first().copied().unwrap_or(0), "answered reachability probe (v2)");
+                self.stats.probes_answered[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(());
+            }
             let mut body = [0u8; 34];
-            tokio::time::timeout_at(deadline, s.read_exact(&mut body))
+            body[..2].copy_from_slice(&version);
+            tokio::time::timeout_at(deadline, s.read_exact(&mut body[2..]))
                 .await
                 .map_err(|_| PeerError::Timeout("probe (too slow)"))??;
             let nonce = plink::decode_probe_body(&body)?;
@@ -132,6 +159,7 @@ impl Node {
                 .await
                 .map_err(|_| PeerError::Timeout("the prober to read the answer"))??;
             debug!(%remote, "answered reachability probe");
+            self.stats.probes_answered[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         } else {
             Err(PeerError::Proto(anomos_proto::ProtoError::BadMagic(magic)))

@@ -78,6 +78,8 @@ pub struct Node {
     reports: Mutex<Option<mpsc::Receiver<FailureReport>>>,
     /// Our session with the tracker (announces, circuit requests, reports).
     tracker: Arc<TrackerClient>,
+    /// Our version-2 tracker sessions' probe keys (the tracker client installs, the listener answers).
+    probe_keys: Arc<crate::probe_keys::ProbeKeys>,
     announced: Notify,
     dialing: Mutex<HashSet<NeighborId>>,
     dial_troubles: dial::DialTroubles,
@@ -174,8 +176,11 @@ impl Node {
             control: control_cells.clone(),
             net: net.clone(),
         };
-        let tracker =
-            Arc::new(TrackerClient::with_addrs(net, cfg.tracker_addrs(), tracker_key.clone(), identity.clone()));
+        let probe_keys = Arc::new(crate::probe_keys::ProbeKeys::default());
+        let tracker = Arc::new(
+            TrackerClient::with_addrs(net, cfg.tracker_addrs(), tracker_key.clone(), identity.clone())
+                .with_probe_keys(probe_keys.clone()),
+        );
         let node = Arc::new(Node {
             cfg,
             identity,
@@ -192,6 +197,7 @@ impl Node {
             reporter,
             reports: Mutex::new(Some(reports)),
             tracker,
+            probe_keys,
             announced: Notify::new(),
             dialing: Mutex::new(HashSet::new()),
             dial_troubles: dial::DialTroubles::default(),
@@ -286,6 +292,12 @@ impl Node {
     /// The chain served or fetched here.
     pub fn chain_info(&self) -> Option<ChainInfo> {
         self.chain.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The tracker's reachability probes this node answered: (version 1, version 2).
+    pub fn probes_answered(&self) -> (u64, u64) {
+        let [v1, v2] = &self.stats.probes_answered;
+        (v1.load(Ordering::Relaxed), v2.load(Ordering::Relaxed))
     }
 
     /// The last announce's outcome.

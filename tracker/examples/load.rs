@@ -85,6 +85,10 @@ struct Args {
     /// Every peer then holds a descriptor on each side: the open-file limit bounds the peers.
     #[arg(long)]
     no_resume: bool,
+    /// The tracker channel version the simulated peers speak: 2 (the tracker's certified static key, probes
+    /// answered by a MAC: one RSA operation per join, the peer's Hello) or 1 (three per join).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=2))]
+    channel_version: u16,
     /// With --no-resume: reuse a peer's connection while it has been idle for less than this (the old client's
     /// 75 s). 0 closes it after each request (a full session set-up per request).
     #[arg(long, default_value_t = 75)]
@@ -347,6 +351,7 @@ async fn run(args: Args) -> Result<(), String> {
         stop: stop_rx,
         signer: peer::Signer::start(args.sign_threads),
         handshakes: tokio::sync::Semaphore::new(args.handshakes_at_once.max(1)),
+        channel_version: args.channel_version,
         conns: tokio::sync::Semaphore::new(args.conns_at_once.max(1)),
     });
     let s = &ctx.stats;

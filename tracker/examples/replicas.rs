@@ -259,6 +259,7 @@ async fn run(args: Args) -> Result<(), String> {
         stop: stop_rx,
         signer: peer::Signer::start(2),
         handshakes: tokio::sync::Semaphore::new(64),
+        channel_version: 2,
         conns: tokio::sync::Semaphore::new(8000),
     });
     let s = &ctx.stats;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anomos_net::Transport;
 use anomos_proto::identity::{Fingerprint, MAX_RSA_BYTES, MAX_SPKI_LEN};
 use anomos_proto::link::{encode_probe, verify_probe_answer, MAX_PROBE_ANSWER};
+use anomos_proto::probe_v2::{ProbeAuth, PROBE_V2_ANSWER_LEN, UNKNOWN_SESSION};
 use anomos_proto::ProtoError;
 use rand::RngCore;
 use thiserror::Error;
@@ -49,6 +50,51 @@ pub async fn check(
         return Err(ProbeError::WrongKey(key.fingerprint().short()));
     }
     Ok(())
+}
+
+/// Checks (dialing over `net`) that `addr` answers a fresh version-2 probe with the MAC of the session `auth`
+/// (SPEC open issue 27: no RSA signature at the peer; the session proved the key). A peer that holds no key of the
+/// session (its listener is not where its tracker client keeps them) gets a version-1 probe instead, by
+/// [`check_either`].
+pub async fn check_v2(
+    net: &dyn Transport,
+    addr: SocketAddr,
+    auth: &ProbeAuth,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    let mut nonce = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let exchange = async {
+        let mut s = net.connect(addr).await?.stream;
+        s.write_all(&auth.probe(&nonce, addr)).await?;
+        // The answer, then the end of the connection: a byte more is refused (as after a version-1 answer).
+        let mut answer = Vec::with_capacity(PROBE_V2_ANSWER_LEN + 1);
+        (&mut s).take(PROBE_V2_ANSWER_LEN as u64 + 1).read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(timeout, exchange).await.map_err(|_| ProbeError::Timeout(timeout))??;
+    auth.check_answer(&nonce, addr, &answer)?;
+    Ok(())
+}
+
+/// [`check_v2`] with `auth`, falling back to [`check`] (a version-1 probe: the peer signs) when the peer answers
+/// that it holds no key of this session; without `auth` (a version-1 or resumed session), [`check`].
+pub async fn check_either(
+    net: &dyn Transport,
+    addr: SocketAddr,
+    expected: &Fingerprint,
+    auth: Option<&ProbeAuth>,
+    timeout: Duration,
+) -> Result<(), ProbeError> {
+    match auth {
+        Some(a) => match check_v2(net, addr, a, timeout).await {
+            Err(ProbeError::Proto(ProtoError::Invalid { detail, .. })) if detail == UNKNOWN_SESSION => {
+                check(net, addr, expected, timeout).await
+            }
+            r => r,
+        },
+        None => check(net, addr, expected, timeout).await,
+    }
 }
 
 /// Sends the probe and reads `der_len u16 | der | sig_len u16 | sig`, bounding each length before reading.

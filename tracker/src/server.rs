@@ -18,9 +18,11 @@ use std::time::Duration;
 
 use anomos_net::{Net, Stream};
 use anomos_proto::identity::{load_or_create_identity, Fingerprint, Identity, PublicKey};
+use anomos_proto::probe_v2::ProbeAuth;
 use anomos_proto::tracker::{
-    encode_key_answer, verify_hello, ErrorCode, FromTracker, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER,
-    EPHEMERAL_LEN, KEY_FETCH_MAGIC, RESUME_HELLO_LEN, RESUME_MAGIC, RESUME_UNKNOWN,
+    encode_key_answer, encode_key_answer_v2, parse_hello_header, verify_hello, verify_hello_v2, ChannelV2, ErrorCode,
+    FromTracker, HelloHeader, ToTracker, TrackerChannel, CLIENT_HELLO_HEADER, CLIENT_HELLO_V2_LEN, EPHEMERAL_LEN,
+    KEY_FETCH_MAGIC, RESUME_HELLO_LEN, RESUME_MAGIC, RESUME_UNKNOWN,
 };
 use anomos_proto::ProtoError;
 use rand::rngs::OsRng;
@@ -148,6 +150,9 @@ pub async fn run_on(
     };
     service.net = net;
     let service = Arc::new(service);
+    // The static key of version-2 channels (one RSA signature now, one a day).
+    let clock = service.net.clock();
+    let statics = Arc::new(crate::static_key::StaticKeys::new(Arc::clone(&identity), clock));
     let kept = service.take_tickets();
     let kept_n = kept.len();
     for (t, key) in kept {
@@ -273,6 +278,7 @@ pub async fn run_on(
                     identity: Arc::clone(&identity),
                     limits: Arc::clone(&limits),
                     tickets: Arc::clone(&tickets),
+                    statics: Arc::clone(&statics),
                     timeouts,
                 };
                 tasks.spawn(async move {
@@ -390,6 +396,7 @@ struct Shared {
     identity: Arc<Identity>,
     limits: Arc<Limits>,
     tickets: Arc<Tickets>,
+    statics: Arc<crate::static_key::StaticKeys>,
     timeouts: Timeouts,
 }
 
@@ -397,21 +404,24 @@ struct Shared {
 enum Opened {
     /// A key fetch, answered.
     KeyFetch,
-    /// A full handshake: a new session.
-    Full(Conn, PublicKey),
+    /// A full handshake: a new session (`true`: on a version-2 channel, whose probes are version 2).
+    Full(Conn, PublicKey, bool),
     /// A session resumed from its ticket (authenticated once its first frame opens).
     Resumed(Conn, Arc<PublicKey>, TicketId),
 }
 
 async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Result<(), SessionError> {
-    let Shared { service, identity, limits, tickets, timeouts } = sh;
-    let hs = tokio::time::timeout(timeouts.hello, handshake(stream, &identity, &limits, &tickets, remote_ip))
+    let Shared { service, identity, limits, tickets, statics, timeouts } = sh;
+    let hs = tokio::time::timeout(timeouts.hello, handshake(stream, &identity, &limits, &tickets, &statics, remote_ip))
         .await
         .map_err(|_| SessionError::Timeout("hello"))
         .and_then(|r| r);
+    // A resumed session probes with version 1 (tickets do not record the channel version yet).
+    let mut v2_probes = false;
     let (mut conn, key, mut ticket) = match hs {
-        Ok(Opened::Full(conn, key)) => {
+        Ok(Opened::Full(conn, key, v2)) => {
             service.metrics.sessions.inc();
+            v2_probes = v2;
             (conn, Arc::new(key), None)
         }
         Ok(Opened::Resumed(conn, key, id)) => {
@@ -462,7 +472,14 @@ async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Resu
                     service.metrics.refused.inc(Refusal::BadRequest);
                     error_reply(ErrorCode::BadRequest, "already authenticated")
                 }
-                ToTracker::Announce(a) => service.announce(&key, a, remote_ip).await,
+                ToTracker::Announce(a) => {
+                    // A version-2 session's probe key, derived only when an announce may need it.
+                    let auth = match v2_probes {
+                        true => ProbeAuth::derive(conn.chan.resumption_secret(), &peer).ok(),
+                        false => None,
+                    };
+                    service.announce(&key, a, remote_ip, auth.as_ref()).await
+                }
                 ToTracker::RequestCircuits(r) => service.request_circuits(peer, r).await,
                 ToTracker::Report(r) => service.report(peer, r),
                 ToTracker::Resumable => {
@@ -486,6 +503,7 @@ async fn handshake(
     identity: &Arc<Identity>,
     limits: &Limits,
     tickets: &Tickets,
+    statics: &crate::static_key::StaticKeys,
     remote_ip: IpAddr,
 ) -> Result<Opened, SessionError> {
     let mut header = [0u8; CLIENT_HELLO_HEADER];
@@ -493,7 +511,12 @@ async fn handshake(
     let (magic, rest) = header.split_at_mut(magic_len);
     stream.read_exact(magic).await?;
     if *magic == KEY_FETCH_MAGIC {
-        let answer = encode_key_answer(identity.public());
+        // With the highest channel version we speak after the key (version-1 peers stop reading before it); only
+        // version 1 while no valid static key could be made.
+        let answer = match statics.get() {
+            Some(_) => encode_key_answer_v2(identity.public()),
+            None => encode_key_answer(identity.public()),
+        };
         tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&answer))
             .await
             .map_err(|_| SessionError::Timeout("the peer to read the key"))??;
@@ -504,11 +527,33 @@ async fn handshake(
         return resume(stream, identity, tickets).await;
     }
     stream.read_exact(rest).await?;
-    let ct_len = TrackerChannel::hello_ct_len(&header)?;
-    // Every ClientHello costs an RSA decryption: refuse an address over its rate before doing any.
+    let version = parse_hello_header(&header)?;
+    // Every version-1 ClientHello costs an RSA decryption: refuse an address over its rate before doing any.
+    // (Version 2 costs three X25519 operations; the same rate bounds that too.)
     if !limits.hello(remote_ip) {
         return Err(SessionError::Refused("ClientHello rate exceeded (--hello-rate)"));
     }
+    let ct_len = match version {
+        HelloHeader::V1 { ct_len } => ct_len,
+        HelloHeader::V2 => {
+            let mut hello = [0u8; CLIENT_HELLO_V2_LEN];
+            if let Some(h) = hello.get_mut(..CLIENT_HELLO_HEADER) {
+                h.copy_from_slice(&header);
+            }
+            if let Some(tail) = hello.get_mut(CLIENT_HELLO_HEADER..) {
+                stream.read_exact(tail).await?;
+            }
+            let Some(sk) = statics.get() else {
+                return Err(SessionError::Refused("no static channel key: channel version 1 only"));
+            };
+            let (reply, ChannelV2 { channel, th }) =
+                TrackerChannel::accept_v2(&mut OsRng, &sk, &identity.fingerprint(), &hello)?;
+            tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&reply))
+                .await
+                .map_err(|_| SessionError::Timeout("the peer to read our hello"))??;
+            return authenticate(Conn { stream, chan: channel }, identity, Some(th)).await;
+        }
+    };
     let mut rest = vec![0u8; ct_len + EPHEMERAL_LEN];
     stream.read_exact(&mut rest).await?;
     // A join wave beyond what the CPU decrypts in time would queue connections until their Hello timeout, every
@@ -528,8 +573,12 @@ async fn handshake(
     tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&reply))
         .await
         .map_err(|_| SessionError::Timeout("the peer to read our hello"))??;
-    let mut conn = Conn { stream, chan };
+    authenticate(Conn { stream, chan }, identity, None).await
+}
 
+/// The session's authentication on a new channel: `Challenge`, then the peer's `Hello` (version 2: bound to the
+/// channel's transcript hash `th`).
+async fn authenticate(mut conn: Conn, identity: &Identity, th: Option<[u8; 32]>) -> Result<Opened, SessionError> {
     let mut nonce = [0u8; 32];
     OsRng.fill_bytes(&mut nonce);
     conn.send(&FromTracker::Challenge { nonce }).await?;
@@ -537,15 +586,17 @@ async fn handshake(
         return Err(SessionError::Refused("closed before hello"));
     };
     let verified = match &first {
-        ToTracker::Hello { public_key, signature } => {
-            first.validate().and_then(|()| verify_hello(public_key, signature, &identity.fingerprint(), &nonce))
-        }
+        ToTracker::Hello { public_key, signature } => first.validate().and_then(|()| match &th {
+            None => verify_hello(public_key, signature, &identity.fingerprint(), &nonce),
+            Some(th) => verify_hello_v2(public_key, signature, &identity.fingerprint(), &nonce, th),
+        }),
         _ => Err(ProtoError::Unexpected("request before hello")),
     };
     match verified {
         Ok(key) => {
             conn.send(&FromTracker::Welcome { peer_id: key.fingerprint() }).await?;
-            Ok(Opened::Full(conn, key))
+            // A version-2 session's probes are MACs under a key both ends derive from its resumption secret.
+            Ok(Opened::Full(conn, key, th.is_some()))
         }
         Err(e) => {
             let _ = conn.send(&error_reply(ErrorCode::Unauthenticated, e.to_string())).await;

@@ -159,7 +159,15 @@ impl Service {
     /// `Announce`: check reachability, record the peer, top it up, reply with its whole neighbor set.
     /// `remote_ip` is where the session came from: the announced address must be on the same host, so the
     /// reachability probe cannot be pointed at third parties (the tracker would be a reflector).
-    pub(crate) async fn announce(&self, key: &PublicKey, ann: Announce, remote_ip: IpAddr) -> FromTracker {
+    /// With `probe` (a session on a version-2 channel), a probe needed is the version-2 one under that session's
+    /// key; otherwise the version-1 one, signed by the peer's identity.
+    pub(crate) async fn announce(
+        &self,
+        key: &PublicKey,
+        ann: Announce,
+        remote_ip: IpAddr,
+        probe: Option<&anomos_proto::probe_v2::ProbeAuth>,
+    ) -> FromTracker {
         if let Some(refused) = self.unavailable() {
             return refused;
         }
@@ -211,7 +219,8 @@ impl Service {
                 self.metrics.refused.inc(Refusal::ProbeBusy);
                 return error_reply(ErrorCode::Full, "too many reachability checks running; announce again later");
             };
-            if let Err(e) = probe::check(&*self.net, listen, &id, PROBE_TIMEOUT).await {
+            let checked = probe::check_either(&*self.net, listen, &id, probe, PROBE_TIMEOUT).await;
+            if let Err(e) = checked {
                 warn!(peer = %id.short(), %listen, reason = %e, "announce refused: reachability check failed");
                 self.metrics.refused.inc(Refusal::Unreachable);
                 return error_reply(ErrorCode::Unreachable, format!("{listen} did not answer with your key: {e}"));

@@ -6,9 +6,9 @@ use super::*;
 
 /// One end of the tracker channel.
 pub struct TrackerChannel {
-    send: AeadCounter,
-    recv: AeadCounter,
-    resumption: Secret,
+    pub(super) send: AeadCounter,
+    pub(super) recv: AeadCounter,
+    pub(super) resumption: Secret,
 }
 
 /// The keys of one connection: (p2t, t2p, the session's resumption secret).

@@ -29,6 +29,8 @@ use rsa::{BigUint, RsaPrivateKey};
 /// with a 32-byte salt, what `Identity::sign` produces, but in AWS-LC rather than the pure-Rust `rsa` crate).
 pub struct PeerKey {
     pub der: Vec<u8>,
+    /// SHA-256 of the DER (the peer's fingerprint).
+    pub fingerprint: anomos_proto::identity::Fingerprint,
     pair: RsaKeyPair,
 }
 
@@ -126,7 +128,8 @@ impl KeyPool {
         PublicKey::from_der(&der).map_err(|e| format!("key {k}: {e}"))?;
         let pkcs8 = private.to_pkcs8_der().map_err(|e| e.to_string())?;
         let pair = RsaKeyPair::from_pkcs8(pkcs8.as_bytes()).map_err(|e| format!("AWS-LC refused key {k}: {e}"))?;
-        Ok(PeerKey { der, pair })
+        let fingerprint = anomos_proto::identity::Fingerprint(anomos_proto::crypto::sha256(&[&der]));
+        Ok(PeerKey { der, fingerprint, pair })
     }
 }
 

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 use anomos_proto::identity::PublicKey;
 use anomos_proto::ids::ChainId;
 use anomos_proto::link::{decode_probe_body, PROBE_MAGIC};
+use anomos_proto::probe_v2::{
+    decode_probe_v2, ProbeAuth, PROBE_UNKNOWN, PROBE_V2_ANSWER_LEN, PROBE_V2_LEN, PROBE_VERSION_2,
+};
 use anomos_proto::tracker::{self, Announce, FromTracker, ResumeAnswer, Ticket, ToTracker, TrackerChannel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -97,6 +100,9 @@ pub struct Ctx {
     pub signer: Arc<Signer>,
     /// Full session set-ups (a Hello signature each) the generator runs at once; more peers wait their turn.
     pub handshakes: tokio::sync::Semaphore,
+    /// The tracker channel version the peers speak (2: the tracker's certified static key, probes answered by
+    /// a MAC; 1: an OAEP decryption at the tracker and a signed probe answer per join).
+    pub channel_version: u16,
     /// Tracker connections the generator has open at once (its open-file limit is shared by 100,000 simulated
     /// peers that would each have their own): a request waits for a slot before it connects. Latencies are
     /// measured from the slot, so the generator's own queue is not counted as the tracker's.
@@ -148,26 +154,56 @@ impl Session {
         sock.bind(SocketAddr::new(from, 0)).map_err(|e| err_kind(&e))?;
         let mut stream = connect(ctx, sock, to).await?;
         stream.set_nodelay(true).map_err(|e| err_kind(&e))?;
-        let (hello, handshake) =
-            TrackerChannel::connect(&mut rand::rngs::OsRng, &ctx.tracker_key).map_err(|e| format!("proto:{e}"))?;
-        io("hello", stream.write_all(&hello)).await?;
-        let mut reply = [0u8; tracker::EPHEMERAL_LEN];
-        // The tracker sheds a connection here, before any RSA work, when too many channel set-ups are in progress
-        // (or every connection slot is taken): a closed connection is its "busy, retry later".
-        io("hello", stream.read_exact(&mut reply)).await.map_err(|e| match e.as_str() {
+        // The tracker sheds a connection before any work when too many channel set-ups are in progress (or every
+        // connection slot is taken): a closed connection is its "busy, retry later".
+        let shed = |e: String| match e.as_str() {
             "io:UnexpectedEof" | "io:ConnectionReset" => "shed:closed-before-hello".to_string(),
             _ => e,
-        })?;
-        let chan = handshake.finish(&reply).map_err(|e| format!("proto:{e}"))?;
+        };
+        let (chan, th) = if ctx.channel_version >= tracker::TRACKER_VERSION_2 {
+            let (hello, handshake) = TrackerChannel::connect_v2(&mut rand::rngs::OsRng, &ctx.tracker_key)
+                .map_err(|e| format!("proto:{e}"))?;
+            io("hello", stream.write_all(&hello)).await?;
+            let mut e_t = [0u8; tracker::EPHEMERAL_LEN];
+            io("hello", stream.read_exact(&mut e_t)).await.map_err(shed)?;
+            let mut len = [0u8; 2];
+            io("hello", stream.read_exact(&mut len)).await?;
+            let len = TrackerChannel::server_hello_v2_cert_len(len).map_err(|e| format!("proto:{e}"))?;
+            let mut cert = vec![0u8; len];
+            io("hello", stream.read_exact(&mut cert)).await?;
+            let c = handshake.finish(&e_t, &cert, anomos_net::rt::unix_now()).map_err(|e| format!("proto:{e}"))?;
+            (c.channel, Some(c.th))
+        } else {
+            let (hello, handshake) =
+                TrackerChannel::connect(&mut rand::rngs::OsRng, &ctx.tracker_key).map_err(|e| format!("proto:{e}"))?;
+            io("hello", stream.write_all(&hello)).await?;
+            let mut reply = [0u8; tracker::EPHEMERAL_LEN];
+            io("hello", stream.read_exact(&mut reply)).await.map_err(shed)?;
+            (handshake.finish(&reply).map_err(|e| format!("proto:{e}"))?, None)
+        };
         let mut s = Session { stream, chan };
         let nonce = match s.recv().await? {
             FromTracker::Challenge { nonce } => nonce,
             other => return Err(format!("unexpected:{other:?}")),
         };
-        let signed = tracker::hello_signed_bytes(&ctx.tracker_key.fingerprint(), &nonce);
+        let fp = ctx.tracker_key.fingerprint();
+        let signed = match &th {
+            Some(th) => tracker::hello_v2_signed_bytes(&fp, &nonce, th),
+            None => tracker::hello_signed_bytes(&fp, &nonce),
+        };
         let signature = ctx.signer.sign(peer, signed, false).await?;
         match s.request(&ToTracker::Hello { public_key: peer.key.der.clone(), signature }).await? {
-            FromTracker::Welcome { .. } => Ok(s),
+            FromTracker::Welcome { .. } => {
+                if th.is_some() {
+                    // The session's probe key, for this peer's probe answers (the newest two kept).
+                    let auth = ProbeAuth::derive(s.chan.resumption_secret(), &peer.key.fingerprint)
+                        .map_err(|e| format!("proto:{e}"))?;
+                    let mut keys = peer.probe_keys.lock().unwrap_or_else(|e| e.into_inner());
+                    keys.insert(0, auth);
+                    keys.truncate(2);
+                }
+                Ok(s)
+            }
             other => Err(format!("unexpected:{other:?}")),
         }
     }
@@ -257,6 +293,8 @@ pub struct Peer {
     pub announces: AtomicU64,
     /// The neighbor table of the last announce reply: (NeighborID, address).
     pub table: std::sync::Mutex<Vec<(u64, SocketAddr)>>,
+    /// Its version-2 sessions' probe keys, newest first (at most two).
+    probe_keys: std::sync::Mutex<Vec<ProbeAuth>>,
 }
 
 impl Peer {
@@ -271,6 +309,7 @@ impl Peer {
             joined: AtomicBool::new(false),
             announces: AtomicU64::new(0),
             table: std::sync::Mutex::new(Vec::new()),
+            probe_keys: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -490,12 +529,44 @@ pub async fn answer_probes(ctx: Arc<Ctx>, peers: Arc<HashMap<SocketAddr, Arc<Pee
 
 async fn answer_probe(ctx: Arc<Ctx>, peer: Arc<Peer>, mut s: TcpStream) {
     let t = Instant::now();
-    let mut probe = [0u8; 42];
-    if io("probe", s.read_exact(&mut probe)).await.is_err() || probe[..8] != PROBE_MAGIC {
+    let mut probe = [0u8; PROBE_V2_LEN];
+    if io("probe", s.read_exact(&mut probe[..10])).await.is_err() || probe[..8] != PROBE_MAGIC {
         ctx.stats.error(ctx.start, "probe/bad");
         return;
     }
-    let Ok(nonce) = decode_probe_body(&probe[8..]) else {
+    if u16::from_be_bytes([probe[8], probe[9]]) == PROBE_VERSION_2 {
+        // A MAC under the session's probe key, as the real listener answers (`src/probe_keys.rs`): no signature.
+        let parsed = match io("probe", s.read_exact(&mut probe[10..])).await {
+            Ok(_) => decode_probe_v2(&probe[8..]),
+            Err(_) => {
+                ctx.stats.error(ctx.start, "probe/bad");
+                return;
+            }
+        };
+        let Ok(p) = parsed else {
+            ctx.stats.error(ctx.start, "probe/bad");
+            return;
+        };
+        let answer = {
+            let keys = peer.probe_keys.lock().unwrap_or_else(|e| e.into_inner());
+            keys.iter().find(|a| a.owns(&p)).map(|a| a.answer(&p, peer.listen))
+        };
+        let answer = answer.unwrap_or_else(|| {
+            let mut a = [0u8; PROBE_V2_ANSWER_LEN];
+            a[0] = PROBE_UNKNOWN;
+            a
+        });
+        match io("probe", s.write_all(&answer)).await {
+            Ok(()) => ctx.stats.probes.record(ctx.start, t.elapsed()),
+            Err(_) => ctx.stats.error(ctx.start, "probe/write"),
+        }
+        return;
+    }
+    if io("probe", s.read_exact(&mut probe[10..42])).await.is_err() {
+        ctx.stats.error(ctx.start, "probe/bad");
+        return;
+    }
+    let Ok(nonce) = decode_probe_body(&probe[8..42]) else {
         ctx.stats.error(ctx.start, "probe/bad");
         return;
     };
