@@ -309,12 +309,19 @@ async fn hundreds_of_crossing_opens_all_open() {
         t.a.send(Cell::open(t.a.id(), &to_b));
         t.b.send(Cell::open(t.b.id(), &to_a));
     }
-    // Generous: 600 RSA peels on a shared 2-core machine, in a debug build.
-    let deadline = Instant::now() + Duration::from_secs(90);
+    // 600 RSA peels in a debug build on a shared 2-core machine take from seconds to minutes (CI once got 361 in
+    // 90 s next to a simulation run): what must not happen is that forwarding stops, so the test fails only after
+    // 60 s without progress.
+    let stall = Duration::from_secs(60);
+    let mut progress = Instant::now();
     let (mut at_a, mut at_b) = (0, 0);
-    while (at_a < n || at_b < n) && Instant::now() < deadline {
-        at_a += t.a.drain().iter().filter(|c| c.command == Command::Open).count();
-        at_b += t.b.drain().iter().filter(|c| c.command == Command::Open).count();
+    while (at_a < n || at_b < n) && progress.elapsed() < stall {
+        let got = t.a.drain().iter().filter(|c| c.command == Command::Open).count();
+        let got_b = t.b.drain().iter().filter(|c| c.command == Command::Open).count();
+        if got + got_b > 0 {
+            progress = Instant::now();
+        }
+        (at_a, at_b) = (at_a + got, at_b + got_b);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!((at_a, at_b), (n, n), "every crossing OPEN was forwarded");
