@@ -353,6 +353,12 @@ impl TrackerClient {
         self.open(st, addr, wait).await
     }
 
+    /// Records the channel version the tracker at `addr` offered in a key fetch made before this client existed
+    /// (at start-up), so its first session does not ask again.
+    pub async fn offered(&self, addr: SocketAddr, version: u16) {
+        self.state.lock().await.versions.insert(addr, version);
+    }
+
     /// A new session (full handshake), with a ticket for the next connections if the tracker issues them.
     async fn open(&self, st: &mut ClientState, addr: SocketAddr, wait: Duration) -> Result<TrackerSession, PeerError> {
         let offered = match st.versions.get(&addr) {
@@ -449,6 +455,14 @@ pub async fn fetch_tracker_key(
     pinned: &anomos_proto::identity::Fingerprint,
 ) -> Result<PublicKey, PeerError> {
     fetch_tracker_key_via(&anomos_net::Tcp, addr, pinned).await
+}
+
+/// [`fetch_tracker_key`], with the highest channel version the tracker offers (for [`TrackerClient::offered`]).
+pub async fn fetch_tracker_key_version(
+    addr: SocketAddr,
+    pinned: &anomos_proto::identity::Fingerprint,
+) -> Result<(PublicKey, u16), PeerError> {
+    tracker_key_version_via(&anomos_net::Tcp, addr, pinned, IO_TIMEOUT).await
 }
 
 /// [`fetch_tracker_key`] over the transport `net`.

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::config::PeerConfig;
 use crate::error::PeerError;
 use crate::node::{Node, Service};
-use crate::tracker_client::fetch_tracker_key;
+use crate::tracker_client::fetch_tracker_key_version;
 
 /// Flags every command that runs a peer shares.
 #[derive(Args, Debug, Clone)]
@@ -189,35 +189,32 @@ pub async fn launch(cfg: PeerConfig, service: Option<Arc<dyn Service>>) -> Resul
     ensure_private_dir(&cfg.data_dir)?;
     let key_path = cfg.data_dir.join("peer.key");
     let bits = cfg.key_bits;
-    let (id, created) = tokio::task::spawn_blocking(move || identity::load_or_create_identity(&key_path, bits))
-        .await
-        .map_err(|e| PeerError::Config(e.to_string()))??;
-    if created {
-        info!(fingerprint = %id.fingerprint(), "created a new identity key");
-    }
-    // The tracker may not be up yet: keep trying, with backoff. A key that does not match the pin is fatal.
-    // With several addresses (a replicated tracker) each is tried in turn; every one must present the pinned key.
-    let mut backoff = Duration::from_millis(200);
-    let addrs = cfg.tracker_addrs();
-    let mut at = 0usize;
-    let tracker_key = loop {
-        let addr = addrs.get(at % addrs.len().max(1)).copied().unwrap_or(cfg.tracker);
-        at += 1;
-        match fetch_tracker_key(addr, &pinned).await {
-            Ok(k) => break k,
-            Err(PeerError::Proto(e)) => return Err(PeerError::Config(format!("refusing the tracker at {addr}: {e}"))),
-            Err(e) if !at.is_multiple_of(addrs.len().max(1)) => {
-                info!("tracker {addr} not reachable ({e}); trying the next address")
-            }
-            Err(e) => {
-                warn!("tracker {addr} not reachable yet ({e}); retrying in {:.1}s", backoff.as_secs_f64());
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+    // A new key takes a few hundred milliseconds: it is made while the tracker's key is fetched. A key file that
+    // cannot be read ends the start at once, even while the tracker is unreachable.
+    let mut identity = tokio::task::spawn_blocking(move || identity::load_or_create_identity(&key_path, bits));
+    let mut made = None;
+    let (tracker_key, offered) = {
+        let fetch = tracker_key_with_retries(&cfg, &pinned);
+        tokio::pin!(fetch);
+        loop {
+            tokio::select! {
+                r = &mut fetch => break r?,
+                r = &mut identity, if made.is_none() => {
+                    made = Some(r.map_err(|e| PeerError::Config(e.to_string()))??);
+                }
             }
         }
     };
+    let (id, created) = match made {
+        Some(m) => m,
+        None => identity.await.map_err(|e| PeerError::Config(e.to_string()))??,
+    };
+    if created {
+        info!(fingerprint = %id.fingerprint(), "created a new identity key");
+    }
     crate::control::check_private(&cfg.data_dir);
     let (node, listener) = Node::bind(cfg, id, tracker_key, service).await?;
+    node.tracker_offers(offered.0, offered.1).await;
     if node.cfg.control {
         // Before anything runs: a second peer on the same data directory is refused here.
         if let Some(path) = crate::control::start(&node).await? {
@@ -234,6 +231,35 @@ pub async fn launch(cfg: PeerConfig, service: Option<Arc<dyn Service>>) -> Resul
     use std::io::Write;
     let _ = std::io::stdout().flush();
     Ok(node)
+}
+
+/// The tracker's key, checked against `pinned`, and the channel version offered with it, from the first of the
+/// configured addresses that answers. The tracker may not be up yet: keeps trying, with backoff. A key that does not
+/// match the pin is fatal. With several addresses (a replicated tracker) each is tried in turn; every one must
+/// present the pinned key.
+async fn tracker_key_with_retries(
+    cfg: &PeerConfig,
+    pinned: &Fingerprint,
+) -> Result<(anomos_proto::identity::PublicKey, (std::net::SocketAddr, u16)), PeerError> {
+    let mut backoff = Duration::from_millis(200);
+    let addrs = cfg.tracker_addrs();
+    let mut at = 0usize;
+    loop {
+        let addr = addrs.get(at % addrs.len().max(1)).copied().unwrap_or(cfg.tracker);
+        at += 1;
+        match fetch_tracker_key_version(addr, pinned).await {
+            Ok((k, version)) => return Ok((k, (addr, version))),
+            Err(PeerError::Proto(e)) => return Err(PeerError::Config(format!("refusing the tracker at {addr}: {e}"))),
+            Err(e) if !at.is_multiple_of(addrs.len().max(1)) => {
+                info!("tracker {addr} not reachable ({e}); trying the next address")
+            }
+            Err(e) => {
+                warn!("tracker {addr} not reachable yet ({e}); retrying in {:.1}s", backoff.as_secs_f64());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
 }
 
 /// How long shutdown gives the BREAK cells to reach the neighbors before the links close.

@@ -25,7 +25,8 @@ pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// `status`, reported to the tracker. A link that just dropped and cannot be redialed is reported (and shown) at
 /// the first failed dial already, logged at INFO.
 pub const UNREACHABLE_AFTER: u32 = 3;
-/// How long a new edge's dialer gets before we knock.
+/// The wait before a second knock on a new edge (doubling before the third). The first knock goes at once, unless
+/// the edge's dialer dialed us within [`KNOCK_FRESH`] (its link is then coming up).
 pub const KNOCK_GRACE: Duration = Duration::from_millis(1500);
 /// Knocks per new edge at most.
 const KNOCKS: u32 = 3;
@@ -195,23 +196,26 @@ impl Node {
         self.dial_troubles.map().remove(&n.nid);
     }
 
-    /// A new edge whose dialer is the neighbor (smaller fingerprint): if it has not dialed us within
-    /// [`KNOCK_GRACE`], it may not know the edge yet (the tracker paired us after its last announce), so we dial
-    /// it. It refreshes its table on our AUTH and accepts, and the link runs as any other until it ends; after
-    /// that, redialing is the neighbor's job. At most [`KNOCKS`] tries, while the edge lasts and no link is up.
+    /// A new edge whose dialer is the neighbor (smaller fingerprint): it most likely does not know the edge yet
+    /// (the tracker made it at our announce, and tells the neighbor at its next one), so we dial it at once,
+    /// unless it dialed us within [`KNOCK_FRESH`] (we refused it before our table had the edge, and its link is
+    /// coming up). It refreshes its table on our AUTH and accepts, and the link runs as any other until it ends;
+    /// after that, redialing is the neighbor's job. At most [`KNOCKS`] tries, [`KNOCK_GRACE`] apart and doubling,
+    /// while the edge lasts and no link is up. Should the neighbor dial too, the links cross and one drains (SPEC
+    /// §5.2).
     pub(super) async fn knock(self: &Arc<Self>, fp: Fingerprint, n: NeighborEntry) {
-        let mut wait = KNOCK_GRACE;
-        for _ in 0..KNOCKS {
+        let mut wait = if self.neighbors.recently_knocked(&fp) { KNOCK_FRESH } else { Duration::ZERO };
+        for k in 0..KNOCKS {
             if self.links.wait_link(n.nid, wait).await.is_some() || self.is_shutting_down() {
                 return;
             }
+            wait = if k == 0 { KNOCK_GRACE } else { wait.saturating_mul(2) };
             let Some(now) = self.neighbors.get(&fp).filter(|e| e.nid == n.nid) else { return };
             let host: Arc<dyn link::LinkHost> = self.host.clone();
             match link::dial(host, &self.link_settings, n.nid, now.addr, n.key.clone()).await {
                 Ok(()) => return,
                 Err(e) => debug!(peer = %fp.short(), "knock on a new neighbor failed: {e}"),
             }
-            wait = wait.saturating_mul(2);
         }
     }
 }

@@ -434,6 +434,17 @@ impl Node {
         self.links.len()
     }
 
+    /// Records the channel version the tracker at `addr` offered in the start-up key fetch (its first session then
+    /// asks no second time).
+    pub async fn tracker_offers(&self, addr: std::net::SocketAddr, version: u16) {
+        self.tracker.offered(addr, version).await;
+    }
+
+    /// Waits up to `max` for any link to be up; returns whether one is.
+    pub async fn wait_any_link(&self, max: Duration) -> bool {
+        self.links.wait_any(max).await
+    }
+
     /// Waits up to `max` for the link over `nid` to be up.
     pub async fn wait_link(&self, nid: NeighborId, max: Duration) -> Option<Arc<Link>> {
         self.links.wait_link(nid, max).await

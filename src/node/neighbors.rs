@@ -20,6 +20,9 @@ use crate::stats::unix_now;
 
 /// Early announces (asked for by a refused stranger or an OPEN naming an unknown edge) at most this often.
 pub const REANNOUNCE_MIN: Duration = Duration::from_secs(2);
+/// An early announce waits at least this long, so requests arriving together (the dials of a new peer's neighbors)
+/// make one announce. Short: a dialer waits for it (its AUTH is held until our table is refreshed).
+pub const REANNOUNCE_COALESCE: Duration = Duration::from_millis(50);
 
 impl Node {
     pub(super) async fn announce_loop(self: Arc<Self>) {
@@ -57,7 +60,7 @@ impl Node {
                     // Early announces are spaced by REANNOUNCE_MIN; requests meanwhile are coalesced into the
                     // next one, not lost (a second new neighbor within the window must not wait for the interval).
                     let since = last_announce.elapsed();
-                    tokio::time::sleep(Duration::from_millis(200).max(REANNOUNCE_MIN.saturating_sub(since))).await;
+                    tokio::time::sleep(REANNOUNCE_COALESCE.max(REANNOUNCE_MIN.saturating_sub(since))).await;
                 }
             }
         }

@@ -111,11 +111,11 @@ impl Neighbors {
 }
 
 /// How young the current link over an edge must be for a second link of the other kind (dialed by the other
-/// side) to count as a *crossing* dial rather than a neighbor that restarted (SPEC §5.2): the other side knocks
-/// only after `KNOCK_GRACE` without a link, so a restarted neighbor's dial comes later than this. (Both ends see
-/// the two links come up within about two transits of each other: with round trips under a second or so, both
-/// judge a crossing alike.)
-pub const CROSS_WINDOW: Duration = super::dial::KNOCK_GRACE;
+/// side) to count as a *crossing* dial rather than a neighbor that restarted (SPEC §5.2): a restarted neighbor
+/// dials only after its restart, its tracker session and its announce, and its old link came up before all that.
+/// (Both ends see the two links come up within about two transits of each other: with round trips under a second
+/// or so, both judge a crossing alike.)
+pub const CROSS_WINDOW: Duration = Duration::from_millis(1500);
 /// How long a link that lost a crossing is kept, draining, at least: a circuit the neighbor opened on it before it
 /// saw the other link come up is served. After that it closes once it carries no circuit.
 pub const DRAIN_LINGER: Duration = Duration::from_secs(10);
@@ -320,6 +320,22 @@ impl Links {
                 biased; // in order: the same outcome in every run of a simulation
                 _ = link_changed => {}
                 _ = table_changed => {}
+            }
+        }
+    }
+
+    /// Waits up to `max` for any link to be up; returns whether one is.
+    pub async fn wait_any(&self, max: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let changed = self.changed.notified();
+            if self.len() > 0 {
+                return true;
+            }
+            tokio::select! {
+                biased; // in order: the same outcome in every run of a simulation
+                _ = tokio::time::sleep_until(deadline) => return self.len() > 0,
+                _ = changed => {}
             }
         }
     }

@@ -242,9 +242,11 @@ async fn fetch_once(
     crate::cmd::ensure_private_dir(dir)?;
     let d = |n: &str| dir.join(n).display().to_string();
     let mut procs = Vec::new();
-    let targs: Vec<String> = ["tracker", "--listen", &addr(1, PORT), "--data-dir", &d("tracker"), "--interval", "2"]
-        .map(String::from)
-        .to_vec();
+    // The tracker's default announce interval (30 s), as users run it: links between peers come up by the
+    // start-up mechanisms (a new edge's knock, the acceptor's refresh on an AUTH it cannot place), not by
+    // announces (SPEC §5.2).
+    let targs: Vec<String> =
+        ["tracker", "--listen", &addr(1, PORT), "--data-dir", &d("tracker")].map(String::from).to_vec();
     let (t, _, fp) = spawn_ready_in(Some(&ns(1)), "tracker", &targs, &dir.join("tracker.log")).await?;
     procs.push(t);
     let tracker = addr(1, PORT);
@@ -267,7 +269,8 @@ async fn fetch_once(
             spawn_ready_in(Some(&ns(host)), &name, &common(host, &name), &dir.join(format!("{name}.log"))).await?.0,
         );
     }
-    // Two announce intervals: every peer knows its neighbors (what a user's long-running overlay looks like).
+    // Every peer has its links up (what a user's long-running overlay looks like): they come up within a second
+    // or two of a peer's first announce.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let mut fargs = node_args(None, "fetch", &addr(REQUESTER, PORT), &tracker, &fp, &dir.join("requester"));
     fargs.extend(

@@ -168,3 +168,22 @@ async fn a_draining_link_closes_once_it_carries_no_circuit_or_at_the_latest_afte
     task.await.unwrap();
     assert!(!k.at_small.writer.is_closed() && Arc::ptr_eq(&current(&a), &k.at_small));
 }
+
+#[tokio::test(start_paused = true)]
+async fn wait_any_returns_when_the_first_link_comes_up_and_not_before() {
+    let s = settings();
+    let (a, _) = registries();
+    assert!(!a.wait_any(Duration::from_millis(300)).await, "no link yet");
+    let t = tokio::time::Instant::now();
+    let waiter = {
+        let a = a.clone();
+        tokio::spawn(async move { (a.wait_any(Duration::from_secs(60)).await, t.elapsed()) })
+    };
+    tokio::task::yield_now().await; // the waiter is waiting
+    tokio::time::advance(Duration::from_secs(2)).await;
+    a.install(&twin(true, &s).at_small);
+    let (up, after) = waiter.await.expect("the waiter");
+    assert!(up, "a link is up");
+    // Woken by the link, not by its deadline.
+    assert!(after >= Duration::from_secs(2) && after < Duration::from_secs(3), "{after:?}");
+}
