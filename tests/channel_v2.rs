@@ -14,24 +14,17 @@ use anomos_proto::tracker::{Announce, ErrorCode, FromTracker, ToTracker};
 use rand::SeedableRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn tracker(key: &Identity, dir: &std::path::Path) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+async fn tracker(key: &Identity, dir: &std::path::Path) -> SocketAddr {
     anomos_proto::identity::save_identity(&dir.join("tracker.key"), key).unwrap();
     let args = anomos_tracker::TrackerArgs {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_path_buf(),
         allow_same_ip: true,
-        max_peers: 16,
         ..Default::default()
     };
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = anomos_tracker::run_until(args, Some(ready_tx), async {
-            let _ = stop_rx.await;
-        })
-        .await;
-    });
-    (ready_rx.await.unwrap().listen, stop_tx)
+    let (ready, up) = tokio::sync::oneshot::channel();
+    tokio::spawn(anomos_tracker::run_until(args, Some(ready), std::future::pending()));
+    up.await.unwrap().listen
 }
 
 /// A probe responder on 127.0.0.1 answering version-2 probes with `keys` (version-1 ones not at all); records the
@@ -73,7 +66,7 @@ async fn a_new_peer_is_probed_with_a_mac_under_its_sessions_key() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let tracker_key = Identity::generate(&mut rng, 2048).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (t, _stop) = tracker(&tracker_key, dir.path()).await;
+    let t = tracker(&tracker_key, dir.path()).await;
 
     // A peer whose tracker client installs its sessions' probe keys where its responder reads them.
     let keys = Arc::new(ProbeKeys::default());
@@ -107,7 +100,7 @@ async fn a_real_node_joins_with_a_version_2_probe_and_signs_none() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(12);
     let tracker_key = Identity::generate(&mut rng, 2048).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (t, _stop) = tracker(&tracker_key, dir.path()).await;
+    let t = tracker(&tracker_key, dir.path()).await;
     let ndir = tempfile::tempdir().unwrap();
     let cfg = anomos::PeerConfig::new(
         "127.0.0.1:0".parse().unwrap(),
