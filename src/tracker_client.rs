@@ -457,13 +457,25 @@ pub async fn fetch_tracker_key(
     fetch_tracker_key_via(&anomos_net::Tcp, addr, pinned).await
 }
 
-/// [`fetch_tracker_key`], with the highest channel version the tracker offers (for [`TrackerClient::offered`]).
+/// [`fetch_tracker_key`], with the highest channel version the tracker offers (for [`TrackerClient::offered`]) when
+/// it comes within [`TRAILER_WAIT`] of the key and reads well: only the key decides whether the fetch succeeded
+/// (the trailer is not authenticated, SPEC §3.1; without it the client asks again at its first session).
 pub async fn fetch_tracker_key_version(
     addr: SocketAddr,
     pinned: &anomos_proto::identity::Fingerprint,
-) -> Result<(PublicKey, u16), PeerError> {
-    tracker_key_version_via(&anomos_net::Tcp, addr, pinned, IO_TIMEOUT).await
+) -> Result<(PublicKey, Option<u16>), PeerError> {
+    let (key, mut s) = key_fetch(&anomos_net::Tcp, addr, pinned, IO_TIMEOUT).await?;
+    let mut trailer = Vec::with_capacity(3);
+    let mut limited = (&mut s).take(3);
+    let version = match timeout(TRAILER_WAIT, limited.read_to_end(&mut trailer)).await {
+        Ok(Ok(_)) => tracker::key_answer_version(&trailer).ok(),
+        _ => None,
+    };
+    Ok((key, version))
 }
+
+/// How long a start-up key fetch waits for the channel version after the key (the tracker writes both at once).
+const TRAILER_WAIT: Duration = Duration::from_secs(1);
 
 /// [`fetch_tracker_key`] over the transport `net`.
 pub async fn fetch_tracker_key_via(

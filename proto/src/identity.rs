@@ -351,6 +351,11 @@ pub fn load_identity(path: &std::path::Path) -> Result<Identity> {
 pub fn save_identity(path: &std::path::Path, id: &Identity) -> Result<()> {
     use std::io::Write;
     let pem = id.to_pkcs8_pem()?;
+    let bad = |e: std::io::Error| ProtoError::KeyFile(format!("{}: {e}", path.display()));
+    // Written whole to a file beside it, then linked to `path` (which fails if `path` exists): a process ended in the
+    // middle leaves no truncated key at `path`.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -358,10 +363,13 @@ pub fn save_identity(path: &std::path::Path, id: &Identity) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).map_err(|e| ProtoError::KeyFile(format!("{}: {e}", path.display())))?;
-    f.write_all(pem.as_bytes()).map_err(|e| ProtoError::KeyFile(format!("{}: {e}", path.display())))?;
-    f.sync_all().map_err(|e| ProtoError::KeyFile(format!("{}: {e}", path.display())))?;
-    Ok(())
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(pem.as_bytes())?;
+        f.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    linked.map_err(bad)
 }
 
 /// Loads the identity at `path`, or generates one of `bits` and saves it there if the file does not exist.
@@ -394,5 +402,21 @@ mod tests {
             assert!(key.verify(b"other", &sig, "t").is_err() && !key.verify_rsa_crate(b"other", &sig));
             assert!(key.verify(msg, &sig[1..], "t").is_err());
         }
+    }
+
+    #[test]
+    fn a_saved_key_is_whole_never_overwritten_and_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("anomos-key-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("peer.key");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+        let (a, b) = (Identity::generate(&mut rng, 2048).unwrap(), Identity::generate(&mut rng, 2048).unwrap());
+        save_identity(&path, &a).unwrap();
+        assert!(save_identity(&path, &b).is_err(), "an existing key is kept");
+        assert_eq!(load_identity(&path).unwrap().fingerprint(), a.fingerprint());
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("peer.key")]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

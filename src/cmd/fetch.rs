@@ -196,13 +196,10 @@ fn unix_ms() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
 
-/// Opens circuits: asks the tracker as soon as the node has a link, retries until some open or `deadline`. A
-/// grant whose first hop's link is not up yet waits for it ([`Node::open_circuit`]): the links of a new peer come
-/// up together, a round trip or so after its first announce, so asking at the first one overlaps the request
-/// with the others instead of waiting for the slowest (or for a dead neighbor). While the overlay is still
-/// forming the tracker may find fewer serving peers than asked for: fewer are taken only after [`FILL_WAIT`] of
-/// asking. Returns the circuits that opened and how many the tracker issued (distinct serving peers it found):
-/// the sync keeps that many open, replacing any that did not open or fail later.
+/// Opens circuits: waits for the node's links, asks the tracker, retries until some open or `deadline`. While
+/// the overlay is still forming the tracker may find fewer serving peers than asked for: fewer are taken only
+/// after [`FILL_WAIT`] of asking. Returns the circuits that opened and how many the tracker issued (distinct
+/// serving peers it found): the sync keeps that many open, replacing any that did not open or fail later.
 async fn initial_circuits(
     node: &Arc<Node>,
     req: &CircuitRequest,
@@ -211,13 +208,25 @@ async fn initial_circuits(
     let mut best: Vec<CircuitStream> = Vec::new();
     let mut issued_max = 0;
     let mut first_success: Option<Instant> = None;
+    let started = Instant::now();
+    let (mut last_links, mut links_changed) = (0, Instant::now());
     loop {
         if Instant::now() > deadline {
             return Err(PeerError::Timeout("fetch deadline"));
         }
-        // Circuits need one of the requester's own links up (the first hop of each); the tracker needs a serving
-        // peer announced.
-        if !node.wait_any_link(Duration::from_millis(500)).await {
+        // Circuits need the requester's own links up: all of them, or as many as came up until no new one did
+        // for a while (a restarted peer's neighbors reconnect one by one; a dead neighbor never does). Not just
+        // the first: the tracker does not know which are up, and a grant whose first hop has no link after the
+        // wait of `open_circuit` is reported against that hop (SPEC §3.10). A new peer's links come up together
+        // (its knocks go at once, SPEC §5.2), so this costs little; the wait ends when the last one comes up.
+        // The tracker needs a serving peer announced.
+        let links = node.link_count();
+        if links != last_links {
+            (last_links, links_changed) = (links, Instant::now());
+        }
+        let settled = links >= node.neighbor_count() || links_changed.elapsed() >= LINKS_SETTLE;
+        if links == 0 || (!settled && started.elapsed() < LINK_WAIT) {
+            node.wait_link_change(Duration::from_millis(100)).await;
             continue;
         }
         match node.request_grants(req.clone()).await {
@@ -251,6 +260,12 @@ async fn initial_circuits(
 
 /// How long to keep asking for the full number of circuits once some opened.
 pub const FILL_WAIT: Duration = Duration::from_secs(3);
+
+/// How long to wait for links to all our neighbors before asking for circuits anyway.
+pub const LINK_WAIT: Duration = Duration::from_secs(10);
+
+/// Links count as settled when no new one came up for this long.
+pub const LINKS_SETTLE: Duration = Duration::from_secs(2);
 
 /// A [`CircuitSource`] asking the tracker (through `node`) for replacement circuits.
 pub fn circuit_source(node: Arc<Node>, chain: ChainId, relays: u8) -> CircuitSource {

@@ -193,28 +193,32 @@ pub async fn launch(cfg: PeerConfig, service: Option<Arc<dyn Service>>) -> Resul
     // cannot be read ends the start at once, even while the tracker is unreachable.
     let mut identity = tokio::task::spawn_blocking(move || identity::load_or_create_identity(&key_path, bits));
     let mut made = None;
-    let (tracker_key, offered) = {
+    let fetched = {
         let fetch = tracker_key_with_retries(&cfg, &pinned);
         tokio::pin!(fetch);
         loop {
             tokio::select! {
-                r = &mut fetch => break r?,
+                r = &mut fetch => break r,
                 r = &mut identity, if made.is_none() => {
                     made = Some(r.map_err(|e| PeerError::Config(e.to_string()))??);
                 }
             }
         }
     };
+    // The key is made (and saved) before anything returns, an error included.
     let (id, created) = match made {
         Some(m) => m,
         None => identity.await.map_err(|e| PeerError::Config(e.to_string()))??,
     };
+    let (tracker_key, offered) = fetched?;
     if created {
         info!(fingerprint = %id.fingerprint(), "created a new identity key");
     }
     crate::control::check_private(&cfg.data_dir);
     let (node, listener) = Node::bind(cfg, id, tracker_key, service).await?;
-    node.tracker_offers(offered.0, offered.1).await;
+    if let (addr, Some(version)) = offered {
+        node.tracker_offers(addr, version).await;
+    }
     if node.cfg.control {
         // Before anything runs: a second peer on the same data directory is refused here.
         if let Some(path) = crate::control::start(&node).await? {
@@ -240,7 +244,7 @@ pub async fn launch(cfg: PeerConfig, service: Option<Arc<dyn Service>>) -> Resul
 async fn tracker_key_with_retries(
     cfg: &PeerConfig,
     pinned: &Fingerprint,
-) -> Result<(anomos_proto::identity::PublicKey, (std::net::SocketAddr, u16)), PeerError> {
+) -> Result<(anomos_proto::identity::PublicKey, (std::net::SocketAddr, Option<u16>)), PeerError> {
     let mut backoff = Duration::from_millis(200);
     let addrs = cfg.tracker_addrs();
     let mut at = 0usize;

@@ -174,6 +174,11 @@ impl Link {
         self.draining_since.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(now);
     }
 
+    /// Ends draining: the link became the current one over its edge again (the one it lost to went down).
+    pub fn clear_draining(&self) {
+        *self.draining_since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Whether an OPEN arriving at `now` is refused because the link has drained for over [`DRAINING_OPENS`].
     pub fn refuses_opens(&self, now: Instant) -> bool {
         self.draining_since

@@ -440,9 +440,9 @@ impl Node {
         self.tracker.offered(addr, version).await;
     }
 
-    /// Waits up to `max` for any link to be up; returns whether one is.
-    pub async fn wait_any_link(&self, max: Duration) -> bool {
-        self.links.wait_any(max).await
+    /// Waits until a link comes up or goes down, or `max` passed.
+    pub async fn wait_link_change(&self, max: Duration) {
+        self.links.wait_change(max).await
     }
 
     /// Waits up to `max` for the link over `nid` to be up.

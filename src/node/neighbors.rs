@@ -110,8 +110,8 @@ impl Node {
     }
 
     /// Dials the neighbors we are responsible for: one link per pair, dialed by the side with the smaller
-    /// fingerprint. For the others we knock once they did not dial us for a while (`dial::knock`): the
-    /// tracker may have paired us after their last announce, so they do not know the edge yet (SPEC §5.2).
+    /// fingerprint. For the others, new in this table, we knock (`dial::knock`): the tracker most likely paired us
+    /// after their last announce, so they do not know the edge yet (SPEC §5.2).
     fn reconcile_links(self: &Arc<Self>, known_before: &HashSet<NeighborId>) {
         let me = self.fingerprint();
         for (fp, n) in self.neighbors.all() {

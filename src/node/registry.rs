@@ -261,6 +261,9 @@ impl Links {
             if Arc::ptr_eq(&e.current, link) {
                 match e.draining.take() {
                     Some((d, _)) if !d.writer.is_closed() => {
+                        // Current now: it takes OPENs again, and its drain watch (which checks `is_draining`)
+                        // lets it be.
+                        d.clear_draining();
                         e.current = d;
                         e.up_at = now;
                     }
@@ -324,20 +327,10 @@ impl Links {
         }
     }
 
-    /// Waits up to `max` for any link to be up; returns whether one is.
-    pub async fn wait_any(&self, max: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + max;
-        loop {
-            let changed = self.changed.notified();
-            if self.len() > 0 {
-                return true;
-            }
-            tokio::select! {
-                biased; // in order: the same outcome in every run of a simulation
-                _ = tokio::time::sleep_until(deadline) => return self.len() > 0,
-                _ = changed => {}
-            }
-        }
+    /// Waits until a link comes up or goes down, or `max` passed (a change just before the call may be missed:
+    /// callers re-check on a short `max`).
+    pub async fn wait_change(&self, max: Duration) {
+        let _ = tokio::time::timeout(max, self.changed.notified()).await;
     }
 
     /// Waits up to `max` for the link over `nid`; with `unlisted`, also gives up when a replaced neighbor table

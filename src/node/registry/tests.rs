@@ -101,10 +101,14 @@ async fn a_draining_link_is_promoted_when_the_current_one_goes_down_and_one_drai
     a.install(&k.at_small);
     a.install(&c.at_small);
     assert!(Arc::ptr_eq(&current(&a), &c.at_small));
-    // The current link goes down: the draining one (still open) takes over, so the edge keeps a link.
+    tokio::time::advance(crate::link::DRAINING_OPENS * 2).await;
+    assert!(k.at_small.refuses_opens(anomos_net::rt::now()), "draining for a while: no new OPENs");
+    // The current link goes down: the draining one (still open) takes over, so the edge keeps a link, and takes
+    // OPENs again.
     a.remove(&c.at_small);
     assert!(Arc::ptr_eq(&current(&a), &k.at_small));
     assert_eq!(a.len(), 1);
+    assert!(!k.at_small.refuses_opens(anomos_net::rt::now()), "a promoted link refuses no OPEN");
     // A second crossing within the window: the older draining link is closed, one drains.
     let (a, _) = registries();
     let (c1, k1, c2) = (twin(true, &s), twin(false, &s), twin(true, &s));
@@ -170,20 +174,24 @@ async fn a_draining_link_closes_once_it_carries_no_circuit_or_at_the_latest_afte
 }
 
 #[tokio::test(start_paused = true)]
-async fn wait_any_returns_when_the_first_link_comes_up_and_not_before() {
+async fn wait_change_returns_when_a_link_comes_up_not_at_its_deadline() {
     let s = settings();
     let (a, _) = registries();
-    assert!(!a.wait_any(Duration::from_millis(300)).await, "no link yet");
     let t = tokio::time::Instant::now();
     let waiter = {
         let a = a.clone();
-        tokio::spawn(async move { (a.wait_any(Duration::from_secs(60)).await, t.elapsed()) })
+        tokio::spawn(async move {
+            a.wait_change(Duration::from_secs(60)).await;
+            t.elapsed()
+        })
     };
     tokio::task::yield_now().await; // the waiter is waiting
     tokio::time::advance(Duration::from_secs(2)).await;
     a.install(&twin(true, &s).at_small);
-    let (up, after) = waiter.await.expect("the waiter");
-    assert!(up, "a link is up");
-    // Woken by the link, not by its deadline.
+    let after = waiter.await.expect("the waiter");
     assert!(after >= Duration::from_secs(2) && after < Duration::from_secs(3), "{after:?}");
+    // And with no change, at its deadline.
+    let t = tokio::time::Instant::now();
+    a.wait_change(Duration::from_millis(300)).await;
+    assert_eq!(t.elapsed(), Duration::from_millis(300));
 }
