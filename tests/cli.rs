@@ -208,3 +208,28 @@ fn a_bad_peer_configuration_is_refused_before_ready_and_creates_nothing() {
         );
     }
 }
+
+#[test]
+fn a_bad_key_file_ends_the_start_even_while_the_tracker_is_unreachable() {
+    // The identity key is loaded while the tracker's key is fetched (SPEC revision 15): a key file that cannot be
+    // read must still end the start at once, not after the tracker answers.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("peer");
+    std::fs::create_dir(&data).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    std::fs::write(data.join("peer.key"), "not a key\n").unwrap();
+    // A port nobody listens on: every key fetch is refused, and the peer would retry for ever.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let mut cmd = anomos();
+    let fp = "ab".repeat(32);
+    let data_s = data.display().to_string();
+    cmd.args(["peer", "--listen", "127.0.0.1:0", "--tracker", &closed, "--tracker-fp", &fp, "--data-dir", &data_s]);
+    let (ready, out, exited) = run_until(cmd, "ready");
+    assert!(!ready, "{out}");
+    assert!(exited.is_some_and(|c| c != 0), "still running (retrying the tracker?): {out}");
+    assert!(out.contains("peer.key"), "the error does not name the key file: {out}");
+}
