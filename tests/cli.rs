@@ -222,6 +222,12 @@ fn a_bad_key_file_ends_the_start_even_while_the_tracker_is_unreachable() {
         std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
     }
     std::fs::write(data.join("peer.key"), "not a key\n").unwrap();
+    #[cfg(unix)]
+    {
+        // Private, as a key must be: what ends the start is its content, not its mode.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(data.join("peer.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     // A port nobody listens on: every key fetch is refused, and the peer would retry for ever.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let mut cmd = anomos();

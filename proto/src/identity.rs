@@ -344,7 +344,8 @@ pub fn load_identity(path: &std::path::Path) -> Result<Identity> {
         }
     }
     let pem = std::fs::read_to_string(path).map_err(|e| ProtoError::KeyFile(format!("{}: {e}", path.display())))?;
-    Identity::from_pkcs8_pem(&pem)
+    // An operator must learn which file is bad, not only that some key did not parse.
+    Identity::from_pkcs8_pem(&pem).map_err(|e| ProtoError::KeyFile(format!("{}: {e}", path.display())))
 }
 
 /// Writes `id` as PKCS#8 PEM to `path`, created with mode 0600 (fails if the file exists).
@@ -352,10 +353,9 @@ pub fn save_identity(path: &std::path::Path, id: &Identity) -> Result<()> {
     use std::io::Write;
     let pem = id.to_pkcs8_pem()?;
     let bad = |e: std::io::Error| ProtoError::KeyFile(format!("{}: {e}", path.display()));
-    // Written whole to a file beside it, then linked to `path` (which fails if `path` exists): a process ended in the
-    // middle leaves no truncated key at `path`.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    // Written whole to a new file beside it, then linked to `path` (which fails if `path` exists): a process ended
+    // in the middle leaves no truncated key at `path`. The temporary name is random (pids repeat across containers
+    // sharing a volume).
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -363,13 +363,38 @@ pub fn save_identity(path: &std::path::Path, id: &Identity) -> Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let written = opts.open(&tmp).and_then(|mut f| {
-        f.write_all(pem.as_bytes())?;
-        f.sync_all()
+    let (tmp, mut f) = {
+        let mut tries = 0;
+        loop {
+            let tmp = path.with_file_name(format!(
+                ".{}.{:016x}.tmp",
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                rand::random::<u64>()
+            ));
+            match opts.open(&tmp) {
+                Ok(f) => break (tmp, f),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+                Err(e) => return Err(bad(e)),
+            }
+        }
+    };
+    let written = f.write_all(pem.as_bytes()).and_then(|()| f.sync_all());
+    drop(f);
+    let placed = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
+            // A filesystem without hard links (FAT, some network and FUSE mounts): a rename, after the check.
+            std::fs::rename(&tmp, path)
+        }
+        r => r,
     });
-    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
     let _ = std::fs::remove_file(&tmp);
-    linked.map_err(bad)
+    placed.map_err(bad)?;
+    // The new name durable too.
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
 }
 
 /// Loads the identity at `path`, or generates one of `bits` and saves it there if the file does not exist.

@@ -220,7 +220,7 @@ async fn initial_circuits(
         // wait of `open_circuit` is reported against that hop (SPEC §3.10). A new peer's links come up together
         // (its knocks go at once, SPEC §5.2), so this costs little; the wait ends when the last one comes up.
         // The tracker needs a serving peer announced.
-        let links = node.link_count();
+        let links = node.edges_up();
         if links != last_links {
             (last_links, links_changed) = (links, Instant::now());
         }

@@ -205,7 +205,8 @@ pub async fn launch(cfg: PeerConfig, service: Option<Arc<dyn Service>>) -> Resul
             }
         }
     };
-    // The key is made (and saved) before anything returns, an error included.
+    // The key is made (and saved) before anything returns, an error included (so an identity error is the one
+    // reported even when the tracker was refused too).
     let (id, created) = match made {
         Some(m) => m,
         None => identity.await.map_err(|e| PeerError::Config(e.to_string()))??,

@@ -440,6 +440,11 @@ impl Node {
         self.tracker.offered(addr, version).await;
     }
 
+    /// Number of edges of the current neighbor table with a link up.
+    pub fn edges_up(&self) -> usize {
+        self.links.edges_up()
+    }
+
     /// Waits until a link comes up or goes down, or `max` passed.
     pub async fn wait_link_change(&self, max: Duration) {
         self.links.wait_change(max).await

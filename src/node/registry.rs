@@ -173,6 +173,13 @@ impl Links {
         self.map().values().map(|e| 1 + usize::from(e.draining.is_some())).sum()
     }
 
+    /// Number of edges of the current neighbor table with a link up (a draining link beside a current one is not a
+    /// second edge; a link over an edge the table no longer lists does not count).
+    pub fn edges_up(&self) -> usize {
+        let nids: Vec<NeighborId> = self.map().keys().copied().collect();
+        nids.into_iter().filter(|nid| self.neighbors.has_edge(*nid)).count()
+    }
+
     /// Whether `link` was dialed by the smaller fingerprint of its two ends (the same answer at both ends).
     fn canonical(&self, link: &Link) -> bool {
         if link.dialer {
