@@ -7,7 +7,9 @@ mod common;
 
 use anomos_proto::identity::Fingerprint;
 use anomos_proto::tc::TC_LEN;
-use anomos_proto::tracker::{check_fetched_key, key_answer_len, KEY_FETCH_MAGIC};
+use anomos_proto::tracker::{
+    check_fetched_key, key_answer_len, key_answer_version, KEY_FETCH_MAGIC, TRACKER_VERSION_2,
+};
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,10 +130,12 @@ async fn key_fetch_returns_the_tracker_key() {
     s.read_exact(&mut der).await.unwrap();
     let key = check_fetched_key(&der, &tracker_id().fingerprint()).unwrap();
     assert_eq!(&key, tracker_id().public());
-    // Then the tracker closes that connection; a pinned peer can go on with a session.
+    // Then the highest channel version it speaks (SPEC §3.1: a version-1 peer stops reading before it), and the
+    // tracker closes that connection; a pinned peer can go on with a session.
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).await.unwrap();
-    assert!(rest.is_empty());
+    assert_eq!(rest, TRACKER_VERSION_2.to_be_bytes());
+    assert_eq!(key_answer_version(&rest).unwrap(), TRACKER_VERSION_2);
     assert!(check_fetched_key(&der, &ids()[1].fingerprint()).is_err());
     let mut c = connect(&t, &ids()[1]).await;
     assert_eq!(error_code(&c.circuits(1, 1).await), Some(ErrorCode::UnknownPeer));
