@@ -465,13 +465,7 @@ pub async fn fetch_tracker_key_version(
     pinned: &anomos_proto::identity::Fingerprint,
 ) -> Result<(PublicKey, Option<u16>), PeerError> {
     let (key, mut s) = key_fetch(&anomos_net::Tcp, addr, pinned, IO_TIMEOUT).await?;
-    let mut trailer = Vec::with_capacity(3);
-    let mut limited = (&mut s).take(3);
-    let version = match timeout(TRAILER_WAIT, limited.read_to_end(&mut trailer)).await {
-        Ok(Ok(_)) => tracker::key_answer_version(&trailer).ok(),
-        _ => None,
-    };
-    Ok((key, version))
+    Ok((key, version_trailer(&mut s, TRAILER_WAIT).await.ok()))
 }
 
 /// How long a start-up key fetch waits for the channel version after the key (the tracker writes both at once).
@@ -495,11 +489,16 @@ pub async fn tracker_key_version_via(
     connect_timeout: Duration,
 ) -> Result<(PublicKey, u16), PeerError> {
     let (key, mut s) = key_fetch(net, addr, pinned, connect_timeout).await?;
-    // At most 3 bytes until the close (2 expected; a later tracker may send more, ignored).
+    Ok((key, version_trailer(&mut s, IO_TIMEOUT).await?))
+}
+
+/// The channel version that follows the key of a key fetch, read until the tracker closes within `wait`: at most 3
+/// bytes (2 expected; a later tracker may send more, ignored), none from a tracker before version 2.
+async fn version_trailer(s: &mut Box<dyn Stream>, wait: Duration) -> Result<u16, PeerError> {
     let mut trailer = Vec::with_capacity(3);
-    let mut limited = (&mut s).take(3);
-    timeout(IO_TIMEOUT, limited.read_to_end(&mut trailer)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
-    Ok((key, tracker::key_answer_version(&trailer)?))
+    let mut limited = s.take(3);
+    timeout(wait, limited.read_to_end(&mut trailer)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
+    Ok(tracker::key_answer_version(&trailer)?)
 }
 
 /// A key fetch (`ANOMOSK1`): the tracker's key, checked against the pin, and the connection (positioned after it).

@@ -40,10 +40,13 @@ const DEFAULT_SEEDS: u64 = if cfg!(debug_assertions) { 2 } else { 10 };
 /// under corroborated blame no longer count toward a degree). 910389: a peer re-joining a full overlay got three
 /// neighbors that all refused it, and no edge was split for it (the split now counts as `top_up` does). 1100951:
 /// a tracker restarted in the same process could not open its state database, still held by a reachability probe
-/// of the stopped tracker (a probe now holds the transport only).
+/// of the stopped tracker (a probe now holds the transport only). 4000079: a requester that had blamed its
+/// one-relay neighbors of the honest target for refusing, and the target for a broken link, was given only paths
+/// through the relays that refused (a round that keeps blamed relays out but lets such a target be one now comes
+/// before blame is ignored).
 const REGRESSIONS: &[u64] = &[
     4, 13, 30, 32, 1061, 10071, 40723, 70191, 100186, 100194, 110196, 210158, 210264, 511030, 511091, 700021, 700041,
-    900618, 910389, 1100951,
+    900618, 910389, 1100951, 4000079,
 ];
 /// Wall time a run may go without simulated progress before it is declared stuck (a blocked thread: a lock
 /// taken twice, a blocking call that never returns).

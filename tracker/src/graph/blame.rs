@@ -69,6 +69,13 @@ impl Blamers {
         self.0.iter().any(|(r, _, until)| r == reporter && now < *until)
     }
 
+    /// Whether `reporter`'s blame for misbehaving as a target ([`Scope::Target`]) is live at `now`: the peer is not
+    /// a target of its paths even where its blame as a whole ([`Scope::Any`]) is set aside for one (the graph's
+    /// path search, SPEC §3.10).
+    pub fn as_target_only_by(&self, reporter: &Fingerprint, now: Instant) -> bool {
+        self.0.iter().any(|(r, s, until)| r == reporter && *s == Scope::Target && now < *until)
+    }
+
     /// Distinct reporters whose blame that leaves the peer out altogether is live at `now`.
     pub fn live(&self, now: Instant) -> usize {
         self.0.iter().filter(|(_, s, until)| *s == Scope::Any && now < *until).count()
@@ -403,6 +410,59 @@ mod tests {
         assert!(!g.get(&fp(4)).unwrap().avoided_as_target(t0 + BLAME_LASTS));
         let mine = paths(&g, 1, &mut rng);
         assert!(mine.iter().all(|p| p[2] == fp(5)), "requester 1's blame outlives the announce: {mine:?}");
+    }
+
+    /// Seed 4000079 of the simulator: the requester blamed both its neighbors next to the honest target for
+    /// refusing its circuits, and the target itself for a broken link (a whole-peer blame). Paths that heed all of
+    /// that found nothing, and the fallback that ignores blame gave only paths through the relays that refused,
+    /// again and again, while two unblamed relays led to the target. The target blamed for a link failure comes
+    /// first; blamed relays only when nothing else reaches a target; a target blamed for bad data never does.
+    #[test]
+    fn a_target_blamed_for_a_link_failure_comes_before_paths_through_blamed_relays() {
+        use super::super::Graph;
+        use anomos_proto::ids::ChainId;
+
+        let chain = ChainId::new("regtest").unwrap();
+        let (mut g, mut rng, t0) = setup(11);
+        // 1: the requester; 2, 3: relays that refused; 5: the honest server; 4, 6: unblamed relays. Edges:
+        // 1–{2,3,4}, {2,3}–5, 4–6–5: the target one relay away through 2 or 3, two away through 4 and 6.
+        for i in 1..=6u8 {
+            let chains = if i == 5 { vec![chain.clone()] } else { vec![] };
+            g.announce(fp(i), (), addr(i), chains, t0, &mut rng).unwrap();
+        }
+        let all: Vec<anomos_proto::ids::NeighborId> = g.edges.keys().copied().collect();
+        for nid in all {
+            g.unlink(nid);
+        }
+        for (a, b) in [(1, 2), (1, 3), (1, 4), (2, 5), (3, 5), (4, 6), (6, 5)] {
+            g.add_edge(fp(a), fp(b), &mut rng);
+        }
+        let paths = |g: &Graph<()>, rng: &mut rand::rngs::StdRng| {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..30 {
+                for p in g.find_paths(&fp(1), &chain, 1, 1, t0, rng).unwrap_or_default() {
+                    seen.insert(p);
+                }
+            }
+            seen
+        };
+        let through = |a: u8, b: u8| vec![fp(1), fp(a), fp(b), fp(5)];
+        // Unblamed: one relay, through 2 or 3.
+        assert!(paths(&g, &mut rng).iter().all(|p| p.len() == 3));
+        // 2 and 3 refused, the link to 5 broke: the two-relay path over the unblamed ones, and only that.
+        for blamed in [2, 3, 5] {
+            g.blame(&fp(blamed), fp(1), t0);
+        }
+        let mine = paths(&g, &mut rng);
+        assert_eq!(mine, [through(4, 6)].into_iter().collect(), "blamed relays or no path");
+        // Blamed for bad data as well, 5 is no target while blame heeds targets: without another way, the
+        // relays it blamed are used again (the requester is not cut off), and the path to 5 over 4 and 6 too.
+        g.blame_in(&fp(5), fp(1), Scope::Target, t0);
+        let mine = paths(&g, &mut rng);
+        assert!(mine.iter().any(|p| p.len() == 3), "{mine:?}");
+        // Once 4 (an unblamed relay) is blamed as well, blamed relays are the only way, and they are used.
+        g.blame(&fp(4), fp(1), t0);
+        assert!(!paths(&g, &mut rng).is_empty());
     }
 
     /// Seed 900618 of the simulator: an honest serving peer whose other neighbors refused every circuit, blamed

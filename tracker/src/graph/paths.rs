@@ -29,9 +29,14 @@ impl<K> Graph<K> {
     /// have prefix-diverse paths anyway (it spans fewer /16s than a path has nodes, or `allow_same_ip`), are hops
     /// in one /16 allowed. Families are always kept apart.
     ///
-    /// Peers the requester blamed (its failure reports, for `blame_lasts`) are left out of all of that; only when
-    /// no path at all avoids them are they used again: a requester whose neighbors it all blamed during an outage
-    /// is not cut off once they are back.
+    /// Peers the requester blamed (its failure reports, for `blame_lasts`) are left out of all of that ([`Heed::All`]).
+    /// When that finds nothing, all of it is tried again with blamed peers still left out as relays, but a serving
+    /// peer blamed as a whole (a refusal, a broken link: [`Scope::Any`]) allowed as the target ([`Heed::Relays`]);
+    /// only when no path at all avoids them are blamed peers used again ([`Heed::None`]): a requester whose
+    /// neighbors it all blamed during an outage is not cut off once they are back. (Without the middle round, a
+    /// requester that blamed its one-relay neighbors for refusing and the nearest honest target for a link failure
+    /// was given only paths through the relays that refused, while a path of two unblamed relays reached that
+    /// target: simulator seed 4000079, SPEC open issue 30.)
     ///
     /// The targets in `busy` (those of the requester's circuits that may still be open,
     /// [`CircuitBook::targets_in_use`](crate::circuits::CircuitBook::targets_in_use)) are tried only after every
@@ -72,8 +77,8 @@ impl<K> Graph<K> {
         let mut blame_mattered = false;
         // First without the busy targets (at every length), then with them, last among each length's targets.
         let busy_passes: &[bool] = if busy.is_empty() { &[true] } else { &[false, true] };
-        for heed_blame in [true, false] {
-            if !heed_blame && !blame_mattered {
+        for heed in [Heed::All, Heed::Relays, Heed::None] {
+            if heed != Heed::All && !blame_mattered {
                 break;
             }
             for &with_busy in busy_passes {
@@ -81,8 +86,7 @@ impl<K> Graph<K> {
                 let mut tried = attempts(relays..=longest);
                 // Longer paths only when these gave nothing, and only if a usable target is in reach at all: from
                 // the least length that can reach the nearest one (paths of h relays reach h + 1 hops), two lengths.
-                let farther = |g: &Self| match g.nearest_target(requester, chain, heed_blame, !relaxable, excluded, now)
-                {
+                let farther = |g: &Self| match g.nearest_target(requester, chain, heed, !relaxable, excluded, now) {
                     Some(d) => {
                         let from = (longest + 1).max(d.saturating_sub(1));
                         attempts(from..=(from + 1).min(most))
@@ -92,12 +96,11 @@ impl<K> Graph<K> {
                 let mut extended = false;
                 while let Some((apart, hops)) = (!tried.is_empty()).then(|| tried.remove(0)) {
                     let (paths, skipped) =
-                        self.search(requester, chain, count, hops, busy, with_busy, apart, heed_blame, now, rng);
+                        self.search(requester, chain, count, hops, busy, with_busy, apart, heed, now, rng);
                     if !paths.is_empty() && paths.len() < count && !with_busy {
                         // Fewer free targets than asked for at this length: the busy ones make up the rest (the
                         // search takes the free ones first).
-                        let (more, _) =
-                            self.search(requester, chain, count, hops, busy, true, apart, heed_blame, now, rng);
+                        let (more, _) = self.search(requester, chain, count, hops, busy, true, apart, heed, now, rng);
                         return Ok(if more.len() > paths.len() { more } else { paths });
                     }
                     if !paths.is_empty() {
@@ -123,7 +126,7 @@ impl<K> Graph<K> {
         &self,
         requester: &Fingerprint,
         chain: &ChainId,
-        heed_blame: bool,
+        heed: Heed,
         apart: bool,
         excluded: Option<&HashSet<Fingerprint>>,
         now: Instant,
@@ -147,20 +150,19 @@ impl<K> Graph<K> {
                         continue;
                     }
                     let Some(q) = self.peers.get(fp) else { continue };
-                    if q.avoided
-                        || (heed_blame && q.blamed_by.by(requester, now))
-                        || !q.live(now, self.cfg.expire_after)
-                    {
+                    if q.avoided || !q.live(now, self.cfg.expire_after) {
                         continue;
                     }
                     if serving.contains(fp)
                         && !excluded.is_some_and(|x| x.contains(fp))
-                        && self.may_target(q, requester, heed_blame, now)
+                        && self.may_target(q, requester, heed, now)
                         && self.may_share_path(fp, requester, apart)
                     {
                         return Some(d);
                     }
-                    next.push(*fp);
+                    if !heed.shuns_blamed_relays() || !q.blamed_by.by(requester, now) {
+                        next.push(*fp);
+                    }
                 }
             }
             level = next;
@@ -168,10 +170,16 @@ impl<K> Graph<K> {
         None
     }
 
-    /// Whether `q`, usable in `requester`'s paths, may also be their target: not avoided as one, and (when
-    /// `heed_blame`) not blamed by `requester` at all (its [`Scope::Target`] blame leaves `q` a relay).
-    fn may_target(&self, q: &Peer<K>, requester: &Fingerprint, heed_blame: bool, now: Instant) -> bool {
-        !(q.avoided_as_target(now) || (heed_blame && q.blamed_by.as_target_by(requester, now)))
+    /// Whether `q`, usable in `requester`'s paths, may also be their target: not avoided as one, and not blamed by
+    /// `requester` in a way `heed` heeds for targets: under [`Heed::All`] any blame (its [`Scope::Target`] blame
+    /// leaves `q` a relay), under [`Heed::Relays`] its [`Scope::Target`] blame only (for serving bad data).
+    fn may_target(&self, q: &Peer<K>, requester: &Fingerprint, heed: Heed, now: Instant) -> bool {
+        let blamed = match heed {
+            Heed::All => q.blamed_by.as_target_by(requester, now),
+            Heed::Relays => q.blamed_by.as_target_only_by(requester, now),
+            Heed::None => false,
+        };
+        !(q.avoided_as_target(now) || blamed)
     }
 
     /// Whether `a` and `b` may both be on one path: not one family, and (if `apart`) not in one /16.
@@ -194,14 +202,14 @@ impl<K> Graph<K> {
         busy: &HashSet<Fingerprint>,
         with_busy: bool,
         apart: bool,
-        heed_blame: bool,
+        heed: Heed,
         now: Instant,
         rng: &mut impl RngCore,
     ) -> (Vec<Vec<Fingerprint>>, bool) {
         // Lower bounds on the hop distance from the requester, through usable peers. Targets are taken from
         // them, so a request costs what the requester's neighborhood holds, not what the overlay holds.
         let Some(serving) = self.serving.get(chain) else { return (Vec::new(), false) };
-        let (dist, mut skipped) = self.distances_from(requester, relays + 1, serving, heed_blame, now, BFS_BUDGET);
+        let (dist, mut skipped) = self.distances_from(requester, relays + 1, serving, heed, now, BFS_BUDGET);
         let mut targets: Vec<Fingerprint> = dist
             .iter()
             .filter(|(fp, d)| **d >= 1 && *fp != requester && serving.contains(*fp))
@@ -210,9 +218,10 @@ impl<K> Graph<K> {
             .collect();
         targets.retain(|fp| {
             let Some(q) = self.peers.get(fp) else { return false };
-            // Blamed as a target by the requester only: a second round that ignores its blame may use it.
-            skipped |= heed_blame && !q.avoided_as_target(now) && q.blamed_by.as_target_by(requester, now);
-            self.may_target(q, requester, heed_blame, now)
+            // Left out for the requester's blame only: a later round that heeds less of it may use it.
+            let usable = self.may_target(q, requester, heed, now);
+            skipped |= !usable && !q.avoided_as_target(now);
+            usable
         });
         // HashMap order is not random: sort, then shuffle.
         targets.sort_unstable();
@@ -235,8 +244,16 @@ impl<K> Graph<K> {
             let mut found = None;
             for &strict in modes {
                 let allowance = budget.min(TARGET_BUDGET);
-                let mut search =
-                    Search { graph: self, requester, relays, dist: &dist, used: &used, apart, budget: allowance };
+                let mut search = Search {
+                    graph: self,
+                    requester,
+                    relays,
+                    dist: &dist,
+                    used: &used,
+                    apart,
+                    shun_blamed: heed.shuns_blamed_relays().then_some(now),
+                    budget: allowance,
+                };
                 let mut rev = vec![target];
                 let ok = search.dfs(&mut rev, strict, rng);
                 budget -= allowance - search.budget;
@@ -261,13 +278,15 @@ impl<K> Graph<K> {
     /// Breadth-first hop distances from `from` (excluded as an intermediate) over peers usable in `from`'s
     /// paths, up to `max`, examining at most `budget` edges (a search passes [`BFS_BUDGET`]). Peers at distance `max` can only be targets, so only those in `serving` are kept:
     /// the search touches the peers within `max - 1` hops and their edges, not the whole `max`-hop ball.
-    /// `heed_blame`: peers `from` blamed are not usable; the flag returned says whether that left any out.
+    /// Peers `from` blamed are not usable unless `heed` is [`Heed::None`] (under [`Heed::Relays`] a blamed serving
+    /// peer gets its distance, as a target only: nothing is reached through it, and the search does not take it as
+    /// a relay); the flag returned says whether blame left any out.
     pub(super) fn distances_from(
         &self,
         from: &Fingerprint,
         max: usize,
         serving: &FpSet<Fingerprint>,
-        heed_blame: bool,
+        heed: Heed,
         now: Instant,
         mut budget: usize,
     ) -> (FpMap<Fingerprint, usize>, bool) {
@@ -294,17 +313,42 @@ impl<K> Graph<K> {
                     continue;
                 }
                 let Some(q) = self.peers.get(next) else { continue };
-                let blamed = heed_blame && q.blamed_by.by(from, now);
+                let blamed = heed.shuns_blamed_relays() && q.blamed_by.by(from, now);
                 skipped |= blamed;
-                if !q.avoided && !blamed && q.live(now, self.cfg.expire_after) {
+                if q.avoided || !q.live(now, self.cfg.expire_after) {
+                    continue;
+                }
+                if !blamed {
                     dist.insert(*next, d + 1);
                     if d + 1 < max {
                         queue.push_back(*next);
                     }
+                } else if heed == Heed::Relays && serving.contains(next) {
+                    dist.insert(*next, d + 1);
                 }
             }
         }
         (dist, skipped)
+    }
+}
+
+/// How much of a requester's blame a round of [`Graph::find_paths_preferring`] heeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Heed {
+    /// Peers it blamed are neither relays nor targets (those it blamed as targets only, [`Scope::Target`], may
+    /// relay).
+    All,
+    /// Peers it blamed are not relays; one it blamed as a whole ([`Scope::Any`]: a refusal, a broken link) may be
+    /// the target, one it blamed as a target ([`Scope::Target`]: bad data) may not.
+    Relays,
+    /// Its blame is ignored.
+    None,
+}
+
+impl Heed {
+    /// Whether peers the requester blamed ([`Scope::Any`]) are left out as relays.
+    fn shuns_blamed_relays(self) -> bool {
+        self != Heed::None
     }
 }
 
@@ -318,6 +362,9 @@ struct Search<'a, K> {
     used: &'a HashSet<Fingerprint>,
     /// Keep hops in distinct /16s.
     apart: bool,
+    /// Under [`Heed::Relays`], the time at which the requester's blame leaves a peer out as a relay (the distances
+    /// hold blamed serving peers, as targets).
+    shun_blamed: Option<Instant>,
     budget: usize,
 }
 
@@ -348,6 +395,9 @@ impl<K> Search<'_, K> {
                     && !rev.contains(n)
                     && self.dist.get(n).is_some_and(|d| *d >= 1 && *d <= hops_left)
                     && !(strict && self.used.contains(n))
+                    && !self
+                        .shun_blamed
+                        .is_some_and(|now| self.graph.peers.get(n).is_some_and(|q| q.blamed_by.by(self.requester, now)))
             })
             .copied()
             .collect();
