@@ -448,21 +448,49 @@ mod tests {
         };
         let through = |a: u8, b: u8| vec![fp(1), fp(a), fp(b), fp(5)];
         // Unblamed: one relay, through 2 or 3.
-        assert!(paths(&g, &mut rng).iter().all(|p| p.len() == 3));
+        let mine = paths(&g, &mut rng);
+        assert!(!mine.is_empty() && mine.iter().all(|p| p.len() == 3), "{mine:?}");
         // 2 and 3 refused, the link to 5 broke: the two-relay path over the unblamed ones, and only that.
         for blamed in [2, 3, 5] {
             g.blame(&fp(blamed), fp(1), t0);
         }
         let mine = paths(&g, &mut rng);
         assert_eq!(mine, [through(4, 6)].into_iter().collect(), "blamed relays or no path");
-        // Blamed for bad data as well, 5 is no target while blame heeds targets: without another way, the
-        // relays it blamed are used again (the requester is not cut off), and the path to 5 over 4 and 6 too.
+        // Blamed for bad data as well, 5 is no target while blame counts at all: only when blame is set aside
+        // is the requester given paths again (it is not cut off), the shortest, through the relays it blamed.
         g.blame_in(&fp(5), fp(1), Scope::Target, t0);
         let mine = paths(&g, &mut rng);
-        assert!(mine.iter().any(|p| p.len() == 3), "{mine:?}");
-        // Once 4 (an unblamed relay) is blamed as well, blamed relays are the only way, and they are used.
-        g.blame(&fp(4), fp(1), t0);
-        assert!(!paths(&g, &mut rng).is_empty());
+        assert!(!mine.is_empty() && mine.iter().all(|p| p.len() == 3), "{mine:?}");
+    }
+
+    /// In the round that lets a serving peer blamed as a whole be the target, it is still no relay: with 5 and 7
+    /// both serving and both blamed by 1, and 1–4–5–7, 1–8–9–7, two relays reach 7 over 8 and 9 only.
+    #[test]
+    fn a_serving_peer_blamed_as_a_whole_is_a_target_but_never_a_relay() {
+        use anomos_proto::ids::ChainId;
+
+        let chain = ChainId::new("regtest").unwrap();
+        let (mut g, mut rng, t0) = setup(12);
+        for i in [1u8, 4, 5, 7, 8, 9] {
+            let chains = if i == 5 || i == 7 { vec![chain.clone()] } else { vec![] };
+            g.announce(fp(i), (), addr(i), chains, t0, &mut rng).unwrap();
+        }
+        let all: Vec<anomos_proto::ids::NeighborId> = g.edges.keys().copied().collect();
+        for nid in all {
+            g.unlink(nid);
+        }
+        for (a, b) in [(1, 4), (4, 5), (5, 7), (1, 8), (8, 9), (9, 7)] {
+            g.add_edge(fp(a), fp(b), &mut rng);
+        }
+        g.blame(&fp(5), fp(1), t0);
+        g.blame(&fp(7), fp(1), t0);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..40 {
+            for p in g.find_paths(&fp(1), &chain, 2, 2, t0, &mut rng).unwrap() {
+                seen.insert(p);
+            }
+        }
+        assert_eq!(seen, [vec![fp(1), fp(8), fp(9), fp(7)]].into_iter().collect(), "a blamed peer relayed");
     }
 
     /// Seed 900618 of the simulator: an honest serving peer whose other neighbors refused every circuit, blamed

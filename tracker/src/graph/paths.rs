@@ -72,21 +72,25 @@ impl<K> Graph<K> {
             let apart = lengths.clone().filter(|h| prefixes >= h + 2).map(|h| (true, h));
             apart.chain(lengths.filter(|_| relaxable).map(|h| (false, h))).collect()
         };
-        // Whether the requester's blame left out any peer its searches reached: only then can a second round
-        // that ignores blame find more.
-        let mut blame_mattered = false;
+        // What the requester's blame left out of the searches so far: a round that heeds less of it runs only if
+        // it can find more (the middle one only if a serving peer blamed as a whole was left out).
+        let mut left = LeftOut::default();
         // First without the busy targets (at every length), then with them, last among each length's targets.
         let busy_passes: &[bool] = if busy.is_empty() { &[true] } else { &[false, true] };
         for heed in [Heed::All, Heed::Relays, Heed::None] {
-            if heed != Heed::All && !blame_mattered {
-                break;
+            match heed {
+                Heed::Relays if !left.serving => continue,
+                Heed::None if !left.any => break,
+                _ => {}
             }
             for &with_busy in busy_passes {
                 let excluded = if with_busy { None } else { Some(busy) };
                 let mut tried = attempts(relays..=longest);
                 // Longer paths only when these gave nothing, and only if a usable target is in reach at all: from
                 // the least length that can reach the nearest one (paths of h relays reach h + 1 hops), two lengths.
-                let farther = |g: &Self| match g.nearest_target(requester, chain, heed, !relaxable, excluded, now) {
+                let farther = |g: &Self, left: &mut LeftOut| match g
+                    .nearest_target(requester, chain, heed, !relaxable, excluded, now, left)
+                {
                     Some(d) => {
                         let from = (longest + 1).max(d.saturating_sub(1));
                         attempts(from..=(from + 1).min(most))
@@ -97,6 +101,7 @@ impl<K> Graph<K> {
                 while let Some((apart, hops)) = (!tried.is_empty()).then(|| tried.remove(0)) {
                     let (paths, skipped) =
                         self.search(requester, chain, count, hops, busy, with_busy, apart, heed, now, rng);
+                    left.add(skipped);
                     if !paths.is_empty() && paths.len() < count && !with_busy {
                         // Fewer free targets than asked for at this length: the busy ones make up the rest (the
                         // search takes the free ones first).
@@ -106,10 +111,9 @@ impl<K> Graph<K> {
                     if !paths.is_empty() {
                         return Ok(paths);
                     }
-                    blame_mattered |= skipped;
                     if tried.is_empty() && !extended {
                         extended = true;
-                        tried = farther(self);
+                        tried = farther(self, &mut left);
                     }
                 }
             }
@@ -122,6 +126,8 @@ impl<K> Graph<K> {
     /// most `MAX_RELAYS + 1`. The breadth-first search stops at the first level holding one, or after
     /// [`SEARCH_BUDGET`] edges examined: what a request costs stays bounded when the chain is served only far away
     /// or not at all (and in a large overlay, at degree 10–12, that budget ends the search within 4 hops).
+    /// Serving peers it passed over for the requester's blame are recorded in `left`.
+    #[allow(clippy::too_many_arguments)]
     fn nearest_target(
         &self,
         requester: &Fingerprint,
@@ -130,6 +136,7 @@ impl<K> Graph<K> {
         apart: bool,
         excluded: Option<&HashSet<Fingerprint>>,
         now: Instant,
+        left: &mut LeftOut,
     ) -> Option<usize> {
         let serving = self.serving.get(chain)?;
         let max = usize::from(anomos_proto::tracker::MAX_RELAYS) + 1;
@@ -153,14 +160,19 @@ impl<K> Graph<K> {
                     if q.avoided || !q.live(now, self.cfg.expire_after) {
                         continue;
                     }
+                    let blamed = heed.shuns_blamed_relays() && q.blamed_by.by(requester, now);
                     if serving.contains(fp)
                         && !excluded.is_some_and(|x| x.contains(fp))
-                        && self.may_target(q, requester, heed, now)
                         && self.may_share_path(fp, requester, apart)
                     {
-                        return Some(d);
+                        if self.may_target(q, requester, heed, now) {
+                            return Some(d);
+                        }
+                        left.serving |= blamed && !q.blamed_by.as_target_only_by(requester, now);
                     }
-                    if !heed.shuns_blamed_relays() || !q.blamed_by.by(requester, now) {
+                    if blamed {
+                        left.any = true;
+                    } else {
                         next.push(*fp);
                     }
                 }
@@ -205,10 +217,10 @@ impl<K> Graph<K> {
         heed: Heed,
         now: Instant,
         rng: &mut impl RngCore,
-    ) -> (Vec<Vec<Fingerprint>>, bool) {
+    ) -> (Vec<Vec<Fingerprint>>, LeftOut) {
         // Lower bounds on the hop distance from the requester, through usable peers. Targets are taken from
         // them, so a request costs what the requester's neighborhood holds, not what the overlay holds.
-        let Some(serving) = self.serving.get(chain) else { return (Vec::new(), false) };
+        let Some(serving) = self.serving.get(chain) else { return (Vec::new(), LeftOut::default()) };
         let (dist, mut skipped) = self.distances_from(requester, relays + 1, serving, heed, now, BFS_BUDGET);
         let mut targets: Vec<Fingerprint> = dist
             .iter()
@@ -220,7 +232,7 @@ impl<K> Graph<K> {
             let Some(q) = self.peers.get(fp) else { return false };
             // Left out for the requester's blame only: a later round that heeds less of it may use it.
             let usable = self.may_target(q, requester, heed, now);
-            skipped |= !usable && !q.avoided_as_target(now);
+            skipped.any |= !usable && !q.avoided_as_target(now);
             usable
         });
         // HashMap order is not random: sort, then shuffle.
@@ -251,7 +263,7 @@ impl<K> Graph<K> {
                     dist: &dist,
                     used: &used,
                     apart,
-                    shun_blamed: heed.shuns_blamed_relays().then_some(now),
+                    shun_blamed: (heed == Heed::Relays).then_some(now),
                     budget: allowance,
                 };
                 let mut rev = vec![target];
@@ -280,7 +292,7 @@ impl<K> Graph<K> {
     /// the search touches the peers within `max - 1` hops and their edges, not the whole `max`-hop ball.
     /// Peers `from` blamed are not usable unless `heed` is [`Heed::None`] (under [`Heed::Relays`] a blamed serving
     /// peer gets its distance, as a target only: nothing is reached through it, and the search does not take it as
-    /// a relay); the flag returned says whether blame left any out.
+    /// a relay); what is returned with the distances says whether blame left any out, and any serving one.
     pub(super) fn distances_from(
         &self,
         from: &Fingerprint,
@@ -289,8 +301,8 @@ impl<K> Graph<K> {
         heed: Heed,
         now: Instant,
         mut budget: usize,
-    ) -> (FpMap<Fingerprint, usize>, bool) {
-        let mut skipped = false;
+    ) -> (FpMap<Fingerprint, usize>, LeftOut) {
+        let mut skipped = LeftOut::default();
         let mut dist = FpMap::default();
         let mut queue = VecDeque::new();
         dist.insert(*from, 0);
@@ -314,9 +326,12 @@ impl<K> Graph<K> {
                 }
                 let Some(q) = self.peers.get(next) else { continue };
                 let blamed = heed.shuns_blamed_relays() && q.blamed_by.by(from, now);
-                skipped |= blamed;
+                skipped.any |= blamed;
                 if q.avoided || !q.live(now, self.cfg.expire_after) {
                     continue;
+                }
+                if blamed && heed == Heed::All && serving.contains(next) && !q.blamed_by.as_target_only_by(from, now) {
+                    skipped.serving = true;
                 }
                 if !blamed {
                     dist.insert(*next, d + 1);
@@ -345,6 +360,23 @@ pub(super) enum Heed {
     None,
 }
 
+/// What a requester's blame left out of a search.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct LeftOut {
+    /// Some peer: a round that heeds less blame may find more.
+    any: bool,
+    /// A serving peer blamed as a whole, left out under [`Heed::All`]: a [`Heed::Relays`] round may take it as a
+    /// target.
+    serving: bool,
+}
+
+impl LeftOut {
+    fn add(&mut self, other: LeftOut) {
+        self.any |= other.any;
+        self.serving |= other.serving;
+    }
+}
+
 impl Heed {
     /// Whether peers the requester blamed ([`Scope::Any`]) are left out as relays.
     fn shuns_blamed_relays(self) -> bool {
@@ -362,8 +394,8 @@ struct Search<'a, K> {
     used: &'a HashSet<Fingerprint>,
     /// Keep hops in distinct /16s.
     apart: bool,
-    /// Under [`Heed::Relays`], the time at which the requester's blame leaves a peer out as a relay (the distances
-    /// hold blamed serving peers, as targets).
+    /// Under [`Heed::Relays`] only, the time at which the requester's blame leaves a peer out as a relay (the
+    /// distances hold blamed serving peers, as targets; under [`Heed::All`] they hold no blamed peer at all).
     shun_blamed: Option<Instant>,
     budget: usize,
 }
