@@ -30,8 +30,9 @@ impl<K> Graph<K> {
     /// in one /16 allowed. Families are always kept apart.
     ///
     /// Peers the requester blamed (its failure reports, for `blame_lasts`) are left out of all of that ([`Heed::All`]).
-    /// When that finds nothing, all of it is tried again with blamed peers still left out as relays, but a serving
-    /// peer blamed as a whole (a refusal, a broken link: [`Scope::Any`]) allowed as the target ([`Heed::Relays`]);
+    /// When that finds nothing and left out a serving peer blamed as a whole (a refusal, a broken link:
+    /// [`Scope::Any`]), all of it is tried again with blamed peers still left out as relays but such a peer allowed
+    /// as the target ([`Heed::Relays`]);
     /// only when no path at all avoids them are blamed peers used again ([`Heed::None`]): a requester whose
     /// neighbors it all blamed during an outage is not cut off once they are back. (Without the middle round, a
     /// requester that blamed its one-relay neighbors for refusing and the nearest honest target for a link failure
