@@ -114,6 +114,30 @@ mod tests {
         std::net::SocketAddr::from(([127, 1, i, 1], 8000))
     }
 
+    /// A graph of [`setup`]`(seed)` holding peers `ids` (those in `serving` serve `chain`) with only `edges`
+    /// between them, whatever their announces made.
+    fn wired(
+        seed: u64,
+        ids: &[u8],
+        serving: &[u8],
+        chain: &anomos_proto::ids::ChainId,
+        edges: &[(u8, u8)],
+    ) -> (super::super::Graph<()>, rand::rngs::StdRng, Instant) {
+        let (mut g, mut rng, t0) = setup(seed);
+        for &i in ids {
+            let chains = if serving.contains(&i) { vec![chain.clone()] } else { vec![] };
+            g.announce(fp(i), (), addr(i), chains, t0, &mut rng).unwrap();
+        }
+        let all: Vec<anomos_proto::ids::NeighborId> = g.edges.keys().copied().collect();
+        for nid in all {
+            g.unlink(nid);
+        }
+        for &(a, b) in edges {
+            g.add_edge(fp(a), fp(b), &mut rng);
+        }
+        (g, rng, t0)
+    }
+
     /// Degree 4 (at most 6), distinct addresses, blame as in production.
     fn graph_cfg() -> super::super::GraphConfig {
         super::super::GraphConfig {
@@ -361,20 +385,10 @@ mod tests {
         use anomos_proto::ids::ChainId;
 
         let chain = ChainId::new("regtest").unwrap();
-        let (mut g, mut rng, t0) = setup(7);
         // 1, 2: requesters; 3, 4: liars (serving); 5: the honest server; 6: a relay. Edges: {1,2}–{3,4,6},
         // {3,4}–{5,6}: the liars are one relay away (through 6), the honest server only through a liar.
-        for i in 1..=6u8 {
-            let chains = if (3..=5).contains(&i) { vec![chain.clone()] } else { vec![] };
-            g.announce(fp(i), (), addr(i), chains, t0, &mut rng).unwrap();
-        }
-        let all: Vec<anomos_proto::ids::NeighborId> = g.edges.keys().copied().collect();
-        for nid in all {
-            g.unlink(nid);
-        }
-        for (a, b) in [(1, 3), (1, 4), (1, 6), (2, 3), (2, 4), (2, 6), (3, 5), (4, 5), (3, 6), (4, 6)] {
-            g.add_edge(fp(a), fp(b), &mut rng);
-        }
+        let edges = [(1, 3), (1, 4), (1, 6), (2, 3), (2, 4), (2, 6), (3, 5), (4, 5), (3, 6), (4, 6)];
+        let (mut g, mut rng, t0) = wired(7, &[1, 2, 3, 4, 5, 6], &[3, 4, 5], &chain, &edges);
         let paths = |g: &Graph<()>, who: u8, rng: &mut rand::rngs::StdRng| {
             let mut seen = std::collections::HashSet::new();
             for _ in 0..30 {
@@ -423,20 +437,10 @@ mod tests {
         use anomos_proto::ids::ChainId;
 
         let chain = ChainId::new("regtest").unwrap();
-        let (mut g, mut rng, t0) = setup(11);
         // 1: the requester; 2, 3: relays that refused; 5: the honest server; 4, 6: unblamed relays. Edges:
         // 1–{2,3,4}, {2,3}–5, 4–6–5: the target one relay away through 2 or 3, two away through 4 and 6.
-        for i in 1..=6u8 {
-            let chains = if i == 5 { vec![chain.clone()] } else { vec![] };
-            g.announce(fp(i), (), addr(i), chains, t0, &mut rng).unwrap();
-        }
-        let all: Vec<anomos_proto::ids::NeighborId> = g.edges.keys().copied().collect();
-        for nid in all {
-            g.unlink(nid);
-        }
-        for (a, b) in [(1, 2), (1, 3), (1, 4), (2, 5), (3, 5), (4, 6), (6, 5)] {
-            g.add_edge(fp(a), fp(b), &mut rng);
-        }
+        let edges = [(1, 2), (1, 3), (1, 4), (2, 5), (3, 5), (4, 6), (6, 5)];
+        let (mut g, mut rng, t0) = wired(11, &[1, 2, 3, 4, 5, 6], &[5], &chain, &edges);
         let paths = |g: &Graph<()>, rng: &mut rand::rngs::StdRng| {
             let mut seen = std::collections::HashSet::new();
             for _ in 0..30 {
@@ -470,18 +474,8 @@ mod tests {
         use anomos_proto::ids::ChainId;
 
         let chain = ChainId::new("regtest").unwrap();
-        let (mut g, mut rng, t0) = setup(12);
-        for i in [1u8, 4, 5, 7, 8, 9] {
-            let chains = if i == 5 || i == 7 { vec![chain.clone()] } else { vec![] };
-            g.announce(fp(i), (), addr(i), chains, t0, &mut rng).unwrap();
-        }
-        let all: Vec<anomos_proto::ids::NeighborId> = g.edges.keys().copied().collect();
-        for nid in all {
-            g.unlink(nid);
-        }
-        for (a, b) in [(1, 4), (4, 5), (5, 7), (1, 8), (8, 9), (9, 7)] {
-            g.add_edge(fp(a), fp(b), &mut rng);
-        }
+        let edges = [(1, 4), (4, 5), (5, 7), (1, 8), (8, 9), (9, 7)];
+        let (mut g, mut rng, t0) = wired(12, &[1, 4, 5, 7, 8, 9], &[5, 7], &chain, &edges);
         g.blame(&fp(5), fp(1), t0);
         g.blame(&fp(7), fp(1), t0);
         let mut seen = std::collections::HashSet::new();
