@@ -136,7 +136,7 @@ async fn accept_handshake(
             // Most often a neighbor the tracker paired us with after our last announce: it learned of the edge
             // first. Refresh the table and check once more before refusing (every refusal waits the same way,
             // so the time to a refusal still does not tell whether a fingerprint is our neighbor).
-            host.stranger(&fp);
+            host.stranger(&fp, remote.ip());
             // Within half of what is left of the handshake's deadline, so the refusal still gets out in time.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             host.table_refreshed(REFUSAL_RECHECK.min(left / 2)).await;
@@ -225,7 +225,7 @@ mod tests {
         fn has_link(&self, _: NeighborId) -> bool {
             self.has.load(Ordering::Relaxed)
         }
-        fn stranger(&self, _: &Fingerprint) {}
+        fn stranger(&self, _: &Fingerprint, _: std::net::IpAddr) {}
         fn table_refreshed(&self, _: Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
             Box::pin(async {})
         }

@@ -72,10 +72,11 @@ pub trait LinkHost: Send + Sync + 'static {
     fn busy(&self, nid: NeighborId) -> bool;
     /// Whether a link over `nid` is up (a dialer whose handshake saw one come up meanwhile gives its own up).
     fn has_link(&self, nid: NeighborId) -> bool;
-    /// A dialer claiming `fp` was refused (unknown key, or a signature that did not verify): perhaps an edge we
-    /// have not learned of yet. The host asks for a fresh neighbor table (rate-limited) and remembers that `fp`
-    /// is trying to reach us (so that its own dial to `fp`, if it is the dialer, waits for this link first).
-    fn stranger(&self, fp: &Fingerprint);
+    /// A dialer at `from` claiming `fp` was refused (unknown key, or a signature that did not verify): perhaps an
+    /// edge we have not learned of yet. The host asks for a fresh neighbor table (rate-limited) and remembers that
+    /// `fp` is trying to reach us from `from` (so that its own dial to `fp`, if it is the dialer, waits for this
+    /// link first, when `fp`'s address is `from`: the claim is unverified).
+    fn stranger(&self, fp: &Fingerprint, from: std::net::IpAddr);
     /// Resolves when the neighbor table is next replaced, or after `max`.
     fn table_refreshed(&self, max: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
     /// The link is up (key confirmed). Returns where its cells go, or `None` to close it at once.

@@ -83,7 +83,7 @@ impl Node {
         let mut lost = false;
         let mut addr = n.addr;
         // The neighbor dialed us before we knew the edge (we refused and refreshed): that link is coming up now.
-        if self.neighbors.recently_knocked(&fp) {
+        if self.neighbors.recently_knocked(&fp, n.addr.ip()) {
             let _ = self.links.wait_link(n.nid, KNOCK_FRESH).await;
         }
         loop {
@@ -204,7 +204,7 @@ impl Node {
     /// while the edge lasts and no link is up. Should the neighbor dial too, the links cross and one drains (SPEC
     /// §5.2).
     pub(super) async fn knock(self: &Arc<Self>, fp: Fingerprint, n: NeighborEntry) {
-        let mut wait = if self.neighbors.recently_knocked(&fp) { KNOCK_FRESH } else { Duration::ZERO };
+        let mut wait = if self.neighbors.recently_knocked(&fp, n.addr.ip()) { KNOCK_FRESH } else { Duration::ZERO };
         for k in 0..KNOCKS {
             if self.links.wait_link(n.nid, wait).await.is_some() || self.is_shutting_down() {
                 return;

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -42,9 +42,9 @@ pub struct Neighbors {
     /// [`super::neighbors::REANNOUNCE_MIN`]: anyone can ask by claiming an unknown fingerprint, and every announce
     /// costs the tracker work).
     pub reannounce: Notify,
-    /// Fingerprints refused as strangers lately, and when (bounded): a neighbor that dialed us before we knew
-    /// of its edge.
-    knocked: Mutex<HashMap<Fingerprint, Instant>>,
+    /// Fingerprints refused as strangers lately, with the address each claim came from, and when (bounded): a
+    /// neighbor that dialed us before we knew of its edge.
+    knocked: Mutex<HashMap<(Fingerprint, IpAddr), Instant>>,
 }
 
 /// Strangers remembered at most (a flood of made-up fingerprints must not grow memory).
@@ -91,21 +91,26 @@ impl Neighbors {
         self.reannounce.notify_one();
     }
 
-    /// Remembers that a dialer claiming `fp` was refused just now.
-    pub fn knocked(&self, fp: &Fingerprint) {
+    /// Remembers that a dialer at `from` claiming `fp` was refused just now.
+    pub fn knocked(&self, fp: &Fingerprint, from: IpAddr) {
+        let key = (*fp, from.to_canonical());
         let mut k = self.knocked.lock().unwrap_or_else(|e| e.into_inner());
         k.retain(|_, t| anomos_net::rt::since(*t) < KNOCK_FRESH);
-        if k.len() < KNOCKED_MAX || k.contains_key(fp) {
-            k.insert(*fp, anomos_net::rt::now());
+        if k.len() < KNOCKED_MAX || k.contains_key(&key) {
+            k.insert(key, anomos_net::rt::now());
         }
     }
 
-    /// Whether a dialer claiming `fp` was refused within [`KNOCK_FRESH`].
-    pub fn recently_knocked(&self, fp: &Fingerprint) -> bool {
+    /// Whether a dialer claiming `fp` was refused within [`KNOCK_FRESH`], dialing from `ip` (the neighbor's
+    /// address as the tracker gave it). The fingerprint of a refused dialer is unverified: anyone could claim a
+    /// neighbor's and make our dial to it wait for a link that is not coming, but only from the neighbor's own
+    /// address. (A neighbor that dials from another address than the one it listens on is not waited for: its
+    /// link and ours then cross, and one of them drains, SPEC §5.2.)
+    pub fn recently_knocked(&self, fp: &Fingerprint, ip: IpAddr) -> bool {
         self.knocked
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(fp)
+            .get(&(*fp, ip.to_canonical()))
             .is_some_and(|t| anomos_net::rt::since(*t) < KNOCK_FRESH)
     }
 }
@@ -164,8 +169,16 @@ impl Links {
     }
 
     /// Whether `link` is the link draining over its edge.
+    #[cfg(test)]
     fn is_draining(&self, link: &Arc<Link>) -> bool {
-        self.map().get(&link.nid).and_then(|e| e.draining.as_ref()).is_some_and(|(d, _)| Arc::ptr_eq(d, link))
+        self.draining_since(link).is_some()
+    }
+
+    /// When `link` began to drain, if it is the link draining over its edge (a link promoted and made to drain
+    /// again has the later time).
+    fn draining_since(&self, link: &Arc<Link>) -> Option<Instant> {
+        let m = self.map();
+        m.get(&link.nid).and_then(|e| e.draining.as_ref()).filter(|(d, _)| Arc::ptr_eq(d, link)).map(|(_, at)| *at)
     }
 
     /// Number of live links (draining ones included: each is a connection).
@@ -194,9 +207,9 @@ impl Links {
     /// [`CROSS_WINDOW`], it replaces it, which is closed: the neighbor dropped or restarted. Beside a young
     /// current link of the other kind it is a *crossing* (both sides dialed at once): the link dialed by the
     /// smaller fingerprint is current and the other drains, at both ends alike, whichever came up first there
-    /// (a circuit already opened on either finishes). Returns the link that began to drain, if one did.
+    /// (a circuit already opened on either finishes). Returns the link that began to drain, if one did, and when.
     /// (The map lock is held while a link's writer lock is taken to ask whether it is closed: that order only.)
-    fn install(&self, link: &Arc<Link>) -> Option<Arc<Link>> {
+    fn install(&self, link: &Arc<Link>) -> Option<(Arc<Link>, Instant)> {
         let now = anomos_net::rt::now();
         let mut close: Vec<(Arc<Link>, &'static str)> = Vec::new();
         let mut began = None;
@@ -225,7 +238,7 @@ impl Links {
                 if let Some(d) = drains {
                     info!(peer = %d.peer.short(), dialer = d.dialer, "crossing links: this one drains, the other stays");
                     d.set_draining(now);
-                    began = Some(d.clone());
+                    began = Some((d.clone(), now));
                     if let Some((older, _)) = e.draining.replace((d, now)) {
                         close.push((older, "superseded by a newer crossing link"));
                     }
@@ -240,13 +253,15 @@ impl Links {
         began
     }
 
-    /// Closes `link`, draining, once it carries no circuit [`DRAIN_LINGER`] after it began to, or at
-    /// [`DRAIN_MAX`] in any case; stops watching when it closed or became current meanwhile.
-    async fn drain(self: Arc<Self>, link: Arc<Link>, circuits_on: impl Fn(&Link) -> usize) {
+    /// Closes `link`, which began to drain at `since`, once it carries no circuit [`DRAIN_LINGER`] after that, or
+    /// at [`DRAIN_MAX`] in any case; stops watching when it closed or became current meanwhile, or began to drain
+    /// again (promoted, then the loser of a new crossing: the watch of that drain takes over, so the link still
+    /// lingers [`DRAIN_LINGER`] after it).
+    async fn drain(self: Arc<Self>, link: Arc<Link>, since: Instant, circuits_on: impl Fn(&Link) -> usize) {
         tokio::time::sleep(DRAIN_LINGER).await;
         let mut waited = DRAIN_LINGER;
         loop {
-            if link.writer.is_closed() || !self.is_draining(&link) {
+            if link.writer.is_closed() || self.draining_since(&link) != Some(since) {
                 return;
             }
             let circuits = circuits_on(&link);
@@ -268,8 +283,8 @@ impl Links {
             if Arc::ptr_eq(&e.current, link) {
                 match e.draining.take() {
                     Some((d, _)) if !d.writer.is_closed() => {
-                        // Current now: it takes OPENs again, and its drain watch (which checks `is_draining`)
-                        // lets it be.
+                        // Current now: it takes OPENs again, and its drain watch (which checks
+                        // `draining_since`) lets it be.
                         d.clear_draining();
                         e.current = d;
                         e.up_at = now;
@@ -397,11 +412,11 @@ impl LinkHost for Host {
         self.links.link(nid).is_some_and(|l| !l.writer.is_closed())
     }
 
-    fn stranger(&self, fp: &Fingerprint) {
+    fn stranger(&self, fp: &Fingerprint, from: IpAddr) {
         // Possibly a neighbor the tracker assigned after our last announce: refresh soon. (A known neighbor's
         // fingerprint with a bad signature is not remembered: anyone can claim it, and its dial loop must not wait.)
         if self.neighbors.get(fp).is_none() {
-            self.neighbors.knocked(fp);
+            self.neighbors.knocked(fp, from);
         }
         self.neighbors.request_reannounce();
     }
@@ -418,9 +433,9 @@ impl LinkHost for Host {
         }
         self.stats.links_opened.fetch_add(1, Ordering::Relaxed);
         let sink = self.router.attach(link);
-        if let Some(d) = self.links.install(link) {
+        if let Some((d, since)) = self.links.install(link) {
             let router = self.router.clone();
-            tokio::spawn(self.links.clone().drain(d, move |l: &Link| router.circuits_on(l)));
+            tokio::spawn(self.links.clone().drain(d, since, move |l: &Link| router.circuits_on(l)));
         }
         Some(sink)
     }

@@ -122,7 +122,7 @@ async fn a_draining_link_is_promoted_when_the_current_one_goes_down_and_one_drai
     assert_eq!(a.len(), 1);
     // Two crossings in a row: at most one link drains per edge.
     let (k2, k3) = (twin(false, &s), twin(false, &s));
-    assert!(a.install(&k2.at_small).is_some_and(|d| Arc::ptr_eq(&d, &k2.at_small)));
+    assert!(a.install(&k2.at_small).is_some_and(|(d, _)| Arc::ptr_eq(&d, &k2.at_small)));
     assert!(a.install(&k3.at_small).is_some());
     assert!(k2.at_small.writer.is_closed(), "at most one link drains per edge");
     assert!(Arc::ptr_eq(&current(&a), &c2.at_small));
@@ -144,10 +144,10 @@ async fn a_draining_link_closes_once_it_carries_no_circuit_or_at_the_latest_afte
         let (a, _) = registries();
         let (c, k) = (twin(true, &s), twin(false, &s));
         a.install(&c.at_small);
-        let d = a.install(&k.at_small).expect("k drains");
+        let (d, since) = a.install(&k.at_small).expect("k drains");
         let circuits = Arc::new(AtomicUsize::new(usize::from(circuits_until.is_some())));
         let count = circuits.clone();
-        let task = tokio::spawn(a.clone().drain(d, move |_: &Link| count.load(Ordering::Relaxed)));
+        let task = tokio::spawn(a.clone().drain(d, since, move |_: &Link| count.load(Ordering::Relaxed)));
         let start = tokio::time::Instant::now();
         let end = circuits_until.map(Duration::from_secs);
         while !k.at_small.writer.is_closed() {
@@ -166,11 +166,44 @@ async fn a_draining_link_closes_once_it_carries_no_circuit_or_at_the_latest_afte
     let (a, _) = registries();
     let (c, k) = (twin(true, &s), twin(false, &s));
     a.install(&c.at_small);
-    let d = a.install(&k.at_small).expect("k drains");
-    let task = tokio::spawn(a.clone().drain(d, |_: &Link| 0));
+    let (d, since) = a.install(&k.at_small).expect("k drains");
+    let task = tokio::spawn(a.clone().drain(d, since, |_: &Link| 0));
     a.remove(&c.at_small);
     task.await.unwrap();
     assert!(!k.at_small.writer.is_closed() && Arc::ptr_eq(&current(&a), &k.at_small));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_link_made_to_drain_again_lingers_after_its_second_drain_not_its_first() {
+    let s = settings();
+    let (a, _) = registries();
+    let (c, k) = (twin(true, &s), twin(false, &s));
+    a.install(&c.at_small);
+    let (d, first) = a.install(&k.at_small).expect("k drains");
+    let start = tokio::time::Instant::now();
+    let first_watch = tokio::spawn(a.clone().drain(d, first, |_: &Link| 0));
+    // At 5 s the current link goes down and k is promoted; at 5.5 s a new crossing link wins and k drains again.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    a.remove(&c.at_small);
+    assert!(Arc::ptr_eq(&current(&a), &k.at_small));
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let c2 = twin(true, &s);
+    let (d, second) = a.install(&c2.at_small).expect("k drains again");
+    assert!(Arc::ptr_eq(&d, &k.at_small) && Arc::ptr_eq(&current(&a), &c2.at_small));
+    let second_watch = tokio::spawn(a.clone().drain(d, second, |_: &Link| 0));
+    // The first drain's watch wakes at 10 s and leaves the link to the second's: it still lingers.
+    first_watch.await.unwrap();
+    assert!(start.elapsed() >= DRAIN_LINGER);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !k.at_small.writer.is_closed(),
+        "closed {:?} after its second drain began",
+        start.elapsed() - Duration::from_millis(5500)
+    );
+    second_watch.await.unwrap();
+    assert!(k.at_small.writer.is_closed(), "closed once idle after its second drain's linger");
+    assert!(start.elapsed() >= Duration::from_millis(5500) + DRAIN_LINGER);
+    assert!(!c2.at_small.writer.is_closed());
 }
 
 #[tokio::test(start_paused = true)]
@@ -194,4 +227,24 @@ async fn wait_change_returns_when_a_link_comes_up_not_at_its_deadline() {
     let t = tokio::time::Instant::now();
     a.wait_change(Duration::from_millis(300)).await;
     assert_eq!(t.elapsed(), Duration::from_millis(300));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_knock_counts_only_from_the_address_of_the_neighbor_it_claims_to_be() {
+    let n = Neighbors::default();
+    let (home, elsewhere): (IpAddr, IpAddr) = ("10.1.2.3".parse().unwrap(), "10.9.9.9".parse().unwrap());
+    // Someone at another address claims the neighbor's fingerprint: our dial to the neighbor does not wait.
+    n.knocked(&LARGE, elsewhere);
+    assert!(!n.recently_knocked(&LARGE, home));
+    // The neighbor itself (its address, here as an IPv4-mapped IPv6 source of a dual-stack listener) does.
+    n.knocked(&LARGE, "::ffff:10.1.2.3".parse().unwrap());
+    assert!(n.recently_knocked(&LARGE, home) && !n.recently_knocked(&SMALL, home));
+    tokio::time::advance(KNOCK_FRESH).await;
+    assert!(!n.recently_knocked(&LARGE, home), "a knock counts for KNOCK_FRESH");
+    // A flood of claims from elsewhere fills the table, not the neighbor's entry once recorded.
+    n.knocked(&LARGE, home);
+    for i in 0..(KNOCKED_MAX as u8 * 2) {
+        n.knocked(&Fingerprint([i; 32]), elsewhere);
+    }
+    assert!(n.recently_knocked(&LARGE, home));
 }
