@@ -22,9 +22,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(15);
 /// path) that answers each step just inside its own timeout must not hold all of them for minutes (found in
 /// review, session 10). Twice the tracker's longest answer (a probe wait and a probe, 10 s) and then some.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
-/// A kept session older than this (since its last request) is replaced instead of reused: the tracker closes
-/// sessions idle for its `--idle-timeout` (by default 2 × its announce interval + 30 s, 90 s at the default 30 s
-/// interval, SPEC §3.4), and writing into one it already closed costs a round trip to find out. 75 s covers the
+/// A kept session older than this (since its last request) is replaced instead of reused: a tracker that issues
+/// no tickets (before SPEC revision 8, with a fixed interval) closes sessions idle for its `--idle-timeout` (by
+/// default 2 × its announce interval + 30 s, 90 s at the default 30 s interval, SPEC §3.4), and writing into one it already closed costs a round trip to find out. 75 s covers the
 /// default interval with room for a late announce, so one session carries all of a peer's announces.
 const REUSE_IDLE: Duration = Duration::from_secs(75);
 /// A connection whose session has a ticket is reused while idle for less than this, and closed once it has been

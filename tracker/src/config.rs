@@ -14,6 +14,9 @@ pub const MAX_TARGET_DEGREE: usize = anomos_proto::tracker::MAX_NEIGHBORS - 2;
 /// How many missed announce intervals make a peer expire.
 pub const EXPIRE_INTERVALS: u32 = 3;
 
+/// Longest interval `--announce-rate` grows the announce interval to (the peer's client accepts up to 3600 s).
+pub const MAX_GROWN_INTERVAL: u32 = 3600;
+
 /// Everything the tracker is configured with. Embeddable in another clap command with `#[command(flatten)]`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrackerArgs {
@@ -55,9 +58,17 @@ pub struct TrackerArgs {
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub max_per_ipv6_48: usize,
 
-    /// Announce interval handed to peers, in seconds; a peer silent for 3 intervals expires.
+    /// Announce interval handed to peers, in seconds, while the overlay is small; a peer silent for 3 of the
+    /// intervals it was handed expires. A large overlay is handed a longer one (--announce-rate).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub interval: u32,
+
+    /// Most steady announces a second the overlay is asked for: with N peers the interval handed out is
+    /// max(--interval, ⌈N / this⌉ s, at most 3600 s), so the steady announces of a large overlay take a bounded
+    /// share of the tracker (1,000 a second: 20–40 % of a core; 100,000 peers announce every 100 s).
+    /// 0: always --interval. Replicas (--etcd) always hand out --interval.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub announce_rate: u32,
 
     /// Allow peers on the same IP address to be neighbors (needed when everything runs on loopback). Also lifts
     /// the --max-per-* admission limits and lets paths hold two hops of one /16 when no other path exists.
@@ -114,7 +125,8 @@ pub struct TrackerArgs {
 
     /// Seconds an authenticated session may sit unused: a ticket expires after this long without a connection
     /// using it, and a connection of a session without a ticket is closed after this long without a request
-    /// [default: 2 × --interval + 30, so a peer's session outlives the wait between two of its announces].
+    /// [default: 2 × the longest interval handed out + 30 (--interval, --announce-rate, --max-peers), so a
+    /// peer's session outlives the wait between two of its announces].
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idle_timeout: Option<u64>,
 
@@ -261,9 +273,30 @@ impl TrackerArgs {
         Duration::from_secs(self.conn_idle_timeout)
     }
 
-    /// How long an authenticated session may sit without a request: `--idle-timeout`, or 2 × interval + 30 s.
+    /// How long an authenticated session may sit without a request: `--idle-timeout`, or 2 × the longest
+    /// interval the tracker hands out + 30 s (so a ticket outlives the wait between two announces at any size).
     pub fn idle(&self) -> Duration {
-        Duration::from_secs(self.idle_timeout.unwrap_or(2 * u64::from(self.interval) + 30))
+        Duration::from_secs(self.idle_timeout.unwrap_or(2 * u64::from(self.max_interval()) + 30))
+    }
+
+    /// The announce interval handed out in an overlay of `peers` peers: `--interval`, or longer once `peers`
+    /// announcing at it would make more than `--announce-rate` announces a second (SPEC §3.10 "Interval").
+    pub fn interval_for(&self, peers: usize) -> u32 {
+        if self.announce_rate == 0 || self.replicated() {
+            return self.interval;
+        }
+        let grown = peers.div_ceil(self.announce_rate as usize).min(MAX_GROWN_INTERVAL as usize) as u32;
+        self.interval.max(grown)
+    }
+
+    /// The longest interval the tracker can hand out (at `--max-peers` peers).
+    pub fn max_interval(&self) -> u32 {
+        self.interval_for(self.max_peers)
+    }
+
+    /// How long a peer handed `interval` stays live after its announce: [`EXPIRE_INTERVALS`] of them.
+    pub fn expire_after_for(interval: u32) -> Duration {
+        Duration::from_secs(u64::from(interval) * u64::from(EXPIRE_INTERVALS))
     }
 
     /// Reachability probes run at once (each holds a descriptor for up to 5 s); announces beyond them wait.
@@ -287,9 +320,10 @@ impl TrackerArgs {
         self.data_dir.join("tracker.key")
     }
 
-    /// How long a peer stays live after its last successful announce.
+    /// How long a peer handed `--interval` stays live after its last successful announce (the graph's default;
+    /// a peer handed a longer interval stays live for 3 of those).
     pub fn expire_after(&self) -> Duration {
-        Duration::from_secs(u64::from(self.interval) * u64::from(EXPIRE_INTERVALS))
+        Self::expire_after_for(self.interval)
     }
 
     /// The graph's configuration (public for the `sybil` simulation, which drives the real graph).
@@ -333,13 +367,33 @@ mod tests {
         assert_eq!((a.sessions_limit(), a.probes_limit(), a.files_needed()), (101_024, 512, 11_792));
         assert_eq!((a.max_connections, a.connections_limit(), a.conn_idle()), (None, 11_024, Duration::from_secs(5)));
         assert_eq!((a.max_sessions_per_ip, a.hello_rate, a.hello_burst), (64, 100, 200));
-        assert_eq!((a.hello_timeout, a.idle_timeout, a.idle()), (10, None, Duration::from_secs(90)));
+        // 100,000 peers at 1,000 announces a second: a 100 s interval, so tickets live 2 × 100 + 30 s.
+        assert_eq!((a.announce_rate, a.max_interval()), (1000, 100));
+        assert_eq!((a.hello_timeout, a.idle_timeout, a.idle()), (10, None, Duration::from_secs(230)));
         let small = TrackerArgs { max_peers: 10, interval: 5, ..TrackerArgs::default() };
         assert_eq!((small.sessions_limit(), small.probes_limit(), small.idle()), (1034, 16, Duration::from_secs(40)));
         assert!(!a.allow_same_ip && !a.fixed_degree);
         assert_eq!((a.max_per_ipv4, a.max_per_ipv4_24, a.max_per_ipv6_64, a.max_per_ipv6_48), (2, 16, 2, 16));
         a.validate().unwrap();
         assert_eq!(a.key_path(), PathBuf::from("./anomos-tracker-data/tracker.key"));
+    }
+
+    #[test]
+    fn the_interval_grows_with_the_overlay_past_the_announce_rate() {
+        let a = TrackerArgs::default();
+        // Up to 30,000 peers the 30 s interval makes at most 1,000 announces a second.
+        for (peers, interval) in [(0, 30), (1, 30), (30_000, 30), (30_001, 31), (50_000, 50), (100_000, 100)] {
+            assert_eq!(a.interval_for(peers), interval, "{peers} peers");
+        }
+        let big = TrackerArgs { max_peers: 10_000_000, ..TrackerArgs::default() };
+        assert_eq!((big.interval_for(10_000_000), big.max_interval()), (MAX_GROWN_INTERVAL, MAX_GROWN_INTERVAL));
+        let long = TrackerArgs { interval: 7200, ..TrackerArgs::default() };
+        assert_eq!(long.interval_for(100_000), 7200, "never shorter than --interval");
+        let fixed = TrackerArgs { announce_rate: 0, ..TrackerArgs::default() };
+        assert_eq!((fixed.interval_for(100_000), fixed.idle()), (30, Duration::from_secs(90)));
+        let replica = TrackerArgs { etcd: vec!["http://127.0.0.1:2379".into()], ..TrackerArgs::default() };
+        assert_eq!(replica.interval_for(100_000), 30, "replicas' etcd leases last 3 × --interval");
+        assert_eq!(TrackerArgs::expire_after_for(100), Duration::from_secs(300));
     }
 
     #[test]
@@ -372,7 +426,8 @@ mod tests {
             "[default: 120]",
             "--max-peers + 1024",
             "--max-peers / 10",
-            "2 × --interval + 30",
+            "2 × the longest interval handed out + 30",
+            "[default: 1000]",
         ] {
             assert!(help.contains(d), "help lacks {d}: {help}");
         }

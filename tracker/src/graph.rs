@@ -14,8 +14,9 @@
 //!   the same IP address. Candidates whose /16 (IPv6 /32) differs from the peer's and from every current
 //!   neighbor's, on both sides, come first, then those still below the target degree (module `neighbors`).
 //! * Paths never hold two hops of one /16 or one family (module `paths`).
-//! * Peers silent for `expire_after` expire; their edges disappear from their neighbors, who are topped up
-//!   again on their next announce.
+//! * Peers silent for `expire_after` expire (the value when they last announced: a tracker that hands a large
+//!   overlay a longer interval raises it, [`Graph::set_expire_after`]); their edges disappear from their
+//!   neighbors, who are topped up again on their next announce.
 //! * Avoided peers (a failed probe, or corroborated blame) are not used in new paths or new edges until they
 //!   announce again; blamed peers are left out of their reporters' paths, and do not count toward the degree of
 //!   their reporters (or, once corroborated, of anyone) for `blame_lasts` (modules `blame`, `neighbors`).
@@ -58,7 +59,7 @@ pub struct GraphConfig {
     pub allow_same_ip: bool,
     /// Most peers kept.
     pub max_peers: usize,
-    /// Silence after which a peer expires.
+    /// Silence after which a peer announcing (or restored) now expires.
     pub expire_after: Duration,
     /// Most live identities per address and network (all zero: unlimited).
     pub admission: AdmissionLimits,
@@ -79,6 +80,8 @@ pub struct Peer<K> {
     pub chains: Vec<ChainId>,
     /// Time of its last successful announce.
     pub last_seen: Instant,
+    /// Live until then: its last announce plus the graph's `expire_after` at that announce.
+    pub live_until: Instant,
     /// Left out of everyone's paths and given no new edges since a failed probe or the blame of
     /// [`CORROBORATING_REPORTERS`] reporters, until its next announce.
     pub avoided: bool,
@@ -108,6 +111,7 @@ impl<K> Peer<K> {
             chains,
             family,
             last_seen: now,
+            live_until: now,
             avoided: false,
             target_avoided_until: None,
             blamed_by: Blamers::default(),
@@ -127,8 +131,8 @@ impl<K> Peer<K> {
         self.edges.len()
     }
 
-    fn live(&self, now: Instant, expire_after: Duration) -> bool {
-        now.saturating_duration_since(self.last_seen) <= expire_after
+    fn live(&self, now: Instant) -> bool {
+        now <= self.live_until
     }
 }
 
@@ -187,7 +191,7 @@ pub struct Graph<K> {
     all: Sampler,
     /// Peers by degree (bucket d: degree d), for drawing peers below the target degree in O(1).
     by_degree: Vec<Sampler>,
-    /// Peers by last announce, oldest first: expiry looks at the silent ones only.
+    /// Peers by the end of their liveness, soonest first: expiry looks at the silent ones only.
     expiry: BTreeSet<(Instant, Fingerprint)>,
     /// Changes not yet written to the state database (`None`: not collected).
     dirty: Option<Dirty>,
@@ -249,10 +253,16 @@ impl<K> Graph<K> {
         self.peers.get(id)
     }
 
-    /// Whether `id` is known and has announced within `expire_after`.
+    /// Whether `id` is known and still live (announced within the `expire_after` of its last announce).
     #[cfg(test)]
     pub fn is_live(&self, id: &Fingerprint, now: Instant) -> bool {
-        self.peers.get(id).is_some_and(|p| p.live(now, self.cfg.expire_after))
+        self.peers.get(id).is_some_and(|p| p.live(now))
+    }
+
+    /// How long peers announcing (or restored) from now on stay live without announcing again: the tracker
+    /// raises it with the interval it hands out. Peers keep the value of their last announce.
+    pub fn set_expire_after(&mut self, expire_after: Duration) {
+        self.cfg.expire_after = expire_after;
     }
 
     /// Records a successful (reachability-checked) announce without a family. See [`announce_with_family`].
@@ -430,15 +440,10 @@ impl<K> Graph<K> {
         }
     }
 
-    /// Removes every peer silent for longer than `expire_after`, with its edges.
+    /// Removes every peer silent for longer than the `expire_after` of its last announce, with its edges.
     pub fn expire(&mut self, now: Instant) -> Vec<Expired> {
-        let expire_after = self.cfg.expire_after;
-        let dead: Vec<Fingerprint> = self
-            .expiry
-            .iter()
-            .take_while(|(seen, _)| now.saturating_duration_since(*seen) > expire_after)
-            .map(|(_, fp)| *fp)
-            .collect();
+        let dead: Vec<Fingerprint> =
+            self.expiry.iter().take_while(|(until, _)| now > *until).map(|(_, fp)| *fp).collect();
         dead.into_iter().map(|id| Expired { id, edges: self.remove(&id) }).collect()
     }
 
@@ -462,7 +467,7 @@ impl<K> Graph<K> {
             self.unlink(*nid);
         }
         let Some(peer) = self.peers.remove(id) else { return nids.len() };
-        self.expiry.remove(&(peer.last_seen, *id));
+        self.expiry.remove(&(peer.live_until, *id));
         self.unindex_peer(id, peer.degree());
         self.census.remove(peer.addr.ip());
         self.unlist(id, &peer.chains);

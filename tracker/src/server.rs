@@ -6,7 +6,7 @@
 //! module `tickets`). Then it answers requests one by one. A connection whose session has a ticket is closed after
 //! `--conn-idle-timeout` (5 s) without a request — the session stays resumable — so the tracker's descriptors
 //! follow the connections in use, not the peers; one without a ticket (a peer that never asks for one) after the
-//! session idle timeout (2 × the announce interval + 30 s). Anything malformed drops that connection only, with one warning naming the peer address
+//! session idle timeout (2 × the longest announce interval handed out + 30 s). Anything malformed drops that connection only, with one warning naming the peer address
 //! and the reason. Per source address, concurrent connections and the rate of ClientHellos (each an RSA
 //! decryption) are limited (module `limits`).
 
@@ -123,31 +123,49 @@ pub async fn run_on(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TrackerError> {
     args.validate()?;
+    if let Some(idle) = args.idle_timeout.filter(|s| *s < 2 * u64::from(args.max_interval())) {
+        warn!(
+            idle_timeout = idle,
+            longest_interval = args.max_interval(),
+            "--idle-timeout is shorter than 2 × the longest interval handed out: at that size tickets expire \
+             between announces and every announce is a full handshake"
+        );
+    }
     let max_sessions = crate::fds::connections_for(&args)?;
     let tickets = Arc::new(Tickets::new(args.sessions_limit(), args.idle()));
     let identity = Arc::new(load_key(&args).await?);
-    let listener = net.bind(args.listen).await.map_err(|e| TrackerError::io(format!("binding {}", args.listen), e))?;
-    let listen = listener.local_addr().map_err(|e| TrackerError::io("reading the bound address", e))?;
     let timeouts =
         Timeouts { hello: Duration::from_secs(args.hello_timeout), idle: args.idle(), conn_idle: args.conn_idle() };
     let limits = Limits::new(&args);
     let metrics_addr = args.metrics;
-    let (neighbors, interval) = (args.neighbors, args.interval);
+    let (neighbors, interval, listen_at) = (args.neighbors, args.interval, args.listen);
+    let bind = |net: &Net| {
+        let net = net.clone();
+        async move { net.bind(listen_at).await.map_err(|e| TrackerError::io(format!("binding {listen_at}"), e)) }
+    };
     let db = args.db_path();
-    let (mut service, replica) = if args.replicated() {
-        // Replicas keep their state in etcd (crate::replica), not in tracker.redb.
+    let (mut service, replica, listener) = if args.replicated() {
+        // Replicas keep their state in etcd (crate::replica), not in tracker.redb, and register their address.
+        let listener = bind(&net).await?;
+        let listen = listener.local_addr().map_err(|e| TrackerError::io("reading the bound address", e))?;
         let (service, _, replica) = crate::replica::open(args, identity.fingerprint(), listen).await?;
-        (service, Some(replica))
+        (service, Some(replica), listener)
     } else {
+        // The state is loaded before the port is bound: peers that come back during the load (after a restart,
+        // all of them within an interval) are refused at once and retry with jitter, instead of waiting in the
+        // kernel's accept queue until it overflows and their connections stall for seconds (SPEC §3.10).
+        let started = std::time::Instant::now(); // wall time, for the log only
         let (service, restored) = anomos_net::rt::spawn_blocking(move || Service::open(args))
             .await
             .map_err(|e| TrackerError::io("loading the state database", std::io::Error::other(e)))??;
         info!(
             path = %db.display(), peers = restored.peers, edges = restored.edges, dropped = restored.dropped,
-            "state database opened"
+            read_ms = restored.read.as_millis() as u64, rebuilt_ms = restored.rebuilt.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64, "state database opened"
         );
-        (service, None)
+        (service, None, bind(&net).await?)
     };
+    let listen = listener.local_addr().map_err(|e| TrackerError::io("reading the bound address", e))?;
     service.net = net;
     let service = Arc::new(service);
     // The static key of version-2 channels (one RSA signature now, one a day).

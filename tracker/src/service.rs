@@ -230,10 +230,11 @@ impl Service {
         // With replicas the changes are committed before the reply; after a conflict (another instance changed a
         // peer involved) the graph holds the shared state again and the announce is done again.
         let mut attempt = 0;
-        let (done, neighbors, peers) = loop {
-            let (done, neighbors, peers, staged) = {
+        let (done, neighbors, peers, interval) = loop {
+            let (done, neighbors, peers, interval, staged) = {
                 let mut st = self.lock();
                 let State { graph, rng, .. } = &mut *st;
+                let interval = self.interval_for_announce(graph);
                 let (chains, family) = (ann.chains.clone(), ann.family.clone());
                 let done = match graph.announce_with_family(
                     id,
@@ -264,10 +265,10 @@ impl Service {
                     .collect();
                 let peers = graph.len();
                 let staged = self.stage(&mut st, Some(id));
-                (done, neighbors, peers, staged)
+                (done, neighbors, peers, interval, staged)
             };
             match self.commit(staged).await {
-                Ok(()) => break (done, neighbors, peers),
+                Ok(()) => break (done, neighbors, peers, interval),
                 Err(replica::Retry::Again) if attempt + 1 < replica::COMMIT_ATTEMPTS => {
                     attempt += 1;
                     debug!(peer = %id.short(), attempt, "announce conflicted with another replica; again");
@@ -307,7 +308,18 @@ impl Service {
         if done.added > 0 {
             info!(peer = %id.short(), added = done.added, degree = done.degree, "neighbors assigned");
         }
-        FromTracker::Announced(AnnounceReply { interval_secs: self.args.interval, neighbors })
+        FromTracker::Announced(AnnounceReply { interval_secs: interval, neighbors })
+    }
+
+    /// The interval to hand a peer announcing now (it grows with the overlay: `--announce-rate`), with the graph
+    /// set to keep the peer live for [`EXPIRE_INTERVALS`](crate::config::EXPIRE_INTERVALS) of it. Replicas leave
+    /// expiry to etcd's leases (their graph's `expire_after` stays "never") and hand out `--interval`.
+    fn interval_for_announce(&self, graph: &mut Graph<PublicKey>) -> u32 {
+        let interval = self.args.interval_for(graph.len());
+        if !self.args.replicated() {
+            graph.set_expire_after(TrackerArgs::expire_after_for(interval));
+        }
+        interval
     }
 
     /// `RequestCircuits`: find paths, build a tracking code per path, remember the circuits.

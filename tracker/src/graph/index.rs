@@ -17,6 +17,17 @@ impl Sampler {
         self.items.len()
     }
 
+    /// Empties it, keeping its hasher and allocations.
+    fn clear(&mut self) {
+        self.items.clear();
+        self.pos.clear();
+    }
+
+    fn reserve(&mut self, n: usize) {
+        self.items.reserve(n);
+        self.pos.reserve(n);
+    }
+
     pub(super) fn insert(&mut self, fp: Fingerprint) {
         if !self.pos.contains_key(&fp) {
             self.pos.insert(fp, self.items.len());
@@ -98,7 +109,7 @@ impl<K> Graph<K> {
     }
 
     /// [`touch_edge`](Self::touch_edge) of an edge linked or unlinked between `a` and `b`.
-    fn touch_ends(&mut self, nid: NeighborId, a: Fingerprint, b: Fingerprint) {
+    pub(super) fn touch_ends(&mut self, nid: NeighborId, a: Fingerprint, b: Fingerprint) {
         if let Some(d) = &mut self.dirty {
             d.edges.insert(nid);
             d.ends.insert(nid, (a, b));
@@ -123,6 +134,26 @@ impl<K> Graph<K> {
         }
     }
 
+    /// Rebuilds the degree index from every peer's degree, in the order of the peer index (after edges were
+    /// added without it: [`Graph::restore_edges`]).
+    pub(super) fn reindex_degrees(&mut self) {
+        let Graph { all, by_degree, peers, .. } = self;
+        by_degree.iter_mut().for_each(Sampler::clear);
+        for id in all.all() {
+            let degree = peers.get(id).map_or(0, Peer::degree);
+            if let Some(b) = by_degree.get_mut(Self::bucket(degree)) {
+                b.insert(*id);
+            }
+        }
+    }
+
+    /// Room for `peers` more peers and `edges` more edges without growing the tables one by one (a restart).
+    pub fn reserve(&mut self, peers: usize, edges: usize) {
+        self.peers.reserve(peers);
+        self.all.reserve(peers);
+        self.edges.reserve(edges);
+    }
+
     /// Adds a peer to the peer and degree indexes (with its current degree).
     pub(super) fn index_peer(&mut self, id: Fingerprint) {
         let degree = self.peers.get(&id).map_or(0, Peer::degree);
@@ -140,13 +171,16 @@ impl<K> Graph<K> {
         }
     }
 
-    /// Records `id`'s announce time in the expiry order.
+    /// Records `id`'s announce time, and its liveness for the current `expire_after` in the expiry order.
     pub(super) fn set_seen(&mut self, id: Fingerprint, now: Instant) {
+        // An `expire_after` too long for the clock (a replica's "never") is as good as forever.
+        let until = now.checked_add(self.cfg.expire_after).unwrap_or_else(|| far_future(now));
         if let Some(p) = self.peers.get_mut(&id) {
-            let old = std::mem::replace(&mut p.last_seen, now);
+            p.last_seen = now;
+            let old = std::mem::replace(&mut p.live_until, until);
             self.expiry.remove(&(old, id));
         }
-        self.expiry.insert((now, id));
+        self.expiry.insert((until, id));
     }
 
     /// Peers below `degree` neighbors, drawn uniformly, at most `n` draws (repeats possible).
@@ -199,4 +233,9 @@ impl<K> Graph<K> {
     pub fn edge_ends(&self, nid: NeighborId) -> Option<(Fingerprint, Fingerprint)> {
         self.edges.get(&nid).copied()
     }
+}
+
+/// The latest instant the clock can reach from `now` in one of a few steps (a century, a year, a day).
+fn far_future(now: Instant) -> Instant {
+    [36_500u64, 365, 1].iter().find_map(|days| now.checked_add(Duration::from_secs(days * 86_400))).unwrap_or(now)
 }

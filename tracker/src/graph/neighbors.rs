@@ -123,7 +123,7 @@ impl<K> Graph<K> {
                     && !p.avoided
                     && !discounted(p, &id, now)
                     && !me.blamed_by.by(fp, now)
-                    && p.live(now, self.cfg.expire_after)
+                    && p.live(now)
                     && p.degree() < max
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
                     && !family(&id, me, fp, p)
@@ -216,7 +216,7 @@ impl<K> Graph<K> {
                 !p.avoided
                     && !discounted(p, &id, now)
                     && !me.blamed_by.by(fp, now)
-                    && p.live(now, self.cfg.expire_after)
+                    && p.live(now)
                     && (self.cfg.allow_same_ip || p.addr.ip() != my_ip)
                     && !family(&id, me, fp, p)
             })

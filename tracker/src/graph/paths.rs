@@ -57,8 +57,7 @@ impl<K> Graph<K> {
         now: Instant,
         rng: &mut impl RngCore,
     ) -> Result<Vec<Vec<Fingerprint>>, GraphError> {
-        let me =
-            self.peers.get(requester).filter(|p| p.live(now, self.cfg.expire_after)).ok_or(GraphError::UnknownPeer)?;
+        let me = self.peers.get(requester).filter(|p| p.live(now)).ok_or(GraphError::UnknownPeer)?;
         if me.edges.is_empty() || relays == 0 || count == 0 {
             return Err(GraphError::NoPath);
         }
@@ -158,7 +157,7 @@ impl<K> Graph<K> {
                         continue;
                     }
                     let Some(q) = self.peers.get(fp) else { continue };
-                    if q.avoided || !q.live(now, self.cfg.expire_after) {
+                    if q.avoided || !q.live(now) {
                         continue;
                     }
                     let blamed = heed.shuns_blamed_relays() && q.blamed_by.by(requester, now);
@@ -328,7 +327,7 @@ impl<K> Graph<K> {
                 let Some(q) = self.peers.get(next) else { continue };
                 let blamed = heed.shuns_blamed_relays() && q.blamed_by.by(from, now);
                 skipped.any |= blamed;
-                if q.avoided || !q.live(now, self.cfg.expire_after) {
+                if q.avoided || !q.live(now) {
                     continue;
                 }
                 if blamed && heed == Heed::All && serving.contains(next) && !q.blamed_by.as_target_only_by(from, now) {

@@ -55,19 +55,48 @@ impl<K> Graph<K> {
     /// same peer or neighbors already, the id is taken or zero, or an end already has as many neighbors as a
     /// reply carries.
     pub fn restore_edge(&mut self, nid: NeighborId, a: Fingerprint, b: Fingerprint) -> bool {
-        let cap = anomos_proto::tracker::MAX_NEIGHBORS;
-        let fits = |fp: &Fingerprint| self.peers.get(fp).is_some_and(|p| p.degree() < cap);
-        if nid.0 == 0
-            || a == b
-            || self.edges.contains_key(&nid)
-            || !fits(&a)
-            || !fits(&b)
-            || self.edge(&a, &b).is_some()
-        {
+        if !self.edge_fits(nid, a, b) {
             return false;
         }
         self.link(a, b, nid);
         true
+    }
+
+    /// Puts back stored edges as [`restore_edge`](Self::restore_edge) does, in order, but indexes the peers'
+    /// degrees once at the end instead of at every edge (a restart at 100,000 peers puts back about 700,000).
+    /// Returns the edges not restored.
+    pub fn restore_edges(&mut self, edges: Vec<(NeighborId, Fingerprint, Fingerprint)>) -> Vec<NeighborId> {
+        self.edges.reserve(edges.len());
+        let mut dropped = Vec::new();
+        let cap = anomos_proto::tracker::MAX_NEIGHBORS;
+        for (nid, a, b) in edges {
+            // The checks of `edge_fits`, with one lookup of each end (most of a restart's time is these lookups).
+            // `get_disjoint_mut` panics on equal keys: a self-edge is refused before it.
+            let free = nid.0 != 0 && a != b && !self.edges.contains_key(&nid);
+            let ends = if free { self.peers.get_disjoint_mut([&a, &b]) } else { [None, None] };
+            let [Some(pa), Some(pb)] = ends else {
+                dropped.push(nid);
+                continue;
+            };
+            if pa.degree() >= cap || pb.degree() >= cap || pa.edges.contains_key(&b) {
+                dropped.push(nid);
+                continue;
+            }
+            pa.edges.insert(b, nid);
+            pb.edges.insert(a, nid);
+            self.edges.insert(nid, (a, b));
+            self.touch_ends(nid, a, b);
+        }
+        self.reindex_degrees();
+        dropped
+    }
+
+    /// Whether stored edge `nid` between `a` and `b` can be put back: both ends known, distinct, not neighbors
+    /// yet, each with fewer neighbors than a reply carries, and the id non-zero and free.
+    fn edge_fits(&self, nid: NeighborId, a: Fingerprint, b: Fingerprint) -> bool {
+        let cap = anomos_proto::tracker::MAX_NEIGHBORS;
+        let fits = |fp: &Fingerprint| self.peers.get(fp).is_some_and(|p| p.degree() < cap);
+        nid.0 != 0 && a != b && !self.edges.contains_key(&nid) && fits(&a) && fits(&b) && self.edge(&a, &b).is_none()
     }
 
     /// Marks a stored peer that was not restored as changed, so that the next write deletes it.

@@ -5,6 +5,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 mod lengths;
+mod restore;
 
 fn cfg(target: usize) -> GraphConfig {
     GraphConfig {
@@ -175,6 +176,35 @@ fn same_ip_rule() {
     }
     check_invariants(&g);
     assert!(g.peers.values().all(|p| p.degree() == 4));
+}
+
+#[test]
+fn each_peer_keeps_the_liveness_of_its_last_announce() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let t0 = Instant::now();
+    let mut g = Graph::new(cfg(2));
+    // Peer 0 announced while the overlay was handed 30 s intervals (90 s of liveness), peer 1 once the tracker
+    // handed out 100 s (300 s), peer 2 after the overlay shrank back.
+    g.announce(fp(0), (), addr(0), vec![chain()], t0, &mut rng).unwrap();
+    g.set_expire_after(Duration::from_secs(300));
+    g.announce(fp(1), (), addr(1), vec![chain()], t0, &mut rng).unwrap();
+    g.set_expire_after(Duration::from_secs(90));
+    g.announce(fp(2), (), addr(2), vec![chain()], t0 + Duration::from_secs(10), &mut rng).unwrap();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    assert!(g.is_live(&fp(0), at(90)) && !g.is_live(&fp(0), at(91)));
+    assert!(g.is_live(&fp(1), at(300)) && !g.is_live(&fp(1), at(301)), "shrinking did not shorten peer 1's");
+    assert_eq!(g.expire(at(91)).iter().map(|e| e.id).collect::<Vec<_>>(), vec![fp(0)]);
+    assert_eq!(g.expire(at(101)).iter().map(|e| e.id).collect::<Vec<_>>(), vec![fp(2)]);
+    assert!(g.expire(at(300)).is_empty());
+    // A peer's next announce replaces its liveness with the current one, longer or shorter.
+    g.announce(fp(1), (), addr(1), vec![chain()], at(200), &mut rng).unwrap();
+    assert!(g.is_live(&fp(1), at(290)) && !g.is_live(&fp(1), at(291)));
+    assert_eq!(g.expire(at(291)).iter().map(|e| e.id).collect::<Vec<_>>(), vec![fp(1)]);
+    assert_eq!(g.len(), 0);
+    // "Never" (a replica's graph) does not overflow the clock.
+    g.set_expire_after(Duration::from_secs(u64::MAX));
+    g.announce(fp(3), (), addr(3), vec![chain()], at(300), &mut rng).unwrap();
+    assert!(g.is_live(&fp(3), at(300) + Duration::from_secs(10 * 365 * 86_400)));
 }
 
 #[test]

@@ -431,7 +431,13 @@ pub(crate) async fn open(
         endpoints, prefix = %etcd.prefix, peers = loaded.peers, edges = loaded.edges, revision = loaded.revision,
         replicas = loaded.replicas.len(), "replica: state loaded from etcd"
     );
-    let restored = crate::service::Restored { peers: loaded.peers, edges: loaded.edges, dropped: loaded.orphans.len() };
+    let restored = crate::service::Restored {
+        peers: loaded.peers,
+        edges: loaded.edges,
+        dropped: loaded.orphans.len(),
+        read: Duration::ZERO,
+        rebuilt: Duration::ZERO,
+    };
     *etcd.replicas.lock().unwrap_or_else(|e| e.into_inner()) = loaded.replicas;
     etcd.forget(loaded.orphans);
     let revision = loaded.revision;

@@ -18,6 +18,9 @@ pub(crate) struct Restored {
     pub(crate) edges: usize,
     /// Stored peers and edges that could not be put back (over `--max-peers`, an end missing, …); deleted.
     pub(crate) dropped: usize,
+    /// Time reading and checking the rows, and putting the graph back together.
+    pub(crate) read: Duration,
+    pub(crate) rebuilt: Duration,
 }
 
 impl Service {
@@ -47,9 +50,14 @@ impl Service {
     /// Opens the state database (`<data-dir>/tracker.redb`) and restores the graph it holds: every stored peer is
     /// live from now, with its edges and their NeighborIDs.
     pub(crate) fn open(args: TrackerArgs) -> Result<(Service, Restored), TrackerError> {
+        let started = std::time::Instant::now();
         let store = Store::open(&args.db_path())?;
         let loaded = store.load()?;
+        let read = started.elapsed();
         let mut graph = Graph::new(args.graph_config());
+        // Restored peers stay live for three of the intervals an overlay of their number is handed.
+        graph.set_expire_after(TrackerArgs::expire_after_for(args.interval_for(loaded.peers.len())));
+        graph.reserve(loaded.peers.len(), loaded.edges.len());
         let now = anomos_net::rt::now();
         let mut dropped = Dirty::default();
         let (mut peers, mut edges) = (0, 0);
@@ -60,15 +68,13 @@ impl Service {
                 dropped.peers.insert(fp);
             }
         }
-        for (nid, a, b) in loaded.edges {
-            if graph.restore_edge(nid, a, b) {
-                edges += 1;
-            } else {
-                dropped.edges.insert(nid);
-            }
-        }
+        let stored_edges = loaded.edges.len();
+        let not_restored = graph.restore_edges(loaded.edges);
+        edges += stored_edges - not_restored.len();
+        dropped.edges.extend(not_restored);
         graph.track_changes();
-        let restored = Restored { peers, edges, dropped: dropped.peers.len() + dropped.edges.len() };
+        let rebuilt = started.elapsed().saturating_sub(read);
+        let restored = Restored { peers, edges, dropped: dropped.peers.len() + dropped.edges.len(), read, rebuilt };
         for fp in dropped.peers {
             graph.forget_stored_peer(fp);
         }
