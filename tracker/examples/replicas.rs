@@ -261,6 +261,8 @@ async fn run(args: Args) -> Result<(), String> {
         handshakes: tokio::sync::Semaphore::new(64),
         channel_version: 2,
         conns: tokio::sync::Semaphore::new(8000),
+        longest_interval: Default::default(),
+        last_join_ms: Default::default(),
     });
     let s = &ctx.stats;
     let since = |t: Instant| t.duration_since(ctx.start).as_secs_f32();

@@ -107,6 +107,11 @@ pub struct Ctx {
     /// peers that would each have their own): a request waits for a slot before it connects. Latencies are
     /// measured from the slot, so the generator's own queue is not counted as the tracker's.
     pub conns: tokio::sync::Semaphore,
+    /// The longest announce interval the tracker has handed out (it grows with the overlay: `--announce-rate`).
+    pub longest_interval: std::sync::atomic::AtomicU32,
+    /// When the latest peer joined (ms since `start`): a table answered before it may have lost an edge since
+    /// (a newcomer splits edges).
+    pub last_join_ms: AtomicU64,
 }
 
 /// The loopback address of peer `k`: 127.A.B.C with C in 1..=254, starting at 127.10.0.1 (127.0.0.1 is the
@@ -291,6 +296,8 @@ pub struct Peer {
     pub joined: AtomicBool,
     /// Successful announces so far.
     pub announces: AtomicU64,
+    /// When the last of them was answered (ms since the generator's start).
+    pub last_announce_ms: AtomicU64,
     /// The neighbor table of the last announce reply: (NeighborID, address).
     pub table: std::sync::Mutex<Vec<(u64, SocketAddr)>>,
     /// Its version-2 sessions' probe keys, newest first (at most two).
@@ -308,6 +315,7 @@ impl Peer {
             failovers: AtomicU64::new(0),
             joined: AtomicBool::new(false),
             announces: AtomicU64::new(0),
+            last_announce_ms: AtomicU64::new(0),
             table: std::sync::Mutex::new(Vec::new()),
             probe_keys: std::sync::Mutex::new(Vec::new()),
         })
@@ -426,10 +434,11 @@ impl Peer {
         r.map(|reply| (reply, Some(setup), waited))
     }
 
-    /// Announces at the tracker's interval until stopped; after a failure retries after 1, 2, 4 … 30 s.
+    /// Announces at the tracker's interval until stopped; after a failure retries after 0.5, 1, 2 … 30 s
+    /// (jittered), as the real peer does.
     pub async fn run(self: Arc<Self>, ctx: Arc<Ctx>, joined_from: Instant) {
         let mut stop = ctx.stop.clone();
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = Duration::from_millis(500);
         let msg = ToTracker::Announce(Announce { listen: self.listen, chains: ctx.chains.clone(), family: Vec::new() });
         loop {
             let wait = match self.request(&ctx, &msg).await {
@@ -440,12 +449,16 @@ impl Peer {
                         ctx.stats.announces.record(ctx.start, took.saturating_sub(setup.unwrap_or_default()));
                     }
                     let interval = Duration::from_secs(u64::from(a.interval_secs.clamp(1, 3600)));
+                    ctx.longest_interval.fetch_max(a.interval_secs.clamp(1, 3600), Ordering::Relaxed);
                     *self.table.lock().unwrap_or_else(|e| e.into_inner()) =
                         a.neighbors.iter().map(|n| (n.id.0, n.addr)).collect();
                     self.announces.fetch_add(1, Ordering::Relaxed);
-                    backoff = Duration::from_secs(1);
+                    let now_ms = ctx.start.elapsed().as_millis() as u64;
+                    self.last_announce_ms.store(now_ms, Ordering::Relaxed);
+                    backoff = Duration::from_millis(500);
                     if !self.joined.swap(true, Ordering::Relaxed) {
                         ctx.stats.joins.record(ctx.start, joined_from.elapsed());
+                        ctx.last_join_ms.fetch_max(now_ms, Ordering::Relaxed);
                         if ctx.spread {
                             // Once, a random phase: as if the peers had joined over a long time.
                             interval.mul_f64(rand::random::<f64>())

@@ -3,6 +3,8 @@
 //! long the stop and the start (loading the state database) take, when the first circuit is granted again
 //! (requests from random joined peers every 50 ms, from the SIGTERM), and, once every peer has announced again,
 //! how many of the neighbor-table entries (NeighborID and address) each peer had before the restart it still has.
+//! Only tables answered after the last join count: a newcomer splits edges, so an older table may list an edge
+//! the tracker had already removed before the restart (with intervals of 100 s at 100,000 peers, many would).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -15,8 +17,9 @@ use rand::seq::SliceRandom;
 
 use crate::peer::{Ctx, Peer};
 
-/// Each joined peer's neighbor table (NeighborID, address) and its announces so far, by its address.
-pub type Snapshot = HashMap<SocketAddr, (BTreeSet<(u64, SocketAddr)>, u64)>;
+/// Each joined peer's neighbor table (NeighborID, address), its announces so far and whether the table was
+/// answered after the last join, by its address.
+pub type Snapshot = HashMap<SocketAddr, (BTreeSet<(u64, SocketAddr)>, u64, bool)>;
 
 /// What the restart showed.
 pub struct Restarted {
@@ -31,9 +34,11 @@ pub struct Restarted {
     pub joined: usize,
     /// SIGTERM to the last of those re-announces.
     pub reannounce_s: f64,
-    /// Neighbor-table entries before, of the peers that re-announced, and of them the ones each still has.
+    /// Neighbor-table entries before, of the peers that re-announced with a table answered after the last join,
+    /// and of them the ones each still has; those peers.
     pub entries: usize,
     pub kept: usize,
+    pub compared: usize,
     /// Failures between the SIGTERM and the end of the measurement, by kind (expected while the tracker is down).
     pub errors: BTreeMap<String, u64>,
 }
@@ -61,14 +66,16 @@ pub async fn stop(pid: u32, mut exited: impl FnMut() -> bool) -> Result<f64, Str
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// The tables of every joined peer now, and how many announces each has made.
-pub fn snapshot(peers: &[Arc<Peer>]) -> Snapshot {
+/// The tables of every joined peer now, how many announces each has made, and whether its table was answered
+/// after the last join (`last_join_ms`).
+pub fn snapshot(peers: &[Arc<Peer>], last_join_ms: u64) -> Snapshot {
     peers
         .iter()
         .filter(|p| p.joined.load(Ordering::Relaxed))
         .map(|p| {
             let table = p.table.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
-            (p.listen, (table, p.announces.load(Ordering::Relaxed)))
+            let current = p.last_announce_ms.load(Ordering::Relaxed) > last_join_ms;
+            (p.listen, (table, p.announces.load(Ordering::Relaxed), current))
         })
         .collect()
 }
@@ -108,9 +115,13 @@ pub async fn measure(
         }
     }
     // Only peers that announced to the new process count: the others still hold the table from before.
-    let (mut entries, mut kept) = (0, 0);
+    let (mut entries, mut kept, mut compared) = (0, 0, 0);
     for p in live.iter().filter(|p| p.announces.load(Ordering::Relaxed) > before[&p.listen].1) {
-        let (table, _) = &before[&p.listen];
+        let (table, _, current) = &before[&p.listen];
+        if !current {
+            continue;
+        }
+        compared += 1;
         let after: BTreeSet<(u64, SocketAddr)> =
             p.table.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
         entries += table.len();
@@ -126,6 +137,7 @@ pub async fn measure(
         reannounce_s: last.duration_since(sigterm).as_secs_f64(),
         entries,
         kept,
+        compared,
         errors: ctx.stats.errors(from, f32::MAX),
     }
 }
