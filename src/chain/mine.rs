@@ -324,6 +324,43 @@ mod tests {
         check_block_in_context(&block, &params, 1).unwrap();
     }
 
+    /// A pool transaction a block confirmed is still answered to `getdata` for a while (the pool no longer has
+    /// it), within a bound.
+    #[test]
+    fn a_transaction_mined_from_the_pool_is_still_relayed_for_a_while() {
+        let params = NetParams::regtest();
+        let mut store = ChainStore::new(params).unwrap();
+        let tx = |i: u32| Transaction {
+            version: TxVersion::TWO,
+            lock_time: LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: OutPoint { txid: Txid::from_byte_array([7; 32]), vout: i },
+                ..TxIn::default()
+            }],
+            output: vec![TxOut { value: Amount::from_sat(1_000), script_pubkey: ScriptBuf::from_bytes(vec![0x51]) }],
+        };
+        let first = tx(0);
+        let txid = first.compute_txid();
+        store.add_pool_tx(&first, 1).unwrap().unwrap();
+        let tip = store.best_tip().0;
+        let block = mine_block(&mut store, tip, 0, vec![first.clone()]).unwrap();
+        assert!(block.txdata.iter().any(|t| t.compute_txid() == txid), "mined");
+        assert!(!store.has_pool_tx(&txid), "out of the pool");
+        assert_eq!(store.relay_tx(&txid), Some(first), "still answered");
+        // Bounded: RECENT_TXS later confirmations push it out.
+        for round in 0..=(crate::chain::store::RECENT_TXS / 100) as u32 {
+            let batch: Vec<Transaction> = (0..100).map(|i| tx(1 + round * 100 + i)).collect();
+            for t in &batch {
+                store.add_pool_tx(t, 1).unwrap().unwrap();
+            }
+            let tip = store.best_tip().0;
+            mine_block(&mut store, tip, 0, batch).unwrap();
+        }
+        assert_eq!(store.relay_tx(&txid), None, "forgotten after RECENT_TXS more");
+        let last = tx((crate::chain::store::RECENT_TXS as u32 / 100 + 1) * 100);
+        assert!(store.relay_tx(&last.compute_txid()).is_some(), "the latest are kept");
+    }
+
     #[test]
     fn subsidy_halves() {
         assert_eq!(subsidy(1), Amount::from_btc(50.0).unwrap());

@@ -411,7 +411,7 @@ impl Conversation<'_> {
                     self.peer.send_envelope(&Envelope { magic, command: "block".into(), payload }).await?;
                 }
                 Inventory::Transaction(t) | Inventory::WitnessTransaction(t) => {
-                    let tx = read(&self.svc.store).pool_tx(&t);
+                    let tx = read(&self.svc.store).relay_tx(&t);
                     match tx {
                         Some(mut tx) => {
                             if matches!(item, Inventory::Transaction(_)) {

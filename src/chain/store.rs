@@ -35,7 +35,7 @@ mod pool;
 
 pub use backend::{apply_best_update, BestChainUpdate, ChainBackend, MemoryBackend};
 pub use cursor::BranchCursor;
-pub use pool::{PoolReject, PoolTx, MAX_POOL_BYTES, POOL_EXPIRY_SECS};
+pub use pool::{PoolReject, PoolTx, MAX_POOL_BYTES, POOL_EXPIRY_SECS, RECENT_BYTES, RECENT_TXS};
 
 /// What the store knows about one header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,8 @@ pub struct ChainStore {
     /// Pool transactions in arrival order (for mining and `mempool` answers).
     pool_order: Vec<Txid>,
     pool_bytes: usize,
+    /// Pool transactions a block confirmed lately (in memory only), still answered to `getdata`.
+    recent: pool::Recent,
 }
 
 impl std::fmt::Debug for ChainStore {
@@ -127,6 +129,7 @@ impl ChainStore {
             pool_spent: HashMap::new(),
             pool_order: Vec::new(),
             pool_bytes: 0,
+            recent: pool::Recent::default(),
         };
         if let Some(g) = &genesis {
             store.index_header(g.header)?;

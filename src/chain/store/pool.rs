@@ -21,6 +21,40 @@ pub const MAX_POOL_BYTES: usize = 64 * 1024 * 1024;
 /// How long a transaction stays in the pool unconfirmed (Bitcoin Core's `-mempoolexpiry`).
 pub const POOL_EXPIRY_SECS: u64 = 14 * 24 * 60 * 60;
 
+/// Most pool transactions kept, once a block confirmed them, to answer `getdata` (as Bitcoin Core answers for
+/// transactions it relayed lately, not only from its mempool): a peer that sent a transaction and asks for it
+/// back right away must not get `notfound` because a block took it in between (found by
+/// `tests/chain_process.rs` in session 15: `send-tx` reported a transaction mined within that round trip as not
+/// kept).
+pub const RECENT_TXS: usize = 1000;
+/// Most bytes of such transactions kept.
+pub const RECENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Pool transactions confirmed lately, oldest first, bounded by [`RECENT_TXS`] and [`RECENT_BYTES`].
+#[derive(Debug, Default)]
+pub(super) struct Recent {
+    txs: HashMap<Txid, Vec<u8>>,
+    order: std::collections::VecDeque<Txid>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn add(&mut self, e: PoolTx) {
+        if self.txs.contains_key(&e.txid) || e.raw.len() > RECENT_BYTES {
+            return;
+        }
+        self.bytes += e.raw.len();
+        self.order.push_back(e.txid);
+        self.txs.insert(e.txid, e.raw);
+        while self.order.len() > RECENT_TXS || self.bytes > RECENT_BYTES {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(raw) = self.txs.remove(&old) {
+                self.bytes = self.bytes.saturating_sub(raw.len());
+            }
+        }
+    }
+}
+
 /// Why the pool did not take a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PoolReject {
@@ -102,7 +136,11 @@ impl ChainStore {
 
     pub(super) fn remove_confirmed(&mut self, block: &Block) -> Result<(), ChainError> {
         let txids: Vec<Txid> = block.txdata.iter().map(|t| t.compute_txid()).collect();
+        let confirmed: Vec<PoolTx> = txids.iter().filter_map(|t| self.pool.get(t).cloned()).collect();
         self.remove_pool_txs(&txids)?;
+        for e in confirmed {
+            self.recent.add(e);
+        }
         // Pool transactions that conflict with the block's spends can never confirm.
         let spent: Vec<Txid> = block
             .txdata
@@ -126,6 +164,12 @@ impl ChainStore {
     /// A pool transaction.
     pub fn pool_tx(&self, txid: &Txid) -> Option<Transaction> {
         self.pool_tx_bytes(txid).and_then(|raw| bitcoin::consensus::deserialize(raw).ok())
+    }
+
+    /// A transaction to answer `getdata` with: in the pool, or taken from it by a block lately ([`RECENT_TXS`]).
+    pub fn relay_tx(&self, txid: &Txid) -> Option<Transaction> {
+        let raw = self.pool_tx_bytes(txid).or_else(|| self.recent.txs.get(txid).map(Vec::as_slice))?;
+        bitcoin::consensus::deserialize(raw).ok()
     }
 
     /// Pool txids in arrival order.
