@@ -122,7 +122,7 @@ impl<K> Graph<K> {
     }
 
     /// Moves `id` from the bucket of `old` degree to that of its current degree.
-    fn rebucket(&mut self, id: &Fingerprint, old: usize) {
+    pub(super) fn rebucket(&mut self, id: &Fingerprint, old: usize) {
         let Some(new) = self.peers.get(id).map(Peer::degree) else { return };
         if Self::bucket(old) != Self::bucket(new) {
             if let Some(b) = self.by_degree.get_mut(Self::bucket(old)) {

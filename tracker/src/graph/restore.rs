@@ -55,10 +55,12 @@ impl<K> Graph<K> {
     /// same peer or neighbors already, the id is taken or zero, or an end already has as many neighbors as a
     /// reply carries.
     pub fn restore_edge(&mut self, nid: NeighborId, a: Fingerprint, b: Fingerprint) -> bool {
-        if !self.edge_fits(nid, a, b) {
+        let [da, db] = [a, b].map(|p| self.peers.get(&p).map_or(0, Peer::degree));
+        if !self.put_back_edge(nid, a, b) {
             return false;
         }
-        self.link(a, b, nid);
+        self.rebucket(&a, da);
+        self.rebucket(&b, db);
         true
     }
 
@@ -67,36 +69,29 @@ impl<K> Graph<K> {
     /// Returns the edges not restored.
     pub fn restore_edges(&mut self, edges: Vec<(NeighborId, Fingerprint, Fingerprint)>) -> Vec<NeighborId> {
         self.edges.reserve(edges.len());
-        let mut dropped = Vec::new();
-        let cap = anomos_proto::tracker::MAX_NEIGHBORS;
-        for (nid, a, b) in edges {
-            // The checks of `edge_fits`, with one lookup of each end (most of a restart's time is these lookups).
-            // `get_disjoint_mut` panics on equal keys: a self-edge is refused before it.
-            let free = nid.0 != 0 && a != b && !self.edges.contains_key(&nid);
-            let ends = if free { self.peers.get_disjoint_mut([&a, &b]) } else { [None, None] };
-            let [Some(pa), Some(pb)] = ends else {
-                dropped.push(nid);
-                continue;
-            };
-            if pa.degree() >= cap || pb.degree() >= cap || pa.edges.contains_key(&b) {
-                dropped.push(nid);
-                continue;
-            }
-            pa.edges.insert(b, nid);
-            pb.edges.insert(a, nid);
-            self.edges.insert(nid, (a, b));
-            self.touch_ends(nid, a, b);
-        }
+        let dropped = edges.into_iter().filter(|&(nid, a, b)| !self.put_back_edge(nid, a, b)).map(|e| e.0).collect();
         self.reindex_degrees();
         dropped
     }
 
-    /// Whether stored edge `nid` between `a` and `b` can be put back: both ends known, distinct, not neighbors
-    /// yet, each with fewer neighbors than a reply carries, and the id non-zero and free.
-    fn edge_fits(&self, nid: NeighborId, a: Fingerprint, b: Fingerprint) -> bool {
+    /// Adds stored edge `nid` between `a` and `b` if it fits: both ends known, distinct, not neighbors yet, each
+    /// with fewer neighbors than a reply carries, and the id non-zero and free. Its ends are not moved in the
+    /// degree index (the caller does). Looks each end up once: most of a restart's time is these lookups.
+    fn put_back_edge(&mut self, nid: NeighborId, a: Fingerprint, b: Fingerprint) -> bool {
         let cap = anomos_proto::tracker::MAX_NEIGHBORS;
-        let fits = |fp: &Fingerprint| self.peers.get(fp).is_some_and(|p| p.degree() < cap);
-        nid.0 != 0 && a != b && !self.edges.contains_key(&nid) && fits(&a) && fits(&b) && self.edge(&a, &b).is_none()
+        // `get_disjoint_mut` panics on equal keys: a self-edge is refused before it.
+        if nid.0 == 0 || a == b || self.edges.contains_key(&nid) {
+            return false;
+        }
+        let [Some(pa), Some(pb)] = self.peers.get_disjoint_mut([&a, &b]) else { return false };
+        if pa.degree() >= cap || pb.degree() >= cap || pa.edges.contains_key(&b) {
+            return false;
+        }
+        pa.edges.insert(b, nid);
+        pb.edges.insert(a, nid);
+        self.edges.insert(nid, (a, b));
+        self.touch_ends(nid, a, b);
+        true
     }
 
     /// Marks a stored peer that was not restored as changed, so that the next write deletes it.
