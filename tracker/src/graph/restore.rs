@@ -64,19 +64,69 @@ impl<K> Graph<K> {
         true
     }
 
-    /// Puts back stored edges as [`restore_edge`](Self::restore_edge) does, in order, but indexes the peers'
-    /// degrees once at the end instead of at every edge (a restart at 100,000 peers puts back about 700,000).
-    /// Returns the edges not restored.
+    /// Puts back stored edges as [`restore_edge`](Self::restore_edge) does, in order, and returns the edges not
+    /// restored. A restart at 100,000 peers puts back about 700,000, so this checks them against a dense
+    /// numbering of the peers (a small index, degree counters and new-neighbor lists) instead of the peer table,
+    /// fills each peer's neighbor table once at its final size, and indexes the degrees once at the end.
     pub fn restore_edges(&mut self, edges: Vec<(NeighborId, Fingerprint, Fingerprint)>) -> Vec<NeighborId> {
+        /// A peer in the dense numbering.
+        struct Slot {
+            /// Neighbors before this call (none at a restart).
+            had: usize,
+            /// New neighbors, by number, with the edges' ids.
+            added: Vec<(u32, NeighborId)>,
+        }
+        let cap = anomos_proto::tracker::MAX_NEIGHBORS;
+        let mut index: FpMap<Fingerprint, u32> = FpMap::default();
+        index.reserve(self.peers.len());
+        let mut slots = Vec::with_capacity(self.peers.len());
+        let mut ids = Vec::with_capacity(self.peers.len());
+        // Room for the mean number of new neighbors (most peers), allocated together rather than grown.
+        let mean = (2 * edges.len()).div_ceil(self.peers.len().max(1)).min(cap);
+        for (id, p) in &self.peers {
+            let Ok(i) = u32::try_from(slots.len()) else { break };
+            index.insert(*id, i);
+            ids.push(*id);
+            slots.push(Slot { had: p.degree(), added: Vec::with_capacity(mean) });
+        }
+        let mut dropped = Vec::new();
         self.edges.reserve(edges.len());
-        let dropped = edges.into_iter().filter(|&(nid, a, b)| !self.put_back_edge(nid, a, b)).map(|e| e.0).collect();
+        for (nid, a, b) in edges {
+            // The checks of `put_back_edge`, in its order.
+            let taken = nid.0 == 0 || a == b || self.edges.contains_key(&nid);
+            let ends = index.get(&a).copied().zip(index.get(&b).copied()).filter(|_| !taken);
+            let Some((xi, yi)) = ends else {
+                dropped.push(nid);
+                continue;
+            };
+            let Ok([x, y]) = slots.get_disjoint_mut([xi as usize, yi as usize]) else {
+                dropped.push(nid);
+                continue;
+            };
+            let full = x.had + x.added.len() >= cap || y.had + y.added.len() >= cap;
+            let linked = x.added.iter().any(|&(o, _)| o == yi)
+                || (x.had > 0 && self.peers.get(&a).is_some_and(|p| p.edges.contains_key(&b)));
+            if full || linked {
+                dropped.push(nid);
+                continue;
+            }
+            x.added.push((yi, nid));
+            y.added.push((xi, nid));
+            self.edges.insert(nid, (a, b));
+            self.touch_ends(nid, a, b);
+        }
+        for (id, p) in &mut self.peers {
+            let Some(slot) = index.get(id).and_then(|&i| slots.get(i as usize)) else { continue };
+            p.edges.reserve(slot.added.len());
+            p.edges.extend(slot.added.iter().filter_map(|&(o, nid)| Some((*ids.get(o as usize)?, nid))));
+        }
         self.reindex_degrees();
         dropped
     }
 
     /// Adds stored edge `nid` between `a` and `b` if it fits: both ends known, distinct, not neighbors yet, each
     /// with fewer neighbors than a reply carries, and the id non-zero and free. Its ends are not moved in the
-    /// degree index (the caller does). Looks each end up once: most of a restart's time is these lookups.
+    /// degree index (the caller does).
     fn put_back_edge(&mut self, nid: NeighborId, a: Fingerprint, b: Fingerprint) -> bool {
         let cap = anomos_proto::tracker::MAX_NEIGHBORS;
         // `get_disjoint_mut` panics on equal keys: a self-edge is refused before it.

@@ -81,3 +81,44 @@ fn restoring_edges_at_once_gives_the_graph_restoring_them_one_by_one_gives() {
     assert!(below.iter().all(|id| at_once.get(id).is_some_and(|p| p.degree() < 5)));
     assert!(!below.is_empty());
 }
+
+#[test]
+fn restoring_edges_at_once_keeps_the_cap_and_the_edges_a_graph_has_already() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let now = Instant::now();
+    let original = build(200, 4, now, &mut rng);
+    let (peers, mut edges) = stored(&original);
+    // A hub: 40 more rows from one peer, past the cap on neighbors a reply carries (some to its neighbors already).
+    let hub = peers[0].0;
+    let more = peers.iter().skip(1).take(40).enumerate();
+    edges.extend(more.map(|(i, (other, _))| (NeighborId(u64::MAX - 100 - i as u64), hub, *other)));
+    // Both graphs have a first part of the edges already, put back one by one (a graph that is not empty); a
+    // later row links two of those neighbors again under another id.
+    let (_, a0, b0) = edges[0];
+    edges.push((NeighborId(u64::MAX - 50), b0, a0));
+    let (first, _) = edges.split_at(30);
+    let mut one_by_one = restored(&peers, now);
+    let mut at_once = restored(&peers, now);
+    for g in [&mut one_by_one, &mut at_once] {
+        for &(nid, a, b) in first {
+            assert!(g.restore_edge(nid, a, b));
+        }
+    }
+    let refused: Vec<NeighborId> =
+        edges.iter().filter(|&&(nid, a, b)| !one_by_one.restore_edge(nid, a, b)).map(|e| e.0).collect();
+    let dropped = at_once.restore_edges(edges);
+
+    assert_eq!(dropped, refused);
+    assert!(dropped.len() > 30, "the first part again, and the hub's rows past the cap: {}", dropped.len());
+    // Restored degrees may pass the configured maximum (not `check_invariants`), never what a reply carries.
+    assert_eq!(at_once.get(&hub).map(Peer::degree), Some(anomos_proto::tracker::MAX_NEIGHBORS));
+    assert_eq!(at_once.edges, one_by_one.edges);
+    assert_eq!(buckets(&at_once), buckets(&one_by_one), "the degree index");
+    for id in original.peers.keys() {
+        let mut a: Vec<_> = at_once.neighbors(id).into_iter().map(|(nid, o, _)| (nid, o)).collect();
+        let mut b: Vec<_> = one_by_one.neighbors(id).into_iter().map(|(nid, o, _)| (nid, o)).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+    }
+}
