@@ -13,12 +13,13 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
 use anomos_proto::identity::{Fingerprint, PublicKey};
 use anomos_proto::ids::{ChainId, NeighborId};
 use bincode::Options;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrackerError;
@@ -83,37 +84,8 @@ pub(crate) fn decode_peer(fp: &Fingerprint, bytes: &[u8]) -> Result<Stored<Publi
     Ok(Stored { key, addr: row.addr, chains: row.chains, family: row.family, avoided: row.avoided })
 }
 
-/// Decodes peer rows (each a key to parse and check: most of a restart's load at 100,000 peers) on up to 4
-/// threads, keeping their order.
-fn decode_peers(rows: Vec<(Fingerprint, Vec<u8>)>) -> Result<Vec<(Fingerprint, Stored<PublicKey>)>, String> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
-    let chunk = rows.len().div_ceil(threads).max(1024);
-    let decode = |rows: &[(Fingerprint, Vec<u8>)]| {
-        rows.iter().map(|(fp, v)| decode_peer(fp, v).map(|s| (*fp, s))).collect::<Result<Vec<_>, String>>()
-    };
-    if rows.len() <= chunk {
-        return decode(&rows);
-    }
-    let parts: Vec<Result<Vec<_>, String>> = std::thread::scope(|s| {
-        // A part whose thread cannot be started (a process limit) is decoded here instead.
-        let started: Vec<_> = rows
-            .chunks(chunk)
-            .map(|part| (part, std::thread::Builder::new().spawn_scoped(s, move || decode(part)).ok()))
-            .collect();
-        started
-            .into_iter()
-            .map(|(part, handle)| match handle {
-                Some(h) => h.join().unwrap_or_else(|_| Err("decoding a peer row panicked".into())),
-                None => decode(part),
-            })
-            .collect()
-    });
-    let mut out = Vec::with_capacity(rows.len());
-    for part in parts {
-        out.extend(part?);
-    }
-    Ok(out)
-}
+/// A range of peer rows: bounds on their keys.
+type KeyRange<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
 
 /// What the database held.
 #[derive(Debug, Default)]
@@ -242,30 +214,85 @@ impl Store {
         Ok(out)
     }
 
-    /// Reads every peer and edge.
+    /// Reads every peer and edge. Peer rows (each a key to parse and check: most of a restart's read at 100,000
+    /// peers) are read and decoded on up to 4 threads, each over its own range of fingerprints in its own read
+    /// transaction, while this thread reads the edges; the peers stay in key order.
     pub(crate) fn load(&self) -> Result<Loaded, TrackerError> {
-        let damaged =
-            |what: String| self.err(format!("{what}: the file is damaged; move it away to start with an empty graph"));
+        self.load_on(std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4))
+    }
+
+    fn damaged(&self, what: String) -> TrackerError {
+        self.err(format!("{what}: the file is damaged; move it away to start with an empty graph"))
+    }
+
+    /// [`load`](Self::load) with the peer rows split into `threads` ranges.
+    fn load_on(&self, threads: usize) -> Result<Loaded, TrackerError> {
+        // Range t holds the fingerprints whose first byte is in [256·t/T, 256·(t+1)/T); the first and last are
+        // open-ended, so a key of any length is read (and refused) by one of them.
+        let threads = threads.clamp(1, 256);
+        let firsts: Vec<[u8; 1]> = (1..threads).map(|t| [(256 * t / threads) as u8]).collect();
+        let ranges: Vec<KeyRange<'_>> = (0..threads)
+            .map(|t| {
+                let lo = t.checked_sub(1).and_then(|i| firsts.get(i));
+                let hi = firsts.get(t);
+                (
+                    lo.map_or(Bound::Unbounded, |k| Bound::Included(&k[..])),
+                    hi.map_or(Bound::Unbounded, |k| Bound::Excluded(&k[..])),
+                )
+            })
+            .collect();
+        let (parts, edges) = std::thread::scope(|s| {
+            // A range whose thread cannot be started (a process limit) is read here afterwards instead.
+            let started: Vec<_> = ranges
+                .iter()
+                .map(|&r| (r, std::thread::Builder::new().spawn_scoped(s, move || self.read_peers(r)).ok()))
+                .collect();
+            let edges = self.read_edges();
+            let parts: Vec<_> = started
+                .into_iter()
+                .map(|(r, handle)| match handle {
+                    Some(h) => h.join().unwrap_or_else(|_| Err(self.damaged("reading peer rows panicked".into()))),
+                    None => self.read_peers(r),
+                })
+                .collect();
+            (parts, edges)
+        });
+        let mut out = Loaded { peers: Vec::new(), edges: edges? };
+        for part in parts {
+            let part = part?;
+            out.peers.reserve(part.len());
+            out.peers.extend(part);
+        }
+        Ok(out)
+    }
+
+    /// Reads and decodes the peer rows in `range`, in key order.
+    fn read_peers(&self, range: KeyRange<'_>) -> Result<Vec<(Fingerprint, Stored<PublicKey>)>, TrackerError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let mut out = Loaded::default();
         let peers = tx.open_table(PEERS).map_err(|e| self.err(e))?;
-        let mut rows = Vec::new();
-        for item in peers.iter().map_err(|e| self.err(e))? {
+        let mut out = Vec::new();
+        for item in peers.range::<&[u8]>(range).map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
             let fp = <[u8; 32]>::try_from(k.value())
                 .map(Fingerprint)
-                .map_err(|_| damaged("a peer key of the wrong length".into()))?;
-            rows.push((fp, v.value().to_vec()));
+                .map_err(|_| self.damaged("a peer key of the wrong length".into()))?;
+            out.push((fp, decode_peer(&fp, v.value()).map_err(|e| self.damaged(e))?));
         }
-        out.peers = decode_peers(rows).map_err(damaged)?;
+        Ok(out)
+    }
+
+    /// Reads every edge, in NeighborID order.
+    fn read_edges(&self) -> Result<Vec<(NeighborId, Fingerprint, Fingerprint)>, TrackerError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let edges = tx.open_table(EDGES).map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(usize::try_from(edges.len().map_err(|e| self.err(e))?).unwrap_or(0));
         for item in edges.iter().map_err(|e| self.err(e))? {
             let (k, v) = item.map_err(|e| self.err(e))?;
-            let (a, b) = v.value().split_at_checked(32).ok_or_else(|| damaged(format!("edge {}", k.value())))?;
+            let (a, b) = v.value().split_at_checked(32).ok_or_else(|| self.damaged(format!("edge {}", k.value())))?;
             let (Ok(a), Ok(b)) = (<[u8; 32]>::try_from(a), <[u8; 32]>::try_from(b)) else {
-                return Err(damaged(format!("edge {}: ends of the wrong length", k.value())));
+                return Err(self.damaged(format!("edge {}: ends of the wrong length", k.value())));
             };
-            out.edges.push((NeighborId(k.value()), Fingerprint(a), Fingerprint(b)));
+            out.push((NeighborId(k.value()), Fingerprint(a), Fingerprint(b)));
         }
         Ok(out)
     }
@@ -320,11 +347,17 @@ mod tests {
     }
 
     #[test]
-    fn peer_rows_decode_on_several_threads_in_order_and_the_first_bad_one_is_named() {
-        let pem = include_str!("../../proto/tests/vectors/keys/id0_2048.pem");
-        let key = anomos_proto::identity::Identity::from_pkcs8_pem(pem).unwrap().public().clone();
-        let fp = key.fingerprint();
-        let row = |port: u16| {
+    fn peer_rows_read_on_several_threads_come_back_in_key_order_and_the_first_bad_one_is_named() {
+        let keys: Vec<PublicKey> = [
+            include_str!("../../proto/tests/vectors/keys/id0_2048.pem"),
+            include_str!("../../proto/tests/vectors/keys/id1_2048.pem"),
+            include_str!("../../proto/tests/vectors/keys/id2_2048.pem"),
+            include_str!("../../proto/tests/vectors/keys/id3_3072.pem"),
+        ]
+        .iter()
+        .map(|pem| anomos_proto::identity::Identity::from_pkcs8_pem(pem).unwrap().public().clone())
+        .collect();
+        let row = |key: &PublicKey, port: u16| {
             let p = PeerRow {
                 key: key.der().to_vec(),
                 addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -334,16 +367,39 @@ mod tests {
             };
             opts().serialize(&p).unwrap()
         };
-        // More rows than one thread's share: the order of the rows is kept across the threads' parts.
-        let rows: Vec<(Fingerprint, Vec<u8>)> = (0..5000u16).map(|i| (fp, row(i + 1))).collect();
-        let out = decode_peers(rows.clone()).unwrap();
-        assert_eq!(out.len(), 5000);
-        assert!(out.iter().enumerate().all(|(i, (f, s))| *f == fp && usize::from(s.addr.port()) == i + 1));
-        // A row whose key is not its fingerprint's, late in the rows: the load fails naming it.
-        let mut bad = rows;
-        bad[4100].0 = Fingerprint([9; 32]);
-        let e = decode_peers(bad).unwrap_err();
-        assert!(e.contains(&Fingerprint([9; 32]).short()) && e.contains("another fingerprint"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("tracker.redb")).unwrap();
+        let tx = store.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(PEERS).unwrap();
+            for (i, k) in keys.iter().enumerate() {
+                t.insert(k.fingerprint().0.as_slice(), row(k, i as u16 + 1).as_slice()).unwrap();
+            }
+            let mut e = tx.open_table(EDGES).unwrap();
+            let ends = [keys[0].fingerprint().0, keys[1].fingerprint().0].concat();
+            e.insert(9u64, ends.as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+        let mut want: Vec<Fingerprint> = keys.iter().map(PublicKey::fingerprint).collect();
+        want.sort();
+        // One range, two, three, and more ranges than rows (empty ones between): every row once, in key order.
+        for threads in [1, 2, 3, 16, 256] {
+            let got = store.load_on(threads).unwrap();
+            assert_eq!(got.peers.iter().map(|(fp, _)| *fp).collect::<Vec<_>>(), want, "{threads} threads");
+            for (fp, s) in &got.peers {
+                let i = keys.iter().position(|k| k.fingerprint() == *fp).unwrap();
+                assert_eq!(usize::from(s.addr.port()), i + 1);
+            }
+            assert_eq!(got.edges, vec![(NeighborId(9), keys[0].fingerprint(), keys[1].fingerprint())]);
+        }
+        // A row whose key is not its fingerprint's, near the end of the key space: the load fails naming it.
+        let tx = store.db.begin_write().unwrap();
+        tx.open_table(PEERS).unwrap().insert([0xfe; 32].as_slice(), row(&keys[0], 9).as_slice()).unwrap();
+        tx.commit().unwrap();
+        for threads in [1, 2, 16] {
+            let e = store.load_on(threads).unwrap_err().to_string();
+            assert!(e.contains(&Fingerprint([0xfe; 32]).short()) && e.contains("another fingerprint"), "{e}");
+        }
     }
 
     #[test]
