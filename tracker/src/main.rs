@@ -26,8 +26,7 @@ struct Cli {
     log_format: String,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli: Cli = config_file::parse(&config_file::TRACKER);
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
@@ -40,12 +39,23 @@ async fn main() -> std::process::ExitCode {
     } else {
         builder.init();
     }
-    match anomos_tracker::run(cli.args, None).await {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("anomos-tracker: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = match runtime.block_on(anomos_tracker::run(cli.args, None)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "tracker stopped");
             eprintln!("anomos-tracker: {e}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // The state is written and its database closed: sessions still open and the memory they hold are left to
+    // the exit, not closed and freed one by one first (most of a second at 100,000 peers).
+    runtime.shutdown_background();
+    code
 }

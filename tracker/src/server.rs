@@ -65,16 +65,28 @@ pub struct Ready {
 /// and sends the same facts on `ready`.
 pub async fn run(args: TrackerArgs, ready: Option<oneshot::Sender<Ready>>) -> Result<(), TrackerError> {
     let signal = shutdown_signal();
-    run_until(args, ready, async {
+    let stop = async {
         signal.await;
         tokio::spawn(async {
             shutdown_signal().await;
             eprintln!("second signal: exiting at once");
             std::process::exit(130);
         });
-    })
-    .await
+    };
+    serve(anomos_net::tcp(), args, ready, stop, Exit::Process).await
 }
+
+/// What follows the tracker's stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// The process exits ([`run`]): memory is left to the exit, not freed first.
+    Process,
+    /// The process goes on (tests, a simulation): everything is freed.
+    Return,
+}
+
+/// How long a stopping tracker waits for a state write still running before it closes the database.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Resolves on SIGINT or SIGTERM (never, if signals cannot be handled). The handlers are installed when this
 /// is called (not when the future is first polled), so a signal arriving in between is not lost.
@@ -122,7 +134,18 @@ pub async fn run_on(
     ready: Option<oneshot::Sender<Ready>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TrackerError> {
+    serve(net, args, ready, shutdown, Exit::Return).await
+}
+
+async fn serve(
+    net: Net,
+    args: TrackerArgs,
+    ready: Option<oneshot::Sender<Ready>>,
+    shutdown: impl Future<Output = ()>,
+    exit: Exit,
+) -> Result<(), TrackerError> {
     args.validate()?;
+    let replicated = args.replicated();
     if let Some(idle) = args.idle_timeout.filter(|s| *s < 2 * u64::from(args.max_interval())) {
         warn!(
             idle_timeout = idle,
@@ -253,19 +276,40 @@ pub async fn run_on(
             // In this order, so a simulation replays: a stop first, then reaping, then new connections.
             biased;
             () = &mut shutdown => {
+                let stopping = std::time::Instant::now(); // wall time, for the log only
                 let open = max_sessions - sessions.available_permits();
                 let (peers, edges, remembered) = service.sizes();
                 tasks.shutdown().await;
                 let saved = service.persist().await;
+                let state_ms = stopping.elapsed().as_millis() as u64;
                 let kept = tickets.export();
                 let (svc, n) = (Arc::clone(&service), kept.len());
-                match anomos_net::rt::spawn_blocking(move || svc.save_tickets(&kept)).await {
-                    Ok(Ok(())) => debug!(tickets = n, "session tickets kept for the next start"),
-                    Ok(Err(e)) => warn!(error = %e, "keeping the session tickets failed: peers do a full handshake"),
+                let written = anomos_net::rt::spawn_blocking(move || {
+                    let r = svc.save_tickets(&kept);
+                    (r, svc.close_store(CLOSE_WAIT))
+                });
+                match written.await {
+                    Ok((kept, closed)) => {
+                        match kept {
+                            Ok(()) => debug!(tickets = n, "session tickets kept for the next start"),
+                            Err(e) => warn!(error = %e, "keeping the session tickets failed: peers do a full handshake"),
+                        }
+                        if !closed {
+                            warn!("a state write was still running: the state database closes when it ends");
+                        }
+                    }
                     Err(e) => warn!(error = %e, "keeping the session tickets failed"),
                 }
-                info!(sessions_closed = open, peers, edges, circuits_remembered = remembered,
+                info!(sessions_closed = open, peers, edges, circuits_remembered = remembered, tickets = n, state_ms,
+                    total_ms = stopping.elapsed().as_millis() as u64,
                     "shutdown: tracker stopped (peers and edges are in the state database)");
+                if exit == Exit::Process && !replicated {
+                    // Freeing the graph and the tickets takes most of a second at 100,000 peers, and the process
+                    // exits next: that is left to a thread the exit ends (the database is closed already). Not
+                    // for a replica, whose state holds its etcd client (dropped within the runtime).
+                    let state = (service, tickets, limits);
+                    let _ = std::thread::Builder::new().name("free".into()).spawn(move || drop(state));
+                }
                 return saved.map(drop);
             }
             Some(_) = tasks.join_next() => {}

@@ -99,8 +99,8 @@ pub(crate) struct Service {
     probes: tokio::sync::Semaphore,
     /// Announce probes in flight per address ([`crate::limits::PROBES_PER_ADDRESS`]).
     probing_addrs: Arc<crate::limits::AddressSlots>,
-    /// The state database (`None` in unit tests and for replicas).
-    store: Option<Arc<Store>>,
+    /// The state database (`None` in unit tests and for replicas, and once closed at shutdown).
+    store: std::sync::Mutex<Option<Arc<Store>>>,
     /// The state shared with other replicas (etcd), when `--etcd` is given.
     replica: Option<Arc<dyn crate::replica::Shared>>,
     /// Counters.
@@ -145,7 +145,7 @@ impl Service {
             state: TimedMutex::new(state),
             probes,
             probing_addrs: Arc::default(),
-            store,
+            store: std::sync::Mutex::new(store),
             replica: None,
             net: anomos_net::tcp(),
             metrics: TrackerMetrics::default(),

@@ -110,6 +110,37 @@ async fn a_restarted_tracker_keeps_edges_and_neighbor_ids_and_grants_at_once() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_tracker_closes_its_database_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    save_identity(&dir.path().join("tracker.key"), tracker_id()).unwrap();
+    let peers: Vec<FakePeer> = futures_join((1..=4).map(fake_peer)).await;
+    let (first, addr) = spawn(dir.path());
+    announce_all(addr, &peers).await;
+    // SIGTERM: the tracker writes its state (and tickets), closes the database, and leaves the rest to the exit.
+    let mut first = first;
+    Command::new("kill").args(["-TERM", &first.0.id().to_string()]).status().unwrap();
+    let status = first.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(dir.path().join("tracker.log")).unwrap();
+    assert!(log.contains("shutdown: tracker stopped") && log.contains("peers=4"), "{log}");
+    assert!(!log.contains("panicked") && !log.contains("still running"), "{log}");
+    // Closed cleanly: opening it needs no repair (an unclean close costs the next start a walk of the file).
+    let repaired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&repaired);
+    let db = redb::Builder::new()
+        .set_repair_callback(move |_| flag.store(true, std::sync::atomic::Ordering::SeqCst))
+        .create(dir.path().join("tracker.redb"))
+        .unwrap();
+    drop(db);
+    assert!(!repaired.load(std::sync::atomic::Ordering::SeqCst), "the state database needed a repair");
+    // The next start has the four peers back.
+    let (_second, _) = spawn(dir.path());
+    let log = std::fs::read_to_string(dir.path().join("tracker.log")).unwrap();
+    assert_eq!(log.matches("state database opened").count(), 2, "{log}");
+    assert!(log.trim_end().lines().any(|l| l.contains("state database opened") && l.contains("peers=4")), "{log}");
+}
+
 #[test]
 fn a_damaged_state_database_stops_the_start_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

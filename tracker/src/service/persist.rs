@@ -27,7 +27,7 @@ impl Service {
     /// The tickets kept across the last restart (read and deleted from the database), with their peers' keys.
     /// Tickets of peers the graph no longer holds are dropped.
     pub(crate) fn take_tickets(&self) -> Vec<(crate::store::StoredTicket, PublicKey)> {
-        let Some(store) = &self.store else { return Vec::new() };
+        let Some(store) = self.store() else { return Vec::new() };
         let tickets = match store.take_tickets() {
             Ok(t) => t,
             Err(e) => {
@@ -41,9 +41,37 @@ impl Service {
 
     /// Keeps the session tickets in the database until the next start (at shutdown).
     pub(crate) fn save_tickets(&self, tickets: &[crate::store::StoredTicket]) -> Result<(), TrackerError> {
-        match &self.store {
+        match self.store() {
             Some(store) => store.save_tickets(tickets),
             None => Ok(()),
+        }
+    }
+
+    /// The state database, unless there is none or it is closed.
+    fn store(&self) -> Option<Arc<Store>> {
+        self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Closes the state database (at shutdown, after the last write): it is closed cleanly, so the next start
+    /// opens it at once instead of repairing it, whatever happens to the process afterwards. Blocking: a write
+    /// still running (its task was stopped, its thread not) is waited for, up to `wait`. False if it was still
+    /// running then (the database is closed when that write ends).
+    pub(crate) fn close_store(&self, wait: std::time::Duration) -> bool {
+        let taken = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let Some(mut store) = taken else { return true };
+        let until = std::time::Instant::now() + wait;
+        loop {
+            match Arc::try_unwrap(store) {
+                Ok(store) => {
+                    drop(store);
+                    return true;
+                }
+                Err(shared) if std::time::Instant::now() < until => {
+                    store = shared;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(_) => return false,
+            }
         }
     }
 
@@ -87,7 +115,7 @@ impl Service {
     /// Writes what changed since the last call, in one transaction off the async workers; returns the rows
     /// written. On failure the changes stay marked and the next call tries again.
     pub(crate) async fn persist(&self) -> Result<usize, TrackerError> {
-        let Some(store) = self.store.clone() else { return Ok(0) };
+        let Some(store) = self.store() else { return Ok(0) };
         let dirty = self.lock().graph.take_changes();
         let peers: Vec<Fingerprint> = dirty.peers.into_iter().collect();
         let edges: Vec<NeighborId> = dirty.edges.into_iter().collect();
