@@ -222,34 +222,35 @@ impl<K> Graph<K> {
         // them, so a request costs what the requester's neighborhood holds, not what the overlay holds.
         let Some(serving) = self.serving.get(chain) else { return (Vec::new(), LeftOut::default()) };
         let (dist, mut skipped) = self.distances_from(requester, relays + 1, serving, heed, now, BFS_BUDGET);
-        let mut targets: Vec<Fingerprint> = dist
-            .iter()
-            .filter(|(fp, d)| **d >= 1 && *fp != requester && serving.contains(*fp))
-            .map(|(fp, _)| *fp)
-            .filter(|fp| self.may_share_path(fp, requester, apart))
-            .collect();
-        targets.retain(|fp| {
-            let Some(q) = self.peers.get(fp) else { return false };
-            // Left out for the requester's blame only: a later round that heeds less of it may use it.
-            let usable = self.may_target(q, requester, heed, now);
-            skipped.any |= !usable && !q.avoided_as_target(now);
-            usable
-        });
-        // HashMap order is not random: sort, then shuffle.
+        // The candidates, in random order (HashMap order is not random: sort, then shuffle), the busy ones last
+        // (stable: random order within each). Whether one may be a target is checked only when its turn comes: a
+        // request costs the candidates it examines, not the few thousand in a 3-hop ball at 100,000 peers.
+        let mut targets: Vec<Fingerprint> =
+            dist.iter().filter(|(fp, d)| **d >= 1 && *fp != requester).map(|(fp, _)| *fp).collect();
         targets.sort_unstable();
         targets.shuffle(rng);
-        // Stable: random order within the free targets and within the busy ones.
         targets.sort_by_key(|fp| busy.contains(fp));
         if !with_busy {
             targets.retain(|fp| !busy.contains(fp));
         }
-
+        // Whether `fp` may be this path's target; records a candidate left out for the requester's blame only
+        // (a later round that heeds less of it may use it).
+        let usable = |fp: &Fingerprint, skipped: &mut LeftOut| {
+            if !serving.contains(fp) || !self.may_share_path(fp, requester, apart) {
+                return false;
+            }
+            let Some(q) = self.peers.get(fp) else { return false };
+            let ok = self.may_target(q, requester, heed, now);
+            skipped.any |= !ok && !q.avoided_as_target(now);
+            ok
+        };
         let mut paths = Vec::new();
         let mut used: HashSet<Fingerprint> = HashSet::new();
         let mut budget = SEARCH_BUDGET;
-        for target in targets {
-            if paths.len() >= count || budget == 0 {
-                break;
+        let mut targets = targets.into_iter();
+        for target in targets.by_ref() {
+            if !usable(&target, &mut skipped) {
+                continue;
             }
             // First try relays not used by earlier paths of this request, then allow sharing them.
             let modes: &[bool] = if used.is_empty() { &[false] } else { &[true, false] };
@@ -282,6 +283,15 @@ impl<K> Graph<K> {
                 rev.reverse();
                 used.extend(rev.get(1..rev.len().saturating_sub(1)).into_iter().flatten().copied());
                 paths.push(rev);
+            }
+            if paths.len() >= count || budget == 0 {
+                break;
+            }
+        }
+        // Short of paths: what the candidates not examined would have told about the requester's blame.
+        if paths.len() < count {
+            for target in targets {
+                usable(&target, &mut skipped);
             }
         }
         (paths, skipped)
