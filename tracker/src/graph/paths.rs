@@ -221,25 +221,30 @@ impl<K> Graph<K> {
         // Lower bounds on the hop distance from the requester, through usable peers. Targets are taken from
         // them, so a request costs what the requester's neighborhood holds, not what the overlay holds.
         let Some(serving) = self.serving.get(chain) else { return (Vec::new(), LeftOut::default()) };
-        let (dist, mut skipped) = self.distances_from(requester, relays + 1, serving, heed, now, BFS_BUDGET);
+        let (dist, frontier, mut skipped) = self.distances_from(requester, relays + 1, serving, heed, now, BFS_BUDGET);
         // The candidates, in random order (HashMap order is not random: sort, then shuffle), the busy ones last
         // (stable: random order within each). Whether one may be a target is checked only when its turn comes: a
         // request costs the candidates it examines, not the few thousand in a 3-hop ball at 100,000 peers.
         let mut targets: Vec<Fingerprint> =
             dist.iter().filter(|(fp, d)| **d >= 1 && *fp != requester).map(|(fp, _)| *fp).collect();
+        targets.extend(frontier);
         targets.sort_unstable();
+        targets.dedup();
         targets.shuffle(rng);
         targets.sort_by_key(|fp| busy.contains(fp));
-        if !with_busy {
-            targets.retain(|fp| !busy.contains(fp));
-        }
         // Whether `fp` may be this path's target; records a candidate left out for the requester's blame only
         // (a later round that heeds less of it may use it).
         let usable = |fp: &Fingerprint, skipped: &mut LeftOut| {
-            if !serving.contains(fp) || !self.may_share_path(fp, requester, apart) {
+            if !serving.contains(fp) {
                 return false;
             }
             let Some(q) = self.peers.get(fp) else { return false };
+            if !dist.contains_key(fp) && !self.last_level_usable(q, requester, heed, now, skipped) {
+                return false;
+            }
+            if !self.may_share_path(fp, requester, apart) {
+                return false;
+            }
             let ok = self.may_target(q, requester, heed, now);
             skipped.any |= !ok && !q.avoided_as_target(now);
             ok
@@ -249,7 +254,13 @@ impl<K> Graph<K> {
         let mut budget = SEARCH_BUDGET;
         let mut targets = targets.into_iter();
         for target in targets.by_ref() {
-            if !usable(&target, &mut skipped) {
+            // Without the busy targets, the search ends at the first (they come last); it still counts for blame.
+            let excluded = !with_busy && busy.contains(&target);
+            let ok = usable(&target, &mut skipped);
+            if excluded {
+                break;
+            }
+            if !ok {
                 continue;
             }
             // First try relays not used by earlier paths of this request, then allow sharing them.
@@ -288,7 +299,8 @@ impl<K> Graph<K> {
                 break;
             }
         }
-        // Short of paths: what the candidates not examined would have told about the requester's blame.
+        // Short of paths: what the candidates not examined (busy ones included) would have told about the
+        // requester's blame, as when every candidate was checked first.
         if paths.len() < count {
             for target in targets {
                 usable(&target, &mut skipped);
@@ -311,9 +323,10 @@ impl<K> Graph<K> {
         heed: Heed,
         now: Instant,
         mut budget: usize,
-    ) -> (FpMap<Fingerprint, usize>, LeftOut) {
+    ) -> (FpMap<Fingerprint, usize>, Vec<Fingerprint>, LeftOut) {
         let mut skipped = LeftOut::default();
         let mut dist = FpMap::default();
+        let mut frontier = Vec::new();
         let mut queue = VecDeque::new();
         dist.insert(*from, 0);
         queue.push_back(*from);
@@ -330,8 +343,13 @@ impl<K> Graph<K> {
                 break;
             }
             budget -= p.edges.len();
+            if d + 1 == max {
+                // The last level: its peers can only be targets, so they are checked when tried as one.
+                frontier.extend(p.edges.keys().filter(|n| !dist.contains_key(*n)).copied());
+                continue;
+            }
             for next in p.edges.keys() {
-                if (d + 1 == max && !serving.contains(next)) || dist.contains_key(next) {
+                if dist.contains_key(next) {
                     continue;
                 }
                 let Some(q) = self.peers.get(next) else { continue };
@@ -345,15 +363,35 @@ impl<K> Graph<K> {
                 }
                 if !blamed {
                     dist.insert(*next, d + 1);
-                    if d + 1 < max {
-                        queue.push_back(*next);
-                    }
+                    queue.push_back(*next);
                 } else if heed == Heed::Relays && serving.contains(next) {
                     dist.insert(*next, d + 1);
                 }
             }
         }
-        (dist, skipped)
+        (dist, frontier, skipped)
+    }
+
+    /// Whether `q`, a peer of the last level of [`distances_from`](Self::distances_from) `from` (its frontier),
+    /// may be a target there: what the search would have checked on reaching it, with the same record of what
+    /// the requester's blame left out.
+    fn last_level_usable(
+        &self,
+        q: &Peer<K>,
+        from: &Fingerprint,
+        heed: Heed,
+        now: Instant,
+        skipped: &mut LeftOut,
+    ) -> bool {
+        let blamed = heed.shuns_blamed_relays() && q.blamed_by.by(from, now);
+        skipped.any |= blamed;
+        if q.avoided || !q.live(now) {
+            return false;
+        }
+        if blamed && heed == Heed::All && !q.blamed_by.as_target_only_by(from, now) {
+            skipped.serving = true;
+        }
+        !blamed || heed == Heed::Relays
     }
 }
 

@@ -105,10 +105,10 @@ fn the_distance_search_keeps_to_its_budget_and_what_it_found_is_exact() {
     let mut rng = StdRng::seed_from_u64(54);
     let g = build(2000, 4, now, &mut rng);
     let serving = g.serving.get(&chain()).unwrap();
-    let (full, _) = g.distances_from(&fp(0), 7, serving, super::super::paths::Heed::All, now, usize::MAX);
+    let (full, _, _) = g.distances_from(&fp(0), 7, serving, super::super::paths::Heed::All, now, usize::MAX);
     assert!(full.len() > 1500, "the whole graph is within 7 hops: {}", full.len());
     for budget in [50, 500, 5_000] {
-        let (part, _) = g.distances_from(&fp(0), 7, serving, super::super::paths::Heed::All, now, budget);
+        let (part, _, _) = g.distances_from(&fp(0), 7, serving, super::super::paths::Heed::All, now, budget);
         // At most one peer per edge examined (and the start).
         assert!(part.len() <= budget + 1 && part.len() < full.len(), "{budget}: {} peers", part.len());
         for (fp, d) in &part {
