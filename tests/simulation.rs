@@ -75,6 +75,7 @@ fn run_seed(seed: u64, scenario: Scenario, log: bool) -> Result<Outcome, String>
         })
         .unwrap();
     let mut last = (0, Instant::now());
+    let mut woke = Instant::now();
     loop {
         match rx.recv_timeout(Duration::from_secs(1)) {
             Ok(out) => {
@@ -94,6 +95,13 @@ fn run_seed(seed: u64, scenario: Scenario, log: bool) -> Result<Outcome, String>
                 };
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // This loop wakes every second. A far longer gap means the whole process was stopped (SIGSTOP, to
+                // give the machine to a measurement) or starved: the simulation was not blocked, so the stall is
+                // timed again from now. (Seed 7002116 was reported frozen that way; it replays clean.)
+                if woke.elapsed() > Duration::from_secs(5) {
+                    last.1 = Instant::now();
+                }
+                woke = Instant::now();
                 let p = progress.secs.load(Ordering::Relaxed);
                 if p != last.0 {
                     last = (p, Instant::now());
