@@ -30,6 +30,15 @@ fn restored(peers: &[(Fingerprint, Stored<()>)], now: Instant) -> Graph<()> {
     g
 }
 
+/// A graph of `n` peers built from `seed`, and its rows as the state database keeps them.
+fn stored_graph(seed: u64, n: usize) -> (StdRng, Instant, Graph<()>, Rows) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let now = Instant::now();
+    let original = build(n, 4, now, &mut rng);
+    let rows = stored(&original);
+    (rng, now, original, rows)
+}
+
 /// Each degree bucket's members, as sets.
 fn buckets(g: &Graph<()>) -> Vec<HashSet<Fingerprint>> {
     g.by_degree.iter().map(|b| b.all().iter().copied().collect()).collect()
@@ -37,10 +46,7 @@ fn buckets(g: &Graph<()>) -> Vec<HashSet<Fingerprint>> {
 
 #[test]
 fn restoring_edges_at_once_gives_the_graph_restoring_them_one_by_one_gives() {
-    let mut rng = StdRng::seed_from_u64(11);
-    let now = Instant::now();
-    let original = build(300, 4, now, &mut rng);
-    let (peers, mut edges) = stored(&original);
+    let (mut rng, now, original, (peers, mut edges)) = stored_graph(11, 300);
     assert!(edges.len() > 500);
     // Rows that must not come back: a zero id, an id taken, a second edge between two neighbors, an unknown end,
     // a self-edge.
@@ -84,10 +90,7 @@ fn restoring_edges_at_once_gives_the_graph_restoring_them_one_by_one_gives() {
 
 #[test]
 fn restoring_edges_at_once_keeps_the_cap_and_the_edges_a_graph_has_already() {
-    let mut rng = StdRng::seed_from_u64(12);
-    let now = Instant::now();
-    let original = build(200, 4, now, &mut rng);
-    let (peers, mut edges) = stored(&original);
+    let (_, now, original, (peers, mut edges)) = stored_graph(12, 200);
     // A hub: 40 more rows from one peer, past the cap on neighbors a reply carries (some to its neighbors already).
     let hub = peers[0].0;
     let more = peers.iter().skip(1).take(40).enumerate();
