@@ -310,11 +310,14 @@ impl<K> Graph<K> {
     }
 
     /// Breadth-first hop distances from `from` (excluded as an intermediate) over peers usable in `from`'s
-    /// paths, up to `max`, examining at most `budget` edges (a search passes [`BFS_BUDGET`]). Peers at distance `max` can only be targets, so only those in `serving` are kept:
-    /// the search touches the peers within `max - 1` hops and their edges, not the whole `max`-hop ball.
-    /// Peers `from` blamed are not usable unless `heed` is [`Heed::None`] (under [`Heed::Relays`] a blamed serving
-    /// peer gets its distance, as a target only: nothing is reached through it, and the search does not take it as
-    /// a relay); what is returned with the distances says whether blame left any out, and any serving one.
+    /// paths, below `max`, examining at most `budget` edges (a search passes [`BFS_BUDGET`]). Peers at distance
+    /// `max` can only be targets: they are returned unchecked, as a frontier (with repeats, and with peers that
+    /// have a distance or were left out lower down), for [`last_level_usable`](Self::last_level_usable) to check
+    /// when one is tried. So the search touches the peers within `max - 1` hops and their edges, not the whole
+    /// `max`-hop ball. Peers `from` blamed are not usable unless `heed` is [`Heed::None`] (under [`Heed::Relays`]
+    /// a blamed serving peer gets its distance, as a target only: nothing is reached through it, and the search
+    /// does not take it as a relay); what is returned with the distances says whether blame left any out, and any
+    /// serving one (of the levels below `max`).
     pub(super) fn distances_from(
         &self,
         from: &Fingerprint,
