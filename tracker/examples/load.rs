@@ -33,6 +33,8 @@ mod peer;
 mod restart;
 #[path = "load/stats.rs"]
 mod stats;
+#[path = "load/tracker_io.rs"]
+mod tracker_io;
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -45,13 +47,12 @@ use std::time::{Duration, Instant};
 
 use anomos_proto::identity::Fingerprint;
 use anomos_proto::ids::ChainId;
-use anomos_proto::tracker;
 use clap::Parser;
 use rand::seq::SliceRandom;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use peer::{Ctx, Peer};
 use stats::{fmt_errors, pct, Stats};
+use tracker_io::{counter, fetch_key, tracker_counters};
 
 /// Load generator for anomos-tracker (issue 16).
 #[derive(Parser, Debug)]
@@ -220,50 +221,6 @@ fn start_tracker(args: &Args, dir: &std::path::Path, listen: &str) -> Result<Sta
     }
 }
 
-/// The tracker's own counters (`GET /metrics`): the lines that say what it refused, and its sizes.
-async fn tracker_counters(addr: SocketAddr) -> Vec<String> {
-    let get = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: tracker\r\n\r\n").await?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await?;
-        Ok::<_, std::io::Error>(body)
-    };
-    let body = tokio::time::timeout(Duration::from_secs(10), get).await.ok().and_then(Result::ok).unwrap_or_default();
-    let keep = [
-        "anomos_tracker_refused_total{",
-        "anomos_tracker_peers ",
-        "anomos_tracker_edges ",
-        "anomos_tracker_sessions_total ",
-        "anomos_tracker_sessions ",
-        "anomos_tracker_resumptions_total ",
-        "anomos_tracker_tickets ",
-        "anomos_tracker_state_lock_",
-    ];
-    let zero = |l: &str| l.starts_with("anomos_tracker_refused_total{") && l.ends_with(" 0");
-    body.lines().filter(|l| keep.iter().any(|k| l.starts_with(k)) && !zero(l)).map(str::to_string).collect()
-}
-
-/// The tracker's key, fetched as a peer pinned to `fp` does (`"ANOMOSK1"`).
-async fn fetch_key(addr: SocketAddr, fp: &Fingerprint) -> Result<anomos_proto::identity::PublicKey, String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    s.write_all(&tracker::KEY_FETCH_MAGIC).await.map_err(|e| e.to_string())?;
-    let mut prefix = [0u8; 2];
-    s.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
-    let mut der = vec![0u8; tracker::key_answer_len(prefix).map_err(|e| e.to_string())?];
-    s.read_exact(&mut der).await.map_err(|e| e.to_string())?;
-    tracker::check_fetched_key(&der, fp).map_err(|e| e.to_string())
-}
-
-/// The value of the metrics line starting with `name ` (NaN if absent).
-fn counter(lines: &[String], name: &str) -> f64 {
-    lines
-        .iter()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 fn ms(v: f64) -> String {
     if v.is_nan() {
         "-".into()
@@ -427,7 +384,11 @@ async fn run(args: Args) -> Result<(), String> {
     let steady_cpu = cpu2 - cpu1;
     let cpu_per_ann = steady_cpu * 1000.0 / steady_ann.len().max(1) as f64;
 
-    // Circuits, on top of the announces.
+    // Circuits, on top of the announces (the tracker's own latency histogram read before and after).
+    let hist0 = match metrics {
+        Some(m) => tracker_counters(m).await,
+        None => Vec::new(),
+    };
     let ct0 = Instant::now();
     if args.circuit_secs > 0 && args.circuit_rate > 0.0 {
         eprintln!("load: circuit phase: {} requests/s for {} s", args.circuit_rate, args.circuit_secs);
@@ -531,6 +492,8 @@ async fn run(args: Args) -> Result<(), String> {
     line("grants/s", format!("{:.1}", grants.len() as f64 / (args.circuit_secs as f64).max(1e-9)), "-", None);
     line("grant p50 (ms)", ms(pct(&grants, 50.0)), "-", None);
     line("grant p99 (ms)", ms(gp99), "<= 20 ms", Some(gp99 <= 20.0));
+    let tq = |q| tracker_io::tracker_quantile_ms(&hist0, &counters, "circuits", q);
+    line("grant p50/p99 in the tracker (ms)", format!("{}/{}", ms(tq(0.5)), ms(tq(0.99))), "read to reply", None);
     let circ_cpu = (cpu3 - cpu2) * 1000.0;
     let circ_ann = s.announce_total.window(since(ct0), since(ct1)).len() as f64;
     line("tracker CPU during circuits (s)", format!("{:.1}", circ_cpu / 1000.0), "-", None);
@@ -545,7 +508,7 @@ async fn run(args: Args) -> Result<(), String> {
         line("notes", fmt_errors(&notes), "-", None);
     }
     println!("tracker's own counters at the end:");
-    for c in &counters {
+    for c in counters.iter().filter(|c| !c.contains("_bucket{")) {
         println!("  {c}");
     }
     line("state lock: longest hold (ms)", ms(lock_max_us / 1000.0), "-", None);

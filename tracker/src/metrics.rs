@@ -35,6 +35,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder}
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
@@ -208,6 +209,20 @@ crate::label_enum!(
     }
 );
 
+crate::label_enum!(
+    /// The kind of a request on an authenticated session (`anomos_tracker_request_seconds`).
+    RequestKind, "kind" {
+        /// `Announce`.
+        Announce => "announce",
+        /// `RequestCircuits`.
+        Circuits => "circuits",
+        /// `Report`.
+        Report => "report",
+        /// `Resumable` (a session ticket), and requests refused as malformed.
+        Other => "other",
+    }
+);
+
 impl From<&FailureKind> for ReportKind {
     fn from(k: &FailureKind) -> Self {
         match k {
@@ -245,6 +260,41 @@ impl<E: LabelEnum> EnumCounter<E> {
     }
 
     /// Registers the family as `name` (a counter: the exposition appends `_total`).
+    pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
+        registry.register(name, help, self.0.clone());
+    }
+}
+
+/// The bounds (seconds) of [`EnumHistogram`]'s buckets: from 1 ms, fine around the 20 ms a tracker request
+/// should take at most, up to the peers' 15 s read timeout.
+pub const LATENCY_BUCKETS: [f64; 14] =
+    [0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 15.0];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// A latency histogram per value of a label enum (buckets [`LATENCY_BUCKETS`]), every value present from the start.
+#[derive(Debug, Clone)]
+pub struct EnumHistogram<E: LabelEnum>(Family<Label<E>, Histogram, fn() -> Histogram>);
+
+impl<E: LabelEnum> Default for EnumHistogram<E> {
+    fn default() -> Self {
+        let family = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        for v in E::all() {
+            drop(family.get_or_create(&Label(*v)));
+        }
+        EnumHistogram(family)
+    }
+}
+
+impl<E: LabelEnum> EnumHistogram<E> {
+    /// Records a duration for `v`.
+    pub fn observe(&self, v: E, took: Duration) {
+        self.0.get_or_create(&Label(v)).observe(took.as_secs_f64());
+    }
+
+    /// Registers the family as `name`.
     pub fn register(&self, registry: &mut Registry, name: &str, help: &str) {
         registry.register(name, help, self.0.clone());
     }
@@ -434,6 +484,24 @@ mod tests {
             ),
             "{t}"
         );
+    }
+
+    #[test]
+    fn latency_histograms_count_each_request_in_its_bucket() {
+        let mut reg = Registry::default();
+        let h = EnumHistogram::<RequestKind>::default();
+        h.register(&mut reg, "req_seconds", "Req");
+        h.observe(RequestKind::Circuits, Duration::from_millis(3));
+        h.observe(RequestKind::Circuits, Duration::from_millis(30));
+        h.observe(RequestKind::Circuits, Duration::from_secs(20));
+        let t = encode(&reg);
+        let c = |le: &str| format!("req_seconds_bucket{{kind=\"circuits\",le=\"{le}\"}} ");
+        assert!(t.contains("# TYPE req_seconds histogram\n"), "{t}");
+        assert!(t.contains(&(c("0.002") + "0\n")) && t.contains(&(c("0.005") + "1\n")), "{t}");
+        assert!(t.contains(&(c("0.03") + "2\n")) && t.contains(&(c("15") + "2\n")), "{t}");
+        assert!(t.contains(&(c("+Inf") + "3\n")), "{t}");
+        // Every kind is there before its first request.
+        assert!(t.contains("req_seconds_count{kind=\"announce\"} 0\n"), "{t}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 use crate::config::TrackerArgs;
 use crate::error::TrackerError;
 use crate::limits::{Limits, BUSY};
-use crate::metrics::Refusal;
+use crate::metrics::{Refusal, RequestKind};
 use crate::service::{error_reply, Service};
 use crate::tickets::{TicketId, Tickets};
 
@@ -524,6 +524,13 @@ async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Resu
         if let Some(id) = &ticket {
             tickets.touch(id);
         }
+        let read_at = anomos_net::rt::now();
+        let kind = match &msg {
+            ToTracker::Announce(_) => RequestKind::Announce,
+            ToTracker::RequestCircuits(_) => RequestKind::Circuits,
+            ToTracker::Report(_) => RequestKind::Report,
+            _ => RequestKind::Other,
+        };
         let reply = match msg.validate() {
             Err(e) => {
                 service.metrics.refused.inc(Refusal::BadRequest);
@@ -554,6 +561,7 @@ async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Resu
             },
         };
         conn.send(&reply).await?;
+        service.metrics.requests.observe(kind, read_at.elapsed());
     }
 }
 

@@ -22,7 +22,9 @@ use tracing::{debug, info, warn};
 use crate::circuits::{self, CircuitBook, REMEMBER_AFTER_EXPIRY};
 use crate::config::TrackerArgs;
 use crate::graph::{Graph, GraphError, Scope};
-use crate::metrics::{self, Collector, Counter, EnumCounter, Refusal, Registry, ReportKind};
+use crate::metrics::{
+    self, Collector, Counter, EnumCounter, EnumHistogram, Refusal, Registry, ReportKind, RequestKind,
+};
 use crate::probe::{self, PROBE_TIMEOUT};
 use crate::store::Store;
 use crate::timed_lock::{TimedGuard, TimedMutex};
@@ -84,6 +86,8 @@ pub(crate) struct TrackerMetrics {
     pub(crate) resumptions: Counter,
     /// Key fetches answered.
     pub(crate) key_fetches: Counter,
+    /// Time from a request read to its reply written, by kind.
+    pub(crate) requests: EnumHistogram<RequestKind>,
 }
 
 /// How long an announce that needs a reachability probe waits for one of the probe slots
@@ -152,8 +156,8 @@ impl Service {
         }
     }
 
-    fn lock(&self) -> TimedGuard<'_, State> {
-        self.state.lock()
+    fn lock(&self, holder: &'static str) -> TimedGuard<'_, State> {
+        self.state.lock(holder)
     }
 
     /// `Announce`: check reachability, record the peer, top it up, reply with its whole neighbor set.
@@ -188,7 +192,7 @@ impl Service {
             );
         }
         let needs_probe = {
-            let st = self.lock();
+            let st = self.lock("announce: admission");
             // Before the probe, so that an address over its limit costs the tracker no connection; checked again
             // (atomically with the insertion) by the graph after it.
             if let Err(GraphError::OverLimit(over)) = st.graph.admits(&id, listen.ip()) {
@@ -232,7 +236,7 @@ impl Service {
         let mut attempt = 0;
         let (done, neighbors, peers, interval) = loop {
             let (done, neighbors, peers, interval, staged) = {
-                let mut st = self.lock();
+                let mut st = self.lock("announce");
                 let State { graph, rng, .. } = &mut *st;
                 let interval = self.interval_for_announce(graph);
                 let (chains, family) = (ann.chains.clone(), ann.family.clone());
@@ -333,7 +337,7 @@ impl Service {
             return refused;
         }
         let plan = {
-            let mut st = self.lock();
+            let mut st = self.lock("grant: paths");
             let State { graph, book, rng, .. } = &mut *st;
             // Targets the requester already has circuits to come last: a replacement for a stalled or broken
             // circuit should not land on a peer another of its circuits uses.
@@ -379,7 +383,7 @@ impl Service {
         }
         let mut grants = Vec::with_capacity(issued.len());
         {
-            let mut st = self.lock();
+            let mut st = self.lock("grant: record");
             for i in issued {
                 st.book.insert(i.grant.circuit, i.record);
                 grants.push(i.grant);
@@ -402,14 +406,14 @@ impl Service {
 
     /// Peers, edges and remembered circuits now.
     pub(crate) fn sizes(&self) -> (usize, usize, usize) {
-        let st = self.lock();
+        let st = self.lock("sizes");
         (st.graph.len(), st.graph.edge_count(), st.book.len())
     }
 
     /// Expires silent peers and forgets old circuits.
     pub(crate) fn housekeeping(&self) {
         let now = anomos_net::rt::now();
-        let mut st = self.lock();
+        let mut st = self.lock("housekeeping");
         let expired = st.graph.expire(now);
         let forgotten = st.book.prune(now);
         let (peers, edges, circuits) = (st.graph.len(), st.graph.edge_count(), st.book.len());
@@ -440,6 +444,11 @@ impl TrackerMetrics {
         r.register("anomos_tracker_circuits_issued", "Circuits (tracking codes) issued", self.circuits_issued.clone());
         self.refused.register(&mut r, "anomos_tracker_refused", "Requests and connections refused, by reason");
         self.reports.register(&mut r, "anomos_tracker_reports", "Failure reports received, by kind");
+        self.requests.register(
+            &mut r,
+            "anomos_tracker_request_seconds",
+            "Time from a request read to its reply written, by kind (the tracker's own share of a peer's wait)",
+        );
         r
     }
 }

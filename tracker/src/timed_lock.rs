@@ -2,20 +2,28 @@
 //! generator prints it) that no request keeps the others waiting: the longest hold since start, and the total.
 //! Both in wall time and in the holding thread's CPU time: on a loaded machine the OS may preempt the holder,
 //! which lengthens a hold in wall time without any work under the lock (the CPU figure tells the two apart).
+//! Each hold names its holder, and a hold longer than [`LONG_HOLD`] is logged with that name (at most one such
+//! line a second), so a long hold seen in the metrics can be traced to the request that made it.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// A hold at least this long is logged, with its holder.
+pub(crate) const LONG_HOLD: Duration = Duration::from_millis(10);
 
 /// A mutex whose holds are timed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct TimedMutex<T> {
     inner: Mutex<T>,
     max_ns: AtomicU64,
     max_cpu_ns: AtomicU64,
     total_ns: AtomicU64,
     holds: AtomicU64,
+    /// When the last long hold was logged (milliseconds since `created`), to log at most one a second.
+    long_logged_ms: AtomicU64,
+    created: Instant,
 }
 
 /// Hold statistics since start.
@@ -39,14 +47,25 @@ impl<T> TimedMutex<T> {
             max_cpu_ns: AtomicU64::new(0),
             total_ns: AtomicU64::new(0),
             holds: AtomicU64::new(0),
+            long_logged_ms: AtomicU64::new(0),
+            created: Instant::now(),
         }
     }
 
-    /// Locks (a poisoned lock is taken over: a panic while holding it would be a bug, and the state is still
-    /// consistent enough to go on).
-    pub(crate) fn lock(&self) -> TimedGuard<'_, T> {
+    /// Locks on behalf of `holder` (a short name of the request or task, logged if the hold is long). A poisoned
+    /// lock is taken over: a panic while holding it would be a bug, and the state is still consistent enough to
+    /// go on.
+    pub(crate) fn lock(&self, holder: &'static str) -> TimedGuard<'_, T> {
         let guard = self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        TimedGuard { guard, since: Instant::now(), cpu_since: thread_cpu_ns(), owner: self }
+        TimedGuard { guard, since: Instant::now(), cpu_since: thread_cpu_ns(), owner: self, holder }
+    }
+
+    /// Whether a long hold ending now may be logged (none was in the last second); claims the slot if so.
+    fn may_log_long(&self) -> bool {
+        let now_ms = u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1000);
+        let last = self.long_logged_ms.load(Ordering::Relaxed);
+        now_ms.saturating_sub(last) >= 1000
+            && self.long_logged_ms.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 
     pub(crate) fn stats(&self) -> HoldStats {
@@ -65,6 +84,7 @@ pub(crate) struct TimedGuard<'a, T> {
     since: Instant,
     cpu_since: u64,
     owner: &'a TimedMutex<T>,
+    holder: &'static str,
 }
 
 impl<T> Deref for TimedGuard<'_, T> {
@@ -82,11 +102,21 @@ impl<T> DerefMut for TimedGuard<'_, T> {
 
 impl<T> Drop for TimedGuard<'_, T> {
     fn drop(&mut self) {
-        let ns = u64::try_from(self.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let held = self.since.elapsed();
+        let ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+        let cpu_ns = thread_cpu_ns().saturating_sub(self.cpu_since);
         self.owner.max_ns.fetch_max(ns, Ordering::Relaxed);
-        self.owner.max_cpu_ns.fetch_max(thread_cpu_ns().saturating_sub(self.cpu_since), Ordering::Relaxed);
+        self.owner.max_cpu_ns.fetch_max(cpu_ns, Ordering::Relaxed);
         self.owner.total_ns.fetch_add(ns, Ordering::Relaxed);
         self.owner.holds.fetch_add(1, Ordering::Relaxed);
+        if held >= LONG_HOLD && self.owner.may_log_long() {
+            tracing::info!(
+                holder = self.holder,
+                held_ms = held.as_secs_f64() * 1000.0,
+                cpu_ms = cpu_ns as f64 / 1e6,
+                "long hold of the state lock"
+            );
+        }
     }
 }
 
@@ -104,13 +134,13 @@ mod tests {
     #[test]
     fn holds_are_counted_and_the_longest_kept() {
         let m = TimedMutex::new(1u32);
-        *m.lock() += 1;
+        *m.lock("test") += 1;
         {
-            let _g = m.lock();
+            let _g = m.lock("test");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let s = m.stats();
-        assert_eq!(*m.lock(), 2);
+        assert_eq!(*m.lock("test"), 2);
         assert_eq!(s.holds, 2);
         assert!(s.max_us >= 5_000 && s.total_us >= s.max_us, "{s:?}");
         // Sleeping holds the lock but uses no CPU.

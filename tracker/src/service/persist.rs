@@ -35,7 +35,7 @@ impl Service {
                 return Vec::new();
             }
         };
-        let st = self.lock();
+        let st = self.lock("tickets at start");
         tickets.into_iter().filter_map(|t| st.graph.get(&t.peer).map(|p| (t, p.key.clone()))).collect()
     }
 
@@ -116,7 +116,7 @@ impl Service {
     /// written. On failure the changes stay marked and the next call tries again.
     pub(crate) async fn persist(&self) -> Result<usize, TrackerError> {
         let Some(store) = self.store() else { return Ok(0) };
-        let dirty = self.lock().graph.take_changes();
+        let dirty = self.lock("persist: changes").graph.take_changes();
         let peers: Vec<Fingerprint> = dirty.peers.into_iter().collect();
         let edges: Vec<NeighborId> = dirty.edges.into_iter().collect();
         if peers.is_empty() && edges.is_empty() {
@@ -124,10 +124,10 @@ impl Service {
         }
         let mut batch = Batch::default();
         for chunk in peers.chunks(ROWS_PER_HOLD) {
-            batch.add(&self.lock().graph, chunk, &[]);
+            batch.add(&self.lock("persist: peer rows").graph, chunk, &[]);
         }
         for chunk in edges.chunks(ROWS_PER_HOLD) {
-            batch.add(&self.lock().graph, &[], chunk);
+            batch.add(&self.lock("persist: edge rows").graph, &[], chunk);
         }
         let rows = batch.len();
         let written = anomos_net::rt::spawn_blocking(move || {
@@ -138,7 +138,7 @@ impl Service {
         match written {
             Ok((Ok(()), _)) => Ok(rows),
             Ok((Err(e), batch)) => {
-                self.lock().graph.mark_changed(batch.dirty());
+                self.lock("persist: failed write").graph.mark_changed(batch.dirty());
                 Err(e)
             }
             Err(e) => {

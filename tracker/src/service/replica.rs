@@ -27,7 +27,7 @@ impl Service {
         shared: Arc<dyn Shared>,
     ) -> Service {
         let mut s = Service::with_graph(args, graph, None);
-        s.state.lock().revs = revs;
+        s.state.lock("replica: start").revs = revs;
         s.replica = Some(shared);
         s
     }
@@ -56,7 +56,7 @@ impl Service {
         }
         match shared.commit(&staged).await {
             Ok(rev) => {
-                replica::committed(&mut self.lock().revs, &staged, rev);
+                replica::committed(&mut self.lock("replica: committed").revs, &staged, rev);
                 Ok(())
             }
             // Another instance got there first, or the announcing peer's lease had ended: put the touched keys back
@@ -91,7 +91,7 @@ impl Service {
         let (peers, edges) = staged.keys();
         let truth = shared.read(&peers, &edges, 0).await?;
         let now = Instant::now();
-        let mut st = self.lock();
+        let mut st = self.lock("replica: read back");
         let State { graph, revs, .. } = &mut *st;
         for (fp, record) in truth.peers {
             if !revs.newer_than(replica::Key::Peer(fp), truth.revision) {
@@ -122,7 +122,7 @@ impl Service {
     pub(crate) fn apply(&self, changes: Vec<(Change, i64)>) -> Vec<NeighborId> {
         let now = Instant::now();
         let mut orphans = Vec::new();
-        let mut st = self.lock();
+        let mut st = self.lock("replica: apply watched");
         let State { graph, revs, .. } = &mut *st;
         for (c, rev) in changes {
             revs.watched = revs.watched.max(rev);
@@ -151,7 +151,7 @@ impl Service {
     /// Replaces the graph with one loaded whole from the shared state (at start, and after the watch was lost).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn replace_graph(&self, graph: Graph<PublicKey>, revs: Revisions) {
-        let mut st = self.lock();
+        let mut st = self.lock("replica: replace graph");
         st.graph = graph;
         st.revs = revs;
     }
@@ -173,7 +173,7 @@ impl Service {
                     }
                     Err(Retry::Again) => {
                         Self::backoff(n).await;
-                        let mut st = service.lock();
+                        let mut st = service.lock("replica: avoid");
                         st.graph.avoid(&culprit);
                         staged = service.stage(&mut st, None);
                     }

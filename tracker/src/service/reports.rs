@@ -20,7 +20,7 @@ impl Service {
         if let Some(refused) = self.unavailable() {
             return refused;
         }
-        let mut st = self.lock();
+        let mut st = self.lock("report");
         let now = anomos_net::rt::now();
         let kind = rep.kind;
         self.metrics.reports.inc(ReportKind::from(&kind));
@@ -100,7 +100,7 @@ impl Service {
         tokio::spawn(async move {
             let result = probe::check(&*net, addr, &culprit, PROBE_TIMEOUT).await;
             let Some(service) = weak.upgrade() else { return };
-            let mut st = service.lock();
+            let mut st = service.lock("report: probe result");
             st.probing.remove(&culprit);
             match result {
                 Err(e) => {
