@@ -221,13 +221,17 @@ fn tc_vector(out: &Path, ids: &[Identity]) -> TcVector {
         };
         hops.push(HopSpec { key: ids[key].public().clone(), layer });
     }
-    let tc0 = tc::build(&hops, &mut rng(TC_BUILD_SEED)).expect("build");
-    assert_eq!(tc0, tc::build(&hops, &mut rng(TC_BUILD_SEED)).expect("build"), "build must be deterministic");
+    let tc0 = tc::build_reproducible(&hops, &mut rng(TC_BUILD_SEED)).expect("build");
+    assert_eq!(
+        tc0,
+        tc::build_reproducible(&hops, &mut rng(TC_BUILD_SEED)).expect("build"),
+        "build must be deterministic"
+    );
 
     let mut doc = Doc::new(&format!(
         "anomos-proto known-answer vectors: a 3-hop tracking code (2 relays + target, 2048/3072/2048-bit keys).
-Inputs (the layer fields and hop keys) and outputs of `tc::build`, and every hop's view while peeling.
-tc.build.rng_seed   rng handed to `tc::build` (seeds, OAEP randomness and target fill, in the crate's order)
+Inputs (the layer fields and hop keys) and outputs of `tc::build_reproducible`, and every hop's view while peeling.
+tc.build.rng_seed   rng handed to `tc::build_reproducible` (seeds, OAEP randomness and target fill, in the crate's order)
 tc.hops             number of layers
 hop.I.key           key file in ../keys (its public key is the hop key)
 hop.I.bits          modulus bits (k = bits/8 bytes of RSA-OAEP ciphertext at the front of that hop's TC)

@@ -92,7 +92,23 @@ fn tc_refuses_wrong_key_tampering_and_overlong_paths() {
 #[test]
 fn tc_build_is_deterministic_under_a_seeded_rng() {
     let hops = path(&[0, 1, 2], 1000);
-    assert_eq!(tc::build(&hops, &mut rng(10)).unwrap(), tc::build(&hops, &mut rng(10)).unwrap());
+    let a = tc::build_reproducible(&hops, &mut rng(10)).unwrap();
+    assert_eq!(a, tc::build_reproducible(&hops, &mut rng(10)).unwrap());
+    // `build` encrypts with AWS-LC's own randomness (and so draws less from `rng`): the bytes differ, and every
+    // hop reads the same layer out of either.
+    let b = tc::build(&hops, &mut rng(10)).unwrap();
+    assert_ne!(a[..256], b[..256]);
+    let (mut ta, mut tb) = (a, b);
+    for (i, h) in [0, 1, 2].into_iter().enumerate() {
+        let (pa, pb) = (tc::peel(&ta, &ids()[h]).unwrap(), tc::peel(&tb, &ids()[h]).unwrap());
+        assert_eq!(pa.layer, pb.layer);
+        assert_eq!(pa.layer, hops[i].layer);
+        match (pa.next, pb.next) {
+            (Some(na), Some(nb)) => (ta, tb) = (na, nb),
+            (None, None) => assert_eq!(i, 2),
+            _ => panic!("hop {i}: one TC ends here, the other does not"),
+        }
+    }
 }
 
 #[test]

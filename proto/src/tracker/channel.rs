@@ -156,7 +156,7 @@ impl TrackerChannel {
         let e_p = eph.public;
         let mut s = [0u8; 32];
         rng.fill_bytes(&mut s);
-        let ct = tracker.encrypt(rng, &s)?;
+        let ct = tracker.encrypt_seeded(rng, &s)?;
         let mut hello = Vec::with_capacity(CLIENT_HELLO_HEADER + ct.len() + EPHEMERAL_LEN);
         hello.extend_from_slice(&TRACKER_MAGIC);
         hello.extend_from_slice(&TRACKER_VERSION.to_be_bytes());

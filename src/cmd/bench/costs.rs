@@ -106,7 +106,7 @@ pub(super) fn raw_tcp(bytes: u64) -> std::io::Result<(f64, f64)> {
 pub(super) fn raw_rsa(budget: Duration) -> Result<(f64, f64), PeerError> {
     let mut rng = rand::rngs::OsRng;
     let id = Identity::generate(&mut rng, 2048)?;
-    let ct = id.public().encrypt(&mut rng, &[7u8; 32])?;
+    let ct = id.public().encrypt(&[7u8; 32])?;
     let rsa = per_cpu_second(budget, 1, || u64::from(id.decrypt(&ct, "bench").is_ok()));
     let layer = |kind: LayerKind, i: u8| Layer {
         prev: NeighborId(u64::from(i) + 1),
