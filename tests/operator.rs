@@ -59,7 +59,7 @@ fn parse_exposition(text: &str) -> HashMap<String, f64> {
             assert!(helped.insert(name.to_string()), "HELP twice: {line}");
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, t) = rest.split_once(' ').unwrap_or_else(|| panic!("bad TYPE: {line}"));
-            assert!(valid_name(name) && matches!(t, "counter" | "gauge"), "{line}");
+            assert!(valid_name(name) && matches!(t, "counter" | "gauge" | "histogram"), "{line}");
             assert!(typed.insert(name.to_string(), t.to_string()).is_none(), "TYPE twice: {line}");
         } else {
             assert!(!line.starts_with('#') && !line.is_empty(), "unexpected line {line:?}");
@@ -100,8 +100,13 @@ fn parse_exposition(text: &str) -> HashMap<String, f64> {
                 }
             };
             assert!(valid_name(name), "{line}");
-            assert!(helped.contains(name) && typed.contains_key(name), "sample before HELP/TYPE: {line}");
-            if typed[name] == "counter" {
+            // A histogram's samples are its family's name with `_bucket`, `_sum` or `_count`.
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.get(*f).is_some_and(|t| t == "histogram")))
+                .unwrap_or(name);
+            assert!(helped.contains(family) && typed.contains_key(family), "sample before HELP/TYPE: {line}");
+            if typed[family] == "counter" {
                 assert!(value >= 0.0, "negative counter: {line}");
             }
             assert!(out.insert(format!("{name}{labels}"), value).is_none(), "duplicate series: {line}");

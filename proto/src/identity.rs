@@ -7,8 +7,9 @@
 //! * OAEP decryption, the private operation on attacker-chosen input (every TC peel, every tracker ClientHello),
 //!   runs in AWS-LC through `aws-lc-rs`: constant-time exponentiation with blinding and a constant-time OAEP
 //!   padding check, so its timing depends neither on the key nor on the ciphertext. The pure-Rust `rsa` crate is
-//!   not constant-time (RUSTSEC-2023-0071, "Marvin"); it keeps key generation, PEM/DER encoding, public-key
-//!   encryption and verification, none of which touches the private key with attacker-chosen input.
+//!   not constant-time (RUSTSEC-2023-0071, "Marvin"); it keeps key generation, PEM/DER encoding and the seeded
+//!   encryption of the known-answer vectors ([`PublicKey::encrypt_seeded`]), none of which touches the private key
+//!   with attacker-chosen input. Encryption ([`PublicKey::encrypt`]) and verification run in AWS-LC, for speed.
 //! * PSS signing (probe answers, link AUTH, the tracker Hello) runs in AWS-LC too ([`Signer::AwsLc`]), for every
 //!   identity that is generated, parsed or loaded. Only the known-answer vectors (SPEC Appendix A), which need
 //!   the salt drawn from a seeded rng, opt in to the `rsa` crate's signer ([`Identity::with_seeded_signer`]).
@@ -174,7 +175,10 @@ impl PublicKey {
         let mut out = vec![0u8; key.ciphertext_size()];
         let n =
             key.encrypt(&OAEP_SHA256_MGF1SHA256, msg, &mut out, None).map_err(|_| invalid("encryption failed"))?.len();
-        out.truncate(n);
+        // Always k bytes (callers copy it into a k-byte slot); anything else is refused, not passed on.
+        if n != self.size() {
+            return Err(invalid("ciphertext of the wrong length"));
+        }
         Ok(out)
     }
 

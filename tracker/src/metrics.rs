@@ -218,7 +218,7 @@ crate::label_enum!(
         Circuits => "circuits",
         /// `Report`.
         Report => "report",
-        /// `Resumable` (a session ticket), and requests refused as malformed.
+        /// `Resumable` (a session ticket), a `Hello` after the session's, and every request refused as malformed.
         Other => "other",
     }
 );

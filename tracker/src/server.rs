@@ -525,13 +525,15 @@ async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Resu
             tickets.touch(id);
         }
         let read_at = anomos_net::rt::now();
-        let kind = match &msg {
-            ToTracker::Announce(_) => RequestKind::Announce,
-            ToTracker::RequestCircuits(_) => RequestKind::Circuits,
-            ToTracker::Report(_) => RequestKind::Report,
-            _ => RequestKind::Other,
+        let valid = msg.validate();
+        let kind = match (&valid, &msg) {
+            (Err(_), _) => RequestKind::Other,
+            (Ok(()), ToTracker::Announce(_)) => RequestKind::Announce,
+            (Ok(()), ToTracker::RequestCircuits(_)) => RequestKind::Circuits,
+            (Ok(()), ToTracker::Report(_)) => RequestKind::Report,
+            (Ok(()), _) => RequestKind::Other,
         };
-        let reply = match msg.validate() {
+        let reply = match valid {
             Err(e) => {
                 service.metrics.refused.inc(Refusal::BadRequest);
                 error_reply(ErrorCode::BadRequest, e.to_string())
@@ -561,7 +563,7 @@ async fn session(sh: Shared, stream: Box<dyn Stream>, remote_ip: IpAddr) -> Resu
             },
         };
         conn.send(&reply).await?;
-        service.metrics.requests.observe(kind, read_at.elapsed());
+        service.metrics.requests.observe(kind, anomos_net::rt::since(read_at));
     }
 }
 

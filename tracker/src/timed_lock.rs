@@ -2,8 +2,9 @@
 //! generator prints it) that no request keeps the others waiting: the longest hold since start, and the total.
 //! Both in wall time and in the holding thread's CPU time: on a loaded machine the OS may preempt the holder,
 //! which lengthens a hold in wall time without any work under the lock (the CPU figure tells the two apart).
-//! Each hold names its holder, and a hold longer than [`LONG_HOLD`] is logged with that name (at most one such
-//! line a second), so a long hold seen in the metrics can be traced to the request that made it.
+//! Each hold names its holder, and a hold of [`LONG_HOLD`] or more is logged with that name (at most one such
+//! line a second), so a long hold seen in the metrics can be traced to the request that made it. The line is
+//! written as the hold ends, before the lock is released (as the handlers' own log lines under it are).
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +22,8 @@ pub(crate) struct TimedMutex<T> {
     max_cpu_ns: AtomicU64,
     total_ns: AtomicU64,
     holds: AtomicU64,
-    /// When the last long hold was logged (milliseconds since `created`), to log at most one a second.
+    /// When the last long hold was logged, in milliseconds since `created` plus 1,000 (0: never, so the first one
+    /// is logged), to log at most one a second.
     long_logged_ms: AtomicU64,
     created: Instant,
 }

@@ -78,14 +78,19 @@ fn samples(body: &str) -> Vec<(String, f64)> {
             let (name, rest) = r.split_once(' ').unwrap();
             assert!(!rest.is_empty(), "{l}");
             if l.starts_with("# TYPE") {
-                assert!(rest == "counter" || rest == "gauge", "{l}");
+                assert!(rest == "counter" || rest == "gauge" || rest == "histogram", "{l}");
                 declared.insert(name.to_string());
             }
             continue;
         }
         let (series, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {l:?}"));
         let name = series.split('{').next().unwrap();
-        assert!(declared.contains(name), "sample of an undeclared family: {l}");
+        // A histogram's samples are its family's name with `_bucket`, `_sum` or `_count`.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| declared.contains(*f)))
+            .unwrap_or(name);
+        assert!(declared.contains(family), "sample of an undeclared family: {l}");
         assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "{l}");
         if let Some(labels) = series.strip_prefix(name) {
             if !labels.is_empty() {

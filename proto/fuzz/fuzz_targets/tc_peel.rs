@@ -32,7 +32,7 @@ struct Fixed {
 fn fixed() -> &'static Fixed {
     static F: OnceLock<Fixed> = OnceLock::new();
     F.get_or_init(|| {
-        let oaep = ids()[0].public().encrypt(&mut rng(1), &SEED).expect("oaep");
+        let oaep = ids()[0].public().encrypt_seeded(&mut rng(1), &SEED).expect("oaep");
         let body_key = kdf(b"anomos tc v1", &[&SEED], b"body");
         let mut pad = vec![0u8; K + TAG_LEN + LAYER_HEADER_LEN];
         kdf_stream(b"anomos tc v1", &SEED, b"pad", &mut pad).expect("pad");
