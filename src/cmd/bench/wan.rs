@@ -410,6 +410,19 @@ pub(super) async fn wan_figures(root: &Path, plan: &Plan, rep: &mut Report, quie
                 // Issue 15's target: two circuit round trips (3 hops) plus the block's transfer at raw TCP's rate.
                 let circuit_rtt = 3.0 * f64::from(c.rtt) / 1000.0;
                 let block_mb = bytes as f64 / f64::from(blocks) / 1e6;
+                // Beside it, what one block costs raw TCP on a fresh connection over one hop (from connected to
+                // its last byte: a round trip, then TCP's slow start from its initial window): each hop of a
+                // circuit whose links have not carried a block yet pays about that.
+                let cold_dir = dir.join("raw-block");
+                crate::cmd::ensure_private_dir(&cold_dir)?;
+                let cold = block_mb / raw_tcp(&cold_dir, bytes / u64::from(blocks)).await?;
+                rep.add(
+                    &format!("{k}_raw_block_s"),
+                    &format!("raw TCP, one block on a fresh connection (1 hop), {t}"),
+                    "s",
+                    None,
+                    cold,
+                );
                 rep.add(
                     &format!("{k}_open_to_block_s"),
                     &format!("circuit open to first block, {t}"),
