@@ -24,6 +24,10 @@ mod peer;
 #[allow(dead_code)]
 #[path = "load/stats.rs"]
 mod stats;
+// Shared with examples/load.rs, which also reads the tracker's metrics.
+#[allow(dead_code)]
+#[path = "load/tracker_io.rs"]
+mod tracker_io;
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -36,10 +40,8 @@ use std::time::{Duration, Instant};
 
 use anomos_proto::identity::Fingerprint;
 use anomos_proto::ids::ChainId;
-use anomos_proto::tracker;
 use clap::Parser;
 use rand::seq::SliceRandom;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use peer::{Ctx, Peer};
 use stats::{fmt_errors, pct, Stats};
@@ -176,16 +178,6 @@ fn start_replica(
     Ok((proc, addr.parse().map_err(|e| format!("{e}"))?, Fingerprint::from_hex(&fp).map_err(|e| e.to_string())?))
 }
 
-async fn fetch_key(addr: SocketAddr, fp: &Fingerprint) -> Result<anomos_proto::identity::PublicKey, String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    s.write_all(&tracker::KEY_FETCH_MAGIC).await.map_err(|e| e.to_string())?;
-    let mut prefix = [0u8; 2];
-    s.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
-    let mut der = vec![0u8; tracker::key_answer_len(prefix).map_err(|e| e.to_string())?];
-    s.read_exact(&mut der).await.map_err(|e| e.to_string())?;
-    tracker::check_fetched_key(&der, fp).map_err(|e| e.to_string())
-}
-
 fn ms(v: f64) -> String {
     if v.is_nan() {
         "-".into()
@@ -239,7 +231,7 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let addrs: Vec<SocketAddr> = replicas.iter().map(|(_, a, _)| *a).collect();
     let fp = replicas[0].2;
-    let tracker_key = fetch_key(addrs[0], &fp).await?;
+    let tracker_key = tracker_io::fetch_key(addrs[0], &fp).await?;
     eprintln!("replicas: etcd {url}, replicas at {addrs:?}; joining {n} peers at {} /s", args.join_rate);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
