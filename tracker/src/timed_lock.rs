@@ -134,6 +134,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn long_holds_are_logged_at_most_once_a_second() {
+        let m = TimedMutex::new(());
+        assert!(m.may_log_long(), "the first long hold is logged");
+        assert!(!m.may_log_long(), "another within the same second is not");
+        // A second later the slot is free again.
+        m.long_logged_ms.fetch_sub(1000, Ordering::Relaxed);
+        assert!(m.may_log_long());
+    }
+
+    #[test]
     fn holds_are_counted_and_the_longest_kept() {
         let m = TimedMutex::new(1u32);
         *m.lock("test") += 1;
