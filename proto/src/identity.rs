@@ -165,13 +165,13 @@ impl PublicKey {
     pub fn encrypt(&self, msg: &[u8]) -> Result<Vec<u8>> {
         use aws_lc_rs::rsa::{OaepPublicEncryptingKey, PublicEncryptingKey, OAEP_SHA256_MGF1SHA256};
         let invalid = |detail: &str| ProtoError::Invalid { what: "OAEP plaintext", detail: detail.to_string() };
-        if msg.len() > self.size().saturating_sub(66) {
-            return Err(invalid("message too long for the key"));
-        }
         let key = PublicEncryptingKey::from_der(&self.der)
             .ok()
             .and_then(|k| OaepPublicEncryptingKey::new(k).ok())
             .ok_or_else(|| invalid("key refused by AWS-LC"))?;
+        if msg.len() > key.max_plaintext_size(&OAEP_SHA256_MGF1SHA256) {
+            return Err(invalid("message too long for the key"));
+        }
         let mut out = vec![0u8; key.ciphertext_size()];
         let n =
             key.encrypt(&OAEP_SHA256_MGF1SHA256, msg, &mut out, None).map_err(|_| invalid("encryption failed"))?.len();
