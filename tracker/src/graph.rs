@@ -48,6 +48,10 @@ const BFS_BUDGET: usize = 200_000;
 /// Degree buckets of the degree index (the last also holds any higher degree).
 const DEGREE_BUCKETS: usize = anomos_proto::tracker::MAX_NEIGHBORS + 1;
 
+/// Most peers [`Graph::presize`] sizes the tables for: a larger `max_peers` grows them past this as peers come
+/// (at this size, with the default degrees, the edge table is 2²⁴ slots: about 1.3 GB of address space).
+pub const PRESIZE_PEERS: usize = 1 << 20;
+
 /// Limits and policy of the graph.
 #[derive(Debug, Clone)]
 pub struct GraphConfig {
@@ -221,9 +225,14 @@ impl<K> Graph<K> {
     /// Target and maximum degree now: `target_degree` raised to ⌈ln N⌉ (unless `fixed_degree`), the maximum as
     /// far above it as configured, both within what one announce reply carries.
     pub fn degrees(&self) -> (usize, usize) {
+        self.degrees_at(self.peers.len())
+    }
+
+    /// Target and maximum degree in an overlay of `n` peers.
+    fn degrees_at(&self, n: usize) -> (usize, usize) {
         let cap = anomos_proto::tracker::MAX_NEIGHBORS;
         let slack = self.cfg.max_degree.saturating_sub(self.cfg.target_degree);
-        let scaled = if self.cfg.fixed_degree { 0 } else { (self.peers.len().max(1) as f64).ln().ceil() as usize };
+        let scaled = if self.cfg.fixed_degree { 0 } else { (n.max(1) as f64).ln().ceil() as usize };
         let target = self.cfg.target_degree.max(scaled).min(cap - slack.min(cap));
         (target, (target + slack).min(cap))
     }

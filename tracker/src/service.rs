@@ -133,7 +133,8 @@ fn unusable_listen_ip(ip: IpAddr) -> bool {
 
 impl Service {
     /// A service over `graph` (empty, or restored from `store`).
-    fn with_graph(args: TrackerArgs, graph: Graph<PublicKey>, store: Option<Arc<Store>>) -> Self {
+    fn with_graph(args: TrackerArgs, mut graph: Graph<PublicKey>, store: Option<Arc<Store>>) -> Self {
+        graph.presize();
         let state = State {
             graph,
             book: CircuitBook::new(args.max_pending_circuits),

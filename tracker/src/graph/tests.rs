@@ -5,6 +5,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 mod lengths;
+mod presize;
 mod restore;
 
 fn cfg(target: usize) -> GraphConfig {
