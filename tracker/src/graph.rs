@@ -203,6 +203,8 @@ pub struct Graph<K> {
     census: Census,
     /// Peers serving each chain (path finding checks its last hop against these, not the whole peer table).
     serving: HashMap<ChainId, FpSet<Fingerprint>>,
+    /// Peers [`presize`](Self::presize) sized the tables for (0: not sized, they grow by doubling).
+    presized: usize,
 }
 
 impl<K> Graph<K> {
@@ -219,6 +221,7 @@ impl<K> Graph<K> {
             dirty: None,
             census,
             serving: HashMap::new(),
+            presized: 0,
         }
     }
 
@@ -365,7 +368,12 @@ impl<K> Graph<K> {
                 let new_chains = p.chains.clone();
                 self.unlist(&id, &old_chains);
                 for c in new_chains {
-                    self.serving.entry(c).or_default().insert(id);
+                    let set = self.serving.entry(c).or_default();
+                    if set.len() == index::JUMP_AT && self.presized > index::JUMP_AT {
+                        // Refused address space leaves it doubling as it fills, as before.
+                        let _ = set.try_reserve(self.presized - index::JUMP_AT);
+                    }
+                    set.insert(id);
                 }
             }
         }

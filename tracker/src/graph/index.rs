@@ -10,7 +10,15 @@ use super::*;
 pub(super) struct Sampler {
     pub(super) items: Vec<Fingerprint>,
     pub(super) pos: FpMap<Fingerprint, usize>,
+    /// Members it is sized for at once on reaching [`JUMP_AT`] (0: it grows by doubling).
+    sized_for: usize,
 }
+
+/// Entries at which a table that grows with the overlay but not with every peer (a degree bucket, a chain's
+/// servers, the admission census) is sized at once for the overlay [`Graph::presize`] sized the graph for: a small
+/// overlay never reserves room it does not use, and a big one pays for one rehash of this many entries instead of
+/// doublings up to `max_peers`, each under the state lock (8–16 ms of one announce at 57,000 peers).
+pub(super) const JUMP_AT: usize = 1024;
 
 impl Sampler {
     pub(super) fn len(&self) -> usize {
@@ -30,6 +38,11 @@ impl Sampler {
 
     pub(super) fn insert(&mut self, fp: Fingerprint) {
         if !self.pos.contains_key(&fp) {
+            if self.items.len() == JUMP_AT && self.sized_for > JUMP_AT {
+                // Refused address space leaves it doubling as it fills, as before.
+                let more = self.sized_for - JUMP_AT;
+                let _ = (self.pos.try_reserve(more), self.items.try_reserve(more));
+            }
             self.pos.insert(fp, self.items.len());
             self.items.push(fp);
         }
@@ -164,6 +177,10 @@ impl<K> Graph<K> {
         if !sized {
             tracing::warn!(peers = n, edges, "could not size the graph's tables at start: they grow as peers come");
         }
+        // The tables that hold some of the peers are sized once they reach `JUMP_AT` entries.
+        self.presized = n;
+        self.by_degree.iter_mut().for_each(|b| b.sized_for = n);
+        self.census.size_for(n);
     }
 
     /// Room for `peers` more peers and `edges` more edges without growing the tables one by one (a restart).

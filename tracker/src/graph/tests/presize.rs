@@ -32,7 +32,26 @@ fn a_presized_graph_does_not_grow_its_tables_up_to_max_peers() {
     // tombstones).
     let after = capacities(&g);
     assert!(after.iter().zip(sized).all(|(a, s)| *a <= s), "a table grew after presize: {sized:?} -> {after:?}");
+    // The tables that hold some of the peers jumped to the full size once they held `JUMP_AT`.
+    for b in g.by_degree.iter().filter(|b| b.len() > index::JUMP_AT) {
+        assert!(b.pos.capacity() >= n && b.items.capacity() >= n, "a degree bucket of {} was not sized", b.len());
+    }
+    let servers = g.serving.get(&chain()).map(|s| (s.len(), s.capacity()));
+    assert!(servers.is_some_and(|(len, cap)| len == n && cap >= n), "{servers:?}");
     check_invariants(&g);
+}
+
+#[test]
+fn an_unsized_graph_reserves_nothing_ahead() {
+    let mut g = Graph::new(cfg(4));
+    let mut rng = StdRng::seed_from_u64(8);
+    let now = Instant::now();
+    for i in 0..1_500 {
+        g.announce(fp(i), (), addr(i), vec![chain()], now, &mut rng).unwrap();
+    }
+    let servers = g.serving.get(&chain()).map_or(0, |s| s.capacity());
+    assert!(servers < 4 * 1_500, "{servers}: sized for max_peers without presize");
+    assert!(g.by_degree.iter().all(|b| b.pos.capacity() < 4 * 1_500));
 }
 
 #[test]
