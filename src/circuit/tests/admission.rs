@@ -205,5 +205,12 @@ async fn cells_on_unknown_or_opening_ids_are_ignored_or_refused() {
     a.send(Cell::brk(id, BreakReason::Finished, None));
     a.wait_on(id, Command::AckBreak).await;
     assert!(a.quiet_on(id, Duration::from_millis(200)).await);
-    assert_eq!(r.router.circuit_count(), 0);
+    // The peel still completes (its replay tag is recorded) and only then frees the slot: on a loaded machine the
+    // RSA step can take longer than the 200 ms above (seen once in a parallel test run beside a build).
+    let freed = tokio::time::timeout(Duration::from_secs(10), async {
+        while r.router.circuit_count() != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    assert!(freed.await.is_ok(), "the abandoned opening's slot was never freed");
 }
