@@ -1,5 +1,5 @@
-//! Talking to the tracker: an encrypted, authenticated session (SPEC.md §3) that outlives its connection: after
-//! the full handshake the client asks for a session ticket, closes the connection once it has been idle for
+//! Talking to the tracker: an encrypted, authenticated session (SPEC.md §3) that outlives its connection: with
+//! the full handshake's `Hello` the client asks for a session ticket (and sends its request, in one flight), closes the connection once it has been idle for
 //! [`CONN_KEEP`], and resumes the session on a new connection with the ticket (no RSA on either side, §3.4).
 
 use std::net::SocketAddr;
@@ -15,6 +15,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::{timeout, Instant};
 
 use crate::error::PeerError;
+
+mod key_fetch;
+mod session;
+
+pub use key_fetch::{fetch_tracker_key, fetch_tracker_key_version, fetch_tracker_key_via, tracker_key_version_via};
+pub use session::TrackerSession;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 /// The longest one request may take as a whole, from waiting for the client's lock through reconnects and
@@ -40,154 +46,6 @@ const V1_FALLBACK: Duration = Duration::from_secs(600);
 /// With several tracker addresses (replicas), how long a TCP connect may take before the next address is tried:
 /// a failover completes within 2 s even when a replica's host is gone without a reset (SPEC §3.10 "Replicas").
 const FAILOVER_CONNECT: Duration = Duration::from_millis(1500);
-
-/// An open session with the tracker, after Hello/Welcome.
-pub struct TrackerSession {
-    stream: Box<dyn Stream>,
-    chan: TrackerChannel,
-}
-
-async fn read_frame(stream: &mut (impl AsyncRead + Unpin + ?Sized)) -> Result<Vec<u8>, PeerError> {
-    let mut len = [0u8; 4];
-    timeout(IO_TIMEOUT, stream.read_exact(&mut len)).await.map_err(|_| PeerError::Timeout("tracker reply"))??;
-    let n = TrackerChannel::frame_len(len)?;
-    let mut body = vec![0u8; n];
-    timeout(IO_TIMEOUT, stream.read_exact(&mut body)).await.map_err(|_| PeerError::Timeout("tracker reply"))??;
-    Ok(body)
-}
-
-impl TrackerSession {
-    /// Connects, proves the channel to the pinned key, and authenticates with our identity.
-    pub async fn connect(addr: SocketAddr, tracker_key: &PublicKey, me: &Identity) -> Result<Self, PeerError> {
-        Self::connect_via(&anomos_net::Tcp, addr, tracker_key, me, IO_TIMEOUT).await
-    }
-
-    /// [`connect`](Self::connect) over the transport `net`, with its own time for the connect (a version-1
-    /// channel: every tracker speaks it).
-    pub async fn connect_via(
-        net: &dyn Transport,
-        addr: SocketAddr,
-        tracker_key: &PublicKey,
-        me: &Identity,
-        connect_timeout: Duration,
-    ) -> Result<Self, PeerError> {
-        Self::connect_version(net, addr, tracker_key, me, connect_timeout, tracker::TRACKER_VERSION).await
-    }
-
-    /// [`connect_via`](Self::connect_via) with a channel of `version` (2: the tracker's certified static key, no
-    /// RSA at the tracker; only for a tracker whose key fetch said it speaks it, [`tracker_version`]).
-    pub async fn connect_version(
-        net: &dyn Transport,
-        addr: SocketAddr,
-        tracker_key: &PublicKey,
-        me: &Identity,
-        connect_timeout: Duration,
-        version: u16,
-    ) -> Result<Self, PeerError> {
-        let mut stream = timeout(connect_timeout, net.connect(addr))
-            .await
-            .map_err(|_| PeerError::Timeout("tracker connect"))??
-            .stream;
-        let (chan, th) = if version >= tracker::TRACKER_VERSION_2 {
-            let (hello, handshake) = TrackerChannel::connect_v2(&mut rand::rngs::OsRng, tracker_key)?;
-            stream.write_all(&hello).await?;
-            let mut e_t = [0u8; tracker::EPHEMERAL_LEN];
-            let mut len = [0u8; 2];
-            for buf in [&mut e_t[..], &mut len[..]] {
-                timeout(IO_TIMEOUT, stream.read_exact(buf))
-                    .await
-                    .map_err(|_| PeerError::Timeout("tracker hello"))??;
-            }
-            let mut cert = vec![0u8; TrackerChannel::server_hello_v2_cert_len(len)?];
-            timeout(IO_TIMEOUT, stream.read_exact(&mut cert))
-                .await
-                .map_err(|_| PeerError::Timeout("tracker hello"))??;
-            let c = handshake.finish(&e_t, &cert, net.clock().unix_now())?;
-            (c.channel, Some(c.th))
-        } else {
-            let (hello, handshake) = TrackerChannel::connect(&mut rand::rngs::OsRng, tracker_key)?;
-            stream.write_all(&hello).await?;
-            let mut reply = [0u8; tracker::EPHEMERAL_LEN];
-            timeout(IO_TIMEOUT, stream.read_exact(&mut reply))
-                .await
-                .map_err(|_| PeerError::Timeout("tracker hello"))??;
-            (handshake.finish(&reply)?, None)
-        };
-        let mut s = TrackerSession { stream, chan };
-        let nonce = match s.recv().await? {
-            FromTracker::Challenge { nonce } => nonce,
-            other => return Err(PeerError::Tracker(format!("expected challenge, got {other:?}"))),
-        };
-        let fp = tracker_key.fingerprint();
-        let hello = match &th {
-            Some(th) => tracker::make_hello_v2(me, &fp, &nonce, th, &mut rand::rngs::OsRng),
-            None => tracker::make_hello(me, &fp, &nonce, &mut rand::rngs::OsRng),
-        };
-        match s.request(&hello).await? {
-            FromTracker::Welcome { .. } => Ok(s),
-            other => Err(PeerError::Tracker(format!("tracker refused hello: {other:?}"))),
-        }
-    }
-
-    async fn recv(&mut self) -> Result<FromTracker, PeerError> {
-        let body = read_frame(&mut self.stream).await?;
-        // A frame that does not open under the session key means the other end is not the pinned tracker.
-        let msg: FromTracker = self.chan.open(&body)?;
-        msg.validate()?;
-        Ok(msg)
-    }
-
-    /// Resumes the session of `ticket` on a new connection (`ResumeHello`, SPEC §3.4): `Ok(None)` when the
-    /// tracker does not hold the ticket (expired, evicted, restarted: do a full handshake). The tracker is
-    /// authenticated as for a full session: only it knows the resumption secret, so only its replies open.
-    pub async fn resume(
-        net: &dyn Transport,
-        addr: SocketAddr,
-        tracker_fp: &Fingerprint,
-        ticket: &Ticket,
-        connect_timeout: Duration,
-    ) -> Result<Option<Self>, PeerError> {
-        let mut stream = timeout(connect_timeout, net.connect(addr))
-            .await
-            .map_err(|_| PeerError::Timeout("tracker connect"))??
-            .stream;
-        let (hello, handshake) = TrackerChannel::resume(&mut rand::rngs::OsRng, tracker_fp, ticket)?;
-        stream.write_all(&hello).await?;
-        let mut status = [0u8; 1];
-        timeout(IO_TIMEOUT, stream.read_exact(&mut status))
-            .await
-            .map_err(|_| PeerError::Timeout("tracker resume"))??;
-        if ResumeAnswer::from_byte(status[0])? == ResumeAnswer::Unknown {
-            return Ok(None);
-        }
-        let mut e_t = [0u8; tracker::EPHEMERAL_LEN];
-        timeout(IO_TIMEOUT, stream.read_exact(&mut e_t)).await.map_err(|_| PeerError::Timeout("tracker resume"))??;
-        Ok(Some(TrackerSession { chan: handshake.finish(&e_t)?, stream }))
-    }
-
-    /// Asks for a ticket for this session: `Ok(None)` when the tracker does not issue them (a tracker before
-    /// SPEC revision 8 closes the connection on the unknown request; the caller then reconnects).
-    async fn ticket(&mut self) -> Result<Option<(Ticket, Duration)>, PeerError> {
-        match self.request(&ToTracker::Resumable).await? {
-            FromTracker::Ticket { ticket, lifetime_secs } => {
-                let t = Ticket { id: ticket, secret: self.chan.resumption_secret().clone() };
-                Ok(Some((t, Duration::from_secs(u64::from(lifetime_secs)))))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// Sends one request and reads its reply; tracker errors become [`PeerError::Tracker`].
-    pub async fn request(&mut self, msg: &ToTracker) -> Result<FromTracker, PeerError> {
-        let frame = self.chan.seal(msg)?;
-        timeout(IO_TIMEOUT, self.stream.write_all(&frame)).await.map_err(|_| PeerError::Timeout("tracker send"))??;
-        match self.recv().await? {
-            FromTracker::Error(e) if e.code == tracker::ErrorCode::NoPath => Err(PeerError::NoPath(e.message)),
-            FromTracker::Error(e) => Err(PeerError::Tracker(format!("{:?}: {}", e.code, e.message))),
-            reply => Ok(reply),
-        }
-    }
-}
 
 /// The node's tracker client: one session, opened on first use and kept by later requests (each new session
 /// costs the tracker an RSA decryption and a signature check, and the requester two round trips). The session
@@ -319,9 +177,8 @@ impl TrackerClient {
             let last = tries >= self.addrs.len();
             let addr = self.addr().ok_or_else(|| PeerError::Config("no tracker address".into()))?;
             let wait = if last { IO_TIMEOUT } else { FAILOVER_CONNECT };
-            let r = match self.session_at(&mut st, addr, wait).await {
-                Ok(mut s) => {
-                    let r = s.request(msg).await;
+            let r = match self.exchange_at(&mut st, addr, wait, msg).await {
+                Ok((s, r)) => {
                     if !r.as_ref().is_err_and(|e| self.fails_over(e)) {
                         self.keep(&mut st, s, &r);
                     }
@@ -336,21 +193,24 @@ impl TrackerClient {
         }
     }
 
-    /// A session at `addr` (connect within `wait`): resumed with the ticket if it has a fresh one, else new.
-    async fn session_at(
+    /// `msg` over a session at `addr` (connect within `wait`): resumed with the ticket if it has a fresh one, else
+    /// a new one with `msg` sent right behind its `Hello`. The session, and the reply or why there is none.
+    async fn exchange_at(
         &self,
         st: &mut ClientState,
         addr: SocketAddr,
         wait: Duration,
-    ) -> Result<TrackerSession, PeerError> {
+        msg: &ToTracker,
+    ) -> Result<(TrackerSession, Result<FromTracker, PeerError>), PeerError> {
         if let Some(t) = st.fresh_ticket() {
-            if let Some(s) = TrackerSession::resume(&*self.net, addr, &self.key.fingerprint(), &t, wait).await? {
-                return Ok(s);
+            if let Some(mut s) = TrackerSession::resume(&*self.net, addr, &self.key.fingerprint(), &t, wait).await? {
+                let r = s.request(msg).await;
+                return Ok((s, r));
             }
             tracing::debug!("the tracker no longer holds our session ticket; new session");
             st.ticket = None;
         }
-        self.open(st, addr, wait).await
+        self.open(st, addr, wait, msg).await
     }
 
     /// Records the channel version the tracker at `addr` offered in a key fetch made before this client existed
@@ -359,8 +219,16 @@ impl TrackerClient {
         self.state.lock().await.versions.insert(addr, version);
     }
 
-    /// A new session (full handshake), with a ticket for the next connections if the tracker issues them.
-    async fn open(&self, st: &mut ClientState, addr: SocketAddr, wait: Duration) -> Result<TrackerSession, PeerError> {
+    /// A new session (full handshake) carrying `msg`, with a ticket for the next connections if the tracker issues
+    /// them. `Hello`, `Resumable` and `msg` go in one flight, and their answers come back in order: a new session
+    /// costs the connect, the channel's hello and one round trip, not three (SPEC §3.4 "Pipelining").
+    async fn open(
+        &self,
+        st: &mut ClientState,
+        addr: SocketAddr,
+        wait: Duration,
+        msg: &ToTracker,
+    ) -> Result<(TrackerSession, Result<FromTracker, PeerError>), PeerError> {
         let offered = match st.versions.get(&addr) {
             Some(v) => *v,
             None => {
@@ -371,7 +239,13 @@ impl TrackerClient {
         };
         let v1_only = st.v1_until.get(&addr).is_some_and(|t| Instant::now() < *t);
         let version = if v1_only { tracker::TRACKER_VERSION } else { offered };
-        let mut s = match TrackerSession::connect_version(&*self.net, addr, &self.key, &self.me, wait, version).await {
+        let ask_ticket = st.no_tickets.is_none_or(|t| t.elapsed() >= NO_TICKETS_FOR);
+        let resumable = ToTracker::Resumable;
+        let mut flight = vec![msg];
+        if ask_ticket {
+            flight.insert(0, &resumable);
+        }
+        let mut s = match self.authenticated(addr, wait, version, &flight).await {
             Ok(s) => s,
             Err(e @ PeerError::Proto(_)) if version >= tracker::TRACKER_VERSION_2 => {
                 // Refused on its content (a certificate our clock does not accept, say): version 1 at this address
@@ -388,24 +262,46 @@ impl TrackerClient {
             }
             Err(e) => return Err(e),
         };
-        self.install_probe_key(&s, version)?;
-        if st.no_tickets.is_some_and(|t| t.elapsed() < NO_TICKETS_FOR) {
-            return Ok(s);
-        }
-        match s.ticket().await {
-            Ok(Some((t, life))) => st.ticket = Some((t, Instant::now(), life)),
-            Ok(None) | Err(PeerError::Tracker(_)) => st.no_tickets = Some(Instant::now()),
-            Err(PeerError::Io(e)) => {
-                tracing::info!(
-                    "the tracker closed the session on a ticket request ({e}): it issues none; keeping sessions open"
-                );
-                st.no_tickets = Some(Instant::now());
-                let s = TrackerSession::connect_version(&*self.net, addr, &self.key, &self.me, wait, version).await?;
-                self.install_probe_key(&s, version)?;
-                return Ok(s);
+        if ask_ticket {
+            match s.reply().await {
+                Ok(reply) => match s.ticket_of(&reply) {
+                    Some((t, life)) => st.ticket = Some((t, Instant::now(), life)),
+                    None => st.no_tickets = Some(Instant::now()),
+                },
+                Err(PeerError::Tracker(_)) => st.no_tickets = Some(Instant::now()),
+                Err(PeerError::Io(e)) => {
+                    // The tracker read no further than `Resumable`: `msg` was not seen. Again without the ticket.
+                    tracing::info!(
+                        "the tracker closed the session on a ticket request ({e}): it issues none; keeping sessions open"
+                    );
+                    st.no_tickets = Some(Instant::now());
+                    let mut s = self.authenticated(addr, wait, version, &[msg]).await?;
+                    let r = s.reply().await;
+                    return Ok((s, r));
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
+        let r = s.reply().await;
+        Ok((s, r))
+    }
+
+    /// A new session of `version` at `addr` with `flight` sent right behind its `Hello`, once `Welcome` is read
+    /// (their replies are next on the session).
+    async fn authenticated(
+        &self,
+        addr: SocketAddr,
+        wait: Duration,
+        version: u16,
+        flight: &[&ToTracker],
+    ) -> Result<TrackerSession, PeerError> {
+        let (mut s, hello) = TrackerSession::start(&*self.net, addr, &self.key, &self.me, wait, version).await?;
+        // Before the announce behind the Hello can make the tracker probe us with this session's key.
+        self.install_probe_key(&s, version)?;
+        let mut all = vec![&hello];
+        all.extend_from_slice(flight);
+        s.send_all(&all).await?;
+        s.welcome().await?;
         Ok(s)
     }
 
@@ -447,75 +343,6 @@ const UNAVAILABLE: &str = "Unavailable:";
 /// error reply; after a timeout or an I/O or decoding error its framing state is unknown.
 fn keeps_session(r: &Result<FromTracker, PeerError>) -> bool {
     matches!(r, Ok(_) | Err(PeerError::Tracker(_) | PeerError::NoPath(_)))
-}
-
-/// Fetches the tracker's public key (over TCP) and checks it against the pinned fingerprint.
-pub async fn fetch_tracker_key(
-    addr: SocketAddr,
-    pinned: &anomos_proto::identity::Fingerprint,
-) -> Result<PublicKey, PeerError> {
-    fetch_tracker_key_via(&anomos_net::Tcp, addr, pinned).await
-}
-
-/// [`fetch_tracker_key`], with the highest channel version the tracker offers (for [`TrackerClient::offered`]) when
-/// it comes within [`TRAILER_WAIT`] of the key and reads well: only the key decides whether the fetch succeeded
-/// (the trailer is not authenticated, SPEC §3.1; without it the client asks again at its first session).
-pub async fn fetch_tracker_key_version(
-    addr: SocketAddr,
-    pinned: &anomos_proto::identity::Fingerprint,
-) -> Result<(PublicKey, Option<u16>), PeerError> {
-    let (key, mut s) = key_fetch(&anomos_net::Tcp, addr, pinned, IO_TIMEOUT).await?;
-    Ok((key, version_trailer(&mut s, TRAILER_WAIT).await.ok()))
-}
-
-/// How long a start-up key fetch waits for the channel version after the key (the tracker writes both at once).
-const TRAILER_WAIT: Duration = Duration::from_secs(1);
-
-/// [`fetch_tracker_key`] over the transport `net`.
-pub async fn fetch_tracker_key_via(
-    net: &dyn Transport,
-    addr: SocketAddr,
-    pinned: &anomos_proto::identity::Fingerprint,
-) -> Result<PublicKey, PeerError> {
-    Ok(key_fetch(net, addr, pinned, IO_TIMEOUT).await?.0)
-}
-
-/// The tracker's key, as [`fetch_tracker_key_via`], and the highest channel version it speaks: what follows the
-/// key until the tracker closes (nothing from a tracker before version 2, SPEC open issue 27).
-pub async fn tracker_key_version_via(
-    net: &dyn Transport,
-    addr: SocketAddr,
-    pinned: &anomos_proto::identity::Fingerprint,
-    connect_timeout: Duration,
-) -> Result<(PublicKey, u16), PeerError> {
-    let (key, mut s) = key_fetch(net, addr, pinned, connect_timeout).await?;
-    Ok((key, version_trailer(&mut s, IO_TIMEOUT).await?))
-}
-
-/// The channel version that follows the key of a key fetch, read until the tracker closes within `wait`: at most 3
-/// bytes (2 expected; a later tracker may send more, ignored), none from a tracker before version 2.
-async fn version_trailer(s: &mut Box<dyn Stream>, wait: Duration) -> Result<u16, PeerError> {
-    let mut trailer = Vec::with_capacity(3);
-    let mut limited = s.take(3);
-    timeout(wait, limited.read_to_end(&mut trailer)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
-    Ok(tracker::key_answer_version(&trailer)?)
-}
-
-/// A key fetch (`ANOMOSK1`): the tracker's key, checked against the pin, and the connection (positioned after it).
-async fn key_fetch(
-    net: &dyn Transport,
-    addr: SocketAddr,
-    pinned: &anomos_proto::identity::Fingerprint,
-    connect_timeout: Duration,
-) -> Result<(PublicKey, Box<dyn Stream>), PeerError> {
-    let mut s =
-        timeout(connect_timeout, net.connect(addr)).await.map_err(|_| PeerError::Timeout("tracker connect"))??.stream;
-    s.write_all(&tracker::KEY_FETCH_MAGIC).await?;
-    let mut prefix = [0u8; 2];
-    timeout(IO_TIMEOUT, s.read_exact(&mut prefix)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
-    let mut der = vec![0u8; tracker::key_answer_len(prefix)?];
-    timeout(IO_TIMEOUT, s.read_exact(&mut der)).await.map_err(|_| PeerError::Timeout("tracker key"))??;
-    Ok((tracker::check_fetched_key(&der, pinned)?, s))
 }
 
 #[cfg(test)]
@@ -657,5 +484,57 @@ mod tests {
 
     fn seeded() -> rand::rngs::StdRng {
         rand::rngs::StdRng::seed_from_u64(7)
+    }
+
+    /// A new session sends `Hello`, `Resumable` and the request in one flight (SPEC §3.4 "Pipelining"): a tracker
+    /// that writes nothing after its `Challenge` until it holds all three still gets the request through, and they
+    /// come in that order. A client that waited for `Welcome` (before revision 20) stalls here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_session_sends_hello_ticket_request_and_the_request_in_one_flight() {
+        let mut rng = seeded();
+        let tracker_key = Arc::new(Identity::generate(&mut rng, 2048).unwrap());
+        let me = Arc::new(Identity::generate(&mut rng, 2048).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tk, me_fp) = (Arc::clone(&tracker_key), me.fingerprint());
+        let tracker = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut header = [0u8; tracker::CLIENT_HELLO_HEADER];
+            s.read_exact(&mut header).await.unwrap();
+            let tracker::HelloHeader::V1 { ct_len } = tracker::parse_hello_header(&header).unwrap() else {
+                panic!("a version-1 ClientHello was expected");
+            };
+            let mut rest = vec![0u8; ct_len + tracker::EPHEMERAL_LEN];
+            s.read_exact(&mut rest).await.unwrap();
+            let (reply, mut chan) = TrackerChannel::accept(&mut rand::rngs::OsRng, &tk, &rest).unwrap();
+            s.write_all(&reply).await.unwrap();
+            s.write_all(&chan.seal(&FromTracker::Challenge { nonce: [9; 32] }).unwrap()).await.unwrap();
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                let body = session::read_frame(&mut s).await.unwrap();
+                got.push(chan.open::<ToTracker>(&body).unwrap());
+            }
+            let unknown =
+                tracker::TrackerError { code: tracker::ErrorCode::UnknownPeer, message: "never announced".into() };
+            for m in [
+                FromTracker::Welcome { peer_id: me_fp },
+                FromTracker::Ticket { ticket: [5; tracker::TICKET_LEN], lifetime_secs: 90 },
+                FromTracker::Error(unknown),
+            ] {
+                s.write_all(&chan.seal(&m).unwrap()).await.unwrap();
+            }
+            (got, s)
+        });
+        let client = TrackerClient::new(anomos_net::tcp(), addr, tracker_key.public().clone(), me);
+        client.offered(addr, tracker::TRACKER_VERSION).await;
+        let r = timeout(Duration::from_secs(10), client.request(&circuits())).await;
+        let r = r.expect("the client stalled: it waited for Welcome before sending its request");
+        assert!(answered(&r), "{r:?}");
+        let (got, _conn) = tracker.await.unwrap();
+        assert!(matches!(got[0], ToTracker::Hello { .. }), "{:?}", got[0]);
+        assert_eq!(got[1], ToTracker::Resumable);
+        assert_eq!(got[2], circuits());
+        let st = client.state.lock().await;
+        assert_eq!(st.ticket.as_ref().map(|(t, _, _)| t.id), Some([5; tracker::TICKET_LEN]), "the ticket was kept");
     }
 }
