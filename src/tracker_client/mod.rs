@@ -269,8 +269,10 @@ impl TrackerClient {
                     None => st.no_tickets = Some(Instant::now()),
                 },
                 Err(PeerError::Tracker(_)) => st.no_tickets = Some(Instant::now()),
-                Err(PeerError::Io(e)) => {
-                    // The tracker read no further than `Resumable`: `msg` was not seen. Again without the ticket.
+                Err(PeerError::Io(e)) if version < tracker::TRACKER_VERSION_2 => {
+                    // A tracker before revision 8 (it speaks version 1 only) closes on `Resumable`, so it read no
+                    // further and `msg` was not seen: again without the ticket. A version-2 tracker issues tickets,
+                    // so there the failure is the connection's, `msg` may have been handled, and it is the answer.
                     tracing::info!(
                         "the tracker closed the session on a ticket request ({e}): it issues none; keeping sessions open"
                     );
@@ -296,7 +298,9 @@ impl TrackerClient {
         flight: &[&ToTracker],
     ) -> Result<TrackerSession, PeerError> {
         let (mut s, hello) = TrackerSession::start(&*self.net, addr, &self.key, &self.me, wait, version).await?;
-        // Before the announce behind the Hello can make the tracker probe us with this session's key.
+        // Before the announce behind the Hello can make the tracker probe us with this session's key. A session
+        // that then fails leaves its key current and the one before it answering for `KEEP_PREVIOUS`; the next
+        // session installs its own.
         self.install_probe_key(&s, version)?;
         let mut all = vec![&hello];
         all.extend_from_slice(flight);

@@ -106,13 +106,9 @@ pub struct Census {
     limits: AdmissionLimits,
     per_net: HashMap<Net, usize>,
     per_prefix: HashMap<Net, usize>,
-    /// Networks the census is sized for once it counts [`CENSUS_JUMP_AT`] (0: it grows by doubling).
+    /// Networks the census jumps to when full past a sixteenth of them (`crate::sizing`; 0: it grows by doubling).
     sized_for: usize,
 }
-
-/// Networks counted at which the census is sized at once for the overlay it was sized for (as the graph's
-/// degree buckets: one rehash of this many entries instead of doublings under the state lock).
-const CENSUS_JUMP_AT: usize = 1024;
 
 impl Census {
     /// Empty.
@@ -120,8 +116,8 @@ impl Census {
         Census { limits, per_net: HashMap::new(), per_prefix: HashMap::new(), sized_for: 0 }
     }
 
-    /// Sizes the census for `peers` identities once it counts [`CENSUS_JUMP_AT`] networks: each counts in at most
-    /// two limited networks (its address and its /24, or IPv6 /64 and /48).
+    /// Plans the census for `peers` identities (`crate::sizing`): each counts in at most two limited networks (its
+    /// address and its /24, or IPv6 /64 and /48).
     pub fn size_for(&mut self, peers: usize) {
         self.sized_for = peers.saturating_mul(2);
     }
@@ -138,9 +134,10 @@ impl Census {
 
     /// Counts an identity at `ip`.
     pub fn add(&mut self, ip: IpAddr) {
-        if self.per_net.len() == CENSUS_JUMP_AT && self.sized_for > CENSUS_JUMP_AT {
+        // Up to two networks go in: jump if the second would make it grow.
+        if let Some(more) = crate::sizing::jump(self.per_net.len() + 1, self.per_net.capacity(), self.sized_for) {
             // Refused address space leaves it doubling as it fills, as before.
-            let _ = self.per_net.try_reserve(self.sized_for - CENSUS_JUMP_AT);
+            let _ = self.per_net.try_reserve(more);
         }
         for (net, _) in self.limits.nets(ip) {
             *self.per_net.entry(net).or_insert(0) += 1;
@@ -179,23 +176,34 @@ mod tests {
     }
 
     #[test]
-    fn a_sized_census_jumps_to_its_size_once_and_never_doubles() {
-        let limits = AdmissionLimits { per_ipv4: 1, per_ipv4_24: 0, per_ipv6_64: 0, per_ipv6_48: 0 };
+    fn a_planned_census_grows_once_past_a_sixteenth_of_its_plan() {
+        // Both limits: each identity counts in two networks (an address, and its /24 every 16 addresses).
+        let limits = AdmissionLimits { per_ipv4: 1, per_ipv4_24: 16, per_ipv6_64: 0, per_ipv6_48: 0 };
         let mut c = Census::new(limits);
-        c.size_for(5_000);
-        let addr = |i: usize| IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
-        for i in 0..CENSUS_JUMP_AT {
+        let peers = 8_000;
+        c.size_for(peers);
+        let addr = |i: usize| IpAddr::from([10, (i >> 12) as u8, (i >> 4) as u8, i as u8 & 15]);
+        let mut growths = 0;
+        for i in 0..peers {
+            let cap = c.per_net.capacity();
             c.add(addr(i));
+            if c.per_net.capacity() != cap && cap >= crate::sizing::JUMP_MIN {
+                growths += 1;
+            }
         }
-        assert!(c.per_net.capacity() < 10_000, "not sized before it counts {CENSUS_JUMP_AT} networks");
-        c.add(addr(CENSUS_JUMP_AT));
-        let sized = c.per_net.capacity();
-        assert!(sized >= 10_000, "{sized}");
-        for i in CENSUS_JUMP_AT + 1..10_000 {
-            c.add(addr(i));
+        assert_eq!(c.per_net.len(), peers + peers / 16);
+        assert_eq!(growths, 1, "it doubled past {} networks", crate::sizing::JUMP_MIN);
+        assert!(c.per_net.capacity() >= 2 * peers);
+
+        // Unplanned, the same census doubles: the count above can fail.
+        let mut u = Census::new(limits);
+        let mut doublings = 0;
+        for i in 0..peers {
+            let cap = u.per_net.capacity();
+            u.add(addr(i));
+            doublings += usize::from(u.per_net.capacity() != cap && cap >= crate::sizing::JUMP_MIN);
         }
-        assert_eq!(c.per_net.len(), 10_000);
-        assert_eq!(c.per_net.capacity(), sized, "it grew");
+        assert!(doublings >= 2, "{doublings}");
     }
 
     #[test]

@@ -48,8 +48,8 @@ const BFS_BUDGET: usize = 200_000;
 /// Degree buckets of the degree index (the last also holds any higher degree).
 const DEGREE_BUCKETS: usize = anomos_proto::tracker::MAX_NEIGHBORS + 1;
 
-/// Most peers [`Graph::presize`] sizes the tables for: a larger `max_peers` grows them past this as peers come
-/// (at this size, with the default degrees, the edge table is 2²⁴ slots: about 1.3 GB of address space).
+/// Most peers [`Graph::presize`] plans the tables for: past this they double as peers come (at this size, with
+/// the default degrees, the planned edge table is 2²⁴ slots, about 1.3 GB).
 pub const PRESIZE_PEERS: usize = 1 << 20;
 
 /// Limits and policy of the graph.
@@ -203,8 +203,17 @@ pub struct Graph<K> {
     census: Census,
     /// Peers serving each chain (path finding checks its last hop against these, not the whole peer table).
     serving: HashMap<ChainId, FpSet<Fingerprint>>,
-    /// Peers [`presize`](Self::presize) sized the tables for (0: not sized, they grow by doubling).
-    presized: usize,
+    /// The tables' planned sizes ([`presize`](Self::presize); zero: they grow by doubling).
+    sizes: Sizes,
+}
+
+/// Planned sizes of the graph's tables (`crate::sizing`).
+#[derive(Debug, Default, Clone, Copy)]
+struct Sizes {
+    /// Peers: the peer table, the peer sampler, each degree bucket and each chain's servers.
+    peers: usize,
+    /// Edges.
+    edges: usize,
 }
 
 impl<K> Graph<K> {
@@ -221,7 +230,7 @@ impl<K> Graph<K> {
             dirty: None,
             census,
             serving: HashMap::new(),
-            presized: 0,
+            sizes: Sizes::default(),
         }
     }
 
@@ -356,6 +365,7 @@ impl<K> Graph<K> {
                 self.census.check(addr.ip()).map_err(GraphError::OverLimit)?;
                 self.census.add(addr.ip());
                 let peer = Peer::new(key, addr, chains, family, now);
+                self.room_for_peer();
                 self.peers.insert(id, peer);
                 self.index_peer(id);
                 self.set_seen(id, now);
@@ -368,12 +378,7 @@ impl<K> Graph<K> {
                 let new_chains = p.chains.clone();
                 self.unlist(&id, &old_chains);
                 for c in new_chains {
-                    let set = self.serving.entry(c).or_default();
-                    if set.len() == index::JUMP_AT && self.presized > index::JUMP_AT {
-                        // Refused address space leaves it doubling as it fills, as before.
-                        let _ = set.try_reserve(self.presized - index::JUMP_AT);
-                    }
-                    set.insert(id);
+                    self.serve(c, id);
                 }
             }
         }

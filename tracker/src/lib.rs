@@ -37,6 +37,7 @@ mod probe;
 mod replica;
 mod server;
 mod service;
+mod sizing;
 mod static_key;
 mod store;
 mod tickets;

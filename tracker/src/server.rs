@@ -414,6 +414,24 @@ struct Conn {
 }
 
 impl Conn {
+    /// Closes after a refusal so that its reply reaches the peer: requests pipelined behind what was refused (SPEC
+    /// §3.4 "Pipelining") are read and dropped, at most 64 KiB within 1 s, until the peer closes. Closing with them
+    /// unread would reset the connection, and a reset can discard the reply before the peer reads it.
+    async fn close_gently(mut self) {
+        let _ = self.stream.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024_usize;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while left > 0 {
+                match self.stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
+
     /// Reads one frame; `None` on a clean close between frames.
     async fn recv(&mut self) -> Result<Option<ToTracker>, SessionError> {
         let mut prefix = [0u8; 4];
@@ -672,6 +690,7 @@ async fn authenticate(mut conn: Conn, identity: &Identity, th: Option<[u8; 32]>)
         }
         Err(e) => {
             let _ = conn.send(&error_reply(ErrorCode::Unauthenticated, e.to_string())).await;
+            conn.close_gently().await;
             Err(e.into())
         }
     }

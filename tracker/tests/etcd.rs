@@ -1,7 +1,7 @@
 //! Tracker replicas on etcd (issue 16, SPEC §3.10 "Replicas"): a real `etcd` (Debian's `etcd-server`) on
 //! 127.0.0.1 with a temporary data directory, three `anomos-tracker --etcd` processes sharing the same key, fifteen
 //! peers that answer reachability probes and talk to the replicas through a client that fails over as the real one
-//! does (`src/tracker_client.rs`), announcing and asking for circuits all the time. One replica is killed
+//! does (`src/tracker_client/`), announcing and asking for circuits all the time. One replica is killed
 //! (SIGKILL) under that load: every request still gets its answer, within 2 s; afterwards the two survivors hand
 //! every peer the same neighbor table (same NeighborIDs), edges are symmetric and every NeighborID names one edge.
 //!
@@ -110,7 +110,7 @@ fn replica_log(dir: &std::path::Path) -> String {
     std::fs::read_to_string(dir.join("tracker.log")).unwrap_or_default()
 }
 
-/// A peer's client of a replicated tracker, as `src/tracker_client.rs` behaves: one session with the replica in
+/// A peer's client of a replicated tracker, as `src/tracker_client/` behaves: one session with the replica in
 /// use; on a failed connect (1.5 s at most), a failed or timed-out read, or an `Unavailable` reply it moves to the
 /// next address at once and sends the request there.
 struct Failover {

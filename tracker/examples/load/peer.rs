@@ -1,6 +1,8 @@
 //! One simulated peer: its own 127.x address, where it answers the tracker's reachability probes, and a
-//! tracker client that behaves like the real one (`src/tracker_client.rs`): one session, opened with a full
-//! handshake and a ticket request, then resumed on a new connection for every request (the real client keeps a
+//! tracker client that behaves like the real one (`src/tracker_client/`): one session, opened with a full
+//! handshake and a ticket request (sent one after the other; the real client pipelines them with its first request,
+//! SPEC §3.4, which saves round trips but no tracker work), then resumed on a new connection for every request (the
+//! real client keeps a
 //! connection for 2 s after a request; a simulated peer makes no second request within 2 s, so it closes at once
 //! and holds no descriptor between requests). With `--no-resume` it keeps the session's connection instead while
 //! idle under `reuse_idle` (75 s, the client before session tickets). Announces follow the interval the tracker

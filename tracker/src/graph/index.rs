@@ -10,15 +10,9 @@ use super::*;
 pub(super) struct Sampler {
     pub(super) items: Vec<Fingerprint>,
     pub(super) pos: FpMap<Fingerprint, usize>,
-    /// Members it is sized for at once on reaching [`JUMP_AT`] (0: it grows by doubling).
+    /// Members it jumps to when full past a sixteenth of them (`crate::sizing`; 0: it grows by doubling).
     sized_for: usize,
 }
-
-/// Entries at which a table that grows with the overlay but not with every peer (a degree bucket, a chain's
-/// servers, the admission census) is sized at once for the overlay [`Graph::presize`] sized the graph for: a small
-/// overlay never reserves room it does not use, and a big one pays for one rehash of this many entries instead of
-/// doublings up to `max_peers`, each under the state lock (8–16 ms of one announce at 57,000 peers).
-pub(super) const JUMP_AT: usize = 1024;
 
 impl Sampler {
     pub(super) fn len(&self) -> usize {
@@ -38,9 +32,8 @@ impl Sampler {
 
     pub(super) fn insert(&mut self, fp: Fingerprint) {
         if !self.pos.contains_key(&fp) {
-            if self.items.len() == JUMP_AT && self.sized_for > JUMP_AT {
+            if let Some(more) = crate::sizing::jump(self.pos.len(), self.pos.capacity(), self.sized_for) {
                 // Refused address space leaves it doubling as it fills, as before.
-                let more = self.sized_for - JUMP_AT;
                 let _ = (self.pos.try_reserve(more), self.items.try_reserve(more));
             }
             self.pos.insert(fp, self.items.len());
@@ -160,27 +153,39 @@ impl<K> Graph<K> {
         }
     }
 
-    /// Sizes the peer and edge tables for `max_peers` peers (at most [`PRESIZE_PEERS`]) at the maximum degree an
-    /// overlay of that size has, so that no announce pays for a table doubling under the state lock. Without it,
-    /// each doubling held the lock for one announce: 13–90 ms of CPU at 10,000–100,000 peers, growing with the
-    /// table (session 17's load runs). It costs address space, not memory: slots not yet written are not paged
-    /// in (only the tables' control bytes, one per slot, are).
-    /// Where the address space is refused (a strict overcommit policy), the tables grow as before.
+    /// Plans the tables' sizes for `max_peers` peers (at most [`PRESIZE_PEERS`]) at the maximum degree an overlay
+    /// of that size has: each table jumps to its planned size, instead of doubling, once it is full at a sixteenth
+    /// of it ([`crate::sizing`]). Reserves nothing now.
     pub fn presize(&mut self) {
         let n = self.cfg.max_peers.min(PRESIZE_PEERS);
-        let edges = n.saturating_mul(self.degrees_at(n).1) / 2;
-        let (more_peers, more_edges) = (n.saturating_sub(self.peers.len()), edges.saturating_sub(self.edges.len()));
-        let sized = self.peers.try_reserve(more_peers).is_ok()
-            && self.all.items.try_reserve(more_peers).is_ok()
-            && self.all.pos.try_reserve(more_peers).is_ok()
-            && self.edges.try_reserve(more_edges).is_ok();
-        if !sized {
-            tracing::warn!(peers = n, edges, "could not size the graph's tables at start: they grow as peers come");
-        }
-        // The tables that hold some of the peers are sized once they reach `JUMP_AT` entries.
-        self.presized = n;
+        self.sizes = Sizes { peers: n, edges: n.saturating_mul(self.degrees_at(n).1) / 2 };
+        self.all.sized_for = n;
         self.by_degree.iter_mut().for_each(|b| b.sized_for = n);
         self.census.size_for(n);
+    }
+
+    /// Room for one more peer in the peer table: a jump to its planned size rather than a doubling.
+    pub(super) fn room_for_peer(&mut self) {
+        if let Some(more) = crate::sizing::jump(self.peers.len(), self.peers.capacity(), self.sizes.peers) {
+            // Refused address space leaves it doubling as it fills, as before.
+            let _ = self.peers.try_reserve(more);
+        }
+    }
+
+    /// Room for one more edge in the edge table (as [`room_for_peer`](Self::room_for_peer)).
+    pub(super) fn room_for_edge(&mut self) {
+        if let Some(more) = crate::sizing::jump(self.edges.len(), self.edges.capacity(), self.sizes.edges) {
+            let _ = self.edges.try_reserve(more);
+        }
+    }
+
+    /// Lists `id` among the servers of `chain` (its set jumps to the planned size of the peer table).
+    pub(super) fn serve(&mut self, chain: ChainId, id: Fingerprint) {
+        let set = self.serving.entry(chain).or_default();
+        if let Some(more) = crate::sizing::jump(set.len(), set.capacity(), self.sizes.peers) {
+            let _ = set.try_reserve(more);
+        }
+        set.insert(id);
     }
 
     /// Room for `peers` more peers and `edges` more edges without growing the tables one by one (a restart).
@@ -242,6 +247,7 @@ impl<K> Graph<K> {
 
     /// Adds the edge `nid` between `a` and `b` (both known, not yet neighbors).
     pub(super) fn link(&mut self, a: Fingerprint, b: Fingerprint, nid: NeighborId) {
+        self.room_for_edge();
         self.edges.insert(nid, (a, b));
         for (me, other) in [(a, b), (b, a)] {
             let Some(p) = self.peers.get_mut(&me) else { continue };

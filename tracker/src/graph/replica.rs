@@ -32,7 +32,7 @@ impl<K> Graph<K> {
         if old_chains != chains {
             self.unlist(&id, &old_chains);
             for c in chains {
-                self.serving.entry(c).or_default().insert(id);
+                self.serve(c, id);
             }
         }
         true

@@ -42,9 +42,10 @@ impl<K> Graph<K> {
         let Stored { key, addr, chains, family, avoided } = stored.normalized(&id);
         self.census.add(addr.ip());
         for c in &chains {
-            self.serving.entry(c.clone()).or_default().insert(id);
+            self.serve(c.clone(), id);
         }
         let peer = Peer { avoided, restored: true, ..Peer::new(key, addr, chains, family, now) };
+        self.room_for_peer();
         self.peers.insert(id, peer);
         self.index_peer(id);
         self.set_seen(id, now);
@@ -139,6 +140,7 @@ impl<K> Graph<K> {
         }
         pa.edges.insert(b, nid);
         pb.edges.insert(a, nid);
+        self.room_for_edge();
         self.edges.insert(nid, (a, b));
         self.touch_ends(nid, a, b);
         true

@@ -150,7 +150,8 @@ impl Service {
 
     /// Replaces the graph with one loaded whole from the shared state (at start, and after the watch was lost).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
-    pub(crate) fn replace_graph(&self, graph: Graph<PublicKey>, revs: Revisions) {
+    pub(crate) fn replace_graph(&self, mut graph: Graph<PublicKey>, revs: Revisions) {
+        graph.presize();
         let mut st = self.lock("replica: replace graph");
         st.graph = graph;
         st.revs = revs;
